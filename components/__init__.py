@@ -1,0 +1,1 @@
+"""Gradio building blocks and plotly figure builders. Thin: every real computation is in ``merging``."""

@@ -1,0 +1,14 @@
+"""Merge Lab's library: merging fine-tuned experts of one base, and measuring why a merge works.
+
+Data flows ExpertSet → Layout → TaskVectors → ImportanceMap → Recipe → merge engine →
+merged model → probe report / export. This package never imports gradio or plotly.
+"""
+
+from .engine import MergeEngine, MergeResult, MergeSettings, merge_state_dicts
+from .errors import MergeLabError
+from .experts import ExpertSet
+from .layout import Layout
+from . import methods
+
+__all__ = ["ExpertSet", "Layout", "MergeEngine", "MergeLabError", "MergeResult", "MergeSettings",
+           "merge_state_dicts", "methods"]

@@ -1,0 +1,169 @@
+"""``python -m merging``: the library's command line, a second face over the same calls as the app.
+
+Commands: ``methods``, ``merge``, ``inspect`` here; ``zoo``, ``probe`` and ``importance`` come from
+their modules' ``add_commands``. Errors a user can fix print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import MergeLabError
+
+# Modules that add their own sub-commands (each exposes ``add_commands(subparsers)``).
+COMMAND_MODULES = ("merging.zoo_cli", "merging.importance_cli")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.handler(args) or 0)
+    except MergeLabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m merging", description="Merge Lab: merge fine-tuned experts.")
+    sub = parser.add_subparsers(dest="command")
+    _add_methods(sub)
+    _add_merge(sub)
+    _add_inspect(sub)
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.add_commands(sub)
+    return parser
+
+
+def _command(sub, name: str, help_text: str, handler: Callable[[argparse.Namespace], int]):
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _print(data: Any, as_json: bool, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+# ---- methods -------------------------------------------------------------------
+
+def _add_methods(sub) -> None:
+    parser = _command(sub, "methods", "List merge methods and their declared parameters.", _run_methods)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _run_methods(args) -> int:
+    from .methods import all_specs
+
+    specs = [s.describe() for s in all_specs()]
+    lines = []
+    for s in specs:
+        params = ", ".join(f"{p['name']}={p['default']}" for p in s["params"])
+        lines.append(f"{s['name']:<16} {s['pretty_name']:<20} {params}\n{'':<16} {s['summary']}")
+    _print(specs, args.json, "\n".join(lines))
+    return 0
+
+
+# ---- merge ---------------------------------------------------------------------
+
+def _add_merge(sub) -> None:
+    parser = _command(sub, "merge", "Merge the models a recipe names and export them (or print mergekit YAML).",
+                      _run_merge)
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("--out", help="output folder (written atomically)")
+    parser.add_argument("--format", choices=("hf", "mergekit"), default="hf",
+                        help="hf: export merged model folder(s); mergekit: print the equivalent mergekit YAML")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="override the recipe's dtype")
+    parser.add_argument("--tasks", nargs="*", help="tasks whose folders to export (default: all)")
+    parser.add_argument("--shard-mb", type=int, default=500, help="maximum shard size in MB")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow pickled .bin weights (loaded with weights_only=True)")
+    parser.add_argument("--json", action="store_true")
+
+
+def _run_merge(args) -> int:
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.format == "mergekit":
+        from .engine import expert_set_from_recipe
+        from .mergekit_yaml import to_mergekit_yaml
+
+        layers = None
+        if _has_layer_maps(recipe):
+            layers = expert_set_from_recipe(recipe, allow_pickle=args.allow_pickle).layout.layers
+        text = to_mergekit_yaml(recipe, layers)
+        if args.out:
+            Path(args.out).write_text(text)
+        print(text)
+        return 0
+    if not args.out:
+        raise MergeLabError("merge needs --out DIR (or --format mergekit)", field="out")
+    from .engine import expert_set_from_recipe
+    from .export import export_recipe
+
+    expert_set = expert_set_from_recipe(recipe, allow_pickle=args.allow_pickle)
+    report = export_recipe(recipe, args.out, expert_set=expert_set, tasks=args.tasks, dtype=args.dtype,
+                           shard_bytes=args.shard_mb * 1000 * 1000)
+    text = "\n".join([f"exported to {report.root}"] + [f"  {k}: {v}" for k, v in report.folders.items()]
+                     + [f"warning: {w}" for w in report.warnings])
+    _print(report.to_dict(), args.json, text)
+    return 0
+
+
+def _has_layer_maps(recipe) -> bool:
+    values = list(recipe.parameters.values()) + [v for e in recipe.experts for v in e.parameters.values()]
+    return any(isinstance(v, dict) for v in values)
+
+
+# ---- inspect -------------------------------------------------------------------
+
+def _add_inspect(sub) -> None:
+    parser = _command(sub, "inspect", "Check that models can be merged and show task-vector statistics.",
+                      _run_inspect)
+    parser.add_argument("models", nargs="+", help="base first, then experts (folders, .safetensors, hf:ids, zoo:refs)")
+    parser.add_argument("--allow-pickle", action="store_true")
+    parser.add_argument("--json", action="store_true")
+
+
+def _run_inspect(args) -> int:
+    from .experts import ExpertSet
+    from .task_vectors import TaskVectors
+
+    if len(args.models) < 2:
+        raise MergeLabError("inspect needs a base and at least one expert")
+    expert_set = ExpertSet.load(args.models[0], args.models[1:], allow_pickle=args.allow_pickle)
+    stats = TaskVectors(expert_set, cache=False).stats()
+    data = {
+        "base": expert_set.base.ref,
+        "experts": {n: {"ref": e.source.ref, "task_head": e.head_names, "delta_norm": stats.model_norm(n)}
+                    for n, e in expert_set.experts.items()},
+        "layers": expert_set.layout.layers,
+        "warnings": expert_set.warnings,
+        "stats": stats.to_dict(),
+    }
+    lines = [f"mergeable: base {expert_set.base.ref} + {len(expert_set.experts)} expert(s), "
+             f"{len(expert_set.layout.layers)} layer rows"]
+    for name, info in data["experts"].items():
+        lines.append(f"  {name:<20} |Δ| = {info['delta_norm']:.4f}  head: {', '.join(info['task_head']) or '-'}")
+    for pair, cos in stats.cosine.items():
+        lines.append(f"  cosine {pair}: {cos['model']:+.3f}")
+    conflict = {layer: max(kinds.values()) for layer, kinds in stats.conflict.items()}
+    lines.append("  max sign-conflict rate per layer: " + ", ".join(f"{k}={v:.2f}" for k, v in conflict.items()))
+    lines += [f"warning: {w}" for w in expert_set.warnings]
+    _print(data, args.json, "\n".join(lines))
+    return 0

@@ -1,0 +1,310 @@
+"""The merge engine: executes a merge tensor by tensor.
+
+Peak memory is about one tensor per input (tensors over 64 MB go in row chunks) plus
+the output. Each merged tensor is cached under a fingerprint of everything that
+determines it (method, the parameters resolved at its layer, seed, method inputs), so
+moving one per-layer slider re-merges only that layer and reuses the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from . import kernels
+from .errors import MergeLabError
+from .experts import ExpertSet
+from .layout import ROLE_COPY, ROLE_MERGE, ROLE_TIED, TensorInfo
+from .methods import MethodSpec, TensorJob, get_method
+from .params import ParamResolver, validate_params
+
+CHUNK_BYTES = 64 * 1024 * 1024
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class MergeSettings:
+    """A merge, resolved: method, validated parameters, seed, method-specific inputs."""
+
+    method: MethodSpec
+    shared: dict[str, Any]
+    per_expert: dict[str, dict[str, Any]]
+    seed: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, expert_set: ExpertSet, method: str | MethodSpec, params: Mapping[str, Any] | None = None,
+              expert_params: Mapping[str, Mapping[str, Any]] | None = None, seed: int = 0,
+              extras: Mapping[str, Any] | None = None) -> "MergeSettings":
+        spec = method if isinstance(method, MethodSpec) else get_method(method)
+        spec.check_expert_count(len(expert_set.experts))
+        layers = expert_set.layout.layers
+        shared = validate_params(spec.params, params or {}, "parameters", layers)
+        per_expert = {}
+        for name, values in (expert_params or {}).items():
+            if name not in expert_set.experts:
+                raise MergeLabError(f"parameters given for unknown expert '{name}' "
+                                    f"(experts: {', '.join(expert_set.experts)})", field=f"experts.{name}")
+            per_expert[name] = validate_params(spec.params, values, f"experts.{name}.parameters", layers,
+                                               per_expert=True)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise MergeLabError(f"seed must be a whole number, got {seed!r}", field="seed")
+        settings = cls(spec, shared, per_expert, seed, dict(extras or {}))
+        settings.check_trim_scope(expert_set)
+        return settings
+
+    def resolver(self, expert_set: ExpertSet) -> ParamResolver:
+        return ParamResolver(self.method.params, self.shared, self.per_expert, expert_set.layout.layers)
+
+    def trim_scope(self) -> str:
+        name = self.method.trim_scope_param
+        return str(self.shared.get(name, self.method.param(name).default)) if name else "tensor"
+
+    def check_trim_scope(self, expert_set: ExpertSet) -> None:
+        if self.trim_scope() == "model" and self.resolver(expert_set).varies_by_layer("drop_ratio"):
+            raise MergeLabError("trim_scope 'model' takes one model-wide drop_ratio per expert; "
+                                "per-layer drop ratios need trim_scope 'layer' or 'tensor'", field="parameters.trim_scope")
+
+
+@dataclass
+class MergeResult:
+    """Merged body tensors (base names), per-expert task heads, and what was recomputed."""
+
+    tensors: dict[str, torch.Tensor]
+    heads: dict[str, dict[str, torch.Tensor]]
+    recomputed: list[str]
+    changed_layers: list[str]
+    seconds: float
+
+    def first_changed_layer(self, layers: list[str]) -> str | None:
+        for layer in layers:
+            if layer in self.changed_layers:
+                return layer
+        return None
+
+
+class MergeEngine:
+    """Merges an :class:`ExpertSet`, caching merged tensors by fingerprint."""
+
+    def __init__(self, expert_set: ExpertSet, *, cache: bool = True, check_finite: bool = True):
+        self.experts = expert_set
+        self.use_cache = cache
+        self.check_finite = check_finite
+        self._cache: dict[str, tuple[str, torch.Tensor]] = {}
+        self._thresholds: dict[tuple, float] = {}
+        self._checked: set[tuple[str, str]] = set()
+
+    # ---- public -------------------------------------------------------------
+    def merge(self, settings: MergeSettings, progress: Progress | None = None) -> MergeResult:
+        """Merge every body tensor in memory (re-using cached tensors whose inputs did not change)."""
+        start = time.perf_counter()
+        out: dict[str, torch.Tensor] = {}
+        recomputed: list[str] = []
+        changed: set[str] = set()
+        for index, (name, tensor, fresh) in enumerate(self.iter_merged(settings)):
+            out[name] = tensor
+            if fresh:
+                recomputed.append(name)
+                changed.add(self.experts.layout[name].layer)
+            if progress and index % 16 == 0:
+                progress(index / max(1, len(self.experts.layout.tensors)), f"merging {name}")
+        heads = {name: expert.head() for name, expert in self.experts.experts.items()}
+        layers = [layer for layer in self.experts.layout.layers if layer in changed]
+        return MergeResult(out, heads, recomputed, layers, time.perf_counter() - start)
+
+    def iter_merged(self, settings: MergeSettings) -> Iterator[tuple[str, torch.Tensor, bool]]:
+        """Yield (name, merged tensor, recomputed?) for every body tensor, in the base's order."""
+        resolver = settings.resolver(self.experts)
+        layout = self.experts.layout
+        for name, info in layout.tensors.items():
+            if info.role == ROLE_COPY:
+                yield name, self.experts.base.get(name), False
+            elif info.role == ROLE_MERGE:
+                yield (name, *self._merge_one(name, info, settings, resolver))
+        # tied lm_head aliases are written by the exporter from the embeddings
+
+    # ---- one tensor -----------------------------------------------------------
+    def _merge_one(self, name: str, info: TensorInfo, settings: MergeSettings,
+                   resolver: ParamResolver) -> tuple[torch.Tensor, bool]:
+        params = {e: resolver.for_layer(e, info.layer) for e in self.experts.experts}
+        shared = resolver.for_layer(None, info.layer)
+        thresholds = self._thresholds_for(name, info, settings, resolver, params)
+        extras = _tensor_extras(settings.extras, name)
+        key = _fingerprint(settings, name, params, shared, thresholds, extras)
+        cached = self._cache.get(name)
+        if self.use_cache and cached is not None and cached[0] == key:
+            return cached[1], False
+        merged = self._compute(name, info, settings, params, shared, thresholds, extras)
+        if self.use_cache:
+            self._cache[name] = (key, merged)
+        return merged, True
+
+    def _compute(self, name, info, settings, params, shared, thresholds, extras) -> torch.Tensor:
+        base_entry_shape = info.shape
+        numel = math.prod(base_entry_shape) if base_entry_shape else 1
+        rows = base_entry_shape[0] if base_entry_shape else 1
+        row_bytes = 4 * numel // max(rows, 1)
+        chunk_rows = max(1, CHUNK_BYTES // max(row_bytes, 1))
+        if rows <= chunk_rows or len(base_entry_shape) < 2:
+            return self._run(name, info, settings, params, shared, thresholds, extras,
+                             self.experts.base.get(name), {e: x.get(name) for e, x in self.experts.experts.items()},
+                             numel, 0)
+        pieces = []
+        for r0 in range(0, rows, chunk_rows):
+            r1 = min(rows, r0 + chunk_rows)
+            base = self.experts.base.get_rows(name, r0, r1)
+            experts = {e: x.source.get_rows(x.body_key(name), r0, r1) for e, x in self.experts.experts.items()}
+            pieces.append(self._run(name, info, settings, params, shared, thresholds,
+                                    _chunk_extras(extras, r0, r1, rows), base, experts, numel, r0 * row_bytes // 4))
+        return torch.cat(pieces)
+
+    def _run(self, name, info, settings, params, shared, thresholds, extras, base, experts, numel, start):
+        if self.check_finite:
+            self._check_finite(name, base, experts)
+        job = TensorJob(name, info, base, experts, params, shared, settings.seed, numel, start, thresholds, extras)
+        merged = settings.method.kernel(job)
+        if not torch.isfinite(merged).all():
+            raise MergeLabError(f"merging '{name}' produced NaN or Inf: check the parameters "
+                                "(a weight sum of zero with normalize, or extreme λ)")
+        return merged
+
+    def _check_finite(self, name: str, base: torch.Tensor, experts: dict[str, torch.Tensor]) -> None:
+        for model, tensor in [("base", base), *experts.items()]:
+            if (model, name) in self._checked:
+                continue
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise MergeLabError(
+                    f"model '{model}' has {bad} NaN/Inf value(s) in tensor '{name}': the checkpoint is broken; "
+                    "re-export it or pick another expert")
+            self._checked.add((model, name))
+
+    # ---- magnitude thresholds for layer / model trim scopes --------------------
+    def _thresholds_for(self, name, info, settings, resolver, params) -> dict[str, float]:
+        scope = settings.trim_scope()
+        if not info.droppable or settings.method.trim_scope_param is None:
+            return {}
+        if scope == "tensor" and not _is_chunked(info):
+            return {}
+        out = {}
+        for expert in self.experts.experts:
+            density = 1.0 - float(params[expert]["drop_ratio"])
+            group = {"tensor": name, "layer": info.layer, "model": "*"}[scope]
+            key = (expert, group, round(density, 12))
+            if key not in self._thresholds:
+                self._thresholds[key] = self._scope_threshold(expert, group, scope, density)
+            out[expert] = self._thresholds[key]
+        return out
+
+    def _scope_threshold(self, expert: str, group: str, scope: str, density: float) -> float:
+        layout = self.experts.layout
+        names = [n for n, i in layout.tensors.items() if i.droppable and (
+            scope == "model" or (scope == "layer" and i.layer == group) or n == group)]
+        total = sum(math.prod(layout[n].shape) for n in names)
+        k = int(round(density * total))
+        return kernels.streaming_kth_largest(lambda: (self.experts.delta(expert, n) for n in names), k)
+
+
+def _is_chunked(info: TensorInfo) -> bool:
+    return len(info.shape) >= 2 and 4 * math.prod(info.shape) > CHUNK_BYTES
+
+
+def _tensor_extras(extras: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """Method inputs that concern this tensor: entries keyed by tensor name are narrowed to it."""
+    out = {}
+    for key, value in extras.items():
+        if isinstance(value, Mapping) and key.startswith("per_tensor:"):
+            out[key] = value.get(name)
+        else:
+            out[key] = value
+    return out
+
+
+def _chunk_extras(extras: dict[str, Any], r0: int, r1: int, rows: int) -> dict[str, Any]:
+    """Narrow per-row method inputs (tensors whose first axis runs over the rows) to a row chunk."""
+    def narrow(value: Any) -> Any:
+        if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == rows:
+            return value[r0:r1]
+        if isinstance(value, Mapping):
+            return {k: narrow(v) for k, v in value.items()}
+        return value
+    return {k: narrow(v) for k, v in extras.items()}
+
+
+def _fingerprint(settings: MergeSettings, name: str, params, shared, thresholds, extras) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([settings.method.name, name, params, shared, settings.seed, thresholds],
+                             sort_keys=True, default=str).encode())
+    for key in sorted(extras):
+        digest.update(key.encode())
+        digest.update(_hash_value(extras[key]).encode())
+    return digest.hexdigest()
+
+
+def _hash_value(value: Any) -> str:
+    if torch.is_tensor(value):
+        return hashlib.sha256(value.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
+    if isinstance(value, Mapping):
+        return json.dumps({str(k): _hash_value(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))})
+    if isinstance(value, (list, tuple)):
+        return json.dumps([_hash_value(v) for v in value])
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def merge_state_dicts(base: Mapping[str, torch.Tensor], experts, method: str, *, seed: int = 0,
+                      expert_params: Mapping[str, Mapping[str, Any]] | None = None,
+                      extras: Mapping[str, Any] | None = None, **params: Any) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts (tests, small models). ``experts``: list or ``{name: state dict}``.
+
+    Returns the merged body keyed by the base's names; task heads are not merged (they stay with
+    each expert). Per-expert parameters go in ``expert_params``.
+    """
+    from .experts import check_homology
+    from .sources import ModelSource
+
+    items = experts.items() if isinstance(experts, Mapping) else [(f"expert{i}", e) for i, e in enumerate(experts)]
+    sources = {name: ModelSource.from_state_dict(name, dict(sd)) for name, sd in items}
+    expert_set = check_homology(ModelSource.from_state_dict("base", dict(base)), sources)
+    settings = MergeSettings.build(expert_set, method, params, expert_params, seed, extras)
+    return MergeEngine(expert_set, cache=False).merge(settings).tensors
+
+
+# ---- recipes ------------------------------------------------------------------
+
+def expert_set_from_recipe(recipe, *, allow_pickle: bool = False) -> ExpertSet:
+    """Open and check the base and experts a recipe names (paths resolve against the recipe's folder)."""
+    base_dir = recipe.resolve_dir()
+    return ExpertSet.load(recipe.base, {e.name: e.model for e in recipe.experts},
+                          allow_pickle=allow_pickle, base_dir=base_dir)
+
+
+def settings_from_recipe(recipe, expert_set: ExpertSet) -> MergeSettings:
+    """The engine settings a recipe describes; data-aware methods add their inputs via ``prepare``."""
+    recipe.validate(expert_set.layout.layers)
+    spec = get_method(recipe.method)
+    expert_params = recipe.expert_params()
+    extras: dict[str, Any] = {}
+    if spec.prepare is not None:
+        prepared = spec.prepare(expert_set=expert_set, recipe=recipe)
+        extras.update(prepared.get("extras", {}))
+        for name, values in prepared.get("expert_params", {}).items():
+            expert_params[name] = {**values, **expert_params.get(name, {})}  # the user's overrides win
+    return MergeSettings.build(expert_set, spec, recipe.parameters, expert_params, recipe.seed, extras)
+
+
+def merge_recipe(recipe, *, expert_set: ExpertSet | None = None, engine: MergeEngine | None = None,
+                 progress: Progress | None = None) -> MergeResult:
+    expert_set = expert_set or (engine.experts if engine else expert_set_from_recipe(recipe))
+    engine = engine or MergeEngine(expert_set)
+    return engine.merge(settings_from_recipe(recipe, expert_set), progress)
+
+
+def merge_recipe_body(recipe) -> dict[str, torch.Tensor]:
+    """Merged body tensors (base names) of a recipe, in memory."""
+    return merge_recipe(recipe).tensors

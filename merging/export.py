@@ -1,0 +1,251 @@
+"""Export a merge as Hugging Face folder(s): config, tokenizer, safetensors shards, model card, recipe.
+
+Classifier experts carry task heads, so the export writes one folder per task (merged body
++ that task's head), each loadable with the expert's own transformers class. Without task
+heads it writes a single folder. Everything goes to a temporary sibling folder renamed at
+the end: a failed export (full disk, killed process, bad input) leaves the previous export,
+if any, intact and nothing half-written.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from safetensors.torch import save_file
+
+from .engine import MergeEngine, expert_set_from_recipe, settings_from_recipe
+from .errors import MergeLabError
+from .experts import ExpertSet
+from .mergekit_yaml import to_mergekit_yaml
+
+SHARD_BYTES = 500 * 1000 * 1000
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class ExportReport:
+    root: Path
+    folders: dict[str, Path]
+    files: list[Path]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"root": str(self.root), "folders": {k: str(v) for k, v in self.folders.items()},
+                "files": [str(f) for f in self.files], "warnings": self.warnings}
+
+
+class ShardWriter:
+    """Collects tensors and writes safetensors shards of at most ``shard_bytes`` (with an index if > 1)."""
+
+    def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES):
+        self.folder = folder
+        self.shard_bytes = shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def close(self) -> list[Path]:
+        if self.pending or not self.shards:
+            self._flush()
+        count = len(self.shards)
+        if count == 1:
+            final = self.folder / "model.safetensors"
+            self.shards[0][0].rename(final)
+            return [final]
+        weight_map, files = {}, []
+        for index, (path, names) in enumerate(self.shards, start=1):
+            final = self.folder / f"model-{index:05d}-of-{count:05d}.safetensors"
+            path.rename(final)
+            files.append(final)
+            weight_map.update({n: final.name for n in names})
+        index_path = self.folder / "model.safetensors.index.json"
+        index_path.write_text(json.dumps({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map},
+                                         indent=2))
+        return files + [index_path]
+
+    def _flush(self) -> None:
+        path = self.folder / f".shard-{len(self.shards):05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+
+def export_recipe(recipe, out_dir: str | Path, *, expert_set: ExpertSet | None = None,
+                  engine: MergeEngine | None = None, tasks: Iterable[str] | None = None,
+                  dtype: str | None = None, shard_bytes: int = SHARD_BYTES,
+                  importance_json: str | None = None, progress: Progress | None = None) -> ExportReport:
+    """Merge ``recipe`` and write it to ``out_dir`` atomically (see module docstring)."""
+    out_dir = Path(out_dir).resolve()
+    expert_set = expert_set or (engine.experts if engine else expert_set_from_recipe(recipe))
+    engine = engine or MergeEngine(expert_set, cache=False)
+    settings = settings_from_recipe(recipe, expert_set)
+    dtype = dtype or recipe.dtype
+    if dtype not in TORCH_DTYPES:
+        raise MergeLabError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}", field="dtype")
+    targets = _targets(expert_set, tasks)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        report = _write(recipe, expert_set, engine, settings, targets, staging, dtype, shard_bytes,
+                        importance_json, progress)
+        _swap_into_place(staging, out_dir)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise MergeLabError(f"the disk is full while exporting to {out_dir}: free some space and export "
+                                "again (nothing was written; any previous export is intact)") from exc
+        raise MergeLabError(f"could not write the export to {out_dir}: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return _relocate(report, staging, out_dir)
+
+
+def _targets(expert_set: ExpertSet, tasks: Iterable[str] | None) -> dict[str, str | None]:
+    """Folder name → expert whose head (and config) it uses; ``{"": None}`` for a single headless folder."""
+    with_heads = [n for n, e in expert_set.experts.items() if e.head_names]
+    if not with_heads:
+        return {"": None}
+    chosen = list(tasks) if tasks is not None else with_heads
+    unknown = [t for t in chosen if t not in with_heads]
+    if unknown:
+        raise MergeLabError(f"cannot export task '{unknown[0]}': experts with task heads are "
+                            f"{', '.join(with_heads)}", field="tasks")
+    if not chosen:
+        raise MergeLabError("pick at least one task to export", field="tasks")
+    return {t: t for t in chosen}
+
+
+def _write(recipe, expert_set, engine, settings, targets, staging, dtype, shard_bytes, importance_json, progress):
+    torch_dtype = TORCH_DTYPES[dtype]
+    warnings = list(expert_set.warnings)
+    writers, folders = {}, {}
+    for folder_name, expert in targets.items():
+        folder = staging / folder_name if folder_name else staging
+        folder.mkdir(parents=True, exist_ok=True)
+        folders[folder_name or "merged"] = folder
+        writers[folder_name] = ShardWriter(folder, shard_bytes)
+    total = len(expert_set.layout.tensors)
+    for index, (name, tensor, _) in enumerate(engine.iter_merged(settings)):
+        for folder_name, expert in targets.items():
+            prefix = expert_set.experts[expert].prefix if expert else _headless_prefix(expert_set)
+            value = tensor.to(torch_dtype) if tensor.is_floating_point() else tensor
+            writers[folder_name].add(prefix + name, value)
+        if progress and index % 8 == 0:
+            progress(0.9 * index / max(total, 1), f"writing {name}")
+    files: list[Path] = []
+    for folder_name, expert in targets.items():
+        writer = writers[folder_name]
+        if expert:
+            for head_name, head in expert_set.experts[expert].head().items():
+                writer.add(head_name, head.to(torch_dtype) if head.is_floating_point() else head)
+        files += writer.close()
+        files += _write_folder_files(expert_set, expert, writer.folder, recipe, dtype, warnings)
+    files += _write_top_files(recipe, expert_set, staging, importance_json)
+    if progress:
+        progress(1.0, "export written")
+    return ExportReport(staging, folders, files, warnings)
+
+
+def _headless_prefix(expert_set: ExpertSet) -> str:
+    return next(iter(expert_set.experts.values())).prefix
+
+
+def _write_folder_files(expert_set, expert, folder, recipe, dtype, warnings) -> list[Path]:
+    source = expert_set.experts[expert].source if expert else next(iter(expert_set.experts.values())).source
+    config = dict(source.config or expert_set.base.config or {})
+    files = []
+    if config:
+        config["torch_dtype"] = dtype
+        config["dtype"] = dtype
+        path = folder / "config.json"
+        path.write_text(json.dumps(config, indent=2))
+        files.append(path)
+    else:
+        warnings.append("no config.json in the base or expert: the export holds weights only")
+    tokenizer = source.tokenizer_files() or expert_set.base.tokenizer_files()
+    if not tokenizer:
+        warnings.append(f"no tokenizer files found for '{expert or 'merged'}': the export has none; copy them "
+                        "from the base model before loading it with a pipeline")
+    for file in tokenizer:
+        files.append(Path(shutil.copy2(file, folder / file.name)))
+    card = folder / "README.md"
+    card.write_text(model_card(recipe, expert))
+    files.append(card)
+    recipe_path = folder / "recipe.yaml"
+    recipe_path.write_text(recipe.to_yaml())
+    files.append(recipe_path)
+    return files
+
+
+def _write_top_files(recipe, expert_set, staging, importance_json) -> list[Path]:
+    files = []
+    top_recipe = staging / "recipe.yaml"
+    if not top_recipe.exists():
+        top_recipe.write_text(recipe.to_yaml())
+    files.append(top_recipe)
+    try:
+        mergekit = to_mergekit_yaml(recipe, expert_set.layout.layers)
+    except MergeLabError:
+        mergekit = None
+    if mergekit:
+        path = staging / "mergekit.yaml"
+        path.write_text(mergekit)
+        files.append(path)
+    if importance_json:
+        path = staging / "importance.json"
+        path.write_text(importance_json)
+        files.append(path)
+    return files
+
+
+def model_card(recipe, task: str | None) -> str:
+    """A README model card that says what was merged, how, and how to replay it."""
+    experts = "\n".join(f"- `{e.name}`: `{e.model}`" for e in recipe.experts)
+    head = f"This folder holds the merged body with the **{task}** expert's task head.\n\n" if task else ""
+    return (
+        f"---\nlibrary_name: transformers\ntags:\n- merge\n- merge-lab\n- {recipe.method}\n---\n"
+        f"# Merged model ({recipe.method})\n\n"
+        f"Made with Merge Lab from base `{recipe.base}` and experts:\n\n{experts}\n\n{head}"
+        f"Method: `{recipe.method}`, seed {recipe.seed}, dtype {recipe.dtype}.\n\n"
+        "Replay it with `python -m merging merge recipe.yaml --out DIR`.\n\n"
+        f"## Recipe\n\n```yaml\n{recipe.to_yaml()}```\n"
+    )
+
+
+def _swap_into_place(staging: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise MergeLabError(f"{out_dir} exists and is not a folder: choose another output path")
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out_dir)
+
+
+def _relocate(report: ExportReport, staging: Path, out_dir: Path) -> ExportReport:
+    def move(path: Path) -> Path:
+        return out_dir / path.relative_to(staging)
+
+    return ExportReport(out_dir, {k: move(v) for k, v in report.folders.items()},
+                        [move(f) for f in report.files], report.warnings)
