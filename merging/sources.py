@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from .access import check_fits, check_local_path
 from .errors import MergeLabError
 
 TOKENIZER_FILES = (
@@ -156,7 +157,8 @@ def open_model(ref: str | os.PathLike, *, name: str | None = None, allow_pickle:
     path = Path(text).expanduser()
     if base_dir is not None and not path.is_absolute():
         path = (base_dir / path)
-    if path.exists():
+    if path.exists() or path.is_symlink():
+        path = check_local_path(path, text)
         return _open_path(path, name or _default_name(path), text, allow_pickle)
     if text.startswith("hf:") or (_HUB_ID.match(text) and not text.startswith((".", "/"))):
         return _open_hub(text, name, allow_pickle)
@@ -279,24 +281,33 @@ def parse_hub_ref(ref: str) -> tuple[str, str | None]:
 
 
 def _open_hub(ref: str, name: str | None, allow_pickle: bool) -> ModelSource:
-    """Download a hub model's config, tokenizer and safetensors (needs a network)."""
+    """Size a hub model, refuse remote code, then download its config, tokenizer and safetensors."""
     repo, revision = parse_hub_ref(ref)
+    shown = f"{repo}@{revision}" if revision else repo
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+        from huggingface_hub.constants import HF_HUB_CACHE
 
-        folder = snapshot_download(
-            repo, revision=revision,
-            allow_patterns=["*.json", "*.safetensors", *TOKENIZER_FILES],
-        )
+        info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+        weights = [s for s in (info.siblings or []) if s.rfilename.endswith(".safetensors")]
+        if not weights:
+            raise MergeLabError(f"hub model '{shown}' has no .safetensors weights; Merge Lab does not load pickles "
+                                "from the hub")
+        check_fits(shown, sum(s.size or 0 for s in weights), Path(HF_HUB_CACHE))
+        config_file = hf_hub_download(repo, "config.json", revision=revision)
+        _read_config(Path(config_file).parent, shown)  # refuses auto_map (remote code) before any weight arrives
+        folder = snapshot_download(repo, revision=revision,
+                                   allow_patterns=["*.json", "*.safetensors", *TOKENIZER_FILES])
+    except MergeLabError:
+        raise
     except Exception as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise MergeLabError(
-            f"could not fetch hub model '{repo}'{'@' + revision if revision else ''}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            f"could not fetch hub model '{shown}': {type(exc).__name__}: {first_line}. "
             "Hub ids need a network connection and an existing public repo; "
             "offline, download the model elsewhere and give its local folder."
         ) from exc
     return _open_path(Path(folder), name or repo.split("/")[-1], ref, allow_pickle)
-
 
 def resolve_zoo_ref(ref: str) -> Path:
     """``zoo:NAME/TASK`` → that expert's folder; ``zoo:NAME/base`` → the zoo's base folder."""
