@@ -1,0 +1,202 @@
+"""Methods that need each expert's few-shot data: APL and Fisher-weighted merging.
+
+Both merge one tensor at a time like every other method; what the data contributes arrives
+*before* the merge, computed once by the method's ``prepare`` function:
+
+- ``apl``: calibration (drop ratio and weight per expert × layer) enters as ordinary per-expert
+  layer maps of ``drop_ratio`` and ``weight`` — so a user's override of one cell is one map
+  entry — and, with ``within_layer="hidden"``, per-unit percentile profiles as engine extras,
+  which the kernel centres on whatever drop ratio the layer has at merge time;
+- ``fisher``: diagonal Fisher tensors as ``per_tensor:`` engine extras.
+
+APL's random drop uses the shared (seed, expert, tensor) generators, so at uniform drop ratios
+and unit weights it is DARE (linear) bit for bit, and at drop 0 task arithmetic.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .. import kernels
+from ..calibration import DEFAULTS, UNIT_EXTRAS, WITHIN_LAYER, calibrate, unit_keep_rates
+from ..errors import MergeLabError
+from ..fisher import FISHER_EXTRAS, prepare_fisher
+from ..importance import compute_importance
+from ..params import PER_LAYER, SHARED, ParamSpec
+from ..taskloss import recipe_fewshot
+from .base import NEEDS_BASE, NEEDS_FEW_SHOT, NEEDS_IMPORTANCE, MethodSpec, TensorJob, register
+from .classic import LAMBDA, WEIGHT
+
+APL_URL = "https://arxiv.org/abs/2408.09485"
+FISHER_URL = "https://arxiv.org/abs/2111.09832"
+
+MEAN_DROP = ParamSpec("drop_ratio", "float", DEFAULTS["drop_ratio"],
+                      "Mean drop ratio p̄ (weighted by parameter count); APL's per-layer suggestions — or your "
+                      "per-layer overrides — replace it layer by layer.", PER_LAYER, 0.0, 0.999)
+TAU1 = ParamSpec("tau1", "float", DEFAULTS["tau1"],
+                 "Temperature τ1 of the drop-ratio softmax: small = important layers keep much more; "
+                 "very large = uniform drop ratios (DARE).", SHARED, 1e-3, 1e12)
+TAU2 = ParamSpec("tau2", "float", DEFAULTS["tau2"],
+                 "Temperature τ2 of the merge-weight softmax across experts: very large = unit weights.",
+                 SHARED, 1e-3, 1e12)
+Q_MIN = ParamSpec("q_min", "float", DEFAULTS["q_min"], "Smallest keep rate any layer or unit may get.",
+                  SHARED, 0.0, 0.5)
+WITHIN = ParamSpec("within_layer", "choice", "uniform",
+                   "Inside a layer: one drop ratio for every entry, or per hidden-state unit by importance rank.",
+                   SHARED, choices=WITHIN_LAYER)
+DROP_KIND = ParamSpec("drop", "choice", "random",
+                      "How entries are dropped: seeded random with rescale 1/keep (DARE-style) or magnitude "
+                      "top-k (no rescale).", SHARED, choices=("random", "magnitude"))
+SIGN = ParamSpec("sign_election", "bool", False, "Elect a sign per entry (TIES) and add only agreeing deltas.")
+EPSILON = ParamSpec("epsilon", "float", 1e-8, "ε added to the summed Fisher so untouched entries stay finite.",
+                    SHARED, 0.0, 1.0)
+
+
+# ---- APL kernel ----------------------------------------------------------------------------
+
+def _apl_kernel(job: TensorJob) -> torch.Tensor:
+    """Θ = Θ_base + λ Σ_t w_t ⊙ drop(Δ_t, p_t), optionally with TIES sign election (droppable tensors)."""
+    droppable = job.info.droppable
+    profiles = job.extras.get(UNIT_EXTRAS) or {}
+    weighted = []
+    for expert, delta in job.deltas().items():
+        p = job.params[expert]
+        if droppable:
+            delta = _apl_drop(delta, expert, p, job, profiles.get(expert))
+        weighted.append(delta * float(p["weight"]))
+    stacked = torch.stack(weighted)
+    if job.shared.get("sign_election") and droppable:
+        mixed = (stacked * kernels.agreement_mask(stacked, kernels.elect_sign(stacked))).sum(0)
+    else:
+        mixed = stacked.sum(0)
+    return job.base.float() + float(job.shared.get("lambda", 1.0)) * mixed
+
+
+def _apl_drop(delta: torch.Tensor, expert: str, p: Mapping[str, Any], job: TensorJob,
+              profile: torch.Tensor | None) -> torch.Tensor:
+    drop_ratio = float(p["drop_ratio"])
+    keep = _unit_keep(profile, 1.0 - drop_ratio, job, expert) if job.shared.get("within_layer") == "hidden" \
+        and job.info.unit_axis is not None else None
+    if job.shared.get("drop") == "magnitude":
+        if keep is None:
+            return delta * kernels.magnitude_mask(delta, 1.0 - drop_ratio)
+        return delta * unit_magnitude_mask(delta, keep, job.info.unit_axis)
+    if keep is None:
+        return kernels.dare(delta, drop_ratio, seed=job.seed, expert=expert, name=job.name, rescale=True,
+                            numel=job.numel, start=job.start)
+    mask = kernels.random_keep_mask(delta.shape, keep, seed=job.seed, expert=expert, name=job.name,
+                                    numel=job.numel, start=job.start)
+    return delta * mask / keep.clamp_min(1e-12)
+
+
+def _unit_keep(profile: torch.Tensor | None, layer_keep: float, job: TensorJob, expert: str) -> torch.Tensor:
+    """Per-unit keep rates centred on this layer's keep rate, shaped to broadcast along the unit axis
+    (and cut to the rows of a row chunk)."""
+    if profile is None:
+        raise MergeLabError(f"within_layer='hidden' needs APL's per-unit importance profiles for expert '{expert}' "
+                            f"(tensor '{job.name}'): prepare APL with within_layer='hidden' (gradient importance at "
+                            "hidden level), or use within_layer='uniform'")
+    keep = unit_keep_rates(profile.reshape(-1).double().numpy(), layer_keep,
+                           float(job.shared["tau1"]), float(job.shared["q_min"]))
+    keep_t = torch.from_numpy(np.asarray(keep, dtype=np.float32))
+    axis = job.info.unit_axis
+    full_shape = job.info.shape
+    if axis == 0 and len(full_shape) >= 2 and job.numel != int(np.prod(job.base.shape)):
+        row = job.numel // full_shape[0]
+        first = job.start // row
+        keep_t = keep_t[first:first + job.base.shape[0]]
+    shape = [1] * job.base.dim()
+    shape[axis] = keep_t.numel()
+    return keep_t.reshape(shape)
+
+
+def unit_magnitude_mask(delta: torch.Tensor, keep: torch.Tensor, unit_axis: int) -> torch.Tensor:
+    """Per unit, keep the round(q_j · entries) largest |Δ| of that unit's slice (deterministic top-k)."""
+    moved = delta.movedim(unit_axis, 0)
+    rows = moved.reshape(moved.shape[0], -1)
+    k = torch.round(keep.reshape(-1).double() * rows.shape[1]).long()
+    rank = (-rows.abs()).argsort(dim=1, stable=True).argsort(dim=1)
+    mask = rank < k.unsqueeze(1)
+    return mask.reshape(moved.shape).movedim(0, unit_axis)
+
+
+def prepare_apl(expert_set, examples: Mapping[str, Sequence] | None = None, tokenizer=None, *,
+                params: Mapping[str, Any] | None = None, importance=None, progress=None, recipe=None,
+                **kwargs) -> dict:
+    """APL's inputs: gradient importance (unless given), calibrated with the method's parameters.
+
+    Returns ``{"expert_params", "extras", "table", "importance"}``; merge with
+    ``MergeSettings.build(..., expert_params=out["expert_params"], extras=out["extras"])``. Called
+    with a ``recipe`` (headless replay), parameters come from it, and when the recipe already holds
+    every expert's per-layer drop ratios and weights (and needs no unit profiles) nothing is recomputed.
+    """
+    if recipe is not None:
+        params = recipe.parameters
+        if _recipe_is_calibrated(recipe, params):
+            return {"expert_params": {}, "extras": {}}
+        if importance is None and examples is None:
+            examples, tokenizer = recipe_fewshot(recipe, expert_set)
+    params = dict(params or {})
+    within = params.get("within_layer", "uniform")
+    if importance is None:
+        level = "all" if within == "hidden" else "layer"
+        importance = compute_importance(expert_set, examples, tokenizer, mode="gradient", level=level,
+                                        progress=progress, **kwargs)
+    mean_drop = params.get("drop_ratio", DEFAULTS["drop_ratio"])
+    if not isinstance(mean_drop, (int, float)):
+        raise MergeLabError("APL calibration needs one mean drop_ratio p̄ (a number); per-layer values are "
+                            "overrides applied after calibration", field="parameters.drop_ratio")
+    table = calibrate(importance, expert_set, drop_ratio=float(mean_drop),
+                      tau1=float(params.get("tau1", DEFAULTS["tau1"])), tau2=float(params.get("tau2", DEFAULTS["tau2"])),
+                      q_min=float(params.get("q_min", DEFAULTS["q_min"])), within_layer=within)
+    return {"expert_params": table.to_expert_params(), "extras": table.extras(), "table": table,
+            "importance": importance}
+
+
+def _recipe_is_calibrated(recipe, params: Mapping[str, Any]) -> bool:
+    if params.get("within_layer", "uniform") == "hidden":
+        return False
+    given = recipe.expert_params()
+    return all(isinstance(given.get(e.name, {}).get(key), Mapping) for e in recipe.experts
+               for key in ("drop_ratio", "weight"))
+
+
+# ---- Fisher kernel -------------------------------------------------------------------------
+
+def _fisher_kernel(job: TensorJob) -> torch.Tensor:
+    """Θ = Θ_base + λ · Σ_t w_t F_t Δ_t / (Σ_t w_t F_t + ε)."""
+    deltas = job.deltas()
+    fisher = job.extras.get(FISHER_EXTRAS)
+    if not fisher:
+        if all(not bool(torch.count_nonzero(d)) for d in deltas.values()):
+            return job.base.float()
+        raise MergeLabError(f"Fisher merging has no Fisher diagonal for tensor '{job.name}': compute it first "
+                            "(merging.fisher.prepare_fisher with the experts' few-shot data)")
+    numerator = torch.zeros_like(job.base, dtype=torch.float32)
+    denominator = torch.zeros_like(numerator)
+    for expert, delta in deltas.items():
+        if expert not in fisher:
+            raise MergeLabError(f"no Fisher diagonal for expert '{expert}': prepare Fisher with every expert")
+        weighted = fisher[expert].float() * float(job.params[expert]["weight"])
+        numerator += weighted * delta
+        denominator += weighted
+    merged = numerator / (denominator + float(job.shared.get("epsilon", 1e-8)))
+    return job.base.float() + float(job.shared.get("lambda", 1.0)) * merged
+
+
+register(MethodSpec(
+    "fisher", "Fisher-weighted", FISHER_URL,
+    "Average the task vectors entry by entry, weighted by each expert's diagonal Fisher on its few-shot data.",
+    (WEIGHT, LAMBDA, EPSILON), _fisher_kernel, needs=frozenset({NEEDS_BASE, NEEDS_FEW_SHOT}),
+    prepare=prepare_fisher,
+))
+register(MethodSpec(
+    "apl", "APL (Activated Parameter Locating)", APL_URL,
+    "Few-shot importance per layer sets each expert's drop ratios (τ1) and merge weights (τ2), then a DARE-style "
+    "drop and weighted sum.",
+    (WEIGHT, LAMBDA, MEAN_DROP, TAU1, TAU2, Q_MIN, WITHIN, DROP_KIND, SIGN), _apl_kernel,
+    needs=frozenset({NEEDS_BASE, NEEDS_FEW_SHOT, NEEDS_IMPORTANCE}), prepare=prepare_apl,
+))
