@@ -118,20 +118,27 @@ class MergeEngine:
         layers = [layer for layer in self.experts.layout.layers if layer in changed]
         return MergeResult(out, heads, recomputed, layers, time.perf_counter() - start)
 
-    def iter_merged(self, settings: MergeSettings) -> Iterator[tuple[str, torch.Tensor, bool]]:
-        """Yield (name, merged tensor, recomputed?) for every body tensor, in the base's order."""
+    def iter_merged(self, settings: MergeSettings,
+                    dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor, bool]]:
+        """Yield (name, merged tensor, recomputed?) for every body tensor, in the base's order.
+
+        ``dtype`` (export): merged tensors come out in that dtype, converted chunk by chunk for
+        tensors merged in row chunks, so no whole float32 copy of them is held (the cache, if on,
+        keeps float32). Copied tensors come as stored."""
         resolver = settings.resolver(self.experts)
         layout = self.experts.layout
         for name, info in layout.tensors.items():
             if info.role == ROLE_COPY:
                 yield name, self.experts.base.get(name), False
             elif info.role == ROLE_MERGE:
-                yield (name, *self._merge_one(name, info, settings, resolver))
+                merged, fresh = self._merge_one(name, info, settings, resolver, dtype)
+                yield name, merged, fresh
+                del merged
         # tied lm_head aliases are written by the exporter from the embeddings
 
     # ---- one tensor -----------------------------------------------------------
     def _merge_one(self, name: str, info: TensorInfo, settings: MergeSettings,
-                   resolver: ParamResolver) -> tuple[torch.Tensor, bool]:
+                   resolver: ParamResolver, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, bool]:
         params = {e: resolver.for_layer(e, info.layer) for e in self.experts.experts}
         shared = resolver.for_layer(None, info.layer)
         thresholds = self._thresholds_for(name, info, settings, resolver, params)
@@ -139,37 +146,43 @@ class MergeEngine:
         key = _fingerprint(settings, name, params, shared, thresholds, extras)
         cached = self._cache.get(name)
         if self.use_cache and cached is not None and cached[0] == key:
-            return cached[1], False
-        merged = self._compute(name, info, settings, params, shared, thresholds, extras)
+            return _to_dtype(cached[1], dtype), False
+        merged = self._compute(name, info, settings, params, shared, thresholds, extras,
+                               None if self.use_cache else dtype)
         if self.use_cache:
             self._cache[name] = (key, merged)
-        return merged, True
+        return _to_dtype(merged, dtype), True
 
-    def _compute(self, name, info, settings, params, shared, thresholds, extras) -> torch.Tensor:
+    def _compute(self, name, info, settings, params, shared, thresholds, extras, dtype=None) -> torch.Tensor:
         base_entry_shape = info.shape
         numel = math.prod(base_entry_shape) if base_entry_shape else 1
         rows = base_entry_shape[0] if base_entry_shape else 1
         row_bytes = 4 * numel // max(rows, 1)
         chunk_rows = max(1, CHUNK_BYTES // max(row_bytes, 1))
         if rows <= chunk_rows or len(base_entry_shape) < 2:
-            return self._run(name, info, settings, params, shared, thresholds, extras,
-                             self.experts.base.get(name), {e: x.get(name) for e, x in self.experts.experts.items()},
-                             numel, 0)
-        pieces = []
+            return _to_dtype(self._run(name, info, settings, params, shared, thresholds, extras,
+                                       self.experts.base.get(name),
+                                       {e: x.get(name) for e, x in self.experts.experts.items()}, numel, 0), dtype)
+        out = None  # filled chunk by chunk (no list of pieces plus a concatenated copy)
         for r0 in range(0, rows, chunk_rows):
             r1 = min(rows, r0 + chunk_rows)
             base = self.experts.base.get_rows(name, r0, r1)
             experts = {e: x.source.get_rows(x.body_key(name), r0, r1) for e, x in self.experts.experts.items()}
-            pieces.append(self._run(name, info, settings, params, shared, thresholds,
-                                    _chunk_extras(extras, r0, r1, rows), base, experts, numel, r0 * row_bytes // 4))
-        return torch.cat(pieces)
+            piece = self._run(name, info, settings, params, shared, thresholds,
+                              _chunk_extras(extras, r0, r1, rows), base, experts, numel, r0 * row_bytes // 4)
+            piece = _to_dtype(piece, dtype)
+            if out is None:
+                out = torch.empty((rows, *piece.shape[1:]), dtype=piece.dtype)
+            out[r0:r1] = piece
+            del base, experts, piece
+        return out
 
     def _run(self, name, info, settings, params, shared, thresholds, extras, base, experts, numel, start):
         if self.check_finite:
             self._check_finite(name, base, experts)
         job = TensorJob(name, info, base, experts, params, shared, settings.seed, numel, start, thresholds, extras)
         merged = settings.method.kernel(job)
-        if not torch.isfinite(merged).all():
+        if not _all_finite(merged):
             raise MergeLabError(f"merging '{name}' produced NaN or Inf: check the parameters "
                                 "(a weight sum of zero with normalize, or extreme λ)")
         return merged
@@ -178,7 +191,7 @@ class MergeEngine:
         for model, tensor in [("base", base), *experts.items()]:
             if (model, name) in self._checked:
                 continue
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            if tensor.is_floating_point() and not _all_finite(tensor):
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise MergeLabError(
                     f"model '{model}' has {bad} NaN/Inf value(s) in tensor '{name}': the checkpoint is broken; "
@@ -208,7 +221,34 @@ class MergeEngine:
             scope == "model" or (scope == "layer" and i.layer == group) or n == group)]
         total = sum(math.prod(layout[n].shape) for n in names)
         k = int(round(density * total))
-        return kernels.streaming_kth_largest(lambda: (self.experts.delta(expert, n) for n in names), k)
+        return kernels.streaming_kth_largest(lambda: self._delta_chunks(expert, names), k)
+
+    def _delta_chunks(self, expert: str, names: list[str]) -> Iterator[torch.Tensor]:
+        """Δ of ``expert`` for each tensor in ``names``, tensors over 64 MB in row chunks (bounded memory)."""
+        source = self.experts.experts[expert]
+        for n in names:
+            info = self.experts.layout[n]
+            if not _is_chunked(info):
+                yield self.experts.delta(expert, n)
+                continue
+            rows = info.shape[0]
+            chunk_rows = max(1, CHUNK_BYTES // max(4 * math.prod(info.shape[1:]), 1))
+            for r0 in range(0, rows, chunk_rows):
+                r1 = min(rows, r0 + chunk_rows)
+                yield source.source.get_rows(source.body_key(n), r0, r1).float() - \
+                    self.experts.base.get_rows(n, r0, r1).float()
+
+
+def _to_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in ``tensor``: one min/max pass (NaN propagates, ±Inf shows), not an isfinite mask."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def _is_chunked(info: TensorInfo) -> bool:

@@ -144,11 +144,13 @@ def _write(recipe, expert_set, engine, settings, targets, staging, dtype, shard_
         folders[folder_name or "merged"] = folder
         writers[folder_name] = ShardWriter(folder, shard_bytes)
     total = len(expert_set.layout.tensors)
-    for index, (name, tensor, _) in enumerate(engine.iter_merged(settings)):
+    for index, (name, tensor, _) in enumerate(engine.iter_merged(settings, dtype=torch_dtype)):
+        value = tensor.to(torch_dtype) if tensor.is_floating_point() else tensor  # one copy shared by all folders
+        del tensor  # (merged tensors already come in torch_dtype, row chunk by row chunk)
         for folder_name, expert in targets.items():
             prefix = expert_set.experts[expert].prefix if expert else _headless_prefix(expert_set)
-            value = tensor.to(torch_dtype) if tensor.is_floating_point() else tensor
             writers[folder_name].add(prefix + name, value)
+        del value
         if progress and index % 8 == 0:
             progress(0.9 * index / max(total, 1), f"writing {name}")
     files: list[Path] = []

@@ -4,13 +4,17 @@ Random drops draw from a generator owned by (seed, expert, tensor name) — one 
 per entry, kept where it falls under the keep rate — so a partial re-merge equals a full
 merge, tensor order never matters, and DARE and APL share masks at equal rates. The
 uniforms come in fixed blocks of elements, each block with its own generator, so a
-tensor merged in row chunks draws exactly what it would draw whole.
+tensor merged in row chunks draws exactly what it would draw whole (blocks being
+independent, a tensor's blocks are drawn in parallel threads).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 import torch
@@ -23,20 +27,70 @@ def _block_seed(seed: int, expert: str, name: str, block: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def uniforms(seed: int, expert: str, name: str, numel: int, start: int = 0, end: int | None = None) -> torch.Tensor:
-    """The uniforms U[start:end] of tensor ``name`` of ``expert`` (flat, float32)."""
+def uniforms(seed: int, expert: str, name: str, numel: int, start: int = 0, end: int | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """The uniforms U[start:end] of tensor ``name`` of ``expert`` (flat, float32; written to ``out`` if given)."""
     end = numel if end is None else end
-    pieces = []
-    generator = torch.Generator()
-    first, last = start // RNG_BLOCK, (max(end, 1) - 1) // RNG_BLOCK
-    for block in range(first, last + 1):
+    if out is None:
+        out = torch.empty(max(end - start, 0))
+    if end <= start:
+        return out
+    first, last = start // RNG_BLOCK, (end - 1) // RNG_BLOCK
+
+    def draw(block: int) -> None:
+        generator = torch.Generator()
         generator.manual_seed(_block_seed(seed, expert, name, block))
-        block_len = min(RNG_BLOCK, numel - block * RNG_BLOCK)
-        draw = torch.rand(block_len, generator=generator)
-        lo = max(start - block * RNG_BLOCK, 0)
-        hi = min(end - block * RNG_BLOCK, block_len)
-        pieces.append(draw[lo:hi])
-    return torch.cat(pieces) if pieces else torch.empty(0)
+        offset = block * RNG_BLOCK
+        block_len = min(RNG_BLOCK, numel - offset)
+        lo, hi = max(start - offset, 0), min(end - offset, block_len)
+        target = out[offset + lo - start:offset + hi - start]
+        if lo == 0 and hi == block_len:  # the whole block: draw straight into the output
+            torch.rand(block_len, generator=generator, out=target)
+        else:
+            target.copy_(torch.rand(block_len, generator=generator)[lo:hi])
+
+    blocks = range(first, last + 1)
+    pool = _rng_pool() if len(blocks) > 1 else None
+    if pool is None:
+        for block in blocks:
+            draw(block)
+    else:  # each block has its own generator, so blocks can be drawn concurrently (torch releases the GIL)
+        for _ in pool.map(draw, blocks):
+            pass
+    return out
+
+
+SCRATCH_MAX = 1 << 24  # float32 entries (64 MB, the engine's row-chunk size) per scratch slot and thread
+_SCRATCH = threading.local()
+
+
+def scratch(slot: str, numel: int) -> torch.Tensor:
+    """An uninitialised flat float32 buffer, reused between calls on this thread for the same ``slot``:
+    a fresh buffer of tens of MB costs more in page faults than the arithmetic done in it. Above
+    ``SCRATCH_MAX`` entries a fresh buffer. The caller must be done with it before asking again."""
+    if numel > SCRATCH_MAX:
+        return torch.empty(numel)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(slot)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[slot] = torch.empty(numel)
+    return buffer[:numel]
+
+
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
+_POOL_LOCK = threading.Lock()
+
+
+def _rng_pool() -> ThreadPoolExecutor | None:
+    """A shared pool of ``torch.get_num_threads()`` workers for drawing RNG blocks (None when single-threaded)."""
+    global _POOL
+    workers = torch.get_num_threads()
+    if workers <= 1:
+        return None
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[:2] != (os.getpid(), workers):  # new after a fork or a thread-count change
+            _POOL = (os.getpid(), workers, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge-rng"))
+        return _POOL[2]
 
 
 def random_keep_mask(shape: torch.Size | tuple, keep_rate: float | torch.Tensor, *, seed: int, expert: str,
@@ -52,17 +106,33 @@ def random_keep_mask(shape: torch.Size | tuple, keep_rate: float | torch.Tensor,
 
 
 def dare(delta: torch.Tensor, drop_ratio: float | torch.Tensor, *, seed: int, expert: str, name: str,
-         rescale: bool = True, numel: int | None = None, start: int = 0) -> torch.Tensor:
-    """DARE (Yu et al. 2024): drop each entry with probability p, rescale survivors by 1/(1-p)."""
+         rescale: bool = True, numel: int | None = None, start: int = 0, inplace: bool = False) -> torch.Tensor:
+    """DARE (Yu et al. 2024): drop each entry with probability p, rescale survivors by 1/(1-p).
+
+    ``inplace=True`` lets the result overwrite ``delta`` (same values, one allocation fewer)."""
     keep = 1.0 - drop_ratio
     if not torch.is_tensor(keep) and keep >= 1.0:
         return delta
-    mask = random_keep_mask(delta.shape, keep, seed=seed, expert=expert, name=name, numel=numel, start=start)
-    kept = delta * mask
+    size = math.prod(delta.shape)
+    total = size if numel is None else numel
+    u = uniforms(seed, expert, name, total, start, start + size, out=scratch("uniforms", size)).reshape(delta.shape)
+    if _broadcasts_into(tuple(keep.shape) if torch.is_tensor(keep) else (), tuple(u.shape)):
+        # the keep mask as 1.0/0.0 written over the uniforms: multiplying by it is multiplying by
+        # random_keep_mask's booleans, without torch first copying the booleans to floats
+        mask = u.lt_(keep)
+        mask = mask if mask.dtype == delta.dtype else mask.to(delta.dtype)
+    else:
+        mask = u < keep
+    kept = delta.mul_(mask) if inplace and mask.shape == delta.shape else delta * mask
     if rescale:
         keep_t = torch.as_tensor(keep, dtype=delta.dtype)
-        kept = kept / keep_t.clamp_min(1e-12)
+        kept.div_(keep_t.clamp_min(1e-12))
     return kept
+
+
+def _broadcasts_into(shape: tuple, target: tuple) -> bool:
+    """A tensor of ``shape`` broadcasts to ``target`` without enlarging it."""
+    return len(shape) <= len(target) and all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
 
 
 def kth_largest_threshold(values: torch.Tensor, k: int) -> float:
@@ -73,21 +143,95 @@ def kth_largest_threshold(values: torch.Tensor, k: int) -> float:
         return -math.inf
     if k <= 0:
         return math.inf
+    if n >= _SELECT_MIN and flat.is_floating_point():
+        value = _kth_smallest_in_band(flat, n - k)
+        if value is not None:
+            return value
     return float(torch.kthvalue(flat, n - k).values)
 
 
+_SELECT_SAMPLE = 1 << 16  # sample size for locating the k-th value
+_SELECT_MIN = 1 << 18  # below this many entries torch.kthvalue on everything is fast enough
+
+
+def _kth_smallest_in_band(flat: torch.Tensor, j: int) -> float | None:
+    """The j-th smallest (1-based) of ``flat`` — the value ``torch.kthvalue(flat, j)`` returns — found by
+    locating a narrow band of values around it from a fixed random sample, counting what lies below the
+    band and selecting inside it: a few vectorised passes instead of a selection over every entry.
+    None when the band misses (then the caller selects over everything) or ``flat`` holds NaN."""
+    n = flat.numel()
+    generator = torch.Generator().manual_seed(0)
+    sample = flat[torch.randint(n, (_SELECT_SAMPLE,), generator=generator)]
+    q = j / n
+    centre = q * _SELECT_SAMPLE
+    spread = 6.0 * math.sqrt(_SELECT_SAMPLE * q * (1.0 - q)) + 8.0
+    lo_index, hi_index = int(centre - spread), int(centre + spread)
+    if lo_index < 0 and hi_index >= _SELECT_SAMPLE:
+        return None
+    lo = torch.kthvalue(sample, max(lo_index, 0) + 1).values  # the sample's order statistics around j/n
+    hi = torch.kthvalue(sample, min(hi_index, _SELECT_SAMPLE - 1) + 1).values
+    has_lo, has_hi = lo_index >= 0, hi_index < _SELECT_SAMPLE  # a missing side is unbounded
+    below = int((flat < lo).count_nonzero()) if has_lo else 0
+    above = int((flat > hi).count_nonzero()) if has_hi else 0
+    if has_lo and has_hi:
+        band = flat[(flat >= lo) & (flat <= hi)]
+    else:
+        band = flat[flat >= lo] if has_lo else flat[flat <= hi]
+    if below + band.numel() + above != n:  # NaN somewhere
+        return None
+    if not below < j <= below + band.numel():
+        return None
+    return float(torch.kthvalue(band, j - below).values)
+
+
 def magnitude_mask(delta: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
-    """Keep the ``density`` fraction of entries with the largest |Δ| (top-k by k-th value)."""
-    if threshold is None:
-        k = int(round(density * delta.numel()))
-        threshold = kth_largest_threshold(delta.abs(), k)
-        mask = delta.abs() > threshold
-        if int(mask.sum()) != k and 0 < k < delta.numel():  # ties at the threshold: fall back to exact top-k
-            mask = torch.zeros(delta.numel(), dtype=torch.bool)
-            mask[torch.topk(delta.abs().reshape(-1), k).indices] = True
-            mask = mask.reshape(delta.shape)
-        return mask
-    return delta.abs() > threshold
+    """Keep the ``density`` fraction of entries with the largest |Δ| (top-k by k-th value, not a sort).
+
+    Entries tied at the threshold are kept lowest flat index first, so the kept count is exact and the
+    choice is deterministic (fp16/bf16 deltas tie often)."""
+    magnitude = delta.abs()
+    if threshold is not None:
+        return magnitude > threshold
+    k = int(round(density * delta.numel()))
+    cut = kth_largest_threshold(magnitude, k)
+    mask = magnitude > cut
+    if 0 < k < delta.numel():
+        _keep_ties_in_index_order(mask, magnitude, cut, k)
+    return mask
+
+
+def magnitude_keep_factor(delta: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
+    """:func:`magnitude_mask` as 1.0 (kept) / 0.0 in ``delta``'s dtype, built in place of the |Δ| buffer:
+    ``delta * factor`` equals ``delta * magnitude_mask(...)`` without torch's bool→float copy."""
+    factor = delta.abs()
+    if threshold is not None:
+        return factor.gt_(threshold)
+    n = delta.numel()
+    k = int(round(density * n))
+    cut = kth_largest_threshold(factor, k)
+    factor.gt_(cut)
+    if 0 < k < n and _count_ones(factor) != k:
+        mask = factor.bool()
+        _keep_ties_in_index_order(mask, delta.abs(), cut, k)
+        factor.copy_(mask)
+    return factor
+
+
+def _keep_ties_in_index_order(mask: torch.Tensor, magnitude: torch.Tensor, cut: float, k: int) -> None:
+    """Add entries equal to ``cut`` to ``mask`` (in place), lowest flat index first, until it holds k."""
+    need = k - int(mask.count_nonzero())
+    if need <= 0:
+        return
+    tied = (magnitude == cut).reshape(-1)
+    chosen = tied & (tied.cumsum(0) <= need)
+    mask.reshape(-1).logical_or_(chosen)
+
+
+def _count_ones(factor: torch.Tensor) -> int:
+    """Entries equal to 1 in a 1.0/0.0 tensor: a float sum is exact while counts stay below 2^24."""
+    if factor.dtype == torch.float32 and factor.numel() < (1 << 24):
+        return int(factor.sum())
+    return int((factor != 0).count_nonzero())
 
 
 def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -107,7 +251,10 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     from density − ε/2 (smallest) to density + ε/2 (largest), clipped to (0, 1]."""
     matrix = delta.reshape(delta.shape[0], -1) if delta.dim() > 1 else delta.reshape(1, -1)
     cols = matrix.shape[1]
-    ranks = matrix.abs().argsort(dim=1).argsort(dim=1).float()
+    order = matrix.abs().argsort(dim=1)
+    ranks = torch.empty_like(order)  # the inverse permutation of each row's order, i.e. argsort(order)
+    ranks.scatter_(1, order, torch.arange(cols).expand_as(order))
+    ranks = ranks.float()
     spread = ranks / max(cols - 1, 1) - 0.5 if cols > 1 else torch.zeros_like(ranks)
     probs = (density + epsilon * spread).clamp(1e-6, 1.0)
     return probs.reshape(delta.shape)
@@ -122,8 +269,14 @@ def della(delta: torch.Tensor, density: float, epsilon: float, *, seed: int, exp
 
 def elect_sign(weighted_deltas: torch.Tensor) -> torch.Tensor:
     """TIES sign election: the sign of the summed (weighted, trimmed) deltas per entry. Input [T, ...]."""
-    sign = torch.sign(weighted_deltas.sum(dim=0))
-    return torch.where(sign == 0, torch.ones_like(sign), sign)
+    return sign_of_sum(weighted_deltas.sum(dim=0))
+
+
+def sign_of_sum(summed: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """:func:`elect_sign` from the already summed deltas: sign per entry, zeros counted as +1
+    (``inplace=True`` overwrites ``summed``)."""
+    sign = summed.sign_() if inplace else torch.sign(summed)
+    return sign.masked_fill_(sign == 0, 1.0)
 
 
 def agreement_mask(weighted_deltas: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
@@ -153,8 +306,10 @@ def streaming_kth_largest(chunks: Callable[[], Iterable[torch.Tensor]], k: int, 
     """Exact threshold of the k-th largest |value| over many tensors without concatenating them.
 
     Pass 1 counts values per logarithmic bin; pass 2 gathers only the bin holding the k-th
-    largest and selects inside it. ``chunks`` is called once per pass and yields tensors.
+    largest and selects inside it. ``chunks`` is called once per pass and yields tensors
+    (worked through in flat pieces of at most ``_PIECE`` entries, bounding the temporaries).
     """
+    chunks = _in_pieces(chunks)
     total = 0
     low, high = math.inf, -math.inf
     for chunk in chunks():
@@ -196,3 +351,17 @@ def _log_bin(chunk: torch.Tensor, log_low: float, width: float, bins: int) -> to
     magnitude = chunk.abs().reshape(-1).double()
     index = ((magnitude.clamp_min(1e-300).log() - log_low) / width).floor().long().clamp(0, bins - 1)
     return torch.where(magnitude > 0, index, torch.full_like(index, bins))
+
+
+_PIECE = 1 << 21  # entries per piece in streaming_kth_largest (its float64 temporaries stay ~16 MB)
+
+
+def _in_pieces(chunks: Callable[[], Iterable[torch.Tensor]]) -> Callable[[], Iterable[torch.Tensor]]:
+    def pieces() -> Iterable[torch.Tensor]:
+        for chunk in chunks():
+            flat = chunk.reshape(-1)
+            if flat.numel() <= _PIECE:
+                yield flat
+            else:
+                yield from flat.split(_PIECE)
+    return pieces

@@ -39,7 +39,10 @@ def test_exact_kept_count_at_a_density():
 
 def test_exact_kept_count_with_ties():
     delta = torch.tensor([1.0, 1.0, 1.0, 2.0, -2.0, 0.5])
-    assert int(kernels.magnitude_mask(delta, 0.5).sum()) == 3
+    # ties at the threshold are kept lowest index first: deterministic and exact
+    assert kernels.magnitude_mask(delta, 0.5).tolist() == [True, False, False, True, True, False]
+    factor = kernels.magnitude_keep_factor(delta, 0.5)
+    assert factor.tolist() == [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
 
 
 def test_streaming_threshold_equals_concatenated_topk():

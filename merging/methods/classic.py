@@ -18,6 +18,9 @@ from .. import kernels
 from ..params import PER_LAYER, SHARED, ParamSpec
 from .base import MethodSpec, TensorJob, register
 
+_IN_PLACE_MAX_EXPERTS = 4  # above this, Pipeline reduces a stack (keeps torch's summation order)
+_EXACT_IN_FLOAT32 = (torch.float32, torch.float16, torch.bfloat16)  # subtracted from float32 without .float()
+
 WEIGHT = ParamSpec("weight", "float", 1.0, "Weight of the expert's delta (per expert, per layer).",
                    PER_LAYER, -5.0, 5.0)
 LAMBDA = ParamSpec("lambda", "float", 1.0, "Scale λ of the merged delta added to the base.", PER_LAYER, 0.0, 5.0)
@@ -49,6 +52,68 @@ class Pipeline:
     always_normalize: bool = False  # linear averaging divides by the summed weights, no parameter
 
     def __call__(self, job: TensorJob) -> torch.Tensor:
+        if len(job.experts) > _IN_PLACE_MAX_EXPERTS:
+            return self._stacked(job)
+        # The same arithmetic as _stacked, expert by expert and in place: no [T, ...] stack, no copies of
+        # float32 inputs. For up to 4 experts torch's sum over the stacked axis adds the rows in order
+        # (SumKernel: sequential below 16 rows, 4-way interleaved partials from 5 rows), so results match
+        # _stacked value for value (a sum of all -0.0 gives -0.0 here, +0.0 there).
+        base = job.base.float()
+        droppable = job.info.droppable
+        consensus = self.consensus and droppable
+        weights, kept = [], []
+        total = None  # Σ weighted (sparsified) deltas
+        scratch = None  # without consensus, experts after the first reuse one buffer for their delta
+        for expert, tensor in job.experts.items():
+            p = job.params[expert]
+            if tensor.dtype not in _EXACT_IN_FLOAT32:
+                tensor = tensor.float()
+            if total is None or consensus:
+                delta = torch.sub(tensor, base)  # = tensor.float() - base (exact upcast)
+            else:
+                scratch = kernels.scratch("delta", total.numel()).view(total.shape) if scratch is None else scratch
+                delta = torch.sub(tensor, base, out=scratch)
+            if droppable:
+                delta = self.sparsify_delta(delta, expert, p, job, inplace=True)
+            weight = float(p["weight"])
+            if weight != 1.0:
+                delta.mul_(weight)
+            weights.append(weight)
+            if consensus:
+                kept.append(delta)
+                total = delta.clone() if total is None else total.add_(delta)
+            else:
+                total = delta if total is None else total.add_(delta)
+            del delta
+        del scratch
+        weight_t = torch.tensor(weights).reshape(-1, *([1] * total.dim()))
+        normalize = self.always_normalize or job.shared.get("normalize", False)
+        if consensus:
+            sign = kernels.sign_of_sum(total, inplace=True)
+            del total
+            mixed = divisor = None
+            for index, delta in enumerate(kept):
+                # kernels.agreement_mask one expert at a time, as 1.0/0.0 (what torch makes of the booleans)
+                agree = torch.sign(delta).eq_(sign)
+                delta.mul_(agree)
+                mixed = delta if mixed is None else mixed.add_(delta)
+                if normalize:
+                    share = agree if weights[index] == 1.0 else agree.mul_(weight_t[index])
+                    divisor = share if divisor is None else divisor.add_(share)
+            kept.clear()
+        else:
+            mixed = total
+            divisor = weight_t.sum(0)  # broadcasts over the tensor
+        if normalize:
+            divisor = divisor.masked_fill_(divisor.abs() < 1e-12, 1.0)
+            mixed.div_(divisor)
+        lam = float(job.shared.get("lambda", 1.0))
+        if lam != 1.0:
+            mixed.mul_(lam)
+        return mixed.add_(base)
+
+    def _stacked(self, job: TensorJob) -> torch.Tensor:
+        """Reference form: stack the weighted deltas of all experts, then reduce over experts."""
         deltas = job.deltas()
         droppable = job.info.droppable
         weighted = []
@@ -73,18 +138,23 @@ class Pipeline:
             mixed = mixed / divisor
         return job.base.float() + float(job.shared.get("lambda", 1.0)) * mixed
 
-    def sparsify_delta(self, delta: torch.Tensor, expert: str, p: dict, job: TensorJob) -> torch.Tensor:
+    def sparsify_delta(self, delta: torch.Tensor, expert: str, p: dict, job: TensorJob,
+                       inplace: bool = False) -> torch.Tensor:
         if self.sparsify == "none":
             return delta
         drop = float(p["drop_ratio"])
         density = 1.0 - drop
         if self.sparsify == "magnitude":
+            if inplace:
+                return delta.mul_(kernels.magnitude_keep_factor(delta, density, job.thresholds.get(expert)))
             return delta * kernels.magnitude_mask(delta, density, job.thresholds.get(expert))
         if self.sparsify == "random":
             return kernels.dare(delta, drop, seed=job.seed, expert=expert, name=job.name,
-                                rescale=bool(p.get("rescale", True)), numel=job.numel, start=job.start)
+                                rescale=bool(p.get("rescale", True)), numel=job.numel, start=job.start,
+                                inplace=inplace)
         if self.sparsify == "breadcrumbs":
-            return delta * kernels.breadcrumbs_mask(delta, density, float(p["gamma"]))
+            mask = kernels.breadcrumbs_mask(delta, density, float(p["gamma"]))
+            return delta.mul_(mask) if inplace else delta * mask
         if self.sparsify == "della":
             return kernels.della(delta, density, float(p["epsilon"]), seed=job.seed, expert=expert,
                                  name=job.name, numel=job.numel, start=job.start)
