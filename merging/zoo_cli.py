@@ -1,0 +1,105 @@
+"""CLI subcommands for the demo zoo and the probe: ``zoo build``, ``zoo list``, ``probe``.
+
+``merging/cli.py`` calls :func:`add_commands`; each handler returns an exit code, and a
+:class:`MergeLabError` becomes one line on stderr with exit code 2 (no traceback: the
+message already says what to fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from merging.errors import MergeLabError
+
+
+def _guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except MergeLabError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    run.__name__ = handler.__name__
+    run.__doc__ = handler.__doc__
+    return run
+
+
+def _zoo_build(args: argparse.Namespace) -> int:
+    """Build (or reuse) a zoo and print where it is and the measured margins."""
+    from merging.zoo import build_zoo
+
+    zoo = build_zoo(name=args.name, tasks=args.tasks or None, steps=args.steps, seed=args.seed, n_probe=args.n_probe)
+    print(f"zoo {zoo.name!r} at {zoo.root}")
+    for task in zoo.tasks:
+        acc = zoo.task_record(task)["probe_accuracy"]
+        print(f"  {task}: {zoo.steps.get(task)} steps, probe accuracy base+head {acc['base_with_head']:.3f} -> expert {acc['expert']:.3f}")
+    for task, reason in zoo.skipped.items():
+        print(f"  skipped {task}: {reason}")
+    return 0
+
+
+def _zoo_list(args: argparse.Namespace) -> int:
+    """List the usable zoos with their tasks."""
+    from merging.paths import zoos_root
+    from merging.zoo import list_zoos
+
+    zoos = list_zoos()
+    if not zoos:
+        print(f"no zoo in {zoos_root()}: run `python -m merging zoo build`")
+    for zoo in zoos:
+        print(f"{zoo.name}\t{', '.join(zoo.tasks)}\t{zoo.root}")
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    """Probe base and experts of a zoo, plus the merge of a recipe when given."""
+    from merging.probe import Prober
+    from merging.zoo import open_zoo
+
+    prober = Prober(open_zoo(args.zoo))
+    merged = {}
+    if args.recipe:
+        from merging.engine import merge_recipe_body
+        from merging.recipe import load_recipe
+
+        merged[args.label] = merge_recipe_body(load_recipe(args.recipe))
+    report = prober.report(merged)
+    print(report.to_json() if args.json else report.markdown())
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``zoo build``, ``zoo list`` and ``probe`` to the ``python -m merging`` parser."""
+    zoo = subparsers.add_parser("zoo", help="build or list demo zoos of fine-tuned experts")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
+    build = zoo_sub.add_parser("build", help="fine-tune one expert per task from the packaged base (idempotent)")
+    build.add_argument("--tasks", nargs="+", help="task names (default: the manifest's default zoo)")
+    build.add_argument("--steps", type=int, help="training steps per expert (default: each task's manifest value)")
+    build.add_argument("--name", default="default", help="zoo name (folder under the cache root)")
+    build.add_argument("--seed", type=int, default=0, help="seed of splits, head init and data order")
+    build.add_argument("--n-probe", type=int, default=200, help="probe examples per task")
+    build.set_defaults(func=_guard(_zoo_build))
+    listing = zoo_sub.add_parser("list", help="list built zoos")
+    listing.set_defaults(func=_guard(_zoo_list))
+
+    probe = subparsers.add_parser("probe", help="accuracy/loss of base, experts and a recipe's merge on probe sets")
+    probe.add_argument("--zoo", default=None, help="zoo name (default: MERGE_LAB_ZOO or 'default')")
+    probe.add_argument("--recipe", help="recipe YAML to merge and probe")
+    probe.add_argument("--label", default="merged", help="row name of the merged model")
+    probe.add_argument("--json", action="store_true", help="print the report as JSON")
+    probe.set_defaults(func=_guard(_probe))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m merging.zoo_cli``) for use before merging/cli.py exists."""
+    parser = argparse.ArgumentParser(prog="merging")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""Probe: hand-computed accuracies, cached == full, causal-LM perplexity, reports and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+from merging.errors import MergeLabError
+from merging.probe import ProbeReport, ProbeRow, Prober, body_from_expert, load_body_into, load_safetensors, probe_causal_lm
+
+
+def _bodies(zoo):
+    return {t: body_from_expert(load_safetensors(zoo.experts[t] / "model.safetensors"), "bert")[0] for t in zoo.tasks}
+
+
+def _average(bodies, weight=0.5):
+    names = next(iter(bodies.values()))
+    return {k: sum(weight * b[k] for b in bodies.values()) for k in names}
+
+
+@torch.no_grad()
+def _hand_metrics(zoo, task, body):
+    """Expert model of ``task`` with its body replaced, one text at a time (no padding, no batching)."""
+    model = BertForSequenceClassification.from_pretrained(str(zoo.experts[task])).eval()
+    model.bert.load_state_dict(body, strict=False)
+    tok = AutoTokenizer.from_pretrained(str(zoo.experts[task]))
+    hits, losses = [], []
+    for text, label in zoo.probe(task):
+        logits = model(**tok(text, return_tensors="pt", truncation=True, max_length=32)).logits[0]
+        hits.append(int(logits.argmax()) == label)
+        losses.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(label))))
+    return {"accuracy": sum(hits) / len(hits), "loss": sum(losses) / len(losses)}
+
+
+def _assert_close(got, want):
+    assert got["accuracy"] == pytest.approx(want["accuracy"])
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+
+
+def test_merged_probe_equals_hand_computed_accuracy(toy_zoo):
+    merged = _average(_bodies(toy_zoo))
+    prober = Prober(toy_zoo, disk_cache=False)
+    row = prober.probe_body(merged)
+    for task in toy_zoo.tasks:
+        _assert_close(row.metrics[task], _hand_metrics(toy_zoo, task, merged))
+
+
+def test_reference_rows_use_each_task_head(toy_zoo):
+    prober = Prober(toy_zoo, disk_cache=False)
+    ref = prober.reference()
+    assert [r.name for r in ref.rows] == ["base", "alpha", "beta"]
+    base_body = {k: v.clone() for k, v in prober.body.params.items()}
+    for task in toy_zoo.tasks:
+        _assert_close(ref.row("base").metrics[task], _hand_metrics(toy_zoo, task, base_body))
+        _assert_close(ref.row(task).metrics[task], _hand_metrics(toy_zoo, task, _bodies(toy_zoo)[task]))
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_cached_hidden_states_give_identical_results(toy_zoo, explicit):
+    bodies = _bodies(toy_zoo)
+    first = _average(bodies)
+    second = {k: v.clone() for k, v in first.items()}
+    second["encoder.layer.1.output.dense.weight"] += 0.1  # only the last layer changes
+    cached = Prober(toy_zoo, disk_cache=False)
+    cached.reference()
+    cached.probe_body(first)
+    got = cached.probe_body(second, changed_layers=[1] if explicit else None)
+    full = Prober(toy_zoo, disk_cache=False).probe_body(second)  # fresh prober: every layer computed
+    assert got.metrics == full.metrics
+    back = cached.probe_body(first)  # and back again: the cache follows the last probed body
+    assert back.metrics == Prober(toy_zoo, disk_cache=False).probe_body(first).metrics
+    assert cached.probe_body(second).metrics == full.metrics
+
+
+def test_cache_reuses_lower_layers(toy_zoo, monkeypatch):
+    prober = Prober(toy_zoo, disk_cache=False)
+    prober.reference()
+    merged = _average(_bodies(toy_zoo))
+    prober.probe_body(merged)
+    calls = []
+    original = prober.body.stage_forward
+    monkeypatch.setattr(prober.body, "stage_forward", lambda s, h, b: calls.append(s) or original(s, h, b))
+    changed = {k: v.clone() for k, v in merged.items()}
+    changed["pooler.dense.bias"] += 0.5
+    prober.probe_body(changed)
+    assert set(calls) == {prober.body.n_layers + 1}  # only the pooler ran
+
+
+def test_bad_merged_body_is_a_clear_error(toy_zoo):
+    prober = Prober(toy_zoo, disk_cache=False)
+    body = _average(_bodies(toy_zoo))
+    del body["encoder.layer.0.attention.self.query.weight"]
+    with pytest.raises(MergeLabError, match="lacks"):
+        prober.probe_body(body)
+    body = _average(_bodies(toy_zoo))
+    body["pooler.dense.bias"] = torch.zeros(3)
+    with pytest.raises(MergeLabError, match="shape"):
+        prober.probe_body(body)
+    with pytest.raises(MergeLabError, match="changed_layers"):
+        prober.probe_body(_average(_bodies(toy_zoo)), changed_layers=["middle"])
+
+
+def test_expert_naming_is_accepted(toy_zoo):
+    prober = Prober(toy_zoo, disk_cache=False)
+    state = load_safetensors(toy_zoo.experts["alpha"] / "model.safetensors")
+    assert prober.probe_body(state, name="alpha-again").metrics == prober.reference().row("alpha").metrics
+
+
+def test_report_roundtrip_table_and_markdown():
+    report = ProbeReport(tasks=["a", "b"])
+    report.add(ProbeRow("base", {"a": {"accuracy": 0.5, "loss": 1.0}, "b": {"accuracy": 0.7, "loss": 0.6}}))
+    report.add(ProbeRow("merged", {"a": {"accuracy": 0.9, "loss": 0.2}, "b": {"accuracy": 0.6, "loss": 0.8}}))
+    report.add(ProbeRow("merged", {"a": {"accuracy": 1.0, "loss": 0.1}, "b": {"accuracy": 0.6, "loss": 0.8}}))
+    assert [r.name for r in report.rows] == ["base", "merged"]
+    headers, rows = report.table()
+    assert headers == ["model", "a acc", "a loss", "b acc", "b loss", "mean acc", "mean loss"]
+    assert rows[1][-2] == pytest.approx(0.8)
+    assert ProbeReport.from_json(report.to_json()) == report
+    assert report.markdown().count("\n") == 3 and "| merged | 1.000 |" in report.markdown()
+
+
+@torch.no_grad()
+def test_causal_lm_perplexity_matches_hand_computation():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2)).eval()
+    seqs = [[1, 5, 7, 9, 2], [3, 4], [8, 8, 8, 1, 0, 4, 2, 6]]
+    losses = []
+    for s in seqs:
+        logits = model(torch.tensor([s])).logits[0, :-1]
+        losses += torch.nn.functional.cross_entropy(logits, torch.tensor(s[1:]), reduction="none").tolist()
+    mean = sum(losses) / len(losses)
+    report = probe_causal_lm({"base": model}, token_ids=seqs)
+    got = report.row("base").metrics["probe"]
+    assert got["loss"] == pytest.approx(mean, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(mean), rel=1e-5)
+    assert report.table()[0] == ["model", "probe loss", "probe ppl", "mean loss", "mean ppl"]
+
+
+def test_load_body_into_maps_base_names():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    model, other = GPT2LMHeadModel(config), GPT2LMHeadModel(config)
+    body = {k: v for k, v in other.transformer.state_dict().items()}
+    load_body_into(model, body)
+    assert torch.equal(model.transformer.h[1].mlp.c_fc.weight, other.transformer.h[1].mlp.c_fc.weight)
+    with pytest.raises(MergeLabError, match="does not exist"):
+        load_body_into(model, {"nonsense.weight": torch.zeros(1)})
+
+
+# --------------------------------------------------------------------------- real tiny zoo
+
+
+def test_tiny_zoo_probe_and_cli(tiny_zoo, capsys):
+    from merging.zoo_cli import main
+
+    assert main(["probe", "--zoo", tiny_zoo.name, "--json"]) == 0
+    report = ProbeReport.from_json(capsys.readouterr().out)
+    assert [r.name for r in report.rows] == ["base", *tiny_zoo.tasks]
+    for task in tiny_zoo.tasks:  # the expert's own-task accuracy matches what training measured
+        assert report.row(task).metrics[task]["accuracy"] == pytest.approx(tiny_zoo.task_record(task)["probe_accuracy"]["expert"], abs=1e-4)
+        assert report.row("base").metrics[task]["accuracy"] == pytest.approx(tiny_zoo.task_record(task)["probe_accuracy"]["base_with_head"], abs=1e-4)
+    assert list((tiny_zoo.root / "probe_cache").glob("*.json"))  # reference rows cached on disk
+    assert main(["probe", "--zoo", "no-such-zoo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "zoo build" in err
+    assert json.loads(report.to_json())["tasks"] == tiny_zoo.tasks
