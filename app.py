@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from components.layout import build_demo
+from components.layout import _css, build_demo
+
+CSS = _css()
 
 demo = build_demo()
+demo.queue(default_concurrency_limit=1)  # one heavy job at a time on a 2-core machine; sessions queue
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,4 +29,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     args = parse_args()
     os.environ["MERGE_LAB_ZOO"] = args.zoo
-    demo.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port)
+    demo.launch(server_name=args.host, server_port=args.port, css=CSS)

@@ -1,4 +1,9 @@
-"""Composes the page. For now: the intro and the method catalogue, built from the method registry."""
+"""Composes the page, in the order a person works: Experts → Importance → Merge → Probe → Export.
+
+Thin: the work happens in merging/workbench.py, the glue in components/handlers.py, the charts
+in components/figures.py. The five main buttons carry exactly the labels ``Load experts``,
+``Compute importance``, ``Merge``, ``Run probe`` and ``Export`` (tests and users rely on them).
+"""
 
 from __future__ import annotations
 
@@ -6,23 +11,489 @@ from pathlib import Path
 
 import gradio as gr
 
-from merging.methods import all_specs
+from components import figures as fg
+from components import handlers as h
+from merging import workbench as wb
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
+WHAT_HEATMAP = (
+    "Each cell is one module (a weight matrix with its bias, or a norm) of one layer. Its colour is how much the "
+    "few-shot loss of the expert's own task changes when that module's fine-tuning is switched on alone "
+    "(*restore*) or removed alone (*ablate*). All experts share one colour range, so colours compare across "
+    "experts. Hover shows the value, its rank within the expert, and the drop ratio APL gives the layer.")
+WHAT_HIDDEN = (
+    "A hidden state (unit) is one output row of a matrix: its weights plus its bias. Left: this module's units "
+    "sorted by importance — a steep start means a few units carry the task. Right: the same kind of module in "
+    "every layer, units averaged in bins, so you can see at which depth the important units sit.")
+WHAT_FIDELITY = (
+    "The gradient mode estimates each intervention with one backward pass (first-order Taylor). Each dot is one "
+    "module: exact effect on the x axis, gradient estimate on the y axis. Dots on the diagonal mean the cheap "
+    "estimate is right; the Spearman ρ says whether it at least ranks modules the same way.")
+WHAT_MAGNITUDE = (
+    "Is a layer important just because its weights moved a lot? Each dot is a layer: how far its weights moved "
+    "(delta norm) against its measured importance. Dots far from a rising line are where the data tells you "
+    "something the weights alone cannot.")
+WHAT_PROFILE = (
+    "The merge plan over depth: for each expert, the fraction of its change dropped at each layer (top) and the "
+    "weight of what is kept (bottom). Diamonds are cells you overrode; circles follow the suggestion.")
+WHAT_CONFLICT = (
+    "Where two experts push the same weight in opposite directions, adding them cancels both. Bars show the share "
+    "of entries with a sign disagreement, and the share expected to remain after the planned random drop.")
 
-def methods_table() -> list[list[str]]:
-    """One row per registered method: id, name, parameters with defaults, paper."""
-    rows = []
-    for spec in all_specs():
-        params = ", ".join(f"{p.name}={p.default}" for p in spec.params)
-        rows.append([spec.name, spec.pretty_name, params, spec.summary, spec.paper_url])
-    return rows
+
+def _intro() -> str:
+    return (ASSETS / "intro.md").read_text(encoding="utf-8")
+
+
+def _css() -> str:
+    path = ASSETS / "style.css"
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
 
 
 def build_demo() -> gr.Blocks:
     with gr.Blocks(title="Merge Lab") as demo:
-        gr.Markdown((ASSETS / "intro.md").read_text(encoding="utf-8"))
-        gr.Dataframe(value=methods_table(), headers=["id", "method", "parameters", "what it does", "paper"],
-                     label="Merge methods", interactive=False, wrap=True)
+        state = gr.State(None)
+
+        # ------------------------------------------------------------------ intro
+        with gr.Column(elem_classes=["ml-intro"]):
+            gr.Markdown(_intro())
+            with gr.Row():
+                guided_btn = gr.Button("Guided first merge", variant="secondary", scale=0)
+                gr.Markdown("Fills every step with a good first setting: all zoo experts, gradient importance, "
+                            "APL at drop ratio 0.5. Then press the five buttons in order.")
+            zoo_md = gr.Markdown("Looking for the demo zoo…", elem_id="zoo-status")
+
+        # ------------------------------------------------------------------ experts
+        with gr.Group(elem_classes=["ml-section"]):
+            gr.Markdown("## 1 · Experts\nPick the base model and two or more experts fine-tuned from it.")
+            with gr.Row():
+                base_box = gr.Textbox(label="Base model", placeholder="zoo:default/base, a folder, or hf:org/name@rev",
+                                      scale=2)
+                zoo_pick = gr.Dropdown(label="Experts from the demo zoo", choices=[], multiselect=True,
+                                       allow_custom_value=True, scale=3, elem_id="zoo-pick")
+            with gr.Row():
+                extra_box = gr.Textbox(label="More experts (one per line: name=folder, a .safetensors path, "
+                                             "or hf:org/name@rev)", lines=2, scale=3)
+                upload = gr.File(label="…or upload .safetensors experts", file_count="multiple",
+                                 file_types=[".safetensors"], scale=2, height=110)
+            load_btn = gr.Button("Load experts", variant="primary", elem_id="btn-load")
+            load_md = gr.Markdown()
+            experts_df = gr.Dataframe(headers=wb.EXPERT_HEADERS, label="Experts (homology check passed)",
+                                      interactive=False, elem_id="experts-table")
+            data_md = gr.Markdown()
+            with gr.Accordion("Attach task data to an expert (CSV/JSONL with text and label)", open=False):
+                with gr.Row():
+                    attach_expert = gr.Dropdown(label="Expert", choices=[], allow_custom_value=True, scale=1)
+                    attach_file = gr.File(label="Task file", file_types=[".csv", ".jsonl"], scale=2, height=110)
+                    attach_btn = gr.Button("Attach task data", scale=0)
+
+        # ------------------------------------------------------------------ importance
+        with gr.Group(elem_classes=["ml-section"]):
+            gr.Markdown("## 2 · Importance (APL)\nHow much each part of every expert's change matters for its own "
+                        "task, measured on a few examples.")
+            with gr.Row():
+                fewshot = gr.Slider(4, 128, value=wb.DEFAULT_FEWSHOT, step=4, label="Few-shot examples per expert")
+                mode = gr.Radio(["gradient", "exact"], value="gradient", label="Mode",
+                                info="gradient: one backward pass (fast, every unit); exact: one forward per part")
+                intervention = gr.Radio(["restore", "ablate"], value="restore", label="Intervention",
+                                        info="restore: base + this part alone; ablate: expert minus this part")
+            with gr.Row():
+                imp_btn = gr.Button("Compute importance", variant="primary", elem_id="btn-importance")
+                imp_stop = gr.Button("Stop", variant="stop", scale=0)
+            heat_plot = gr.Plot(label="Importance: layer × module, per expert", elem_id="heatmap")
+            heat_md = gr.Markdown()
+            with gr.Accordion("What am I looking at?", open=False):
+                gr.Markdown(WHAT_HEATMAP)
+            with gr.Row():
+                hid_expert = gr.Dropdown(label="Expert", choices=[], allow_custom_value=True)
+                hid_layer = gr.Dropdown(label="Layer", choices=[], allow_custom_value=True)
+                hid_module = gr.Dropdown(label="Module", choices=[], allow_custom_value=True)
+            hid_plot = gr.Plot(label="Hidden states")
+            hid_md = gr.Markdown()
+            with gr.Accordion("What am I looking at?", open=False):
+                gr.Markdown(WHAT_HIDDEN)
+            with gr.Row():
+                with gr.Column():
+                    fid_plot = gr.Plot(label="Exact vs gradient")
+                    fid_md = gr.Markdown()
+                    with gr.Accordion("What am I looking at?", open=False):
+                        gr.Markdown(WHAT_FIDELITY)
+                with gr.Column():
+                    mag_plot = gr.Plot(label="Importance vs delta magnitude")
+                    mag_md = gr.Markdown()
+                    with gr.Accordion("What am I looking at?", open=False):
+                        gr.Markdown(WHAT_MAGNITUDE)
+
+        # ------------------------------------------------------------------ merge
+        with gr.Group(elem_classes=["ml-section"]):
+            gr.Markdown("## 3 · Merge")
+            with gr.Row():
+                method = gr.Dropdown(h.method_choices(), value="apl", label="Method", scale=2)
+                seed = gr.Number(value=0, precision=0, label="Seed", scale=0, min_width=100)
+            method_md = gr.Markdown(h.method_info(wb.Session(), "apl"))
+            param_boxes = []
+            with gr.Row(elem_classes=["ml-params"]):
+                apl_spec = {p.name: p for p in wb.method_spec("apl").params}
+                for p in h.PARAMS:
+                    visible = p.name in apl_spec
+                    shown = apl_spec.get(p.name, p)
+                    label = p.name.replace("_", " ")
+                    if p.kind == "bool":
+                        box = gr.Checkbox(value=shown.default, label=label, info=shown.help, visible=visible)
+                    elif p.kind == "choice":
+                        box = gr.Dropdown(list(p.choices), value=shown.default, label=label, info=shown.help,
+                                          visible=visible)
+                    elif h._slider_range(p):
+                        box = gr.Slider(shown.low, shown.high, value=shown.default, step=0.01 if p.kind == "float" else 1,
+                                        label=label, info=shown.help, visible=visible)
+                    else:
+                        box = gr.Number(value=shown.default, label=label, info=shown.help, visible=visible)
+                    param_boxes.append(box)
+            gr.Markdown("### Per-layer plan\nDrop ratio and weight of the selected expert at every layer. Moving a "
+                        "slider overrides that cell (✎); the table below holds every expert × layer cell.")
+            with gr.Row():
+                plan_expert = gr.Dropdown([], label="Expert shown on the sliders", allow_custom_value=True, scale=3)
+                reset_btn = gr.Button("Reset to APL suggestion", scale=0)
+                uniform_btn = gr.Button("Uniform", scale=0)
+                swap_btn = gr.Button("Layer swap", scale=0)
+            layer_rows, drop_sliders, weight_sliders = [], [], []
+            with gr.Column(elem_classes=["ml-layers"]):
+                for i in range(h.MAX_LAYER_ROWS):
+                    with gr.Row(visible=False) as row:
+                        d = gr.Slider(0.0, 0.99, value=0.5, step=0.01, label=f"layer {i} · drop ratio",
+                                      elem_id=f"drop-{i}", elem_classes=["ml-drop"])
+                        w = gr.Slider(-1.0, 2.0, value=1.0, step=0.01, label=f"layer {i} · weight",
+                                      elem_id=f"weight-{i}", elem_classes=["ml-weight"])
+                    layer_rows.append(row)
+                    drop_sliders.append(d)
+                    weight_sliders.append(w)
+            with gr.Row():
+                with gr.Column(scale=3):
+                    profile_plot = gr.Plot(label="Per-layer profile")
+                    profile_md = gr.Markdown()
+                    with gr.Accordion("What am I looking at?", open=False):
+                        gr.Markdown(WHAT_PROFILE)
+                with gr.Column(scale=2):
+                    overrides_md = gr.Markdown()
+            with gr.Tabs():
+                with gr.Tab("Drop ratio table"):
+                    drop_table = gr.Dataframe(label="drop ratio: expert × layer (editable)", interactive=True)
+                with gr.Tab("Weight table"):
+                    weight_table = gr.Dataframe(label="weight: expert × layer (editable)", interactive=True)
+            apply_btn = gr.Button("Apply table edits", size="sm")
+            with gr.Row():
+                with gr.Column():
+                    conflict_plot = gr.Plot(label="Sign conflict per layer")
+                    conflict_md = gr.Markdown()
+                    with gr.Accordion("What am I looking at?", open=False):
+                        gr.Markdown(WHAT_CONFLICT)
+                with gr.Column():
+                    cosine_plot = gr.Plot(label="Task-vector cosine")
+                    cosine_md = gr.Markdown()
+            with gr.Row():
+                merge_btn = gr.Button("Merge", variant="primary", elem_id="btn-merge")
+                merge_stop = gr.Button("Cancel", variant="stop", scale=0)
+            merge_md = gr.Markdown(elem_id="merge-status")
+
+        # ------------------------------------------------------------------ probe
+        with gr.Group(elem_classes=["ml-section"]):
+            gr.Markdown("## 4 · Probe\nAccuracy of base, each expert and every merge of this session on held-out "
+                        "examples of each task (each model with every task's own head).")
+            with gr.Row():
+                probe_btn = gr.Button("Run probe", variant="primary", elem_id="btn-probe")
+                probe_stop = gr.Button("Cancel probe", variant="stop", scale=0)
+            probe_df = gr.Dataframe(label="Probe results", interactive=False, elem_id="probe-table")
+            probe_plot = gr.Plot(label="Probe accuracy")
+            probe_md = gr.Markdown()
+            history_df = gr.Dataframe(label="Session history: every merge so far", interactive=False)
+            with gr.Accordion("Drop-ratio sweep (APL vs DARE vs magnitude)", open=False):
+                sweep_btn = gr.Button("Sweep drop ratios")
+                sweep_plot = gr.Plot(label="Accuracy vs drop ratio")
+                sweep_md = gr.Markdown()
+            with gr.Row():
+                sentence = gr.Textbox(label="Try a sentence", placeholder="Type a sentence…", scale=4)
+                predict_btn = gr.Button("Predict", scale=0)
+            predict_df = gr.Dataframe(headers=["task", "model", "prediction", "confidence"], interactive=False,
+                                      label="Base, expert and merged predictions")
+
+        # ------------------------------------------------------------------ export
+        with gr.Group(elem_classes=["ml-section"]):
+            gr.Markdown("## 5 · Export\nA zip with a Hugging Face folder per chosen task (merged body + that task's "
+                        "head), recipe.yaml (replay: `python -m merging merge recipe.yaml --out DIR`), mergekit "
+                        "YAML where the method exists there, a model card and the importance JSON.")
+            with gr.Row():
+                export_tasks = gr.Dropdown([], label="Tasks to export (a folder each)", multiselect=True,
+                                           allow_custom_value=True)
+                dtype = gr.Radio(list(h.DTYPES), value="fp32", label="dtype")
+            with gr.Row():
+                export_btn = gr.Button("Export", variant="primary", elem_id="btn-export")
+                export_stop = gr.Button("Cancel export", variant="stop", scale=0)
+            export_file = gr.File(label="Download", elem_id="export-file")
+            export_md = gr.Markdown()
+
+        # hidden API-only inputs (one per-layer override through the API)
+        api_expert = gr.Textbox(visible=False)
+        api_layer = gr.Textbox(visible=False)
+        api_key = gr.Textbox(visible=False)
+        api_value = gr.Number(visible=False)
+        api_btn = gr.Button(visible=False)
+
+        # ================================================================== wiring
+        plan_outputs = [drop_table, weight_table, profile_plot, profile_md, overrides_md, conflict_plot, conflict_md]
+        slider_outputs = layer_rows + drop_sliders + weight_sliders
+
+        def _shared(method_value, values):
+            return h.shared_values(method_value, values)
+
+        def refresh_plan(session, expert, method_value, *values):
+            shared = _shared(method_value, values)
+            return (*h.plan_views(session, method_value, shared),
+                    *h.slider_updates(session, expert, method_value, shared))
+
+        # ---- startup: open (or build) the zoo
+        @h.safe
+        def startup(progress=gr.Progress()):
+            zoo = wb.open_default_zoo()
+            if zoo is None:
+                name = wb.default_zoo_name_safe()
+                progress(0, desc=f"Building the demo zoo '{name}': one short fine-tune per task "
+                                 "(about 1–3 minutes per expert on 2 CPU cores)…")
+                zoo = wb.ensure_zoo(name, progress=h.progress_sink(progress))
+            base, refs = wb.zoo_refs(zoo)
+            text = (f"Demo zoo **{zoo.name}** is ready: {len(zoo.tasks)} experts ({', '.join(zoo.tasks)}) "
+                    f"fine-tuned from `{Path(zoo.base_path).name}`.")
+            return text, gr.update(choices=zoo.tasks, value=zoo.tasks), base
+
+        demo.load(startup, None, [zoo_md, zoo_pick, base_box], api_visibility="private")
+
+        # ---- experts
+        @h.safe
+        def on_load(session, base, tasks, extra, files, method_value, progress=gr.Progress()):
+            zoo = wb.open_default_zoo()
+            session, rows, note, data = h.load(session, base, tasks, extra, files, zoo, progress)
+            experts = session.experts
+            return (session, rows, note, data, gr.update(choices=experts, value=experts[0]),
+                    gr.update(choices=experts, value=experts[0]), gr.update(choices=experts, value=experts[0]),
+                    gr.update(choices=experts, value=experts), h.method_info(session, method_value))
+
+        load_event = load_btn.click(
+            on_load, [state, base_box, zoo_pick, extra_box, upload, method],
+            [state, experts_df, load_md, data_md, attach_expert, plan_expert, hid_expert, export_tasks, method_md],
+            api_name="load_experts", concurrency_limit=1)
+        load_event.then(refresh_plan, [state, plan_expert, method, *param_boxes], plan_outputs + slider_outputs,
+                        api_visibility="private").then(
+            _cosine_view, [state], [cosine_plot, cosine_md], api_visibility="private")
+
+        @h.safe
+        def on_attach(session, expert, file, n, method_value):
+            session, rows, data = h.attach(session, expert, file, n)
+            return session, rows, data, h.method_info(session, method_value)
+
+        attach_btn.click(on_attach, [state, attach_expert, attach_file, fewshot, method],
+                         [state, experts_df, data_md, method_md], api_name="attach_task_data")
+
+        # ---- importance
+        imp_outputs = [state, heat_plot, heat_md, fid_plot, fid_md, mag_plot, mag_md, hid_layer, hid_module,
+                       method_md]
+
+        @h.safe
+        def on_importance(session, n, mode_value, intervention_value, method_value, *values, progress=gr.Progress()):
+            session = h.session_of(session)
+            wb.compute_importance(session, int(n), mode_value, intervention_value,
+                                  progress=h.progress_sink(progress))
+            views = h.importance_views(session, method_value, values)
+            layers, layer, modules, module = h.hidden_choices(session)
+            return (session, *views, gr.update(choices=layers, value=layer), gr.update(choices=modules, value=module),
+                    h.method_info(session, method_value))
+
+        imp_start = imp_btn.click(lambda: gr.update(interactive=False), None, imp_btn, api_visibility="private",
+                                  queue=False)
+        imp_event = imp_start.then(on_importance, [state, fewshot, mode, intervention, method, *param_boxes],
+                                   imp_outputs, api_name="compute_importance")
+        imp_event.then(lambda: gr.update(interactive=True), None, imp_btn, api_visibility="private").then(
+            refresh_plan, [state, plan_expert, method, *param_boxes], plan_outputs + slider_outputs,
+            api_visibility="private").then(
+            h.safe(h.hidden_figure), [state, hid_expert, hid_module], [hid_plot, hid_md], api_visibility="private")
+        imp_stop.click(lambda: gr.update(interactive=True), None, imp_btn, cancels=[imp_event],
+                       api_visibility="private")
+
+        def on_hidden_layer(session, layer):
+            modules = wb.unit_module_choices(h.session_of(session)).get(layer, [])
+            return gr.update(choices=modules, value=modules[0] if modules else None)
+
+        hid_layer.input(on_hidden_layer, [state, hid_layer], hid_module, api_visibility="private")
+        for comp in (hid_expert, hid_module):
+            comp.change(h.safe(h.hidden_figure), [state, hid_expert, hid_module], [hid_plot, hid_md],
+                        api_visibility="private")
+
+        # ---- merge controls
+        @h.safe
+        def on_method(session, expert, method_value):
+            session = h.session_of(session)
+            updates = h.param_updates(method_value)
+            defaults = [u.get("value") if u.get("visible") else None for u in updates]
+            shared = h.shared_values(method_value, defaults)
+            return (h.method_info(session, method_value), *updates,
+                    *h.plan_views(session, method_value, shared),
+                    *h.slider_updates(session, expert, method_value, shared))
+
+        method.input(on_method, [state, plan_expert, method],
+                     [method_md, *param_boxes, *plan_outputs, *slider_outputs], api_visibility="private")
+        plan_expert.change(refresh_plan, [state, plan_expert, method, *param_boxes], plan_outputs + slider_outputs,
+                           api_visibility="private")
+        for box in param_boxes:
+            box.input(refresh_plan, [state, plan_expert, method, *param_boxes], plan_outputs + slider_outputs,
+                      api_visibility="private")
+
+        def make_slider_handler(index: int, key: str):
+            @h.safe
+            def on_slider(session, expert, value, method_value, *values):
+                session = h.session_of(session)
+                if not session.refs or index >= len(session.layers) or expert not in session.refs:
+                    return (session, *[gr.update()] * (len(plan_outputs) + 1))
+                layer = session.layers[index]
+                wb.set_cell(session, expert, layer, key, value)
+                shared = h.shared_values(method_value, values)
+                label = f"layer {layer} · {key.replace('_', ' ')} ✎"
+                return (session, *h.plan_views(session, method_value, shared), gr.update(label=label))
+            return on_slider
+
+        for i in range(h.MAX_LAYER_ROWS):
+            for key, slider in ((wb.DROP, drop_sliders[i]), (wb.WEIGHT, weight_sliders[i])):
+                slider.release(make_slider_handler(i, key), [state, plan_expert, slider, method, *param_boxes],
+                               [state, *plan_outputs, slider], api_visibility="private",
+                               trigger_mode="always_last")
+
+        @h.safe
+        def on_api_set(session, expert, layer, key, value, method_value, *values):
+            session = h.session_of(session)
+            wb.set_cell(session, expert, layer, key, value)
+            return session, *h.plan_views(session, method_value, h.shared_values(method_value, values))
+
+        api_btn.click(on_api_set, [state, api_expert, api_layer, api_key, api_value, method, *param_boxes],
+                      [state, *plan_outputs], api_name="set_layer")
+
+        def preset(fn):
+            @h.safe
+            def handler(session, expert, method_value, *values):
+                session = h.session_of(session)
+                if not session.refs:
+                    raise wb.MergeLabError("load experts first")
+                shared = h.shared_values(method_value, values)
+                fn(session, shared, expert)
+                return (session, *h.plan_views(session, method_value, shared),
+                        *h.slider_updates(session, expert, method_value, shared))
+            return handler
+
+        preset_io = ([state, plan_expert, method, *param_boxes], [state, *plan_outputs, *slider_outputs])
+        reset_btn.click(preset(lambda s, shared, e: wb.reset_overrides(s)), *preset_io, api_name="reset_to_apl")
+        uniform_btn.click(preset(lambda s, shared, e: wb.preset_uniform(s, float(shared.get(wb.DROP, 0.5)), 1.0)),
+                          *preset_io, api_name="preset_uniform")
+        swap_btn.click(preset(lambda s, shared, e: wb.preset_layer_swap(s, outer=e)), *preset_io,
+                       api_name="preset_layer_swap")
+
+        def apply_tables(session, expert, drop_value, weight_value, method_value, *values):
+            session = h.session_of(session)
+            shared = h.shared_values(method_value, values)
+            for key, table in ((wb.DROP, drop_value), (wb.WEIGHT, weight_value)):
+                rows = table.values.tolist() if hasattr(table, "values") else (table or {}).get("data", table) or []
+                wb.apply_table(session, key, rows, method_value, shared)
+            return (session, *h.plan_views(session, method_value, shared),
+                    *h.slider_updates(session, expert, method_value, shared))
+
+        apply_btn.click(h.safe(apply_tables), [state, plan_expert, drop_table, weight_table, method, *param_boxes],
+                        [state, *plan_outputs, *slider_outputs], api_visibility="private")
+
+        # ---- merge
+        @h.safe
+        def on_merge(session, method_value, seed_value, *values, progress=gr.Progress()):
+            session = h.session_of(session)
+            shared = h.shared_values(method_value, values)
+            summary = wb.merge(session, method_value, shared, int(seed_value or 0),
+                               progress=h.progress_sink(progress))
+            changed = ", ".join(summary.changed_layers) or "none (all reused)"
+            text = (f"**{summary.label}** done in {summary.seconds:.2f} s — {summary.recomputed} tensors recomputed; "
+                    f"layers re-merged: {changed}. Settings: {summary.settings}. Next: **Run probe**.")
+            return session, text
+
+        merge_start = merge_btn.click(lambda: gr.update(interactive=False), None, merge_btn, queue=False,
+                                      api_visibility="private")
+        merge_event = merge_start.then(on_merge, [state, method, seed, *param_boxes], [state, merge_md],
+                                       api_name="merge")
+        merge_event.then(lambda: gr.update(interactive=True), None, merge_btn, api_visibility="private")
+        merge_stop.click(lambda: gr.update(interactive=True), None, merge_btn, cancels=[merge_event],
+                         api_visibility="private")
+
+        # ---- probe
+        @h.safe
+        def on_probe(session, progress=gr.Progress()):
+            session = h.session_of(session)
+            report = wb.run_probe(session, progress=h.progress_sink(progress))
+            return (session, *h.probe_views(session, report))
+
+        probe_start = probe_btn.click(lambda: gr.update(interactive=False), None, probe_btn, queue=False,
+                                      api_visibility="private")
+        probe_event = probe_start.then(on_probe, [state], [state, probe_df, probe_plot, probe_md, history_df],
+                                       api_name="run_probe")
+        probe_event.then(lambda: gr.update(interactive=True), None, probe_btn, api_visibility="private")
+        probe_stop.click(lambda: gr.update(interactive=True), None, probe_btn, cancels=[probe_event],
+                         api_visibility="private")
+
+        @h.safe
+        def on_sweep(session, progress=gr.Progress()):
+            session = h.session_of(session)
+            ratios = (0.1, 0.3, 0.5, 0.7, 0.9)
+            results = wb.drop_sweep(session, ratios, progress=h.progress_sink(progress))
+            return fg.sweep_figure(ratios, results), fg.sweep_summary(ratios, results)
+
+        sweep_btn.click(on_sweep, [state], [sweep_plot, sweep_md], api_name="sweep")
+
+        @h.safe
+        def on_predict(session, text):
+            return wb.predict(h.session_of(session), text)
+
+        predict_btn.click(on_predict, [state, sentence], predict_df, api_name="predict")
+        sentence.submit(on_predict, [state, sentence], predict_df, api_visibility="private")
+
+        # ---- export
+        @h.safe
+        def on_export(session, tasks, dtype_value, progress=gr.Progress()):
+            session = h.session_of(session)
+            path = wb.export(session, tasks or None, h.DTYPES.get(dtype_value, dtype_value),
+                             progress=h.progress_sink(progress))
+            size = path.stat().st_size / 1e6
+            return str(path), f"Exported `{path.name}` ({size:.1f} MB, stored zip). Old exports are deleted after an hour."
+
+        export_start = export_btn.click(lambda: gr.update(interactive=False), None, export_btn, queue=False,
+                                        api_visibility="private")
+        export_event = export_start.then(on_export, [state, export_tasks, dtype], [export_file, export_md],
+                                         api_name="export")
+        export_event.then(lambda: gr.update(interactive=True), None, export_btn, api_visibility="private")
+        export_stop.click(lambda: gr.update(interactive=True), None, export_btn, cancels=[export_event],
+                          api_visibility="private")
+
+        # ---- guided first merge
+        def guided():
+            zoo = wb.open_default_zoo()
+            tasks = zoo.tasks if zoo is not None else []
+            base = wb.zoo_refs(zoo)[0] if zoo is not None else ""
+            return (gr.update(value=tasks), base, wb.DEFAULT_FEWSHOT, "gradient", "restore", "apl",
+                    "Guided setup done: press **Load experts**, then **Compute importance**, **Merge**, "
+                    "**Run probe** and **Export**, in that order.")
+
+        guided_btn.click(guided, None, [zoo_pick, base_box, fewshot, mode, intervention, method, load_md],
+                         api_visibility="private").then(
+            on_method, [state, plan_expert, method], [method_md, *param_boxes, *plan_outputs, *slider_outputs],
+            api_visibility="private")
     return demo
+
+
+@h.safe
+def _cosine_view(session):
+    session = h.session_of(session)
+    experts, matrix = wb.cosine_data(session)
+    off = [matrix[i][j] for i in range(len(experts)) for j in range(len(experts)) if i < j]
+    text = (f"Task vectors: mean pairwise cosine {sum(off) / len(off):.3f} over {len(off)} pair(s) "
+            "(0 = orthogonal: little interference; near 1 = the experts changed the same things).") if off else ""
+    return fg.cosine_figure(experts, matrix), text

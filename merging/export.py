@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 import torch
 from safetensors.torch import save_file
 
-from .engine import MergeEngine, expert_set_from_recipe, settings_from_recipe
+from .engine import MergeEngine, MergeSettings, expert_set_from_recipe, settings_from_recipe
 from .errors import MergeLabError
 from .experts import ExpertSet
 from .mergekit_yaml import to_mergekit_yaml
@@ -91,12 +91,16 @@ class ShardWriter:
 def export_recipe(recipe, out_dir: str | Path, *, expert_set: ExpertSet | None = None,
                   engine: MergeEngine | None = None, tasks: Iterable[str] | None = None,
                   dtype: str | None = None, shard_bytes: int = SHARD_BYTES,
-                  importance_json: str | None = None, progress: Progress | None = None) -> ExportReport:
-    """Merge ``recipe`` and write it to ``out_dir`` atomically (see module docstring)."""
+                  importance_json: str | None = None, progress: Progress | None = None,
+                  settings: MergeSettings | None = None) -> ExportReport:
+    """Merge ``recipe`` and write it to ``out_dir`` atomically (see module docstring).
+
+    ``settings`` lets a caller that already prepared the method's inputs (the app holds APL's
+    calibration and the few-shot data) skip preparing them again from the recipe."""
     out_dir = Path(out_dir).resolve()
     expert_set = expert_set or (engine.experts if engine else expert_set_from_recipe(recipe))
     engine = engine or MergeEngine(expert_set, cache=False)
-    settings = settings_from_recipe(recipe, expert_set)
+    settings = settings or settings_from_recipe(recipe, expert_set)
     dtype = dtype or recipe.dtype
     if dtype not in TORCH_DTYPES:
         raise MergeLabError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}", field="dtype")

@@ -1,0 +1,322 @@
+"""Plotly figure builders: pure functions data → ``go.Figure`` (and one-line summaries from the numbers).
+
+Colour-blind-safe scales only (Viridis / Cividis sequential, RdBu / PuOr diverging around 0),
+explicit heights, transparent backgrounds so the page's light or dark theme shows through, and
+every heatmap kept under :data:`MAX_CELLS` cells.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+MAX_CELLS = 50_000
+SEQUENTIAL = "Viridis"
+SEQUENTIAL_ALT = "Cividis"
+DIVERGING = "RdBu"
+DIVERGING_ALT = "PuOr"
+# Okabe–Ito: distinguishable under the common colour-vision deficiencies
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
+FONT = dict(size=12)
+
+
+def _style(fig: go.Figure, height: int, title: str | None = None) -> go.Figure:
+    fig.update_layout(height=height, margin=dict(l=60, r=20, t=50 if title else 20, b=50), title=title,
+                      paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(127,127,127,0.06)", font=FONT,
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+    fig.update_xaxes(gridcolor="rgba(127,127,127,0.25)", zerolinecolor="rgba(127,127,127,0.4)")
+    fig.update_yaxes(gridcolor="rgba(127,127,127,0.25)", zerolinecolor="rgba(127,127,127,0.4)")
+    return fig
+
+
+def empty_figure(message: str, height: int = 260) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font=dict(size=14))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _style(fig, height)
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Rank 1 = largest; NaN stays NaN."""
+    flat = values.ravel()
+    out = np.full(flat.shape, np.nan)
+    ok = np.where(np.isfinite(flat))[0]
+    order = ok[np.argsort(-flat[ok], kind="stable")]
+    out[order] = np.arange(1, len(order) + 1)
+    return out.reshape(values.shape)
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 3:
+        return float("nan")
+    ra = np.argsort(np.argsort(a[ok])).astype(float)
+    rb = np.argsort(np.argsort(b[ok])).astype(float)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+# ============================================================================ importance
+
+
+def importance_heatmaps(maps: Mapping[str, tuple[list[str], list[str], np.ndarray]],
+                        drop: Mapping[str, Mapping[str, float]] | None = None) -> go.Figure:
+    """One layer × module heatmap per expert, one shared colour range.
+
+    ``maps[expert] = (rows = layers, cols = module kinds, values)``; ``drop[expert][layer]`` is the
+    resulting drop ratio shown on hover.
+    """
+    experts = list(maps)
+    if not experts:
+        return empty_figure("No importance yet: press Compute importance.")
+    finite = [v[np.isfinite(v)] for _, _, v in maps.values()]
+    finite = np.concatenate([f for f in finite if f.size]) if any(f.size for f in finite) else np.zeros(1)
+    zmin, zmax = 0.0, float(finite.max()) if finite.size else 1.0
+    if zmax <= zmin:
+        zmax = zmin + 1e-12
+    fig = make_subplots(rows=1, cols=len(experts), subplot_titles=experts, shared_yaxes=True,
+                        horizontal_spacing=0.04)
+    for i, expert in enumerate(experts):
+        rows, cols, values = maps[expert]
+        values = np.asarray(values, float)
+        ranks = _ranks(values)
+        drops = np.array([[(drop or {}).get(expert, {}).get(r, np.nan) for _ in cols] for r in rows], float)
+        custom = np.dstack([ranks, drops])
+        fig.add_trace(go.Heatmap(
+            z=values, x=cols, y=rows, coloraxis="coloraxis", customdata=custom,
+            hovertemplate=(f"<b>{expert}</b><br>layer %{{y}}, %{{x}}<br>importance %{{z:.3g}}<br>"
+                           "rank %{customdata[0]:.0f}<br>layer drop ratio %{customdata[1]:.2f}<extra></extra>")),
+            row=1, col=i + 1)
+    fig.update_layout(coloraxis=dict(colorscale=SEQUENTIAL, cmin=zmin, cmax=zmax,
+                                     colorbar=dict(title="|ΔL|", thickness=12)))
+    fig.update_yaxes(autorange="reversed", title_text="layer", row=1, col=1)
+    n_rows = max(len(m[0]) for m in maps.values())
+    return _style(fig, max(280, 40 + 28 * n_rows))
+
+
+def heatmap_summary(maps: Mapping[str, tuple[list[str], list[str], np.ndarray]]) -> str:
+    parts = []
+    for expert, (rows, cols, values) in maps.items():
+        values = np.asarray(values, float)
+        if not np.isfinite(values).any() or np.nanmax(values) <= 0:
+            parts.append(f"**{expert}**: no measurable importance")
+            continue
+        r, c = np.unravel_index(np.nanargmax(values), values.shape)
+        total = np.nansum(values)
+        layer_sums = np.nansum(values, axis=1)
+        top_layer = rows[int(np.argmax(layer_sums))]
+        parts.append(f"**{expert}**: most important module {rows[r]}/{cols[c]} ({values[r, c] / total:.0%} of the "
+                     f"total); layer {top_layer} carries {layer_sums.max() / total:.0%}")
+    return "; ".join(parts) + "."
+
+
+def hidden_state_figure(unit_scores: np.ndarray, binned: np.ndarray, layers: Sequence[str], title: str,
+                        top: int = 10) -> go.Figure:
+    """Left: one module's unit scores sorted (largest first). Right: layer × unit-bin heatmap of the
+    same module kind across layers (bins keep it under the cell budget)."""
+    scores = np.asarray(unit_scores, float)
+    order = np.argsort(-np.nan_to_num(scores, nan=-np.inf))
+    sorted_scores = scores[order]
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55],
+                        subplot_titles=[f"{title}: units sorted", "layer × unit bins (same module kind)"])
+    fig.add_trace(go.Scatter(x=np.arange(1, len(sorted_scores) + 1), y=sorted_scores, mode="lines",
+                             line=dict(color=PALETTE[0]), customdata=order,
+                             hovertemplate="rank %{x}<br>unit %{customdata}<br>importance %{y:.3g}<extra></extra>",
+                             name="units"), row=1, col=1)
+    k = min(top, len(order))
+    fig.add_trace(go.Scatter(x=np.arange(1, k + 1), y=sorted_scores[:k], mode="markers+text",
+                             text=[str(u) for u in order[:k]], textposition="top right",
+                             marker=dict(color=PALETTE[1], size=7), name=f"top {k} units",
+                             hovertemplate="unit %{text}: %{y:.3g}<extra></extra>"), row=1, col=1)
+    binned = np.asarray(binned, float)
+    assert binned.size < MAX_CELLS
+    fig.add_trace(go.Heatmap(z=binned, y=list(layers), x=np.arange(binned.shape[1]) if binned.ndim == 2 else None,
+                             colorscale=SEQUENTIAL_ALT, colorbar=dict(title="mean |ΔL|", thickness=12),
+                             hovertemplate="layer %{y}, bin %{x}<br>mean %{z:.3g}<extra></extra>"), row=1, col=2)
+    fig.update_xaxes(title_text="rank", row=1, col=1)
+    fig.update_yaxes(title_text="importance", type="log" if np.nanmin(sorted_scores[sorted_scores > 0], initial=1) > 0
+                     and np.nanmax(sorted_scores, initial=0) > 0 else "linear", row=1, col=1)
+    fig.update_xaxes(title_text="unit bin", row=1, col=2)
+    fig.update_yaxes(autorange="reversed", row=1, col=2)
+    _style(fig, 360)
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.2, x=0), margin=dict(t=60, b=80))
+    return fig
+
+
+def bin_units(rows: Sequence[np.ndarray], max_bins: int = 64) -> np.ndarray:
+    """Mean of equal-width unit bins for each row (rows may differ in length: each is binned alone)."""
+    out = []
+    for row in rows:
+        row = np.abs(np.asarray(row, float))
+        bins = np.array_split(row, min(max_bins, max(1, len(row))))
+        out.append([float(np.nanmean(b)) if np.isfinite(b).any() else np.nan for b in bins])
+    width = max(len(r) for r in out) if out else 0
+    return np.array([r + [np.nan] * (width - len(r)) for r in out], float)
+
+
+def hidden_summary(unit_scores: np.ndarray, name: str) -> str:
+    scores = np.abs(np.asarray(unit_scores, float))
+    scores = scores[np.isfinite(scores)]
+    if not scores.size or scores.sum() == 0:
+        return f"{name}: no hidden-state scores."
+    share = np.sort(scores)[::-1]
+    k = max(1, int(math.ceil(0.1 * len(share))))
+    return (f"{name}: the top 10% of its {len(scores)} units ({k}) hold {share[:k].sum() / share.sum():.0%} of the "
+            f"importance (an even spread would be 10%).")
+
+
+def fidelity_figure(exact: Sequence[float], gradient: Sequence[float], labels: Sequence[str], level: str) -> go.Figure:
+    """Exact vs gradient importance of the same partitions, log–log, with the diagonal."""
+    x, y = np.abs(np.asarray(exact, float)), np.abs(np.asarray(gradient, float))
+    rho = spearman(x, y)
+    fig = go.Figure(go.Scatter(x=x, y=y, mode="markers", text=list(labels), marker=dict(color=PALETTE[0], size=7),
+                               hovertemplate="%{text}<br>exact %{x:.3g}<br>gradient %{y:.3g}<extra></extra>",
+                               name=level))
+    pos = np.concatenate([x[x > 0], y[y > 0]])
+    if pos.size:
+        lo, hi = float(pos.min()), float(pos.max())
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dot", color="gray"),
+                                 name="equal", hoverinfo="skip"))
+        fig.update_xaxes(type="log")
+        fig.update_yaxes(type="log")
+    fig.update_xaxes(title_text="exact |ΔL|")
+    fig.update_yaxes(title_text="gradient |⟨g, Δ⟩|")
+    return _style(fig, 340, f"{level} level: Spearman ρ = {rho:.2f}")
+
+
+def magnitude_figure(layers: Sequence[str], importance: Mapping[str, Sequence[float]],
+                     norms: Mapping[str, Sequence[float]]) -> go.Figure:
+    """Importance vs delta norm per layer, one marker series per expert (labels = layers)."""
+    fig = go.Figure()
+    for i, expert in enumerate(importance):
+        fig.add_trace(go.Scatter(x=list(norms[expert]), y=list(importance[expert]), mode="markers+text",
+                                 text=list(layers), textposition="top center", name=expert,
+                                 marker=dict(color=PALETTE[i % len(PALETTE)], size=8),
+                                 hovertemplate=f"{expert}<br>layer %{{text}}<br>‖Δ‖ %{{x:.3g}}<br>"
+                                               "importance %{y:.3g}<extra></extra>"))
+    fig.update_xaxes(title_text="delta norm ‖Δ‖ of the layer")
+    fig.update_yaxes(title_text="layer importance |ΔL|")
+    return _style(fig, 340)
+
+
+def magnitude_summary(importance: Mapping[str, Sequence[float]], norms: Mapping[str, Sequence[float]]) -> str:
+    parts = [f"{e}: ρ = {spearman(importance[e], norms[e]):.2f}" for e in importance]
+    return ("Rank correlation between a layer's importance and its delta norm — " + ", ".join(parts)
+            + " (1 = importance just follows size; low = the data sees something the weights alone do not).")
+
+
+# ============================================================================ merge plan
+
+
+def layer_profile_figure(layers: Sequence[str], values: Mapping[str, Mapping[str, Mapping[str, float]]],
+                         overridden: Mapping[str, Mapping[str, set]] | None = None,
+                         keys: Sequence[str] = ("drop_ratio", "weight")) -> go.Figure:
+    """Drop ratio and weight vs depth, one line per expert; overridden points drawn as large diamonds."""
+    fig = make_subplots(rows=len(keys), cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=[k.replace("_", " ") for k in keys])
+    overridden = overridden or {}
+    for r, key in enumerate(keys):
+        for i, expert in enumerate(values):
+            ys = [values[expert][key].get(k) for k in layers]
+            marks = overridden.get(expert, {}).get(key, set())
+            fig.add_trace(go.Scatter(
+                x=list(layers), y=ys, mode="lines+markers", name=expert, legendgroup=expert, showlegend=r == 0,
+                line=dict(color=PALETTE[i % len(PALETTE)], dash="solid" if i % 2 == 0 else "dash"),
+                marker=dict(size=[13 if k in marks else 6 for k in layers],
+                            symbol=["diamond" if k in marks else "circle" for k in layers],
+                            line=dict(width=[2 if k in marks else 0 for k in layers], color="black")),
+                customdata=["override" if k in marks else "suggested" for k in layers],
+                hovertemplate=f"{expert}<br>layer %{{x}}<br>{key} %{{y:.3f}} (%{{customdata}})<extra></extra>"),
+                row=r + 1, col=1)
+    fig.update_yaxes(range=[0, 1], row=1, col=1)
+    fig.update_xaxes(title_text="layer (depth →)", row=len(keys), col=1)
+    return _style(fig, 380)
+
+
+def profile_summary(layers: Sequence[str], values: Mapping[str, Mapping[str, Mapping[str, float]]],
+                    n_overrides: int) -> str:
+    parts = []
+    for expert, keys in values.items():
+        drops = keys["drop_ratio"]
+        hi = max(layers, key=lambda k: drops[k])
+        lo = min(layers, key=lambda k: drops[k])
+        parts.append(f"{expert} drops most at layer {hi} ({drops[hi]:.2f}) and least at {lo} ({drops[lo]:.2f})")
+    return "; ".join(parts) + f". {n_overrides} cell(s) overridden by you (diamonds)."
+
+
+def conflict_figure(layers: Sequence[str], before: Sequence[float], after: Sequence[float]) -> go.Figure:
+    """Sign-conflict rate per layer before and (expected) after dropping."""
+    fig = go.Figure([
+        go.Bar(x=list(layers), y=list(before), name="before dropping", marker_color=PALETTE[0]),
+        go.Bar(x=list(layers), y=list(after), name="after dropping (expected)", marker_color=PALETTE[1]),
+    ])
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(title_text="sign conflict", tickformat=".0%")
+    fig.update_xaxes(title_text="layer")
+    return _style(fig, 300)
+
+
+def cosine_figure(experts: Sequence[str], matrix: Sequence[Sequence[float]]) -> go.Figure:
+    """Pairwise task-vector cosine, diverging around 0."""
+    z = np.asarray(matrix, float)
+    fig = go.Figure(go.Heatmap(z=z, x=list(experts), y=list(experts), zmin=-1, zmax=1, zmid=0,
+                               colorscale=DIVERGING, text=np.round(z, 3), texttemplate="%{text}",
+                               colorbar=dict(title="cos", thickness=12),
+                               hovertemplate="%{y} · %{x}: %{z:.3f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(coloraxis_showscale=False)
+    return _style(fig, max(260, 160 + 50 * len(experts)))
+
+
+# ============================================================================ probe
+
+
+def probe_bars(tasks: Sequence[str], rows: Sequence[tuple[str, Mapping[str, float]]], metric: str = "accuracy"
+               ) -> go.Figure:
+    """Grouped bars: x = task, one bar per evaluated model (base, experts, each merge)."""
+    fig = go.Figure()
+    for i, (name, values) in enumerate(rows):
+        fig.add_trace(go.Bar(x=list(tasks), y=[values.get(t) for t in tasks], name=name,
+                             marker_color=PALETTE[i % len(PALETTE)],
+                             hovertemplate=f"{name}<br>%{{x}}: %{{y:.3f}}<extra></extra>"))
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(title_text=metric, range=[0, 1] if metric == "accuracy" else None)
+    return _style(fig, 340)
+
+
+def probe_summary(tasks: Sequence[str], rows: Sequence[tuple[str, Mapping[str, float]]]) -> str:
+    if not rows:
+        return ""
+    means = {name: float(np.mean([v.get(t, np.nan) for t in tasks])) for name, v in rows}
+    last = rows[-1][0]
+    base = means.get("base", float("nan"))
+    experts = [n for n, _ in rows if n in tasks]
+    best_expert = max((means[n] for n in experts), default=float("nan"))
+    return (f"{last}: mean accuracy {means[last]:.3f} (base {base:.3f}, best single expert {best_expert:.3f}, "
+            f"each on every task).")
+
+
+def sweep_figure(ratios: Sequence[float], results: Mapping[str, Sequence[float]]) -> go.Figure:
+    fig = go.Figure()
+    for i, (method, ys) in enumerate(results.items()):
+        fig.add_trace(go.Scatter(x=list(ratios), y=list(ys), mode="lines+markers", name=method,
+                                 line=dict(color=PALETTE[i % len(PALETTE)])))
+    fig.update_xaxes(title_text="drop ratio (mean)")
+    fig.update_yaxes(title_text="mean probe accuracy")
+    return _style(fig, 320)
+
+
+def sweep_summary(ratios: Sequence[float], results: Mapping[str, Sequence[float]]) -> str:
+    parts = []
+    for method, ys in results.items():
+        ys = list(ys)
+        if ys:
+            parts.append(f"{method} {ys[0]:.3f} → {ys[-1]:.3f}")
+    return f"Mean accuracy from drop {ratios[0]} to {ratios[-1]}: " + ", ".join(parts) + "."

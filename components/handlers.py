@@ -1,0 +1,277 @@
+"""Thin glue between Gradio events and merging/workbench.py: UI values in, component values out.
+
+Every function here is a plain function (no Gradio event context needed) so tests can call
+them directly. Errors: :func:`safe` turns a MergeLabError into a readable ``gr.Error`` and any
+other exception into a short message (the traceback goes to the server log, never the page).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import gradio as gr
+import numpy as np
+
+from components import figures as fg
+from merging import workbench as wb
+from merging.errors import MergeLabError
+from merging.methods import all_specs
+
+log = logging.getLogger("merge_lab.app")
+
+MAX_LAYER_ROWS = 48
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+# ---------------------------------------------------------------- errors and progress
+
+
+def safe(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except MergeLabError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        except Exception as exc:  # noqa: BLE001 - the page gets a short message, the log the traceback
+            log.exception("unexpected error in %s", fn.__name__)
+            raise gr.Error(f"Something went wrong ({type(exc).__name__}: {str(exc)[:200]}). "
+                           "The details are in the server log.", print_exception=False) from None
+    return wrapper
+
+
+def progress_sink(progress) -> Callable[[float, str], None]:
+    if progress is None:
+        return lambda f, m: None
+
+    def sink(fraction: float, message: str) -> None:
+        try:
+            progress(max(0.0, min(1.0, float(fraction))), desc=message)
+        except Exception:  # noqa: BLE001 - a progress bar must never break the work
+            pass
+    return sink
+
+
+def session_of(state) -> wb.Session:
+    return state if isinstance(state, wb.Session) else wb.Session()
+
+
+# ---------------------------------------------------------------- methods and parameters
+
+
+def method_choices() -> list[tuple[str, str]]:
+    return [(f"{s.pretty_name} ({s.name})", s.name) for s in all_specs()]
+
+
+def shared_param_specs() -> list:
+    """One control per distinct declared parameter name (per-layer ``weight`` lives in the sliders);
+    the first declaration found gives the control's kind."""
+    seen: dict[str, Any] = {}
+    for spec in all_specs():
+        for p in spec.params:
+            if p.name != wb.WEIGHT and p.name not in seen:
+                seen[p.name] = p
+    return list(seen.values())
+
+
+PARAMS = shared_param_specs()
+PARAM_NAMES = [p.name for p in PARAMS]
+
+
+def shared_values(method: str, values: Sequence[Any]) -> dict[str, Any]:
+    """The declared parameters of ``method`` from the controls' values (in PARAM_NAMES order)."""
+    spec = wb.method_spec(method)
+    declared = {p.name for p in spec.params}
+    return {name: value for name, value in zip(PARAM_NAMES, values) if name in declared and value is not None}
+
+
+def param_updates(method: str) -> list[dict]:
+    """Show the method's controls (with its own default, range and help), hide the rest."""
+    spec = wb.method_spec(method)
+    own = {p.name: p for p in spec.params}
+    out = []
+    for p in PARAMS:
+        mine = own.get(p.name)
+        if mine is None:
+            out.append(gr.update(visible=False))
+            continue
+        update: dict[str, Any] = dict(visible=True, value=mine.default, info=mine.help)
+        if mine.kind in ("float", "int") and _slider_range(mine):
+            update.update(minimum=mine.low, maximum=mine.high)
+        out.append(gr.update(**update))
+    return out
+
+
+def _slider_range(p) -> bool:
+    return p.low is not None and p.high is not None and p.high - p.low <= 10
+
+
+def method_info(session: wb.Session, method: str) -> str:
+    spec = wb.method_spec(method)
+    why = wb.method_available(session, method) if session.refs else None
+    text = f"**{spec.pretty_name}** — {spec.summary} [paper]({spec.paper_url})"
+    if why:
+        text += f"\n\n⚠️ Not available now: {why}."
+    layer_keys = [k for k in wb.PER_LAYER_KEYS if k in {p.name for p in spec.params}]
+    text += ("\n\nPer-layer sliders set: " + ", ".join(k.replace("_", " ") for k in layer_keys) if layer_keys
+             else "\n\nThis method has no per-layer drop ratio or weight: the sliders are ignored.")
+    return text
+
+
+# ---------------------------------------------------------------- experts
+
+
+def load(state, base_ref: str, zoo_tasks: Sequence[str] | None, extra: str, uploads, zoo, progress=None):
+    session = session_of(state)
+    refs: dict[str, str] = {}
+    if zoo is not None:
+        for task in zoo_tasks or []:
+            refs[task] = f"zoo:{zoo.name}/{task}"
+    refs.update(wb.parse_extra_refs(extra))
+    for upload in uploads or []:
+        path = Path(getattr(upload, "name", upload))
+        refs[path.stem] = str(path)
+    session = wb.load_experts(session, (base_ref or "").strip(), refs, zoo=zoo, progress=progress_sink(progress))
+    note = f"Loaded {len(session.refs)} experts of base `{session.base_ref}`: homology check passed " \
+           f"({len(session.layers)} layers: {', '.join(session.layers)})."
+    models = wb.models_for(session)
+    if models.expert_set.warnings:
+        note += "\n\n" + "\n".join(f"⚠️ {w}" for w in models.expert_set.warnings)
+    return session, session.summary, note, wb.data_status(session)
+
+
+def attach(state, expert: str, upload, n_fewshot: int):
+    session = session_of(state)
+    if not upload:
+        raise MergeLabError("choose a CSV or JSONL file with `text` and `label` columns first")
+    path = getattr(upload, "name", upload)
+    wb.attach_task_data(session, expert, path, n_fewshot=int(n_fewshot))
+    models = wb.models_for(session)
+    session.summary = wb.expert_rows(session, models, wb.task_vector_stats(models))
+    return session, session.summary, wb.data_status(session)
+
+
+# ---------------------------------------------------------------- importance views
+
+
+def importance_views(session: wb.Session, method: str, values: Sequence[Any]):
+    maps = wb.importance_maps(session)
+    drops = wb.plan(session, "apl", shared_values(method, values)) if session.calibration is not None else {}
+    heat = fg.importance_heatmaps(maps, {e: v[wb.DROP] for e, v in drops.items()})
+    heat_md = fg.heatmap_summary(maps) if maps else "No importance yet."
+    level = "module"
+    fid = wb.fidelity_data(session, level)
+    if fid is None:
+        level = "layer"
+        fid = wb.fidelity_data(session, level)
+    if fid:
+        fid_fig = fg.fidelity_figure(fid[0], fid[1], fid[2], level)
+        fid_md = (f"Gradient vs exact at {level} level: Spearman ρ = {fg.spearman(fid[0], fid[1]):.2f} over "
+                  f"{len(fid[0])} {level}s (1 = the cheap gradient ranks parts exactly like the intervention).")
+    else:
+        fid_fig = fg.empty_figure("Compute importance in both modes (gradient and exact, same intervention) "
+                                  "to compare them.")
+        fid_md = "Needs both an exact and a gradient run with the same intervention."
+    if session.importance is not None and "layer" in session.importance.signed:
+        layers, imp, norms = wb.magnitude_data(session)
+        mag_fig, mag_md = fg.magnitude_figure(layers, imp, norms), fg.magnitude_summary(imp, norms)
+    else:
+        mag_fig, mag_md = fg.empty_figure("No importance yet."), ""
+    return heat, heat_md, fid_fig, fid_md, mag_fig, mag_md
+
+
+def hidden_choices(session: wb.Session):
+    by_layer = wb.unit_module_choices(session)
+    layers = [k for k in session.layers if k in by_layer]
+    layer = layers[len(layers) // 2] if layers else None
+    modules = by_layer.get(layer, [])
+    return layers, layer, modules, (modules[0] if modules else None)
+
+
+def hidden_figure(state, expert: str | None, module: str | None):
+    session = session_of(state)
+    if session.importance is None or not module or not expert:
+        return fg.empty_figure("Compute importance to see hidden-state units."), ""
+    scores, layers, rows = wb.hidden_view(session, expert, module)
+    binned = fg.bin_units(rows)
+    return (fg.hidden_state_figure(np.abs(scores), binned, layers, module),
+            fg.hidden_summary(scores, f"{expert} · {module}"))
+
+
+# ---------------------------------------------------------------- merge plan views
+
+
+def slider_updates(session: wb.Session, expert: str | None, method: str, shared: dict) -> list[dict]:
+    """Updates for the MAX_LAYER_ROWS row groups, then drop sliders, then weight sliders."""
+    layers = session.layers
+    values = wb.plan(session, method, shared) if session.refs else {}
+    rows, drops, weights = [], [], []
+    for i in range(MAX_LAYER_ROWS):
+        if i < len(layers) and expert in values:
+            layer = layers[i]
+            mark_d = " ✎" if wb.is_overridden(session, expert, wb.DROP, layer) else ""
+            mark_w = " ✎" if wb.is_overridden(session, expert, wb.WEIGHT, layer) else ""
+            rows.append(gr.update(visible=True))
+            drops.append(gr.update(value=round(values[expert][wb.DROP][layer], 4),
+                                   label=f"layer {layer} · drop ratio{mark_d}"))
+            weights.append(gr.update(value=round(values[expert][wb.WEIGHT][layer], 4),
+                                     label=f"layer {layer} · weight{mark_w}"))
+        else:
+            rows.append(gr.update(visible=False))
+            drops.append(gr.update())
+            weights.append(gr.update())
+    return rows + drops + weights
+
+
+def plan_views(session: wb.Session, method: str, shared: dict):
+    """(drop table, weight table, profile figure, profile summary, overrides markdown, conflict fig, conflict md)."""
+    if not session.refs:
+        empty = fg.empty_figure("Load experts first.")
+        return None, None, empty, "", "", empty, ""
+    _, drop_rows = wb.table_rows(session, wb.DROP, method, shared)
+    _, weight_rows = wb.table_rows(session, wb.WEIGHT, method, shared)
+    values = wb.plan(session, method, shared)
+    marks = {e: {k: set(ls) for k, ls in keys.items()} for e, keys in session.overrides.items()}
+    overrides = wb.override_list(session, method, shared)
+    profile = fg.layer_profile_figure(session.layers, values, marks)
+    profile_md = fg.profile_summary(session.layers, values, len(overrides))
+    if overrides:
+        lines = [f"- ✎ **{o['expert']}** layer {o['layer']} {o['key'].replace('_', ' ')}: {o['value']:.3f}"
+                 + (f" (suggested {o['suggested']:.3f})" if o["suggested"] is not None else "") for o in overrides[:40]]
+        if len(overrides) > 40:
+            lines.append(f"- … and {len(overrides) - 40} more")
+        over_md = "**Your overrides** (recorded in the recipe beside the suggestion):\n" + "\n".join(lines)
+    else:
+        source = "APL's calibration" if method == "apl" and session.calibration is not None else "the global controls"
+        over_md = f"No overrides: every cell follows {source}."
+    layers, before, after = wb.conflict_data(session, method, shared)
+    conflict = fg.conflict_figure(layers, before, after)
+    if before:
+        worst = int(np.argmax(before))
+        conflict_md = (f"Highest sign conflict at layer {layers[worst]}: {before[worst]:.0%} of entries before "
+                       f"dropping, about {after[worst]:.0%} expected after.")
+    else:
+        conflict_md = ""
+    drop_df = {"headers": ["expert", *session.layers], "data": drop_rows}
+    weight_df = {"headers": ["expert", *session.layers], "data": weight_rows}
+    return drop_df, weight_df, profile, profile_md, over_md, conflict, conflict_md
+
+
+# ---------------------------------------------------------------- probe views
+
+
+def probe_views(session: wb.Session, report):
+    headers, rows = report.table()
+    tasks = list(report.tasks)
+    bars_rows = [(r.name, {t: r.metrics.get(t, {}).get("accuracy") for t in tasks}) for r in report.rows]
+    fig = fg.probe_bars(tasks, bars_rows)
+    summary = fg.probe_summary(tasks, bars_rows)
+    if report.meta.get("unavailable"):
+        summary += f" Not probed (no folder or task data): {', '.join(report.meta['unavailable'])}."
+    h_headers, h_rows = wb.history_rows(session)
+    return {"headers": headers, "data": rows}, fig, summary, {"headers": h_headers, "data": h_rows}
