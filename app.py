@@ -10,6 +10,7 @@ import argparse
 import os
 
 from components.layout import _css, build_demo
+from merging.workbench import exports_root
 
 CSS = _css()
 
@@ -29,4 +30,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     args = parse_args()
     os.environ["MERGE_LAB_ZOO"] = args.zoo
-    demo.launch(server_name=args.host, server_port=args.port, css=CSS)
+    # Export zips are written under the cache root; gradio may only serve files it is allowed to.
+    demo.launch(server_name=args.host, server_port=args.port, css=CSS, allowed_paths=[str(exports_root())])
