@@ -11,7 +11,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 from .errors import MergeLabError
 from .importance import INTERVENTIONS, LEVELS, MODES
@@ -69,18 +68,6 @@ def _importance(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except MergeLabError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-
-    run.__doc__ = handler.__doc__
-    return run
-
-
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``importance`` to the ``python -m merging`` parser."""
     parser = subparsers.add_parser("importance", help="APL importance of a zoo's experts (exact or gradient)",
@@ -94,4 +81,4 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-fewshot", type=int, default=64, help="few-shot examples per expert (default 64)")
     parser.add_argument("--out", required=True, help="output file: .json or .npz")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    parser.set_defaults(handler=_guard(_importance))
+    parser.set_defaults(handler=_importance)

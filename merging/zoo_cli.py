@@ -1,30 +1,15 @@
 """CLI subcommands for the demo zoo and the probe: ``zoo build``, ``zoo list``, ``probe``.
 
 ``merging/cli.py`` calls :func:`add_commands`; each handler returns an exit code, and a
-:class:`MergeLabError` becomes one line on stderr with exit code 2 (no traceback: the
-message already says what to fix).
+:class:`MergeLabError` raised by a handler becomes one line on stderr with exit code 2 in
+:func:`merging.cli.main` (no traceback: the message already says what to fix).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
 
-from merging.errors import MergeLabError
-
-
-def _guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except MergeLabError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-
-    run.__name__ = handler.__name__
-    run.__doc__ = handler.__doc__
-    return run
 
 
 def _zoo_build(args: argparse.Namespace) -> int:
@@ -81,25 +66,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--name", default="default", help="zoo name (folder under the cache root)")
     build.add_argument("--seed", type=int, default=0, help="seed of splits, head init and data order")
     build.add_argument("--n-probe", type=int, default=200, help="probe examples per task")
-    build.set_defaults(func=_guard(_zoo_build))
+    build.set_defaults(handler=_zoo_build)
     listing = zoo_sub.add_parser("list", help="list built zoos")
-    listing.set_defaults(func=_guard(_zoo_list))
+    listing.set_defaults(handler=_zoo_list)
 
     probe = subparsers.add_parser("probe", help="accuracy/loss of base, experts and a recipe's merge on probe sets")
     probe.add_argument("--zoo", default=None, help="zoo name (default: MERGE_LAB_ZOO or 'default')")
     probe.add_argument("--recipe", help="recipe YAML to merge and probe")
     probe.add_argument("--label", default="merged", help="row name of the merged model")
     probe.add_argument("--json", action="store_true", help="print the report as JSON")
-    probe.set_defaults(func=_guard(_probe))
+    probe.set_defaults(handler=_probe)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m merging.zoo_cli``) for use before merging/cli.py exists."""
-    parser = argparse.ArgumentParser(prog="merging")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

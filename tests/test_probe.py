@@ -155,7 +155,7 @@ def test_load_body_into_maps_base_names():
 
 
 def test_tiny_zoo_probe_and_cli(tiny_zoo, capsys):
-    from merging.zoo_cli import main
+    from merging.cli import main  # the same entry point as `python -m merging`
 
     assert main(["probe", "--zoo", tiny_zoo.name, "--json"]) == 0
     report = ProbeReport.from_json(capsys.readouterr().out)
@@ -168,3 +168,5 @@ def test_tiny_zoo_probe_and_cli(tiny_zoo, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "zoo build" in err
     assert json.loads(report.to_json())["tasks"] == tiny_zoo.tasks
+    assert main(["zoo", "list"]) == 0
+    assert tiny_zoo.name in capsys.readouterr().out
