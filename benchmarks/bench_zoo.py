@@ -89,7 +89,7 @@ def measure_interference(zoo) -> tuple[list[str], list[str]]:
             worst_all[(label, lam)] = worst
             print(lines[-1], flush=True)
     margins = {t: 100 * (expert_acc[t] - base_acc[t]) for t in zoo.tasks}
-    findings = [f"- margin expert vs base+head on 400 probe examples: " + ", ".join(f"{t} {m:+.1f}" for t, m in margins.items()),
+    findings = ["- margin expert vs base+head on 400 probe examples: " + ", ".join(f"{t} {m:+.1f}" for t, m in margins.items()),
                 f"- TA all experts λ=1: worst task loses {-worst_all[('all', 1.0)]:.1f} points vs its expert"]
     return lines, findings
 

@@ -20,7 +20,7 @@ import torch
 from . import kernels
 from .errors import MergeLabError
 from .experts import ExpertSet
-from .layout import ROLE_COPY, ROLE_MERGE, ROLE_TIED, TensorInfo
+from .layout import ROLE_COPY, ROLE_MERGE, TensorInfo
 from .methods import MethodSpec, TensorJob, get_method
 from .params import ParamResolver, validate_params
 

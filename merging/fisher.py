@@ -18,8 +18,8 @@ import torch
 
 from .errors import MergeLabError
 from .experts import ExpertSet
-from .taskloss import (MAX_LENGTH, ClassifierLoss, Example, ExampleLoss, FunctionLoss, TaskLoss, body_state,
-                       encode_examples, recipe_fewshot)
+from .taskloss import (MAX_LENGTH, Example, ExampleLoss, FunctionLoss, TaskLoss, body_state,
+                       classifier_task_loss, recipe_fewshot)
 
 FISHER_EXTRAS = "per_tensor:fisher"
 Progress = Callable[[float, str], None]
@@ -94,14 +94,8 @@ def _task(expert_set, expert, state, examples, tokenizer, device, max_length, ex
         if not n_examples:
             raise MergeLabError("example_loss_fn needs n_examples (how many examples to average over)")
         return FunctionLoss(state, lambda s: torch.stack([fn(s, i) for i in range(n_examples)]).mean(), fn, n_examples)
-    if examples is None or not examples.get(expert):
-        raise MergeLabError(f"Fisher merging needs few-shot examples for expert '{expert}': attach task data "
-                            "(CSV/JSONL with text and label) to it, or pick a weight-only method")
-    if tokenizer is None:
-        raise MergeLabError("Fisher merging needs a tokenizer: add tokenizer files to the base model folder")
-    task = ClassifierLoss(expert_set, expert, encode_examples(tokenizer, examples[expert], max_length), device)
-    task.assign(state)
-    return task
+    return classifier_task_loss(expert_set, expert, examples, tokenizer, state, purpose="Fisher merging",
+                                device=device, max_length=max_length)
 
 
 def prepare_fisher(expert_set: ExpertSet, examples: Mapping[str, Sequence[Example]] | None = None, tokenizer=None,

@@ -30,8 +30,8 @@ import torch
 from .errors import MergeLabError
 from .experts import ExpertSet
 from .layout import MODULE_KINDS, ROLE_MERGE, Layout, unit_slice
-from .taskloss import (MAX_LENGTH, ClassifierLoss, Example, FunctionLoss, StateLoss, TaskLoss, body_state,
-                       encode_examples)
+from .taskloss import (MAX_LENGTH, Example, FunctionLoss, StateLoss, TaskLoss, body_state,
+                       classifier_task_loss)
 
 LEVELS = ("model", "layer", "module", "hidden")
 MODES = ("exact", "gradient")
@@ -362,14 +362,8 @@ def _task_loss(expert_set: ExpertSet, expert: str, examples, tokenizer, loss_fn,
     if loss_fn is not None:
         fn = loss_fn[expert] if isinstance(loss_fn, Mapping) else loss_fn
         return FunctionLoss(start, fn)
-    if examples is None or expert not in examples:
-        raise MergeLabError(f"expert '{expert}' has no few-shot examples: importance needs task data "
-                            "(text, label) for every expert — attach a CSV/JSONL file to it")
-    if tokenizer is None:
-        raise MergeLabError("importance needs a tokenizer: add tokenizer files to the base model folder")
-    task = ClassifierLoss(expert_set, expert, encode_examples(tokenizer, examples[expert], max_length), device)
-    task.assign(start)
-    return task
+    return classifier_task_loss(expert_set, expert, examples, tokenizer, start, purpose="APL importance",
+                                device=device, max_length=max_length)
 
 
 def score_expert(task: TaskLoss, layout: Layout, start, target, *, mode: str, levels: Sequence[str],

@@ -203,6 +203,21 @@ def body_state(expert_set: ExpertSet, which: str) -> dict[str, torch.Tensor]:
     return {n: expert.get(n).float() for n in names}
 
 
+def classifier_task_loss(expert_set: ExpertSet, expert: str, examples, tokenizer, start, *, purpose: str,
+                         device: str = "cpu", max_length: int = MAX_LENGTH) -> "ClassifierLoss":
+    """The few-shot classification loss of ``expert`` (its own head), with parameters set to ``start``.
+
+    ``purpose`` names what needs it ("APL importance", "Fisher merging") in the error messages."""
+    if examples is None or not examples.get(expert):
+        raise MergeLabError(f"{purpose} needs few-shot examples for expert '{expert}': attach task data "
+                            "(a CSV/JSONL file with text and label) to it, or pick a weight-only method")
+    if tokenizer is None:
+        raise MergeLabError(f"{purpose} needs a tokenizer: add tokenizer files to the base model folder")
+    task = ClassifierLoss(expert_set, expert, encode_examples(tokenizer, examples[expert], max_length), device)
+    task.assign(start)
+    return task
+
+
 def recipe_fewshot(recipe, expert_set: ExpertSet) -> tuple[dict[str, list], Any]:
     """(few-shot examples, tokenizer) for replaying a data-aware recipe: each expert folder's
     ``fewshot.jsonl`` at the indices the recipe recorded, and the tokenizer of the base (or an expert)."""

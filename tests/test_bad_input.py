@@ -1,7 +1,6 @@
 """Bad input gets one clear MergeLabError naming what is wrong, and leaves no output folder behind."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
