@@ -234,8 +234,9 @@ def _seed(value: Any) -> int:
 
 def _dtype(value: Any) -> str:
     aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
-    value = aliases.get(value, value)
-    if value not in DTYPES:
+    if isinstance(value, str):
+        value = aliases.get(value, value)
+    if not isinstance(value, str) or value not in DTYPES:
         raise MergeLabError(f"dtype must be one of {', '.join(DTYPES)} (or fp32/fp16/bf16), got {value!r}",
                             field="dtype")
     return value
