@@ -140,6 +140,21 @@ def _add_inspect(sub) -> None:
     parser.add_argument("--json", action="store_true")
 
 
+def _non_finite(expert_set) -> list[str]:
+    """'model m has k NaN/Inf value(s) in tensor t' for every float tensor that is not finite."""
+    import torch
+
+    models = [("base", expert_set.base, "")] + [(n, e.source, e.prefix) for n, e in expert_set.experts.items()]
+    found = []
+    for model, source, prefix in models:
+        for name in expert_set.layout.merged_names():
+            tensor = source.get(prefix + name)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                found.append(f"model '{model}' has {int((~torch.isfinite(tensor)).sum())} NaN/Inf value(s) "
+                             f"in tensor '{name}'")
+    return found
+
+
 def _run_inspect(args) -> int:
     from .experts import ExpertSet
     from .task_vectors import TaskVectors
@@ -147,6 +162,9 @@ def _run_inspect(args) -> int:
     if len(args.models) < 2:
         raise MergeLabError("inspect needs a base and at least one expert")
     expert_set = ExpertSet.load(args.models[0], args.models[1:], allow_pickle=args.allow_pickle)
+    broken = _non_finite(expert_set)
+    if broken:
+        raise MergeLabError("; ".join(broken) + ": the checkpoint is broken, re-export it or pick another model")
     stats = TaskVectors(expert_set, cache=False).stats()
     data = {
         "base": expert_set.base.ref,

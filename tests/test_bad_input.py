@@ -81,6 +81,20 @@ def test_nan_weights_are_named(tmp_path):
     _no_leftovers(tmp_path)
 
 
+def test_inspect_names_nan_tensors(tmp_path, capsys):
+    base, experts = _family(tmp_path)
+    state = {k: v.clone() for k, v in tm.build("bert").state_dict().items()}
+    state["encoder.layer.0.intermediate.dense.bias"][3] = float("inf")
+    bad = tmp_path / "inf"
+    bad.mkdir()
+    (bad / "config.json").write_text((base / "config.json").read_text())
+    save_file(state, str(bad / "model.safetensors"))
+    capsys.readouterr()
+    assert main(["inspect", str(base), str(experts[0]), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "model 'inf' has 1 NaN/Inf value(s) in tensor 'encoder.layer.0.intermediate.dense.bias'" in err
+
+
 def test_pickled_weights_need_opt_in(tmp_path):
     base, experts = _family(tmp_path)
     pickled = tmp_path / "pickled"
