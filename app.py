@@ -2,20 +2,27 @@
 
 Host and port come from ``--host/--port``, else ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT``, else
 127.0.0.1:7860 (never hard-coded in ``launch()``, which would make a Space unreachable).
+
+:func:`launch_kwargs` is the one place that says how the app is launched; the API and browser tests
+launch with it too, so they serve exactly what ``python app.py`` serves.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
+from components import handlers as h
 from components.layout import _css, build_demo
 from merging.workbench import exports_root
 
 CSS = _css()
 
 demo = build_demo()
-demo.queue(default_concurrency_limit=1)  # one heavy job at a time on a 2-core machine; sessions queue
+# One heavy job at a time on a 2-core machine (the model events share one concurrency group, see
+# components.handlers.HEAVY); everyone else waits in the queue and sees their position.
+demo.queue(default_concurrency_limit=1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,8 +34,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def launch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``demo.launch`` for these command-line arguments.
+
+    Export zips and history files are written under the cache root, which gradio serves only when it is
+    in ``allowed_paths``; uploads are capped by gradio (``max_file_size``) at the app's own limit
+    (``MERGE_LAB_MAX_UPLOAD_MB``), which the app checks again on the server.
+    """
+    return dict(server_name=args.host, server_port=args.port, css=CSS, allowed_paths=[str(exports_root())],
+                max_file_size=h.launch_max_file_size())
+
+
 if __name__ == "__main__":
     args = parse_args()
     os.environ["MERGE_LAB_ZOO"] = args.zoo
-    # Export zips are written under the cache root; gradio may only serve files it is allowed to.
-    demo.launch(server_name=args.host, server_port=args.port, css=CSS, allowed_paths=[str(exports_root())])
+    demo.launch(**launch_kwargs(args))

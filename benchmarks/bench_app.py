@@ -43,7 +43,13 @@ def wait_served(url: str, timeout: float = 300) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--zoo", default=os.environ.get("MERGE_LAB_ZOO", "default"))
+    parser.add_argument("--class-size", type=int, default=4,
+                        help="students running the guided first merge at once (0: skip)")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure RSS with and without the cache budget (tests/test_concurrency.py)")
     args = parser.parse_args()
+    if args.memory:
+        memory_figures()
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     env = {**os.environ, "MERGE_LAB_ZOO": args.zoo}
@@ -81,10 +87,56 @@ def main() -> int:
             print(f"slider at layer {layer}: Merge {merged:.2f} s, Run probe {probed:.2f} s")
         first, last = (sum(results[k]) for k in layers)
         print(f"ratio first-layer change / last-layer change (Merge + Run probe): {first / max(last, 1e-9):.2f}")
+        if args.class_size:
+            guided_class(url, zoo, args.class_size)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     return 0
+
+
+def guided_class(url: str, zoo, students: int) -> None:
+    """N sessions press Load → Compute importance → Merge → Run probe with the same settings, at once: the
+    first computes, the rest wait in the queue and are served from the content-hash caches."""
+    import threading
+
+    from gradio_client import Client
+
+    times: dict[int, float] = {}
+
+    def student(i: int) -> None:
+        client = Client(url, verbose=False)
+        t = time.perf_counter()
+        client.predict(f"zoo:{zoo.name}/base", list(zoo.tasks), "", None, "apl", api_name="/load_experts")
+        client.predict(32, "gradient", "restore", "apl", api_name="/compute_importance")
+        client.predict("apl", 0, api_name="/merge")
+        client.predict(api_name="/run_probe")
+        times[i] = time.perf_counter() - t
+
+    threads = [threading.Thread(target=student, args=(i,)) for i in range(students)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    total = time.perf_counter() - t
+    ordered = sorted(times.values())
+    print(f"guided first merge, {students} students at once: all done in {total:.1f} s; per student "
+          f"{ordered[0]:.1f}–{ordered[-1]:.1f} s (one computes, the rest hit the caches; the server was warm)")
+
+
+def memory_figures() -> None:
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_concurrency import run_memory_probe
+
+    for label, budget in (("64 MB budget", 64 * 1024**2), ("no budget (10 GB)", 10 * 1024**3)):
+        with tempfile.TemporaryDirectory() as tmp:
+            f = run_memory_probe(budget, 8, Path(tmp))
+        print(f"8 selections of {f['model_bytes'] / 1e6:.0f} MB models, {label}: cache "
+              f"{max(f['cache_bytes']) / 1e6:.0f} MB max, RSS growth peak {(f['peak'] - f['warm']) / 1e6:.0f} MB, "
+              f"settled {(f['final'] - f['warm']) / 1e6:.0f} MB, evictions {f['evictions']}")
 
 
 if __name__ == "__main__":

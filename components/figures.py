@@ -66,9 +66,25 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 # ============================================================================ importance
 
 
+LOG_DECADES = 4  # the log colour scale spans this many decades below the largest cell; smaller cells sit at the floor
+
+
+def log_floor(values: np.ndarray, decades: int = LOG_DECADES) -> float:
+    """The floor of the shared log scale: ``decades`` below the largest |value| (or the smallest positive
+    value, if that is higher)."""
+    v = np.abs(np.asarray(values, float))
+    pos = v[np.isfinite(v) & (v > 0)]
+    if not pos.size:
+        return 1e-12
+    return float(max(pos.max() * 10.0 ** -decades, pos.min()))
+
+
 def importance_heatmaps(maps: Mapping[str, tuple[list[str], list[str], np.ndarray]],
                         drop: Mapping[str, Mapping[str, float]] | None = None) -> go.Figure:
-    """One layer × module heatmap per expert, one shared colour range.
+    """One layer × module heatmap per expert on one shared LOG colour scale: colour = log10 |ΔL| (cells
+    below the floor, zeros included, get the floor's colour), so one dominant cell (often the pooler)
+    does not paint every other cell the same dark colour. Hover keeps the raw value, its rank within
+    the expert and the layer's drop ratio.
 
     ``maps[expert] = (rows = layers, cols = module kinds, values)``; ``drop[expert][layer]`` is the
     resulting drop ratio shown on hover.
@@ -76,29 +92,36 @@ def importance_heatmaps(maps: Mapping[str, tuple[list[str], list[str], np.ndarra
     experts = list(maps)
     if not experts:
         return empty_figure("No importance yet: press Compute importance.")
-    finite = [v[np.isfinite(v)] for _, _, v in maps.values()]
-    finite = np.concatenate([f for f in finite if f.size]) if any(f.size for f in finite) else np.zeros(1)
-    zmin, zmax = 0.0, float(finite.max()) if finite.size else 1.0
-    if zmax <= zmin:
-        zmax = zmin + 1e-12
+    everything = np.concatenate([np.abs(np.asarray(v, float)).ravel() for _, _, v in maps.values()])
+    floor = log_floor(everything)
+    finite = everything[np.isfinite(everything)]
+    top = float(finite.max()) if finite.size and finite.max() > 0 else floor * 10
+    zmin, zmax = math.log10(floor), math.log10(max(top, floor * 10))
     fig = make_subplots(rows=1, cols=len(experts), subplot_titles=experts, shared_yaxes=True,
                         horizontal_spacing=0.04)
     for i, expert in enumerate(experts):
         rows, cols, values = maps[expert]
-        values = np.asarray(values, float)
+        values = np.abs(np.asarray(values, float))
         ranks = _ranks(values)
         drops = np.array([[(drop or {}).get(expert, {}).get(r, np.nan) for _ in cols] for r in rows], float)
-        custom = np.dstack([ranks, drops])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.where(np.isfinite(values), np.log10(np.maximum(values, floor)), np.nan)
+        custom = np.dstack([values, ranks, drops])
         fig.add_trace(go.Heatmap(
-            z=values, x=cols, y=rows, coloraxis="coloraxis", customdata=custom,
-            hovertemplate=(f"<b>{expert}</b><br>layer %{{y}}, %{{x}}<br>importance %{{z:.3g}}<br>"
-                           "rank %{customdata[0]:.0f}<br>layer drop ratio %{customdata[1]:.2f}<extra></extra>")),
+            z=z, x=cols, y=rows, coloraxis="coloraxis", customdata=custom, xgap=1, ygap=1,
+            hovertemplate=(f"<b>{expert}</b><br>layer %{{y}}, %{{x}}<br>importance |ΔL| %{{customdata[0]:.3g}}<br>"
+                           "rank %{customdata[1]:.0f}<br>layer drop ratio %{customdata[2]:.2f}<extra></extra>")),
             row=1, col=i + 1)
+    decades = list(range(math.ceil(zmin), math.floor(zmax) + 1)) or [round(zmin)]
     fig.update_layout(coloraxis=dict(colorscale=SEQUENTIAL, cmin=zmin, cmax=zmax,
-                                     colorbar=dict(title="|ΔL|", thickness=12)))
+                                     colorbar=dict(title="|ΔL|<br>(log)", thickness=12, tickvals=decades,
+                                                   ticktext=[f"1e{d}" for d in decades])))
     fig.update_yaxes(autorange="reversed", title_text="layer", row=1, col=1)
+    fig.update_xaxes(tickangle=-45)
     n_rows = max(len(m[0]) for m in maps.values())
-    return _style(fig, max(280, 40 + 28 * n_rows))
+    fig = _style(fig, max(380, 120 + 34 * n_rows))
+    fig.update_layout(margin=dict(l=70, r=20, t=50, b=90))
+    return fig
 
 
 def heatmap_summary(maps: Mapping[str, tuple[list[str], list[str], np.ndarray]]) -> str:
@@ -210,6 +233,59 @@ def magnitude_summary(importance: Mapping[str, Sequence[float]], norms: Mapping[
     parts = [f"{e}: ρ = {spearman(importance[e], norms[e]):.2f}" for e in importance]
     return ("Rank correlation between a layer's importance and its delta norm — " + ", ".join(parts)
             + " (1 = importance just follows size; low = the data sees something the weights alone do not).")
+
+
+def comparison_figure(layers: Sequence[str], restore: Mapping[str, Sequence[float]],
+                      ablate: Mapping[str, Sequence[float]], agreement: Mapping[str, float],
+                      stability: Mapping[str, Mapping[str, float]]) -> go.Figure:
+    """Left: each expert's layer importance (share of its total) under restore (solid) and ablate (dotted).
+    Right: per expert, restore-vs-ablate rank agreement and each intervention's rank stability over draws."""
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], horizontal_spacing=0.1,
+                        subplot_titles=["layer importance (share of the expert's total)",
+                                        "rank agreement and stability (Spearman ρ)"])
+    for i, expert in enumerate(restore):
+        color = PALETTE[i % len(PALETTE)]
+        for name, values, dash in (("restore", restore[expert], "solid"), ("ablate", ablate[expert], "dot")):
+            v = np.abs(np.asarray(values, float))
+            share = v / v.sum() if np.nansum(v) > 0 else v
+            fig.add_trace(go.Scatter(x=list(layers), y=share, mode="lines+markers", name=f"{expert} · {name}",
+                                     legendgroup=expert, line=dict(color=color, dash=dash),
+                                     hovertemplate=f"{expert} ({name})<br>layer %{{x}}: %{{y:.1%}}<extra></extra>"),
+                          row=1, col=1)
+    experts = list(restore)
+    bars = [("restore vs ablate", [agreement.get(e) for e in experts], PALETTE[0]),
+            ("stability: restore", [stability.get("restore", {}).get(e) for e in experts], PALETTE[2]),
+            ("stability: ablate", [stability.get("ablate", {}).get(e) for e in experts], PALETTE[1])]
+    for name, ys, color in bars:
+        fig.add_trace(go.Bar(x=experts, y=[None if y is None or not np.isfinite(y) else y for y in ys], name=name,
+                             marker_color=color, hovertemplate=f"{name}<br>%{{x}}: ρ = %{{y:.2f}}<extra></extra>"),
+                      row=1, col=2)
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(tickformat=".0%", row=1, col=1)
+    fig.update_yaxes(range=[-1, 1], row=1, col=2)
+    fig.update_xaxes(title_text="layer", row=1, col=1)
+    _style(fig, 380)
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, x=0), margin=dict(t=50, b=110))
+    return fig
+
+
+def comparison_summary(agreement: Mapping[str, float], stability: Mapping[str, Mapping[str, float]],
+                       draws: int, draw_size: int) -> str:
+    """One line from the measured numbers: agreement of the two interventions, and which is steadier."""
+    def mean(values) -> float:
+        finite = [v for v in values if v is not None and np.isfinite(v)]
+        return float(np.mean(finite)) if finite else float("nan")
+
+    agree = mean(agreement.values())
+    stab = {iv: mean(stability.get(iv, {}).values()) for iv in ("restore", "ablate")}
+    if np.isfinite(stab["restore"]) and np.isfinite(stab["ablate"]) and abs(stab["restore"] - stab["ablate"]) >= 0.05:
+        steadier = max(stab, key=stab.get)
+        verdict = f"{steadier} ranks layers more consistently here"
+    else:
+        verdict = "both rank layers about equally consistently here"
+    return (f"Restore and ablate agree on the layer ranking with mean Spearman ρ = {agree:.2f} over "
+            f"{len(agreement)} expert(s); over {draws} few-shot draws of {draw_size} examples the ranking's "
+            f"stability is ρ = {stab['restore']:.2f} (restore) and {stab['ablate']:.2f} (ablate): {verdict}.")
 
 
 # ============================================================================ merge plan

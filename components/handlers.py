@@ -24,6 +24,65 @@ log = logging.getLogger("merge_lab.app")
 
 MAX_LAYER_ROWS = 48
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# Every event that touches models runs in one concurrency group of size 1: on a 2-core Space two heavy jobs at
+# once only slow both down. Others wait in gradio's queue and see their position (show_progress stays on).
+HEAVY = dict(concurrency_limit=1, concurrency_id="model-work", show_progress="full")
+STATE_TTL = 6 * 3600  # seconds a tab's state lives without being updated (download the history to keep it)
+
+
+# ---------------------------------------------------------------- session lifetime
+
+
+def release_state(value) -> None:
+    """gr.State delete_callback: free what the session kept in the shared caches."""
+    if isinstance(value, wb.Session):
+        wb.release_session(value)
+
+
+def register_client(request, session: wb.Session) -> None:
+    """Remember which browser connection shows which session, so closing the tab can free its merges."""
+    hash_ = getattr(request, "session_hash", None) if request is not None else None
+    if hash_:
+        wb.CLIENTS[hash_] = session.id
+
+
+def on_unload(request: gr.Request):
+    """demo.unload: the tab closed; release its merged bodies now (the State itself goes an hour later)."""
+    hash_ = getattr(request, "session_hash", None)
+    sid = wb.CLIENTS.pop(hash_, None) if hash_ else None
+    if sid:
+        wb.release_session(sid)
+
+
+def upload_limit_text() -> str:
+    mb = wb.max_upload_bytes() / 1024**2
+    return f"{mb / 1024:g} GB" if mb >= 1024 else f"{mb:g} MB"
+
+
+def launch_max_file_size() -> int:
+    """gradio's own upload cap (bytes), the same as the app's."""
+    return wb.max_upload_bytes()
+
+
+def dtype_of(value) -> str:
+    if value in DTYPES:
+        return DTYPES[value]
+    if value in DTYPES.values():
+        return value
+    raise MergeLabError(f"dtype must be one of {', '.join(DTYPES)}, got {value!r}", field="dtype")
+
+
+def table_rows(table) -> list:
+    """Rows of a Dataframe value (pandas frame, {"data": rows} or a list of rows)."""
+    if table is None:
+        return []
+    if hasattr(table, "values") and hasattr(table, "columns"):
+        return table.values.tolist()
+    if isinstance(table, dict):
+        return list(table.get("data") or [])
+    if isinstance(table, (list, tuple)):
+        return list(table)
+    raise MergeLabError("the table edit could not be read: expected rows of numbers")
 
 
 # ---------------------------------------------------------------- errors and progress
@@ -84,10 +143,12 @@ PARAM_NAMES = [p.name for p in PARAMS]
 
 
 def shared_values(method: str, values: Sequence[Any]) -> dict[str, Any]:
-    """The declared parameters of ``method`` from the controls' values (in PARAM_NAMES order)."""
-    spec = wb.method_spec(method)
+    """The declared parameters of ``method`` from the controls' values (in PARAM_NAMES order), each checked
+    against its declared range on the server (API callers bypass the browser's slider limits)."""
+    spec = wb.method_spec(wb.check_method(method))
     declared = {p.name for p in spec.params}
-    return {name: value for name, value in zip(PARAM_NAMES, values) if name in declared and value is not None}
+    raw = {name: value for name, value in zip(PARAM_NAMES, values) if name in declared and value is not None}
+    return wb.check_shared(method, raw)
 
 
 def param_updates(method: str) -> list[dict]:
@@ -126,22 +187,38 @@ def method_info(session: wb.Session, method: str) -> str:
 # ---------------------------------------------------------------- experts
 
 
+def upload_refs(uploads) -> dict[str, str]:
+    """Uploaded expert files → {name: path under the cache root}, each checked (.safetensors, size cap,
+    consistent header) before anything opens it."""
+    refs: dict[str, str] = {}
+    for upload in uploads or []:
+        path = Path(getattr(upload, "name", None) or getattr(upload, "path", None) or upload)
+        name = path.stem
+        while name in refs:
+            name += "-2"
+        refs[name] = wb.accept_upload(path, path.name)
+    return refs
+
+
 def load(state, base_ref: str, zoo_tasks: Sequence[str] | None, extra: str, uploads, zoo, progress=None):
     session = session_of(state)
     refs: dict[str, str] = {}
     if zoo is not None:
         for task in zoo_tasks or []:
+            if task not in zoo.experts:
+                raise MergeLabError(f"Experts from the demo zoo: zoo '{zoo.name}' has no expert {task!r} "
+                                    f"(it has: {', '.join(zoo.tasks)})")
             refs[task] = f"zoo:{zoo.name}/{task}"
+    elif zoo_tasks:
+        raise MergeLabError("the demo zoo is not ready yet: wait for it, or give experts as paths")
     refs.update(wb.parse_extra_refs(extra))
-    for upload in uploads or []:
-        path = Path(getattr(upload, "name", upload))
-        refs[path.stem] = str(path)
+    refs.update(upload_refs(uploads))
     session = wb.load_experts(session, (base_ref or "").strip(), refs, zoo=zoo, progress=progress_sink(progress))
     note = f"Loaded {len(session.refs)} experts of base `{session.base_ref}`: homology check passed " \
            f"({len(session.layers)} layers: {', '.join(session.layers)})."
-    models = wb.models_for(session)
-    if models.expert_set.warnings:
-        note += "\n\n" + "\n".join(f"⚠️ {w}" for w in models.expert_set.warnings)
+    warnings = wb.load_warnings(session)
+    if warnings:
+        note += "\n\n" + "\n".join(f"⚠️ {w}" for w in warnings)
     return session, session.summary, note, wb.data_status(session)
 
 
@@ -150,7 +227,7 @@ def attach(state, expert: str, upload, n_fewshot: int):
     if not upload:
         raise MergeLabError("choose a CSV or JSONL file with `text` and `label` columns first")
     path = getattr(upload, "name", upload)
-    wb.attach_task_data(session, expert, path, n_fewshot=int(n_fewshot))
+    wb.attach_task_data(session, expert, path, n_fewshot=wb.check_fewshot(n_fewshot))
     models = wb.models_for(session)
     session.summary = wb.expert_rows(session, models, wb.task_vector_stats(models))
     return session, session.summary, wb.data_status(session)
@@ -197,6 +274,8 @@ def hidden_figure(state, expert: str | None, module: str | None):
     session = session_of(state)
     if session.importance is None or not module or not expert:
         return fg.empty_figure("Compute importance to see hidden-state units."), ""
+    if expert not in session.importance.experts:
+        raise MergeLabError(f"Expert: no importance for {expert!r} (experts: {', '.join(session.importance.experts)})")
     scores, layers, rows = wb.hidden_view(session, expert, module)
     binned = fg.bin_units(rows)
     return (fg.hidden_state_figure(np.abs(scores), binned, layers, module),
@@ -263,6 +342,14 @@ def plan_views(session: wb.Session, method: str, shared: dict):
 
 
 # ---------------------------------------------------------------- probe views
+
+
+def comparison_views(result: wb.Comparison):
+    """(figure, one-line summary) of a :func:`wb.compare_interventions` result."""
+    fig = fg.comparison_figure(result.layers, result.restore, result.ablate, result.agreement, result.stability)
+    text = fg.comparison_summary(result.agreement, result.stability, result.draws, result.draw_size)
+    text += f" ({result.seconds:.1f} s{', partly from cache' if result.hits else ''}.)"
+    return fig, text
 
 
 def probe_views(session: wb.Session, report):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from components import controls as ui
 from components import figures as fg
 from components import handlers as h
 from merging import workbench as wb
@@ -34,6 +35,13 @@ WHAT_MAGNITUDE = (
     "Is a layer important just because its weights moved a lot? Each dot is a layer: how far its weights moved "
     "(delta norm) against its measured importance. Dots far from a rising line are where the data tells you "
     "something the weights alone cannot.")
+WHAT_COMPARE = (
+    "DESIGN asks two questions of any importance ranking. Do the two interventions agree? *restore* asks what a "
+    "part's fine-tuning does on its own, *ablate* what the expert loses without it — they can rank layers "
+    "differently. And is the ranking stable, or an accident of which few examples were drawn? The button scores "
+    "every layer with the gradient approximation for both interventions on three seeded few-shot draws (each "
+    "half the size of the smallest pool, so the draws differ) and reports Spearman ρ: between the interventions "
+    "on the first draw, and between draws for each intervention (mean over pairs).")
 WHAT_PROFILE = (
     "The merge plan over depth: for each expert, the fraction of its change dropped at each layer (top) and the "
     "weight of what is kept (bottom). Diamonds are cells you overrode; circles follow the suggestion.")
@@ -53,7 +61,9 @@ def _css() -> str:
 
 def build_demo() -> gr.Blocks:
     with gr.Blocks(title="Merge Lab") as demo:
-        state = gr.State(None)
+        # Per-tab state (small, no tensors). When gradio drops it (an hour after the tab closed, or after
+        # STATE_TTL seconds without use), whatever the session kept in the shared caches is released too.
+        state = gr.State(None, delete_callback=h.release_state, time_to_live=h.STATE_TTL)
 
         # ------------------------------------------------------------------ intro
         with gr.Column(elem_classes=["ml-intro"]):
@@ -70,21 +80,22 @@ def build_demo() -> gr.Blocks:
             with gr.Row():
                 base_box = gr.Textbox(label="Base model", placeholder="zoo:default/base, a folder, or hf:org/name@rev",
                                       scale=2)
-                zoo_pick = gr.Dropdown(label="Experts from the demo zoo", choices=[], multiselect=True,
+                zoo_pick = ui.Dropdown(label="Experts from the demo zoo", choices=[], multiselect=True,
                                        allow_custom_value=True, scale=3, elem_id="zoo-pick")
             with gr.Row():
                 extra_box = gr.Textbox(label="More experts (one per line: name=folder, a .safetensors path, "
                                              "or hf:org/name@rev)", lines=2, scale=3)
-                upload = gr.File(label="…or upload .safetensors experts", file_count="multiple",
-                                 file_types=[".safetensors"], scale=2, height=110)
+                upload = gr.File(label=f"…or upload .safetensors experts (up to {h.upload_limit_text()} each)",
+                                 file_count="multiple", file_types=[".safetensors"], scale=2, height=110,
+                                 elem_id="upload")
             load_btn = gr.Button("Load experts", variant="primary", elem_id="btn-load")
-            load_md = gr.Markdown()
+            load_md = gr.Markdown(elem_id="load-status")
             experts_df = gr.Dataframe(headers=wb.EXPERT_HEADERS, label="Experts (homology check passed)",
                                       interactive=False, elem_id="experts-table")
             data_md = gr.Markdown()
             with gr.Accordion("Attach task data to an expert (CSV/JSONL with text and label)", open=False):
                 with gr.Row():
-                    attach_expert = gr.Dropdown(label="Expert", choices=[], allow_custom_value=True, scale=1)
+                    attach_expert = ui.Dropdown(label="Expert", choices=[], allow_custom_value=True, scale=1)
                     attach_file = gr.File(label="Task file", file_types=[".csv", ".jsonl"], scale=2, height=110)
                     attach_btn = gr.Button("Attach task data", scale=0)
 
@@ -93,10 +104,10 @@ def build_demo() -> gr.Blocks:
             gr.Markdown("## 2 · Importance (APL)\nHow much each part of every expert's change matters for its own "
                         "task, measured on a few examples.")
             with gr.Row():
-                fewshot = gr.Slider(4, 128, value=wb.DEFAULT_FEWSHOT, step=4, label="Few-shot examples per expert")
-                mode = gr.Radio(["gradient", "exact"], value="gradient", label="Mode",
+                fewshot = ui.Slider(4, 128, value=wb.DEFAULT_FEWSHOT, step=4, label="Few-shot examples per expert")
+                mode = ui.Radio(["gradient", "exact"], value="gradient", label="Mode",
                                 info="gradient: one backward pass (fast, every unit); exact: one forward per part")
-                intervention = gr.Radio(["restore", "ablate"], value="restore", label="Intervention",
+                intervention = ui.Radio(["restore", "ablate"], value="restore", label="Intervention",
                                         info="restore: base + this part alone; ablate: expert minus this part")
             with gr.Row():
                 imp_btn = gr.Button("Compute importance", variant="primary", elem_id="btn-importance")
@@ -106,9 +117,9 @@ def build_demo() -> gr.Blocks:
             with gr.Accordion("What am I looking at?", open=False):
                 gr.Markdown(WHAT_HEATMAP)
             with gr.Row():
-                hid_expert = gr.Dropdown(label="Expert", choices=[], allow_custom_value=True)
-                hid_layer = gr.Dropdown(label="Layer", choices=[], allow_custom_value=True)
-                hid_module = gr.Dropdown(label="Module", choices=[], allow_custom_value=True)
+                hid_expert = ui.Dropdown(label="Expert", choices=[], allow_custom_value=True)
+                hid_layer = ui.Dropdown(label="Layer", choices=[], allow_custom_value=True)
+                hid_module = ui.Dropdown(label="Module", choices=[], allow_custom_value=True)
             hid_plot = gr.Plot(label="Hidden states")
             hid_md = gr.Markdown()
             with gr.Accordion("What am I looking at?", open=False):
@@ -124,13 +135,19 @@ def build_demo() -> gr.Blocks:
                     mag_md = gr.Markdown()
                     with gr.Accordion("What am I looking at?", open=False):
                         gr.Markdown(WHAT_MAGNITUDE)
+            with gr.Accordion("Compare interventions and draws", open=False, elem_id="compare"):
+                gr.Markdown(WHAT_COMPARE)
+                compare_btn = gr.Button("Compare restore and ablate", variant="secondary", size="sm",
+                                        elem_classes=["ml-btn"], elem_id="btn-compare")
+                compare_plot = gr.Plot(label="Restore vs ablate, and stability over few-shot draws")
+                compare_md = gr.Markdown(elem_id="compare-status")
 
         # ------------------------------------------------------------------ merge
         with gr.Group(elem_classes=["ml-section"]):
             gr.Markdown("## 3 · Merge")
             with gr.Row():
-                method = gr.Dropdown(h.method_choices(), value="apl", label="Method", scale=2)
-                seed = gr.Number(value=0, precision=0, label="Seed", scale=0, min_width=100)
+                method = ui.Dropdown(h.method_choices(), value="apl", label="Method", scale=2)
+                seed = ui.Number(value=0, precision=0, label="Seed", scale=0, min_width=100)
             method_md = gr.Markdown(h.method_info(wb.Session(), "apl"))
             param_boxes = []
             with gr.Row(elem_classes=["ml-params"]):
@@ -142,28 +159,31 @@ def build_demo() -> gr.Blocks:
                     if p.kind == "bool":
                         box = gr.Checkbox(value=shown.default, label=label, info=shown.help, visible=visible)
                     elif p.kind == "choice":
-                        box = gr.Dropdown(list(p.choices), value=shown.default, label=label, info=shown.help,
+                        box = ui.Dropdown(list(p.choices), value=shown.default, label=label, info=shown.help,
                                           visible=visible)
                     elif h._slider_range(p):
-                        box = gr.Slider(shown.low, shown.high, value=shown.default, step=0.01 if p.kind == "float" else 1,
+                        box = ui.Slider(shown.low, shown.high, value=shown.default, step=0.01 if p.kind == "float" else 1,
                                         label=label, info=shown.help, visible=visible)
                     else:
-                        box = gr.Number(value=shown.default, label=label, info=shown.help, visible=visible)
+                        box = ui.Number(value=shown.default, label=label, info=shown.help, visible=visible)
                     param_boxes.append(box)
             gr.Markdown("### Per-layer plan\nDrop ratio and weight of the selected expert at every layer. Moving a "
                         "slider overrides that cell (✎); the table below holds every expert × layer cell.")
             with gr.Row():
-                plan_expert = gr.Dropdown([], label="Expert shown on the sliders", allow_custom_value=True, scale=3)
-                reset_btn = gr.Button("Reset to APL suggestion", scale=0)
-                uniform_btn = gr.Button("Uniform", scale=0)
-                swap_btn = gr.Button("Layer swap", scale=0)
+                plan_expert = ui.Dropdown([], label="Expert shown on the sliders", allow_custom_value=True, scale=3)
+                reset_btn = gr.Button("Reset to APL suggestion", variant="secondary", size="sm", scale=0,
+                                      min_width=190, elem_classes=["ml-btn"])
+                uniform_btn = gr.Button("Uniform", variant="secondary", size="sm", scale=0, min_width=100,
+                                        elem_classes=["ml-btn"])
+                swap_btn = gr.Button("Layer swap", variant="secondary", size="sm", scale=0, min_width=110,
+                                     elem_classes=["ml-btn"])
             layer_rows, drop_sliders, weight_sliders = [], [], []
             with gr.Column(elem_classes=["ml-layers"]):
                 for i in range(h.MAX_LAYER_ROWS):
                     with gr.Row(visible=False) as row:
-                        d = gr.Slider(0.0, 0.99, value=0.5, step=0.01, label=f"layer {i} · drop ratio",
+                        d = ui.Slider(0.0, 0.99, value=0.5, step=0.01, label=f"layer {i} · drop ratio",
                                       elem_id=f"drop-{i}", elem_classes=["ml-drop"])
-                        w = gr.Slider(-1.0, 2.0, value=1.0, step=0.01, label=f"layer {i} · weight",
+                        w = ui.Slider(-1.0, 2.0, value=1.0, step=0.01, label=f"layer {i} · weight",
                                       elem_id=f"weight-{i}", elem_classes=["ml-weight"])
                     layer_rows.append(row)
                     drop_sliders.append(d)
@@ -178,10 +198,11 @@ def build_demo() -> gr.Blocks:
                     overrides_md = gr.Markdown()
             with gr.Tabs():
                 with gr.Tab("Drop ratio table"):
-                    drop_table = gr.Dataframe(label="drop ratio: expert × layer (editable)", interactive=True)
+                    drop_table = gr.Dataframe(label="drop ratio: expert × layer (editable: an edit applies at once)",
+                                              interactive=True, elem_id="drop-table")
                 with gr.Tab("Weight table"):
-                    weight_table = gr.Dataframe(label="weight: expert × layer (editable)", interactive=True)
-            apply_btn = gr.Button("Apply table edits", size="sm")
+                    weight_table = gr.Dataframe(label="weight: expert × layer (editable: an edit applies at once)",
+                                                interactive=True, elem_id="weight-table")
             with gr.Row():
                 with gr.Column():
                     conflict_plot = gr.Plot(label="Sign conflict per layer")
@@ -206,7 +227,17 @@ def build_demo() -> gr.Blocks:
             probe_df = gr.Dataframe(label="Probe results", interactive=False, elem_id="probe-table")
             probe_plot = gr.Plot(label="Probe accuracy")
             probe_md = gr.Markdown()
-            history_df = gr.Dataframe(label="Session history: every merge so far", interactive=False)
+            history_df = gr.Dataframe(label="Session history: every merge so far", interactive=False,
+                                      elem_id="history-table")
+            with gr.Row():
+                history_btn = gr.Button("Download history (JSON)", variant="secondary", size="sm", scale=0,
+                                        min_width=220, elem_classes=["ml-btn"], elem_id="btn-history")
+                restore_btn = gr.UploadButton("Restore history from JSON", file_types=[".json"], file_count="single",
+                                              variant="secondary", size="sm", scale=0, min_width=220,
+                                              elem_classes=["ml-btn"], elem_id="btn-restore")
+            history_file = gr.File(label="History file (merges, probe results and recipes)", elem_id="history-file",
+                                   visible=False)
+            history_md = gr.Markdown(elem_id="history-status")
             with gr.Accordion("Drop-ratio sweep (APL vs DARE vs magnitude)", open=False):
                 sweep_btn = gr.Button("Sweep drop ratios")
                 sweep_plot = gr.Plot(label="Accuracy vs drop ratio")
@@ -223,9 +254,9 @@ def build_demo() -> gr.Blocks:
                         "head), recipe.yaml (replay: `python -m merging merge recipe.yaml --out DIR`), mergekit "
                         "YAML where the method exists there, a model card and the importance JSON.")
             with gr.Row():
-                export_tasks = gr.Dropdown([], label="Tasks to export (a folder each)", multiselect=True,
+                export_tasks = ui.Dropdown([], label="Tasks to export (a folder each)", multiselect=True,
                                            allow_custom_value=True)
-                dtype = gr.Radio(list(h.DTYPES), value="fp32", label="dtype")
+                dtype = ui.Radio(list(h.DTYPES), value="fp32", label="dtype")
             with gr.Row():
                 export_btn = gr.Button("Export", variant="primary", elem_id="btn-export")
                 export_stop = gr.Button("Cancel export", variant="stop", scale=0)
@@ -236,7 +267,7 @@ def build_demo() -> gr.Blocks:
         api_expert = gr.Textbox(visible=False)
         api_layer = gr.Textbox(visible=False)
         api_key = gr.Textbox(visible=False)
-        api_value = gr.Number(visible=False)
+        api_value = ui.Number(visible=False)
         api_btn = gr.Button(visible=False)
 
         # ================================================================== wiring
@@ -246,6 +277,7 @@ def build_demo() -> gr.Blocks:
         def _shared(method_value, values):
             return h.shared_values(method_value, values)
 
+        @h.safe
         def refresh_plan(session, expert, method_value, *values):
             shared = _shared(method_value, values)
             return (*h.plan_views(session, method_value, shared),
@@ -269,9 +301,11 @@ def build_demo() -> gr.Blocks:
 
         # ---- experts
         @h.safe
-        def on_load(session, base, tasks, extra, files, method_value, progress=gr.Progress()):
+        def on_load(session, base, tasks, extra, files, method_value, request: gr.Request = None,
+                    progress=gr.Progress()):
             zoo = wb.open_default_zoo()
             session, rows, note, data = h.load(session, base, tasks, extra, files, zoo, progress)
+            h.register_client(request, session)
             experts = session.experts
             return (session, rows, note, data, gr.update(choices=experts, value=experts[0]),
                     gr.update(choices=experts, value=experts[0]), gr.update(choices=experts, value=experts[0]),
@@ -280,7 +314,7 @@ def build_demo() -> gr.Blocks:
         load_event = load_btn.click(
             on_load, [state, base_box, zoo_pick, extra_box, upload, method],
             [state, experts_df, load_md, data_md, attach_expert, plan_expert, hid_expert, export_tasks, method_md],
-            api_name="load_experts", concurrency_limit=1)
+            api_name="load_experts", **h.HEAVY)
         load_event.then(refresh_plan, [state, plan_expert, method, *param_boxes], plan_outputs + slider_outputs,
                         api_visibility="private").then(
             _cosine_view, [state], [cosine_plot, cosine_md], api_visibility="private")
@@ -291,7 +325,7 @@ def build_demo() -> gr.Blocks:
             return session, rows, data, h.method_info(session, method_value)
 
         attach_btn.click(on_attach, [state, attach_expert, attach_file, fewshot, method],
-                         [state, experts_df, data_md, method_md], api_name="attach_task_data")
+                         [state, experts_df, data_md, method_md], api_name="attach_task_data", **h.HEAVY)
 
         # ---- importance
         imp_outputs = [state, heat_plot, heat_md, fid_plot, fid_md, mag_plot, mag_md, hid_layer, hid_module,
@@ -300,8 +334,7 @@ def build_demo() -> gr.Blocks:
         @h.safe
         def on_importance(session, n, mode_value, intervention_value, method_value, *values, progress=gr.Progress()):
             session = h.session_of(session)
-            wb.compute_importance(session, int(n), mode_value, intervention_value,
-                                  progress=h.progress_sink(progress))
+            wb.compute_importance(session, n, mode_value, intervention_value, progress=h.progress_sink(progress))
             views = h.importance_views(session, method_value, values)
             layers, layer, modules, module = h.hidden_choices(session)
             return (session, *views, gr.update(choices=layers, value=layer), gr.update(choices=modules, value=module),
@@ -310,13 +343,24 @@ def build_demo() -> gr.Blocks:
         imp_start = imp_btn.click(lambda: gr.update(interactive=False), None, imp_btn, api_visibility="private",
                                   queue=False)
         imp_event = imp_start.then(on_importance, [state, fewshot, mode, intervention, method, *param_boxes],
-                                   imp_outputs, api_name="compute_importance")
+                                   imp_outputs, api_name="compute_importance", **h.HEAVY)
         imp_event.then(lambda: gr.update(interactive=True), None, imp_btn, api_visibility="private").then(
             refresh_plan, [state, plan_expert, method, *param_boxes], plan_outputs + slider_outputs,
             api_visibility="private").then(
             h.safe(h.hidden_figure), [state, hid_expert, hid_module], [hid_plot, hid_md], api_visibility="private")
         imp_stop.click(lambda: gr.update(interactive=True), None, imp_btn, cancels=[imp_event],
                        api_visibility="private")
+
+        @h.safe
+        def on_compare(session, n, progress=gr.Progress()):
+            session = h.session_of(session)
+            if not session.refs:
+                raise wb.MergeLabError("load experts first, then compare the interventions")
+            result = wb.compare_interventions(session, n, progress=h.progress_sink(progress))
+            return (session, *h.comparison_views(result))
+
+        compare_btn.click(on_compare, [state, fewshot], [state, compare_plot, compare_md],
+                          api_name="compare_interventions", **h.HEAVY)
 
         def on_hidden_layer(session, layer):
             modules = wb.unit_module_choices(h.session_of(session)).get(layer, [])
@@ -393,34 +437,43 @@ def build_demo() -> gr.Blocks:
         swap_btn.click(preset(lambda s, shared, e: wb.preset_layer_swap(s, outer=e)), *preset_io,
                        api_name="preset_layer_swap")
 
-        def apply_tables(session, expert, drop_value, weight_value, method_value, *values):
-            session = h.session_of(session)
-            shared = h.shared_values(method_value, values)
-            for key, table in ((wb.DROP, drop_value), (wb.WEIGHT, weight_value)):
-                rows = table.values.tolist() if hasattr(table, "values") else (table or {}).get("data", table) or []
-                wb.apply_table(session, key, rows, method_value, shared)
-            return (session, *h.plan_views(session, method_value, shared),
-                    *h.slider_updates(session, expert, method_value, shared))
+        def make_table_handler(key: str):
+            @h.safe
+            def apply_table(session, expert, table, method_value, *values):
+                session = h.session_of(session)
+                if not session.refs:
+                    return (session, *[gr.update()] * (len(plan_outputs) + len(slider_outputs)))
+                shared = h.shared_values(method_value, values)
+                wb.apply_table(session, key, h.table_rows(table), method_value, shared)
+                return (session, *h.plan_views(session, method_value, shared),
+                        *h.slider_updates(session, expert, method_value, shared))
+            return apply_table
 
-        apply_btn.click(h.safe(apply_tables), [state, plan_expert, drop_table, weight_table, method, *param_boxes],
-                        [state, *plan_outputs, *slider_outputs], api_visibility="private")
+        # an edit applies as soon as the cell is left (.input fires on user edits only, not on our own updates)
+        for key, table in ((wb.DROP, drop_table), (wb.WEIGHT, weight_table)):
+            table.input(make_table_handler(key), [state, plan_expert, table, method, *param_boxes],
+                        [state, *plan_outputs, *slider_outputs], api_visibility="private",
+                        trigger_mode="always_last")
 
         # ---- merge
         @h.safe
         def on_merge(session, method_value, seed_value, *values, progress=gr.Progress()):
             session = h.session_of(session)
             shared = h.shared_values(method_value, values)
-            summary = wb.merge(session, method_value, shared, int(seed_value or 0),
-                               progress=h.progress_sink(progress))
-            changed = ", ".join(summary.changed_layers) or "none (all reused)"
-            text = (f"**{summary.label}** done in {summary.seconds:.2f} s — {summary.recomputed} tensors recomputed; "
-                    f"layers re-merged: {changed}. Settings: {summary.settings}. Next: **Run probe**.")
+            summary = wb.merge(session, method_value, shared, seed_value, progress=h.progress_sink(progress))
+            if summary.reused:
+                text = (f"**{summary.label}** done at once: an identical merge was already in memory (same experts, "
+                        f"settings and seed). Settings: {summary.settings}. Next: **Run probe**.")
+            else:
+                changed = ", ".join(summary.changed_layers) or "none (all reused)"
+                text = (f"**{summary.label}** done in {summary.seconds:.2f} s — {summary.recomputed} tensors "
+                        f"recomputed; layers re-merged: {changed}. Settings: {summary.settings}. Next: **Run probe**.")
             return session, text
 
         merge_start = merge_btn.click(lambda: gr.update(interactive=False), None, merge_btn, queue=False,
                                       api_visibility="private")
         merge_event = merge_start.then(on_merge, [state, method, seed, *param_boxes], [state, merge_md],
-                                       api_name="merge")
+                                       api_name="merge", **h.HEAVY)
         merge_event.then(lambda: gr.update(interactive=True), None, merge_btn, api_visibility="private")
         merge_stop.click(lambda: gr.update(interactive=True), None, merge_btn, cancels=[merge_event],
                          api_visibility="private")
@@ -435,7 +488,7 @@ def build_demo() -> gr.Blocks:
         probe_start = probe_btn.click(lambda: gr.update(interactive=False), None, probe_btn, queue=False,
                                       api_visibility="private")
         probe_event = probe_start.then(on_probe, [state], [state, probe_df, probe_plot, probe_md, history_df],
-                                       api_name="run_probe")
+                                       api_name="run_probe", **h.HEAVY)
         probe_event.then(lambda: gr.update(interactive=True), None, probe_btn, api_visibility="private")
         probe_stop.click(lambda: gr.update(interactive=True), None, probe_btn, cancels=[probe_event],
                          api_visibility="private")
@@ -447,28 +500,49 @@ def build_demo() -> gr.Blocks:
             results = wb.drop_sweep(session, ratios, progress=h.progress_sink(progress))
             return fg.sweep_figure(ratios, results), fg.sweep_summary(ratios, results)
 
-        sweep_btn.click(on_sweep, [state], [sweep_plot, sweep_md], api_name="sweep")
+        sweep_btn.click(on_sweep, [state], [sweep_plot, sweep_md], api_name="sweep", **h.HEAVY)
+
+        # ---- nothing lost: the session's history as a file, and back
+        @h.safe
+        def on_history(session):
+            path = wb.save_history(h.session_of(session))
+            return gr.update(value=str(path), visible=True), (
+                f"Saved `{path.name}`: every merge of this session with its probe results and full recipe. "
+                "Restore it later with **Restore history from JSON**.")
+
+        history_btn.click(on_history, [state], [history_file, history_md], api_name="download_history")
+
+        @h.safe
+        def on_restore(session, file):
+            session = h.session_of(session)
+            if not file:
+                raise wb.MergeLabError("choose the history JSON file saved with Download history")
+            session, note = wb.restore_history(session, getattr(file, "name", None) or file)
+            headers, rows = wb.history_rows(session)
+            return session, {"headers": headers, "data": rows}, note
+
+        restore_btn.upload(on_restore, [state, restore_btn], [state, history_df, history_md],
+                           api_name="restore_history")
 
         @h.safe
         def on_predict(session, text):
             return wb.predict(h.session_of(session), text)
 
-        predict_btn.click(on_predict, [state, sentence], predict_df, api_name="predict")
+        predict_btn.click(on_predict, [state, sentence], predict_df, api_name="predict", **h.HEAVY)
         sentence.submit(on_predict, [state, sentence], predict_df, api_visibility="private")
 
         # ---- export
         @h.safe
         def on_export(session, tasks, dtype_value, progress=gr.Progress()):
             session = h.session_of(session)
-            path = wb.export(session, tasks or None, h.DTYPES.get(dtype_value, dtype_value),
-                             progress=h.progress_sink(progress))
+            path = wb.export(session, tasks or None, h.dtype_of(dtype_value), progress=h.progress_sink(progress))
             size = path.stat().st_size / 1e6
             return str(path), f"Exported `{path.name}` ({size:.1f} MB, stored zip). Old exports are deleted after an hour."
 
         export_start = export_btn.click(lambda: gr.update(interactive=False), None, export_btn, queue=False,
                                         api_visibility="private")
         export_event = export_start.then(on_export, [state, export_tasks, dtype], [export_file, export_md],
-                                         api_name="export")
+                                         api_name="export", **h.HEAVY)
         export_event.then(lambda: gr.update(interactive=True), None, export_btn, api_visibility="private")
         export_stop.click(lambda: gr.update(interactive=True), None, export_btn, cancels=[export_event],
                           api_visibility="private")
@@ -486,6 +560,9 @@ def build_demo() -> gr.Blocks:
                          api_visibility="private").then(
             on_method, [state, plan_expert, method], [method_md, *param_boxes, *plan_outputs, *slider_outputs],
             api_visibility="private")
+
+        # ---- a closed tab frees its merged bodies at once (gradio drops the small State an hour later)
+        demo.unload(h.on_unload)
     return demo
 
 

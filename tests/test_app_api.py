@@ -4,10 +4,14 @@ with the CLI to the same tensors."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -15,9 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from merging import workbench as wb
 from test_workbench import app_zoo, real_zoo  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+REPO_TMP = ROOT / "tmp"  # gitignored
 
 
 def free_port() -> int:
@@ -26,15 +34,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url(real_zoo):  # noqa: F811
+@contextlib.contextmanager
+def launched_app(cache_outside_tmp: Path | None = None):
+    """Serve ``app.demo`` exactly as ``python app.py`` does (``app.launch_kwargs``), on a free port.
+
+    With ``cache_outside_tmp`` (a zoo cache root), the server's cache root moves to a fresh folder under the
+    repo's ``tmp/`` (its ``zoo`` a link to the given cache's), so export zips live outside the system temp
+    folder, which gradio would serve anyway: an export link that works then proves ``allowed_paths``.
+    """
     import app as app_module
 
-    demo = app_module.demo
+    patch = pytest.MonkeyPatch()
+    outside = None
+    if cache_outside_tmp is not None:
+        REPO_TMP.mkdir(exist_ok=True)
+        outside = Path(tempfile.mkdtemp(prefix="app-cache-", dir=REPO_TMP))
+        (outside / "zoo").symlink_to(Path(cache_outside_tmp) / "zoo", target_is_directory=True)
+        patch.setenv("MERGE_LAB_CACHE", str(outside))
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+    kwargs = app_module.launch_kwargs(app_module.parse_args(["--host", "127.0.0.1", "--port", str(port)]))
+    app_module.demo.launch(**kwargs, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        app_module.demo.close()
+        patch.undo()
+        if outside is not None:
+            shutil.rmtree(outside, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def app_url(real_zoo):  # noqa: F811
+    zoo, cache = real_zoo
+    with launched_app(cache_outside_tmp=cache) as url:
+        yield url
+
+
+def test_launch_kwargs_match_the_command_line():
+    import app as app_module
+
+    kwargs = app_module.launch_kwargs(app_module.parse_args(["--host", "0.0.0.0", "--port", "7999"]))
+    assert kwargs["server_name"] == "0.0.0.0" and kwargs["server_port"] == 7999
+    assert str(wb.exports_root()) in kwargs["allowed_paths"]
+    assert kwargs["max_file_size"] == wb.max_upload_bytes() and kwargs["css"] == app_module.CSS
 
 
 def test_api_end_to_end_and_replay(app_url, real_zoo, tmp_path):  # noqa: F811
@@ -59,6 +101,12 @@ def test_api_end_to_end_and_replay(app_url, real_zoo, tmp_path):  # noqa: F811
     result = client.predict(list(zoo.tasks), "fp32", api_name="/export")
     path = Path(result[0] if isinstance(result, (list, tuple)) else result)
     assert path.suffix == ".zip"
+    # the client downloaded the zip through gradio's file route: the server's zip lives under the cache
+    # root, outside the system temp folder, so this only works because launch() allows that path
+    served = [p for p in wb.exports_root().rglob(path.name)]
+    assert served and not str(served[0]).startswith(tempfile.gettempdir()), served
+    with urllib.request.urlopen(f"{app_url}gradio_api/file={served[0]}", timeout=30) as response:
+        assert response.status == 200 and response.read(2) == b"PK"
     with zipfile.ZipFile(path) as archive:
         assert all(i.compress_type == zipfile.ZIP_STORED for i in archive.infolist())
         archive.extractall(tmp_path / "export")

@@ -33,7 +33,7 @@ def _browser_or_skip():
         pytest.skip(message)
 
 
-def test_browser_flow(app_url):  # noqa: F811
+def test_browser_flow(app_url, real_zoo):  # noqa: F811
     _browser_or_skip()
     from playwright.sync_api import expect, sync_playwright
 
@@ -61,15 +61,35 @@ def test_browser_flow(app_url):  # noqa: F811
             box = track.bounding_box()
             page.mouse.click(box["x"] + box["width"] * 0.9, box["y"] + box["height"] / 2)
             expect(page.locator("#drop-1")).to_contain_text("✎", timeout=30_000)
+            # the preset buttons look like buttons: an outline that differs from their fill
+            uniform = button("Uniform")
+            border, fill = uniform.evaluate("e => { const c = getComputedStyle(e); "
+                                            "return [c.borderTopColor, c.backgroundColor]; }")
+            assert border != fill, (border, fill)
+            # a table edit applies as soon as the cell is left (no "Apply" button)
+            table = page.locator("#weight-table")
+            page.get_by_role("tab", name="Weight table").click()
+            table.scroll_into_view_if_needed()
+            head = table.locator("th").nth(2).bounding_box()
+            first = table.get_by_text(real_zoo[0].tasks[0], exact=True).first.bounding_box()
+            page.mouse.dblclick(head["x"] + head["width"] / 2, first["y"] + first["height"] / 2)
+            page.keyboard.press("Control+A")
+            page.keyboard.type("0.25")
+            page.keyboard.press("Enter")
+            expect(page.get_by_text("Your overrides")).to_be_visible(timeout=30_000)
+            expect(page.locator("body")).to_contain_text("weight: 0.250", timeout=30_000)
             button("Merge").click()
             expect(page.locator("#merge-status")).to_contain_text("done", timeout=180_000)
             button("Run probe").click()
             expect(page.locator("#probe-table")).to_contain_text("base", timeout=180_000)
             button("Export").click()
             expect(page.locator("#export-file a").first).to_be_visible(timeout=300_000)
+            page.get_by_role("button", name="Download history (JSON)").click()
+            expect(page.locator("#history-file a").first).to_be_visible(timeout=60_000)
             page.screenshot(path=str(SHOTS / "app.png"), full_page=True)
-            page.locator("#heatmap").scroll_into_view_if_needed()
-            page.screenshot(path=str(SHOTS / "app-importance.png"))
+            for section, name in (("#heatmap", "importance"), ("#weight-table", "plan"), ("#history-table", "probe")):
+                page.locator(section).scroll_into_view_if_needed()
+                page.screenshot(path=str(SHOTS / f"app-{name}.png"))
         except Exception:
             page.screenshot(path=str(SHOTS / "app-failure.png"), full_page=True)
             raise

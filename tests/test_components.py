@@ -30,9 +30,41 @@ def test_heatmaps_share_one_colour_range(session):
     rows, cols, values = maps[session.experts[0]]
     assert list(heats[0].y) == rows and list(heats[0].x) == cols
     assert "rank" in heats[0].hovertemplate and "drop ratio" in heats[0].hovertemplate
-    assert fig.layout.coloraxis.cmax == pytest.approx(max(np.nanmax(m[2]) for m in maps.values()))
+    # one shared LOG scale: log10 |ΔL| from a floor LOG_DECADES below the largest cell of any expert
+    top = max(np.nanmax(np.abs(m[2])) for m in maps.values())
+    assert fig.layout.coloraxis.cmax == pytest.approx(np.log10(top))
+    assert fig.layout.coloraxis.cmin >= np.log10(top) - fg.LOG_DECADES - 1e-9
+    # hover keeps the raw value (customdata[0]) beside rank and drop ratio
+    raw = np.asarray(heats[0].customdata)[..., 0]
+    assert np.allclose(raw, np.abs(values), equal_nan=True) and "%{customdata[0]" in heats[0].hovertemplate
     assert sum(np.asarray(t.z).size for t in heats) < fg.MAX_CELLS
-    assert fig.layout.height and "most important module" in fg.heatmap_summary(maps)
+    assert fig.layout.height >= 380 and "most important module" in fg.heatmap_summary(maps)
+
+
+def test_log_heatmap_separates_cells_under_a_dominant_one():
+    """The screenshot bug: one huge pooler cell made every other cell the same dark colour."""
+    rows, cols = ["0", "1", "head"], ["q", "k"]
+    values = np.array([[1e-3, 3e-3], [1e-2, 2e-2], [5.0, 0.0]])
+    fig = fg.importance_heatmaps({"a": (rows, cols, values)})
+    z = np.asarray(fig.data[0].z, float)
+    span = fig.layout.coloraxis.cmax - fig.layout.coloraxis.cmin
+    # the four small cells spread over more than a quarter of the colour range (linear: < 0.1%)
+    assert (z[:2].max() - z[:2].min()) / span > 0.25
+    assert z[2, 1] == pytest.approx(fig.layout.coloraxis.cmin)  # zero sits at the floor, not off the scale
+    assert np.isfinite(z).all()
+
+
+def test_comparison_figure_and_summary_follow_the_numbers():
+    layers = ["embeddings", "0", "1", "head"]
+    restore = {"a": [1, 2, 3, 4], "b": [4, 3, 2, 1]}
+    ablate = {"a": [1, 2, 4, 3], "b": [1, 2, 3, 4]}
+    agreement = {"a": 0.8, "b": -1.0}
+    stability = {"restore": {"a": 0.9, "b": 0.95}, "ablate": {"a": 0.3, "b": 0.5}}
+    fig = fg.comparison_figure(layers, restore, ablate, agreement, stability)
+    assert len([t for t in fig.data if t.type == "bar"]) == 3 and fig.layout.height
+    text = fg.comparison_summary(agreement, stability, 3, 16)
+    assert "ρ = -0.10" in text and "0.93 (restore)" in text and "0.40 (ablate)" in text
+    assert "restore ranks layers more consistently" in text
 
 
 def test_hidden_view_and_magnitude(session):
