@@ -1,0 +1,841 @@
+"""Merge quality against the baselines on the demo zoo (a script, not part of the test suite).
+
+    python benchmarks/bench_methods.py                 # full run (≈30-40 min on 2 shared cores); writes RESULTS-methods.md
+    python benchmarks/bench_methods.py --quick         # ≈5 min smoke run (1 seed, tiny grids, 100 probe examples); no file
+    python benchmarks/bench_methods.py --pair sentiment,subjectivity --settings pair --no-ablation
+    python benchmarks/bench_methods.py --out /tmp/r.md # write the results elsewhere (also with --quick)
+
+Protocol (printed and written with the results):
+
+- Settings: all experts of the zoo, and one pair (default: the interfering sentiment + subjectivity,
+  the same tweets labelled two ways; ``--pair`` picks another).
+- Methods: task arithmetic, TIES, DARE (dare_linear, dare_ties), magnitude, Fisher and APL. Each gets
+  a small grid of at most ``BUDGET`` = 24 configurations (λ, drop ratio; for APL also p̄, τ1, τ2,
+  within-layer).
+- Selection: the configuration with the lowest few-shot LOSS = the mean over the setting's tasks of the
+  mean cross-entropy of the merged body + that task's own head on that task's few-shot set. Probe data
+  is never used to choose anything.
+- Seeds s = 0, 1, 2: each draws the few-shot sets (``draw_fewshot(pool, 32, s)``; they feed APL's
+  importance, Fisher's diagonals and the selection loss alike) and is the merge seed (DARE/APL masks).
+  The few-shot pools are the zoo's shipped few-shot examples plus training-split examples the expert
+  never saw in training (its batches are replayed), minus every text of any task's probe set —
+  the zoo ships only 32 few-shot examples per task, and ``draw_fewshot`` of 32 from 32 is the whole
+  pool in order, i.e. no seed variation at all.
+- Probe: 400 held-out examples per task (the zoo's split with its seed, as in bench_zoo.py), accuracy
+  of the merged body + each task's own head; per task and the mean, mean ± std over seeds.
+- Paired differences: APL − baseline per seed (same few-shot draw, same merge seed), against the best
+  baseline (highest mean over seeds) and every other baseline.
+- Ablation (same protocol, 4 λ values, p̄ = 0.8): APL at the design defaults τ1 = τ2 = 2, uniform
+  within layers, gradient importance, random drop; then one factor changed at a time: unit weights
+  (τ2 = ∞), uniform drops (τ1 = ∞), within-layer hidden, exact (layer-level, restore) importance,
+  magnitude drop (λ values above 1: it does not rescale).
+
+Reuse: the reference probe rows (base, experts) are computed once and cached on disk by the Prober;
+every few-shot and probe set is tokenised once (one ``Prober`` per few-shot draw serves as the few-shot
+loss: one body forward for all tasks); importance (gradient, all levels from one backward pass; exact
+layer level for the ablation), Fisher diagonals and APL's delta support once per (setting, seed);
+λ enters every kernel here as ``base + λ·(mixed delta)``, so each configuration without λ is merged
+once (λ = 1) and the λ grid is evaluated as ``base + λ·(merged − base)``; the selected configuration
+is merged again by the engine at its λ for the probe (the largest difference to the scaled body is
+printed). Deterministic methods (TA, TIES, magnitude) merge once per configuration for all seeds.
+Tensors that no expert changed (the frozen word/position/type embeddings, half of the model) are
+taken from the base instead of being pushed through the kernels: every kernel maps a zero delta to
+the base (checked once at start-up against the plain engine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from merging.calibration import DeltaSupport, calibrate
+from merging.engine import MergeEngine, MergeSettings
+from merging.errors import MergeLabError
+from merging.experts import ExpertSet
+from merging.fisher import prepare_fisher
+from merging.importance import compute_importance, draw_fewshot
+from merging.layout import ROLE_MERGE
+from merging.probe import Prober
+from merging.taskloss import ClassifierLoss, encode_examples, tokenizer_of
+from merging.tasks import available_tasks, split_task
+from merging.training import TrainConfig, _batches
+from merging.zoo import open_zoo
+
+RESULTS = Path(__file__).with_name("RESULTS-methods.md")
+BUDGET = 24
+INF = math.inf
+SETTINGS_TAU_CAP = 1e12  # the apl method's declared maximum for τ; calibration takes math.inf itself
+
+
+# ---- grids ----------------------------------------------------------------------------------
+
+def _grid(**axes) -> list[dict]:
+    out = [{}]
+    for key, values in axes.items():
+        out = [{**cfg, key: v} for cfg in out for v in values]
+    return out
+
+
+@dataclass
+class MethodRun:
+    """One row of a table: a merge method and its configurations.
+
+    ``blocks`` are (configurations without λ, λ values) pairs: every configuration of a block is
+    merged once and tried at each of the block's λ values (λ is a scale of the merged delta here).
+    """
+
+    label: str
+    method: str
+    blocks: list[tuple[list[dict], list[float]]]
+    deterministic: bool = False  # merge does not depend on the seed nor on the few-shot draw
+    importance: str = "gradient"  # apl only: gradient | exact
+    baseline: bool = True
+
+    @property
+    def size(self) -> int:
+        return sum(len(configs) * len(lambdas) for configs, lambdas in self.blocks)
+
+    def lambdas_of(self, cfg: dict) -> list[float]:
+        for configs, lambdas in self.blocks:
+            if cfg in configs:
+                return lambdas
+        raise KeyError(cfg)
+
+
+def run_of(label: str, method: str, configs: list[dict], lambdas: list[float], **kw) -> MethodRun:
+    return MethodRun(label, method, [(configs, list(lambdas))], **kw)
+
+
+def _one(fixed: dict) -> dict:
+    return {k: [v] for k, v in fixed.items()}
+
+
+APL_RANDOM = {"q_min": 0.01, "within_layer": "uniform", "drop": "random"}
+APL_MAGNITUDE_SIGN = {"q_min": 0.01, "within_layer": "uniform", "drop": "magnitude", "sign_election": True}
+
+
+def _tau_pairs(pairs: list[tuple[float, float]], **fixed) -> list[dict]:
+    return [{"tau1": t1, "tau2": t2, **fixed} for t1, t2 in pairs]
+
+
+def main_methods(n_experts: int, quick: bool) -> list[MethodRun]:
+    """The main table's methods and grids (each ≤ BUDGET configurations, λ values included).
+
+    Ranges come from a few-shot-loss exploration on a separate draw (seed 100): the loss optimum
+    of every method lies inside its grid there in both settings. Sparsifying methods without a
+    rescale (TIES, magnitude, APL with magnitude drop) need λ > 1; DARE and task arithmetic peak
+    at λ ≈ 0.6 (all experts) to 1.3 (the pair); Fisher is a weighted *average*, so its λ scales
+    with the number of experts T.
+    """
+    t = n_experts
+    if quick:
+        return [
+            run_of("task arithmetic", "task_arithmetic", [{}], [0.6, 0.8, 1.0, 1.2], deterministic=True),
+            run_of("TIES", "ties", _grid(drop_ratio=[0.8, 0.9]), [1.0, 2.0], deterministic=True),
+            run_of("DARE linear", "dare_linear", _grid(drop_ratio=[0.8]), [0.6, 1.0]),
+            run_of("DARE TIES", "dare_ties", _grid(drop_ratio=[0.8]), [0.6, 1.0]),
+            run_of("magnitude", "magnitude", _grid(drop_ratio=[0.8, 0.9]), [1.0, 2.0], deterministic=True),
+            run_of("Fisher", "fisher", [{}], [0.4 * t, 0.6 * t]),
+            MethodRun("APL", "apl", [
+                (_tau_pairs([(2.0, 2.0)], drop_ratio=0.8, **APL_RANDOM), [0.6, 1.0]),
+                (_tau_pairs([(2.0, 1.0)], drop_ratio=0.9, **APL_MAGNITUDE_SIGN), [1.0, 2.0]),
+            ], baseline=False),
+        ]
+    sparse_lambdas = [0.7, 1.0, 1.5, 2.0, 2.5, 3.0]
+    dare_lambdas = [0.4, 0.5, 0.6, 0.8, 1.0, 1.3, 1.6]
+    return [
+        run_of("task arithmetic", "task_arithmetic", [{}],
+               [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.7, 2.0], deterministic=True),
+        run_of("TIES", "ties", _grid(drop_ratio=[0.5, 0.8, 0.9, 0.95]), sparse_lambdas, deterministic=True),
+        run_of("DARE linear", "dare_linear", _grid(drop_ratio=[0.5, 0.8, 0.9]), dare_lambdas),
+        run_of("DARE TIES", "dare_ties", _grid(drop_ratio=[0.5, 0.8, 0.9]), dare_lambdas),
+        run_of("magnitude", "magnitude", _grid(drop_ratio=[0.5, 0.8, 0.9, 0.95]), sparse_lambdas, deterministic=True),
+        run_of("Fisher", "fisher", [{}], [round(f * t, 3) for f in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.25)]),
+        MethodRun("APL", "apl", [
+            # DARE-style random drop with rescale (the design's default drop)
+            (_tau_pairs([(2.0, 2.0), (2.0, 1.0), (0.5, 1.0)], drop_ratio=0.8, **APL_RANDOM), [0.5, 0.7, 0.9, 1.2]),
+            # magnitude top-k drop + TIES sign election (APL's other declared drop and merge options)
+            ([{**c, "drop_ratio": p} for p in (0.8, 0.9) for c in _tau_pairs([(2.0, 2.0), (2.0, 1.0)], **APL_MAGNITUDE_SIGN)],
+             [1.0, 1.5, 2.0]),
+        ], baseline=False),
+    ]
+
+
+def ablation_methods(quick: bool) -> list[MethodRun]:
+    """APL's ablation: the design defaults, then one factor changed at a time (same small λ grid,
+    except that the magnitude drop, which does not rescale, gets λ values above 1)."""
+    lam = [0.6, 1.0] if quick else [0.5, 0.7, 0.9, 1.2]
+    lam_magnitude = [1.0, 2.0] if quick else [1.0, 1.5, 2.0, 2.5]
+
+    def apl(label, importance="gradient", lambdas=lam, **change):
+        cfg = {"tau1": 2.0, "tau2": 2.0, "drop_ratio": 0.8, **APL_RANDOM, **change}
+        return run_of(label, "apl", [cfg], lambdas, importance=importance, baseline=False)
+
+    return [
+        apl("APL defaults (τ1=τ2=2, p̄=0.8, uniform, gradient, random)"),
+        apl("unit weights (τ2=∞): importance drops only", tau2=INF),
+        apl("uniform drops (τ1=∞): importance weights only", tau1=INF),
+        apl("within layer: hidden", within_layer="hidden"),
+        apl("exact importance (layer level, restore)", importance="exact"),
+        apl("magnitude drop (no rescale)", lambdas=lam_magnitude, drop="magnitude"),
+    ]
+
+
+# ---- data ---------------------------------------------------------------------------------
+
+def probe_sets(zoo, n_probe: int) -> tuple[dict, str]:
+    """``n_probe`` probe examples per task with the zoo's seed (the zoo's split reserves 400)."""
+    available, _ = available_tasks()
+    sets, notes = {}, []
+    for task in zoo.tasks:
+        if task in available:
+            sets[task] = split_task(available[task], zoo.seed, n_probe=n_probe).probe_examples
+        else:
+            sets[task] = zoo.probe(task)[:n_probe]
+            notes.append(f"{task}: corpus not installed, the zoo's own {len(sets[task])} probe examples")
+    return sets, "; ".join(notes)
+
+
+def fewshot_pools(zoo, size: int, probe_texts: set[str]) -> tuple[dict, dict]:
+    """Per task: the zoo's few-shot examples plus unseen training-split examples, minus probe texts.
+
+    'Unseen' = never in a training batch: the expert's batches are replayed with its recorded
+    train config (``merging.training._batches``, the generator training used).
+    """
+    available, _ = available_tasks()
+    pools, info = {}, {}
+    for task in zoo.tasks:
+        own = zoo.fewshot(task)
+        extra: list = []
+        if task in available:
+            record = zoo.task_record(task)
+            split = split_task(available[task], zoo.seed, n_probe=record.get("n_probe_requested", 200))
+            if split.fewshot != record["fewshot_indices"]:
+                raise MergeLabError(f"{task}: the split no longer matches the zoo's few-shot indices; rebuild the zoo")
+            cfg = TrainConfig(**record["train_config"])
+            batches = _batches(list(range(len(split.train))), cfg)
+            seen: set[int] = set()
+            for _ in range(cfg.steps):
+                seen.update(int(i) for i in next(batches))
+            data = available[task].examples()
+            extra = [data[split.train[i]] for i in range(len(split.train)) if i not in seen]
+        pool, texts = [], set()
+        for text, label in [*own, *extra]:
+            if text in probe_texts or text in texts:
+                continue
+            texts.add(text)
+            pool.append((text, label))
+            if len(pool) >= size:
+                break
+        pools[task] = pool
+        info[task] = {"pool": len(pool), "zoo_fewshot_kept": sum(1 for t, _ in own if t not in probe_texts)}
+    return pools, info
+
+
+# ---- the engine, skipping tensors no expert changed ---------------------------------------------
+
+class SkipUnchangedEngine(MergeEngine):
+    """The merge engine, except that tensors equal to the base in every expert come from the base.
+
+    Every kernel benchmarked here maps an all-zero delta to the base (base + λ·0); the frozen
+    word-embedding matrix alone costs ~2 s per TIES merge otherwise. ``check`` compares once.
+    """
+
+    def __init__(self, expert_set: ExpertSet, unchanged: set[str]):
+        super().__init__(expert_set, cache=False)
+        self.unchanged = unchanged
+
+    def _merge_one(self, name, info, settings, resolver, dtype=None):
+        if name in self.unchanged:
+            return self.experts.base.get(name).float(), False
+        return super()._merge_one(name, info, settings, resolver, dtype)
+
+    def check(self, settings: MergeSettings) -> None:
+        plain = MergeEngine(self.experts, cache=False)
+        resolver = settings.resolver(self.experts)
+        for name in sorted(self.unchanged):
+            merged, _ = plain._merge_one(name, self.experts.layout[name], settings, resolver)
+            if not torch.equal(merged, self.experts.base.get(name).float()):
+                raise AssertionError(f"{settings.method.name} changes unchanged tensor {name}")
+
+
+# ---- one setting --------------------------------------------------------------------------
+
+@dataclass
+class Setting:
+    name: str
+    tasks: list[str]
+    expert_set: ExpertSet
+    engine: SkipUnchangedEngine
+    base_full: dict[str, torch.Tensor]  # every body tensor of the base (what the prober loads)
+    base: dict[str, torch.Tensor]  # float32 base of the changed tensors
+    support: DeltaSupport
+    prober: Prober  # the probe sets of this setting's tasks
+    examples: dict[int, dict[str, list]] = field(default_factory=dict)
+    indices: dict[int, dict[str, list[int]]] = field(default_factory=dict)
+    scorers: dict[int, Prober] = field(default_factory=dict)
+    importance: dict[tuple[str, int], Any] = field(default_factory=dict)
+    fisher: dict[int, dict] = field(default_factory=dict)
+    loss_cache: dict[tuple, dict[str, float]] = field(default_factory=dict)
+    scale_error: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def tick(self, key: str, seconds: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
+
+
+class Clock:
+    def __init__(self, setting: Setting, key: str):
+        self.setting, self.key = setting, key
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.setting.tick(self.key, time.perf_counter() - self.start)
+
+
+def build_setting(name: str, tasks: list[str], zoo, pools: dict, probes: dict, seeds: list[int], n_fewshot: int,
+                  tokenizer) -> Setting:
+    expert_set = ExpertSet.load(zoo.base_path, {t: f"zoo:{zoo.name}/{t}" for t in tasks})
+    layout = expert_set.layout
+    merged = [n for n, i in layout.tensors.items() if i.role == ROLE_MERGE]
+    unchanged = {n for n in merged
+                 if all(torch.equal(expert_set.base.get(n), expert_set.experts[t].get(n)) for t in tasks)}
+    base_full = {n: expert_set.base.get(n) for n, i in layout.tensors.items() if i.role in (ROLE_MERGE, "copy")}
+    base = {n: expert_set.base.get(n).float() for n in merged if n not in unchanged}
+    prober = Prober(zoo, tasks=tasks, probe_sets={t: probes[t] for t in tasks}, disk_cache=False)
+    setting = Setting(name, list(tasks), expert_set, SkipUnchangedEngine(expert_set, unchanged), base_full, base,
+                      DeltaSupport.of(expert_set), prober)
+    for seed in seeds:
+        drawn = {t: draw_fewshot(pools[t], n_fewshot, seed) for t in tasks}
+        setting.examples[seed] = {t: d[0] for t, d in drawn.items()}
+        setting.indices[seed] = {t: d[1] for t, d in drawn.items()}
+        setting.scorers[seed] = Prober(zoo, tasks=tasks, probe_sets=setting.examples[seed], disk_cache=False)
+    first = seeds[0]
+    check_fewshot_loss(setting, first, tokenizer)
+    return setting
+
+
+def check_fewshot_loss(setting: Setting, seed: int, tokenizer) -> None:
+    """The prober over a few-shot set gives taskloss's ClassifierLoss (expert body + its own head)."""
+    task = setting.tasks[0]
+    loss = ClassifierLoss(setting.expert_set, task, encode_examples(tokenizer, setting.examples[seed][task]))
+    expert = {n: setting.expert_set.experts[task].get(n).float() for n in loss.live}
+    loss.assign(expert)
+    with torch.no_grad():
+        reference = float(loss.loss())
+    body = dict(setting.base_full)
+    body.update(expert)
+    found = setting.scorers[seed].probe_body(body, "check").metrics[task]["loss"]
+    if abs(found - reference) > 1e-4:
+        raise AssertionError(f"few-shot loss through the prober {found:.6f} ≠ ClassifierLoss {reference:.6f}")
+    print(f"  few-shot loss check ({task}, seed {seed}): prober {found:.6f} = ClassifierLoss {reference:.6f}")
+
+
+def gradient_importance(setting: Setting, seed: int, tokenizer):
+    key = ("gradient", seed)
+    if key not in setting.importance:
+        with Clock(setting, "importance gradient"):
+            setting.importance[key] = compute_importance(
+                setting.expert_set, setting.examples[seed], tokenizer, mode="gradient", level="all", seed=seed,
+                fewshot_indices=setting.indices[seed])
+    return setting.importance[key]
+
+
+def exact_importance(setting: Setting, seed: int, tokenizer):
+    key = ("exact", seed)
+    if key not in setting.importance:
+        with Clock(setting, "importance exact (layer)"):
+            setting.importance[key] = compute_importance(
+                setting.expert_set, setting.examples[seed], tokenizer, mode="exact", level="layer", seed=seed,
+                fewshot_indices=setting.indices[seed])
+    return setting.importance[key]
+
+
+def fisher_extras(setting: Setting, seed: int, tokenizer) -> dict:
+    if seed not in setting.fisher:
+        with Clock(setting, "fisher"):
+            setting.fisher[seed] = prepare_fisher(setting.expert_set, setting.examples[seed], tokenizer)["extras"]
+    return setting.fisher[seed]
+
+
+# ---- merging and scoring ------------------------------------------------------------------
+
+def merge_settings(setting: Setting, run: MethodRun, cfg: dict, lam: float, seed: int, tokenizer) -> MergeSettings:
+    es = setting.expert_set
+    if run.method == "fisher":
+        return MergeSettings.build(es, "fisher", {**cfg, "lambda": lam}, seed=seed,
+                                   extras=fisher_extras(setting, seed, tokenizer))
+    if run.method == "apl":
+        importance = (exact_importance if run.importance == "exact" else gradient_importance)(setting, seed, tokenizer)
+        with Clock(setting, "calibration"):
+            table = calibrate(importance, es, drop_ratio=cfg["drop_ratio"], tau1=cfg["tau1"], tau2=cfg["tau2"],
+                              q_min=cfg["q_min"], within_layer=cfg["within_layer"], support=setting.support)
+        params = {**cfg, "lambda": lam, "tau1": min(cfg["tau1"], SETTINGS_TAU_CAP),
+                  "tau2": min(cfg["tau2"], SETTINGS_TAU_CAP)}
+        return MergeSettings.build(es, "apl", params, expert_params=table.to_expert_params(), seed=seed,
+                                   extras=table.extras())
+    return MergeSettings.build(es, run.method, {**cfg, "lambda": lam}, seed=seed)
+
+
+def merged_delta(setting: Setting, settings: MergeSettings) -> dict[str, torch.Tensor]:
+    """(merged − base) of every changed tensor, merged at the settings' λ."""
+    with Clock(setting, "merge"):
+        result = setting.engine.merge(settings)
+    return {n: result.tensors[n].float() - b for n, b in setting.base.items()}
+
+
+def body_at(setting: Setting, delta: dict[str, torch.Tensor], lam: float) -> dict[str, torch.Tensor]:
+    body = dict(setting.base_full)
+    for name, base in setting.base.items():
+        body[name] = base + lam * delta[name]
+    return body
+
+
+def fewshot_loss(setting: Setting, seed: int, body: dict) -> dict[str, float]:
+    with Clock(setting, "few-shot loss"):
+        row = setting.scorers[seed].probe_body(body, "candidate")
+    return {t: row.metrics[t]["loss"] for t in setting.tasks}
+
+
+@dataclass
+class Trial:
+    cfg: dict
+    lam: float
+    loss: float
+    task_loss: dict[str, float]
+
+
+@dataclass
+class SeedResult:
+    trials: list[Trial]
+    best: Trial
+    accuracy: dict[str, float]
+    probe_loss: dict[str, float]
+    scale_error: float  # max |engine merge at λ − scaled body| of the selected configuration
+
+
+def cfg_label(cfg: dict, lam: float) -> str:
+    short = {"drop_ratio": "p", "tau1": "τ1", "tau2": "τ2", "within_layer": "in", "drop": "drop"}
+    parts = [f"λ={lam:g}"]
+    for key, value in cfg.items():
+        if key == "q_min" or (key == "drop" and value == "random") or (key == "within_layer" and value == "uniform"):
+            continue
+        if isinstance(value, bool):
+            if value:
+                parts.append("sign" if key == "sign_election" else key)
+            continue
+        shown = "∞" if value == INF else value if isinstance(value, str) else f"{value:g}"
+        parts.append(f"{short.get(key, key)}={shown}")
+    return " ".join(parts)
+
+
+def trial_key(run: MethodRun, cfg: dict, lam: float, seed: int) -> tuple:
+    return (run.method, run.importance, tuple(sorted(cfg.items())), lam, seed)
+
+
+def run_method(setting: Setting, run: MethodRun, seeds: list[int], tokenizer, probe_cache: dict,
+               log: Callable[[str], None]) -> dict[int, SeedResult]:
+    """Every configuration scored by few-shot loss per seed; the best one merged by the engine and probed.
+
+    Few-shot losses are cached per setting by (method, importance, configuration, λ, seed), so a
+    configuration shared by two rows (the ablation's reference and the main APL grid) is merged and
+    scored once.
+    """
+    if run.size > BUDGET:
+        raise ValueError(f"{run.label}: {run.size} configurations exceed the budget of {BUDGET}")
+    trials: dict[int, list[Trial]] = {s: [] for s in seeds}
+    best_delta: dict[int, dict | None] = {}
+    for cfg, lambdas in [(c, lams) for configs, lams in run.blocks for c in configs]:
+        groups = [(seeds[0], seeds)] if run.deterministic else [(s, [s]) for s in seeds]
+        for merge_seed, eval_seeds in groups:
+            keys = {(s, lam): trial_key(run, cfg, lam, s) for s in eval_seeds for lam in lambdas}
+            delta = None
+            if not all(k in setting.loss_cache for k in keys.values()):
+                delta = merged_delta(setting, merge_settings(setting, run, cfg, 1.0, merge_seed, tokenizer))
+            for seed in eval_seeds:
+                for lam in lambdas:
+                    key = keys[(seed, lam)]
+                    if key not in setting.loss_cache:
+                        setting.loss_cache[key] = fewshot_loss(setting, seed, body_at(setting, delta, lam))
+                    losses = setting.loss_cache[key]
+                    trial = Trial(cfg, lam, statistics.fmean(losses.values()), losses)
+                    if not trials[seed] or trial.loss < min(t.loss for t in trials[seed]):
+                        best_delta[seed] = delta
+                    trials[seed].append(trial)
+            del delta
+    out = {}
+    for seed in seeds:
+        best = min(trials[seed], key=lambda t: t.loss)
+        probe_seed = None if run.deterministic else seed
+        key = (run.method, run.importance, tuple(sorted(best.cfg.items())), best.lam, probe_seed)
+        if key not in probe_cache:
+            settings = merge_settings(setting, run, best.cfg, best.lam, seed, tokenizer)
+            with Clock(setting, "merge"):
+                merged = setting.engine.merge(settings).tensors
+            unit = best_delta.get(seed)
+            if unit is None:  # the loss came from the cache: merge at λ = 1 again for the check
+                unit = merged_delta(setting, merge_settings(setting, run, best.cfg, 1.0, seed, tokenizer))
+            scaled = body_at(setting, unit, best.lam)
+            error = max(float((merged[n].float() - scaled[n]).abs().max()) for n in setting.base)
+            body = dict(setting.base_full)
+            body.update({n: merged[n] for n in setting.base})
+            with Clock(setting, "probe"):
+                row = setting.prober.probe_body(body, run.label)
+            probe_cache[key] = ({t: row.metrics[t]["accuracy"] for t in setting.tasks},
+                                {t: row.metrics[t]["loss"] for t in setting.tasks}, error)
+            del merged, unit, scaled, body
+        accuracy, probe_loss, error = probe_cache[key]
+        setting.scale_error = max(setting.scale_error, error)
+        out[seed] = SeedResult(trials[seed], best, accuracy, probe_loss, error)
+        log(f"  {run.label[:40]:<40} seed {seed}: {cfg_label(best.cfg, best.lam):<40} few-shot loss {best.loss:.4f}  "
+            f"probe mean acc {statistics.fmean(accuracy.values()):.4f}  "
+            + " ".join(f"{t[:4]} {a:.3f}" for t, a in accuracy.items()) + f"  |scaled-engine| {error:.1e}")
+    return out
+
+
+# ---- statistics and tables ------------------------------------------------------------------
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else float("nan"))
+
+
+def pm(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    mean, std = mean_std([scale * v for v in values])
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def paired(diffs: list[float]) -> str:
+    """mean ± standard error of paired differences (points), with the t statistic."""
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return f"{mean:+.1f}"
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    if se < 1e-6:
+        return f"{mean:+.1f} ± 0.0 (same every seed)"
+    return f"{mean:+.1f} ± {se:.1f} (t = {mean / se:+.1f})"
+
+
+def mean_acc(result: SeedResult) -> float:
+    return statistics.fmean(result.accuracy.values())
+
+
+def table_header(tasks: list[str], extra: list[str]) -> list[str]:
+    head = ["model", *tasks, "**mean**", *extra]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
+def reference_lines(reference, tasks: list[str], extra: int) -> list[str]:
+    """Base and expert rows (deterministic: probed once), accuracy in points."""
+    lines = []
+    for name in ["base", *tasks]:
+        row = reference.row(name)
+        accs = [100 * row.metrics[t]["accuracy"] for t in tasks]
+        label = "base (each task's head)" if name == "base" else f"expert: {name}"
+        lines.append("| " + " | ".join([label, *(f"{a:.1f}" for a in accs), f"**{statistics.fmean(accs):.1f}**",
+                                        *([""] * extra)]) + " |")
+    return lines
+
+
+def method_line(label: str, results: dict[int, SeedResult], tasks: list[str], extra: list[str]) -> str:
+    seeds = list(results)
+    cells = [pm([results[s].accuracy[t] for s in seeds]) for t in tasks]
+    mean = pm([mean_acc(results[s]) for s in seeds])
+    return "| " + " | ".join([label, *cells, f"**{mean}**", *extra]) + " |"
+
+
+def selected_line(run: MethodRun, results: dict[int, SeedResult]) -> str:
+    parts = []
+    for seed, r in results.items():
+        lams = run.lambdas_of(r.best.cfg)
+        edge = " (λ at grid edge)" if len(lams) > 1 and r.best.lam in (min(lams), max(lams)) else ""
+        parts.append(f"s{seed}: {cfg_label(r.best.cfg, r.best.lam)}{edge}")
+    return "; ".join(parts)
+
+
+def setting_report(setting: Setting, reference, runs: list[MethodRun], results: dict[str, dict[int, SeedResult]],
+                   title: str, n_probe: int, with_reference: bool = True) -> list[str]:
+    """Markdown for one setting: the accuracy table, then paired differences, then selections."""
+    tasks = setting.tasks
+    seeds = list(next(iter(results.values())))
+    extra = ["few-shot loss (selected)", "configs"]
+    lines = [f"### {title}", "", *table_header(tasks, extra)]
+    if with_reference:
+        lines += reference_lines(reference, tasks, len(extra))
+    for run in runs:
+        r = results[run.label]
+        loss = pm([r[s].best.loss for s in seeds], scale=1.0, digits=3)
+        lines.append(method_line(run.label, r, tasks, [loss, str(run.size)]))
+    lines.append("")
+    lines.append(f"Probe accuracy in points ({n_probe} examples per task), mean ± std over seeds "
+                 f"{', '.join(map(str, seeds))}" + ("; reference rows are deterministic." if with_reference else "."))
+    lines.append("")
+    return lines
+
+
+def paired_report(runs: list[MethodRun], results: dict[str, dict[int, SeedResult]], target: str,
+                  others: list[str], best_label: str | None = None, header: str | None = None,
+                  sign: int = 1) -> list[str]:
+    """Per seed ``sign · (target − other)`` of the mean probe accuracy, in points."""
+    seeds = list(results[target])
+    lines = ["| " + " | ".join([header or f"{target} − …", *(f"seed {s}" for s in seeds), "mean ± SE (t)"]) + " |",
+             "|" + "---|" * (len(seeds) + 2)]
+    for other in others:
+        diffs = [sign * 100 * (mean_acc(results[target][s]) - mean_acc(results[other][s])) for s in seeds]
+        name = f"**{other}** (best baseline)" if other == best_label else other
+        lines.append("| " + " | ".join([name, *(f"{d:+.1f}" for d in diffs), paired(diffs)]) + " |")
+    return lines
+
+
+def best_baseline(runs: list[MethodRun], results: dict[str, dict[int, SeedResult]]) -> str:
+    baselines = [r.label for r in runs if r.baseline]
+    return max(baselines, key=lambda lbl: statistics.fmean(mean_acc(v) for v in results[lbl].values()))
+
+
+def loss_landscape(run: MethodRun, results: dict[int, SeedResult]) -> list[str]:
+    """Few-shot loss of every configuration, mean over seeds (what selection saw)."""
+    by_cfg: dict[str, list[float]] = {}
+    for r in results.values():
+        for t in r.trials:
+            by_cfg.setdefault(cfg_label(t.cfg, t.lam), []).append(t.loss)
+    ranked = sorted(by_cfg.items(), key=lambda kv: statistics.fmean(kv[1]))
+    cells = [f"{label}: {statistics.fmean(v):.3f}" for label, v in ranked]
+    return [f"- {run.label} ({run.size} configs, best first): " + "; ".join(cells)]
+
+
+# ---- machine load -------------------------------------------------------------------------
+
+class LoadSampler:
+    """Samples the 1-minute load average every ``every`` seconds in a daemon thread."""
+
+    def __init__(self, every: float = 20.0):
+        import threading
+
+        self.samples: list[float] = [os.getloadavg()[0]]
+        self.start = os.getloadavg()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.samples.append(os.getloadavg()[0])
+
+    def stop(self) -> str:
+        self._stop.set()
+        end = os.getloadavg()
+        return (f"load average (1/5/15 min) at start {self.start[0]:.2f}/{self.start[1]:.2f}/{self.start[2]:.2f}, "
+                f"at end {end[0]:.2f}/{end[1]:.2f}/{end[2]:.2f}; 1-min load sampled every 20 s: "
+                f"mean {statistics.fmean(self.samples):.2f}, max {max(self.samples):.2f} ({len(self.samples)} samples)")
+
+
+# ---- the run ------------------------------------------------------------------------------
+
+def grid_description(run: MethodRun) -> str:
+    parts = []
+    for configs, lambdas in run.blocks:
+        axes: dict[str, list] = {}
+        for cfg in configs:
+            for key, value in cfg.items():
+                if value not in axes.setdefault(key, []):
+                    axes[key].append(value)
+        items = [f"λ ∈ {{{', '.join(f'{v:g}' for v in lambdas)}}}"]
+        for key, values in axes.items():
+            shown = ", ".join("∞" if v == INF else (f"{v:g}" if isinstance(v, float) else str(v)) for v in values)
+            items.append(f"{key} ∈ {{{shown}}}" if len(values) > 1 else f"{key} = {shown}")
+        pairs = sorted({(c.get("tau1"), c.get("tau2")) for c in configs if "tau1" in c})
+        if len(pairs) > 1:
+            items = [i for i in items if not i.startswith(("tau1", "tau2"))]
+            items.append("(τ1, τ2) ∈ {" + ", ".join(f"({'∞' if a == INF else f'{a:g}'}, {'∞' if b == INF else f'{b:g}'})"
+                                                    for a, b in pairs) + "}")
+        parts.append("; ".join(items) + f" [{len(configs) * len(lambdas)}]")
+    extra = f", importance: {run.importance}" if run.method == "apl" else ""
+    return f"- {run.label} (`{run.method}`, {run.size} configs{extra}): " + " + ".join(parts)
+
+
+def run_setting(name: str, tasks: list[str], zoo, pools, probes, seeds, args, tokenizer, reference,
+                log: Callable[[str], None]) -> dict:
+    clock = time.perf_counter()
+    log(f"\n== setting '{name}': {', '.join(tasks)}")
+    setting = build_setting(name, tasks, zoo, pools, probes, seeds, args.n_fewshot, tokenizer)
+    if not args.quick:
+        with Clock(setting, "engine check"):
+            setting.engine.check(MergeSettings.build(setting.expert_set, "ties", {"drop_ratio": 0.8}))
+    runs = main_methods(len(tasks), args.quick)
+    probe_cache: dict = {}
+    results = {}
+    for run in runs:
+        started = time.perf_counter()
+        results[run.label] = run_method(setting, run, seeds, tokenizer, probe_cache, log)
+        log(f"  ({run.label}: {time.perf_counter() - started:.0f} s)")
+    ablation_runs, ablation = [], {}
+    if not args.no_ablation:
+        ablation_runs = ablation_methods(args.quick)
+        for run in ablation_runs:
+            started = time.perf_counter()
+            ablation[run.label] = run_method(setting, run, seeds, tokenizer, probe_cache, log)
+            log(f"  ({run.label}: {time.perf_counter() - started:.0f} s)")
+    seconds = time.perf_counter() - clock
+    return {"setting": setting, "runs": runs, "results": results, "ablation_runs": ablation_runs,
+            "ablation": ablation, "seconds": seconds}
+
+
+def render(zoo, done: list[dict], reference, seeds, args, pool_info, probe_note, load: str, total: float,
+           started: datetime.datetime) -> str:
+    out = ["# Merge methods against the baselines: measured results", ""]
+    cmd = "python benchmarks/bench_methods.py" + (" --quick" if args.quick else "") + \
+        (f" --pair {args.pair}" if args.pair != "sentiment,subjectivity" else "")
+    out += [(f"Generated by `{cmd}` on {started:%Y-%m-%d %H:%M} (local time); zoo '{zoo.name}' (seed {zoo.seed}, steps "
+            f"{zoo.steps}); {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+            f"with {torch.get_num_threads()} threads."), "",
+            f"Runtime **{total / 60:.1f} min**; {load}.", ""]
+    verdict = ["## Verdict (from the numbers below)", ""]
+    for d in done:
+        res, runs = d["results"], d["runs"]
+        best = best_baseline(runs, res)
+        apl = statistics.fmean(mean_acc(r) for r in res["APL"].values())
+        base = statistics.fmean(mean_acc(r) for r in res[best].values())
+        diffs = [100 * (mean_acc(res["APL"][s]) - mean_acc(res[best][s])) for s in seeds]
+        met = "met" if apl >= base else "NOT met"
+        verdict.append(f"- {d['setting'].name} ({', '.join(d['setting'].tasks)}): APL {100 * apl:.1f} vs best baseline "
+                       f"{best} {100 * base:.1f} — paired difference {paired(diffs)} points over {len(seeds)} seeds; "
+                       f"target 'APL ≥ best baseline' {met}.")
+    out += verdict + [""]
+    for d in done:
+        setting, runs, res = d["setting"], d["runs"], d["results"]
+        out += [f"## Setting '{setting.name}': {', '.join(setting.tasks)}", ""]
+        out += setting_report(setting, reference, runs, res, "Probe accuracy (points)", args.n_probe)
+        best = best_baseline(runs, res)
+        out += ["### APL − baselines, paired by seed (mean probe accuracy, points)", ""]
+        out += paired_report(runs, res, "APL", [r.label for r in runs if r.baseline], best)
+        out += ["", (f"Best baseline = highest mean over seeds: **{best}**. SE = std of the paired differences / √{len(seeds)}; "
+                f"with {len(seeds)} seeds t must exceed {_t_crit(len(seeds)):.1f} for p < 0.05 (two-sided)."), ""]
+        out += ["### Selected configurations (by few-shot loss)", ""]
+        out += [f"- {run.label}: {selected_line(run, res[run.label])}" for run in runs] + [""]
+        if d["ablation"]:
+            out += [f"### APL ablation ({setting.name})", ""]
+            abl_runs, abl = d["ablation_runs"], d["ablation"]
+            out += setting_report(setting, reference, abl_runs, abl, "", args.n_probe, with_reference=False)[2:]
+            ref_label = abl_runs[0].label
+            out += ["Paired differences against the ablation's first row, variant − defaults (mean probe accuracy, points):", ""]
+            out += paired_report(abl_runs, abl, ref_label, [r.label for r in abl_runs[1:]],
+                                 header="variant − APL defaults", sign=-1)
+            out += ["", "Selected configurations:", ""]
+            out += [f"- {run.label}: {selected_line(run, abl[run.label])}" for run in abl_runs] + [""]
+        out += [(f"Largest |engine merge at λ − (base + λ·(merge at 1 − base))| over the probed merges: "
+                f"{setting.scale_error:.1e}."), ""]
+        out += [f"Setting runtime {d['seconds'] / 60:.1f} min: " +
+                ", ".join(f"{k} {v:.0f} s" for k, v in sorted(setting.timings.items(), key=lambda kv: -kv[1])), ""]
+    out += ["## Protocol", ""]
+    out += [line.strip() if not line.startswith("  ") else "  " + line.strip()
+            for line in __doc__.split("Protocol (printed and written with the results):")[1].split("\nReuse:")[0].strip().splitlines()]
+    out += ["", "Reuse:" + __doc__.split("\nReuse:")[1].rstrip(), ""]
+    out += [f"Seeds {', '.join(map(str, seeds))}; few-shot n = {args.n_fewshot} per task from pools of "
+            + ", ".join(f"{t} {i['pool']}" for t, i in pool_info.items())
+            + f" examples; probe {args.n_probe} examples per task{'; ' + probe_note if probe_note else ''}.", ""]
+    out += [("Grids (λ is applied as a scale of the merged delta; 'configs' counts λ values too; grid ranges were set "
+            "from a few-shot-loss exploration on a separate draw, seed 100, never from probe data):"), ""]
+    first = done[0]
+    for run in first["runs"]:
+        out.append(grid_description(run))
+    for run in first["ablation_runs"]:
+        out.append(grid_description(run))
+    if len(done) > 1 and any(len(d["setting"].tasks) != len(first["setting"].tasks) for d in done):
+        out.append("- Fisher's λ grid scales with the number of experts T (a weighted *average* of task vectors): "
+                   "the values above are for the first setting.")
+    out += ["", "## Few-shot loss of every configuration (mean over seeds; what selection saw)", ""]
+    for d in done:
+        out += [f"### {d['setting'].name}", ""]
+        for run in d["runs"] + d["ablation_runs"]:
+            source = d["results"] if run in d["runs"] else d["ablation"]
+            out += loss_landscape(run, source[run.label])
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def _t_crit(n: int) -> float:
+    table = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
+    return table.get(n, 2.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", default="default")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, tiny grids, 100 probe examples")
+    parser.add_argument("--pair", default="sentiment,subjectivity", help="the two experts of the pair setting")
+    parser.add_argument("--settings", default="all,pair", help="which settings to run: all, pair or both")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick 0,1)")
+    parser.add_argument("--n-fewshot", type=int, default=32)
+    parser.add_argument("--pool", type=int, default=256, help="few-shot pool size per task")
+    parser.add_argument("--n-probe", type=int, default=None, help="probe examples per task (default 400; quick 100)")
+    parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on the shared 2-core machine, under load 5-7, one thread ran "
+                             "a few-shot forward 2× and per-example gradients 6-10× faster than two)")
+    parser.add_argument("--out", default=None, help="markdown output (default: RESULTS-methods.md; quick: none)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    args.n_probe = args.n_probe or (100 if args.quick else 400)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0, 1] if args.quick else [0, 1, 2])
+    started, clock, sampler = datetime.datetime.now(), time.perf_counter(), LoadSampler()
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    try:
+        zoo = open_zoo(args.zoo)
+    except MergeLabError as exc:
+        print(f"{exc}\nBuild the demo zoo first: python -m merging zoo build --name {args.zoo}", file=sys.stderr)
+        return 1
+    pair = [t.strip() for t in args.pair.split(",")]
+    if len(pair) != 2 or any(t not in zoo.tasks for t in pair):
+        print(f"--pair needs two of the zoo's tasks ({', '.join(zoo.tasks)}), got {args.pair!r}", file=sys.stderr)
+        return 2
+    wanted = [s.strip() for s in args.settings.split(",")]
+    settings = [(s, list(zoo.tasks) if s == "all" else pair) for s in ("all", "pair") if s in wanted]
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    probes, probe_note = probe_sets(zoo, args.n_probe)
+    all_probe_texts = {text for examples in probe_sets(zoo, 400)[0].values() for text, _ in examples}
+    pools, pool_info = fewshot_pools(zoo, args.pool, all_probe_texts)
+    log(f"zoo {zoo.name}: {', '.join(zoo.tasks)}; seeds {seeds}; probe {args.n_probe}/task; few-shot pools "
+        + ", ".join(f"{t} {i['pool']}" for t, i in pool_info.items()) + f"; {torch.get_num_threads()} threads")
+    t0 = time.perf_counter()
+    reference = Prober(zoo, probe_sets=probes, disk_cache=True).reference()
+    log(f"reference rows (base, experts; disk-cached by the prober): {time.perf_counter() - t0:.1f} s")
+    log(reference.markdown())
+    tokenizer = tokenizer_of(ExpertSet.load(zoo.base_path, {t: f"zoo:{zoo.name}/{t}" for t in pair}))
+    done = [run_setting(name, tasks, zoo, pools, probes, seeds, args, tokenizer, reference, log)
+            for name, tasks in settings]
+    total = time.perf_counter() - clock
+    load = sampler.stop()
+    text = render(zoo, done, reference, seeds, args, pool_info, probe_note, load, total, started)
+    print("\n" + text)
+    out = Path(args.out) if args.out else (None if args.quick else RESULTS)
+    if out is not None:
+        out.write_text(text, encoding="utf-8")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
