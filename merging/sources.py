@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from .access import check_fits, check_local_path
 from .errors import MergeLabError
+from .integrity import check_safetensors
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
@@ -241,6 +242,7 @@ def _read_safetensors_headers(files: list[Path], name: str) -> dict[str, TensorE
                     dtype = _DTYPE_NAMES.get(piece.get_dtype(), piece.get_dtype().lower())
                     entries[key] = TensorEntry(file, key, shape, dtype)
         except Exception as exc:
+            check_safetensors(file, f"{name}: {file.name}")  # names the tensor and the bytes when it can
             raise MergeLabError(
                 f"'{file.name}' of model '{name}' is not a readable safetensors file ({exc}). "
                 "It is probably truncated or corrupt: download or export it again."

@@ -96,7 +96,7 @@ def make_bad_models(root: Path, zoo) -> dict[str, Path]:
 # What the page says for each (a substring of the exact message; the full texts are in the report).
 EXPECTED = {
     "truncated": "is truncated: tensor",
-    "garbage": "has a corrupt safetensors header (not valid JSON)",
+    "garbage": "has a corrupt safetensors header (not a valid JSON object)",
     "lying": f"the header says tensor '{QUERY}' is F32 of shape (32, 16)",
     "vocab": "has vocab size 52 but the base has 45",
     "gpt2": "gpt2 model but the base is bert",
@@ -261,6 +261,7 @@ def test_cli_inspect_reports_broken_models_in_one_line(app_zoo, bad, capsys):  #
         assert main(["inspect", str(zoo.base_path), str(zoo.experts["mood"]), str(bad[case])]) == 2, case
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err, (case, err)
+        assert EXPECTED[case] in err, (case, err)  # the same words as the page: file and tensor named
 
 
 # ---------------------------------------------------------------- through the HTTP API (what the page shows)

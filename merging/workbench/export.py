@@ -1,0 +1,133 @@
+"""The Export step: a zip of HF folders per task with recipe and model card, old exports cleaned."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import MergeLabError
+from .cache import Models, content_hash
+from .experts import models_for
+from .limits import EXPORT_MAX_AGE, Progress, check_dtype, no_progress
+from .merge import build_settings
+from .session import Session
+
+
+def exports_root() -> Path:
+    from ..paths import cache_root
+
+    root = cache_root() / "exports"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def clean_old_exports(max_age: float = EXPORT_MAX_AGE, now: float | None = None) -> int:
+    """Delete exports older than ``max_age`` seconds; returns how many were removed."""
+    now = time.time() if now is None else now
+    removed = 0
+    for path in exports_root().iterdir():
+        try:
+            if now - path.stat().st_mtime > max_age:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+EXPORTS: dict[str, Path] = {}  # export content hash → zip (identical exports are served from the same file)
+
+
+def export(session: Session, tasks: Sequence[str] | None = None, dtype: str = "float32",
+           progress: Progress | None = None) -> Path:
+    """Write the last merge (HF folders, recipe, mergekit YAML, model card, importance) into a stored zip.
+
+    Atomic: on any failure (a full disk, a cancelled export) the half-written folder is removed and
+    earlier zips are untouched; a full disk gets a readable message."""
+    progress = progress or no_progress
+    if session.last_recipe is None or session.merge_inputs is None:
+        raise MergeLabError("nothing to export yet: press Merge first")
+    dtype = check_dtype(dtype)
+    chosen = list(tasks) if tasks else None
+    unknown = [t for t in chosen or [] if t not in session.refs]
+    if unknown:
+        raise MergeLabError(f"Export tasks: no loaded expert named {', '.join(map(repr, unknown))} "
+                            f"(experts: {', '.join(session.refs)})", field="tasks")
+    clean_old_exports()
+    models = models_for(session)
+    recipe = session.last_recipe
+    recipe.dtype = dtype
+    importance_json = session.importance.to_json() if session.importance is not None else None
+    key = content_hash("export", session.merge_key, recipe.to_dict(), chosen, dtype, importance_json)
+    previous = EXPORTS.get(key)
+    if previous is not None and previous.is_file():
+        os.utime(previous)  # keep it another hour
+        progress(1.0, "export ready (identical export reused)")
+        return previous
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = Path(tempfile.mkdtemp(prefix=f"merge-{stamp}-", dir=exports_root()))
+    out_dir = work / "merge"
+    zip_path = work / f"merge-lab-{session.method}-{stamp}.zip"
+    try:
+        with models.lock:
+            _export_with_settings(session, models, recipe, out_dir, chosen, dtype, importance_json, progress)
+        progress(0.95, "zipping (stored, not recompressed)")
+        partial = work / (zip_path.name + ".part")
+        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as archive:
+            for path in sorted(out_dir.rglob("*")):
+                if path.is_file():
+                    archive.write(path, path.relative_to(out_dir).as_posix())
+        os.replace(partial, zip_path)
+    except (OSError, MergeLabError) as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        full = getattr(exc, "errno", None) in (28, 122) or "disk is full" in str(exc)  # ENOSPC, EDQUOT
+        if full:  # the library's message names a server path: a public page gets this one
+            raise MergeLabError("export failed: the server's disk is full. Earlier exports are untouched; try "
+                                "again later, export fewer tasks or a smaller dtype (fp16)") from None
+        if isinstance(exc, MergeLabError):
+            raise
+        raise MergeLabError(f"export failed while writing files: {exc.strerror or exc}. Earlier exports are "
+                            "untouched") from None
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    EXPORTS[key] = zip_path
+    progress(1.0, "export ready")
+    return zip_path
+
+
+def _export_with_settings(session: Session, models: Models, recipe, out_dir: Path, tasks, dtype: str,
+                          importance_json: str | None, progress: Progress) -> None:
+    """export_recipe with the settings the last merge was built from (data-aware methods' inputs: few-shot
+    data, calibration; the overrides as they were at Merge), so Export writes exactly what Merge built."""
+    from ..export import export_recipe
+
+    snap = session.merge_inputs
+    saved = (session.overrides, session.calibration, session.apl_params, session.fewshot_n)
+    try:
+        session.overrides, session.calibration = snap["overrides"], snap["calibration"]
+        session.apl_params, session.fewshot_n = snap["apl_params"], snap["fewshot_n"]
+        settings, _ = build_settings(session, recipe.method, snap["shared"], snap["seed"])
+    finally:
+        session.overrides, session.calibration, session.apl_params, session.fewshot_n = saved
+    export_recipe(recipe, out_dir, expert_set=models.expert_set, engine=models.engine, tasks=tasks, dtype=dtype,
+                  importance_json=importance_json, progress=progress, settings=settings)
+
+
+def read_zip_names(path: str | Path) -> list[str]:
+    with zipfile.ZipFile(path) as archive:
+        return archive.namelist()
+
+
+def zip_is_stored(path: str | Path) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist())
+
+

@@ -1,0 +1,168 @@
+"""The Importance step: APL importance for a session, its calibration, and the intervention/draw comparison."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..errors import MergeLabError
+from .cache import CACHE, RESULTS, Models, content_hash
+from .experts import models_for, tokenizer_for
+from .limits import (
+    DEFAULT_FEWSHOT,
+    INTERVENTIONS,
+    MODES,
+    Progress,
+    check_choice,
+    check_fewshot,
+    check_number,
+    no_progress,
+)
+from .preflight import scan_nonfinite
+from .session import Session
+
+
+def compute_importance(session: Session, n_fewshot: int = DEFAULT_FEWSHOT, mode: str = "gradient",
+                       intervention: str = "restore", level: str = "all", sample: int | None = None,
+                       progress: Progress | None = None) -> Session:
+    """APL importance of every expert on its own few-shot data, then APL's calibration.
+
+    The map is a pure function of (models, few-shot examples, mode, intervention, levels, sample, seed), so it
+    is cached across sessions by a hash of those: a second identical request is a cache hit."""
+    progress = progress or no_progress
+    n_fewshot = check_fewshot(n_fewshot)
+    mode = check_choice("Mode", mode, MODES)
+    intervention = check_choice("Intervention", intervention, INTERVENTIONS)
+    missing = session.missing_data()
+    if missing:
+        raise MergeLabError(f"expert(s) {', '.join(missing)} have no task data: importance needs a few labelled "
+                            "examples of every expert's task — attach a CSV/JSONL file to each")
+    models = models_for(session)
+    _refuse_nonfinite(models, "importance")
+    levels = ["model", "layer", "module", "hidden"] if level == "all" else [level] if isinstance(level, str) else level
+    if mode == "exact" and level == "all":  # one forward pass per unit is far too slow for a page: no units
+        levels = ["model", "layer", "module"]
+    result, _ = _importance(session, models, n_fewshot, mode, intervention, list(levels), session.seed,
+                            sample if mode == "exact" else None, progress)
+    session.importance = result
+    session.importance_runs[f"{mode}/{intervention}"] = result
+    session.fewshot_n = int(n_fewshot)
+    recalibrate(session, **(session.apl_params or {}))
+    CACHE.trim()
+    return session
+
+
+def _refuse_nonfinite(models: Models, what: str) -> None:
+    bad = scan_nonfinite(models)
+    if bad:
+        model, tensors = next(iter(bad.items()))
+        raise MergeLabError(f"model '{model}' has NaN/Inf values in tensor '{tensors[0][0]}' "
+                            f"({len(tensors)} tensor(s) affected): {what} cannot use a broken checkpoint; replace it")
+
+
+def _importance(session: Session, models: Models, n: int, mode: str, intervention: str, levels: list[str],
+                seed: int, sample: int | None, progress: Progress, draw_seed: int | None = None):
+    """(ImportanceMap, cache hit?) for the session's experts on a seeded few-shot draw."""
+    from ..importance import compute_importance as _compute
+    from ..importance import draw_fewshot
+
+    tokenizer = tokenizer_for(models)
+    examples, indices = {}, {}
+    for name in session.refs:
+        examples[name], indices[name] = draw_fewshot(session.data[name].fewshot, int(n),
+                                                     seed if draw_seed is None else draw_seed)
+    key = content_hash("importance", models.fingerprint, sorted(session.refs), examples, mode, intervention,
+                       levels, sample, seed)
+
+    def compute():
+        with models.lock:
+            return _compute(models.expert_set, examples, tokenizer, mode=mode, level=levels,
+                            intervention=intervention, sample=sample, seed=seed, progress=progress,
+                            fewshot_indices=indices)
+
+    return RESULTS.get_or_compute("importance", key, compute)
+
+
+def recalibrate(session: Session, drop_ratio: float = 0.5, tau1: float = 2.0, tau2: float = 2.0,
+                q_min: float = 0.01, within_layer: str = "uniform") -> Session:
+    """APL's suggested drop ratio and weight per expert × layer from the current importance."""
+    from ..calibration import DeltaSupport, calibrate
+
+    if session.importance is None:
+        return session
+    models = models_for(session)
+    with models.lock:
+        if models.support is None:
+            models.support = DeltaSupport.of(models.expert_set)
+    session.apl_params = {"drop_ratio": float(drop_ratio), "tau1": float(tau1), "tau2": float(tau2),
+                          "q_min": float(q_min), "within_layer": within_layer}
+    session.calibration = calibrate(session.importance, models.expert_set, support=models.support,
+                                    **session.apl_params)
+    return session
+
+
+
+
+@dataclass
+class Comparison:
+    """Layer-level gradient importance with both interventions, and its rank stability over few-shot draws."""
+
+    experts: list[str]
+    layers: list[str]
+    restore: dict[str, list[float]]  # expert → |importance| per layer (main draw)
+    ablate: dict[str, list[float]]
+    agreement: dict[str, float]  # expert → Spearman(restore, ablate) over layers
+    stability: dict[str, dict[str, float]]  # intervention → expert → mean pairwise Spearman over draws
+    draws: int
+    draw_size: int
+    seconds: float
+    hits: int = 0
+
+
+def compare_interventions(session: Session, n_fewshot: int | None = None, draws: int = 3,
+                          progress: Progress | None = None) -> Comparison:
+    """Gradient importance at layer level with ``restore`` and ``ablate`` on the same few-shot draw, and the
+    layer ranking's stability over ``draws`` seeded draws for each (gradient: one backward pass per expert
+    and run, so 2 × draws runs in all; each run cached like any importance)."""
+    from ..fidelity import rank_correlation, stability
+
+    progress = progress or no_progress
+    n = check_fewshot(n_fewshot if n_fewshot is not None else session.fewshot_n)
+    draws = int(check_number("draws", draws, 2, 5, integer=True))
+    missing = session.missing_data()
+    if missing:
+        raise MergeLabError(f"expert(s) {', '.join(missing)} have no task data: the comparison needs a few "
+                            "labelled examples of every expert's task")
+    models = models_for(session)
+    _refuse_nonfinite(models, "importance")
+    smallest = min(len(session.data[e].fewshot) for e in session.refs)
+    size = max(2, min(n, smallest // 2)) if smallest >= 4 else smallest  # draws must differ to say anything
+    start = time.perf_counter()
+    maps: dict[str, list] = {}
+    hits = 0
+    total = 2 * draws
+    done = 0
+    for intervention in INTERVENTIONS:
+        maps[intervention] = []
+        for d in range(draws):
+            def step(f, m, done=done, iv=intervention, d=d):
+                progress((done + f) / total, f"{iv}, draw {d + 1}/{draws}: {m}")
+            result, hit = _importance(session, models, size, "gradient", intervention, ["layer"], session.seed,
+                                      None, step, draw_seed=session.seed + d)
+            maps[intervention].append(result)
+            hits += int(hit)
+            done += 1
+    first = maps["restore"][0]
+    layers = list(first.partitions["layer"])
+    restore = {e: [float(v) for v in first.matrix("layer")[i]] for i, e in enumerate(first.experts)}
+    abl = maps["ablate"][0]
+    ablate = {e: [float(v) for v in abl.matrix("layer")[i]] for i, e in enumerate(abl.experts)}
+    agreement = {e: rank_correlation(restore[e], ablate[e]) for e in restore}
+    stab = {iv: stability(maps[iv], "layer") for iv in INTERVENTIONS}
+    result = Comparison(list(first.experts), layers, restore, ablate, agreement, stab, draws, size,
+                        time.perf_counter() - start, hits)
+    session.comparison = result
+    progress(1.0, "comparison done")
+    return result
+
+

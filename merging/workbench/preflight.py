@@ -1,0 +1,119 @@
+"""Broken files found before use: corrupt safetensors, NaN/Inf weights, uploads."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from ..errors import MergeLabError
+from ..integrity import MAX_HEADER_BYTES, check_safetensors  # noqa: F401  (re-exported)
+from .cache import Models, content_hash
+from .limits import max_upload_bytes
+
+
+def preflight_ref(ref: str, name: str) -> None:
+    """Check the safetensors files behind a local ref before opening it (after the allowed-roots check, so
+    nothing outside them is read). Hub ids are left to the library."""
+    from ..access import check_local_path
+
+    text = str(ref)
+    if text.startswith("zoo:"):
+        from ..sources import resolve_zoo_ref
+
+        path = resolve_zoo_ref(text)
+    else:
+        path = Path(text).expanduser()
+        if not (path.exists() or path.is_symlink()):
+            return  # a hub id, or missing: the library says which
+        path = check_local_path(path, text)
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            check_safetensors(path, f"{name}: {path.name}")
+        return
+    if path.is_dir():
+        files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() \
+            else sorted(path.glob("*.safetensors"))
+        for file in files:
+            check_safetensors(file, f"{name}: {file.name}")
+
+
+def scan_nonfinite(models: Models) -> dict[str, list[tuple[str, int]]]:
+    """Every float tensor of the base and the experts checked for NaN/Inf once per selection (one min/max
+    pass per tensor, large tensors in row chunks)."""
+    with models.lock:
+        if models.nonfinite is not None:
+            return models.nonfinite
+        expert_set = models.expert_set
+        found: dict[str, list[tuple[str, int]]] = {}
+        for model, source in [("base", expert_set.base), *((n, e.source) for n, e in expert_set.experts.items())]:
+            for name, entry in source.tensors.items():
+                if not entry.dtype.startswith(("float", "bfloat")):
+                    continue
+                bad = _count_nonfinite(source, name, entry.shape)
+                if bad:
+                    found.setdefault(model, []).append((name, bad))
+        models.nonfinite = found
+        models.close_files()  # every page was touched once: unmap them rather than keep them resident
+        return found
+
+
+def _count_nonfinite(source, name: str, shape) -> int:
+    rows = shape[0] if shape else 1
+    numel = math.prod(shape) if shape else 1
+    step = max(1, rows * (16 * 1024 * 1024) // max(numel, 1)) if len(shape) >= 2 else rows
+    bad = 0
+    for r0 in range(0, rows, step):
+        piece = source.get(name) if step >= rows else source.get_rows(name, r0, min(rows, r0 + step))
+        if piece.numel():
+            low, high = torch.aminmax(piece.float())
+            if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+                bad += int((~torch.isfinite(piece)).sum())
+        if step >= rows:
+            break
+    return bad
+
+
+# ---------------------------------------------------------------- uploads
+
+
+def accept_upload(path: str | os.PathLike, shown: str | None = None) -> str:
+    """Check an uploaded expert file (.safetensors only, under the size cap, header consistent) and place it
+    under the cache root (always readable, even when MERGE_LAB_ALLOWED_ROOTS limits local paths).
+    Returns the path to use as the expert's ref."""
+    source = Path(path)
+    shown = shown or source.name
+    if source.suffix.lower() != ".safetensors":
+        raise MergeLabError(f"'{shown}' is not a .safetensors file: upload experts as .safetensors (pickled "
+                            ".bin/.pt/.pth files can run code and are refused)")
+    try:
+        size = source.stat().st_size
+    except OSError:
+        raise MergeLabError(f"the upload '{shown}' is gone (uploads are kept for a limited time): upload it again") \
+            from None
+    cap = max_upload_bytes()
+    if size > cap:
+        raise MergeLabError(f"'{shown}' is {size / 1024**2:.1f} MB, over this server's upload limit of "
+                            f"{cap / 1024**2:.0f} MB (MERGE_LAB_MAX_UPLOAD_MB)")
+    check_safetensors(source, shown)
+    from ..paths import cache_root
+
+    digest = content_hash(str(source.resolve()), size, source.stat().st_mtime_ns)[:12]
+    folder = cache_root() / "uploads" / digest
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.stem)[:80] or "expert"
+    target = folder / f"{stem}.safetensors"
+    if not target.exists():
+        tmp = folder / f".{stem}.{uuid.uuid4().hex[:6]}.part"
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    return str(target)
+
+

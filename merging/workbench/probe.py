@@ -1,0 +1,207 @@
+"""The Probe step: base, experts and merges on every task; the drop sweep; trying one sentence."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import MergeLabError
+from .cache import CACHE, RESULTS, Models, content_hash
+from .experts import models_for, tokenizer_for
+from .importance import recalibrate
+from .limits import DROP, MAX_SENTENCE_CHARS, SWEEP_METHODS, Progress, no_progress
+from .merge import build_settings, merged_tensors, method_available
+from .session import Session
+
+
+def _probe_zoo(session: Session, models: Models):
+    """A zoo-like view (name, root, base_path, experts) of the session's experts that have folders and data."""
+    from types import SimpleNamespace
+
+    base_root = getattr(models.expert_set.base, "root", None)
+    if base_root is None or not Path(base_root).is_dir():
+        raise MergeLabError("the probe needs the base as a model folder (config.json + model.safetensors)")
+    experts, unavailable = {}, []
+    for name in session.refs:
+        folder = session.folders.get(name)
+        if folder and (Path(folder) / "model.safetensors").is_file() and name in session.data \
+                and session.data[name].probe:
+            experts[name] = Path(folder)
+        else:
+            unavailable.append(name)
+    if not experts:
+        raise MergeLabError("no expert can be probed: the probe needs each expert as a folder with "
+                            "model.safetensors and a classifier head, plus task data")
+    root = Path(tempfile.gettempdir()) / "merge-lab-probe"
+    root.mkdir(exist_ok=True)
+    view = SimpleNamespace(name="session", root=root, base_path=Path(base_root), experts=experts,
+                           tasks=list(experts))
+    return view, unavailable
+
+
+def _probe_sets(session: Session, view) -> dict[str, list]:
+    return {t: list(session.data[t].probe) for t in view.experts}
+
+
+def prober_for(session: Session, models: Models):
+    from ..probe import Prober
+
+    view, unavailable = _probe_zoo(session, models)
+    sets = _probe_sets(session, view)
+    key = content_hash(sorted((t, str(p)) for t, p in view.experts.items()), sets)
+    with models.lock:
+        if models.prober is None or models.prober_key != key:
+            models.prober = Prober(view, tasks=list(view.experts), probe_sets=sets)
+            models.prober_key = key
+    return models.prober, unavailable
+
+
+def run_probe(session: Session, progress: Progress | None = None):
+    """Probe base, experts and the latest merge; returns the report with every merge of the session.
+
+    The merged row is a pure function of (merge, probe sets): cached across sessions by content hash."""
+    from ..probe import ProbeReport, ProbeRow
+
+    progress = progress or no_progress
+    models = models_for(session)
+    if session.merge_key is None:
+        raise MergeLabError("no merge yet in this session: press Merge first")
+    view, _ = _probe_zoo(session, models)
+    probe_key = content_hash("probe", session.merge_key, sorted((t, str(p)) for t, p in view.experts.items()),
+                             _probe_sets(session, view))
+    prober, unavailable = prober_for(session, models)
+    progress(0.1, "base and experts (computed once, then cached)")
+
+    def probe_merge():
+        body = merged_tensors(session)
+        with models.lock:
+            progress(0.6, "the merged model")
+            return dict(prober.probe_body(body, name=session.last_label or "merged").metrics)
+
+    with models.lock:
+        reference = prober.reference()
+    metrics, _ = RESULTS.get_or_compute("probe", probe_key, probe_merge)
+    session.reference = reference
+    for item in reversed(session.history):
+        if item.get("key") == session.merge_key or "key" not in item:
+            item["metrics"] = metrics
+            break
+    report = ProbeReport(tasks=list(reference.tasks), rows=list(reference.rows), meta=dict(reference.meta))
+    for item in session.history:
+        if item.get("metrics") and set(item["metrics"]) <= set(reference.tasks):
+            report.add(ProbeRow(name=item["label"], metrics=item["metrics"]))
+    report.meta["unavailable"] = unavailable
+    CACHE.trim()
+    progress(1.0, "probe done")
+    return report
+
+
+def history_rows(session: Session) -> tuple[list[str], list[list]]:
+    headers = ["merge", "method", "settings", "mean accuracy", "seconds"]
+    rows = []
+    for item in session.history:
+        metrics = item.get("metrics") or {}
+        accs = [m.get("accuracy") for m in metrics.values() if m.get("accuracy") is not None]
+        rows.append([item["label"], item["method"], item["settings"],
+                     round(sum(accs) / len(accs), 4) if accs else None, item.get("seconds")])
+    return headers, rows
+
+
+def drop_sweep(session: Session, ratios: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+               methods: Sequence[str] = SWEEP_METHODS, progress: Progress | None = None) -> dict[str, list[float]]:
+    """Mean probe accuracy vs drop ratio for a few sparsifying methods (no overrides; APL recalibrated)."""
+    progress = progress or no_progress
+    models = models_for(session)
+    prober, _ = prober_for(session, models)
+    methods = [m for m in methods if method_available(session, m) is None]
+    out: dict[str, list[float]] = {}
+    saved = (session.overrides, session.calibration, dict(session.apl_params))
+    total = max(1, len(methods) * len(ratios))
+    done = 0
+    from ..engine import MergeEngine
+
+    engine = MergeEngine(models.expert_set, cache=False)
+    try:
+        session.overrides = {}
+        for method in methods:
+            out[method] = []
+            for ratio in ratios:
+                progress(done / total, f"{method} at drop ratio {ratio}")
+                shared = {DROP: float(ratio)}
+                if method == "apl":
+                    recalibrate(session, **{**saved[2], DROP: float(ratio)})
+                settings, _ = build_settings(session, method, shared, session.seed)
+                with models.lock:
+                    result = engine.merge(settings)
+                    row = prober.probe_body(result.tensors, name=f"sweep {method} {ratio}")
+                out[method].append(row.mean("accuracy"))
+                done += 1
+    finally:
+        session.overrides, session.calibration, session.apl_params = saved
+    progress(1.0, "sweep done")
+    return out
+
+
+
+
+def predict(session: Session, text: str, expert: str | None = None) -> list[list]:
+    """Rows (task, model, predicted label, confidence) for base, the task's expert and the merge."""
+    from transformers import AutoModel
+
+    text = (text or "").strip()
+    if not text:
+        raise MergeLabError("type a sentence first")
+    if len(text) > MAX_SENTENCE_CHARS:
+        raise MergeLabError(f"Try a sentence: at most {MAX_SENTENCE_CHARS} characters, got {len(text)}")
+    models = models_for(session)
+    tokenizer = tokenizer_for(models)
+    base_root = getattr(models.expert_set.base, "root", None)
+    if base_root is None:
+        raise MergeLabError("predictions need the base as a model folder")
+    merged = merged_tensors(session)
+    tasks = [expert] if expert else list(session.refs)
+    rows = []
+    with models.lock:
+        if models.predictor is None:
+            models.predictor = AutoModel.from_pretrained(str(base_root)).eval()
+        model = models.predictor
+        names = dict(model.state_dict())
+        encoded = tokenizer([text], return_tensors="pt", truncation=True, max_length=64)
+        encoded = {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+        def pooled(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            with torch.no_grad():
+                for name, tensor in names.items():
+                    if name in state:
+                        tensor.copy_(state[name].to(tensor.dtype))
+                out = model(**encoded)
+                return out.pooler_output if getattr(out, "pooler_output", None) is not None \
+                    else out.last_hidden_state[:, 0]
+
+        base_state = {n: models.expert_set.base.get(n) for n in names if n in models.expert_set.base.tensors}
+        bodies = {"base": base_state, "merged": merged}
+        pools = {"base": pooled(base_state), "merged": pooled(merged)}
+        for task in tasks:
+            expert_obj = models.expert_set.experts[task]
+            head = expert_obj.head()
+            weight = next((v for k, v in head.items() if k.endswith("weight")), None)
+            bias = next((v for k, v in head.items() if k.endswith("bias")), None)
+            if weight is None or weight.dim() != 2:
+                rows.append([task, "—", "no classifier head", None])
+                continue
+            own = {n: expert_obj.get(n) for n in names if n in models.expert_set.layout.tensors}
+            pools[task] = pooled(own)
+            labels = session.data[task].labels if task in session.data else []
+            for which in ("base", task, "merged"):
+                logits = pools[which] @ weight.float().T + (bias.float() if bias is not None else 0)
+                prob = torch.softmax(logits, -1)[0]
+                k = int(prob.argmax())
+                label = labels[k] if k < len(labels) else f"label {k}"
+                rows.append([task, "expert" if which == task else which, label, round(float(prob[k]), 3)])
+        del bodies
+    return rows
+
+
