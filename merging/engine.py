@@ -136,6 +136,17 @@ class MergeEngine:
                 del merged
         # tied lm_head aliases are written by the exporter from the embeddings
 
+    def clear_cache(self) -> int:
+        """Forget every cached merged tensor (memory pressure); returns how many were dropped. The next
+        merge recomputes them; results are unchanged."""
+        dropped = len(self._cache)
+        self._cache.clear()
+        return dropped
+
+    def cached_bytes(self) -> int:
+        """Bytes held by the merged-tensor cache."""
+        return sum(t.numel() * t.element_size() for _, t in self._cache.values())
+
     # ---- one tensor -----------------------------------------------------------
     def _merge_one(self, name: str, info: TensorInfo, settings: MergeSettings,
                    resolver: ParamResolver, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, bool]:

@@ -116,6 +116,14 @@ def test_overriding_one_cell_remerges_only_that_layer(setup):
     assert not torch.equal(first.tensors["encoder.layer.1.output.dense.weight"],
                            second.tensors["encoder.layer.1.output.dense.weight"])
 
+    assert merger.cached_bytes() > 0
+    assert merger.clear_cache() == len(first.recomputed)  # every merged tensor was cached once
+    assert merger.cached_bytes() == 0
+    third = merger.merge(MergeSettings.build(expert_set, "apl", {"within_layer": "hidden"}, params, 3, table.extras()))
+    assert sorted(third.recomputed) == sorted(first.recomputed)
+    for name, tensor in second.tensors.items():  # recomputed after clearing: the same tensors, bitwise
+        assert torch.equal(tensor, third.tensors[name]), name
+
 
 def test_row_chunks_merge_like_whole_tensors(setup, monkeypatch):
     expert_set, importance = setup

@@ -120,8 +120,8 @@ class Models:
         try:
             for key in [k for k in self.results if not self.owners.get(k)]:
                 self.drop_result(key)
-            if getattr(self.engine, "_cache", None):
-                self.engine._cache.clear()
+            if self.engine is not None:
+                self.engine.clear_cache()
             self.predictor = None
         finally:
             self.lock.release()
