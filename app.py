@@ -14,10 +14,10 @@ import os
 from typing import Any
 
 from components import handlers as h
-from components.layout import _css, build_demo
+from components.layout import load_css, build_demo
 from merging.workbench import exports_root
 
-CSS = _css()
+CSS = load_css()
 
 demo = build_demo()
 # One heavy job at a time on a 2-core machine (the model events share one concurrency group, see

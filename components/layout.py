@@ -54,7 +54,7 @@ def _intro() -> str:
     return (ASSETS / "intro.md").read_text(encoding="utf-8")
 
 
-def _css() -> str:
+def load_css() -> str:
     path = ASSETS / "style.css"
     return path.read_text(encoding="utf-8") if path.is_file() else ""
 

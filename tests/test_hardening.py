@@ -409,3 +409,14 @@ def test_api_history_download_and_restore(hard_url, app_zoo):  # noqa: F811
     table, note = returning.predict(handle_file(path), api_name="/restore_history")
     assert [r[0] for r in table["data"]] == ["#1 task_arithmetic"] and table["data"][0][3] is not None
     assert "Restored 1 merge(s)" in note and "override(s) are restored" in note
+
+
+def test_bad_deployment_limits_warn_and_fall_back(monkeypatch):
+    monkeypatch.setenv("MERGE_LAB_CACHE_BYTES", "lots")
+    with pytest.warns(UserWarning, match="MERGE_LAB_CACHE_BYTES='lots' is not a positive size"):
+        assert wb.cache_budget_bytes() == 4 * 1024**3
+    monkeypatch.setenv("MERGE_LAB_CACHE_BYTES", "512M")
+    assert wb.cache_budget_bytes() == 512 * 1024**2
+    monkeypatch.setenv("MERGE_LAB_MAX_UPLOAD_MB", "-3")
+    with pytest.warns(UserWarning, match="MERGE_LAB_MAX_UPLOAD_MB='-3'"):
+        assert wb.max_upload_bytes() == 2048 * 1024 * 1024

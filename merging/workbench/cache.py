@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ def cache_budget_bytes() -> int:
     (a CPU-basic Space has 16 GB; importance and probes need working memory beside the cache)."""
     raw = os.environ.get("MERGE_LAB_CACHE_BYTES", "")
     value = _parse_bytes(raw) if raw.strip() else None
+    if raw.strip() and not (value and value > 0):
+        warnings.warn(f"MERGE_LAB_CACHE_BYTES={raw!r} is not a positive size (examples: 2G, 512M, 1500000000); "
+                      "using the default 4 GiB", stacklevel=2)
     return value if value and value > 0 else 4 * 1024**3
 
 

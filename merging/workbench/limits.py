@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,6 +45,10 @@ def max_upload_bytes() -> int:
     try:
         mb = float(raw) if raw else 2048.0
     except ValueError:
+        mb = float("nan")
+    if not (mb > 0 and math.isfinite(mb)):
+        warnings.warn(f"MERGE_LAB_MAX_UPLOAD_MB={raw!r} is not a positive number of megabytes; using 2048",
+                      stacklevel=2)
         mb = 2048.0
     return max(1, int(mb * 1024 * 1024))
 
