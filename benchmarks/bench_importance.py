@@ -1,18 +1,24 @@
 """APL importance on a zoo: gradient cost against a plain forward+backward, exact cost, fidelity.
 
-    python benchmarks/bench_importance.py [--zoo NAME] [--n-fewshot 64] [--skip-fidelity]
+    python benchmarks/bench_importance.py [--zoo NAME] [--n-fewshot 64] [--skip-fidelity] [--out RESULTS.md]
 
 Per expert it prints the gradient-importance time (all levels from one backward pass at the
 base) against a plain forward+backward over the same batch measured in the same run (target:
 ratio ≤ 1.5), and the exact module-level time. Then fidelity: Spearman exact vs gradient at
 module / layer / sampled hidden units for restore and ablate, stability over few-shot draws,
 and the cost ratio exact / gradient. Timings are medians of ``--repeats`` runs: the machine is
-shared, so single timings swing.
+shared, so single timings swing. ``--out`` also writes everything printed (with the command, the
+machine and its load average) to a markdown file, e.g. ``benchmarks/RESULTS-importance.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import io
+import os
+import platform
 import statistics
 import sys
 import time
@@ -101,6 +107,43 @@ def bench_fidelity(expert_set, pools, tokenizer, args) -> None:
     print("\n".join(report.summary()))
 
 
+class _Tee(io.TextIOBase):
+    """stdout that is also kept, so the printed report can be written to a file as printed."""
+
+    def __init__(self, stream):
+        self.stream, self.kept = stream, io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.kept.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "?"
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores visible (shared), load average at the end {load}; Python "
+            f"{platform.python_version()}, torch {torch.__version__}")
+
+
+def write_results(path: Path, argv: list[str], printed: str, seconds: float) -> None:
+    path.write_text(
+        "# APL importance: cost and fidelity on the demo zoo\n\n"
+        f"`python benchmarks/bench_importance.py {' '.join(argv)}` — {datetime.date.today()}, "
+        f"{seconds / 60:.1f} min; {_machine()}.\n\n"
+        "Cost: gradient importance (all levels from one backward pass at the base) against a plain forward+backward "
+        "over the same batch, medians of interleaved repeats; exact module level = one forward per module "
+        "partition. Fidelity: Spearman between exact and gradient rankings, like with like (restore ↔ gradient "
+        "at the base, ablate ↔ gradient at the expert); stability: mean pairwise Spearman over few-shot draws.\n\n"
+        f"```\n{printed.rstrip()}\n```\n", encoding="utf-8")
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", default="default")
@@ -111,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip-fidelity", action="store_true")
+    parser.add_argument("--out", default=None, help="also write the report to this markdown file")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    started = time.perf_counter()
+    tee = _Tee(sys.stdout)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -121,13 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     except MergeLabError as exc:
         print(f"{exc}\nBuild the demo zoo first: python -m merging zoo build --name {args.zoo}", file=sys.stderr)
         return 1
+    with contextlib.redirect_stdout(tee):
+        run(args, zoo, expert_set, pools, tokenizer)
+    if args.out:
+        write_results(Path(args.out), argv, tee.kept.getvalue(), time.perf_counter() - started)
+    return 0
+
+
+def run(args, zoo, expert_set, pools, tokenizer) -> None:
     examples = {t: draw_fewshot(pool, args.n_fewshot, args.seed)[0] for t, pool in pools.items()}
     print(f"zoo {zoo.name}: experts {', '.join(expert_set.experts)}; few-shot "
           f"{', '.join(f'{t} {len(e)}' for t, e in examples.items())}; {torch.get_num_threads()} threads")
     bench_costs(expert_set, examples, tokenizer, args.repeats)
     if not args.skip_fidelity:
         bench_fidelity(expert_set, pools, tokenizer, args)
-    return 0
 
 
 if __name__ == "__main__":
