@@ -8,6 +8,7 @@ every heatmap kept under :data:`MAX_CELLS` cells.
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -25,9 +26,12 @@ FONT = dict(size=12)
 
 
 def _style(fig: go.Figure, height: int, title: str | None = None) -> go.Figure:
-    fig.update_layout(height=height, margin=dict(l=60, r=20, t=50 if title else 20, b=50), title=title,
+    # Subplot titles sit just above the plots: a legend there would cover them, so it moves up a row.
+    titled = bool(fig.layout.annotations) and any(a.yref == "paper" and (a.y or 0) >= 0.99 for a in fig.layout.annotations)
+    top = (50 if title else 20) + (35 if titled else 0)
+    fig.update_layout(height=height, margin=dict(l=60, r=20, t=top, b=50), title=title,
                       paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(127,127,127,0.06)", font=FONT,
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+                      legend=dict(orientation="h", yanchor="bottom", y=1.09 if titled else 1.02, x=0))
     fig.update_xaxes(gridcolor="rgba(127,127,127,0.25)", zerolinecolor="rgba(127,127,127,0.4)")
     fig.update_yaxes(gridcolor="rgba(127,127,127,0.25)", zerolinecolor="rgba(127,127,127,0.4)")
     return fig
@@ -35,6 +39,7 @@ def _style(fig: go.Figure, height: int, title: str | None = None) -> go.Figure:
 
 def empty_figure(message: str, height: int = 260) -> go.Figure:
     fig = go.Figure()
+    message = "<br>".join(textwrap.wrap(message, 70)) or message  # plotly does not wrap annotations
     fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font=dict(size=14))
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
@@ -82,9 +87,10 @@ def log_floor(values: np.ndarray, decades: int = LOG_DECADES) -> float:
 def importance_heatmaps(maps: Mapping[str, tuple[list[str], list[str], np.ndarray]],
                         drop: Mapping[str, Mapping[str, float]] | None = None) -> go.Figure:
     """One layer × module heatmap per expert on one shared LOG colour scale: colour = log10 |ΔL| (cells
-    below the floor, zeros included, get the floor's colour), so one dominant cell (often the pooler)
-    does not paint every other cell the same dark colour. Hover keeps the raw value, its rank within
-    the expert and the layer's drop ratio.
+    below the floor get the floor's colour), so one dominant cell (often the pooler) does not paint
+    every other cell the same dark colour. Exact zeros are left blank: the expert did not change that
+    part (e.g. frozen embeddings), which is not the same as a change that barely matters. Hover keeps
+    the raw value, its rank within the expert and the layer's drop ratio.
 
     ``maps[expert] = (rows = layers, cols = module kinds, values)``; ``drop[expert][layer]`` is the
     resulting drop ratio shown on hover.
@@ -105,7 +111,7 @@ def importance_heatmaps(maps: Mapping[str, tuple[list[str], list[str], np.ndarra
         ranks = _ranks(values)
         drops = np.array([[(drop or {}).get(expert, {}).get(r, np.nan) for _ in cols] for r in rows], float)
         with np.errstate(divide="ignore", invalid="ignore"):
-            z = np.where(np.isfinite(values), np.log10(np.maximum(values, floor)), np.nan)
+            z = np.where(np.isfinite(values) & (values > 0), np.log10(np.maximum(values, floor)), np.nan)
         custom = np.dstack([values, ranks, drops])
         fig.add_trace(go.Heatmap(
             z=z, x=cols, y=rows, coloraxis="coloraxis", customdata=custom, xgap=1, ygap=1,
@@ -137,7 +143,8 @@ def heatmap_summary(maps: Mapping[str, tuple[list[str], list[str], np.ndarray]])
         top_layer = rows[int(np.argmax(layer_sums))]
         parts.append(f"**{expert}**: most important module {rows[r]}/{cols[c]} ({values[r, c] / total:.0%} of the "
                      f"total); layer {top_layer} carries {layer_sums.max() / total:.0%}")
-    return "; ".join(parts) + "."
+    blank = any((np.asarray(v, float) == 0).any() for _, _, v in maps.values())
+    return "; ".join(parts) + "." + (" Blank cells: parts the expert did not change (zero importance)." if blank else "")
 
 
 def hidden_state_figure(unit_scores: np.ndarray, binned: np.ndarray, layers: Sequence[str], title: str,
@@ -154,8 +161,8 @@ def hidden_state_figure(unit_scores: np.ndarray, binned: np.ndarray, layers: Seq
                              hovertemplate="rank %{x}<br>unit %{customdata}<br>importance %{y:.3g}<extra></extra>",
                              name="units"), row=1, col=1)
     k = min(top, len(order))
-    fig.add_trace(go.Scatter(x=np.arange(1, k + 1), y=sorted_scores[:k], mode="markers+text",
-                             text=[str(u) for u in order[:k]], textposition="top right",
+    fig.add_trace(go.Scatter(x=np.arange(1, k + 1), y=sorted_scores[:k], mode="markers",  # ids: hover + list below
+                             text=[str(u) for u in order[:k]],
                              marker=dict(color=PALETTE[1], size=7), name=f"top {k} units",
                              hovertemplate="unit %{text}: %{y:.3g}<extra></extra>"), row=1, col=1)
     binned = np.asarray(binned, float)
@@ -219,10 +226,14 @@ def magnitude_figure(layers: Sequence[str], importance: Mapping[str, Sequence[fl
     """Importance vs delta norm per layer, one marker series per expert (labels = layers)."""
     fig = go.Figure()
     for i, expert in enumerate(importance):
+        # layers the expert (almost) did not change pile up at 0: labelled on hover only
+        biggest = max((abs(n) for n in norms[expert]), default=0.0)
+        labels = [layer if abs(norm) > 0.05 * biggest else "" for layer, norm in zip(layers, norms[expert])]
         fig.add_trace(go.Scatter(x=list(norms[expert]), y=list(importance[expert]), mode="markers+text",
-                                 text=list(layers), textposition="top center", name=expert,
+                                 text=labels, customdata=list(layers), textposition="top center", name=expert,
+                                 cliponaxis=False,
                                  marker=dict(color=PALETTE[i % len(PALETTE)], size=8),
-                                 hovertemplate=f"{expert}<br>layer %{{text}}<br>‖Δ‖ %{{x:.3g}}<br>"
+                                 hovertemplate=f"{expert}<br>layer %{{customdata}}<br>‖Δ‖ %{{x:.3g}}<br>"
                                                "importance %{y:.3g}<extra></extra>"))
     fig.update_xaxes(title_text="delta norm ‖Δ‖ of the layer")
     fig.update_yaxes(title_text="layer importance |ΔL|")

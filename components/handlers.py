@@ -124,7 +124,11 @@ def session_of(state) -> wb.Session:
 
 
 def method_choices() -> list[tuple[str, str]]:
-    return [(f"{s.pretty_name} ({s.name})", s.name) for s in all_specs()]
+    """(label, id) per method; the id (what recipes and the CLI use) follows the name unless the name spells it."""
+    def label(spec) -> str:
+        return spec.pretty_name if spec.pretty_name.lower().startswith(spec.name.replace("_", " ")) \
+            else f"{spec.pretty_name} · {spec.name}"
+    return [(label(s), s.name) for s in all_specs()]
 
 
 def shared_param_specs() -> list:

@@ -244,7 +244,7 @@ def build_demo() -> gr.Blocks:
                 sweep_md = gr.Markdown()
             with gr.Row():
                 sentence = gr.Textbox(label="Try a sentence", placeholder="Type a sentence…", scale=4)
-                predict_btn = gr.Button("Predict", scale=0)
+                predict_btn = gr.Button("Predict", variant="secondary", scale=0, min_width=120, elem_classes=["ml-btn"])
             predict_df = gr.Dataframe(headers=["task", "model", "prediction", "confidence"], interactive=False,
                                       label="Base, expert and merged predictions")
 

@@ -50,8 +50,12 @@ def test_log_heatmap_separates_cells_under_a_dominant_one():
     span = fig.layout.coloraxis.cmax - fig.layout.coloraxis.cmin
     # the four small cells spread over more than a quarter of the colour range (linear: < 0.1%)
     assert (z[:2].max() - z[:2].min()) / span > 0.25
-    assert z[2, 1] == pytest.approx(fig.layout.coloraxis.cmin)  # zero sits at the floor, not off the scale
-    assert np.isfinite(z).all()
+    assert np.isnan(z[2, 1])  # an exact zero (a part the expert did not change) is blank, not the floor colour
+    assert np.isfinite(np.delete(z.ravel(), 5)).all()
+    tiny = fg.importance_heatmaps({"a": (rows, cols, np.where(values == 0, 1e-30, values))})
+    assert np.asarray(tiny.data[0].z, float)[2, 1] == pytest.approx(tiny.layout.coloraxis.cmin)  # tiny: the floor
+    assert "Blank cells" in fg.heatmap_summary({"a": (rows, cols, values)})
+    assert "Blank cells" not in fg.heatmap_summary({"a": (rows, cols, values + 1e-9)})
 
 
 def test_comparison_figure_and_summary_follow_the_numbers():

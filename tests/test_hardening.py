@@ -240,7 +240,7 @@ def test_history_round_trip_restores_table_recipes_and_overrides(app_zoo, tmp_pa
     fresh = wb.load_experts(wb.Session(), *wb.zoo_refs(zoo), zoo=zoo)
     fresh, note = wb.restore_history(fresh, path)
     headers, rows = wb.history_rows(fresh)
-    assert [r[0] for r in rows] == ["#1 task_arithmetic", "#2 dare_linear"] and rows[0][3] is not None
+    assert [r[0] for r in rows] == ["#1 task_arithmetic", "#2 dare_linear"] and rows[0][2] is not None
     assert "Restored 2 merge(s)" in note and "override(s) are restored" in note
     assert fresh.overrides == {"topic": {"weight": {"1": 0.4}}}
     bad = tmp_path / "bad.json"
@@ -407,7 +407,7 @@ def test_api_history_download_and_restore(hard_url, app_zoo):  # noqa: F811
     returning = Client(hard_url, verbose=False)  # a new session: the user came back
     returning.predict(base, list(zoo.tasks), "", None, "apl", api_name="/load_experts")
     table, note = returning.predict(handle_file(path), api_name="/restore_history")
-    assert [r[0] for r in table["data"]] == ["#1 task_arithmetic"] and table["data"][0][3] is not None
+    assert [r[0] for r in table["data"]] == ["#1 task_arithmetic"] and table["data"][0][2] is not None
     assert "Restored 1 merge(s)" in note and "override(s) are restored" in note
 
 

@@ -202,7 +202,7 @@ def test_importance_calibration_overrides_merge_probe_export(loaded, tmp_path):
     names = [r.name for r in report.rows]
     assert names[0] == "base" and summary.label in names and again.label in names
     headers, rows = wb.history_rows(session)
-    assert len(rows) == 2 and rows[-1][3] is not None
+    assert len(rows) == 2 and rows[-1][2] is not None
     preds = wb.predict(session, "w1 w2 w3")
     assert {r[1] for r in preds} == {"base", "expert", "merged"}
     wb.reset_overrides(session)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -70,7 +71,7 @@ def restore_history(session: Session, path: str | os.PathLike) -> tuple[Session,
             except MergeLabError as exc:
                 raise MergeLabError(f"history entry {index + 1} ({item['label']}) has an invalid recipe: {exc}") \
                     from None
-        metrics = item.get("metrics") if isinstance(item.get("metrics"), dict) else None
+        metrics = _clean_metrics(item.get("metrics"))
         label = item["label"] if item["label"] not in taken else f"{item['label']} (restored)"
         taken.add(label)
         restored.append({"label": label, "method": item["method"], "settings": str(item.get("settings", "")),
@@ -95,3 +96,16 @@ def restore_history(session: Session, path: str | os.PathLike) -> tuple[Session,
     return session, note
 
 
+def _clean_metrics(raw) -> dict[str, dict[str, float]] | None:
+    """Probe metrics from a history file, keeping only {task: {name: finite number}}: a hand-edited file
+    must not break the comparison table."""
+    if not isinstance(raw, dict):
+        return None
+    clean = {}
+    for task, values in raw.items():
+        if isinstance(task, str) and isinstance(values, dict):
+            numbers = {k: float(v) for k, v in values.items() if isinstance(k, str) and isinstance(v, (int, float))
+                       and not isinstance(v, bool) and math.isfinite(v)}
+            if numbers:
+                clean[task] = numbers
+    return clean or None

@@ -100,13 +100,18 @@ def run_probe(session: Session, progress: Progress | None = None):
 
 
 def history_rows(session: Session) -> tuple[list[str], list[list]]:
-    headers = ["merge", "method", "settings", "mean accuracy", "seconds"]
+    """The session's merges side by side: label, method, mean and per-task probe accuracy (empty until
+    probed), merge seconds, then the settings (last: the longest column)."""
+    tasks = list(dict.fromkeys(t for item in session.history for t in (item.get("metrics") or {})))
+    headers = ["merge", "method", "mean accuracy", *(f"{t} acc" for t in tasks), "seconds", "settings"]
     rows = []
     for item in session.history:
         metrics = item.get("metrics") or {}
         accs = [m.get("accuracy") for m in metrics.values() if m.get("accuracy") is not None]
-        rows.append([item["label"], item["method"], item["settings"],
-                     round(sum(accs) / len(accs), 4) if accs else None, item.get("seconds")])
+        per_task = [None if metrics.get(t, {}).get("accuracy") is None else round(metrics[t]["accuracy"], 4)
+                    for t in tasks]
+        rows.append([item["label"], item["method"], round(sum(accs) / len(accs), 4) if accs else None,
+                     *per_task, item.get("seconds"), item["settings"]])
     return headers, rows
 
 
