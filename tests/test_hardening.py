@@ -250,6 +250,14 @@ def test_history_round_trip_restores_table_recipes_and_overrides(app_zoo, tmp_pa
     bad.write_text("{oops")
     with pytest.raises(MergeLabError, match="not valid JSON"):
         wb.restore_history(fresh, bad)
+    # hand-edited metrics: whatever is not {task: {name: finite number}} is dropped, the table still renders
+    data["merges"][0]["metrics"] = {"topic": {"accuracy": "high", "loss": 0.5}, "mood": 3, "x": {"accuracy": None}}
+    data["merges"][1]["metrics"] = ["not", "a", "dict"]
+    bad.write_text(json.dumps(data))
+    again, _ = wb.restore_history(wb.load_experts(wb.Session(), *wb.zoo_refs(zoo), zoo=zoo), bad)
+    assert again.history[0]["metrics"] == {"topic": {"loss": 0.5}} and again.history[1]["metrics"] is None
+    headers, rows = wb.history_rows(again)
+    assert headers[:4] == ["merge", "method", "mean accuracy", "topic acc"] and rows[0][2:4] == [None, None]
 
 
 def test_cli_inspect_reports_broken_models_in_one_line(app_zoo, bad, capsys):  # noqa: F811
