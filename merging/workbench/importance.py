@@ -33,12 +33,7 @@ def compute_importance(session: Session, n_fewshot: int = DEFAULT_FEWSHOT, mode:
     n_fewshot = check_fewshot(n_fewshot)
     mode = check_choice("Mode", mode, MODES)
     intervention = check_choice("Intervention", intervention, INTERVENTIONS)
-    missing = session.missing_data()
-    if missing:
-        raise MergeLabError(f"expert(s) {', '.join(missing)} have no task data: importance needs a few labelled "
-                            "examples of every expert's task — attach a CSV/JSONL file to each")
-    models = models_for(session)
-    _refuse_nonfinite(models, "importance")
+    models = _models_with_task_data(session, "importance needs")
     levels = ["model", "layer", "module", "hidden"] if level == "all" else [level] if isinstance(level, str) else level
     if mode == "exact" and level == "all":  # one forward pass per unit is far too slow for a page: no units
         levels = ["model", "layer", "module"]
@@ -50,6 +45,17 @@ def compute_importance(session: Session, n_fewshot: int = DEFAULT_FEWSHOT, mode:
     recalibrate(session, **(session.apl_params or {}))
     CACHE.trim()
     return session
+
+
+def _models_with_task_data(session: Session, what: str) -> Models:
+    """The session's models, once every expert has task data and no weight is NaN/Inf."""
+    missing = session.missing_data()
+    if missing:
+        raise MergeLabError(f"expert(s) {', '.join(missing)} have no task data: {what} a few labelled examples of "
+                            "every expert's task — attach a CSV/JSONL file (text, label) to each")
+    models = models_for(session)
+    _refuse_nonfinite(models, "importance")
+    return models
 
 
 def _refuse_nonfinite(models: Models, what: str) -> None:
@@ -129,12 +135,7 @@ def compare_interventions(session: Session, n_fewshot: int | None = None, draws:
     progress = progress or no_progress
     n = check_fewshot(n_fewshot if n_fewshot is not None else session.fewshot_n)
     draws = int(check_number("draws", draws, 2, 5, integer=True))
-    missing = session.missing_data()
-    if missing:
-        raise MergeLabError(f"expert(s) {', '.join(missing)} have no task data: the comparison needs a few "
-                            "labelled examples of every expert's task")
-    models = models_for(session)
-    _refuse_nonfinite(models, "importance")
+    models = _models_with_task_data(session, "the comparison needs")
     smallest = min(len(session.data[e].fewshot) for e in session.refs)
     size = max(2, min(n, smallest // 2)) if smallest >= 4 else smallest  # draws must differ to say anything
     start = time.perf_counter()
