@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip-fidelity", action="store_true")
     parser.add_argument("--out", default=None, help="also write the report to this markdown file")
+    parser.add_argument("--pool", type=int, default=None,
+                        help="few-shot pool per task beyond the zoo's 32: its few-shot set plus training examples the "
+                             "expert never saw, probe texts excluded (as bench_methods.py); needed for --n-fewshot > 32")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -165,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         from merging.importance_cli import zoo_inputs
 
         zoo, expert_set, pools, tokenizer = zoo_inputs(args.zoo)
+        if args.pool:
+            pools = larger_pools(zoo, args.pool)
     except MergeLabError as exc:
         print(f"{exc}\nBuild the demo zoo first: python -m merging zoo build --name {args.zoo}", file=sys.stderr)
         return 1
@@ -173,6 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         write_results(Path(args.out), argv, tee.kept.getvalue(), time.perf_counter() - started)
     return 0
+
+
+def larger_pools(zoo, size: int) -> dict:
+    """The zoo's few-shot examples plus unseen training examples, minus every probe text (bench_methods.py)."""
+    from bench_methods import fewshot_pools, probe_sets
+
+    probes, _ = probe_sets(zoo, 400)
+    pools, _ = fewshot_pools(zoo, size, {text for examples in probes.values() for text, _ in examples})
+    return pools
 
 
 def run(args, zoo, expert_set, pools, tokenizer) -> None:
