@@ -1,4 +1,11 @@
-"""CLI: ``python -m merging importance`` — APL importance of a zoo's experts, headless.
+"""CLI: ``python -m merging importance`` — APL importance of a zoo's experts, headless — and
+``python -m merging calibrate``, which turns that importance into an APL recipe.
+
+The chain a notebook or a script runs without the app::
+
+    python -m merging importance --zoo default --out imp.json
+    python -m merging calibrate --zoo default --importance imp.json --drop-ratio 0.5 --out apl.yaml
+    python -m merging merge apl.yaml --out merged/          # or: python -m merging probe --recipe apl.yaml
 
 ``merging/cli.py`` calls :func:`add_commands`. Handlers return exit codes; a
 :class:`MergeLabError` becomes one line on stderr and exit code 2 (the message says what to fix).
@@ -40,6 +47,10 @@ def _importance(args: argparse.Namespace) -> int:
     _, expert_set, pools, tokenizer = zoo_inputs(args.zoo)
     drawn = {t: draw_fewshot(pool, args.n_fewshot, args.seed) for t, pool in pools.items()}
     examples = {t: d[0] for t, d in drawn.items()}
+    short = {t: len(e) for t, e in examples.items() if len(e) < args.n_fewshot}
+    if short:  # said, not silently shrunk: the zoo ships a fixed few-shot set per task
+        print(f"note: asked for {args.n_fewshot} few-shot examples per expert; the zoo ships fewer, so all of them are "
+              f"used: {', '.join(f'{t} {n}' for t, n in short.items())}", file=sys.stderr)
 
     def progress(fraction: float, message: str) -> None:
         if not args.json:
@@ -58,6 +69,7 @@ def _importance(args: argparse.Namespace) -> int:
         out.write_text(result.to_json(), encoding="utf-8")
     summary = {"out": str(out), "mode": result.mode, "intervention": result.intervention, "levels": result.levels,
                "experts": result.experts, "seconds": round(seconds, 2),
+               "fewshot": {t: len(e) for t, e in examples.items()},
                "model": {t: result.scores(t, "model", absolute=False)["model"] for t in result.experts}
                if "model" in result.signed else None}
     if args.json:
@@ -68,8 +80,59 @@ def _importance(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_importance(path: str | Path):
+    """An :class:`ImportanceMap` from a ``.json`` or ``.npz`` file written by ``importance`` or the app."""
+    from .importance import ImportanceMap
+
+    path = Path(path)
+    if not path.is_file():
+        raise MergeLabError(f"importance file '{path}' not found: write one with python -m merging importance --out")
+    if path.suffix == ".npz":
+        return ImportanceMap.load_npz(path)
+    return ImportanceMap.from_json(path.read_text(encoding="utf-8"))
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """Calibrate APL from an importance file into a recipe: per-layer drop ratios and weights for every
+    expert, the APL parameters, the few-shot indices and the importance file it came from. The recipe
+    holds every calibrated cell, so `merge` and `probe --recipe` replay it without recomputing anything."""
+    from .calibration import calibrate
+    from .experts import ExpertSet
+    from .recipe import ExpertRef, Recipe
+    from .zoo import open_zoo
+
+    zoo = open_zoo(args.zoo)
+    importance = load_importance(args.importance)
+    expert_set = ExpertSet.load(zoo.base_path, {task: path for task, path in zoo.experts.items()})
+    table = calibrate(importance, expert_set, drop_ratio=args.drop_ratio, tau1=args.tau1, tau2=args.tau2,
+                      q_min=args.q_min)
+    params = table.to_expert_params()
+    parameters = {"lambda": args.lam, "drop_ratio": args.drop_ratio, "tau1": args.tau1, "tau2": args.tau2,
+                  "q_min": args.q_min, "within_layer": "uniform", "drop": args.drop}
+    out = Path(args.out)
+    recipe = Recipe(
+        method="apl", base=f"zoo:{zoo.name}/base",
+        experts=[ExpertRef(task, f"zoo:{zoo.name}/{task}", params[task]) for task in importance.experts],
+        parameters=parameters, seed=args.seed, dtype="float32",
+        importance=str(Path(args.importance).resolve()),
+        few_shot={t: {"n": len(ix), "seed": importance.seed, "indices": list(ix)} for t, ix in importance.fewshot.items()},
+        suggested={"apl": {"settings": dict(table.settings), "drop_ratio": table.drop, "weight": table.weight}},
+        notes=f"calibrated by python -m merging calibrate from {Path(args.importance).name} "
+              f"({importance.mode}, {importance.intervention})")
+    recipe.save(out)
+    summary = {"out": str(out), "experts": list(params), "drop_ratio": table.drop, "weight": table.weight}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for task in params:
+            drops = ", ".join(f"{layer} {value:.2f}" for layer, value in table.drop[task].items())
+            print(f"{task}: drop {drops}")
+        print(f"wrote {out}: replay with python -m merging merge {out} --out DIR", file=sys.stderr)
+    return 0
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``importance`` to the ``python -m merging`` parser."""
+    """Add ``importance`` and ``calibrate`` to the ``python -m merging`` parser."""
     parser = subparsers.add_parser("importance", help="APL importance of a zoo's experts (exact or gradient)",
                                    description=_importance.__doc__)
     parser.add_argument("--zoo", default=None, help="zoo name (default: MERGE_LAB_ZOO or 'default')")
@@ -82,3 +145,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output file: .json or .npz")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     parser.set_defaults(handler=_importance)
+
+    parser = subparsers.add_parser("calibrate", help="turn an importance file into a calibrated APL recipe",
+                                   description=_calibrate.__doc__)
+    parser.add_argument("--zoo", default=None, help="zoo name (default: MERGE_LAB_ZOO or 'default')")
+    parser.add_argument("--importance", required=True, help="importance file (.json or .npz) of that zoo's experts")
+    parser.add_argument("--drop-ratio", type=float, default=0.5, help="mean drop ratio p̄ (parameter-weighted)")
+    parser.add_argument("--tau1", type=float, default=2.0, help="temperature of the drop-ratio softmax")
+    parser.add_argument("--tau2", type=float, default=2.0, help="temperature of the merge-weight softmax")
+    parser.add_argument("--q-min", type=float, default=0.01, help="smallest keep rate")
+    parser.add_argument("--lambda", dest="lam", type=float, default=1.0, help="scale of the merged delta")
+    parser.add_argument("--drop", choices=("random", "magnitude"), default="random", help="how entries are dropped")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random drop masks")
+    parser.add_argument("--out", required=True, help="recipe YAML to write")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    parser.set_defaults(handler=_calibrate)

@@ -170,3 +170,47 @@ def test_tiny_zoo_probe_and_cli(tiny_zoo, capsys):
     assert json.loads(report.to_json())["tasks"] == tiny_zoo.tasks
     assert main(["zoo", "list"]) == 0
     assert tiny_zoo.name in capsys.readouterr().out
+
+
+def test_cli_importance_calibrate_merge_probe_chain(tiny_zoo, tmp_path, capsys, monkeypatch):
+    """Issue 4's headless chain on the real tiny zoo: importance → calibrated recipe → merge → probe, all
+    through ``python -m merging``'s entry point; the recipe holds every calibrated cell, so neither the
+    merge nor the probe recomputes importance."""
+    from safetensors.torch import load_file
+
+    from merging import methods
+    from merging.calibration import calibrate
+    from merging.cli import main
+    from merging.experts import ExpertSet
+    from merging.importance_cli import load_importance
+    from merging.recipe import load_recipe
+
+    imp, recipe_path = tmp_path / "imp.json", tmp_path / "apl.yaml"
+    assert main(["importance", "--zoo", tiny_zoo.name, "--level", "layer", "--n-fewshot", "16", "--out", str(imp),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fewshot"] == {t: 16 for t in tiny_zoo.tasks}
+    assert main(["calibrate", "--zoo", tiny_zoo.name, "--importance", str(imp), "--drop-ratio", "0.6",
+                 "--out", str(recipe_path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    recipe = load_recipe(recipe_path)
+    expert_set = ExpertSet.load(tiny_zoo.base_path, dict(tiny_zoo.experts))
+    table = calibrate(load_importance(imp), expert_set, drop_ratio=0.6)
+    assert recipe.method == "apl" and recipe.importance == str(imp.resolve())
+    assert recipe.expert_params() == table.to_expert_params() and summary["drop_ratio"] == table.drop
+    assert {t: v["indices"] for t, v in recipe.few_shot.items()} == load_importance(imp).fewshot
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("a calibrated recipe must replay without computing importance")
+
+    monkeypatch.setattr(methods.data_aware, "compute_importance", no_recompute)
+    assert main(["merge", str(recipe_path), "--out", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    assert main(["probe", "--zoo", tiny_zoo.name, "--recipe", str(recipe_path), "--label", "apl", "--json"]) == 0
+    report = ProbeReport.from_json(capsys.readouterr().out)
+    merged = report.row("apl").metrics
+    assert set(merged) == set(tiny_zoo.tasks) and all(0.0 <= m["accuracy"] <= 1.0 for m in merged.values())
+    weights = load_file(str(next((tmp_path / "merged").rglob("model.safetensors"))))
+    assert weights and all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert main(["calibrate", "--zoo", tiny_zoo.name, "--importance", str(tmp_path / "missing.json"),
+                 "--out", str(recipe_path)]) == 2
+    assert "not found" in capsys.readouterr().err
