@@ -359,22 +359,19 @@ def check_fewshot_loss(setting: Setting, seed: int, tokenizer) -> None:
     print(f"  few-shot loss check ({task}, seed {seed}): prober {found:.6f} = ClassifierLoss {reference:.6f}")
 
 
-def gradient_importance(setting: Setting, seed: int, tokenizer):
-    key = ("gradient", seed)
-    if key not in setting.importance:
-        with Clock(setting, "importance gradient"):
-            setting.importance[key] = compute_importance(
-                setting.expert_set, setting.examples[seed], tokenizer, mode="gradient", level="all", seed=seed,
-                fewshot_indices=setting.indices[seed])
-    return setting.importance[key]
+# What each importance mode computes here: gradient gives every level from one backward pass; exact only
+# the layer level (one forward per layer), which is all APL's calibration needs.
+IMPORTANCE_LEVEL = {"gradient": ("all", "importance gradient"), "exact": ("layer", "importance exact (layer)")}
 
 
-def exact_importance(setting: Setting, seed: int, tokenizer):
-    key = ("exact", seed)
+def importance_of(setting: Setting, seed: int, tokenizer, mode: str):
+    """APL's importance for one (setting, seed), computed once per mode."""
+    key = (mode, seed)
     if key not in setting.importance:
-        with Clock(setting, "importance exact (layer)"):
+        level, clock_label = IMPORTANCE_LEVEL[mode]
+        with Clock(setting, clock_label):
             setting.importance[key] = compute_importance(
-                setting.expert_set, setting.examples[seed], tokenizer, mode="exact", level="layer", seed=seed,
+                setting.expert_set, setting.examples[seed], tokenizer, mode=mode, level=level, seed=seed,
                 fewshot_indices=setting.indices[seed])
     return setting.importance[key]
 
@@ -394,7 +391,7 @@ def merge_settings(setting: Setting, run: MethodRun, cfg: dict, lam: float, seed
         return MergeSettings.build(es, "fisher", {**cfg, "lambda": lam}, seed=seed,
                                    extras=fisher_extras(setting, seed, tokenizer))
     if run.method == "apl":
-        importance = (exact_importance if run.importance == "exact" else gradient_importance)(setting, seed, tokenizer)
+        importance = importance_of(setting, seed, tokenizer, run.importance)
         with Clock(setting, "calibration"):
             table = calibrate(importance, es, drop_ratio=cfg["drop_ratio"], tau1=cfg["tau1"], tau2=cfg["tau2"],
                               q_min=cfg["q_min"], within_layer=cfg["within_layer"], support=setting.support)

@@ -54,6 +54,16 @@ def _intro() -> str:
     return (ASSETS / "intro.md").read_text(encoding="utf-8")
 
 
+def explained_plot(what: str, label: str, **plot_kwargs) -> tuple[gr.Plot, gr.Markdown]:
+    """A chart, its one-line summary (written from the numbers by the handlers) and a folded
+    "What am I looking at?" with the lesson ``what``: every chart of the page teaches the same way."""
+    plot = gr.Plot(label=label, **plot_kwargs)
+    summary = gr.Markdown()
+    with gr.Accordion("What am I looking at?", open=False):
+        gr.Markdown(what)
+    return plot, summary
+
+
 def load_css() -> str:
     path = ASSETS / "style.css"
     return path.read_text(encoding="utf-8") if path.is_file() else ""
@@ -112,29 +122,18 @@ def build_demo() -> gr.Blocks:
             with gr.Row():
                 imp_btn = gr.Button("Compute importance", variant="primary", elem_id="btn-importance")
                 imp_stop = gr.Button("Stop", variant="stop", scale=0)
-            heat_plot = gr.Plot(label="Importance: layer × module, per expert", elem_id="heatmap")
-            heat_md = gr.Markdown()
-            with gr.Accordion("What am I looking at?", open=False):
-                gr.Markdown(WHAT_HEATMAP)
+            heat_plot, heat_md = explained_plot(WHAT_HEATMAP, label="Importance: layer × module, per expert",
+                                                elem_id="heatmap")
             with gr.Row():
                 hid_expert = ui.Dropdown(label="Expert", choices=[], allow_custom_value=True)
                 hid_layer = ui.Dropdown(label="Layer", choices=[], allow_custom_value=True)
                 hid_module = ui.Dropdown(label="Module", choices=[], allow_custom_value=True)
-            hid_plot = gr.Plot(label="Hidden states")
-            hid_md = gr.Markdown()
-            with gr.Accordion("What am I looking at?", open=False):
-                gr.Markdown(WHAT_HIDDEN)
+            hid_plot, hid_md = explained_plot(WHAT_HIDDEN, label="Hidden states")
             with gr.Row():
                 with gr.Column():
-                    fid_plot = gr.Plot(label="Exact vs gradient")
-                    fid_md = gr.Markdown()
-                    with gr.Accordion("What am I looking at?", open=False):
-                        gr.Markdown(WHAT_FIDELITY)
+                    fid_plot, fid_md = explained_plot(WHAT_FIDELITY, label="Exact vs gradient")
                 with gr.Column():
-                    mag_plot = gr.Plot(label="Importance vs delta magnitude")
-                    mag_md = gr.Markdown()
-                    with gr.Accordion("What am I looking at?", open=False):
-                        gr.Markdown(WHAT_MAGNITUDE)
+                    mag_plot, mag_md = explained_plot(WHAT_MAGNITUDE, label="Importance vs delta magnitude")
             with gr.Accordion("Compare interventions and draws", open=False, elem_id="compare"):
                 gr.Markdown(WHAT_COMPARE)
                 compare_btn = gr.Button("Compare restore and ablate", variant="secondary", size="sm",
@@ -190,10 +189,7 @@ def build_demo() -> gr.Blocks:
                     weight_sliders.append(w)
             with gr.Row():
                 with gr.Column(scale=3):
-                    profile_plot = gr.Plot(label="Per-layer profile")
-                    profile_md = gr.Markdown()
-                    with gr.Accordion("What am I looking at?", open=False):
-                        gr.Markdown(WHAT_PROFILE)
+                    profile_plot, profile_md = explained_plot(WHAT_PROFILE, label="Per-layer profile")
                 with gr.Column(scale=2):
                     overrides_md = gr.Markdown()
             with gr.Tabs():
@@ -205,10 +201,7 @@ def build_demo() -> gr.Blocks:
                                                 interactive=True, elem_id="weight-table")
             with gr.Row():
                 with gr.Column():
-                    conflict_plot = gr.Plot(label="Sign conflict per layer")
-                    conflict_md = gr.Markdown()
-                    with gr.Accordion("What am I looking at?", open=False):
-                        gr.Markdown(WHAT_CONFLICT)
+                    conflict_plot, conflict_md = explained_plot(WHAT_CONFLICT, label="Sign conflict per layer")
                 with gr.Column():
                     cosine_plot = gr.Plot(label="Task-vector cosine")
                     cosine_md = gr.Markdown()
