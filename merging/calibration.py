@@ -193,6 +193,11 @@ class CalibrationTable:
         total = sum(counts[k] for k in layers)
         return sum(counts[k] * (1.0 - self.drop[expert][k]) for k in layers) / total
 
+    def recipe_suggestion(self) -> dict:
+        """What a recipe records under ``suggested.apl``: the calibration's settings and every cell, so a
+        reader sees APL's suggestion beside any overrides."""
+        return {"settings": dict(self.settings), "drop_ratio": self.drop, "weight": self.weight}
+
     def to_json(self) -> str:
         return json.dumps({"experts": self.experts, "layers": self.layers, "drop": self.drop,
                            "weight": self.weight, "settings": self.settings,

@@ -129,6 +129,11 @@ class ImportanceMap:
         return Heatmap(rows, cols, values, where)
 
     # ---- serialisation ---------------------------------------------------------------------
+    def few_shot_record(self, draw_seed: int) -> dict[str, dict]:
+        """What a recipe records under ``few_shot``: per expert the size, draw seed and pool indices used,
+        so a replay draws the same examples."""
+        return {e: {"n": len(ix), "seed": draw_seed, "indices": list(ix)} for e, ix in self.fewshot.items()}
+
     def _meta(self) -> dict:
         return {
             "format": FORMAT, "experts": self.experts, "layers": self.layers, "mode": self.mode,

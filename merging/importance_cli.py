@@ -115,8 +115,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         experts=[ExpertRef(task, f"zoo:{zoo.name}/{task}", params[task]) for task in importance.experts],
         parameters=parameters, seed=args.seed, dtype="float32",
         importance=str(Path(args.importance).resolve()),
-        few_shot={t: {"n": len(ix), "seed": importance.seed, "indices": list(ix)} for t, ix in importance.fewshot.items()},
-        suggested={"apl": {"settings": dict(table.settings), "drop_ratio": table.drop, "weight": table.weight}},
+        few_shot=importance.few_shot_record(importance.seed),  # the CLI draws with the importance seed
+        suggested={"apl": table.recipe_suggestion()},
         notes=f"calibrated by python -m merging calibrate from {Path(args.importance).name} "
               f"({importance.mode}, {importance.intervention})")
     recipe.save(out)

@@ -93,15 +93,13 @@ def build_recipe(session: Session, method: str, shared: Mapping[str, Any], seed:
     experts = [ExpertRef(name, ref, per_expert.get(name, {})) for name, ref in session.refs.items()]
     suggested: dict[str, Any] = {}
     if session.calibration is not None:
-        suggested["apl"] = {"settings": dict(session.calibration.settings),
-                            "drop_ratio": session.calibration.drop, "weight": session.calibration.weight}
+        suggested["apl"] = session.calibration.recipe_suggestion()
     overrides = override_list(session, method, shared)
     if overrides:
         suggested["overrides"] = overrides
     few_shot = {}
     if session.importance is not None:
-        few_shot = {e: {"n": len(ix), "seed": session.seed, "indices": list(ix)}
-                    for e, ix in session.importance.fewshot.items()}
+        few_shot = session.importance.few_shot_record(session.seed)
     return Recipe(method=method, base=str(session.base_ref), experts=experts, parameters=shared_clean, seed=int(seed),
                   dtype=dtype, suggested=suggested, few_shot=few_shot, notes="made with the Merge Lab app")
 
