@@ -18,7 +18,6 @@ import contextlib
 import datetime
 import io
 import os
-import platform
 import statistics
 import sys
 import time
@@ -122,13 +121,11 @@ class _Tee(io.TextIOBase):
 
 
 def _machine() -> str:
-    cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
+    """bench_merge's machine line (CPU, cores, RAM, Python, torch, threads) plus the load at the end."""
+    from bench_merge import machine
+
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} cores visible (shared), load average at the end {load}; Python "
-            f"{platform.python_version()}, torch {torch.__version__}")
+    return f"{machine()}; load average at the end {load}"
 
 
 def write_results(path: Path, argv: list[str], printed: str, seconds: float) -> None:
