@@ -64,6 +64,20 @@ def explained_plot(what: str, label: str, **plot_kwargs) -> tuple[gr.Plot, gr.Ma
     return plot, summary
 
 
+def long_step(button: gr.Button, stop: gr.Button, fn, inputs, outputs, api_name: str):
+    """Wire one of the page's long steps: ``button`` is disabled while ``fn`` runs in the model-work queue
+    (``api_name`` is its HTTP endpoint) and enabled again after; ``stop`` cancels it and re-enables the
+    button. Returns the re-enabling event, for follow-ups that should run after the step."""
+    def enable():
+        return gr.update(interactive=True)
+
+    start = button.click(lambda: gr.update(interactive=False), None, button, queue=False, api_visibility="private")
+    event = start.then(fn, inputs, outputs, api_name=api_name, **h.HEAVY)
+    done = event.then(enable, None, button, api_visibility="private")
+    stop.click(enable, None, button, cancels=[event], api_visibility="private")
+    return done
+
+
 def load_css() -> str:
     path = ASSETS / "style.css"
     return path.read_text(encoding="utf-8") if path.is_file() else ""
@@ -333,16 +347,11 @@ def build_demo() -> gr.Blocks:
             return (session, *views, gr.update(choices=layers, value=layer), gr.update(choices=modules, value=module),
                     h.method_info(session, method_value))
 
-        imp_start = imp_btn.click(lambda: gr.update(interactive=False), None, imp_btn, api_visibility="private",
-                                  queue=False)
-        imp_event = imp_start.then(on_importance, [state, fewshot, mode, intervention, method, *param_boxes],
-                                   imp_outputs, api_name="compute_importance", **h.HEAVY)
-        imp_event.then(lambda: gr.update(interactive=True), None, imp_btn, api_visibility="private").then(
+        long_step(imp_btn, imp_stop, on_importance, [state, fewshot, mode, intervention, method, *param_boxes],
+                  imp_outputs, "compute_importance").then(
             refresh_plan, [state, plan_expert, method, *param_boxes], plan_outputs + slider_outputs,
             api_visibility="private").then(
             h.safe(h.hidden_figure), [state, hid_expert, hid_module], [hid_plot, hid_md], api_visibility="private")
-        imp_stop.click(lambda: gr.update(interactive=True), None, imp_btn, cancels=[imp_event],
-                       api_visibility="private")
 
         @h.safe
         def on_compare(session, n, progress=gr.Progress()):
@@ -463,13 +472,7 @@ def build_demo() -> gr.Blocks:
                         f"recomputed; layers re-merged: {changed}. Settings: {summary.settings}. Next: **Run probe**.")
             return session, text
 
-        merge_start = merge_btn.click(lambda: gr.update(interactive=False), None, merge_btn, queue=False,
-                                      api_visibility="private")
-        merge_event = merge_start.then(on_merge, [state, method, seed, *param_boxes], [state, merge_md],
-                                       api_name="merge", **h.HEAVY)
-        merge_event.then(lambda: gr.update(interactive=True), None, merge_btn, api_visibility="private")
-        merge_stop.click(lambda: gr.update(interactive=True), None, merge_btn, cancels=[merge_event],
-                         api_visibility="private")
+        long_step(merge_btn, merge_stop, on_merge, [state, method, seed, *param_boxes], [state, merge_md], "merge")
 
         # ---- probe
         @h.safe
@@ -478,13 +481,8 @@ def build_demo() -> gr.Blocks:
             report = wb.run_probe(session, progress=h.progress_sink(progress))
             return (session, *h.probe_views(session, report))
 
-        probe_start = probe_btn.click(lambda: gr.update(interactive=False), None, probe_btn, queue=False,
-                                      api_visibility="private")
-        probe_event = probe_start.then(on_probe, [state], [state, probe_df, probe_plot, probe_md, history_df],
-                                       api_name="run_probe", **h.HEAVY)
-        probe_event.then(lambda: gr.update(interactive=True), None, probe_btn, api_visibility="private")
-        probe_stop.click(lambda: gr.update(interactive=True), None, probe_btn, cancels=[probe_event],
-                         api_visibility="private")
+        long_step(probe_btn, probe_stop, on_probe, [state], [state, probe_df, probe_plot, probe_md, history_df],
+                  "run_probe")
 
         @h.safe
         def on_sweep(session, progress=gr.Progress()):
@@ -532,13 +530,7 @@ def build_demo() -> gr.Blocks:
             size = path.stat().st_size / 1e6
             return str(path), f"Exported `{path.name}` ({size:.1f} MB, stored zip). Old exports are deleted after an hour."
 
-        export_start = export_btn.click(lambda: gr.update(interactive=False), None, export_btn, queue=False,
-                                        api_visibility="private")
-        export_event = export_start.then(on_export, [state, export_tasks, dtype], [export_file, export_md],
-                                         api_name="export", **h.HEAVY)
-        export_event.then(lambda: gr.update(interactive=True), None, export_btn, api_visibility="private")
-        export_stop.click(lambda: gr.update(interactive=True), None, export_btn, cancels=[export_event],
-                          api_visibility="private")
+        long_step(export_btn, export_stop, on_export, [state, export_tasks, dtype], [export_file, export_md], "export")
 
         # ---- guided first merge
         def guided():
