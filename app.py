@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from components import handlers as h
-from components.layout import load_css, build_demo
+from components.layout import build_demo, load_css
 from merging.workbench import exports_root
 
 CSS = load_css()

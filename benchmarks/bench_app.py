@@ -63,7 +63,7 @@ def main() -> int:
         print(f"python app.py → page served: {served:.2f} s")
         from gradio_client import Client
 
-        from merging.zoo import open_zoo
+        from merging.zoo.zoo import open_zoo
 
         zoo = open_zoo(args.zoo)
         client = Client(url, verbose=False)

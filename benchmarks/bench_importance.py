@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from merging.apl.importance import draw_fewshot, exact_partition_scores, gradient_scores  # noqa: E402
+from merging.apl.taskloss import ClassifierLoss, body_state, encode_examples  # noqa: E402
 from merging.errors import MergeLabError  # noqa: E402
-from merging.importance import draw_fewshot, exact_partition_scores, gradient_scores  # noqa: E402
-from merging.taskloss import ClassifierLoss, body_state, encode_examples  # noqa: E402
 
 
 def _paired_medians(first, second, repeats: int) -> tuple[float, float]:
@@ -81,7 +81,7 @@ def bench_costs(expert_set, examples, tokenizer, repeats: int) -> None:
 
 
 def bench_fidelity(expert_set, pools, tokenizer, args) -> None:
-    from merging.fidelity import measure_fidelity
+    from merging.apl.fidelity import measure_fidelity
 
     def progress(fraction: float, message: str) -> None:
         print(f"\r{100 * fraction:5.1f}% {message[:60]:<60}", end="", file=sys.stderr, flush=True)
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        from merging.importance_cli import zoo_inputs
+        from merging.cli.importance import zoo_inputs
 
         zoo, expert_set, pools, tokenizer = zoo_inputs(args.zoo)
         if args.pool:

@@ -46,11 +46,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from merging import kernels  # noqa: E402
 from merging.engine import MergeEngine, MergeSettings  # noqa: E402
-from merging.experts import check_homology  # noqa: E402
-from merging.methods import available  # noqa: E402
-from merging.sources import ModelSource  # noqa: E402
+from merging.io.experts import check_homology  # noqa: E402
+from merging.io.sources import ModelSource  # noqa: E402
+from merging.methods import (
+    available,  # noqa: E402
+    kernels,  # noqa: E402
+)
 
 RESULTS = Path(__file__).with_name("RESULTS-merge.md")
 DATA_AWARE = {"fisher", "apl"}
@@ -230,8 +232,8 @@ def write_checkpoints(root: Path, quick: bool) -> tuple[int, float]:
 
 def stream_child(root: str, method: str) -> None:
     """Runs in a fresh process: export base + 2 experts from ``root``, report memory as JSON on stdout."""
-    from merging.export import export_recipe
-    from merging.recipe import ExpertRef, Recipe
+    from merging.io.export import export_recipe
+    from merging.io.recipe import ExpertRef, Recipe
 
     def rss_anon() -> int:
         with open("/proc/self/status") as fh:

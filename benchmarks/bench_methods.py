@@ -62,18 +62,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from merging.calibration import DeltaSupport, calibrate
+from merging.apl.calibration import DeltaSupport, calibrate
+from merging.apl.fisher import prepare_fisher
+from merging.apl.importance import compute_importance, draw_fewshot
+from merging.apl.taskloss import ClassifierLoss, encode_examples, tokenizer_of
 from merging.engine import MergeEngine, MergeSettings
 from merging.errors import MergeLabError
-from merging.experts import ExpertSet
-from merging.fisher import prepare_fisher
-from merging.importance import compute_importance, draw_fewshot
-from merging.layout import ROLE_MERGE
-from merging.probe import Prober
-from merging.taskloss import ClassifierLoss, encode_examples, tokenizer_of
-from merging.tasks import available_tasks, split_task
-from merging.training import TrainConfig, _batches
-from merging.zoo import open_zoo
+from merging.io.experts import ExpertSet
+from merging.io.layout import ROLE_MERGE
+from merging.zoo.probe import Prober
+from merging.zoo.tasks import available_tasks, split_task
+from merging.zoo.training import TrainConfig, _batches
+from merging.zoo.zoo import open_zoo
 
 RESULTS = Path(__file__).with_name("RESULTS-methods.md")
 BUDGET = 24
@@ -225,7 +225,7 @@ def fewshot_pools(zoo, size: int, probe_texts: set[str]) -> tuple[dict, dict]:
     """Per task: the zoo's few-shot examples plus unseen training-split examples, minus probe texts.
 
     'Unseen' = never in a training batch: the expert's batches are replayed with its recorded
-    train config (``merging.training._batches``, the generator training used).
+    train config (``merging.zoo.training._batches``, the generator training used).
     """
     available, _ = available_tasks()
     pools, info = {}, {}

@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from merging.probe import Prober, body_from_expert, load_safetensors  # noqa: E402
-from merging.tasks import available_tasks, split_task  # noqa: E402
-from merging.zoo import build_zoo, open_zoo  # noqa: E402
+from merging.zoo.probe import Prober, body_from_expert, load_safetensors  # noqa: E402
+from merging.zoo.tasks import available_tasks, split_task  # noqa: E402
+from merging.zoo.zoo import build_zoo, open_zoo  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS-zoo.md")
 

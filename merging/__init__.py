@@ -4,11 +4,11 @@ Data flows ExpertSet → Layout → TaskVectors → ImportanceMap → Recipe →
 merged model → probe report / export. This package never imports gradio or plotly.
 """
 
+from . import methods
 from .engine import MergeEngine, MergeResult, MergeSettings, merge_state_dicts
 from .errors import MergeLabError
-from .experts import ExpertSet
-from .layout import Layout
-from . import methods
+from .io.experts import ExpertSet
+from .io.layout import Layout
 
 __all__ = ["ExpertSet", "Layout", "MergeEngine", "MergeLabError", "MergeResult", "MergeSettings",
            "merge_state_dicts", "methods"]

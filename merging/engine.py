@@ -17,11 +17,10 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from . import kernels
 from .errors import MergeLabError
-from .experts import ExpertSet
-from .layout import ROLE_COPY, ROLE_MERGE, TensorInfo
-from .methods import MethodSpec, TensorJob, get_method
+from .io.experts import ExpertSet
+from .io.layout import ROLE_COPY, ROLE_MERGE, TensorInfo
+from .methods import MethodSpec, TensorJob, get_method, kernels
 from .params import ParamResolver, validate_params
 
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -316,8 +315,8 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor], experts, method: str, *,
     Returns the merged body keyed by the base's names; task heads are not merged (they stay with
     each expert). Per-expert parameters go in ``expert_params``.
     """
-    from .experts import check_homology
-    from .sources import ModelSource
+    from .io.experts import check_homology
+    from .io.sources import ModelSource
 
     items = experts.items() if isinstance(experts, Mapping) else [(f"expert{i}", e) for i, e in enumerate(experts)]
     sources = {name: ModelSource.from_state_dict(name, dict(sd)) for name, sd in items}

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .experts import ExpertSet
-from .layout import MODULE_KINDS as _KIND_ORDER
+from .io.experts import ExpertSet
+from .io.layout import MODULE_KINDS as _KIND_ORDER
 
 
 @dataclass

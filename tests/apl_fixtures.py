@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from merging.experts import ExpertSet, check_homology
-from merging.sources import ModelSource
+from merging.io.experts import ExpertSet, check_homology
+from merging.io.sources import ModelSource
 
 WORDS = [f"w{i}" for i in range(40)]
 

@@ -34,7 +34,7 @@ def tiny_zoo(merge_lab_cache):
     base with the expert's head, so the margin test is a real check. Shared by the session:
     tests must not modify it (copy it first).
     """
-    from merging.zoo import build_zoo
+    from merging.zoo.zoo import build_zoo
 
     return build_zoo(name="tiny", tasks=list(TINY_TASKS), steps=TINY_STEPS, seed=0, n_probe=TINY_PROBE)
 
@@ -50,8 +50,8 @@ def toy_zoo(tmp_path_factory):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
 
     from merging.paths import packaged_base_path
-    from merging.training import TASK_FILE, write_examples
-    from merging.zoo import Zoo
+    from merging.zoo.training import TASK_FILE, write_examples
+    from merging.zoo.zoo import Zoo
 
     root = tmp_path_factory.mktemp("toy-zoo")
     tok = AutoTokenizer.from_pretrained(str(packaged_base_path()))

@@ -3,10 +3,10 @@
 import os
 
 import pytest
-
 import tiny_models as tm
+
 from merging import MergeLabError
-from merging.sources import open_model
+from merging.io.sources import open_model
 
 
 @pytest.fixture

@@ -2,16 +2,15 @@
 
 import math
 
+import apl_fixtures as fx
 import pytest
 import torch
 
 from merging import MergeEngine, MergeLabError, MergeSettings, engine
-from merging.calibration import calibrate
-from merging.importance import compute_importance
+from merging.apl.calibration import calibrate
+from merging.apl.importance import compute_importance
 from merging.methods import get_method
 from merging.methods.data_aware import unit_magnitude_mask
-
-import apl_fixtures as fx
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,7 +85,7 @@ def test_sign_election_matches_dare_ties(setup):
 
 def test_calibrated_weights_and_drops_follow_the_formula(setup):
     """Θ = base + λ Σ_t w_t^k · dare(Δ_t, p_t^k), checked on one tensor against kernels.dare."""
-    from merging import kernels
+    from merging.methods import kernels
 
     expert_set, importance = setup
     table = calibrate(importance, expert_set, tau1=1.0, tau2=1.0)

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_workbench import app_zoo, real_zoo  # noqa: F401  (fixtures)
 
 from merging import workbench as wb
-from test_workbench import app_zoo, real_zoo  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 

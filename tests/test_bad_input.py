@@ -4,16 +4,16 @@ import json
 from pathlib import Path
 
 import pytest
+import tiny_models as tm
 import torch
 import yaml
 from safetensors.torch import save_file
 
-import tiny_models as tm
 from merging import MergeLabError
-from merging.cli import main
-from merging.experts import ExpertSet
-from merging.export import export_recipe
-from merging.recipe import Recipe, load_recipe
+from merging.cli.main import main
+from merging.io.experts import ExpertSet
+from merging.io.export import export_recipe
+from merging.io.recipe import Recipe, load_recipe
 
 
 def _family(tmp_path, n=2):
@@ -73,7 +73,7 @@ def test_nan_weights_are_named(tmp_path):
     (bad / "config.json").write_text((base / "config.json").read_text())
     save_file(state, str(bad / "model.safetensors"))
     recipe = Recipe("task_arithmetic", str(base), [], source=None)
-    from merging.recipe import ExpertRef
+    from merging.io.recipe import ExpertRef
     recipe.experts = [ExpertRef("good", str(experts[0])), ExpertRef("nan", str(bad))]
     with pytest.raises(MergeLabError, match=r"'nan' has 1 NaN/Inf value\(s\) in tensor 'encoder.layer.1.output.dense.weight'"):
         export_recipe(recipe, tmp_path / "out")
@@ -162,7 +162,7 @@ def test_failed_export_keeps_previous_export(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("merging.export.save_file", disk_full)
+    monkeypatch.setattr("merging.io.export.save_file", disk_full)
     recipe.parameters = {"lambda": 0.3}
     with pytest.raises(MergeLabError, match="disk is full"):
         export_recipe(recipe, tmp_path / "out")

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from test_app_api import app_url, free_port  # noqa: F401  (fixture)
 from test_workbench import app_zoo, real_zoo  # noqa: F401  (fixtures)
 

@@ -2,17 +2,26 @@
 
 import math
 
+import apl_fixtures as fx
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from merging import MergeLabError, MergeSettings
-from merging.calibration import (DeltaSupport, calibrate, droppable_counts, layer_drop_ratios, layer_weights,
-                                 normalise, softmax, solve_keep_rates, unit_keep_rates, unit_percentiles)
-from merging.importance import compute_importance
-
-import apl_fixtures as fx
+from merging.apl.calibration import (
+    DeltaSupport,
+    calibrate,
+    droppable_counts,
+    layer_drop_ratios,
+    layer_weights,
+    normalise,
+    softmax,
+    solve_keep_rates,
+    unit_keep_rates,
+    unit_percentiles,
+)
+from merging.apl.importance import compute_importance
 
 importances = st.lists(st.floats(0.0, 50.0, allow_nan=False), min_size=1, max_size=9)
 
@@ -89,8 +98,8 @@ def test_solver_is_exact_for_equal_shares():
 @pytest.fixture(scope="module")
 def tiny():
     with fx.one_thread():
-        from pathlib import Path
         import tempfile
+        from pathlib import Path
 
         expert_set = fx.expert_set(frozen=("embeddings.word_embeddings.weight",))
         tok = fx.tokenizer(Path(tempfile.mkdtemp()))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_workbench import app_zoo  # noqa: F401  (fixture)
 
 from components import figures as fg
 from components import handlers as h
 from merging import workbench as wb
-from test_workbench import app_zoo  # noqa: F401  (fixture)
 
 
 @pytest.fixture()

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_app_api import launched_app
+from test_workbench import app_zoo  # noqa: F401  (fixture)
 
 from components import handlers as h
 from merging import workbench as wb
-from test_app_api import launched_app
-from test_workbench import app_zoo  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -172,7 +172,7 @@ def test_identical_work_is_done_once_across_sessions(app_zoo):  # noqa: F811
     zoo, _ = app_zoo
     wb.RESULTS.clear()
     calls = {"importance": 0}
-    import merging.importance as importance
+    import merging.apl.importance as importance
 
     real = importance.compute_importance
 

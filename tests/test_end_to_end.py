@@ -4,16 +4,16 @@ import json
 from pathlib import Path
 
 import pytest
+import tiny_models as tm
 import torch
 import yaml
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-import tiny_models as tm
-from merging.cli import main
+from merging.cli.main import main
 from merging.engine import MergeEngine, MergeSettings
-from merging.experts import ExpertSet
-from merging.recipe import load_recipe
+from merging.io.experts import ExpertSet
+from merging.io.recipe import load_recipe
 
 
 def _recipe(tmp: Path, base: Path, experts: list[Path], method: str, **extra) -> Path:

@@ -1,15 +1,14 @@
 """Fisher diagonals against hand computations, and the ``fisher`` merge against its formula."""
 
+import apl_fixtures as fx
 import numpy as np
 import pytest
 import torch
 
 from merging import MergeEngine, MergeLabError, MergeSettings
-from merging.experts import check_homology
-from merging.fisher import compute_fisher, prepare_fisher
-from merging.sources import ModelSource
-
-import apl_fixtures as fx
+from merging.apl.fisher import compute_fisher, prepare_fisher
+from merging.io.experts import check_homology
+from merging.io.sources import ModelSource
 
 W = "encoder.layer.0.output.dense.weight"
 B = "encoder.layer.0.output.dense.bias"

@@ -9,7 +9,6 @@ way ``python app.py`` launches it (``app.launch_kwargs``), with a 1 MB upload ca
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import zipfile
@@ -19,12 +18,12 @@ import gradio as gr
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_app_api import launched_app
+from test_workbench import app_zoo  # noqa: F401  (fixture)
 
 from components import handlers as h
 from merging import workbench as wb
 from merging.errors import MergeLabError
-from test_app_api import launched_app
-from test_workbench import app_zoo  # noqa: F401  (fixture)
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 QUERY = "bert.encoder.layer.0.attention.self.query.weight"
@@ -218,7 +217,7 @@ def test_export_on_a_full_disk_keeps_the_previous_zip(app_zoo, monkeypatch):  # 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("merging.export.save_file", disk_full)
+    monkeypatch.setattr("merging.io.export.save_file", disk_full)
     with pytest.raises(gr.Error) as info:
         h.safe(wb.export)(session, dtype="float16")  # what the page shows
     assert "export failed: the server's disk is full. Earlier exports are untouched" in str(info.value)
@@ -261,7 +260,7 @@ def test_history_round_trip_restores_table_recipes_and_overrides(app_zoo, tmp_pa
 
 
 def test_cli_inspect_reports_broken_models_in_one_line(app_zoo, bad, capsys):  # noqa: F811
-    from merging.cli import main
+    from merging.cli.main import main
 
     zoo, _ = app_zoo
     for case in ("truncated", "lying", "vocab", "gpt2", "remote"):

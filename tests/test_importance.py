@@ -1,13 +1,12 @@
 """APL importance: exact and gradient modes against their definitions, on tiny BERT experts."""
 
+import apl_fixtures as fx
 import numpy as np
 import pytest
 import torch
 
 from merging import MergeLabError
-from merging.importance import ImportanceMap, compute_importance, draw_fewshot, sample_units
-
-import apl_fixtures as fx
+from merging.apl.importance import ImportanceMap, compute_importance, draw_fewshot, sample_units
 
 LAYER1 = tuple(f"encoder.layer.1.{m}.{p}" for m in (
     "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -100,8 +99,8 @@ def test_exact_hidden_sample_is_seeded_and_recorded(frozen_set, tok):
 
 def test_patching_restores_the_parameters(frozen_set, tok):
     """After an exact run the live model holds the start point again (patches are undone exactly)."""
-    from merging.importance import exact_partition_scores
-    from merging.taskloss import ClassifierLoss, body_state, encode_examples
+    from merging.apl.importance import exact_partition_scores
+    from merging.apl.taskloss import ClassifierLoss, body_state, encode_examples
 
     base, own = body_state(frozen_set, "base"), body_state(frozen_set, "task0")
     task = ClassifierLoss(frozen_set, "task0", encode_examples(tok, fx.examples(8, 0)))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from merging import kernels
+from merging.methods import kernels
 
 
 def test_uniforms_do_not_depend_on_chunking():

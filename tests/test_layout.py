@@ -1,9 +1,9 @@
 """Layout: every tensor of BERT-, GPT-2-, Llama- and Qwen2-style models mapped as DESIGN.md says."""
 
 import pytest
-
 import tiny_models as tm
-from merging.layout import ROLE_COPY, ROLE_TASK_HEAD, ROLE_TIED, Layout, layout_from_tensors
+
+from merging.io.layout import ROLE_COPY, ROLE_TASK_HEAD, ROLE_TIED, Layout, layout_from_tensors
 
 
 def _layout(kind):

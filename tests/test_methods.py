@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import merging
+import merging.methods.kernels
 from merging import MergeLabError, merge_state_dicts
 from merging.methods import available, get_method
 
@@ -85,7 +85,7 @@ def test_dare_linear_formula_and_expectation():
     out = merge_state_dicts(base, experts, "dare_linear", drop_ratio=0.3, seed=5)
     expected = base[NAME].clone()
     for name, e in experts.items():
-        mask = merging.kernels.random_keep_mask((6, 5), 0.7, seed=5, expert=name, name=NAME)
+        mask = merging.methods.kernels.random_keep_mask((6, 5), 0.7, seed=5, expert=name, name=NAME)
         expected += (e[NAME] - base[NAME]) * mask / 0.7
     assert torch.allclose(out[NAME], expected, atol=1e-6)
     mean = torch.stack([merge_state_dicts(base, experts, "dare_linear", drop_ratio=0.5, seed=s)[NAME]

@@ -10,7 +10,15 @@ import torch
 from transformers import AutoTokenizer, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from merging.errors import MergeLabError
-from merging.probe import ProbeReport, ProbeRow, Prober, body_from_expert, load_body_into, load_safetensors, probe_causal_lm
+from merging.zoo.probe import (
+    Prober,
+    ProbeReport,
+    ProbeRow,
+    body_from_expert,
+    load_body_into,
+    load_safetensors,
+    probe_causal_lm,
+)
 
 
 def _bodies(zoo):
@@ -155,7 +163,7 @@ def test_load_body_into_maps_base_names():
 
 
 def test_tiny_zoo_probe_and_cli(tiny_zoo, capsys):
-    from merging.cli import main  # the same entry point as `python -m merging`
+    from merging.cli.main import main  # the same entry point as `python -m merging`
 
     assert main(["probe", "--zoo", tiny_zoo.name, "--json"]) == 0
     report = ProbeReport.from_json(capsys.readouterr().out)
@@ -179,11 +187,11 @@ def test_cli_importance_calibrate_merge_probe_chain(tiny_zoo, tmp_path, capsys, 
     from safetensors.torch import load_file
 
     from merging import methods
-    from merging.calibration import calibrate
-    from merging.cli import main
-    from merging.experts import ExpertSet
-    from merging.importance_cli import load_importance
-    from merging.recipe import load_recipe
+    from merging.apl.calibration import calibrate
+    from merging.cli.importance import load_importance
+    from merging.cli.main import main
+    from merging.io.experts import ExpertSet
+    from merging.io.recipe import load_recipe
 
     imp, recipe_path = tmp_path / "imp.json", tmp_path / "apl.yaml"
     assert main(["importance", "--zoo", tiny_zoo.name, "--level", "layer", "--n-fewshot", "16", "--out", str(imp),

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from merging import MergeLabError
-from merging.recipe import Recipe
+from merging.io.recipe import Recipe
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.floats(allow_nan=True), st.text(max_size=12))
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),

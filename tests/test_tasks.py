@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from merging.errors import MergeLabError
-from merging.tasks import MIN_USER_ROWS, Task, available_tasks, load_user_task, split_task
+from merging.zoo.tasks import MIN_USER_ROWS, Task, available_tasks, load_user_task, split_task
 
 
 def _toy_task(n: int = 300, labels: int = 3) -> Task:
@@ -154,7 +154,7 @@ def test_fuzz_jsonl_rows_raise_only_merge_lab_error(tmp_path, rows):
 def test_language_falls_back_to_parlspeech_then_is_skipped_with_the_fix(monkeypatch):
     import copy
 
-    import merging.tasks as tasks_mod
+    import merging.zoo.tasks as tasks_mod
 
     patched = copy.deepcopy(tasks_mod.manifest())
     patched["tasks"]["language"]["params"]["root"] = "/nonexistent/fortunes"

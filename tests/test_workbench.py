@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -48,7 +47,7 @@ def build_tiny_zoo(cache: Path, name: str = TINY_ZOO, layers: int = 2):
 
     root = cache / "zoo" / name
     if (root / "zoo.json").is_file():
-        from merging.zoo import open_zoo
+        from merging.zoo.zoo import open_zoo
 
         return open_zoo(name)
     vocab = cache / "vocab.txt"
@@ -79,7 +78,7 @@ def build_tiny_zoo(cache: Path, name: str = TINY_ZOO, layers: int = 2):
         _write_jsonl(folder / "probe.jsonl", _examples(24, 200 + i, len(labels)), labels)
     (root / "zoo.json").write_text(json.dumps({"name": name, "base": str(base_dir), "seed": 0,
                                                "tasks": list(tasks), "skipped": {}, "steps": {}, "format": 1}))
-    from merging.zoo import open_zoo
+    from merging.zoo.zoo import open_zoo
 
     return open_zoo(name)
 

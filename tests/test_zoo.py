@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from merging.errors import MergeLabError
 from merging.paths import zoos_root
-from merging.zoo import build_zoo, expert_problem, list_zoos, open_zoo
+from merging.zoo.zoo import build_zoo, expert_problem, list_zoos, open_zoo
 
 
 def test_each_tiny_expert_beats_the_base_on_its_own_task(tiny_zoo):
@@ -82,7 +82,7 @@ def test_corruption_is_detected_rebuilt_and_training_is_reproducible():
 
 
 def test_garbage_header_is_a_clear_error(tmp_path):
-    from merging.zoo import safetensors_problem
+    from merging.zoo.zoo import safetensors_problem
 
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import MergeLabError
-from ..layout import TensorInfo
+from ..io.layout import TensorInfo
 from ..params import ParamSpec
 
 NEEDS_BASE = "base"

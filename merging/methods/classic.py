@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import kernels
 from ..params import PER_LAYER, SHARED, ParamSpec
+from . import kernels
 from .base import MethodSpec, TensorJob, register
 
 _IN_PLACE_MAX_EXPERTS = 4  # above this, Pipeline reduces a stack (keeps torch's summation order)

@@ -20,13 +20,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .. import kernels
-from ..calibration import DEFAULTS, UNIT_EXTRAS, WITHIN_LAYER, calibrate, unit_keep_rates
+from ..apl.calibration import DEFAULTS, UNIT_EXTRAS, WITHIN_LAYER, calibrate, unit_keep_rates
+from ..apl.fisher import FISHER_EXTRAS, prepare_fisher
+from ..apl.importance import compute_importance
+from ..apl.taskloss import recipe_fewshot
 from ..errors import MergeLabError
-from ..fisher import FISHER_EXTRAS, prepare_fisher
-from ..importance import compute_importance
 from ..params import PER_LAYER, SHARED, ParamSpec
-from ..taskloss import recipe_fewshot
+from . import kernels
 from .base import NEEDS_BASE, NEEDS_FEW_SHOT, NEEDS_IMPORTANCE, MethodSpec, TensorJob, register
 from .classic import LAMBDA, WEIGHT
 
@@ -174,7 +174,7 @@ def _fisher_kernel(job: TensorJob) -> torch.Tensor:
         if all(not bool(torch.count_nonzero(d)) for d in deltas.values()):
             return job.base.float()
         raise MergeLabError(f"Fisher merging has no Fisher diagonal for tensor '{job.name}': compute it first "
-                            "(merging.fisher.prepare_fisher with the experts' few-shot data)")
+                            "(merging.apl.fisher.prepare_fisher with the experts' few-shot data)")
     numerator = torch.zeros_like(job.base, dtype=torch.float32)
     denominator = torch.zeros_like(numerator)
     for expert, delta in deltas.items():

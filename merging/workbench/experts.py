@@ -43,7 +43,7 @@ def models_for(session: Session, progress: Progress | None = None) -> Models:
     if item is not None:
         return item
     from ..engine import MergeEngine
-    from ..experts import ExpertSet
+    from ..io.experts import ExpertSet
 
     (progress or no_progress)(0.05, "checking the experts against the base (homology check)")
     expert_set = ExpertSet.load(session.base_ref, dict(session.refs))
@@ -118,7 +118,7 @@ def _task_data_for(zoo, task: str | None, root) -> TaskData | None:
         folder = Path(root)
         few, probe = folder / "fewshot.jsonl", folder / "probe.jsonl"
         if few.is_file():
-            from ..training import read_examples
+            from ..zoo.training import read_examples
 
             labels: list[str] = []
             task_file = folder / "merge_lab_task.json"
@@ -144,7 +144,7 @@ def head_size(models: Models, expert: str) -> int | None:
 
 def attach_task_data(session: Session, expert: str, path: str | os.PathLike, n_fewshot: int | None = None) -> Session:
     """Attach a user's CSV/JSONL (text, label) file to an expert that has no task data."""
-    from ..tasks import load_user_task, split_task
+    from ..zoo.tasks import load_user_task, split_task
 
     if expert not in session.refs:
         raise MergeLabError(f"no expert named '{expert}' is loaded (experts: {', '.join(session.refs) or 'none'})")

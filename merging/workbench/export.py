@@ -107,7 +107,7 @@ def _export_with_settings(session: Session, models: Models, recipe, out_dir: Pat
                           importance_json: str | None, progress: Progress) -> None:
     """export_recipe with the settings the last merge was built from (data-aware methods' inputs: few-shot
     data, calibration; the overrides as they were at Merge), so Export writes exactly what Merge built."""
-    from ..export import export_recipe
+    from ..io.export import export_recipe
 
     snap = session.merge_inputs
     saved = (session.overrides, session.calibration, session.apl_params, session.fewshot_n)

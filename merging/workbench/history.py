@@ -40,7 +40,7 @@ def save_history(session: Session) -> Path:
 def restore_history(session: Session, path: str | os.PathLike) -> tuple[Session, str]:
     """Load a history file saved by :func:`save_history`: its merges join the comparison table (with their
     recipes); when the same experts are loaded, the last merge's per-layer overrides come back too."""
-    from ..recipe import Recipe
+    from ..io.recipe import Recipe
 
     path = Path(path)
     try:

@@ -69,8 +69,8 @@ def _refuse_nonfinite(models: Models, what: str) -> None:
 def _importance(session: Session, models: Models, n: int, mode: str, intervention: str, levels: list[str],
                 seed: int, sample: int | None, progress: Progress, draw_seed: int | None = None):
     """(ImportanceMap, cache hit?) for the session's experts on a seeded few-shot draw."""
-    from ..importance import compute_importance as _compute
-    from ..importance import draw_fewshot
+    from ..apl.importance import compute_importance as _compute
+    from ..apl.importance import draw_fewshot
 
     tokenizer = tokenizer_for(models)
     examples, indices = {}, {}
@@ -92,7 +92,7 @@ def _importance(session: Session, models: Models, n: int, mode: str, interventio
 def recalibrate(session: Session, drop_ratio: float = 0.5, tau1: float = 2.0, tau2: float = 2.0,
                 q_min: float = 0.01, within_layer: str = "uniform") -> Session:
     """APL's suggested drop ratio and weight per expert × layer from the current importance."""
-    from ..calibration import DeltaSupport, calibrate
+    from ..apl.calibration import DeltaSupport, calibrate
 
     if session.importance is None:
         return session
@@ -130,7 +130,7 @@ def compare_interventions(session: Session, n_fewshot: int | None = None, draws:
     """Gradient importance at layer level with ``restore`` and ``ablate`` on the same few-shot draw, and the
     layer ranking's stability over ``draws`` seeded draws for each (gradient: one backward pass per expert
     and run, so 2 × draws runs in all; each run cached like any importance)."""
-    from ..fidelity import rank_correlation, stability
+    from ..apl.fidelity import rank_correlation, stability
 
     progress = progress or no_progress
     n = check_fewshot(n_fewshot if n_fewshot is not None else session.fewshot_n)

@@ -84,7 +84,7 @@ def expert_parameters(session: Session, method: str, shared: Mapping[str, Any]) 
 
 def build_recipe(session: Session, method: str, shared: Mapping[str, Any], seed: int = 0, dtype: str = "float32"):
     """The recipe of the merge the page describes (what Export writes and the CLI replays)."""
-    from ..recipe import ExpertRef, Recipe
+    from ..io.recipe import ExpertRef, Recipe
 
     shared_clean = clean_shared(method, shared)
     if method == "apl" and session.calibration is not None:

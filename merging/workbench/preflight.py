@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MergeLabError
-from ..integrity import MAX_HEADER_BYTES, check_safetensors  # noqa: F401  (re-exported)
+from ..io.integrity import MAX_HEADER_BYTES, check_safetensors  # noqa: F401  (re-exported)
 from .cache import Models, content_hash
 from .limits import max_upload_bytes
 
@@ -19,11 +19,11 @@ from .limits import max_upload_bytes
 def preflight_ref(ref: str, name: str) -> None:
     """Check the safetensors files behind a local ref before opening it (after the allowed-roots check, so
     nothing outside them is read). Hub ids are left to the library."""
-    from ..access import check_local_path
+    from ..io.access import check_local_path
 
     text = str(ref)
     if text.startswith("zoo:"):
-        from ..sources import resolve_zoo_ref
+        from ..io.sources import resolve_zoo_ref
 
         path = resolve_zoo_ref(text)
     else:

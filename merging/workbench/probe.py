@@ -47,7 +47,7 @@ def _probe_sets(session: Session, view) -> dict[str, list]:
 
 
 def prober_for(session: Session, models: Models):
-    from ..probe import Prober
+    from ..zoo.probe import Prober
 
     view, unavailable = _probe_zoo(session, models)
     sets = _probe_sets(session, view)
@@ -63,7 +63,7 @@ def run_probe(session: Session, progress: Progress | None = None):
     """Probe base, experts and the latest merge; returns the report with every merge of the session.
 
     The merged row is a pure function of (merge, probe sets): cached across sessions by content hash."""
-    from ..probe import ProbeReport, ProbeRow
+    from ..zoo.probe import ProbeReport, ProbeRow
 
     progress = progress or no_progress
     models = models_for(session)

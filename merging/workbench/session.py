@@ -68,7 +68,7 @@ class Session:
 
 def open_default_zoo(name: str | None = None):
     """The configured zoo, or None if it is not built yet."""
-    from ..zoo import default_zoo_name, open_zoo
+    from ..zoo.zoo import default_zoo_name, open_zoo
 
     try:
         return open_zoo(name or default_zoo_name())
@@ -78,7 +78,7 @@ def open_default_zoo(name: str | None = None):
 
 def ensure_zoo(name: str | None = None, progress: Progress | None = None):
     """Open the zoo, building it first (minutes: one short fine-tune per task) if it is missing."""
-    from ..zoo import build_zoo, default_zoo_name
+    from ..zoo.zoo import build_zoo, default_zoo_name
 
     name = name or default_zoo_name()
     zoo = open_default_zoo(name)

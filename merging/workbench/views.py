@@ -114,6 +114,6 @@ def cosine_data(session: Session) -> tuple[list[str], list[list[float]]]:
 
 
 def default_zoo_name_safe() -> str:
-    from ..zoo import default_zoo_name
+    from ..zoo.zoo import default_zoo_name
 
     return default_zoo_name()

@@ -21,8 +21,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from scipy.stats import spearmanr
 
-from .errors import MergeLabError
-from .experts import ExpertSet
+from ..errors import MergeLabError
+from ..io.experts import ExpertSet
 from .importance import ImportanceMap, compute_importance, draw_fewshot
 from .taskloss import Example
 

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import yaml
 
-from merging.errors import MergeLabError
+from ..errors import MergeLabError
 
 Example = tuple[str, int]
 
@@ -274,7 +274,7 @@ _KINDS: dict[str, tuple[Callable, Callable, Callable]] = {
 @lru_cache(maxsize=1)
 def manifest() -> dict:
     """The parsed ``tasks.yaml`` (package data)."""
-    text = resources.files("merging").joinpath("tasks.yaml").read_text(encoding="utf-8")
+    text = resources.files("merging.zoo").joinpath("tasks.yaml").read_text(encoding="utf-8")
     return yaml.safe_load(text)
 
 

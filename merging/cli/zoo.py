@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 
 
-
 def _zoo_build(args: argparse.Namespace) -> int:
     """Build (or reuse) a zoo and print where it is and the measured margins."""
-    from merging.zoo import build_zoo
+    from ..zoo.zoo import build_zoo
 
     zoo = build_zoo(name=args.name, tasks=args.tasks or None, steps=args.steps, seed=args.seed, n_probe=args.n_probe)
     print(f"zoo {zoo.name!r} at {zoo.root}")
@@ -27,8 +26,8 @@ def _zoo_build(args: argparse.Namespace) -> int:
 
 def _zoo_list(args: argparse.Namespace) -> int:
     """List the usable zoos with their tasks."""
-    from merging.paths import zoos_root
-    from merging.zoo import list_zoos
+    from ..paths import zoos_root
+    from ..zoo.zoo import list_zoos
 
     zoos = list_zoos()
     if not zoos:
@@ -40,14 +39,14 @@ def _zoo_list(args: argparse.Namespace) -> int:
 
 def _probe(args: argparse.Namespace) -> int:
     """Probe base and experts of a zoo, plus the merge of a recipe when given."""
-    from merging.probe import Prober
-    from merging.zoo import open_zoo
+    from ..zoo.probe import Prober
+    from ..zoo.zoo import open_zoo
 
     prober = Prober(open_zoo(args.zoo))
     merged = {}
     if args.recipe:
-        from merging.engine import merge_recipe_body
-        from merging.recipe import load_recipe
+        from ..engine import merge_recipe_body
+        from ..io.recipe import load_recipe
 
         merged[args.label] = merge_recipe_body(load_recipe(args.recipe))
     report = prober.report(merged)

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from merging.errors import MergeLabError
-from merging.paths import packaged_base_path, zoos_root
-from merging.tasks import Example, Task, available_tasks, default_task_names, manifest, split_task
-from merging.training import FEWSHOT_FILE, PROBE_FILE, TASK_FILE, Progress, TrainConfig, read_examples, train_expert
+from ..errors import MergeLabError
+from ..paths import packaged_base_path, zoos_root
+from .tasks import Example, Task, available_tasks, default_task_names, manifest, split_task
+from .training import FEWSHOT_FILE, PROBE_FILE, TASK_FILE, Progress, TrainConfig, read_examples, train_expert
 
 ZOO_FILE = "zoo.json"
 FORMAT = 1

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..errors import MergeLabError
 from .access import check_fits, check_local_path
-from .errors import MergeLabError
 from .integrity import check_safetensors
 
 TOKENIZER_FILES = (
@@ -313,7 +313,7 @@ def _open_hub(ref: str, name: str | None, allow_pickle: bool) -> ModelSource:
 
 def resolve_zoo_ref(ref: str) -> Path:
     """``zoo:NAME/TASK`` → that expert's folder; ``zoo:NAME/base`` → the zoo's base folder."""
-    from .zoo import open_zoo
+    from ..zoo.zoo import open_zoo
 
     zoo_name, _, member = ref[len("zoo:"):].partition("/")
     zoo = open_zoo(zoo_name or "default")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from merging.tasks import Example, Task, TaskSplit
+from .tasks import Example, Task, TaskSplit
 
 Progress = Callable[[float, str], None]
 

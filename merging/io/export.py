@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterable
 import torch
 from safetensors.torch import save_file
 
-from .engine import MergeEngine, MergeSettings, expert_set_from_recipe, settings_from_recipe
-from .errors import MergeLabError
+from ..engine import MergeEngine, MergeSettings, expert_set_from_recipe, settings_from_recipe
+from ..errors import MergeLabError
 from .experts import ExpertSet
 from .mergekit_yaml import to_mergekit_yaml
 

@@ -27,9 +27,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import MergeLabError
-from .methods import get_method
-from .params import validate_params
+from ..errors import MergeLabError
+from ..methods import get_method
+from ..params import validate_params
 
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16", "bfloat16")

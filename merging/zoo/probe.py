@@ -26,8 +26,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from merging.errors import MergeLabError
-from merging.tasks import Example
+from ..errors import MergeLabError
+from .tasks import Example
 
 CLASSIFIER = "classifier"
 CAUSAL_LM = "causal_lm"

@@ -12,8 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import MergeLabError
-from .paths import cache_root
+from ..errors import MergeLabError
+from ..paths import cache_root
 
 ALLOWED_ROOTS_ENV = "MERGE_LAB_ALLOWED_ROOTS"
 

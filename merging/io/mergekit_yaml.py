@@ -11,9 +11,9 @@ from typing import Any, Sequence
 
 import yaml
 
-from .errors import MergeLabError
-from .methods import get_method
-from .params import normalize_aliases
+from ..errors import MergeLabError
+from ..methods import get_method
+from ..params import normalize_aliases
 
 _OURS_ONLY = {"trim_scope", "rescale", "drop_ratio"}
 

@@ -27,11 +27,10 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .errors import MergeLabError
-from .experts import ExpertSet
-from .layout import MODULE_KINDS, ROLE_MERGE, Layout, unit_slice
-from .taskloss import (MAX_LENGTH, Example, FunctionLoss, StateLoss, TaskLoss, body_state,
-                       classifier_task_loss)
+from ..errors import MergeLabError
+from ..io.experts import ExpertSet
+from ..io.layout import MODULE_KINDS, ROLE_MERGE, Layout, unit_slice
+from .taskloss import MAX_LENGTH, Example, FunctionLoss, StateLoss, TaskLoss, body_state, classifier_task_loss
 
 LEVELS = ("model", "layer", "module", "hidden")
 MODES = ("exact", "gradient")

@@ -19,16 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import MergeLabError
-from .importance import INTERVENTIONS, LEVELS, MODES
+from ..apl.importance import INTERVENTIONS, LEVELS, MODES
+from ..errors import MergeLabError
 
 
 def zoo_inputs(zoo_name: str | None):
     """(zoo, expert set, few-shot pools, tokenizer) of a built zoo: what importance needs."""
     from transformers import AutoTokenizer
 
-    from .experts import ExpertSet
-    from .zoo import open_zoo
+    from ..io.experts import ExpertSet
+    from ..zoo.zoo import open_zoo
 
     zoo = open_zoo(zoo_name)
     expert_set = ExpertSet.load(zoo.base_path, {task: path for task, path in zoo.experts.items()})
@@ -42,7 +42,7 @@ def zoo_inputs(zoo_name: str | None):
 
 def _importance(args: argparse.Namespace) -> int:
     """Compute importance for every expert of a zoo and write it as JSON or .npz."""
-    from .importance import compute_importance, draw_fewshot
+    from ..apl.importance import compute_importance, draw_fewshot
 
     _, expert_set, pools, tokenizer = zoo_inputs(args.zoo)
     drawn = {t: draw_fewshot(pool, args.n_fewshot, args.seed) for t, pool in pools.items()}
@@ -82,7 +82,7 @@ def _importance(args: argparse.Namespace) -> int:
 
 def load_importance(path: str | Path):
     """An :class:`ImportanceMap` from a ``.json`` or ``.npz`` file written by ``importance`` or the app."""
-    from .importance import ImportanceMap
+    from ..apl.importance import ImportanceMap
 
     path = Path(path)
     if not path.is_file():
@@ -96,10 +96,10 @@ def _calibrate(args: argparse.Namespace) -> int:
     """Calibrate APL from an importance file into a recipe: per-layer drop ratios and weights for every
     expert, the APL parameters, the few-shot indices and the importance file it came from. The recipe
     holds every calibrated cell, so `merge` and `probe --recipe` replay it without recomputing anything."""
-    from .calibration import calibrate
-    from .experts import ExpertSet
-    from .recipe import ExpertRef, Recipe
-    from .zoo import open_zoo
+    from ..apl.calibration import calibrate
+    from ..io.experts import ExpertSet
+    from ..io.recipe import ExpertRef, Recipe
+    from ..zoo.zoo import open_zoo
 
     zoo = open_zoo(args.zoo)
     importance = load_importance(args.importance)

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .errors import MergeLabError
+from ..errors import MergeLabError
 from .layout import ROLE_COPY, ROLE_MERGE, ROLE_TIED, Layout
 from .sources import ModelSource, open_model
 

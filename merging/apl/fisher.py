@@ -16,10 +16,18 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .errors import MergeLabError
-from .experts import ExpertSet
-from .taskloss import (MAX_LENGTH, Example, ExampleLoss, FunctionLoss, TaskLoss, body_state,
-                       classifier_task_loss, recipe_fewshot)
+from ..errors import MergeLabError
+from ..io.experts import ExpertSet
+from .taskloss import (
+    MAX_LENGTH,
+    Example,
+    ExampleLoss,
+    FunctionLoss,
+    TaskLoss,
+    body_state,
+    classifier_task_loss,
+    recipe_fewshot,
+)
 
 FISHER_EXTRAS = "per_tensor:fisher"
 Progress = Callable[[float, str], None]

@@ -23,9 +23,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .errors import MergeLabError
-from .experts import ExpertSet
-from .layout import ROLE_MERGE
+from ..errors import MergeLabError
+from ..io.experts import ExpertSet
+from ..io.layout import ROLE_MERGE
 
 Example = tuple[str, int]
 StateLoss = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]

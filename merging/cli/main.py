@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import MergeLabError
+from ..errors import MergeLabError
 
 # Modules that add their own sub-commands (each exposes ``add_commands(subparsers)``).
-COMMAND_MODULES = ("merging.zoo_cli", "merging.importance_cli")
+COMMAND_MODULES = ("merging.cli.zoo", "merging.cli.importance")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +67,7 @@ def _add_methods(sub) -> None:
 
 
 def _run_methods(args) -> int:
-    from .methods import all_specs
+    from ..methods import all_specs
 
     specs = [s.describe() for s in all_specs()]
     lines = []
@@ -96,12 +96,12 @@ def _add_merge(sub) -> None:
 
 
 def _run_merge(args) -> int:
-    from .recipe import load_recipe
+    from ..io.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     if args.format == "mergekit":
-        from .engine import expert_set_from_recipe
-        from .mergekit_yaml import to_mergekit_yaml
+        from ..engine import expert_set_from_recipe
+        from ..io.mergekit_yaml import to_mergekit_yaml
 
         layers = None
         if _has_layer_maps(recipe):
@@ -113,8 +113,8 @@ def _run_merge(args) -> int:
         return 0
     if not args.out:
         raise MergeLabError("merge needs --out DIR (or --format mergekit)", field="out")
-    from .engine import expert_set_from_recipe
-    from .export import export_recipe
+    from ..engine import expert_set_from_recipe
+    from ..io.export import export_recipe
 
     expert_set = expert_set_from_recipe(recipe, allow_pickle=args.allow_pickle)
     report = export_recipe(recipe, args.out, expert_set=expert_set, tasks=args.tasks, dtype=args.dtype,
@@ -156,8 +156,8 @@ def _non_finite(expert_set) -> list[str]:
 
 
 def _run_inspect(args) -> int:
-    from .experts import ExpertSet
-    from .task_vectors import TaskVectors
+    from ..io.experts import ExpertSet
+    from ..task_vectors import TaskVectors
 
     if len(args.models) < 2:
         raise MergeLabError("inspect needs a base and at least one expert")

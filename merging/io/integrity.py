@@ -14,7 +14,7 @@ import os
 import struct
 from pathlib import Path
 
-from .errors import MergeLabError
+from ..errors import MergeLabError
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}

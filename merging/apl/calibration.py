@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from .errors import MergeLabError
-from .experts import ExpertSet
+from ..errors import MergeLabError
+from ..io.experts import ExpertSet
+from ..io.layout import ROLE_MERGE, Layout
 from .importance import ImportanceMap
-from .layout import ROLE_MERGE, Layout
 
 DEFAULTS = {"drop_ratio": 0.5, "tau1": 2.0, "tau2": 2.0, "q_min": 0.01, "lambda": 1.0}
 WITHIN_LAYER = ("uniform", "hidden")
