@@ -323,38 +323,3 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor], experts, method: str, *,
     expert_set = check_homology(ModelSource.from_state_dict("base", dict(base)), sources)
     settings = MergeSettings.build(expert_set, method, params, expert_params, seed, extras)
     return MergeEngine(expert_set, cache=False).merge(settings).tensors
-
-
-# ---- recipes ------------------------------------------------------------------
-
-def expert_set_from_recipe(recipe, *, allow_pickle: bool = False) -> ExpertSet:
-    """Open and check the base and experts a recipe names (paths resolve against the recipe's folder)."""
-    base_dir = recipe.resolve_dir()
-    return ExpertSet.load(recipe.base, {e.name: e.model for e in recipe.experts},
-                          allow_pickle=allow_pickle, base_dir=base_dir)
-
-
-def settings_from_recipe(recipe, expert_set: ExpertSet) -> MergeSettings:
-    """The engine settings a recipe describes; data-aware methods add their inputs via ``prepare``."""
-    recipe.validate(expert_set.layout.layers)
-    spec = get_method(recipe.method)
-    expert_params = recipe.expert_params()
-    extras: dict[str, Any] = {}
-    if spec.prepare is not None:
-        prepared = spec.prepare(expert_set=expert_set, recipe=recipe)
-        extras.update(prepared.get("extras", {}))
-        for name, values in prepared.get("expert_params", {}).items():
-            expert_params[name] = {**values, **expert_params.get(name, {})}  # the user's overrides win
-    return MergeSettings.build(expert_set, spec, recipe.parameters, expert_params, recipe.seed, extras)
-
-
-def merge_recipe(recipe, *, expert_set: ExpertSet | None = None, engine: MergeEngine | None = None,
-                 progress: Progress | None = None) -> MergeResult:
-    expert_set = expert_set or (engine.experts if engine else expert_set_from_recipe(recipe))
-    engine = engine or MergeEngine(expert_set)
-    return engine.merge(settings_from_recipe(recipe, expert_set), progress)
-
-
-def merge_recipe_body(recipe) -> dict[str, torch.Tensor]:
-    """Merged body tensors (base names) of a recipe, in memory."""
-    return merge_recipe(recipe).tensors

@@ -10,7 +10,7 @@ from merging import MergeEngine, MergeLabError, MergeSettings, engine
 from merging.apl.calibration import calibrate
 from merging.apl.importance import compute_importance
 from merging.methods import get_method
-from merging.methods.data_aware import unit_magnitude_mask
+from merging.methods.apl import unit_magnitude_mask
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -210,7 +210,7 @@ def test_cli_importance_calibrate_merge_probe_chain(tiny_zoo, tmp_path, capsys, 
     def no_recompute(*args, **kwargs):
         raise AssertionError("a calibrated recipe must replay without computing importance")
 
-    monkeypatch.setattr(methods.data_aware, "compute_importance", no_recompute)
+    monkeypatch.setattr(methods.apl, "compute_importance", no_recompute)
     assert main(["merge", str(recipe_path), "--out", str(tmp_path / "merged")]) == 0
     capsys.readouterr()
     assert main(["probe", "--zoo", tiny_zoo.name, "--recipe", str(recipe_path), "--label", "apl", "--json"]) == 0

@@ -100,8 +100,8 @@ def _run_merge(args) -> int:
 
     recipe = load_recipe(args.recipe)
     if args.format == "mergekit":
-        from ..engine import expert_set_from_recipe
         from ..io.mergekit_yaml import to_mergekit_yaml
+        from ..io.replay import expert_set_from_recipe
 
         layers = None
         if _has_layer_maps(recipe):
@@ -113,8 +113,8 @@ def _run_merge(args) -> int:
         return 0
     if not args.out:
         raise MergeLabError("merge needs --out DIR (or --format mergekit)", field="out")
-    from ..engine import expert_set_from_recipe
     from ..io.export import export_recipe
+    from ..io.replay import expert_set_from_recipe
 
     expert_set = expert_set_from_recipe(recipe, allow_pickle=args.allow_pickle)
     report = export_recipe(recipe, args.out, expert_set=expert_set, tasks=args.tasks, dtype=args.dtype,

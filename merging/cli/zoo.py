@@ -45,8 +45,8 @@ def _probe(args: argparse.Namespace) -> int:
     prober = Prober(open_zoo(args.zoo))
     merged = {}
     if args.recipe:
-        from ..engine import merge_recipe_body
         from ..io.recipe import load_recipe
+        from ..io.replay import merge_recipe_body
 
         merged[args.label] = merge_recipe_body(load_recipe(args.recipe))
     report = prober.report(merged)

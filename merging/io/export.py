@@ -21,10 +21,11 @@ from typing import Any, Callable, Iterable
 import torch
 from safetensors.torch import save_file
 
-from ..engine import MergeEngine, MergeSettings, expert_set_from_recipe, settings_from_recipe
+from ..engine import MergeEngine, MergeSettings
 from ..errors import MergeLabError
 from .experts import ExpertSet
 from .mergekit_yaml import to_mergekit_yaml
+from .replay import expert_set_from_recipe, settings_from_recipe
 
 SHARD_BYTES = 500 * 1000 * 1000
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

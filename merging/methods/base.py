@@ -8,6 +8,7 @@ controls; nothing else lists method parameters by hand.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -131,11 +132,10 @@ def all_specs() -> list[MethodSpec]:
     return list(_REGISTRY.values())
 
 
-def _ensure_loaded() -> None:
-    from . import classic  # noqa: F401  (registers on import)
+#: modules that register methods on import, in the order the methods are listed
+METHOD_MODULES = ("classic", "fisher", "apl")
 
-    try:  # APL and Fisher need the importance module; registered when present
-        from . import data_aware  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - only while the module is absent
-        if "data_aware" not in str(exc):
-            raise
+
+def _ensure_loaded() -> None:
+    for module in METHOD_MODULES:
+        importlib.import_module(f"{__package__}.{module}")

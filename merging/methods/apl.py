@@ -1,16 +1,14 @@
-"""Methods that need each expert's few-shot data: APL and Fisher-weighted merging.
+"""APL (Activated Parameter Locating) as a registered merge method.
 
-Both merge one tensor at a time like every other method; what the data contributes arrives
-*before* the merge, computed once by the method's ``prepare`` function:
+APL merges one tensor at a time like every other method; what the few-shot data contributes
+arrives *before* the merge, computed once by ``prepare``: calibration (drop ratio and weight per
+expert × layer) enters as ordinary per-expert layer maps of ``drop_ratio`` and ``weight`` — so a
+user's override of one cell is one map entry — and, with ``within_layer="hidden"``, per-unit
+percentile profiles as engine extras, which the kernel centres on whatever drop ratio the layer
+has at merge time.
 
-- ``apl``: calibration (drop ratio and weight per expert × layer) enters as ordinary per-expert
-  layer maps of ``drop_ratio`` and ``weight`` — so a user's override of one cell is one map
-  entry — and, with ``within_layer="hidden"``, per-unit percentile profiles as engine extras,
-  which the kernel centres on whatever drop ratio the layer has at merge time;
-- ``fisher``: diagonal Fisher tensors as ``per_tensor:`` engine extras.
-
-APL's random drop uses the shared (seed, expert, tensor) generators, so at uniform drop ratios
-and unit weights it is DARE (linear) bit for bit, and at drop 0 task arithmetic.
+APL's random drop uses the shared (seed, expert, tensor) generators, so at uniform drop ratios and
+unit weights it is DARE (linear) bit for bit, and at drop 0 task arithmetic.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ import numpy as np
 import torch
 
 from ..apl.calibration import DEFAULTS, UNIT_EXTRAS, WITHIN_LAYER, calibrate, unit_keep_rates
-from ..apl.fisher import FISHER_EXTRAS, prepare_fisher
 from ..apl.importance import compute_importance
 from ..apl.taskloss import recipe_fewshot
 from ..errors import MergeLabError
@@ -31,7 +28,6 @@ from .base import NEEDS_BASE, NEEDS_FEW_SHOT, NEEDS_IMPORTANCE, MethodSpec, Tens
 from .classic import LAMBDA, WEIGHT
 
 APL_URL = "https://arxiv.org/abs/2408.09485"
-FISHER_URL = "https://arxiv.org/abs/2111.09832"
 
 MEAN_DROP = ParamSpec("drop_ratio", "float", DEFAULTS["drop_ratio"],
                       "Mean drop ratio p̄ (weighted by parameter count); APL's per-layer suggestions — or your "
@@ -51,8 +47,7 @@ DROP_KIND = ParamSpec("drop", "choice", "random",
                       "How entries are dropped: seeded random with rescale 1/keep (DARE-style) or magnitude "
                       "top-k (no rescale).", SHARED, choices=("random", "magnitude"))
 SIGN = ParamSpec("sign_election", "bool", False, "Elect a sign per entry (TIES) and add only agreeing deltas.")
-EPSILON = ParamSpec("epsilon", "float", 1e-8, "ε added to the summed Fisher so untouched entries stay finite.",
-                    SHARED, 0.0, 1.0)
+
 
 
 # ---- APL kernel ----------------------------------------------------------------------------
@@ -164,35 +159,6 @@ def _recipe_is_calibrated(recipe, params: Mapping[str, Any]) -> bool:
                for key in ("drop_ratio", "weight"))
 
 
-# ---- Fisher kernel -------------------------------------------------------------------------
-
-def _fisher_kernel(job: TensorJob) -> torch.Tensor:
-    """Θ = Θ_base + λ · Σ_t w_t F_t Δ_t / (Σ_t w_t F_t + ε)."""
-    deltas = job.deltas()
-    fisher = job.extras.get(FISHER_EXTRAS)
-    if not fisher:
-        if all(not bool(torch.count_nonzero(d)) for d in deltas.values()):
-            return job.base.float()
-        raise MergeLabError(f"Fisher merging has no Fisher diagonal for tensor '{job.name}': compute it first "
-                            "(merging.apl.fisher.prepare_fisher with the experts' few-shot data)")
-    numerator = torch.zeros_like(job.base, dtype=torch.float32)
-    denominator = torch.zeros_like(numerator)
-    for expert, delta in deltas.items():
-        if expert not in fisher:
-            raise MergeLabError(f"no Fisher diagonal for expert '{expert}': prepare Fisher with every expert")
-        weighted = fisher[expert].float() * float(job.params[expert]["weight"])
-        numerator += weighted * delta
-        denominator += weighted
-    merged = numerator / (denominator + float(job.shared.get("epsilon", 1e-8)))
-    return job.base.float() + float(job.shared.get("lambda", 1.0)) * merged
-
-
-register(MethodSpec(
-    "fisher", "Fisher-weighted", FISHER_URL,
-    "Average the task vectors entry by entry, weighted by each expert's diagonal Fisher on its few-shot data.",
-    (WEIGHT, LAMBDA, EPSILON), _fisher_kernel, needs=frozenset({NEEDS_BASE, NEEDS_FEW_SHOT}),
-    prepare=prepare_fisher,
-))
 register(MethodSpec(
     "apl", "APL (Activated Parameter Locating)", APL_URL,
     "Few-shot importance per layer sets each expert's drop ratios (τ1) and merge weights (τ2), then a DARE-style "
