@@ -6,7 +6,7 @@ Tests never build the default zoo and never touch ~/.cache: the session points
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 import pytest
 
@@ -15,15 +15,21 @@ TINY_STEPS = 25
 TINY_PROBE = 100
 
 
+@pytest.fixture(scope="session")
+def session_env():
+    """Environment changes that last the whole session, undone at its end (never a bare os.environ write)."""
+    patch = pytest.MonkeyPatch()
+    yield patch
+    patch.undo()
+
+
 @pytest.fixture(scope="session", autouse=True)
-def merge_lab_cache(tmp_path_factory):
+def merge_lab_cache(tmp_path_factory, session_env):
     """Every test of the session caches under a temporary folder."""
     root = tmp_path_factory.mktemp("merge-lab-cache")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MERGE_LAB_CACHE", str(root))
-    patch.delenv("MERGE_LAB_ZOO", raising=False)
-    yield root
-    patch.undo()
+    session_env.setenv("MERGE_LAB_CACHE", str(root))
+    session_env.delenv("MERGE_LAB_ZOO", raising=False)
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -40,45 +46,55 @@ def tiny_zoo(merge_lab_cache):
 
 
 @pytest.fixture(scope="session")
-def toy_zoo(tmp_path_factory):
-    """A zoo of a tiny random BERT (2 layers, hidden 32) with two 3-class experts: instant to probe.
+def toy_zoo(merge_lab_cache):
+    """The fake zoo (``fake_zoo.build_tiny_zoo``) under its own name, for probe tests that need a zoo
+    object and nothing else: instant to build and to probe."""
+    from fake_zoo import build_tiny_zoo
 
-    Experts are the base plus seeded noise on every body tensor, so a merge changes every
-    layer; probe sets are a few texts each. Built by hand in the zoo layout (no training).
-    """
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+    return build_tiny_zoo(merge_lab_cache, name="toy")
 
-    from merging.paths import packaged_base_path
-    from merging.zoo.training import TASK_FILE, write_examples
-    from merging.zoo.zoo import Zoo
 
-    root = tmp_path_factory.mktemp("toy-zoo")
-    tok = AutoTokenizer.from_pretrained(str(packaged_base_path()))
-    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    base = BertModel(config).eval()
-    base.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    texts = ["the cat sat", "a dog ran far away", "stocks fell sharply today", "il pleut", "der Hund bellt laut",
-             "markets rally", "rain again", "goal in the last minute", "new phone released", "tea or coffee"]
-    experts = {}
-    for k, task in enumerate(("alpha", "beta")):
-        labels = ["x", "y", "z"]
-        model = BertForSequenceClassification(BertConfig(**config.to_dict(), num_labels=3)).eval()
-        model.bert.load_state_dict(base.state_dict())
-        gen = torch.Generator().manual_seed(k + 1)
-        with torch.no_grad():
-            for p in model.bert.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-        folder = root / "experts" / task
-        model.save_pretrained(folder)
-        tok.save_pretrained(folder)
-        examples = [(t, (i + k) % 3) for i, t in enumerate(texts)]
-        write_examples(folder / "probe.jsonl", examples, labels)
-        write_examples(folder / "fewshot.jsonl", examples[:3], labels)
-        (folder / TASK_FILE).write_text(json.dumps({"task": task, "label_names": labels}))
-        experts[task] = folder
-    return Zoo(name="toy", root=root, base_path=root / "base", experts=experts)
+@pytest.fixture(scope="session")
+def app_zoo(merge_lab_cache, session_env):
+    """(zoo, cache root): the fake zoo under MERGE_LAB_CACHE (instant); MERGE_LAB_ZOO points at it so
+    ``zoo:`` refs and the app resolve to it."""
+    from fake_zoo import build_tiny_zoo
 
+    zoo = build_tiny_zoo(merge_lab_cache)
+    session_env.setenv("MERGE_LAB_ZOO", zoo.name)
+    return zoo, merge_lab_cache
+
+
+@pytest.fixture(scope="session")
+def real_zoo(request, session_env):
+    """(zoo, cache root): ``tiny_zoo`` (real experts of the packaged base), which the API and browser tests
+    use; MERGE_LAB_TEST_FAKE_ZOO=1 swaps in the instant fake zoo for quick local iterations."""
+    import os
+
+    if os.environ.get("MERGE_LAB_TEST_FAKE_ZOO") == "1":
+        return request.getfixturevalue("app_zoo")
+    zoo = request.getfixturevalue("tiny_zoo")
+    session_env.setenv("MERGE_LAB_ZOO", zoo.name)
+    return zoo, Path(zoo.root).parent.parent
+
+
+@pytest.fixture(scope="module")
+def app_url(real_zoo):
+    """The app served on a free port over ``real_zoo``, its cache outside the system temp folder."""
+    from served_app import launched_app
+
+    _, cache = real_zoo
+    with launched_app(cache_outside_tmp=cache) as url:
+        yield url
+
+
+TRAINING_FIXTURES = {"tiny_zoo", "real_zoo"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs a trained zoo is ``slow``, so ``pytest -m "not slow"`` is the fast inner
+    loop. Read from each test's fixture closure, so a new test that asks for ``tiny_zoo`` is marked
+    without anyone remembering to."""
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -4,10 +4,7 @@ with the CLI to the same tensors."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,56 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_workbench import app_zoo, real_zoo  # noqa: F401  (fixtures)
 
 from merging import workbench as wb
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-REPO_TMP = ROOT / "tmp"  # gitignored
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def launched_app(cache_outside_tmp: Path | None = None):
-    """Serve ``app.demo`` exactly as ``python app.py`` does (``app.launch_kwargs``), on a free port.
-
-    With ``cache_outside_tmp`` (a zoo cache root), the server's cache root moves to a fresh folder under the
-    repo's ``tmp/`` (its ``zoo`` a link to the given cache's), so export zips live outside the system temp
-    folder, which gradio would serve anyway: an export link that works then proves ``allowed_paths``.
-    """
-    import app as app_module
-
-    patch = pytest.MonkeyPatch()
-    outside = None
-    if cache_outside_tmp is not None:
-        REPO_TMP.mkdir(exist_ok=True)
-        outside = Path(tempfile.mkdtemp(prefix="app-cache-", dir=REPO_TMP))
-        (outside / "zoo").symlink_to(Path(cache_outside_tmp) / "zoo", target_is_directory=True)
-        patch.setenv("MERGE_LAB_CACHE", str(outside))
-    port = free_port()
-    kwargs = app_module.launch_kwargs(app_module.parse_args(["--host", "127.0.0.1", "--port", str(port)]))
-    app_module.demo.launch(**kwargs, prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        app_module.demo.close()
-        patch.undo()
-        if outside is not None:
-            shutil.rmtree(outside, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def app_url(real_zoo):  # noqa: F811
-    zoo, cache = real_zoo
-    with launched_app(cache_outside_tmp=cache) as url:
-        yield url
 
 
 def test_launch_kwargs_match_the_command_line():
@@ -79,7 +30,7 @@ def test_launch_kwargs_match_the_command_line():
     assert kwargs["max_file_size"] == wb.max_upload_bytes() and kwargs["css"] == app_module.CSS
 
 
-def test_api_end_to_end_and_replay(app_url, real_zoo, tmp_path):  # noqa: F811
+def test_api_end_to_end_and_replay(app_url, real_zoo, tmp_path):
     from gradio_client import Client
 
     zoo, cache = real_zoo
@@ -126,7 +77,7 @@ def test_api_end_to_end_and_replay(app_url, real_zoo, tmp_path):  # noqa: F811
         assert torch.equal(exported[name], replayed[name]), name
 
 
-def test_api_errors_are_readable(app_url, real_zoo):  # noqa: F811
+def test_api_errors_are_readable(app_url, real_zoo):
     from gradio_client import Client
 
     zoo, _ = real_zoo

@@ -8,8 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_app_api import app_url, free_port  # noqa: F401  (fixture)
-from test_workbench import app_zoo, real_zoo  # noqa: F401  (fixtures)
 
 CHROMIUM = os.environ.get("MERGE_LAB_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -32,7 +30,7 @@ def _browser_or_skip():
         pytest.skip(message)
 
 
-def test_browser_flow(app_url, real_zoo):  # noqa: F811
+def test_browser_flow(app_url, real_zoo):
     _browser_or_skip()
     from playwright.sync_api import expect, sync_playwright
 

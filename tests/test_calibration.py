@@ -1,4 +1,4 @@
-"""APL calibration against DESIGN.md's rules: mean keep rate, bounds, temperatures, weights, units."""
+"""APL calibration against the rules in docs/ARCHITECTURE.md: mean keep rate, bounds, temperatures, weights, units."""
 
 import math
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_workbench import app_zoo  # noqa: F401  (fixture)
 
 from components import figures as fg
 from components import handlers as h
@@ -12,7 +11,7 @@ from merging import workbench as wb
 
 
 @pytest.fixture()
-def session(app_zoo):  # noqa: F811
+def session(app_zoo):
     zoo, _ = app_zoo
     base, refs = wb.zoo_refs(zoo)
     s = wb.load_experts(wb.Session(), base, refs, zoo=zoo)

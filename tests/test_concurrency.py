@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_app_api import launched_app
-from test_workbench import app_zoo  # noqa: F401  (fixture)
+from served_app import launched_app
 
 from components import handlers as h
 from merging import workbench as wb
@@ -37,7 +36,7 @@ def _perturbed_copy(folder: Path, to: Path, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(app_zoo):  # noqa: F811
+def server(app_zoo):
     zoo, _ = app_zoo
     patch = pytest.MonkeyPatch()
     patch.setenv("MERGE_LAB_ZOO", zoo.name)
@@ -78,7 +77,7 @@ def _expected(zoo, cfg) -> tuple[list, dict]:
     return rows[-1], session.history[-1]["recipe"]
 
 
-def test_four_concurrent_sessions_get_their_own_results(server, app_zoo, tmp_path):  # noqa: F811
+def test_four_concurrent_sessions_get_their_own_results(server, app_zoo, tmp_path):
     from gradio_client import Client
 
     zoo, _ = app_zoo
@@ -136,7 +135,7 @@ def test_four_concurrent_sessions_get_their_own_results(server, app_zoo, tmp_pat
     print(f"\n4 concurrent sessions: {elapsed:.1f} s; fresh request afterwards {time.perf_counter() - t1:.2f} s")
 
 
-def test_queued_users_see_their_position(server, app_zoo, monkeypatch):  # noqa: F811
+def test_queued_users_see_their_position(server, app_zoo, monkeypatch):
     """Heavy events share one concurrency slot; a waiting client is told its rank in the queue (the page shows
     it as 'queue: k/n' because show_progress stays on for heavy events)."""
     from gradio_client import Client
@@ -167,7 +166,7 @@ def test_queued_users_see_their_position(server, app_zoo, monkeypatch):  # noqa:
     assert ranks, "no client was ever told its place in the queue"
 
 
-def test_identical_work_is_done_once_across_sessions(app_zoo):  # noqa: F811
+def test_identical_work_is_done_once_across_sessions(app_zoo):
     """A class of 30 pressing the guided buttons: importance, merge and probe computed once, then cache hits."""
     zoo, _ = app_zoo
     wb.RESULTS.clear()
@@ -205,7 +204,7 @@ def test_identical_work_is_done_once_across_sessions(app_zoo):  # noqa: F811
     assert not wb.merge(other, "apl", {"drop_ratio": 0.5}).reused
 
 
-def test_closed_sessions_free_their_merges(app_zoo):  # noqa: F811
+def test_closed_sessions_free_their_merges(app_zoo):
     zoo, _ = app_zoo
     a = wb.load_experts(wb.Session(), *wb.zoo_refs(zoo), zoo=zoo)
     b = wb.load_experts(wb.Session(), *wb.zoo_refs(zoo), zoo=zoo)

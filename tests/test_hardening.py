@@ -18,8 +18,7 @@ import gradio as gr
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_app_api import launched_app
-from test_workbench import app_zoo  # noqa: F401  (fixture)
+from served_app import launched_app
 
 from components import handlers as h
 from merging import workbench as wb
@@ -105,7 +104,7 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def bad(app_zoo, tmp_path_factory):  # noqa: F811
+def bad(app_zoo, tmp_path_factory):
     zoo, _ = app_zoo
     return make_bad_models(tmp_path_factory.mktemp("bad-models"), zoo)
 
@@ -119,7 +118,7 @@ def _refs(zoo, **extra):
 
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))
-def test_each_broken_model_gets_a_clear_message(app_zoo, bad, case):  # noqa: F811
+def test_each_broken_model_gets_a_clear_message(app_zoo, bad, case):
     zoo, _ = app_zoo
     base, refs = _refs(zoo, broken=bad[case])
     with pytest.raises(MergeLabError) as info:
@@ -128,7 +127,7 @@ def test_each_broken_model_gets_a_clear_message(app_zoo, bad, case):  # noqa: F8
     assert "Traceback" not in str(info.value)
 
 
-def test_nan_and_inf_weights_warn_at_load_block_importance_and_name_the_tensor_at_merge(app_zoo, bad):  # noqa: F811
+def test_nan_and_inf_weights_warn_at_load_block_importance_and_name_the_tensor_at_merge(app_zoo, bad):
     zoo, _ = app_zoo
     base, refs = _refs(zoo, nan=bad["nan"], inf=bad["inf"])
     session = wb.load_experts(wb.Session(), base, refs, zoo=zoo)
@@ -142,7 +141,7 @@ def test_nan_and_inf_weights_warn_at_load_block_importance_and_name_the_tensor_a
         wb.merge(session, "task_arithmetic", {})  # the engine names the first broken tensor it meets
 
 
-def test_missing_tokenizer_warns_then_importance_says_what_to_add(app_zoo, tmp_path):  # noqa: F811
+def test_missing_tokenizer_warns_then_importance_says_what_to_add(app_zoo, tmp_path):
     zoo, _ = app_zoo
     folders = {"base": Path(zoo.base_path), **{t: Path(p) for t, p in zoo.experts.items()}}
     copies = {}
@@ -159,7 +158,7 @@ def test_missing_tokenizer_warns_then_importance_says_what_to_add(app_zoo, tmp_p
     assert wb.merge(session, "task_arithmetic", {}).label == "#1 task_arithmetic"  # weight-only still works
 
 
-def test_uploads_are_checked_before_use(app_zoo, bad, tmp_path, monkeypatch):  # noqa: F811
+def test_uploads_are_checked_before_use(app_zoo, bad, tmp_path, monkeypatch):
     zoo, _ = app_zoo
     text = tmp_path / "notes.txt"
     text.write_text("hello")
@@ -181,7 +180,7 @@ def test_uploads_are_checked_before_use(app_zoo, bad, tmp_path, monkeypatch):  #
     assert wb.load_experts(wb.Session(), base, refs, zoo=zoo).experts == ["mood", "topic"]
 
 
-def test_numbers_are_validated_naming_the_field(app_zoo):  # noqa: F811
+def test_numbers_are_validated_naming_the_field(app_zoo):
     zoo, _ = app_zoo
     session = wb.load_experts(wb.Session(), *wb.zoo_refs(zoo), zoo=zoo)
     cases = [
@@ -206,7 +205,7 @@ def test_numbers_are_validated_naming_the_field(app_zoo):  # noqa: F811
     assert not session.overrides  # nothing half-applied
 
 
-def test_export_on_a_full_disk_keeps_the_previous_zip(app_zoo, monkeypatch):  # noqa: F811
+def test_export_on_a_full_disk_keeps_the_previous_zip(app_zoo, monkeypatch):
     zoo, _ = app_zoo
     session = wb.load_experts(wb.Session(), *wb.zoo_refs(zoo), zoo=zoo)
     wb.merge(session, "task_arithmetic", {"lambda": 0.9})
@@ -225,7 +224,7 @@ def test_export_on_a_full_disk_keeps_the_previous_zip(app_zoo, monkeypatch):  # 
     assert set(wb.exports_root().iterdir()) == folders  # the half-written folder is gone
 
 
-def test_history_round_trip_restores_table_recipes_and_overrides(app_zoo, tmp_path):  # noqa: F811
+def test_history_round_trip_restores_table_recipes_and_overrides(app_zoo, tmp_path):
     zoo, _ = app_zoo
     session = wb.load_experts(wb.Session(), *wb.zoo_refs(zoo), zoo=zoo)
     wb.set_cell(session, "topic", "1", wb.WEIGHT, 0.4)
@@ -259,7 +258,7 @@ def test_history_round_trip_restores_table_recipes_and_overrides(app_zoo, tmp_pa
     assert headers[:4] == ["merge", "method", "mean accuracy", "topic acc"] and rows[0][2:4] == [None, None]
 
 
-def test_cli_inspect_reports_broken_models_in_one_line(app_zoo, bad, capsys):  # noqa: F811
+def test_cli_inspect_reports_broken_models_in_one_line(app_zoo, bad, capsys):
     from merging.cli.main import main
 
     zoo, _ = app_zoo
@@ -275,7 +274,7 @@ def test_cli_inspect_reports_broken_models_in_one_line(app_zoo, bad, capsys):  #
 
 
 @pytest.fixture(scope="module")
-def hard_url(app_zoo):  # noqa: F811
+def hard_url(app_zoo):
     zoo, _ = app_zoo
     patch = pytest.MonkeyPatch()
     patch.setenv("MERGE_LAB_ZOO", zoo.name)
@@ -295,7 +294,7 @@ def _message(call) -> str:
     return text
 
 
-def test_api_bad_loads_then_a_good_load_works(hard_url, app_zoo, bad, tmp_path):  # noqa: F811
+def test_api_bad_loads_then_a_good_load_works(hard_url, app_zoo, bad, tmp_path):
     from gradio_client import Client, handle_file
 
     zoo, _ = app_zoo
@@ -333,7 +332,7 @@ def test_api_bad_loads_then_a_good_load_works(hard_url, app_zoo, bad, tmp_path):
     assert "#1 task_arithmetic" in client.predict("task_arithmetic", 0, api_name="/merge")  # the failed one did not count
 
 
-def test_api_out_of_range_numbers_are_refused_naming_the_field(hard_url, app_zoo):  # noqa: F811
+def test_api_out_of_range_numbers_are_refused_naming_the_field(hard_url, app_zoo):
     from gradio_client import Client
 
     zoo, _ = app_zoo
@@ -376,7 +375,7 @@ def test_api_out_of_range_numbers_are_refused_naming_the_field(hard_url, app_zoo
     assert client.predict(api_name="/run_probe")[0]["data"][0][0] == "base"
 
 
-def test_api_paths_outside_allowed_roots_are_refused(hard_url, app_zoo, bad, tmp_path, monkeypatch):  # noqa: F811
+def test_api_paths_outside_allowed_roots_are_refused(hard_url, app_zoo, bad, tmp_path, monkeypatch):
     from gradio_client import Client
 
     zoo, _ = app_zoo
@@ -397,7 +396,7 @@ def test_api_paths_outside_allowed_roots_are_refused(hard_url, app_zoo, bad, tmp
     assert "homology check passed" in out[1]
 
 
-def test_api_history_download_and_restore(hard_url, app_zoo):  # noqa: F811
+def test_api_history_download_and_restore(hard_url, app_zoo):
     from gradio_client import Client, handle_file
 
     zoo, _ = app_zoo

@@ -1,4 +1,4 @@
-"""Layout: every tensor of BERT-, GPT-2-, Llama- and Qwen2-style models mapped as DESIGN.md says."""
+"""Layout: every tensor of BERT-, GPT-2-, Llama- and Qwen2-style models mapped as docs/ARCHITECTURE.md (Layout) says."""
 
 import pytest
 import tiny_models as tm

@@ -1,119 +1,16 @@
-"""The app's session logic (merging/workbench.py), without any UI: load → importance → plan → merge → probe → export.
+"""The app's session logic (merging.workbench), without any UI: load → importance → plan → merge → probe → export.
 
-Uses the session-scoped ``tiny_zoo`` fixture from conftest.py when it exists; otherwise
-``app_zoo`` builds an equivalent 2-task zoo of tiny BERTs in the zoo layout (seconds).
+Runs on conftest's ``app_zoo`` (the fake zoo of tiny BERTs in the zoo layout).
 """
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import pytest
-import torch
 
 from merging import workbench as wb
 from merging.errors import MergeLabError
-
-TINY_ZOO = "tiny-app"
-WORDS = [f"w{i}" for i in range(40)]
-
-
-# ---------------------------------------------------------------- a tiny zoo (fallback fixture)
-
-
-def _examples(n: int, seed: int, labels: int) -> list[tuple[str, int]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        label = int(torch.randint(0, labels, (1,), generator=g))
-        length = int(torch.randint(3, 8, (1,), generator=g))
-        # the label leaves a trace in the words so the experts' heads have something to find
-        words = [WORDS[(label * 7 + int(w)) % len(WORDS)] for w in torch.randint(0, 6, (length,), generator=g)]
-        out.append((" ".join(words), label))
-    return out
-
-
-def _write_jsonl(path: Path, rows, labels) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for text, label in rows:
-            fh.write(json.dumps({"text": text, "label": label, "label_name": labels[label]}) + "\n")
-
-
-def build_tiny_zoo(cache: Path, name: str = TINY_ZOO, layers: int = 2):
-    """A zoo of two tiny BERT experts (2 and 3 classes) written in the zoo's on-disk layout."""
-    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
-
-    root = cache / "zoo" / name
-    if (root / "zoo.json").is_file():
-        from merging.zoo.zoo import open_zoo
-
-        return open_zoo(name)
-    vocab = cache / "vocab.txt"
-    cache.mkdir(parents=True, exist_ok=True)
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizer(str(vocab))
-    cfg = dict(vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
-               intermediate_size=32, max_position_embeddings=40)
-    torch.manual_seed(0)
-    base = BertModel(BertConfig(**cfg))
-    base_dir = root / "base"
-    base.save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    tasks = {"topic": ["a", "b"], "mood": ["neg", "neu", "pos"]}
-    for i, (task, labels) in enumerate(tasks.items()):
-        model = BertForSequenceClassification(BertConfig(**cfg, num_labels=len(labels)))
-        g = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for name_, param in model.bert.named_parameters():
-                base_param = dict(base.named_parameters())[name_]
-                param.copy_(base_param + 0.05 * torch.randn(param.shape, generator=g))
-            model.classifier.weight.copy_(0.5 * torch.randn(model.classifier.weight.shape, generator=g))
-        folder = root / "experts" / task
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        (folder / "merge_lab_task.json").write_text(json.dumps({"task": task, "label_names": labels}))
-        _write_jsonl(folder / "fewshot.jsonl", _examples(16, 100 + i, len(labels)), labels)
-        _write_jsonl(folder / "probe.jsonl", _examples(24, 200 + i, len(labels)), labels)
-    (root / "zoo.json").write_text(json.dumps({"name": name, "base": str(base_dir), "seed": 0,
-                                               "tasks": list(tasks), "skipped": {}, "steps": {}, "format": 1}))
-    from merging.zoo.zoo import open_zoo
-
-    return open_zoo(name)
-
-
-def _cache_root() -> Path:
-    from merging.paths import cache_root
-
-    return cache_root()
-
-
-@pytest.fixture(scope="session")
-def app_zoo():
-    """(zoo, cache root): a zoo of two tiny random BERTs in the zoo layout under MERGE_LAB_CACHE (instant).
-
-    Sets MERGE_LAB_ZOO so ``zoo:`` refs and the app resolve to it.
-    """
-    cache = _cache_root()
-    zoo = build_tiny_zoo(cache)
-    os.environ["MERGE_LAB_ZOO"] = zoo.name
-    return zoo, cache
-
-
-@pytest.fixture(scope="session")
-def real_zoo(request):
-    """(zoo, cache root): the project's ``tiny_zoo`` (real experts of the packaged base) when conftest has it,
-    else the instant fake zoo. The API and browser tests use this one (MERGE_LAB_TEST_FAKE_ZOO=1 forces
-    the fake zoo, for quick local iterations)."""
-    if os.environ.get("MERGE_LAB_TEST_FAKE_ZOO") == "1":
-        return request.getfixturevalue("app_zoo")
-    try:
-        zoo = request.getfixturevalue("tiny_zoo")
-    except pytest.FixtureLookupError:
-        return request.getfixturevalue("app_zoo")
-    os.environ["MERGE_LAB_ZOO"] = zoo.name
-    return zoo, Path(zoo.root).parent.parent
 
 
 @pytest.fixture()

@@ -55,6 +55,7 @@ def test_unknown_task_and_bad_steps_are_clear_errors():
         build_zoo(name="bad", tasks=["topic"], steps=0)
 
 
+@pytest.mark.slow
 def test_corruption_is_detected_rebuilt_and_training_is_reproducible():
     """One 2-step expert: truncating its weights is caught before torch, and the rebuild
     (same seed) reproduces the very same weights; a missing zoo.json reuses the expert."""
