@@ -204,7 +204,7 @@ def speed(args) -> dict:
         tgt = f"≤ {r['target']}× {r['ref']}: {r['ok']}" if r["target"] else ""
         print(f"   {r['name']:16s} {r['median']:9.3f} {r['spread'][0]:6.2f}..{r['spread'][1]:<6.2f} {r['runs']:4d} "
               f"{r['ratio_bw']:10.2f} {r['ratio_rng']:7.2f}  {tgt}")
-    del base, experts, set2, set3, base_src
+    jobs.clear()  # the closures hold the models: dropping them frees the memory for the next measurement
     gc.collect()
     return {"params": count, "rows": rows, "repeats": args.repeats}
 
