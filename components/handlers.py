@@ -1,4 +1,4 @@
-"""Thin glue between Gradio events and merging/workbench.py: UI values in, component values out.
+"""Thin glue between Gradio events and merging.workbench: UI values in, component values out.
 
 Every function here is a plain function (no Gradio event context needed) so tests can call
 them directly. Errors: :func:`safe` turns a MergeLabError into a readable ``gr.Error`` and any

@@ -2,7 +2,7 @@
 
 For expert t with few-shot loss L_t and delta Δ_t = Θ_t − Θ_b, the importance of partition k
 (the whole model, a layer, a module, or one hidden-state unit) is measured by a causal
-intervention (DESIGN.md, "APL as this project implements it"):
+intervention (docs/ARCHITECTURE.md, "APL as Merge Lab implements it"):
 
 - ``restore`` (default): start at the base, switch partition k to the expert's values,
   I = |L(Θ_b + Δ^k) − L(Θ_b)|;

@@ -169,7 +169,7 @@ class Layout:
 
 
 def describe_tensor(name: str, shape: tuple[int, ...], dtype: str, tied_embeddings: bool = False) -> TensorInfo:
-    """Classify one tensor of a base model by its name (see DESIGN.md, Layout)."""
+    """Classify one tensor of a base model by its name (docs/ARCHITECTURE.md, "Layout", lists the rules)."""
     module = _module_path(name)
     if not _is_float(dtype):
         return TensorInfo(name, _layer_of(name), "other", module, None, ROLE_COPY, shape)

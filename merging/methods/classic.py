@@ -4,7 +4,7 @@ As in mergekit's generalized task arithmetic: each expert's delta Δ_t is sparsi
 (nothing, magnitude top-k, DARE random drop, breadcrumbs, DELLA), optionally a TIES sign
 is elected and only agreeing entries kept, the deltas are weighted (and optionally
 normalised by the summed weights of what was kept), and λ times the result is added to
-the base. Norm tensors are never dropped (DESIGN.md): they skip sparsify and consensus.
+the base. Norm tensors are never dropped (docs/ARCHITECTURE.md, Layout): they skip sparsify and consensus.
 SLERP interpolates two experts' weights directly.
 """
 

@@ -1,8 +1,8 @@
 """Labelled tasks for the demo zoo, user-supplied tasks, and reproducible splits.
 
 The demo zoo needs labelled text without a network, so every built-in task reads
-files that an installed package ships (see ``tasks.yaml``, package data, and
-/work/shared/DATA.md). Loaders read the files directly because the packages'
+files that an installed package ships (``tasks.yaml``, package data, names each package and
+file; docs/ARCHITECTURE.md, "The demo zoo", says which). Loaders read the files directly because the packages'
 own helpers import modules that are broken on current scikit-learn.
 
 A user task comes from a CSV or JSONL file with ``text`` and ``label`` columns;
