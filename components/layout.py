@@ -1,6 +1,6 @@
 """Composes the page, in the order a person works: Experts → Importance → Merge → Probe → Export.
 
-Thin: the work happens in merging/workbench.py, the glue in components/handlers.py, the charts
+Thin: the work happens in merging.workbench, the glue in components/handlers.py, the charts
 in components/figures.py. The five main buttons carry exactly the labels ``Load experts``,
 ``Compute importance``, ``Merge``, ``Run probe`` and ``Export`` (tests and users rely on them).
 """
@@ -8,6 +8,7 @@ in components/figures.py. The five main buttons carry exactly the labels ``Load 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -36,7 +37,7 @@ WHAT_MAGNITUDE = (
     "(delta norm) against its measured importance. Dots far from a rising line are where the data tells you "
     "something the weights alone cannot.")
 WHAT_COMPARE = (
-    "DESIGN asks two questions of any importance ranking. Do the two interventions agree? *restore* asks what a "
+    "Two questions are worth asking of any importance ranking. Do the two interventions agree? *restore* asks what a "
     "part's fine-tuning does on its own, *ablate* what the expert loses without it — they can rank layers "
     "differently. And is the ranking stable, or an accident of which few examples were drawn? The button scores "
     "every layer with the gradient approximation for both interventions on three seeded few-shot draws (each "
@@ -84,471 +85,559 @@ def load_css() -> str:
 
 
 def build_demo() -> gr.Blocks:
+    """The page: one builder per section (in the order a person works), then one wiring step per section."""
     with gr.Blocks(title="Merge Lab") as demo:
         # Per-tab state (small, no tensors). When gradio drops it (an hour after the tab closed, or after
         # STATE_TTL seconds without use), whatever the session kept in the shared caches is released too.
         state = gr.State(None, delete_callback=h.release_state, time_to_live=h.STATE_TTL)
-
-        # ------------------------------------------------------------------ intro
-        with gr.Column(elem_classes=["ml-intro"]):
-            gr.Markdown(_intro())
-            with gr.Row():
-                guided_btn = gr.Button("Guided first merge", variant="secondary", scale=0)
-                gr.Markdown("Fills every step with a good first setting: all zoo experts, gradient importance, "
-                            "APL at drop ratio 0.5. Then press the five buttons in order.")
-            zoo_md = gr.Markdown("Looking for the demo zoo…", elem_id="zoo-status")
-
-        # ------------------------------------------------------------------ experts
-        with gr.Group(elem_classes=["ml-section"]):
-            gr.Markdown("## 1 · Experts\nPick the base model and two or more experts fine-tuned from it.")
-            with gr.Row():
-                base_box = gr.Textbox(label="Base model", placeholder="zoo:default/base, a folder, or hf:org/name@rev",
-                                      scale=2)
-                zoo_pick = ui.Dropdown(label="Experts from the demo zoo", choices=[], multiselect=True,
-                                       allow_custom_value=True, scale=3, elem_id="zoo-pick")
-            with gr.Row():
-                extra_box = gr.Textbox(label="More experts (one per line: name=folder, a .safetensors path, "
-                                             "or hf:org/name@rev)", lines=2, scale=3)
-                upload = gr.File(label=f"…or upload .safetensors experts (up to {h.upload_limit_text()} each)",
-                                 file_count="multiple", file_types=[".safetensors"], scale=2, height=110,
-                                 elem_id="upload")
-            load_btn = gr.Button("Load experts", variant="primary", elem_id="btn-load")
-            load_md = gr.Markdown(elem_id="load-status")
-            experts_df = gr.Dataframe(headers=wb.EXPERT_HEADERS, label="Experts (homology check passed)",
-                                      interactive=False, elem_id="experts-table")
-            data_md = gr.Markdown()
-            with gr.Accordion("Attach task data to an expert (CSV/JSONL with text and label)", open=False):
-                with gr.Row():
-                    attach_expert = ui.Dropdown(label="Expert", choices=[], allow_custom_value=True, scale=1)
-                    attach_file = gr.File(label="Task file", file_types=[".csv", ".jsonl"], scale=2, height=110)
-                    attach_btn = gr.Button("Attach task data", scale=0)
-
-        # ------------------------------------------------------------------ importance
-        with gr.Group(elem_classes=["ml-section"]):
-            gr.Markdown("## 2 · Importance (APL)\nHow much each part of every expert's change matters for its own "
-                        "task, measured on a few examples.")
-            with gr.Row():
-                fewshot = ui.Slider(4, 128, value=wb.DEFAULT_FEWSHOT, step=4, label="Few-shot examples per expert")
-                mode = ui.Radio(["gradient", "exact"], value="gradient", label="Mode",
-                                info="gradient: one backward pass (fast, every unit); exact: one forward per part")
-                intervention = ui.Radio(["restore", "ablate"], value="restore", label="Intervention",
-                                        info="restore: base + this part alone; ablate: expert minus this part")
-            with gr.Row():
-                imp_btn = gr.Button("Compute importance", variant="primary", elem_id="btn-importance")
-                imp_stop = gr.Button("Stop", variant="stop", scale=0)
-            heat_plot, heat_md = explained_plot(WHAT_HEATMAP, label="Importance: layer × module, per expert",
-                                                elem_id="heatmap")
-            with gr.Row():
-                hid_expert = ui.Dropdown(label="Expert", choices=[], allow_custom_value=True)
-                hid_layer = ui.Dropdown(label="Layer", choices=[], allow_custom_value=True)
-                hid_module = ui.Dropdown(label="Module", choices=[], allow_custom_value=True)
-            hid_plot, hid_md = explained_plot(WHAT_HIDDEN, label="Hidden states")
-            with gr.Row():
-                with gr.Column():
-                    fid_plot, fid_md = explained_plot(WHAT_FIDELITY, label="Exact vs gradient")
-                with gr.Column():
-                    mag_plot, mag_md = explained_plot(WHAT_MAGNITUDE, label="Importance vs delta magnitude")
-            with gr.Accordion("Compare interventions and draws", open=False, elem_id="compare"):
-                gr.Markdown(WHAT_COMPARE)
-                compare_btn = gr.Button("Compare restore and ablate", variant="secondary", size="sm",
-                                        elem_classes=["ml-btn"], elem_id="btn-compare")
-                compare_plot = gr.Plot(label="Restore vs ablate, and stability over few-shot draws")
-                compare_md = gr.Markdown(elem_id="compare-status")
-
-        # ------------------------------------------------------------------ merge
-        with gr.Group(elem_classes=["ml-section"]):
-            gr.Markdown("## 3 · Merge")
-            with gr.Row():
-                method = ui.Dropdown(h.method_choices(), value="apl", label="Method", scale=2)
-                seed = ui.Number(value=0, precision=0, label="Seed", scale=0, min_width=100)
-            method_md = gr.Markdown(h.method_info(wb.Session(), "apl"))
-            param_boxes = []
-            with gr.Row(elem_classes=["ml-params"]):
-                apl_spec = {p.name: p for p in wb.method_spec("apl").params}
-                for p in h.PARAMS:
-                    visible = p.name in apl_spec
-                    shown = apl_spec.get(p.name, p)
-                    label = p.name.replace("_", " ")
-                    if p.kind == "bool":
-                        box = gr.Checkbox(value=shown.default, label=label, info=shown.help, visible=visible)
-                    elif p.kind == "choice":
-                        box = ui.Dropdown(list(p.choices), value=shown.default, label=label, info=shown.help,
-                                          visible=visible)
-                    elif h._slider_range(p):
-                        box = ui.Slider(shown.low, shown.high, value=shown.default, step=0.01 if p.kind == "float" else 1,
-                                        label=label, info=shown.help, visible=visible)
-                    else:
-                        box = ui.Number(value=shown.default, label=label, info=shown.help, visible=visible)
-                    param_boxes.append(box)
-            gr.Markdown("### Per-layer plan\nDrop ratio and weight of the selected expert at every layer. Moving a "
-                        "slider overrides that cell (✎); the table below holds every expert × layer cell.")
-            with gr.Row():
-                plan_expert = ui.Dropdown([], label="Expert shown on the sliders", allow_custom_value=True, scale=3)
-                reset_btn = gr.Button("Reset to APL suggestion", variant="secondary", size="sm", scale=0,
-                                      min_width=190, elem_classes=["ml-btn"])
-                uniform_btn = gr.Button("Uniform", variant="secondary", size="sm", scale=0, min_width=100,
-                                        elem_classes=["ml-btn"])
-                swap_btn = gr.Button("Layer swap", variant="secondary", size="sm", scale=0, min_width=110,
-                                     elem_classes=["ml-btn"])
-            layer_rows, drop_sliders, weight_sliders = [], [], []
-            with gr.Column(elem_classes=["ml-layers"]):
-                for i in range(h.MAX_LAYER_ROWS):
-                    with gr.Row(visible=False) as row:
-                        d = ui.Slider(0.0, 0.99, value=0.5, step=0.01, label=f"layer {i} · drop ratio",
-                                      elem_id=f"drop-{i}", elem_classes=["ml-drop"])
-                        w = ui.Slider(-1.0, 2.0, value=1.0, step=0.01, label=f"layer {i} · weight",
-                                      elem_id=f"weight-{i}", elem_classes=["ml-weight"])
-                    layer_rows.append(row)
-                    drop_sliders.append(d)
-                    weight_sliders.append(w)
-            with gr.Row():
-                with gr.Column(scale=3):
-                    profile_plot, profile_md = explained_plot(WHAT_PROFILE, label="Per-layer profile")
-                with gr.Column(scale=2):
-                    overrides_md = gr.Markdown()
-            with gr.Tabs():
-                with gr.Tab("Drop ratio table"):
-                    drop_table = gr.Dataframe(label="drop ratio: expert × layer (editable: an edit applies at once)",
-                                              interactive=True, elem_id="drop-table")
-                with gr.Tab("Weight table"):
-                    weight_table = gr.Dataframe(label="weight: expert × layer (editable: an edit applies at once)",
-                                                interactive=True, elem_id="weight-table")
-            with gr.Row():
-                with gr.Column():
-                    conflict_plot, conflict_md = explained_plot(WHAT_CONFLICT, label="Sign conflict per layer")
-                with gr.Column():
-                    cosine_plot = gr.Plot(label="Task-vector cosine")
-                    cosine_md = gr.Markdown()
-            with gr.Row():
-                merge_btn = gr.Button("Merge", variant="primary", elem_id="btn-merge")
-                merge_stop = gr.Button("Cancel", variant="stop", scale=0)
-            merge_md = gr.Markdown(elem_id="merge-status")
-
-        # ------------------------------------------------------------------ probe
-        with gr.Group(elem_classes=["ml-section"]):
-            gr.Markdown("## 4 · Probe\nAccuracy of base, each expert and every merge of this session on held-out "
-                        "examples of each task (each model with every task's own head).")
-            with gr.Row():
-                probe_btn = gr.Button("Run probe", variant="primary", elem_id="btn-probe")
-                probe_stop = gr.Button("Cancel probe", variant="stop", scale=0)
-            probe_df = gr.Dataframe(label="Probe results", interactive=False, elem_id="probe-table")
-            probe_plot = gr.Plot(label="Probe accuracy")
-            probe_md = gr.Markdown()
-            history_df = gr.Dataframe(label="Session history: every merge so far", interactive=False,
-                                      elem_id="history-table")
-            with gr.Row():
-                history_btn = gr.Button("Download history (JSON)", variant="secondary", size="sm", scale=0,
-                                        min_width=220, elem_classes=["ml-btn"], elem_id="btn-history")
-                restore_btn = gr.UploadButton("Restore history from JSON", file_types=[".json"], file_count="single",
-                                              variant="secondary", size="sm", scale=0, min_width=220,
-                                              elem_classes=["ml-btn"], elem_id="btn-restore")
-            history_file = gr.File(label="History file (merges, probe results and recipes)", elem_id="history-file",
-                                   visible=False)
-            history_md = gr.Markdown(elem_id="history-status")
-            with gr.Accordion("Drop-ratio sweep (APL vs DARE vs magnitude)", open=False):
-                sweep_btn = gr.Button("Sweep drop ratios")
-                sweep_plot = gr.Plot(label="Accuracy vs drop ratio")
-                sweep_md = gr.Markdown()
-            with gr.Row():
-                sentence = gr.Textbox(label="Try a sentence", placeholder="Type a sentence…", scale=4)
-                predict_btn = gr.Button("Predict", variant="secondary", scale=0, min_width=120, elem_classes=["ml-btn"])
-            predict_df = gr.Dataframe(headers=["task", "model", "prediction", "confidence"], interactive=False,
-                                      label="Base, expert and merged predictions")
-
-        # ------------------------------------------------------------------ export
-        with gr.Group(elem_classes=["ml-section"]):
-            gr.Markdown("## 5 · Export\nA zip with a Hugging Face folder per chosen task (merged body + that task's "
-                        "head), recipe.yaml (replay: `python -m merging merge recipe.yaml --out DIR`), mergekit "
-                        "YAML where the method exists there, a model card and the importance JSON.")
-            with gr.Row():
-                export_tasks = ui.Dropdown([], label="Tasks to export (a folder each)", multiselect=True,
-                                           allow_custom_value=True)
-                dtype = ui.Radio(list(h.DTYPES), value="fp32", label="dtype")
-            with gr.Row():
-                export_btn = gr.Button("Export", variant="primary", elem_id="btn-export")
-                export_stop = gr.Button("Cancel export", variant="stop", scale=0)
-            export_file = gr.File(label="Download", elem_id="export-file")
-            export_md = gr.Markdown()
-
-        # hidden API-only inputs (one per-layer override through the API)
-        api_expert = gr.Textbox(visible=False)
-        api_layer = gr.Textbox(visible=False)
-        api_key = gr.Textbox(visible=False)
-        api_value = ui.Number(visible=False)
-        api_btn = gr.Button(visible=False)
-
-        # ================================================================== wiring
-        plan_outputs = [drop_table, weight_table, profile_plot, profile_md, overrides_md, conflict_plot, conflict_md]
-        slider_outputs = layer_rows + drop_sliders + weight_sliders
-
-        def _shared(method_value, values):
-            return h.shared_values(method_value, values)
-
-        @h.safe
-        def refresh_plan(session, expert, method_value, *values):
-            shared = _shared(method_value, values)
-            return (*h.plan_views(session, method_value, shared),
-                    *h.slider_updates(session, expert, method_value, shared))
-
-        # ---- startup: open (or build) the zoo
-        @h.safe
-        def startup(progress=gr.Progress()):
-            zoo = wb.open_default_zoo()
-            if zoo is None:
-                name = wb.default_zoo_name_safe()
-                progress(0, desc=f"Building the demo zoo '{name}': one short fine-tune per task "
-                                 "(about 1–3 minutes per expert on 2 CPU cores)…")
-                zoo = wb.ensure_zoo(name, progress=h.progress_sink(progress))
-            base, refs = wb.zoo_refs(zoo)
-            text = (f"Demo zoo **{zoo.name}** is ready: {len(zoo.tasks)} experts ({', '.join(zoo.tasks)}) "
-                    f"fine-tuned from `{Path(zoo.base_path).name}`.")
-            return text, gr.update(choices=zoo.tasks, value=zoo.tasks), base
-
-        demo.load(startup, None, [zoo_md, zoo_pick, base_box], api_visibility="private")
-
-        # ---- experts
-        @h.safe
-        def on_load(session, base, tasks, extra, files, method_value, request: gr.Request = None,
-                    progress=gr.Progress()):
-            zoo = wb.open_default_zoo()
-            session, rows, note, data = h.load(session, base, tasks, extra, files, zoo, progress)
-            h.register_client(request, session)
-            experts = session.experts
-            return (session, rows, note, data, gr.update(choices=experts, value=experts[0]),
-                    gr.update(choices=experts, value=experts[0]), gr.update(choices=experts, value=experts[0]),
-                    gr.update(choices=experts, value=experts), h.method_info(session, method_value))
-
-        load_event = load_btn.click(
-            on_load, [state, base_box, zoo_pick, extra_box, upload, method],
-            [state, experts_df, load_md, data_md, attach_expert, plan_expert, hid_expert, export_tasks, method_md],
-            api_name="load_experts", **h.HEAVY)
-        load_event.then(refresh_plan, [state, plan_expert, method, *param_boxes], plan_outputs + slider_outputs,
-                        api_visibility="private").then(
-            _cosine_view, [state], [cosine_plot, cosine_md], api_visibility="private")
-
-        @h.safe
-        def on_attach(session, expert, file, n, method_value):
-            session, rows, data = h.attach(session, expert, file, n)
-            return session, rows, data, h.method_info(session, method_value)
-
-        attach_btn.click(on_attach, [state, attach_expert, attach_file, fewshot, method],
-                         [state, experts_df, data_md, method_md], api_name="attach_task_data", **h.HEAVY)
-
-        # ---- importance
-        imp_outputs = [state, heat_plot, heat_md, fid_plot, fid_md, mag_plot, mag_md, hid_layer, hid_module,
-                       method_md]
-
-        @h.safe
-        def on_importance(session, n, mode_value, intervention_value, method_value, *values, progress=gr.Progress()):
-            session = h.session_of(session)
-            wb.compute_importance(session, n, mode_value, intervention_value, progress=h.progress_sink(progress))
-            views = h.importance_views(session, method_value, values)
-            layers, layer, modules, module = h.hidden_choices(session)
-            return (session, *views, gr.update(choices=layers, value=layer), gr.update(choices=modules, value=module),
-                    h.method_info(session, method_value))
-
-        long_step(imp_btn, imp_stop, on_importance, [state, fewshot, mode, intervention, method, *param_boxes],
-                  imp_outputs, "compute_importance").then(
-            refresh_plan, [state, plan_expert, method, *param_boxes], plan_outputs + slider_outputs,
-            api_visibility="private").then(
-            h.safe(h.hidden_figure), [state, hid_expert, hid_module], [hid_plot, hid_md], api_visibility="private")
-
-        @h.safe
-        def on_compare(session, n, progress=gr.Progress()):
-            session = h.session_of(session)
-            if not session.refs:
-                raise wb.MergeLabError("load experts first, then compare the interventions")
-            result = wb.compare_interventions(session, n, progress=h.progress_sink(progress))
-            return (session, *h.comparison_views(result))
-
-        compare_btn.click(on_compare, [state, fewshot], [state, compare_plot, compare_md],
-                          api_name="compare_interventions", **h.HEAVY)
-
-        def on_hidden_layer(session, layer):
-            modules = wb.unit_module_choices(h.session_of(session)).get(layer, [])
-            return gr.update(choices=modules, value=modules[0] if modules else None)
-
-        hid_layer.input(on_hidden_layer, [state, hid_layer], hid_module, api_visibility="private")
-        for comp in (hid_expert, hid_module):
-            comp.change(h.safe(h.hidden_figure), [state, hid_expert, hid_module], [hid_plot, hid_md],
-                        api_visibility="private")
-
-        # ---- merge controls
-        @h.safe
-        def on_method(session, expert, method_value):
-            session = h.session_of(session)
-            updates = h.param_updates(method_value)
-            defaults = [u.get("value") if u.get("visible") else None for u in updates]
-            shared = h.shared_values(method_value, defaults)
-            return (h.method_info(session, method_value), *updates,
-                    *h.plan_views(session, method_value, shared),
-                    *h.slider_updates(session, expert, method_value, shared))
-
-        method.input(on_method, [state, plan_expert, method],
-                     [method_md, *param_boxes, *plan_outputs, *slider_outputs], api_visibility="private")
-        plan_expert.change(refresh_plan, [state, plan_expert, method, *param_boxes], plan_outputs + slider_outputs,
-                           api_visibility="private")
-        for box in param_boxes:
-            box.input(refresh_plan, [state, plan_expert, method, *param_boxes], plan_outputs + slider_outputs,
-                      api_visibility="private")
-
-        def make_slider_handler(index: int, key: str):
-            @h.safe
-            def on_slider(session, expert, value, method_value, *values):
-                session = h.session_of(session)
-                if not session.refs or index >= len(session.layers) or expert not in session.refs:
-                    return (session, *[gr.update()] * (len(plan_outputs) + 1))
-                layer = session.layers[index]
-                wb.set_cell(session, expert, layer, key, value)
-                shared = h.shared_values(method_value, values)
-                label = f"layer {layer} · {key.replace('_', ' ')} ✎"
-                return (session, *h.plan_views(session, method_value, shared), gr.update(label=label))
-            return on_slider
-
-        for i in range(h.MAX_LAYER_ROWS):
-            for key, slider in ((wb.DROP, drop_sliders[i]), (wb.WEIGHT, weight_sliders[i])):
-                slider.release(make_slider_handler(i, key), [state, plan_expert, slider, method, *param_boxes],
-                               [state, *plan_outputs, slider], api_visibility="private",
-                               trigger_mode="always_last")
-
-        @h.safe
-        def on_api_set(session, expert, layer, key, value, method_value, *values):
-            session = h.session_of(session)
-            wb.set_cell(session, expert, layer, key, value)
-            return session, *h.plan_views(session, method_value, h.shared_values(method_value, values))
-
-        api_btn.click(on_api_set, [state, api_expert, api_layer, api_key, api_value, method, *param_boxes],
-                      [state, *plan_outputs], api_name="set_layer")
-
-        def preset(fn):
-            @h.safe
-            def handler(session, expert, method_value, *values):
-                session = h.session_of(session)
-                if not session.refs:
-                    raise wb.MergeLabError("load experts first")
-                shared = h.shared_values(method_value, values)
-                fn(session, shared, expert)
-                return (session, *h.plan_views(session, method_value, shared),
-                        *h.slider_updates(session, expert, method_value, shared))
-            return handler
-
-        preset_io = ([state, plan_expert, method, *param_boxes], [state, *plan_outputs, *slider_outputs])
-        reset_btn.click(preset(lambda s, shared, e: wb.reset_overrides(s)), *preset_io, api_name="reset_to_apl")
-        uniform_btn.click(preset(lambda s, shared, e: wb.preset_uniform(s, float(shared.get(wb.DROP, 0.5)), 1.0)),
-                          *preset_io, api_name="preset_uniform")
-        swap_btn.click(preset(lambda s, shared, e: wb.preset_layer_swap(s, outer=e)), *preset_io,
-                       api_name="preset_layer_swap")
-
-        def make_table_handler(key: str):
-            @h.safe
-            def apply_table(session, expert, table, method_value, *values):
-                session = h.session_of(session)
-                if not session.refs:
-                    return (session, *[gr.update()] * (len(plan_outputs) + len(slider_outputs)))
-                shared = h.shared_values(method_value, values)
-                wb.apply_table(session, key, h.table_rows(table), method_value, shared)
-                return (session, *h.plan_views(session, method_value, shared),
-                        *h.slider_updates(session, expert, method_value, shared))
-            return apply_table
-
-        # an edit applies as soon as the cell is left (.input fires on user edits only, not on our own updates)
-        for key, table in ((wb.DROP, drop_table), (wb.WEIGHT, weight_table)):
-            table.input(make_table_handler(key), [state, plan_expert, table, method, *param_boxes],
-                        [state, *plan_outputs, *slider_outputs], api_visibility="private",
-                        trigger_mode="always_last")
-
-        # ---- merge
-        @h.safe
-        def on_merge(session, method_value, seed_value, *values, progress=gr.Progress()):
-            session = h.session_of(session)
-            shared = h.shared_values(method_value, values)
-            summary = wb.merge(session, method_value, shared, seed_value, progress=h.progress_sink(progress))
-            if summary.reused:
-                text = (f"**{summary.label}** done at once: an identical merge was already in memory (same experts, "
-                        f"settings and seed). Settings: {summary.settings}. Next: **Run probe**.")
-            else:
-                changed = ", ".join(summary.changed_layers) or "none (all reused)"
-                text = (f"**{summary.label}** done in {summary.seconds:.2f} s — {summary.recomputed} tensors "
-                        f"recomputed; layers re-merged: {changed}. Settings: {summary.settings}. Next: **Run probe**.")
-            return session, text
-
-        long_step(merge_btn, merge_stop, on_merge, [state, method, seed, *param_boxes], [state, merge_md], "merge")
-
-        # ---- probe
-        @h.safe
-        def on_probe(session, progress=gr.Progress()):
-            session = h.session_of(session)
-            report = wb.run_probe(session, progress=h.progress_sink(progress))
-            return (session, *h.probe_views(session, report))
-
-        long_step(probe_btn, probe_stop, on_probe, [state], [state, probe_df, probe_plot, probe_md, history_df],
-                  "run_probe")
-
-        @h.safe
-        def on_sweep(session, progress=gr.Progress()):
-            session = h.session_of(session)
-            ratios = (0.1, 0.3, 0.5, 0.7, 0.9)
-            results = wb.drop_sweep(session, ratios, progress=h.progress_sink(progress))
-            return fg.sweep_figure(ratios, results), fg.sweep_summary(ratios, results)
-
-        sweep_btn.click(on_sweep, [state], [sweep_plot, sweep_md], api_name="sweep", **h.HEAVY)
-
-        # ---- nothing lost: the session's history as a file, and back
-        @h.safe
-        def on_history(session):
-            path = wb.save_history(h.session_of(session))
-            return gr.update(value=str(path), visible=True), (
-                f"Saved `{path.name}`: every merge of this session with its probe results and full recipe. "
-                "Restore it later with **Restore history from JSON**.")
-
-        history_btn.click(on_history, [state], [history_file, history_md], api_name="download_history")
-
-        @h.safe
-        def on_restore(session, file):
-            session = h.session_of(session)
-            if not file:
-                raise wb.MergeLabError("choose the history JSON file saved with Download history")
-            session, note = wb.restore_history(session, getattr(file, "name", None) or file)
-            headers, rows = wb.history_rows(session)
-            return session, {"headers": headers, "data": rows}, note
-
-        restore_btn.upload(on_restore, [state, restore_btn], [state, history_df, history_md],
-                           api_name="restore_history")
-
-        @h.safe
-        def on_predict(session, text):
-            return wb.predict(h.session_of(session), text)
-
-        predict_btn.click(on_predict, [state, sentence], predict_df, api_name="predict", **h.HEAVY)
-        sentence.submit(on_predict, [state, sentence], predict_df, api_visibility="private")
-
-        # ---- export
-        @h.safe
-        def on_export(session, tasks, dtype_value, progress=gr.Progress()):
-            session = h.session_of(session)
-            path = wb.export(session, tasks or None, h.dtype_of(dtype_value), progress=h.progress_sink(progress))
-            size = path.stat().st_size / 1e6
-            return str(path), f"Exported `{path.name}` ({size:.1f} MB, stored zip). Old exports are deleted after an hour."
-
-        long_step(export_btn, export_stop, on_export, [state, export_tasks, dtype], [export_file, export_md], "export")
-
-        # ---- guided first merge
-        def guided():
-            zoo = wb.open_default_zoo()
-            tasks = zoo.tasks if zoo is not None else []
-            base = wb.zoo_refs(zoo)[0] if zoo is not None else ""
-            return (gr.update(value=tasks), base, wb.DEFAULT_FEWSHOT, "gradient", "restore", "apl",
-                    "Guided setup done: press **Load experts**, then **Compute importance**, **Merge**, "
-                    "**Run probe** and **Export**, in that order.")
-
-        guided_btn.click(guided, None, [zoo_pick, base_box, fewshot, mode, intervention, method, load_md],
-                         api_visibility="private").then(
-            on_method, [state, plan_expert, method], [method_md, *param_boxes, *plan_outputs, *slider_outputs],
-            api_visibility="private")
-
-        # ---- a closed tab frees its merged bodies at once (gradio drops the small State an hour later)
+        page = SimpleNamespace(state=state, intro=intro_section(), experts=experts_section(),
+                               importance=importance_section(), merge=merge_section(), probe=probe_section(),
+                               export=export_section(), api=api_inputs())
+        page.plan_inputs = [state, page.merge.plan_expert, page.merge.method, *page.merge.param_boxes]
+        page.plan_outputs = [page.merge.drop_table, page.merge.weight_table, page.merge.profile_plot,
+                             page.merge.profile_md, page.merge.overrides_md, page.merge.conflict_plot,
+                             page.merge.conflict_md]
+        page.slider_outputs = page.merge.layer_rows + page.merge.drop_sliders + page.merge.weight_sliders
+        wire_startup(demo, page)
+        wire_experts(page)
+        wire_importance(page)
+        wire_plan(page)
+        wire_merge(page)
+        wire_probe(page)
+        wire_export(page)
+        wire_guided(page)
+        # a closed tab frees its merged bodies at once (gradio drops the small State an hour later)
         demo.unload(h.on_unload)
     return demo
+
+
+# ====================================================================== sections (components only)
+
+def intro_section() -> SimpleNamespace:
+    with gr.Column(elem_classes=["ml-intro"]):
+        gr.Markdown(_intro())
+        with gr.Row():
+            guided_btn = gr.Button("Guided first merge", variant="secondary", scale=0)
+            gr.Markdown("Fills every step with a good first setting: all zoo experts, gradient importance, "
+                        "APL at drop ratio 0.5. Then press the five buttons in order.")
+        zoo_md = gr.Markdown("Looking for the demo zoo…", elem_id="zoo-status")
+    return SimpleNamespace(guided_btn=guided_btn, zoo_md=zoo_md)
+
+
+def experts_section() -> SimpleNamespace:
+    with gr.Group(elem_classes=["ml-section"]):
+        gr.Markdown("## 1 · Experts\nPick the base model and two or more experts fine-tuned from it.")
+        with gr.Row():
+            base_box = gr.Textbox(label="Base model", placeholder="zoo:default/base, a folder, or hf:org/name@rev",
+                                  scale=2)
+            zoo_pick = ui.Dropdown(label="Experts from the demo zoo", choices=[], multiselect=True,
+                                   allow_custom_value=True, scale=3, elem_id="zoo-pick")
+        with gr.Row():
+            extra_box = gr.Textbox(label="More experts (one per line: name=folder, a .safetensors path, "
+                                         "or hf:org/name@rev)", lines=2, scale=3)
+            upload = gr.File(label=f"…or upload .safetensors experts (up to {h.upload_limit_text()} each)",
+                             file_count="multiple", file_types=[".safetensors"], scale=2, height=110,
+                             elem_id="upload")
+        load_btn = gr.Button("Load experts", variant="primary", elem_id="btn-load")
+        load_md = gr.Markdown(elem_id="load-status")
+        experts_df = gr.Dataframe(headers=wb.EXPERT_HEADERS, label="Experts (homology check passed)",
+                                  interactive=False, elem_id="experts-table")
+        data_md = gr.Markdown()
+        with gr.Accordion("Attach task data to an expert (CSV/JSONL with text and label)", open=False):
+            with gr.Row():
+                attach_expert = ui.Dropdown(label="Expert", choices=[], allow_custom_value=True, scale=1)
+                attach_file = gr.File(label="Task file", file_types=[".csv", ".jsonl"], scale=2, height=110)
+                attach_btn = gr.Button("Attach task data", scale=0)
+    return SimpleNamespace(base_box=base_box, zoo_pick=zoo_pick, extra_box=extra_box, upload=upload,
+                           load_btn=load_btn, load_md=load_md, experts_df=experts_df, data_md=data_md,
+                           attach_expert=attach_expert, attach_file=attach_file, attach_btn=attach_btn)
+
+
+def importance_section() -> SimpleNamespace:
+    with gr.Group(elem_classes=["ml-section"]):
+        gr.Markdown("## 2 · Importance (APL)\nHow much each part of every expert's change matters for its own "
+                    "task, measured on a few examples.")
+        with gr.Row():
+            fewshot = ui.Slider(4, 128, value=wb.DEFAULT_FEWSHOT, step=4, label="Few-shot examples per expert")
+            mode = ui.Radio(["gradient", "exact"], value="gradient", label="Mode",
+                            info="gradient: one backward pass (fast, every unit); exact: one forward per part")
+            intervention = ui.Radio(["restore", "ablate"], value="restore", label="Intervention",
+                                    info="restore: base + this part alone; ablate: expert minus this part")
+        with gr.Row():
+            imp_btn = gr.Button("Compute importance", variant="primary", elem_id="btn-importance")
+            imp_stop = gr.Button("Stop", variant="stop", scale=0)
+        heat_plot, heat_md = explained_plot(WHAT_HEATMAP, label="Importance: layer × module, per expert",
+                                            elem_id="heatmap")
+        with gr.Row():
+            hid_expert = ui.Dropdown(label="Expert", choices=[], allow_custom_value=True)
+            hid_layer = ui.Dropdown(label="Layer", choices=[], allow_custom_value=True)
+            hid_module = ui.Dropdown(label="Module", choices=[], allow_custom_value=True)
+        hid_plot, hid_md = explained_plot(WHAT_HIDDEN, label="Hidden states")
+        with gr.Row():
+            with gr.Column():
+                fid_plot, fid_md = explained_plot(WHAT_FIDELITY, label="Exact vs gradient")
+            with gr.Column():
+                mag_plot, mag_md = explained_plot(WHAT_MAGNITUDE, label="Importance vs delta magnitude")
+        with gr.Accordion("Compare interventions and draws", open=False, elem_id="compare"):
+            gr.Markdown(WHAT_COMPARE)
+            compare_btn = gr.Button("Compare restore and ablate", variant="secondary", size="sm",
+                                    elem_classes=["ml-btn"], elem_id="btn-compare")
+            compare_plot = gr.Plot(label="Restore vs ablate, and stability over few-shot draws")
+            compare_md = gr.Markdown(elem_id="compare-status")
+    return SimpleNamespace(fewshot=fewshot, mode=mode, intervention=intervention, imp_btn=imp_btn,
+                           imp_stop=imp_stop, heat_plot=heat_plot, heat_md=heat_md, hid_expert=hid_expert,
+                           hid_layer=hid_layer, hid_module=hid_module, hid_plot=hid_plot, hid_md=hid_md,
+                           fid_plot=fid_plot, fid_md=fid_md, mag_plot=mag_plot, mag_md=mag_md,
+                           compare_btn=compare_btn, compare_plot=compare_plot, compare_md=compare_md)
+
+
+def _param_box(p, shown, visible: bool):
+    """The control of one declared shared parameter (its declaration for the method shown at start)."""
+    label = p.name.replace("_", " ")
+    if p.kind == "bool":
+        return gr.Checkbox(value=shown.default, label=label, info=shown.help, visible=visible)
+    if p.kind == "choice":
+        return ui.Dropdown(list(p.choices), value=shown.default, label=label, info=shown.help, visible=visible)
+    if h._slider_range(p):
+        return ui.Slider(shown.low, shown.high, value=shown.default, step=0.01 if p.kind == "float" else 1,
+                         label=label, info=shown.help, visible=visible)
+    return ui.Number(value=shown.default, label=label, info=shown.help, visible=visible)
+
+
+def _layer_sliders() -> tuple[list, list, list]:
+    """Pre-created rows of per-layer drop-ratio and weight sliders, hidden beyond the model's depth."""
+    layer_rows, drop_sliders, weight_sliders = [], [], []
+    with gr.Column(elem_classes=["ml-layers"]):
+        for i in range(h.MAX_LAYER_ROWS):
+            with gr.Row(visible=False) as row:
+                d = ui.Slider(0.0, 0.99, value=0.5, step=0.01, label=f"layer {i} · drop ratio",
+                              elem_id=f"drop-{i}", elem_classes=["ml-drop"])
+                w = ui.Slider(-1.0, 2.0, value=1.0, step=0.01, label=f"layer {i} · weight",
+                              elem_id=f"weight-{i}", elem_classes=["ml-weight"])
+            layer_rows.append(row)
+            drop_sliders.append(d)
+            weight_sliders.append(w)
+    return layer_rows, drop_sliders, weight_sliders
+
+
+def merge_section() -> SimpleNamespace:
+    with gr.Group(elem_classes=["ml-section"]):
+        gr.Markdown("## 3 · Merge")
+        with gr.Row():
+            method = ui.Dropdown(h.method_choices(), value="apl", label="Method", scale=2)
+            seed = ui.Number(value=0, precision=0, label="Seed", scale=0, min_width=100)
+        method_md = gr.Markdown(h.method_info(wb.Session(), "apl"))
+        with gr.Row(elem_classes=["ml-params"]):
+            apl_spec = {p.name: p for p in wb.method_spec("apl").params}
+            param_boxes = [_param_box(p, apl_spec.get(p.name, p), p.name in apl_spec) for p in h.PARAMS]
+        gr.Markdown("### Per-layer plan\nDrop ratio and weight of the selected expert at every layer. Moving a "
+                    "slider overrides that cell (✎); the table below holds every expert × layer cell.")
+        with gr.Row():
+            plan_expert = ui.Dropdown([], label="Expert shown on the sliders", allow_custom_value=True, scale=3)
+            reset_btn = gr.Button("Reset to APL suggestion", variant="secondary", size="sm", scale=0,
+                                  min_width=190, elem_classes=["ml-btn"])
+            uniform_btn = gr.Button("Uniform", variant="secondary", size="sm", scale=0, min_width=100,
+                                    elem_classes=["ml-btn"])
+            swap_btn = gr.Button("Layer swap", variant="secondary", size="sm", scale=0, min_width=110,
+                                 elem_classes=["ml-btn"])
+        layer_rows, drop_sliders, weight_sliders = _layer_sliders()
+        with gr.Row():
+            with gr.Column(scale=3):
+                profile_plot, profile_md = explained_plot(WHAT_PROFILE, label="Per-layer profile")
+            with gr.Column(scale=2):
+                overrides_md = gr.Markdown()
+        with gr.Tabs():
+            with gr.Tab("Drop ratio table"):
+                drop_table = gr.Dataframe(label="drop ratio: expert × layer (editable: an edit applies at once)",
+                                          interactive=True, elem_id="drop-table")
+            with gr.Tab("Weight table"):
+                weight_table = gr.Dataframe(label="weight: expert × layer (editable: an edit applies at once)",
+                                            interactive=True, elem_id="weight-table")
+        with gr.Row():
+            with gr.Column():
+                conflict_plot, conflict_md = explained_plot(WHAT_CONFLICT, label="Sign conflict per layer")
+            with gr.Column():
+                cosine_plot = gr.Plot(label="Task-vector cosine")
+                cosine_md = gr.Markdown()
+        with gr.Row():
+            merge_btn = gr.Button("Merge", variant="primary", elem_id="btn-merge")
+            merge_stop = gr.Button("Cancel", variant="stop", scale=0)
+        merge_md = gr.Markdown(elem_id="merge-status")
+    return SimpleNamespace(method=method, seed=seed, method_md=method_md, param_boxes=param_boxes,
+                           plan_expert=plan_expert, reset_btn=reset_btn, uniform_btn=uniform_btn, swap_btn=swap_btn,
+                           layer_rows=layer_rows, drop_sliders=drop_sliders, weight_sliders=weight_sliders,
+                           profile_plot=profile_plot, profile_md=profile_md, overrides_md=overrides_md,
+                           drop_table=drop_table, weight_table=weight_table, conflict_plot=conflict_plot,
+                           conflict_md=conflict_md, cosine_plot=cosine_plot, cosine_md=cosine_md,
+                           merge_btn=merge_btn, merge_stop=merge_stop, merge_md=merge_md)
+
+
+def probe_section() -> SimpleNamespace:
+    with gr.Group(elem_classes=["ml-section"]):
+        gr.Markdown("## 4 · Probe\nAccuracy of base, each expert and every merge of this session on held-out "
+                    "examples of each task (each model with every task's own head).")
+        with gr.Row():
+            probe_btn = gr.Button("Run probe", variant="primary", elem_id="btn-probe")
+            probe_stop = gr.Button("Cancel probe", variant="stop", scale=0)
+        probe_df = gr.Dataframe(label="Probe results", interactive=False, elem_id="probe-table")
+        probe_plot = gr.Plot(label="Probe accuracy")
+        probe_md = gr.Markdown()
+        history_df = gr.Dataframe(label="Session history: every merge so far", interactive=False,
+                                  elem_id="history-table")
+        with gr.Row():
+            history_btn = gr.Button("Download history (JSON)", variant="secondary", size="sm", scale=0,
+                                    min_width=220, elem_classes=["ml-btn"], elem_id="btn-history")
+            restore_btn = gr.UploadButton("Restore history from JSON", file_types=[".json"], file_count="single",
+                                          variant="secondary", size="sm", scale=0, min_width=220,
+                                          elem_classes=["ml-btn"], elem_id="btn-restore")
+        history_file = gr.File(label="History file (merges, probe results and recipes)", elem_id="history-file",
+                               visible=False)
+        history_md = gr.Markdown(elem_id="history-status")
+        with gr.Accordion("Drop-ratio sweep (APL vs DARE vs magnitude)", open=False):
+            sweep_btn = gr.Button("Sweep drop ratios")
+            sweep_plot = gr.Plot(label="Accuracy vs drop ratio")
+            sweep_md = gr.Markdown()
+        with gr.Row():
+            sentence = gr.Textbox(label="Try a sentence", placeholder="Type a sentence…", scale=4)
+            predict_btn = gr.Button("Predict", variant="secondary", scale=0, min_width=120, elem_classes=["ml-btn"])
+        predict_df = gr.Dataframe(headers=["task", "model", "prediction", "confidence"], interactive=False,
+                                  label="Base, expert and merged predictions")
+    return SimpleNamespace(probe_btn=probe_btn, probe_stop=probe_stop, probe_df=probe_df, probe_plot=probe_plot,
+                           probe_md=probe_md, history_df=history_df, history_btn=history_btn,
+                           restore_btn=restore_btn, history_file=history_file, history_md=history_md,
+                           sweep_btn=sweep_btn, sweep_plot=sweep_plot, sweep_md=sweep_md, sentence=sentence,
+                           predict_btn=predict_btn, predict_df=predict_df)
+
+
+def export_section() -> SimpleNamespace:
+    with gr.Group(elem_classes=["ml-section"]):
+        gr.Markdown("## 5 · Export\nA zip with a Hugging Face folder per chosen task (merged body + that task's "
+                    "head), recipe.yaml (replay: `python -m merging merge recipe.yaml --out DIR`), mergekit "
+                    "YAML where the method exists there, a model card and the importance JSON.")
+        with gr.Row():
+            export_tasks = ui.Dropdown([], label="Tasks to export (a folder each)", multiselect=True,
+                                       allow_custom_value=True)
+            dtype = ui.Radio(list(h.DTYPES), value="fp32", label="dtype")
+        with gr.Row():
+            export_btn = gr.Button("Export", variant="primary", elem_id="btn-export")
+            export_stop = gr.Button("Cancel export", variant="stop", scale=0)
+        export_file = gr.File(label="Download", elem_id="export-file")
+        export_md = gr.Markdown()
+    return SimpleNamespace(export_tasks=export_tasks, dtype=dtype, export_btn=export_btn, export_stop=export_stop,
+                           export_file=export_file, export_md=export_md)
+
+
+def api_inputs() -> SimpleNamespace:
+    """Hidden inputs of API-only endpoints (one per-layer override through the API)."""
+    return SimpleNamespace(expert=gr.Textbox(visible=False), layer=gr.Textbox(visible=False),
+                           key=gr.Textbox(visible=False), value=ui.Number(visible=False),
+                           button=gr.Button(visible=False))
+
+
+# ====================================================================== wiring (events only)
+
+@h.safe
+def refresh_plan(session, expert, method_value, *values):
+    """Plan views and the selected expert's sliders, for the method's current shared values."""
+    shared = h.shared_values(method_value, values)
+    return (*h.plan_views(session, method_value, shared),
+            *h.slider_updates(session, expert, method_value, shared))
+
+
+@h.safe
+def on_method(session, expert, method_value):
+    """A new method: its parameter controls, with the plan and sliders redrawn at its defaults."""
+    session = h.session_of(session)
+    updates = h.param_updates(method_value)
+    defaults = [u.get("value") if u.get("visible") else None for u in updates]
+    shared = h.shared_values(method_value, defaults)
+    return (h.method_info(session, method_value), *updates,
+            *h.plan_views(session, method_value, shared),
+            *h.slider_updates(session, expert, method_value, shared))
+
+
+def wire_startup(demo, page) -> None:
+    """Open (or build) the demo zoo when a page loads."""
+    @h.safe
+    def startup(progress=gr.Progress()):
+        zoo = wb.open_default_zoo()
+        if zoo is None:
+            name = wb.default_zoo_name_safe()
+            progress(0, desc=f"Building the demo zoo '{name}': one short fine-tune per task "
+                             "(about 1–3 minutes per expert on 2 CPU cores)…")
+            zoo = wb.ensure_zoo(name, progress=h.progress_sink(progress))
+        base, refs = wb.zoo_refs(zoo)
+        text = (f"Demo zoo **{zoo.name}** is ready: {len(zoo.tasks)} experts ({', '.join(zoo.tasks)}) "
+                f"fine-tuned from `{Path(zoo.base_path).name}`.")
+        return text, gr.update(choices=zoo.tasks, value=zoo.tasks), base
+
+    demo.load(startup, None, [page.intro.zoo_md, page.experts.zoo_pick, page.experts.base_box],
+              api_visibility="private")
+
+
+def wire_experts(page) -> None:
+    ex, merge, imp, exp = page.experts, page.merge, page.importance, page.export
+
+    @h.safe
+    def on_load(session, base, tasks, extra, files, method_value, request: gr.Request = None,
+                progress=gr.Progress()):
+        zoo = wb.open_default_zoo()
+        session, rows, note, data = h.load(session, base, tasks, extra, files, zoo, progress)
+        h.register_client(request, session)
+        experts = session.experts
+        return (session, rows, note, data, gr.update(choices=experts, value=experts[0]),
+                gr.update(choices=experts, value=experts[0]), gr.update(choices=experts, value=experts[0]),
+                gr.update(choices=experts, value=experts), h.method_info(session, method_value))
+
+    load_event = ex.load_btn.click(
+        on_load, [page.state, ex.base_box, ex.zoo_pick, ex.extra_box, ex.upload, merge.method],
+        [page.state, ex.experts_df, ex.load_md, ex.data_md, ex.attach_expert, merge.plan_expert, imp.hid_expert,
+         exp.export_tasks, merge.method_md],
+        api_name="load_experts", **h.HEAVY)
+    load_event.then(refresh_plan, page.plan_inputs, page.plan_outputs + page.slider_outputs,
+                    api_visibility="private").then(
+        _cosine_view, [page.state], [merge.cosine_plot, merge.cosine_md], api_visibility="private")
+
+    @h.safe
+    def on_attach(session, expert, file, n, method_value):
+        session, rows, data = h.attach(session, expert, file, n)
+        return session, rows, data, h.method_info(session, method_value)
+
+    ex.attach_btn.click(on_attach, [page.state, ex.attach_expert, ex.attach_file, imp.fewshot, merge.method],
+                        [page.state, ex.experts_df, ex.data_md, merge.method_md], api_name="attach_task_data",
+                        **h.HEAVY)
+
+
+def wire_importance(page) -> None:
+    imp, merge = page.importance, page.merge
+    outputs = [page.state, imp.heat_plot, imp.heat_md, imp.fid_plot, imp.fid_md, imp.mag_plot, imp.mag_md,
+               imp.hid_layer, imp.hid_module, merge.method_md]
+
+    @h.safe
+    def on_importance(session, n, mode_value, intervention_value, method_value, *values, progress=gr.Progress()):
+        session = h.session_of(session)
+        wb.compute_importance(session, n, mode_value, intervention_value, progress=h.progress_sink(progress))
+        views = h.importance_views(session, method_value, values)
+        layers, layer, modules, module = h.hidden_choices(session)
+        return (session, *views, gr.update(choices=layers, value=layer), gr.update(choices=modules, value=module),
+                h.method_info(session, method_value))
+
+    hidden_io = ([page.state, imp.hid_expert, imp.hid_module], [imp.hid_plot, imp.hid_md])
+    long_step(imp.imp_btn, imp.imp_stop, on_importance,
+              [page.state, imp.fewshot, imp.mode, imp.intervention, merge.method, *merge.param_boxes],
+              outputs, "compute_importance").then(
+        refresh_plan, page.plan_inputs, page.plan_outputs + page.slider_outputs, api_visibility="private").then(
+        h.safe(h.hidden_figure), *hidden_io, api_visibility="private")
+
+    @h.safe
+    def on_compare(session, n, progress=gr.Progress()):
+        session = h.session_of(session)
+        if not session.refs:
+            raise wb.MergeLabError("load experts first, then compare the interventions")
+        result = wb.compare_interventions(session, n, progress=h.progress_sink(progress))
+        return (session, *h.comparison_views(result))
+
+    imp.compare_btn.click(on_compare, [page.state, imp.fewshot], [page.state, imp.compare_plot, imp.compare_md],
+                          api_name="compare_interventions", **h.HEAVY)
+
+    def on_hidden_layer(session, layer):
+        modules = wb.unit_module_choices(h.session_of(session)).get(layer, [])
+        return gr.update(choices=modules, value=modules[0] if modules else None)
+
+    imp.hid_layer.input(on_hidden_layer, [page.state, imp.hid_layer], imp.hid_module, api_visibility="private")
+    for comp in (imp.hid_expert, imp.hid_module):
+        comp.change(h.safe(h.hidden_figure), *hidden_io, api_visibility="private")
+
+
+def _slider_handler(index: int, key: str, unchanged: int):
+    """Handler of one per-layer slider; ``unchanged`` outputs (the plan views and the slider) are left
+    as they are when no expert is loaded."""
+    @h.safe
+    def on_slider(session, expert, value, method_value, *values):
+        session = h.session_of(session)
+        if not session.refs or index >= len(session.layers) or expert not in session.refs:
+            return (session, *[gr.update()] * unchanged)
+        layer = session.layers[index]
+        wb.set_cell(session, expert, layer, key, value)
+        shared = h.shared_values(method_value, values)
+        label = f"layer {layer} · {key.replace('_', ' ')} ✎"
+        return (session, *h.plan_views(session, method_value, shared), gr.update(label=label))
+    return on_slider
+
+
+def _preset(fn):
+    @h.safe
+    def handler(session, expert, method_value, *values):
+        session = h.session_of(session)
+        if not session.refs:
+            raise wb.MergeLabError("load experts first")
+        shared = h.shared_values(method_value, values)
+        fn(session, shared, expert)
+        return (session, *h.plan_views(session, method_value, shared),
+                *h.slider_updates(session, expert, method_value, shared))
+    return handler
+
+
+def _table_handler(key: str, unchanged: int):
+    """Handler of one editable plan table; ``unchanged`` outputs are left as they are when no expert is loaded."""
+    @h.safe
+    def apply_table(session, expert, table, method_value, *values):
+        session = h.session_of(session)
+        if not session.refs:
+            return (session, *[gr.update()] * unchanged)
+        shared = h.shared_values(method_value, values)
+        wb.apply_table(session, key, h.table_rows(table), method_value, shared)
+        return (session, *h.plan_views(session, method_value, shared),
+                *h.slider_updates(session, expert, method_value, shared))
+    return apply_table
+
+
+def wire_plan(page) -> None:
+    """The method, its shared parameters and the per-layer plan (sliders, presets, tables)."""
+    merge, api = page.merge, page.api
+    plan_io = (page.plan_inputs, page.plan_outputs + page.slider_outputs)
+    merge.method.input(on_method, [page.state, merge.plan_expert, merge.method],
+                       [merge.method_md, *merge.param_boxes, *page.plan_outputs, *page.slider_outputs],
+                       api_visibility="private")
+    merge.plan_expert.change(refresh_plan, *plan_io, api_visibility="private")
+    for box in merge.param_boxes:
+        box.input(refresh_plan, *plan_io, api_visibility="private")
+
+    for i in range(h.MAX_LAYER_ROWS):
+        for key, slider in ((wb.DROP, merge.drop_sliders[i]), (wb.WEIGHT, merge.weight_sliders[i])):
+            slider.release(_slider_handler(i, key, len(page.plan_outputs) + 1),
+                           [page.state, merge.plan_expert, slider, merge.method, *merge.param_boxes],
+                           [page.state, *page.plan_outputs, slider], api_visibility="private",
+                           trigger_mode="always_last")
+
+    @h.safe
+    def on_api_set(session, expert, layer, key, value, method_value, *values):
+        session = h.session_of(session)
+        wb.set_cell(session, expert, layer, key, value)
+        return session, *h.plan_views(session, method_value, h.shared_values(method_value, values))
+
+    api.button.click(on_api_set, [page.state, api.expert, api.layer, api.key, api.value, merge.method,
+                                  *merge.param_boxes], [page.state, *page.plan_outputs], api_name="set_layer")
+
+    preset_io = (page.plan_inputs, [page.state, *page.plan_outputs, *page.slider_outputs])
+    merge.reset_btn.click(_preset(lambda s, shared, e: wb.reset_overrides(s)), *preset_io, api_name="reset_to_apl")
+    merge.uniform_btn.click(_preset(lambda s, shared, e: wb.preset_uniform(s, float(shared.get(wb.DROP, 0.5)), 1.0)),
+                            *preset_io, api_name="preset_uniform")
+    merge.swap_btn.click(_preset(lambda s, shared, e: wb.preset_layer_swap(s, outer=e)), *preset_io,
+                         api_name="preset_layer_swap")
+
+    # an edit applies as soon as the cell is left (.input fires on user edits only, not on our own updates)
+    for key, table in ((wb.DROP, merge.drop_table), (wb.WEIGHT, merge.weight_table)):
+        table.input(_table_handler(key, len(page.plan_outputs) + len(page.slider_outputs)), [page.state, merge.plan_expert, table, merge.method, *merge.param_boxes],
+                    [page.state, *page.plan_outputs, *page.slider_outputs], api_visibility="private",
+                    trigger_mode="always_last")
+
+
+def wire_merge(page) -> None:
+    merge = page.merge
+
+    @h.safe
+    def on_merge(session, method_value, seed_value, *values, progress=gr.Progress()):
+        session = h.session_of(session)
+        shared = h.shared_values(method_value, values)
+        summary = wb.merge(session, method_value, shared, seed_value, progress=h.progress_sink(progress))
+        if summary.reused:
+            text = (f"**{summary.label}** done at once: an identical merge was already in memory (same experts, "
+                    f"settings and seed). Settings: {summary.settings}. Next: **Run probe**.")
+        else:
+            changed = ", ".join(summary.changed_layers) or "none (all reused)"
+            text = (f"**{summary.label}** done in {summary.seconds:.2f} s — {summary.recomputed} tensors "
+                    f"recomputed; layers re-merged: {changed}. Settings: {summary.settings}. Next: **Run probe**.")
+        return session, text
+
+    long_step(merge.merge_btn, merge.merge_stop, on_merge, [page.state, merge.method, merge.seed, *merge.param_boxes],
+              [page.state, merge.merge_md], "merge")
+
+
+def wire_probe(page) -> None:
+    probe = page.probe
+
+    @h.safe
+    def on_probe(session, progress=gr.Progress()):
+        session = h.session_of(session)
+        report = wb.run_probe(session, progress=h.progress_sink(progress))
+        return (session, *h.probe_views(session, report))
+
+    long_step(probe.probe_btn, probe.probe_stop, on_probe, [page.state],
+              [page.state, probe.probe_df, probe.probe_plot, probe.probe_md, probe.history_df], "run_probe")
+
+    @h.safe
+    def on_sweep(session, progress=gr.Progress()):
+        session = h.session_of(session)
+        ratios = (0.1, 0.3, 0.5, 0.7, 0.9)
+        results = wb.drop_sweep(session, ratios, progress=h.progress_sink(progress))
+        return fg.sweep_figure(ratios, results), fg.sweep_summary(ratios, results)
+
+    probe.sweep_btn.click(on_sweep, [page.state], [probe.sweep_plot, probe.sweep_md], api_name="sweep", **h.HEAVY)
+
+    # nothing lost: the session's history as a file, and back
+    @h.safe
+    def on_history(session):
+        path = wb.save_history(h.session_of(session))
+        return gr.update(value=str(path), visible=True), (
+            f"Saved `{path.name}`: every merge of this session with its probe results and full recipe. "
+            "Restore it later with **Restore history from JSON**.")
+
+    probe.history_btn.click(on_history, [page.state], [probe.history_file, probe.history_md],
+                            api_name="download_history")
+
+    @h.safe
+    def on_restore(session, file):
+        session = h.session_of(session)
+        if not file:
+            raise wb.MergeLabError("choose the history JSON file saved with Download history")
+        session, note = wb.restore_history(session, getattr(file, "name", None) or file)
+        headers, rows = wb.history_rows(session)
+        return session, {"headers": headers, "data": rows}, note
+
+    probe.restore_btn.upload(on_restore, [page.state, probe.restore_btn], [page.state, probe.history_df,
+                                                                           probe.history_md],
+                             api_name="restore_history")
+
+    @h.safe
+    def on_predict(session, text):
+        return wb.predict(h.session_of(session), text)
+
+    probe.predict_btn.click(on_predict, [page.state, probe.sentence], probe.predict_df, api_name="predict",
+                            **h.HEAVY)
+    probe.sentence.submit(on_predict, [page.state, probe.sentence], probe.predict_df, api_visibility="private")
+
+
+def wire_export(page) -> None:
+    exp = page.export
+
+    @h.safe
+    def on_export(session, tasks, dtype_value, progress=gr.Progress()):
+        session = h.session_of(session)
+        path = wb.export(session, tasks or None, h.dtype_of(dtype_value), progress=h.progress_sink(progress))
+        size = path.stat().st_size / 1e6
+        return str(path), f"Exported `{path.name}` ({size:.1f} MB, stored zip). Old exports are deleted after an hour."
+
+    long_step(exp.export_btn, exp.export_stop, on_export, [page.state, exp.export_tasks, exp.dtype],
+              [exp.export_file, exp.export_md], "export")
+
+
+def wire_guided(page) -> None:
+    """Guided first merge: fill every step with a good first setting on the demo zoo."""
+    ex, imp, merge = page.experts, page.importance, page.merge
+
+    def guided():
+        zoo = wb.open_default_zoo()
+        tasks = zoo.tasks if zoo is not None else []
+        base = wb.zoo_refs(zoo)[0] if zoo is not None else ""
+        return (gr.update(value=tasks), base, wb.DEFAULT_FEWSHOT, "gradient", "restore", "apl",
+                "Guided setup done: press **Load experts**, then **Compute importance**, **Merge**, "
+                "**Run probe** and **Export**, in that order.")
+
+    page.intro.guided_btn.click(guided, None, [ex.zoo_pick, ex.base_box, imp.fewshot, imp.mode, imp.intervention,
+                                               merge.method, ex.load_md], api_visibility="private").then(
+        on_method, [page.state, merge.plan_expert, merge.method],
+        [merge.method_md, *merge.param_boxes, *page.plan_outputs, *page.slider_outputs], api_visibility="private")
 
 
 @h.safe
