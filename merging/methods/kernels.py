@@ -15,6 +15,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -184,14 +185,20 @@ def _kth_smallest_in_band(flat: torch.Tensor, j: int) -> float | None:
     return float(torch.kthvalue(band, j - below).values)
 
 
-def magnitude_mask(delta: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
+def magnitude_mask(delta: torch.Tensor, density: float, threshold: float | None = None,
+                   ties: int = 0) -> torch.Tensor:
     """Keep the ``density`` fraction of entries with the largest |Δ| (top-k by k-th value, not a sort).
 
     Entries tied at the threshold are kept lowest flat index first, so the kept count is exact and the
-    choice is deterministic (fp16/bf16 deltas tie often)."""
+    choice is deterministic (fp16/bf16 deltas tie often). With a ``threshold`` taken over more than
+    ``delta`` (a row chunk, a layer, the model: :class:`~merging.methods.base.Threshold`) the entries
+    above it are kept plus the first ``ties`` entries equal to it — this job's share of the ties."""
     magnitude = delta.abs()
     if threshold is not None:
-        return magnitude > threshold
+        mask = magnitude > threshold
+        if ties > 0:
+            _add_ties_in_index_order(mask, magnitude, threshold, ties)
+        return mask
     k = int(round(density * delta.numel()))
     cut = kth_largest_threshold(magnitude, k)
     mask = magnitude > cut
@@ -200,12 +207,18 @@ def magnitude_mask(delta: torch.Tensor, density: float, threshold: float | None 
     return mask
 
 
-def magnitude_keep_factor(delta: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
+def magnitude_keep_factor(delta: torch.Tensor, density: float, threshold: float | None = None,
+                          ties: int = 0) -> torch.Tensor:
     """:func:`magnitude_mask` as 1.0 (kept) / 0.0 in ``delta``'s dtype, built in place of the |Δ| buffer:
     ``delta * factor`` equals ``delta * magnitude_mask(...)`` without torch's bool→float copy."""
     factor = delta.abs()
     if threshold is not None:
-        return factor.gt_(threshold)
+        factor.gt_(threshold)
+        if ties > 0:
+            mask = factor.bool()
+            _add_ties_in_index_order(mask, delta.abs(), threshold, ties)
+            factor.copy_(mask)
+        return factor
     n = delta.numel()
     k = int(round(density * n))
     cut = kth_largest_threshold(factor, k)
@@ -220,10 +233,14 @@ def magnitude_keep_factor(delta: torch.Tensor, density: float, threshold: float 
 def _keep_ties_in_index_order(mask: torch.Tensor, magnitude: torch.Tensor, cut: float, k: int) -> None:
     """Add entries equal to ``cut`` to ``mask`` (in place), lowest flat index first, until it holds k."""
     need = k - int(mask.count_nonzero())
-    if need <= 0:
-        return
+    if need > 0:
+        _add_ties_in_index_order(mask, magnitude, cut, need)
+
+
+def _add_ties_in_index_order(mask: torch.Tensor, magnitude: torch.Tensor, cut: float, count: int) -> None:
+    """Add the first ``count`` entries equal to ``cut`` (lowest flat index first) to ``mask``, in place."""
     tied = (magnitude == cut).reshape(-1)
-    chosen = tied & (tied.cumsum(0) <= need)
+    chosen = tied & (tied.cumsum(0) <= count)
     mask.reshape(-1).logical_or_(chosen)
 
 
@@ -248,10 +265,13 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
 
 def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's MagPrune (Deep et al. 2024): per row, keep probability rises linearly with magnitude rank
-    from density − ε/2 (smallest) to density + ε/2 (largest), clipped to (0, 1]."""
+    from density − ε/2 (smallest) to density + ε/2 (largest), clipped to (0, 1].
+
+    Ranks are taken within each row (axis 0; everything else flattened), so a row chunk gets the
+    probabilities its rows get in the whole tensor: DELLA merges in row chunks unchanged."""
     matrix = delta.reshape(delta.shape[0], -1) if delta.dim() > 1 else delta.reshape(1, -1)
     cols = matrix.shape[1]
-    order = matrix.abs().argsort(dim=1)
+    order = matrix.abs().argsort(dim=1, stable=True)  # tied magnitudes ranked by index: deterministic
     ranks = torch.empty_like(order)  # the inverse permutation of each row's order, i.e. argsort(order)
     ranks.scatter_(1, order, torch.arange(cols).expand_as(order))
     ranks = ranks.float()
@@ -302,31 +322,55 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torc
     return (s0 * a32 + s1 * b32).reshape(a.shape)
 
 
+@dataclass(frozen=True)
+class TopK:
+    """Where the k largest |values| over many tensors end: keep |value| > ``cut`` and the first ``ties``
+    entries with |value| == ``cut`` (lowest position first). ``tied[i]`` counts the entries equal to
+    ``cut`` in the i-th tensor the chunks yielded, so a caller can hand out the tie quota in order."""
+
+    cut: float
+    ties: int
+    tied: tuple[int, ...]
+
+
 def streaming_kth_largest(chunks: Callable[[], Iterable[torch.Tensor]], k: int, bins: int = 4096) -> float:
-    """Exact threshold of the k-th largest |value| over many tensors without concatenating them.
+    """Threshold t of the k largest |value| over many tensors: exactly k are > t when no value ties at t
+    (:func:`streaming_topk` also says how many tied ones to keep)."""
+    return streaming_topk(chunks, k, bins).cut
+
+
+def streaming_topk(chunks: Callable[[], Iterable[torch.Tensor]], k: int, bins: int = 4096) -> TopK:
+    """Exact top-k of |value| over many tensors without concatenating them, ties included.
 
     Pass 1 counts values per logarithmic bin; pass 2 gathers only the bin holding the k-th
-    largest and selects inside it. ``chunks`` is called once per pass and yields tensors
-    (worked through in flat pieces of at most ``_PIECE`` entries, bounding the temporaries).
+    largest and selects inside it. Equal values share a bin, so the entries tied at the cut are all
+    in what pass 2 gathered: counting them per input tensor costs no extra pass. ``chunks`` is called
+    once per pass and yields tensors (worked through in flat pieces of at most ``_PIECE`` entries,
+    bounding the temporaries).
     """
-    chunks = _in_pieces(chunks)
+    owner: list[int] = []  # input tensor of each piece (filled on the first pass)
+    pieces = _in_pieces(chunks, owner)
     total = 0
     low, high = math.inf, -math.inf
-    for chunk in chunks():
+    for chunk in pieces():
         nonzero = chunk.abs().reshape(-1)
         nonzero = nonzero[nonzero > 0]
         total += chunk.numel()
         if nonzero.numel():
             low = min(low, float(nonzero.min()))
             high = max(high, float(nonzero.max()))
+    n_inputs = (owner[-1] + 1) if owner else 0
+    none = (0,) * n_inputs
     if k >= total:
-        return -math.inf
-    if k <= 0 or high == -math.inf:
-        return math.inf
+        return TopK(-math.inf, 0, none)
+    if k <= 0:
+        return TopK(math.inf, 0, none)
+    if high == -math.inf:  # all zeros: k of them are kept, as the whole-tensor top-k keeps them
+        return TopK(0.0, k, _tied_per_input(pieces, owner, n_inputs, 0.0))
     log_low, log_high = math.log(low), math.log(high) + 1e-6
     width = (log_high - log_low) / bins
     counts = torch.zeros(bins + 1, dtype=torch.long)  # last slot: zeros
-    for chunk in chunks():
+    for chunk in pieces():
         index = _log_bin(chunk, log_low, width, bins)
         counts += torch.bincount(index, minlength=bins + 1)
     # walk from the largest bin down until k values are covered (zeros sit in slot `bins`)
@@ -337,14 +381,38 @@ def streaming_kth_largest(chunks: Callable[[], Iterable[torch.Tensor]], k: int, 
             target_bin, need = b, k - above
             break
         above += int(counts[b])
-    gathered = [c.abs().reshape(-1)[_log_bin(c, log_low, width, bins) == target_bin] for c in chunks()]
+    gathered = [c.abs().reshape(-1)[_log_bin(c, log_low, width, bins) == target_bin] for c in pieces()]
     inside = torch.cat(gathered)
-    if target_bin == bins:  # threshold falls among zeros
-        return 0.0 if need < inside.numel() else -math.inf
-    if need >= inside.numel():  # the whole bin is kept: cut just below its smallest value
+    if target_bin == bins:  # the cut falls among zeros: every nonzero kept, and `need` zeros
+        cut, ties = 0.0, need
+    elif need >= inside.numel():  # the whole bin is kept: cut just below its smallest value
         smallest = inside.min().float()
-        return float(torch.nextafter(smallest, torch.tensor(-math.inf)))
-    return kth_largest_threshold(inside, need)
+        return TopK(float(torch.nextafter(smallest, torch.tensor(-math.inf))), 0, none)
+    else:
+        cut = kth_largest_threshold(inside, need)
+        ties = need - int((inside > cut).count_nonzero())
+    tied = [0] * n_inputs
+    for piece, values in zip(owner, gathered):
+        tied[piece] += int((values == cut).count_nonzero())
+    return TopK(cut, ties, tuple(tied))
+
+
+def _tied_per_input(pieces, owner: list[int], n_inputs: int, cut: float) -> tuple[int, ...]:
+    tied = [0] * n_inputs
+    for piece, chunk in zip(owner, pieces()):
+        tied[piece] += int((chunk.abs() == cut).count_nonzero())
+    return tuple(tied)
+
+
+def share_ties(tied: Iterable[int], ties: int) -> list[int]:
+    """Split a quota of ``ties`` tied entries over inputs holding ``tied[i]`` of them, first inputs first
+    (lowest index first, as the whole-tensor top-k keeps them)."""
+    out = []
+    for count in tied:
+        take = min(count, ties)
+        out.append(take)
+        ties -= take
+    return out
 
 
 def _log_bin(chunk: torch.Tensor, log_low: float, width: float, bins: int) -> torch.Tensor:
@@ -356,12 +424,17 @@ def _log_bin(chunk: torch.Tensor, log_low: float, width: float, bins: int) -> to
 _PIECE = 1 << 21  # entries per piece in streaming_kth_largest (its float64 temporaries stay ~16 MB)
 
 
-def _in_pieces(chunks: Callable[[], Iterable[torch.Tensor]]) -> Callable[[], Iterable[torch.Tensor]]:
+def _in_pieces(chunks: Callable[[], Iterable[torch.Tensor]],
+               owner: list[int] | None = None) -> Callable[[], Iterable[torch.Tensor]]:
+    """``chunks`` in flat pieces of at most ``_PIECE`` entries; ``owner`` (filled on the first call) gets the
+    index of the chunk each piece comes from."""
     def pieces() -> Iterable[torch.Tensor]:
-        for chunk in chunks():
+        record = owner is not None and not owner
+        for index, chunk in enumerate(chunks()):
             flat = chunk.reshape(-1)
-            if flat.numel() <= _PIECE:
-                yield flat
-            else:
-                yield from flat.split(_PIECE)
+            parts = [flat] if flat.numel() <= _PIECE else flat.split(_PIECE)
+            for part in parts:
+                if record:
+                    owner.append(index)
+                yield part
     return pieces
