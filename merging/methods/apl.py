@@ -64,9 +64,9 @@ def _apl_kernel(job: TensorJob) -> torch.Tensor:
         weighted.append(delta * float(p["weight"]))
     stacked = torch.stack(weighted)
     if job.shared.get("sign_election") and droppable:
-        mixed = (stacked * kernels.agreement_mask(stacked, kernels.elect_sign(stacked))).sum(0)
+        mixed = kernels.ordered_sum(stacked * kernels.agreement_mask(stacked, kernels.elect_sign(stacked)))
     else:
-        mixed = stacked.sum(0)
+        mixed = kernels.ordered_sum(stacked)  # in expert order, so row chunks sum like the whole tensor
     return job.base.float() + float(job.shared.get("lambda", 1.0)) * mixed
 
 

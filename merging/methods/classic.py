@@ -27,7 +27,7 @@ from ..params import PER_LAYER, SHARED, ParamSpec
 from . import kernels
 from .base import MethodSpec, TensorJob, register
 
-_IN_PLACE_MAX_EXPERTS = 4  # above this, Pipeline reduces a stack (keeps torch's summation order)
+_IN_PLACE_MAX_EXPERTS = 4  # above this, Pipeline reduces a stack of the deltas (the reference form)
 _EXACT_IN_FLOAT32 = (torch.float32, torch.float16, torch.bfloat16)  # subtracted from float32 without .float()
 
 WEIGHT = ParamSpec("weight", "float", 1.0, "Weight of the expert's delta (per expert, per layer).",
@@ -64,9 +64,8 @@ class Pipeline:
         if len(job.experts) > _IN_PLACE_MAX_EXPERTS:
             return self._stacked(job)
         # The same arithmetic as _stacked, expert by expert and in place: no [T, ...] stack, no copies of
-        # float32 inputs. For up to 4 experts torch's sum over the stacked axis adds the rows in order
-        # (SumKernel: sequential below 16 rows, 4-way interleaved partials from 5 rows), so results match
-        # _stacked value for value (a sum of all -0.0 gives -0.0 here, +0.0 there).
+        # float32 inputs. Both add the experts in order (kernels.ordered_sum), so results match _stacked
+        # value for value at any expert count.
         base = job.base.float()
         droppable = job.info.droppable
         consensus = self.consensus and droppable
@@ -137,11 +136,11 @@ class Pipeline:
         weight_t = torch.tensor(weights).reshape(-1, *([1] * (stacked.dim() - 1)))
         if self.consensus and droppable:
             agree = kernels.agreement_mask(stacked, kernels.elect_sign(stacked))
-            mixed = (stacked * agree).sum(0)
-            divisor = (weight_t * agree).sum(0)
+            mixed = kernels.ordered_sum(stacked * agree)
+            divisor = kernels.ordered_sum(weight_t * agree)
         else:
-            mixed = stacked.sum(0)
-            divisor = weight_t.sum(0).expand_as(mixed)
+            mixed = kernels.ordered_sum(stacked)
+            divisor = kernels.ordered_sum(weight_t).expand_as(mixed)
         if self.always_normalize or job.shared.get("normalize", False):
             divisor = torch.where(divisor.abs() < 1e-12, torch.ones_like(divisor), divisor)
             mixed = mixed / divisor

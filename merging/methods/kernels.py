@@ -287,9 +287,21 @@ def della(delta: torch.Tensor, density: float, epsilon: float, *, seed: int, exp
     return delta * mask / probs
 
 
+def ordered_sum(stacked: torch.Tensor) -> torch.Tensor:
+    """Σ over axis 0, adding the rows in order (x0 + x1 + …), as a new float tensor.
+
+    Not ``stacked.sum(0)``: from 5 rows torch adds them in an order that depends on an entry's position
+    in memory, so a row chunk would not sum like the same rows of the whole tensor (1 ulp, enough to flip
+    an elected sign where deltas cancel)."""
+    total = stacked[0].float().clone()
+    for row in stacked[1:]:
+        total.add_(row)
+    return total
+
+
 def elect_sign(weighted_deltas: torch.Tensor) -> torch.Tensor:
     """TIES sign election: the sign of the summed (weighted, trimmed) deltas per entry. Input [T, ...]."""
-    return sign_of_sum(weighted_deltas.sum(dim=0))
+    return sign_of_sum(ordered_sum(weighted_deltas), inplace=True)
 
 
 def sign_of_sum(summed: torch.Tensor, inplace: bool = False) -> torch.Tensor:
