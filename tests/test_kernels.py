@@ -137,6 +137,29 @@ def test_streaming_topk_counts_ties_and_their_quota():
     assert kernels.streaming_topk(lambda: iter(tensors), 11).cut == -math.inf
 
 
+@pytest.mark.parametrize("band", [True, False], ids=["band", "histogram"])
+def test_streaming_topk_equals_the_concatenated_top_k_with_ties(band, monkeypatch):
+    """Both ways to the cut (the sampled band, and the histogram it falls back to) give the exact top-k."""
+    found = []
+    original = kernels._band_topk
+    monkeypatch.setattr(kernels, "_band_topk", lambda *args: found.append(original(*args) if band else None))
+    generator = torch.Generator().manual_seed(1)
+    tensors = [(torch.randn(400, 30, generator=generator) * s).to(torch.bfloat16).float() for s in (1e-3, 1.0)]
+    tensors.append(torch.zeros(70))
+    flat = torch.cat([t.reshape(-1) for t in tensors]).abs()
+    for k in (1, 333, 12_000, flat.numel() - 100, flat.numel() - 1):
+        top = kernels.streaming_topk(lambda: iter(tensors), k)
+        assert int((flat > top.cut).sum()) + top.ties == k
+        assert top.tied == tuple(int((t.abs() == top.cut).sum()) for t in tensors)
+        assert 0 <= top.ties <= sum(top.tied)
+        kth = float(flat.kthvalue(flat.numel() - k + 1).values)  # the k-th largest
+        assert bool((flat[flat > top.cut] >= kth).all())  # what is kept above the cut is the top
+        if top.ties:
+            assert top.cut == kth  # and ties are taken at the k-th largest value itself
+    assert all(f is not None for f in found) if band else not any(found)  # each way really was taken
+    assert any(kernels.streaming_topk(lambda: iter(tensors), k).ties for k in (333, flat.numel() - 1))
+
+
 def test_threshold_with_tie_quota_keeps_the_first_tied_entries():
     delta = torch.tensor([[1.0, -1.0, 2.0], [1.0, 0.5, -1.0]])
     mask = kernels.magnitude_mask(delta, 0.5, threshold=1.0, ties=2)

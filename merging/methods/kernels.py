@@ -196,14 +196,14 @@ def magnitude_mask(delta: torch.Tensor, density: float, threshold: float | None 
     magnitude = delta.abs()
     if threshold is not None:
         mask = magnitude > threshold
-        if ties > 0:
-            _add_ties_in_index_order(mask, magnitude, threshold, ties)
-        return mask
-    k = int(round(density * delta.numel()))
-    cut = kth_largest_threshold(magnitude, k)
-    mask = magnitude > cut
-    if 0 < k < delta.numel():
-        _keep_ties_in_index_order(mask, magnitude, cut, k)
+        need = ties
+    else:
+        k = int(round(density * delta.numel()))
+        threshold = kth_largest_threshold(magnitude, k)
+        mask = magnitude > threshold
+        need = k - int(mask.count_nonzero()) if 0 < k < delta.numel() else 0
+    if need > 0:
+        mask.view(-1)[_first_tied(magnitude, threshold, need)] = True
     return mask
 
 
@@ -213,35 +213,24 @@ def magnitude_keep_factor(delta: torch.Tensor, density: float, threshold: float 
     ``delta * factor`` equals ``delta * magnitude_mask(...)`` without torch's bool→float copy."""
     factor = delta.abs()
     if threshold is not None:
+        tied = _first_tied(factor, threshold, ties) if ties > 0 else None
         factor.gt_(threshold)
-        if ties > 0:
-            mask = factor.bool()
-            _add_ties_in_index_order(mask, delta.abs(), threshold, ties)
-            factor.copy_(mask)
-        return factor
-    n = delta.numel()
-    k = int(round(density * n))
-    cut = kth_largest_threshold(factor, k)
-    factor.gt_(cut)
-    if 0 < k < n and _count_ones(factor) != k:
-        mask = factor.bool()
-        _keep_ties_in_index_order(mask, delta.abs(), cut, k)
-        factor.copy_(mask)
+    else:
+        n = delta.numel()
+        k = int(round(density * n))
+        threshold = kth_largest_threshold(factor, k)
+        factor.gt_(threshold)
+        need = k - _count_ones(factor) if 0 < k < n else 0
+        tied = _first_tied(delta.abs(), threshold, need) if need > 0 else None
+    if tied is not None:
+        factor.view(-1)[tied] = 1.0
     return factor
 
 
-def _keep_ties_in_index_order(mask: torch.Tensor, magnitude: torch.Tensor, cut: float, k: int) -> None:
-    """Add entries equal to ``cut`` to ``mask`` (in place), lowest flat index first, until it holds k."""
-    need = k - int(mask.count_nonzero())
-    if need > 0:
-        _add_ties_in_index_order(mask, magnitude, cut, need)
-
-
-def _add_ties_in_index_order(mask: torch.Tensor, magnitude: torch.Tensor, cut: float, count: int) -> None:
-    """Add the first ``count`` entries equal to ``cut`` (lowest flat index first) to ``mask``, in place."""
-    tied = (magnitude == cut).reshape(-1)
-    chosen = tied & (tied.cumsum(0) <= count)
-    mask.reshape(-1).logical_or_(chosen)
+def _first_tied(magnitude: torch.Tensor, cut: float, count: int) -> torch.Tensor:
+    """Flat indices of the first ``count`` entries equal to ``cut`` (lowest flat index first): the tied
+    entries a top-k keeps. An index list, not a cumulative count over every entry."""
+    return (magnitude.reshape(-1) == cut).nonzero().reshape(-1)[:count]
 
 
 def _count_ones(factor: torch.Tensor) -> int:
@@ -354,9 +343,11 @@ def streaming_kth_largest(chunks: Callable[[], Iterable[torch.Tensor]], k: int, 
 def streaming_topk(chunks: Callable[[], Iterable[torch.Tensor]], k: int, bins: int = 4096) -> TopK:
     """Exact top-k of |value| over many tensors without concatenating them, ties included.
 
-    Pass 1 counts values per logarithmic bin; pass 2 gathers only the bin holding the k-th
-    largest and selects inside it. Equal values share a bin, so the entries tied at the cut are all
-    in what pass 2 gathered: counting them per input tensor costs no extra pass. ``chunks`` is called
+    Pass 1 samples the magnitudes; pass 2 gathers the narrow band around the k-th largest that the
+    sample locates, counts what lies above it and selects inside it. Should the band miss, a
+    logarithmic histogram (count per bin, then gather the bin holding the k-th largest) does it in
+    two more passes. Equal values fall in the same band or bin, so the entries tied at the cut are
+    all in what was gathered: counting them per input tensor costs no extra pass. ``chunks`` is called
     once per pass and yields tensors (worked through in flat pieces of at most ``_PIECE`` entries,
     bounding the temporaries).
     """
@@ -364,19 +355,29 @@ def streaming_topk(chunks: Callable[[], Iterable[torch.Tensor]], k: int, bins: i
     pieces = _in_pieces(chunks, owner)
     total = 0
     low, high = math.inf, -math.inf
-    for chunk in pieces():
-        nonzero = chunk.abs().reshape(-1)
-        nonzero = nonzero[nonzero > 0]
+    samples = []
+    for index, chunk in enumerate(pieces()):
         total += chunk.numel()
-        if nonzero.numel():
-            low = min(low, float(nonzero.min()))
-            high = max(high, float(nonzero.max()))
+        if chunk.numel():  # about one entry in _SAMPLE_EVERY, drawn with replacement (count rounded at random)
+            generator = torch.Generator().manual_seed(index)
+            whole, part = divmod(chunk.numel(), _SAMPLE_EVERY)
+            count = whole + int(float(torch.rand(1, generator=generator)) * _SAMPLE_EVERY < part)
+            samples.append(chunk[torch.randint(chunk.numel(), (count,), generator=generator)].abs())
     n_inputs = (owner[-1] + 1) if owner else 0
     none = (0,) * n_inputs
     if k >= total:
         return TopK(-math.inf, 0, none)
     if k <= 0:
         return TopK(math.inf, 0, none)
+    found = _band_topk(pieces, owner, n_inputs, torch.cat(samples), total, k)
+    if found is not None:
+        return found
+    for chunk in pieces():  # the histogram's range
+        nonzero = chunk.abs()
+        nonzero = nonzero[nonzero > 0]
+        if nonzero.numel():
+            low = min(low, float(nonzero.min()))
+            high = max(high, float(nonzero.max()))
     if high == -math.inf:  # all zeros: k of them are kept, as the whole-tensor top-k keeps them
         return TopK(0.0, k, _tied_per_input(pieces, owner, n_inputs, 0.0))
     log_low, log_high = math.log(low), math.log(high) + 1e-6
@@ -406,6 +407,42 @@ def streaming_topk(chunks: Callable[[], Iterable[torch.Tensor]], k: int, bins: i
     tied = [0] * n_inputs
     for piece, values in zip(owner, gathered):
         tied[piece] += int((values == cut).count_nonzero())
+    return TopK(cut, ties, tuple(tied))
+
+
+_SAMPLE_EVERY = 256  # one magnitude in this many is sampled for locating the k-th value (a 4096² matrix: 65k)
+
+
+def _band_topk(pieces, owner: list[int], n_inputs: int, sample: torch.Tensor, total: int, k: int) -> TopK | None:
+    """:func:`streaming_topk` in one more pass: a narrow band of magnitudes around the k-th largest, found
+    from the sample, is gathered (counting what lies above it) and selected in. None when the band misses
+    the k-th value (unlucky sample, NaN): the caller falls back to the histogram."""
+    j = total - k  # the cut is the j-th smallest magnitude (1-based); keep what is above it, and ties
+    size = sample.numel()
+    if size == 0:
+        return None
+    q = j / total
+    spread = 6.0 * math.sqrt(size * q * (1.0 - q)) + 8.0
+    lo_index, hi_index = int(q * size - spread), int(q * size + spread)
+    ordered = sample.sort().values  # a side the sample cannot bound stays open
+    lo = float(ordered[lo_index]) if lo_index >= 0 else -math.inf
+    hi = float(ordered[hi_index]) if hi_index < size else math.inf
+    below = above = 0
+    band = []
+    for piece in pieces():
+        magnitude = piece.abs()
+        below += int((magnitude < lo).count_nonzero())
+        above += int((magnitude > hi).count_nonzero())
+        inside = magnitude[(magnitude >= lo) & (magnitude <= hi)]
+        band.append(inside)
+    values = torch.cat(band)
+    if below + values.numel() + above != total or not below < j <= below + values.numel():
+        return None
+    cut = float(torch.kthvalue(values, j - below).values)
+    ties = k - above - int((values > cut).count_nonzero())
+    tied = [0] * n_inputs
+    for piece, inside in zip(owner, band):
+        tied[piece] += int((inside == cut).count_nonzero())
     return TopK(cut, ties, tuple(tied))
 
 
