@@ -54,6 +54,11 @@ class MergeSettings:
                                                per_expert=True)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise MergeLabError(f"seed must be a whole number, got {seed!r}", field="seed")
+        for key, value in (extras or {}).items():
+            if key.startswith("per_tensor:") and not isinstance(value, PerTensor):
+                raise MergeLabError(f"method input '{key}' is keyed by tensor name the old way: wrap it as "
+                                    "merging.methods.PerTensor({tensor: value}, row_axis=...) so the engine "
+                                    "knows which axis holds the rows", field=f"extras.{key}")
         settings = cls(spec, shared, per_expert, seed, dict(extras or {}))
         settings.check_trim_scope(expert_set)
         return settings

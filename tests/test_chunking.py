@@ -18,7 +18,7 @@ from merging.io.experts import check_homology
 from merging.io.sources import ModelSource
 from merging.methods import PerTensor, available, get_method
 
-SMALL_CHUNKS = 4 * 32 * 8  # 8 rows of a [*, 32] float32 matrix per chunk: 6–8 chunks per 2-D tensor below
+SMALL_CHUNKS = 4 * 32 * 8  # 8 rows of a [*, 32] float32 matrix per chunk: 6–20 chunks per 2-D tensor below
 SHAPES = {
     "embeddings.word_embeddings.weight": (50, 32),  # 7 chunks, the last one short
     "embeddings.LayerNorm.weight": (32,),
@@ -28,6 +28,7 @@ SHAPES = {
         f"encoder.layer.{layer}.output.dense.weight": (45, 40),  # 6 rows a chunk: 8 chunks
         f"encoder.layer.{layer}.output.LayerNorm.weight": (40,),
     }.items()},
+    "encoder.layer.1.attn.c_attn.weight": (40, 96),  # GPT-2 Conv1D [in, out]: units along axis 1, 20 chunks
 }
 LEVELS = torch.tensor([1.0, 2.0, 3.0, 0.5]) / 16  # exact in fp16 and bf16: many entries share a magnitude
 
@@ -222,6 +223,14 @@ def test_per_tensor_input_must_match_its_declared_row_axis(monkeypatch):
     monkeypatch.setattr(engine, "CHUNK_BYTES", SMALL_CHUNKS)
     with pytest.raises(MergeLabError, match=r"declares axis 0 as the tensor's 64 rows"):
         MergeEngine(expert_set, cache=False).merge(settings)
+
+
+def test_old_style_per_tensor_inputs_are_refused():
+    from merging import MergeLabError
+
+    expert_set = _expert_set(2, torch.float16)
+    with pytest.raises(MergeLabError, match="PerTensor"):
+        MergeSettings.build(expert_set, "fisher", extras={"per_tensor:fisher": {}})
 
 
 def test_row_range_locates_a_chunk():
