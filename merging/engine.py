@@ -1,9 +1,10 @@
 """The merge engine: executes a merge tensor by tensor.
 
 Peak memory is about one tensor per input (tensors over 64 MB go in row chunks, for the
-methods that declare themselves row-separable) plus the output. Each merged tensor is cached under a fingerprint of everything that
-determines it (method, the parameters resolved at its layer, seed, method inputs), so
-moving one per-layer slider re-merges only that layer and reuses the rest.
+methods that declare themselves row-separable; the others are merged whole) plus the
+output. Each merged tensor is cached under a fingerprint of everything that determines it
+(method, the parameters resolved at its layer, seed, method inputs), so moving one
+per-layer slider re-merges only that layer and reuses the rest.
 """
 
 from __future__ import annotations

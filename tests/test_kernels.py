@@ -78,6 +78,16 @@ def test_breadcrumbs_removes_outliers_and_small():
     assert kept.numel() == 50 and kept.max() == 90 and kept.min() == 41
 
 
+def test_breadcrumbs_keeps_an_exact_count_with_ties():
+    # |Δ| = 4 (×3), 3 (×4), 2 (×4), 1 (×4), 0.5 (×5); n = 20, gamma 0.1 → 2 outliers, density 0.5 → keep 10
+    delta = torch.tensor([4.0, -4.0, 4.0, 3.0, 3.0, -3.0, 3.0, 2.0, 2.0, -2.0, 2.0, 1.0, 1.0, 1.0, -1.0,
+                          0.5, 0.5, 0.5, 0.5, 0.5])
+    mask = kernels.breadcrumbs_mask(delta, density=0.5, gamma=0.1)
+    # outliers: the first two 4s; kept: the third 4, the four 3s, the four 2s, the first 1
+    expected = [False, False, True, True, True, True, True, True, True, True, True, True] + [False] * 8
+    assert mask.tolist() == expected
+
+
 def test_della_probabilities_are_the_rank_formula():
     """p = density + ε·(rank/(n − 1) − ½) per row, ranks of |Δ| from 0 (smallest) with ties by position."""
     delta = torch.tensor([[0.3, -2.0, 0.1, 0.3, 1.0], [5.0, 4.0, -3.0, 2.0, 1.0]])

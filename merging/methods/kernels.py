@@ -242,14 +242,17 @@ def _count_ones(factor: torch.Tensor) -> int:
 
 def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023): drop the top ``gamma`` outliers and the smallest entries,
-    keeping a ``density`` fraction in between."""
+    keeping a ``density`` fraction in between.
+
+    Both cuts are exact top-k masks with ties kept lowest flat index first, so the outliers are a prefix
+    of the top ``top + keep`` and exactly round(density · n) entries survive even where magnitudes tie."""
     n = delta.numel()
-    magnitude = delta.abs()
     top = int(round(gamma * n))
     keep = int(round(density * n))
-    upper = kth_largest_threshold(magnitude, top)  # entries > upper are outliers
-    lower = kth_largest_threshold(magnitude, min(n, top + keep))  # entries > lower are the top+keep largest
-    return (magnitude > lower) & ~(magnitude > upper)
+    kept = magnitude_mask(delta, min(n, top + keep) / n if n else 0.0)  # the top+keep largest
+    if top > 0:
+        kept &= ~magnitude_mask(delta, top / n)  # less the top outliers
+    return kept
 
 
 def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
