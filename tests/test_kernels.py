@@ -170,6 +170,21 @@ def test_streaming_topk_equals_the_concatenated_top_k_with_ties(band, monkeypatc
     assert any(kernels.streaming_topk(lambda: iter(tensors), k).ties for k in (333, flat.numel() - 1))
 
 
+def test_streaming_topk_on_mostly_zero_deltas():
+    """A cut among the zeros of a barely changed model: exact, with the zeros counted, not gathered."""
+    generator = torch.Generator().manual_seed(2)
+    tensors = [torch.where(torch.rand(300, 20, generator=generator) < 0.1, torch.randn(300, 20, generator=generator),
+                           torch.zeros(())) for _ in range(3)]
+    flat = torch.cat([t.reshape(-1) for t in tensors]).abs()
+    nonzero = int((flat > 0).sum())
+    for k in (nonzero - 5, nonzero, nonzero + 7, flat.numel() // 2):
+        top = kernels.streaming_topk(lambda: iter(tensors), k)
+        assert int((flat > top.cut).sum()) + top.ties == k
+        if k > nonzero:
+            assert top.cut == 0.0 and top.ties == k - nonzero
+            assert top.tied == tuple(int((t == 0).sum()) for t in tensors)
+
+
 def test_threshold_with_tie_quota_keeps_the_first_tied_entries():
     delta = torch.tensor([[1.0, -1.0, 2.0], [1.0, 0.5, -1.0]])
     mask = kernels.magnitude_mask(delta, 0.5, threshold=1.0, ties=2)

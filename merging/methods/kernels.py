@@ -417,9 +417,11 @@ _SAMPLE_EVERY = 256  # one magnitude in this many is sampled for locating the k-
 
 
 def _band_topk(pieces, owner: list[int], n_inputs: int, sample: torch.Tensor, total: int, k: int) -> TopK | None:
-    """:func:`streaming_topk` in one more pass: a narrow band of magnitudes around the k-th largest, found
-    from the sample, is gathered (counting what lies above it) and selected in. None when the band misses
-    the k-th value (unlucky sample, NaN): the caller falls back to the histogram."""
+    """:func:`streaming_topk` in one more pass: a narrow band [lo, hi] of magnitudes around the k-th
+    largest, located from the sample, is gathered (counting what lies above and below it) and selected
+    in. Entries equal to lo or hi are counted, not gathered: a band on a value held by most entries (the
+    zeros of a barely changed model) costs no memory. None when the band misses the k-th value (an
+    unlucky sample, NaN): the caller falls back to the histogram."""
     j = total - k  # the cut is the j-th smallest magnitude (1-based); keep what is above it, and ties
     size = sample.numel()
     if size == 0:
@@ -431,22 +433,31 @@ def _band_topk(pieces, owner: list[int], n_inputs: int, sample: torch.Tensor, to
     lo = float(ordered[lo_index]) if lo_index >= 0 else -math.inf
     hi = float(ordered[hi_index]) if hi_index < size else math.inf
     below = above = 0
-    band = []
+    at_lo, at_hi, between = [], [], []  # per piece: count == lo, count == hi (if hi > lo), values in (lo, hi)
     for piece in pieces():
         magnitude = piece.abs()
         below += int((magnitude < lo).count_nonzero())
         above += int((magnitude > hi).count_nonzero())
-        inside = magnitude[(magnitude >= lo) & (magnitude <= hi)]
-        band.append(inside)
-    values = torch.cat(band)
-    if below + values.numel() + above != total or not below < j <= below + values.numel():
+        at_lo.append(int((magnitude == lo).count_nonzero()))
+        at_hi.append(int((magnitude == hi).count_nonzero()) if hi > lo else 0)
+        between.append(magnitude[(magnitude > lo) & (magnitude < hi)])
+    values = torch.cat(between)
+    n_lo, n_hi, n_mid = sum(at_lo), sum(at_hi), values.numel()
+    if below + n_lo + n_mid + n_hi + above != total or not below < j <= below + n_lo + n_mid + n_hi:
         return None
-    cut = float(torch.kthvalue(values, j - below).values)
-    ties = k - above - int((values > cut).count_nonzero())
-    tied = [0] * n_inputs
-    for piece, inside in zip(owner, band):
-        tied[piece] += int((inside == cut).count_nonzero())
-    return TopK(cut, ties, tuple(tied))
+    rank = j - below  # of the cut within the band
+    if rank <= n_lo:
+        cut, tied = lo, at_lo
+    elif rank > n_lo + n_mid:
+        cut, tied = hi, at_hi
+    else:
+        cut = float(torch.kthvalue(values, rank - n_lo).values)
+        tied = [int((inside == cut).count_nonzero()) for inside in between]
+    kept_above = above + (n_hi if cut < hi else 0) + int((values > cut).count_nonzero())
+    per_input = [0] * n_inputs
+    for piece, count in zip(owner, tied):
+        per_input[piece] += count
+    return TopK(cut, k - kept_above, tuple(per_input))
 
 
 def _tied_per_input(pieces, owner: list[int], n_inputs: int, cut: float) -> tuple[int, ...]:
