@@ -1,6 +1,6 @@
 """APL calibration: importance → per-layer drop ratios (τ1) and merge weights (τ2).
 
-Exactly the rules of DESIGN.md ("Calibration"), per expert t over S = the layer partitions
+The calibration rules, per expert t over S = the layer partitions
 whose droppable delta is non-zero:
 
 - Ĩ_k = I_k / mean_S I (all 1 when that mean is 0), s = softmax_S(Ĩ / τ1);

@@ -1,6 +1,6 @@
 """How far to trust APL's gradient scores, and how stable any APL ranking is.
 
-Three numbers, each a lesson in itself (DESIGN.md):
+Three numbers, each a lesson in itself:
 
 - **fidelity** — Spearman rank correlation per expert between exact and gradient scores at module
   level, layer level and on a seeded sample of hidden units, always like with like (``restore``
