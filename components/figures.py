@@ -15,6 +15,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from merging.apl.fidelity import spearman  # the one Spearman (average ranks for ties), shown in captions
+
 MAX_CELLS = 50_000
 SEQUENTIAL = "Viridis"
 SEQUENTIAL_ALT = "Cividis"
@@ -54,18 +56,6 @@ def _ranks(values: np.ndarray) -> np.ndarray:
     order = ok[np.argsort(-flat[ok], kind="stable")]
     out[order] = np.arange(1, len(order) + 1)
     return out.reshape(values.shape)
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3:
-        return float("nan")
-    ra = np.argsort(np.argsort(a[ok])).astype(float)
-    rb = np.argsort(np.argsort(b[ok])).astype(float)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 # ============================================================================ importance

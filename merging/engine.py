@@ -1,9 +1,10 @@
 """The merge engine: executes a merge tensor by tensor.
 
-Peak memory is about one tensor per input (tensors over 64 MB go in row chunks) plus
-the output. Each merged tensor is cached under a fingerprint of everything that
-determines it (method, the parameters resolved at its layer, seed, method inputs), so
-moving one per-layer slider re-merges only that layer and reuses the rest.
+Peak memory is about one tensor per input (tensors over 64 MB go in row chunks, for the
+methods that declare themselves row-separable; the others are merged whole) plus the
+output. Each merged tensor is cached under a fingerprint of everything that determines it
+(method, the parameters resolved at its layer, seed, method inputs), so moving one
+per-layer slider re-merges only that layer and reuses the rest.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from .errors import MergeLabError
 from .io.experts import ExpertSet
 from .io.layout import ROLE_COPY, ROLE_MERGE, TensorInfo
-from .methods import MethodSpec, TensorJob, get_method, kernels
+from .methods import MethodSpec, PerTensor, TensorJob, Threshold, get_method, kernels
 from .params import ParamResolver, validate_params
 
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -54,6 +55,11 @@ class MergeSettings:
                                                per_expert=True)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise MergeLabError(f"seed must be a whole number, got {seed!r}", field="seed")
+        for key, value in (extras or {}).items():
+            if key.startswith("per_tensor:") and not isinstance(value, PerTensor):
+                raise MergeLabError(f"method input '{key}' is keyed by tensor name the old way: wrap it as "
+                                    "merging.methods.PerTensor({tensor: value}, row_axis=...) so the engine "
+                                    "knows which axis holds the rows", field=f"extras.{key}")
         settings = cls(spec, shared, per_expert, seed, dict(extras or {}))
         settings.check_trim_scope(expert_set)
         return settings
@@ -96,7 +102,7 @@ class MergeEngine:
         self.use_cache = cache
         self.check_finite = check_finite
         self._cache: dict[str, tuple[str, torch.Tensor]] = {}
-        self._thresholds: dict[tuple, float] = {}
+        self._thresholds: dict[tuple, tuple[float, dict[str, list[int]]]] = {}
         self._checked: set[tuple[str, str]] = set()
 
     # ---- public -------------------------------------------------------------
@@ -164,22 +170,26 @@ class MergeEngine:
         return _to_dtype(merged, dtype), True
 
     def _compute(self, name, info, settings, params, shared, thresholds, extras, dtype=None) -> torch.Tensor:
+        """Merge one tensor, in row chunks when it is large and the method is row-separable.
+
+        ``thresholds[expert]`` is (cut, tie quota per row chunk); each chunk gets its own quota."""
         base_entry_shape = info.shape
         numel = math.prod(base_entry_shape) if base_entry_shape else 1
         rows = base_entry_shape[0] if base_entry_shape else 1
-        row_bytes = 4 * numel // max(rows, 1)
-        chunk_rows = max(1, CHUNK_BYTES // max(row_bytes, 1))
-        if rows <= chunk_rows or len(base_entry_shape) < 2:
-            return _to_dtype(self._run(name, info, settings, params, shared, thresholds, extras,
+        chunk_rows = _chunk_rows(info)
+        if not _is_chunked(info) or not settings.method.is_row_separable(shared):
+            whole = {e: Threshold(cut, sum(quota)) for e, (cut, quota) in thresholds.items()}
+            return _to_dtype(self._run(name, info, settings, params, shared, whole, _chunk_extras(extras, None),
                                        self.experts.base.get(name),
                                        {e: x.get(name) for e, x in self.experts.experts.items()}, numel, 0), dtype)
         out = None  # filled chunk by chunk (no list of pieces plus a concatenated copy)
-        for r0 in range(0, rows, chunk_rows):
+        for index, r0 in enumerate(range(0, rows, chunk_rows)):
             r1 = min(rows, r0 + chunk_rows)
             base = self.experts.base.get_rows(name, r0, r1)
             experts = {e: x.source.get_rows(x.body_key(name), r0, r1) for e, x in self.experts.experts.items()}
-            piece = self._run(name, info, settings, params, shared, thresholds,
-                              _chunk_extras(extras, r0, r1, rows), base, experts, numel, r0 * row_bytes // 4)
+            chunk_thresholds = {e: Threshold(cut, quota[index]) for e, (cut, quota) in thresholds.items()}
+            piece = self._run(name, info, settings, params, shared, chunk_thresholds,
+                              _chunk_extras(extras, (r0, r1, rows), name), base, experts, numel, r0 * (numel // rows))
             piece = _to_dtype(piece, dtype)
             if out is None:
                 out = torch.empty((rows, *piece.shape[1:]), dtype=piece.dtype)
@@ -208,8 +218,11 @@ class MergeEngine:
                     "re-export it or pick another expert")
             self._checked.add((model, name))
 
-    # ---- magnitude thresholds for layer / model trim scopes --------------------
-    def _thresholds_for(self, name, info, settings, resolver, params) -> dict[str, float]:
+    # ---- magnitude thresholds for chunked tensors and layer / model trim scopes -------------
+    def _thresholds_for(self, name, info, settings, resolver, params) -> dict[str, tuple[float, list[int]]]:
+        """expert → (cut, tie quota of each row chunk of this tensor) where the top-k spans more than one
+        job: a layer or the model (trim scope), or a tensor merged in row chunks. Empty otherwise (the
+        kernel takes its exact top-k over the whole tensor)."""
         scope = settings.trim_scope()
         if not info.droppable or settings.method.trim_scope_param is None:
             return {}
@@ -222,16 +235,24 @@ class MergeEngine:
             key = (expert, group, round(density, 12))
             if key not in self._thresholds:
                 self._thresholds[key] = self._scope_threshold(expert, group, scope, density)
-            out[expert] = self._thresholds[key]
+            cut, quotas = self._thresholds[key]
+            out[expert] = (cut, quotas[name])
         return out
 
-    def _scope_threshold(self, expert: str, group: str, scope: str, density: float) -> float:
+    def _scope_threshold(self, expert: str, group: str, scope: str,
+                         density: float) -> tuple[float, dict[str, list[int]]]:
+        """The exact top-k over the scope's droppable tensors: the cut, and each tensor's (each row chunk's)
+        share of the entries tied at it, handed out in the layout's tensor order and row order — so the
+        scope keeps round(density · entries) exactly, and a chunked tensor what it keeps merged whole."""
         layout = self.experts.layout
         names = [n for n, i in layout.tensors.items() if i.droppable and (
             scope == "model" or (scope == "layer" and i.layer == group) or n == group)]
         total = sum(math.prod(layout[n].shape) for n in names)
         k = int(round(density * total))
-        return kernels.streaming_kth_largest(lambda: self._delta_chunks(expert, names), k)
+        top = kernels.streaming_topk(lambda: self._delta_chunks(expert, names), k)
+        shares = iter(kernels.share_ties(top.tied, top.ties) if top.tied else [])
+        quotas = {n: [next(shares, 0) for _ in range(_chunk_count(layout[n]))] for n in names}
+        return top.cut, quotas
 
     def _delta_chunks(self, expert: str, names: list[str]) -> Iterator[torch.Tensor]:
         """Δ of ``expert`` for each tensor in ``names``, tensors over 64 MB in row chunks (bounded memory)."""
@@ -241,8 +262,7 @@ class MergeEngine:
             if not _is_chunked(info):
                 yield self.experts.delta(expert, n)
                 continue
-            rows = info.shape[0]
-            chunk_rows = max(1, CHUNK_BYTES // max(4 * math.prod(info.shape[1:]), 1))
+            rows, chunk_rows = info.shape[0], _chunk_rows(info)
             for r0 in range(0, rows, chunk_rows):
                 r1 = min(rows, r0 + chunk_rows)
                 yield source.source.get_rows(source.body_key(n), r0, r1).float() - \
@@ -265,26 +285,39 @@ def _is_chunked(info: TensorInfo) -> bool:
     return len(info.shape) >= 2 and 4 * math.prod(info.shape) > CHUNK_BYTES
 
 
+def _chunk_rows(info: TensorInfo) -> int:
+    """Rows per chunk of a tensor merged in row chunks (float32 rows filling at most ``CHUNK_BYTES``)."""
+    return max(1, CHUNK_BYTES // max(4 * math.prod(info.shape[1:]), 1))
+
+
+def _chunk_count(info: TensorInfo) -> int:
+    """Jobs a tensor takes when chunked: the layout every tie quota is handed out over."""
+    return math.ceil(info.shape[0] / _chunk_rows(info)) if _is_chunked(info) else 1
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor's entry of a :class:`PerTensor` input, until the job (whole tensor or row chunk) is known."""
+
+    declared: PerTensor
+    value: Any
+
+
 def _tensor_extras(extras: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """Method inputs that concern this tensor: entries keyed by tensor name are narrowed to it."""
+    """Method inputs for this tensor: each :class:`PerTensor` input narrowed to its entry; others as given."""
+    return {key: _Entry(value, value.for_tensor(name)) if isinstance(value, PerTensor) else value
+            for key, value in extras.items()}
+
+
+def _chunk_extras(extras: dict[str, Any], rows: tuple[int, int, int] | None, name: str = "") -> dict[str, Any]:
+    """The inputs a job sees: :class:`PerTensor` entries cut to rows ``r0:r1`` of ``rows`` along their
+    declared row axis (``rows=None``: the whole tensor)."""
     out = {}
     for key, value in extras.items():
-        if isinstance(value, Mapping) and key.startswith("per_tensor:"):
-            out[key] = value.get(name)
-        else:
-            out[key] = value
+        if isinstance(value, _Entry):
+            value = value.value if rows is None else value.declared.narrow(value.value, *rows, tensor=name)
+        out[key] = value
     return out
-
-
-def _chunk_extras(extras: dict[str, Any], r0: int, r1: int, rows: int) -> dict[str, Any]:
-    """Narrow per-row method inputs (tensors whose first axis runs over the rows) to a row chunk."""
-    def narrow(value: Any) -> Any:
-        if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == rows:
-            return value[r0:r1]
-        if isinstance(value, Mapping):
-            return {k: narrow(v) for k, v in value.items()}
-        return value
-    return {k: narrow(v) for k, v in extras.items()}
 
 
 def _fingerprint(settings: MergeSettings, name: str, params, shared, thresholds, extras) -> str:
@@ -292,8 +325,11 @@ def _fingerprint(settings: MergeSettings, name: str, params, shared, thresholds,
     digest.update(json.dumps([settings.method.name, name, params, shared, settings.seed, thresholds],
                              sort_keys=True, default=str).encode())
     for key in sorted(extras):
+        value = extras[key]
+        if isinstance(value, _Entry):
+            value = [value.declared.row_axis, value.value]  # this tensor's entry and how it is cut
         digest.update(key.encode())
-        digest.update(_hash_value(extras[key]).encode())
+        digest.update(_hash_value(value).encode())
     return digest.hexdigest()
 
 

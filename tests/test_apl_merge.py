@@ -141,7 +141,14 @@ def test_magnitude_drop_keeps_top_k(setup):
     name = "encoder.layer.0.attention.self.value.weight"
     delta = only[name] - expert_set.base.get(name)
     assert int(torch.count_nonzero(delta)) == round(0.25 * delta.numel())
-    assert merged[name].shape == delta.shape
+    expected = expert_set.base.get(name).float().clone()
+    for t in expert_set.experts:  # Θ = base + Σ_t Δ_t kept at its top 25% |Δ_t| (no rescale for magnitude)
+        d = expert_set.delta(t, name).reshape(-1)
+        top = d.abs().argsort(descending=True, stable=True)[:round(0.25 * d.numel())]
+        kept = torch.zeros_like(d)
+        kept[top] = d[top]
+        expected += kept.reshape(delta.shape)
+    torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
 
 
 def test_unit_magnitude_mask_counts_per_unit():

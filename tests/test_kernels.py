@@ -78,16 +78,116 @@ def test_breadcrumbs_removes_outliers_and_small():
     assert kept.numel() == 50 and kept.max() == 90 and kept.min() == 41
 
 
-def test_della_probabilities_rise_with_magnitude_and_average_density():
-    delta = torch.randn(8, 101)
-    probs = kernels.della_keep_probabilities(delta, 0.5, 0.2)
-    row = delta[0].abs().argsort()
-    assert torch.all(probs[0][row][1:] >= probs[0][row][:-1])
-    assert abs(float(probs.mean()) - 0.5) < 1e-4
+def test_breadcrumbs_keeps_an_exact_count_with_ties():
+    # |Δ| = 4 (×3), 3 (×4), 2 (×4), 1 (×4), 0.5 (×5); n = 20, gamma 0.1 → 2 outliers, density 0.5 → keep 10
+    delta = torch.tensor([4.0, -4.0, 4.0, 3.0, 3.0, -3.0, 3.0, 2.0, 2.0, -2.0, 2.0, 1.0, 1.0, 1.0, -1.0,
+                          0.5, 0.5, 0.5, 0.5, 0.5])
+    mask = kernels.breadcrumbs_mask(delta, density=0.5, gamma=0.1)
+    # outliers: the first two 4s; kept: the third 4, the four 3s, the four 2s, the first 1
+    expected = [False, False, True, True, True, True, True, True, True, True, True, True] + [False] * 8
+    assert mask.tolist() == expected
+
+
+def test_della_probabilities_are_the_rank_formula():
+    """p = density + ε·(rank/(n − 1) − ½) per row, ranks of |Δ| from 0 (smallest) with ties by position."""
+    delta = torch.tensor([[0.3, -2.0, 0.1, 0.3, 1.0], [5.0, 4.0, -3.0, 2.0, 1.0]])
+    probs = kernels.della_keep_probabilities(delta, 0.5, 0.4)
+    ranks = torch.tensor([[1.0, 4.0, 0.0, 2.0, 3.0], [4.0, 3.0, 2.0, 1.0, 0.0]])  # by hand; the tied 0.3s: 1, 2
+    torch.testing.assert_close(probs, 0.5 + 0.4 * (ranks / 4 - 0.5), rtol=0, atol=1e-7)
+    clipped = kernels.della_keep_probabilities(delta, 0.9, 0.4)  # 0.9 + 0.2 at the top: clipped to 1
+    torch.testing.assert_close(clipped, (0.9 + 0.4 * (ranks / 4 - 0.5)).clamp(max=1.0), rtol=0, atol=1e-7)
+
+
+def test_della_probabilities_do_not_depend_on_other_rows():
+    """Ranks are taken within a row, so a row chunk's probabilities are those rows of the whole tensor's."""
+    delta = torch.randn(12, 30)
+    whole = kernels.della_keep_probabilities(delta, 0.4, 0.3)
+    assert torch.equal(kernels.della_keep_probabilities(delta[5:9], 0.4, 0.3), whole[5:9])
+
+
+def test_slerp_interior_t_is_the_closed_form():
+    generator = torch.Generator().manual_seed(2)
+    a, b = torch.randn(4, 16, generator=generator), torch.randn(4, 16, generator=generator)
+    x, y = a.reshape(-1).double(), b.reshape(-1).double()
+    theta = math.acos(float(x @ y / (x.norm() * y.norm())))
+    for t in (0.3, 0.8):
+        expected = (math.sin((1 - t) * theta) * x + math.sin(t * theta) * y) / math.sin(theta)
+        torch.testing.assert_close(kernels.slerp(a, b, t), expected.reshape(4, 16).float(), rtol=1e-5, atol=1e-6)
+    # nearly colinear: linear interpolation (the angle is too small to divide by)
+    torch.testing.assert_close(kernels.slerp(a, 2 * a, 0.3), 1.3 * a, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_no_nan_in_low_precision(dtype):
+def test_dare_in_low_precision_is_the_formula(dtype):
+    """Tiny fp16/bf16 deltas rescaled by 1/0.1: finite, and exactly Δ·1{U < 0.1}/0.1 in float32."""
     delta = (torch.randn(64, 64) * 1e-3).to(dtype).float()
     out = kernels.dare(delta, 0.9, seed=1, expert="e", name="n")
+    u = kernels.uniforms(1, "e", "n", delta.numel()).reshape(delta.shape)
+    torch.testing.assert_close(out, delta * (u < 0.1) / torch.tensor(0.1), rtol=1e-6, atol=0)
     assert torch.isfinite(out.to(dtype)).all()
+
+
+def test_ordered_sum_does_not_depend_on_position():
+    """Σ over experts in order: a row chunk sums exactly like those rows of the whole stack."""
+    stacked = torch.randn(6, 45, 40)
+    whole = kernels.ordered_sum(stacked)
+    assert torch.equal(whole, stacked[0] + stacked[1] + stacked[2] + stacked[3] + stacked[4] + stacked[5])
+    assert torch.equal(torch.cat([kernels.ordered_sum(stacked[:, r:r + 6]) for r in range(0, 45, 6)]), whole)
+
+
+def test_streaming_topk_counts_ties_and_their_quota():
+    tensors = [torch.tensor([3.0, 1.0, -1.0, 0.5]), torch.tensor([[1.0, 2.0], [-1.0, 0.0]]), torch.tensor([1.0])]
+    top = kernels.streaming_topk(lambda: iter(tensors), 4)  # |.|: 3, 2 above 1; five 1s for two places
+    assert (top.cut, top.ties, top.tied) == (1.0, 2, (2, 2, 1))
+    assert kernels.share_ties(top.tied, top.ties) == [2, 0, 0]
+    assert kernels.share_ties([1, 3, 2], 3) == [1, 2, 0]
+    zeros = kernels.streaming_topk(lambda: iter([torch.zeros(3), torch.zeros(2)]), 4)
+    assert (zeros.cut, zeros.ties, zeros.tied) == (0.0, 4, (3, 2))  # all zeros: k of them kept, like top-k
+    assert kernels.streaming_topk(lambda: iter(tensors), 0).cut == math.inf
+    assert kernels.streaming_topk(lambda: iter(tensors), 11).cut == -math.inf
+
+
+@pytest.mark.parametrize("band", [True, False], ids=["band", "histogram"])
+def test_streaming_topk_equals_the_concatenated_top_k_with_ties(band, monkeypatch):
+    """Both ways to the cut (the sampled band, and the histogram it falls back to) give the exact top-k."""
+    found = []
+    original = kernels._band_topk
+    monkeypatch.setattr(kernels, "_band_topk", lambda *args: found.append(original(*args) if band else None))
+    generator = torch.Generator().manual_seed(1)
+    tensors = [(torch.randn(400, 30, generator=generator) * s).to(torch.bfloat16).float() for s in (1e-3, 1.0)]
+    tensors.append(torch.zeros(70))
+    flat = torch.cat([t.reshape(-1) for t in tensors]).abs()
+    for k in (1, 333, 12_000, flat.numel() - 100, flat.numel() - 1):
+        top = kernels.streaming_topk(lambda: iter(tensors), k)
+        assert int((flat > top.cut).sum()) + top.ties == k
+        assert top.tied == tuple(int((t.abs() == top.cut).sum()) for t in tensors)
+        assert 0 <= top.ties <= sum(top.tied)
+        kth = float(flat.kthvalue(flat.numel() - k + 1).values)  # the k-th largest
+        assert bool((flat[flat > top.cut] >= kth).all())  # what is kept above the cut is the top
+        if top.ties:
+            assert top.cut == kth  # and ties are taken at the k-th largest value itself
+    assert all(f is not None for f in found) if band else not any(found)  # each way really was taken
+    assert any(kernels.streaming_topk(lambda: iter(tensors), k).ties for k in (333, flat.numel() - 1))
+
+
+def test_streaming_topk_on_mostly_zero_deltas():
+    """A cut among the zeros of a barely changed model: exact, with the zeros counted, not gathered."""
+    generator = torch.Generator().manual_seed(2)
+    tensors = [torch.where(torch.rand(300, 20, generator=generator) < 0.1, torch.randn(300, 20, generator=generator),
+                           torch.zeros(())) for _ in range(3)]
+    flat = torch.cat([t.reshape(-1) for t in tensors]).abs()
+    nonzero = int((flat > 0).sum())
+    for k in (nonzero - 5, nonzero, nonzero + 7, flat.numel() // 2):
+        top = kernels.streaming_topk(lambda: iter(tensors), k)
+        assert int((flat > top.cut).sum()) + top.ties == k
+        if k > nonzero:
+            assert top.cut == 0.0 and top.ties == k - nonzero
+            assert top.tied == tuple(int((t == 0).sum()) for t in tensors)
+
+
+def test_threshold_with_tie_quota_keeps_the_first_tied_entries():
+    delta = torch.tensor([[1.0, -1.0, 2.0], [1.0, 0.5, -1.0]])
+    mask = kernels.magnitude_mask(delta, 0.5, threshold=1.0, ties=2)
+    assert mask.tolist() == [[True, True, True], [False, False, False]]
+    factor = kernels.magnitude_keep_factor(delta, 0.5, threshold=1.0, ties=3)
+    assert factor.tolist() == [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]

@@ -1,5 +1,7 @@
 """Each method against its paper's formula, written independently here on small tensors."""
 
+import math
+
 import pytest
 import torch
 
@@ -116,15 +118,24 @@ def test_magnitude_has_no_rescale():
 
 def test_trim_scopes_differ_and_model_scope_keeps_the_global_fraction():
     base, experts = _models()
-    base["encoder.layer.1.attention.self.query.weight"] = torch.zeros(6, 5)
+    loud = "encoder.layer.1.attention.self.query.weight"
+    base[loud] = torch.zeros(6, 5)
     for i, e in enumerate(experts.values()):
-        e["encoder.layer.1.attention.self.query.weight"] = 100 + torch.rand(6, 5)  # a loud layer
+        e[loud] = 100 + torch.rand(6, 5)  # a loud layer
     per_tensor = merge_state_dicts(base, experts, "magnitude", drop_ratio=0.5, trim_scope="tensor")
+    per_layer = merge_state_dicts(base, experts, "magnitude", drop_ratio=0.5, trim_scope="layer")
     per_model = merge_state_dicts(base, experts, "magnitude", drop_ratio=0.5, trim_scope="model")
     quiet = NAME
-    assert (per_tensor[quiet] != base[quiet]).any()
-    # model-wide: the loud layer takes all the kept entries, the quiet one keeps (almost) none
-    assert torch.allclose(per_model[quiet], base[quiet])
+    tensor_expected = base[quiet] + sum(d * (d.abs() > d.abs().reshape(-1).kthvalue(15).values)
+                                        for d in _deltas(base, experts))
+    torch.testing.assert_close(per_tensor[quiet], tensor_expected, rtol=0, atol=1e-6)  # half of each tensor
+    # each layer holds one droppable tensor (norms are never trimmed), so layer scope keeps what tensor scope does
+    for name in (quiet, loud, NORM):
+        assert torch.equal(per_layer[name], per_tensor[name]), name
+    # model-wide: 30 of each expert's 60 droppable entries are kept, and the loud layer's 30 are the largest
+    torch.testing.assert_close(per_model[loud], base[loud] + _deltas(base, experts, loud).sum(0), rtol=0, atol=1e-4)
+    assert torch.equal(per_model[quiet], base[quiet])
+    assert torch.equal(per_model[NORM], per_tensor[NORM])
 
 
 def test_slerp_endpoints_and_two_experts_only():
@@ -137,10 +148,136 @@ def test_slerp_endpoints_and_two_experts_only():
         merge_state_dicts(*_models(3), "slerp")
 
 
-def test_della_runs_and_stays_close_to_ties_in_expectation():
+def _della_oracle(delta, density, epsilon, seed, expert, name):
+    """DELLA's MagPrune from the paper, written here: in each row, rank |Δ| from smallest (0) to largest
+    (n − 1, ties by position); keep probability p = density + ε·(rank/(n − 1) − ½), clipped to (0, 1];
+    keep where the entry's uniform U < p and rescale the kept entry by 1/p (so E[result] = Δ)."""
+    rows, cols = delta.shape
+    probs = torch.empty(rows, cols)
+    for r in range(rows):
+        order = sorted(range(cols), key=lambda c: (abs(float(delta[r, c])), c))
+        for rank, c in enumerate(order):
+            probs[r, c] = min(max(density + epsilon * (rank / (cols - 1) - 0.5), 1e-6), 1.0)
+    u = merging.methods.kernels.uniforms(seed, expert, name, rows * cols).reshape(rows, cols)
+    return torch.where(u < probs, delta / probs, torch.zeros(())), probs
+
+
+def test_della_kernel_equals_the_formula_entry_by_entry():
+    torch.manual_seed(4)
+    delta = torch.randn(7, 9)
+    for density, epsilon in ((0.5, 0.2), (0.9, 0.4), (0.3, 1.0)):  # (0.9, 0.4) clips the top ranks at 1
+        expected, _ = _della_oracle(delta, density, epsilon, 3, "e", "w")
+        got = merging.methods.kernels.della(delta, density, epsilon, seed=3, expert="e", name="w")
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+def test_della_is_unbiased_and_keeps_with_the_formula_probabilities():
+    torch.manual_seed(5)
+    delta = torch.randn(6, 11)
+    _, probs = _della_oracle(delta, 0.4, 0.3, 0, "e", "w")
+    draws = torch.stack([merging.methods.kernels.della(delta, 0.4, 0.3, seed=s, expert="e", name="w")
+                         for s in range(600)])
+    # E[Δ·1{U<p}/p] = Δ: the seed average converges to Δ (std error ≈ |Δ|·sqrt((1−p)/p/600) ≈ 0.05|Δ|);
+    # without the 1/p rescale it would converge to p·Δ, about 0.4·Δ
+    assert (draws.mean(0) - delta).abs().mean() < 0.1 * delta.abs().mean()
+    # each entry is kept at its own rank's rate (binomial std over 600 draws ≤ 0.02)
+    assert ((draws != 0).float().mean(0) - probs).abs().max() < 0.08
+
+
+def test_della_method_formula():
+    """Θ = base + λ Σ_t w_t d_t a_t / Σ_t w_t a_t, d_t = MagPrune(Δ_t), a_t: sign of d_t agrees with sign Σ w_t d_t."""
     base, experts = _models()
-    out = merge_state_dicts(base, experts, "della", drop_ratio=0.5, epsilon=0.2, seed=1)
-    assert torch.isfinite(out[NAME]).all() and not torch.allclose(out[NAME], base[NAME])
+    weights = {"e0": 1.0, "e1": 0.5, "e2": 2.0}
+    out = merge_state_dicts(base, experts, "della", drop_ratio=0.4, epsilon=0.3, seed=2, **{"lambda": 0.8},
+                            expert_params={e: {"weight": w} for e, w in weights.items()})
+    pruned = torch.stack([_della_oracle(e[NAME] - base[NAME], 0.6, 0.3, 2, name, NAME)[0] * weights[name]
+                          for name, e in experts.items()])
+    w = torch.tensor(list(weights.values())).reshape(-1, 1, 1)
+    sign = torch.sign(pruned.sum(0))
+    sign[sign == 0] = 1
+    agree = (torch.sign(pruned) == sign).float()
+    divisor = (w * agree).sum(0)
+    divisor[divisor.abs() < 1e-12] = 1
+    expected = base[NAME] + 0.8 * (pruned * agree).sum(0) / divisor
+    torch.testing.assert_close(out[NAME], expected, rtol=1e-5, atol=1e-6)
+
+
+def _slerp_oracle(a, b, t):
+    """Closed-form slerp of the flattened tensors: sin((1−t)θ)/sin θ · a + sin(tθ)/sin θ · b,
+    θ the angle between a and b."""
+    x, y = a.reshape(-1).double(), b.reshape(-1).double()
+    theta = math.acos(float(x @ y / (x.norm() * y.norm())))
+    return ((math.sin((1 - t) * theta) * x + math.sin(t * theta) * y) / math.sin(theta)).reshape(a.shape).float()
+
+
+def test_slerp_interior_t_is_the_closed_form():
+    base, experts = _models(2)
+    out = merge_state_dicts(base, experts, "slerp", t=0.3)
+    a, b = experts["e0"], experts["e1"]
+    torch.testing.assert_close(out[NAME], _slerp_oracle(a[NAME], b[NAME], 0.3), rtol=1e-5, atol=1e-6)
+    assert (out[NAME] - _slerp_oracle(a[NAME], b[NAME], 0.5)).abs().max() > 1e-2  # 0.3 is not the midpoint
+
+
+def test_slerp_per_layer_t():
+    base, experts = _models(2)
+    name1 = "encoder.layer.1.attention.self.query.weight"
+    base[name1] = torch.zeros(6, 5)
+    for i, e in enumerate(experts.values()):
+        e[name1] = torch.randn(6, 5, generator=torch.Generator().manual_seed(i))
+    out = merge_state_dicts(base, experts, "slerp", t={"0": 0.3, "1": 0.8})
+    a, b = experts["e0"], experts["e1"]
+    for name, t in ((NAME, 0.3), (NORM, 0.3), (name1, 0.8)):
+        torch.testing.assert_close(out[name], _slerp_oracle(a[name], b[name], t), rtol=1e-5, atol=1e-6)
+
+
+def _pipeline_oracle(base, experts, weights, drop, seed, consensus, lam=1.0):
+    """DARE (+ TIES) from the formula: d_t = w_t Δ_t 1{U_t < q}/q; with consensus keep the d_t whose sign
+    agrees with sign Σ d_t, unnormalised; Θ = base + λ Σ."""
+    keep = 1.0 - drop
+    stacked = []
+    for name, e in experts.items():
+        u = merging.methods.kernels.uniforms(seed, name, NAME, e[NAME].numel()).reshape(e[NAME].shape)
+        stacked.append(weights[name] * (e[NAME] - base[NAME]) * (u < keep) / keep)
+    stacked = torch.stack(stacked)
+    if consensus:
+        sign = torch.sign(stacked.sum(0))
+        sign[sign == 0] = 1
+        stacked = stacked * (torch.sign(stacked) == sign)
+    return base[NAME] + lam * stacked.sum(0)
+
+
+@pytest.mark.parametrize("method, consensus", [("dare_linear", False), ("dare_ties", True)])
+def test_four_and_five_experts_follow_the_same_formula(method, consensus, monkeypatch):
+    """Up to 4 experts the pipeline merges in place; above, it reduces a stack (Pipeline._stacked)."""
+    from merging.methods import classic
+
+    stacked_calls = []
+    original = classic.Pipeline._stacked
+    monkeypatch.setattr(classic.Pipeline, "_stacked", lambda self, job: stacked_calls.append(job.name) or original(
+        self, job))
+    base, experts = _models(5, seed=8)
+    weights = {f"e{i}": 0.5 + 0.25 * i for i in range(5)}
+    for n in (4, 5):
+        chosen = dict(list(experts.items())[:n])
+        stacked_calls.clear()
+        out = merge_state_dicts(base, chosen, method, drop_ratio=0.3, seed=6, **{"lambda": 0.7},
+                                expert_params={e: {"weight": weights[e]} for e in chosen})
+        expected = _pipeline_oracle(base, chosen, weights, 0.3, 6, consensus, 0.7)
+        torch.testing.assert_close(out[NAME], expected, rtol=1e-5, atol=1e-6)
+        assert bool(stacked_calls) == (n == 5)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude",
+                                    "della"])
+def test_a_fifth_expert_at_weight_zero_changes_nothing(method):
+    """5 experts (stacked path) with the fifth at weight 0 equal the first 4 (in-place path) bit for bit."""
+    base, experts = _models(5, seed=9)
+    weights = {"e0": 1.0, "e1": 0.5, "e2": 1.5, "e3": 0.75, "e4": 0.0}
+    four = merge_state_dicts(base, dict(list(experts.items())[:4]), method, seed=1,
+                             expert_params={e: {"weight": w} for e, w in weights.items() if e != "e4"})
+    five = merge_state_dicts(base, experts, method, seed=1, expert_params={e: {"weight": w} for e, w in weights.items()})
+    for name in four:
+        assert torch.equal(four[name], five[name]), (method, name)
 
 
 def test_per_layer_values_list_and_map():

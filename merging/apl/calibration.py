@@ -31,11 +31,12 @@ from scipy.stats import rankdata
 from ..errors import MergeLabError
 from ..io.experts import ExpertSet
 from ..io.layout import ROLE_MERGE, Layout
+from ..methods.base import PerTensor
 from .importance import ImportanceMap
 
 DEFAULTS = {"drop_ratio": 0.5, "tau1": 2.0, "tau2": 2.0, "q_min": 0.01, "lambda": 1.0}
 WITHIN_LAYER = ("uniform", "hidden")
-UNIT_EXTRAS = "per_tensor:apl_unit_percentiles"
+UNIT_EXTRAS = "apl_unit_percentiles"
 TOLERANCE = 1e-12
 
 
@@ -164,8 +165,11 @@ class CalibrationTable:
     def to_expert_params(self) -> dict[str, dict[str, dict[str, float]]]:
         return {t: {"drop_ratio": dict(self.drop[t]), "weight": dict(self.weight[t])} for t in self.experts}
 
-    def extras(self) -> dict[str, dict]:
-        """Engine extras: ``{UNIT_EXTRAS: {tensor: {expert: percentiles [1, units]}}}`` (empty if uniform)."""
+    def extras(self) -> dict[str, PerTensor]:
+        """Engine extras: ``{UNIT_EXTRAS: PerTensor({tensor: {expert: percentiles [1, units]}})}`` (empty if
+        uniform). Declared ``row_axis=None``: every unit's keep rate depends on all the matrix's
+        percentiles (they are centred on the layer's rate), so a row chunk needs them whole and cuts the
+        rates it computes to its rows (``TensorJob.row_range``)."""
         if not self.unit_percentiles:
             return {}
         per_tensor: dict[str, dict[str, torch.Tensor]] = {}
@@ -173,7 +177,7 @@ class CalibrationTable:
             for module, pct in modules.items():
                 for name in self.module_tensors[module]:
                     per_tensor.setdefault(name, {})[expert] = torch.tensor(pct, dtype=torch.float64).reshape(1, -1)
-        return {UNIT_EXTRAS: per_tensor}
+        return {UNIT_EXTRAS: PerTensor(per_tensor, row_axis=None)}
 
     def unit_keep(self, expert: str, module: str, layer: str) -> np.ndarray:
         """Per-unit keep rates of one matrix at the table's drop ratio for its layer."""

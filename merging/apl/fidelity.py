@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
-from scipy.stats import spearmanr
+from scipy.stats import rankdata
 
 from ..errors import MergeLabError
 from ..io.experts import ExpertSet
@@ -30,14 +30,32 @@ Progress = Callable[[float, str], None]
 RANK_LEVELS = ("module", "layer")
 
 
-def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman ρ of |a| and |b| over entries not both zero; NaN when undefined (< 3 entries or constant)."""
-    a, b = np.abs(np.asarray(a, float)), np.abs(np.asarray(b, float))
-    keep = np.isfinite(a) & np.isfinite(b) & ~((a == 0) & (b == 0))
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman ρ of ``a`` and ``b``: the Pearson correlation of their ranks, tied values sharing their
+    average rank (so a tie counts as a tie, not as an order picked by position).
+
+    Pairs where either value is NaN or ±Inf are left out (an unmeasured entry says nothing about the
+    ranking). NaN when ρ is undefined: fewer than 3 pairs remain, or either side is constant (every rank
+    equal: no ordering to correlate) — callers show NaN as "not measured", never as 0.
+    """
+    a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
+    if a.shape != b.shape:
+        raise MergeLabError(f"Spearman needs two equally long sequences, got {a.size} and {b.size} values")
+    keep = np.isfinite(a) & np.isfinite(b)
     a, b = a[keep], b[keep]
     if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
-    return float(spearmanr(a, b).statistic)
+    ra, rb = rankdata(a), rankdata(b)  # average ranks for ties
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / np.sqrt((ra @ ra) * (rb @ rb)))
+
+
+def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
+    """:func:`spearman` of |a| and |b| over entries not both zero (importance scores: the sign is the
+    direction of the effect, not its size; partitions both modes score 0 are unchanged ones)."""
+    a, b = np.abs(np.asarray(a, float)), np.abs(np.asarray(b, float))
+    keep = ~((a == 0) & (b == 0))
+    return spearman(a[keep], b[keep])
 
 
 def compare_maps(exact: ImportanceMap, gradient: ImportanceMap) -> dict[str, dict[str, float]]:

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import MergeLabError
 from ..io.experts import ExpertSet
+from ..methods.base import PerTensor
 from .taskloss import (
     MAX_LENGTH,
     Example,
@@ -29,7 +30,7 @@ from .taskloss import (
     recipe_fewshot,
 )
 
-FISHER_EXTRAS = "per_tensor:fisher"
+FISHER_EXTRAS = "fisher"
 Progress = Callable[[float, str], None]
 
 
@@ -63,13 +64,16 @@ class FisherResult:
     n_examples: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def extras(self) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-        """Engine extras for the ``fisher`` method: ``{FISHER_EXTRAS: {tensor: {expert: F}}}``."""
+    def extras(self) -> dict[str, PerTensor]:
+        """Engine extras for the ``fisher`` method: ``{FISHER_EXTRAS: PerTensor({tensor: {expert: F}})}``.
+
+        A diagonal has its tensor's shape, so its rows are the tensor's rows (``row_axis=0``): a tensor
+        merged in row chunks gets each chunk's rows of every expert's F."""
         per_tensor: dict[str, dict[str, torch.Tensor]] = {}
         for expert, tensors in self.diagonals.items():
             for name, value in tensors.items():
                 per_tensor.setdefault(name, {})[expert] = value
-        return {FISHER_EXTRAS: per_tensor}
+        return {FISHER_EXTRAS: PerTensor(per_tensor, row_axis=0)}
 
 
 def compute_fisher(expert_set: ExpertSet, examples: Mapping[str, Sequence[Example]] | None, tokenizer, *,

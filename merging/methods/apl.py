@@ -64,9 +64,9 @@ def _apl_kernel(job: TensorJob) -> torch.Tensor:
         weighted.append(delta * float(p["weight"]))
     stacked = torch.stack(weighted)
     if job.shared.get("sign_election") and droppable:
-        mixed = (stacked * kernels.agreement_mask(stacked, kernels.elect_sign(stacked))).sum(0)
+        mixed = kernels.ordered_sum(stacked * kernels.agreement_mask(stacked, kernels.elect_sign(stacked)))
     else:
-        mixed = stacked.sum(0)
+        mixed = kernels.ordered_sum(stacked)  # in expert order, so row chunks sum like the whole tensor
     return job.base.float() + float(job.shared.get("lambda", 1.0)) * mixed
 
 
@@ -98,11 +98,9 @@ def _unit_keep(profile: torch.Tensor | None, layer_keep: float, job: TensorJob, 
                            float(job.shared["tau1"]), float(job.shared["q_min"]))
     keep_t = torch.from_numpy(np.asarray(keep, dtype=np.float32))
     axis = job.info.unit_axis
-    full_shape = job.info.shape
-    if axis == 0 and len(full_shape) >= 2 and job.numel != int(np.prod(job.base.shape)):
-        row = job.numel // full_shape[0]
-        first = job.start // row
-        keep_t = keep_t[first:first + job.base.shape[0]]
+    if axis == 0:  # units are rows: a row chunk keeps its rows' rates (the profile came whole, row_axis=None)
+        r0, r1 = job.row_range()
+        keep_t = keep_t[r0:r1]
     shape = [1] * job.base.dim()
     shape[axis] = keep_t.numel()
     return keep_t.reshape(shape)
@@ -116,6 +114,13 @@ def unit_magnitude_mask(delta: torch.Tensor, keep: torch.Tensor, unit_axis: int)
     rank = (-rows.abs()).argsort(dim=1, stable=True).argsort(dim=1)
     mask = rank < k.unsqueeze(1)
     return mask.reshape(moved.shape).movedim(0, unit_axis)
+
+
+def _apl_row_separable(shared: Mapping[str, Any]) -> bool:
+    """The random drop is located by flat index and the unit rates cut to a chunk's rows, so row chunks
+    merge exactly; a magnitude drop takes its top-k over the whole tensor (or over a unit's column when
+    units run along axis 1), so the engine merges those whole."""
+    return shared.get("drop", "random") != "magnitude"
 
 
 def prepare_apl(expert_set, examples: Mapping[str, Sequence] | None = None, tokenizer=None, *,
@@ -165,4 +170,5 @@ register(MethodSpec(
     "drop and weighted sum.",
     (WEIGHT, LAMBDA, MEAN_DROP, TAU1, TAU2, Q_MIN, WITHIN, DROP_KIND, SIGN), _apl_kernel,
     needs=frozenset({NEEDS_BASE, NEEDS_FEW_SHOT, NEEDS_IMPORTANCE}), prepare=prepare_apl,
+    row_separable=_apl_row_separable,
 ))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Union
 
 import torch
 
@@ -23,6 +23,55 @@ NEEDS_FEW_SHOT = "few_shot"  # task examples for each expert (Fisher, APL)
 NEEDS_IMPORTANCE = "importance"
 
 
+@dataclass(frozen=True)
+class PerTensor:
+    """A method input that travels with the tensors: ``values[tensor name]`` is a tensor or a mapping
+    (e.g. per expert) of tensors belonging to that tensor alone.
+
+    The engine hands a kernel only its tensor's entry (``job.extras[key]``, None where there is none)
+    and, when it merges the tensor in row chunks, narrows every tensor of the entry to the chunk's rows
+    along ``row_axis``: the axis of the input that runs over the merged tensor's rows (axis 0). A Fisher
+    diagonal has the merged tensor's shape, so ``row_axis=0``. ``row_axis=None`` says the input is a
+    whole-tensor statistic the kernel needs in full even for a chunk (APL's unit percentiles: every
+    unit's keep rate depends on all of them); the kernel then locates the chunk with
+    :meth:`TensorJob.row_range`. Declared, because guessing "a first axis as long as the row count is
+    per row" mistakes any input that happens to be that long.
+    """
+
+    values: Mapping[str, Union[torch.Tensor, Mapping[str, torch.Tensor]]]
+    row_axis: int | None = 0
+
+    def for_tensor(self, name: str) -> Any:
+        """The entry of tensor ``name`` (None if the input has none)."""
+        return self.values.get(name)
+
+    def narrow(self, value: Any, r0: int, r1: int, rows: int, tensor: str = "") -> Any:
+        """``value`` (an entry of :meth:`for_tensor`) cut to rows ``r0:r1`` of a tensor of ``rows`` rows."""
+        if self.row_axis is None or value is None:
+            return value
+        if isinstance(value, Mapping):
+            return {k: self.narrow(v, r0, r1, rows, tensor) for k, v in value.items()}
+        if not torch.is_tensor(value) or value.dim() <= self.row_axis or value.shape[self.row_axis] != rows:
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise MergeLabError(f"a per-tensor method input for '{tensor}' has shape {shape}, but it declares axis "
+                                f"{self.row_axis} as the tensor's {rows} rows: give it the tensor's rows along "
+                                "that axis, or declare row_axis=None if the kernel needs it whole")
+        return value.narrow(self.row_axis, r0, r1 - r0)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A magnitude cut for one job, from a whole-tensor (or layer- or model-wide) top-k: keep the entries
+    with |Δ| > ``cut`` and the first ``ties`` entries (lowest flat index first) with |Δ| == ``cut``.
+
+    The tie quota makes the kept count exact where a bare cut keeps only the entries strictly above it
+    (fp16/bf16 deltas tie by the thousand): the engine splits the ties to keep over the row chunks and
+    tensors of the scope in order, so a chunked merge keeps what the whole-tensor top-k keeps."""
+
+    cut: float
+    ties: int = 0
+
+
 @dataclass
 class TensorJob:
     """Everything needed to merge one tensor (or one row chunk of it).
@@ -30,8 +79,10 @@ class TensorJob:
     ``params[expert]`` are that expert's parameter values resolved at this tensor's layer;
     ``shared`` the values resolved without an expert. ``numel``/``start`` locate a row chunk
     inside the full tensor so random masks match a whole-tensor merge. ``thresholds[expert]``
-    is a magnitude threshold precomputed for a layer- or model-wide trim scope.
-    ``extras`` carries method-specific inputs (per-unit keep rates, Fisher diagonals…).
+    is the :class:`Threshold` of a magnitude top-k taken over more than this job sees (a chunked
+    tensor, or a layer- or model-wide trim scope).
+    ``extras`` carries method-specific inputs (per-unit keep rates, Fisher diagonals…), each
+    :class:`PerTensor` input already narrowed to this tensor (and chunk).
     """
 
     name: str
@@ -43,12 +94,20 @@ class TensorJob:
     seed: int
     numel: int
     start: int = 0
-    thresholds: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, Threshold] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
     def deltas(self) -> dict[str, torch.Tensor]:
         base = self.base.float()
         return {name: t.float() - base for name, t in self.experts.items()}
+
+    def row_range(self) -> tuple[int, int]:
+        """Rows ``(r0, r1)`` of the whole tensor this job merges (``(0, rows)`` unless a row chunk)."""
+        if self.base.dim() < 2 or self.numel == self.base.numel():
+            return 0, (self.base.shape[0] if self.base.dim() else 1)
+        row = self.numel // self.info.shape[0]
+        first = self.start // row
+        return first, first + self.base.shape[0]
 
 
 Kernel = Callable[[TensorJob], torch.Tensor]
@@ -72,12 +131,24 @@ class MethodSpec:
     trim_scope_param: str | None = None
     #: prepares method-specific inputs before merging (e.g. Fisher diagonals, APL calibration)
     prepare: Callable[..., dict[str, Any]] | None = None
+    #: part of the contract with the engine, which merges tensors over ``CHUNK_BYTES`` in row chunks:
+    #: True when a chunk of rows merged alone equals those rows of the whole-tensor merge (given the
+    #: engine's whole-tensor magnitude thresholds and narrowed :class:`PerTensor` inputs). A method
+    #: that is not (an angle over the whole tensor, a top-k it takes itself) is merged whole, costing
+    #: memory on large tensors but never correctness; a function of the shared parameters where it
+    #: depends on a choice. False by default, so a new method is correct before it is fast.
+    row_separable: bool | Callable[[Mapping[str, Any]], bool] = False
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:
             if spec.name == name:
                 return spec
         raise KeyError(name)
+
+    def is_row_separable(self, shared: Mapping[str, Any]) -> bool:
+        """:attr:`row_separable` at these shared parameter values."""
+        declared = self.row_separable
+        return bool(declared(shared) if callable(declared) else declared)
 
     def param_names(self) -> list[str]:
         return [p.name for p in self.params]

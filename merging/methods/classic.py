@@ -6,6 +6,15 @@ is elected and only agreeing entries kept, the deltas are weighted (and optional
 normalised by the summed weights of what was kept), and λ times the result is added to
 the base. Norm tensors are never dropped (docs/ARCHITECTURE.md, Layout): they skip sparsify and consensus.
 SLERP interpolates two experts' weights directly.
+
+Row chunks (``MethodSpec.row_separable``): every pipeline works entry by entry or row by row
+(DARE's uniforms are located by flat index, DELLA ranks within rows, TIES elects signs per
+entry) except for its magnitude top-k, which the engine takes over the whole tensor first and
+hands each chunk as a cut plus a tie quota — so these merge in chunks exactly. Two do not:
+SLERP's angle is one number over the whole tensor, and breadcrumbs takes two top-k cuts with
+their own ties at both ends. Both are declared non-separable and merged whole: exact for the
+price of one tensor's memory, where precomputing breadcrumbs' cuts would need a second
+tie-quota protocol (for the outliers removed) for a method rarely run on such tensors.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from ..params import PER_LAYER, SHARED, ParamSpec
 from . import kernels
 from .base import MethodSpec, TensorJob, register
 
-_IN_PLACE_MAX_EXPERTS = 4  # above this, Pipeline reduces a stack (keeps torch's summation order)
+_IN_PLACE_MAX_EXPERTS = 4  # above this, Pipeline reduces a stack of the deltas (the reference form)
 _EXACT_IN_FLOAT32 = (torch.float32, torch.float16, torch.bfloat16)  # subtracted from float32 without .float()
 
 WEIGHT = ParamSpec("weight", "float", 1.0, "Weight of the expert's delta (per expert, per layer).",
@@ -55,9 +64,8 @@ class Pipeline:
         if len(job.experts) > _IN_PLACE_MAX_EXPERTS:
             return self._stacked(job)
         # The same arithmetic as _stacked, expert by expert and in place: no [T, ...] stack, no copies of
-        # float32 inputs. For up to 4 experts torch's sum over the stacked axis adds the rows in order
-        # (SumKernel: sequential below 16 rows, 4-way interleaved partials from 5 rows), so results match
-        # _stacked value for value (a sum of all -0.0 gives -0.0 here, +0.0 there).
+        # float32 inputs. Both add the experts in order (kernels.ordered_sum), so results match _stacked
+        # value for value at any expert count.
         base = job.base.float()
         droppable = job.info.droppable
         consensus = self.consensus and droppable
@@ -128,11 +136,11 @@ class Pipeline:
         weight_t = torch.tensor(weights).reshape(-1, *([1] * (stacked.dim() - 1)))
         if self.consensus and droppable:
             agree = kernels.agreement_mask(stacked, kernels.elect_sign(stacked))
-            mixed = (stacked * agree).sum(0)
-            divisor = (weight_t * agree).sum(0)
+            mixed = kernels.ordered_sum(stacked * agree)
+            divisor = kernels.ordered_sum(weight_t * agree)
         else:
-            mixed = stacked.sum(0)
-            divisor = weight_t.sum(0).expand_as(mixed)
+            mixed = kernels.ordered_sum(stacked)
+            divisor = kernels.ordered_sum(weight_t).expand_as(mixed)
         if self.always_normalize or job.shared.get("normalize", False):
             divisor = torch.where(divisor.abs() < 1e-12, torch.ones_like(divisor), divisor)
             mixed = mixed / divisor
@@ -145,9 +153,11 @@ class Pipeline:
         drop = float(p["drop_ratio"])
         density = 1.0 - drop
         if self.sparsify == "magnitude":
+            given = job.thresholds.get(expert)  # the engine's top-k over a scope wider than this job
+            cut, ties = (given.cut, given.ties) if given is not None else (None, 0)
             if inplace:
-                return delta.mul_(kernels.magnitude_keep_factor(delta, density, job.thresholds.get(expert)))
-            return delta * kernels.magnitude_mask(delta, density, job.thresholds.get(expert))
+                return delta.mul_(kernels.magnitude_keep_factor(delta, density, cut, ties))
+            return delta * kernels.magnitude_mask(delta, density, cut, ties)
         if self.sparsify == "random":
             return kernels.dare(delta, drop, seed=job.seed, expert=expert, name=job.name,
                                 rescale=bool(p.get("rescale", True)), numel=job.numel, start=job.start,
@@ -170,46 +180,49 @@ def _slerp_kernel(job: TensorJob) -> torch.Tensor:
 register(MethodSpec(
     "linear", "Linear average", "https://arxiv.org/abs/2203.05482",
     "Weighted average of the experts' weights (model soup).",
-    (WEIGHT,), Pipeline("none", False, always_normalize=True), mergekit_name="linear",
+    (WEIGHT,), Pipeline("none", False, always_normalize=True), mergekit_name="linear", row_separable=True,
 ))
 register(MethodSpec(
     "task_arithmetic", "Task arithmetic", "https://arxiv.org/abs/2212.04089",
     "Base plus λ times the weighted sum of task vectors.",
-    (WEIGHT, LAMBDA), Pipeline("none", False), mergekit_name="task_arithmetic",
+    (WEIGHT, LAMBDA), Pipeline("none", False), mergekit_name="task_arithmetic", row_separable=True,
 ))
 register(MethodSpec(
     "ties", "TIES", "https://arxiv.org/abs/2306.01708",
     "Trim each delta to its largest entries, elect a sign per entry, average the agreeing entries.",
     (WEIGHT, LAMBDA, DROP, TRIM_SCOPE, _normalize(True)), Pipeline("magnitude", True),
-    mergekit_name="ties", trim_scope_param="trim_scope",
+    mergekit_name="ties", trim_scope_param="trim_scope", row_separable=True,
 ))
 register(MethodSpec(
     "dare_linear", "DARE (linear)", "https://arxiv.org/abs/2311.03099",
     "Randomly drop delta entries and rescale the rest, then add like task arithmetic.",
-    (WEIGHT, LAMBDA, DROP, RESCALE), Pipeline("random", False), mergekit_name="dare_linear",
+    (WEIGHT, LAMBDA, DROP, RESCALE), Pipeline("random", False), mergekit_name="dare_linear", row_separable=True,
 ))
 register(MethodSpec(
     "dare_ties", "DARE + TIES", "https://arxiv.org/abs/2311.03099",
     "DARE's random drop and rescale, then TIES sign election.",
     (WEIGHT, LAMBDA, DROP, RESCALE, _normalize(False)), Pipeline("random", True), mergekit_name="dare_ties",
+    row_separable=True,
 ))
 register(MethodSpec(
     "magnitude", "Magnitude pruning", "https://arxiv.org/abs/2306.01708",
     "Keep each delta's largest entries (no rescale), then add like task arithmetic.",
     (WEIGHT, LAMBDA, DROP, TRIM_SCOPE), Pipeline("magnitude", False), trim_scope_param="trim_scope",
+    row_separable=True,
 ))
 register(MethodSpec(
     "breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795",
     "Drop both the largest outliers and the smallest entries of each delta, then add.",
-    (WEIGHT, LAMBDA, DROP, GAMMA), Pipeline("breadcrumbs", False), mergekit_name="breadcrumbs",
+    (WEIGHT, LAMBDA, DROP, GAMMA), Pipeline("breadcrumbs", False), mergekit_name="breadcrumbs", row_separable=False,
 ))
 register(MethodSpec(
     "della", "DELLA", "https://arxiv.org/abs/2406.11617",
     "Drop entries with probability falling with their magnitude rank, rescale, elect signs, average.",
     (WEIGHT, LAMBDA, DROP, EPSILON, _normalize(True)), Pipeline("della", True), mergekit_name="della",
+    row_separable=True,
 ))
 register(MethodSpec(
     "slerp", "SLERP", "https://en.wikipedia.org/wiki/Slerp",
     "Spherical interpolation between two experts' weights.",
-    (T_PARAM,), _slerp_kernel, min_experts=2, max_experts=2, mergekit_name="slerp",
+    (T_PARAM,), _slerp_kernel, min_experts=2, max_experts=2, mergekit_name="slerp", row_separable=False,
 ))

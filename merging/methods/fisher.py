@@ -46,5 +46,5 @@ register(MethodSpec(
     "fisher", "Fisher-weighted", FISHER_URL,
     "Average the task vectors entry by entry, weighted by each expert's diagonal Fisher on its few-shot data.",
     (WEIGHT, LAMBDA, EPSILON), _fisher_kernel, needs=frozenset({NEEDS_BASE, NEEDS_FEW_SHOT}),
-    prepare=prepare_fisher,
+    prepare=prepare_fisher, row_separable=True,  # entry by entry, with the diagonals cut to the chunk's rows
 ))

@@ -15,6 +15,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -184,47 +185,52 @@ def _kth_smallest_in_band(flat: torch.Tensor, j: int) -> float | None:
     return float(torch.kthvalue(band, j - below).values)
 
 
-def magnitude_mask(delta: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
+def magnitude_mask(delta: torch.Tensor, density: float, threshold: float | None = None,
+                   ties: int = 0) -> torch.Tensor:
     """Keep the ``density`` fraction of entries with the largest |Δ| (top-k by k-th value, not a sort).
 
     Entries tied at the threshold are kept lowest flat index first, so the kept count is exact and the
-    choice is deterministic (fp16/bf16 deltas tie often)."""
+    choice is deterministic (fp16/bf16 deltas tie often). With a ``threshold`` taken over more than
+    ``delta`` (a row chunk, a layer, the model: :class:`~merging.methods.base.Threshold`) the entries
+    above it are kept plus the first ``ties`` entries equal to it — this job's share of the ties."""
     magnitude = delta.abs()
     if threshold is not None:
-        return magnitude > threshold
-    k = int(round(density * delta.numel()))
-    cut = kth_largest_threshold(magnitude, k)
-    mask = magnitude > cut
-    if 0 < k < delta.numel():
-        _keep_ties_in_index_order(mask, magnitude, cut, k)
+        mask = magnitude > threshold
+        need = ties
+    else:
+        k = int(round(density * delta.numel()))
+        threshold = kth_largest_threshold(magnitude, k)
+        mask = magnitude > threshold
+        need = k - int(mask.count_nonzero()) if 0 < k < delta.numel() else 0
+    if need > 0:
+        mask.view(-1)[_first_tied(magnitude, threshold, need)] = True
     return mask
 
 
-def magnitude_keep_factor(delta: torch.Tensor, density: float, threshold: float | None = None) -> torch.Tensor:
+def magnitude_keep_factor(delta: torch.Tensor, density: float, threshold: float | None = None,
+                          ties: int = 0) -> torch.Tensor:
     """:func:`magnitude_mask` as 1.0 (kept) / 0.0 in ``delta``'s dtype, built in place of the |Δ| buffer:
     ``delta * factor`` equals ``delta * magnitude_mask(...)`` without torch's bool→float copy."""
     factor = delta.abs()
     if threshold is not None:
-        return factor.gt_(threshold)
-    n = delta.numel()
-    k = int(round(density * n))
-    cut = kth_largest_threshold(factor, k)
-    factor.gt_(cut)
-    if 0 < k < n and _count_ones(factor) != k:
-        mask = factor.bool()
-        _keep_ties_in_index_order(mask, delta.abs(), cut, k)
-        factor.copy_(mask)
+        tied = _first_tied(factor, threshold, ties) if ties > 0 else None
+        factor.gt_(threshold)
+    else:
+        n = delta.numel()
+        k = int(round(density * n))
+        threshold = kth_largest_threshold(factor, k)
+        factor.gt_(threshold)
+        need = k - _count_ones(factor) if 0 < k < n else 0
+        tied = _first_tied(delta.abs(), threshold, need) if need > 0 else None
+    if tied is not None:
+        factor.view(-1)[tied] = 1.0
     return factor
 
 
-def _keep_ties_in_index_order(mask: torch.Tensor, magnitude: torch.Tensor, cut: float, k: int) -> None:
-    """Add entries equal to ``cut`` to ``mask`` (in place), lowest flat index first, until it holds k."""
-    need = k - int(mask.count_nonzero())
-    if need <= 0:
-        return
-    tied = (magnitude == cut).reshape(-1)
-    chosen = tied & (tied.cumsum(0) <= need)
-    mask.reshape(-1).logical_or_(chosen)
+def _first_tied(magnitude: torch.Tensor, cut: float, count: int) -> torch.Tensor:
+    """Flat indices of the first ``count`` entries equal to ``cut`` (lowest flat index first): the tied
+    entries a top-k keeps. An index list, not a cumulative count over every entry."""
+    return (magnitude.reshape(-1) == cut).nonzero().reshape(-1)[:count]
 
 
 def _count_ones(factor: torch.Tensor) -> int:
@@ -236,22 +242,28 @@ def _count_ones(factor: torch.Tensor) -> int:
 
 def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023): drop the top ``gamma`` outliers and the smallest entries,
-    keeping a ``density`` fraction in between."""
+    keeping a ``density`` fraction in between.
+
+    Both cuts are exact top-k masks with ties kept lowest flat index first, so the outliers are a prefix
+    of the top ``top + keep`` and exactly round(density · n) entries survive even where magnitudes tie."""
     n = delta.numel()
-    magnitude = delta.abs()
     top = int(round(gamma * n))
     keep = int(round(density * n))
-    upper = kth_largest_threshold(magnitude, top)  # entries > upper are outliers
-    lower = kth_largest_threshold(magnitude, min(n, top + keep))  # entries > lower are the top+keep largest
-    return (magnitude > lower) & ~(magnitude > upper)
+    kept = magnitude_mask(delta, min(n, top + keep) / n if n else 0.0)  # the top+keep largest
+    if top > 0:
+        kept &= ~magnitude_mask(delta, top / n)  # less the top outliers
+    return kept
 
 
 def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's MagPrune (Deep et al. 2024): per row, keep probability rises linearly with magnitude rank
-    from density − ε/2 (smallest) to density + ε/2 (largest), clipped to (0, 1]."""
+    from density − ε/2 (smallest) to density + ε/2 (largest), clipped to (0, 1].
+
+    Ranks are taken within each row (axis 0; everything else flattened), so a row chunk gets the
+    probabilities its rows get in the whole tensor: DELLA merges in row chunks unchanged."""
     matrix = delta.reshape(delta.shape[0], -1) if delta.dim() > 1 else delta.reshape(1, -1)
     cols = matrix.shape[1]
-    order = matrix.abs().argsort(dim=1)
+    order = matrix.abs().argsort(dim=1, stable=True)  # tied magnitudes ranked by index: deterministic
     ranks = torch.empty_like(order)  # the inverse permutation of each row's order, i.e. argsort(order)
     ranks.scatter_(1, order, torch.arange(cols).expand_as(order))
     ranks = ranks.float()
@@ -267,9 +279,21 @@ def della(delta: torch.Tensor, density: float, epsilon: float, *, seed: int, exp
     return delta * mask / probs
 
 
+def ordered_sum(stacked: torch.Tensor) -> torch.Tensor:
+    """Σ over axis 0, adding the rows in order (x0 + x1 + …), as a new float tensor.
+
+    Not ``stacked.sum(0)``: from 5 rows torch adds them in an order that depends on an entry's position
+    in memory, so a row chunk would not sum like the same rows of the whole tensor (1 ulp, enough to flip
+    an elected sign where deltas cancel)."""
+    total = stacked[0].float().clone()
+    for row in stacked[1:]:
+        total.add_(row)
+    return total
+
+
 def elect_sign(weighted_deltas: torch.Tensor) -> torch.Tensor:
     """TIES sign election: the sign of the summed (weighted, trimmed) deltas per entry. Input [T, ...]."""
-    return sign_of_sum(weighted_deltas.sum(dim=0))
+    return sign_of_sum(ordered_sum(weighted_deltas), inplace=True)
 
 
 def sign_of_sum(summed: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -302,31 +326,67 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torc
     return (s0 * a32 + s1 * b32).reshape(a.shape)
 
 
-def streaming_kth_largest(chunks: Callable[[], Iterable[torch.Tensor]], k: int, bins: int = 4096) -> float:
-    """Exact threshold of the k-th largest |value| over many tensors without concatenating them.
+@dataclass(frozen=True)
+class TopK:
+    """Where the k largest |values| over many tensors end: keep |value| > ``cut`` and the first ``ties``
+    entries with |value| == ``cut`` (lowest position first). ``tied[i]`` counts the entries equal to
+    ``cut`` in the i-th tensor the chunks yielded, so a caller can hand out the tie quota in order."""
 
-    Pass 1 counts values per logarithmic bin; pass 2 gathers only the bin holding the k-th
-    largest and selects inside it. ``chunks`` is called once per pass and yields tensors
-    (worked through in flat pieces of at most ``_PIECE`` entries, bounding the temporaries).
+    cut: float
+    ties: int
+    tied: tuple[int, ...]
+
+
+def streaming_kth_largest(chunks: Callable[[], Iterable[torch.Tensor]], k: int, bins: int = 4096) -> float:
+    """Threshold t of the k largest |value| over many tensors: exactly k are > t when no value ties at t
+    (:func:`streaming_topk` also says how many tied ones to keep)."""
+    return streaming_topk(chunks, k, bins).cut
+
+
+def streaming_topk(chunks: Callable[[], Iterable[torch.Tensor]], k: int, bins: int = 4096) -> TopK:
+    """Exact top-k of |value| over many tensors without concatenating them, ties included.
+
+    Pass 1 samples the magnitudes; pass 2 gathers the narrow band around the k-th largest that the
+    sample locates, counts what lies above it and selects inside it. Should the band miss, a
+    logarithmic histogram (count per bin, then gather the bin holding the k-th largest) does it in
+    two more passes. Equal values fall in the same band or bin, so the entries tied at the cut are
+    all in what was gathered: counting them per input tensor costs no extra pass. ``chunks`` is called
+    once per pass and yields tensors (worked through in flat pieces of at most ``_PIECE`` entries,
+    bounding the temporaries).
     """
-    chunks = _in_pieces(chunks)
+    owner: list[int] = []  # input tensor of each piece (filled on the first pass)
+    pieces = _in_pieces(chunks, owner)
     total = 0
     low, high = math.inf, -math.inf
-    for chunk in chunks():
-        nonzero = chunk.abs().reshape(-1)
-        nonzero = nonzero[nonzero > 0]
+    samples = []
+    for index, chunk in enumerate(pieces()):
         total += chunk.numel()
+        if chunk.numel():  # about one entry in _SAMPLE_EVERY, drawn with replacement (count rounded at random)
+            generator = torch.Generator().manual_seed(index)
+            whole, part = divmod(chunk.numel(), _SAMPLE_EVERY)
+            count = whole + int(float(torch.rand(1, generator=generator)) * _SAMPLE_EVERY < part)
+            samples.append(chunk[torch.randint(chunk.numel(), (count,), generator=generator)].abs())
+    n_inputs = (owner[-1] + 1) if owner else 0
+    none = (0,) * n_inputs
+    if k >= total:
+        return TopK(-math.inf, 0, none)
+    if k <= 0:
+        return TopK(math.inf, 0, none)
+    found = _band_topk(pieces, owner, n_inputs, torch.cat(samples), total, k)
+    if found is not None:
+        return found
+    for chunk in pieces():  # the histogram's range
+        nonzero = chunk.abs()
+        nonzero = nonzero[nonzero > 0]
         if nonzero.numel():
             low = min(low, float(nonzero.min()))
             high = max(high, float(nonzero.max()))
-    if k >= total:
-        return -math.inf
-    if k <= 0 or high == -math.inf:
-        return math.inf
+    if high == -math.inf:  # all zeros: k of them are kept, as the whole-tensor top-k keeps them
+        return TopK(0.0, k, _tied_per_input(pieces, owner, n_inputs, 0.0))
     log_low, log_high = math.log(low), math.log(high) + 1e-6
     width = (log_high - log_low) / bins
     counts = torch.zeros(bins + 1, dtype=torch.long)  # last slot: zeros
-    for chunk in chunks():
+    for chunk in pieces():
         index = _log_bin(chunk, log_low, width, bins)
         counts += torch.bincount(index, minlength=bins + 1)
     # walk from the largest bin down until k values are covered (zeros sit in slot `bins`)
@@ -337,14 +397,85 @@ def streaming_kth_largest(chunks: Callable[[], Iterable[torch.Tensor]], k: int, 
             target_bin, need = b, k - above
             break
         above += int(counts[b])
-    gathered = [c.abs().reshape(-1)[_log_bin(c, log_low, width, bins) == target_bin] for c in chunks()]
+    gathered = [c.abs().reshape(-1)[_log_bin(c, log_low, width, bins) == target_bin] for c in pieces()]
     inside = torch.cat(gathered)
-    if target_bin == bins:  # threshold falls among zeros
-        return 0.0 if need < inside.numel() else -math.inf
-    if need >= inside.numel():  # the whole bin is kept: cut just below its smallest value
+    if target_bin == bins:  # the cut falls among zeros: every nonzero kept, and `need` zeros
+        cut, ties = 0.0, need
+    elif need >= inside.numel():  # the whole bin is kept: cut just below its smallest value
         smallest = inside.min().float()
-        return float(torch.nextafter(smallest, torch.tensor(-math.inf)))
-    return kth_largest_threshold(inside, need)
+        return TopK(float(torch.nextafter(smallest, torch.tensor(-math.inf))), 0, none)
+    else:
+        cut = kth_largest_threshold(inside, need)
+        ties = need - int((inside > cut).count_nonzero())
+    tied = [0] * n_inputs
+    for piece, values in zip(owner, gathered):
+        tied[piece] += int((values == cut).count_nonzero())
+    return TopK(cut, ties, tuple(tied))
+
+
+_SAMPLE_EVERY = 256  # one magnitude in this many is sampled for locating the k-th value (a 4096² matrix: 65k)
+
+
+def _band_topk(pieces, owner: list[int], n_inputs: int, sample: torch.Tensor, total: int, k: int) -> TopK | None:
+    """:func:`streaming_topk` in one more pass: a narrow band [lo, hi] of magnitudes around the k-th
+    largest, located from the sample, is gathered (counting what lies above and below it) and selected
+    in. Entries equal to lo or hi are counted, not gathered: a band on a value held by most entries (the
+    zeros of a barely changed model) costs no memory. None when the band misses the k-th value (an
+    unlucky sample, NaN): the caller falls back to the histogram."""
+    j = total - k  # the cut is the j-th smallest magnitude (1-based); keep what is above it, and ties
+    size = sample.numel()
+    if size == 0:
+        return None
+    q = j / total
+    spread = 6.0 * math.sqrt(size * q * (1.0 - q)) + 8.0
+    lo_index, hi_index = int(q * size - spread), int(q * size + spread)
+    ordered = sample.sort().values  # a side the sample cannot bound stays open
+    lo = float(ordered[lo_index]) if lo_index >= 0 else -math.inf
+    hi = float(ordered[hi_index]) if hi_index < size else math.inf
+    below = above = 0
+    at_lo, at_hi, between = [], [], []  # per piece: count == lo, count == hi (if hi > lo), values in (lo, hi)
+    for piece in pieces():
+        magnitude = piece.abs()
+        below += int((magnitude < lo).count_nonzero())
+        above += int((magnitude > hi).count_nonzero())
+        at_lo.append(int((magnitude == lo).count_nonzero()))
+        at_hi.append(int((magnitude == hi).count_nonzero()) if hi > lo else 0)
+        between.append(magnitude[(magnitude > lo) & (magnitude < hi)])
+    values = torch.cat(between)
+    n_lo, n_hi, n_mid = sum(at_lo), sum(at_hi), values.numel()
+    if below + n_lo + n_mid + n_hi + above != total or not below < j <= below + n_lo + n_mid + n_hi:
+        return None
+    rank = j - below  # of the cut within the band
+    if rank <= n_lo:
+        cut, tied = lo, at_lo
+    elif rank > n_lo + n_mid:
+        cut, tied = hi, at_hi
+    else:
+        cut = float(torch.kthvalue(values, rank - n_lo).values)
+        tied = [int((inside == cut).count_nonzero()) for inside in between]
+    kept_above = above + (n_hi if cut < hi else 0) + int((values > cut).count_nonzero())
+    per_input = [0] * n_inputs
+    for piece, count in zip(owner, tied):
+        per_input[piece] += count
+    return TopK(cut, k - kept_above, tuple(per_input))
+
+
+def _tied_per_input(pieces, owner: list[int], n_inputs: int, cut: float) -> tuple[int, ...]:
+    tied = [0] * n_inputs
+    for piece, chunk in zip(owner, pieces()):
+        tied[piece] += int((chunk.abs() == cut).count_nonzero())
+    return tuple(tied)
+
+
+def share_ties(tied: Iterable[int], ties: int) -> list[int]:
+    """Split a quota of ``ties`` tied entries over inputs holding ``tied[i]`` of them, first inputs first
+    (lowest index first, as the whole-tensor top-k keeps them)."""
+    out = []
+    for count in tied:
+        take = min(count, ties)
+        out.append(take)
+        ties -= take
+    return out
 
 
 def _log_bin(chunk: torch.Tensor, log_low: float, width: float, bins: int) -> torch.Tensor:
@@ -356,12 +487,17 @@ def _log_bin(chunk: torch.Tensor, log_low: float, width: float, bins: int) -> to
 _PIECE = 1 << 21  # entries per piece in streaming_kth_largest (its float64 temporaries stay ~16 MB)
 
 
-def _in_pieces(chunks: Callable[[], Iterable[torch.Tensor]]) -> Callable[[], Iterable[torch.Tensor]]:
+def _in_pieces(chunks: Callable[[], Iterable[torch.Tensor]],
+               owner: list[int] | None = None) -> Callable[[], Iterable[torch.Tensor]]:
+    """``chunks`` in flat pieces of at most ``_PIECE`` entries; ``owner`` (filled on the first call) gets the
+    index of the chunk each piece comes from."""
     def pieces() -> Iterable[torch.Tensor]:
-        for chunk in chunks():
+        record = owner is not None and not owner
+        for index, chunk in enumerate(chunks()):
             flat = chunk.reshape(-1)
-            if flat.numel() <= _PIECE:
-                yield flat
-            else:
-                yield from flat.split(_PIECE)
+            parts = [flat] if flat.numel() <= _PIECE else flat.split(_PIECE)
+            for part in parts:
+                if record:
+                    owner.append(index)
+                yield part
     return pieces
