@@ -103,10 +103,13 @@ def _run_merge(args) -> int:
         from ..io.mergekit_yaml import to_mergekit_yaml
         from ..io.replay import expert_set_from_recipe
 
-        layers = None
-        if _has_layer_maps(recipe):
-            layers = expert_set_from_recipe(recipe, allow_pickle=args.allow_pickle).layout.layers
-        text = to_mergekit_yaml(recipe, layers)
+        try:  # the model's layout gives exact per-layer and norm filters (tensor names)
+            layout = expert_set_from_recipe(recipe, allow_pickle=args.allow_pickle).layout
+        except MergeLabError:
+            if _has_layer_values(recipe):
+                raise
+            layout = None  # models not at hand: generic norm filters, scalar values only
+        text = to_mergekit_yaml(recipe, layout)
         if args.out:
             Path(args.out).write_text(text)
         print(text)
@@ -125,9 +128,9 @@ def _run_merge(args) -> int:
     return 0
 
 
-def _has_layer_maps(recipe) -> bool:
+def _has_layer_values(recipe) -> bool:
     values = list(recipe.parameters.values()) + [v for e in recipe.experts for v in e.parameters.values()]
-    return any(isinstance(v, dict) for v in values)
+    return any(isinstance(v, (dict, list)) for v in values)
 
 
 # ---- inspect -------------------------------------------------------------------
