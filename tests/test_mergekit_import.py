@@ -107,7 +107,7 @@ parameters:
 """
     recipe = from_mergekit_yaml(text)
     assert recipe.parameters["lambda"] == {"1": 0.5, "head": 2.0, "default": 1.0}
-    assert recipe.experts[0].parameters["drop_ratio"] == {"0": 0.5, "1": 0.75}
+    assert recipe.experts[0].parameters["drop_ratio"] == {"0": 0.5, "1": 0.75, "embeddings": 0.5, "head": 0.75}
     assert recipe.experts[1].parameters["drop_ratio"] == 0.5
     della = from_mergekit_yaml("merge_method: della\nbase_model: base\nmodels: [{model: a/x}, {model: b/x}]\n")
     # mergekit defaults: density 1.0 (nothing dropped), epsilon 0.15 (= our 0.3); names made unique

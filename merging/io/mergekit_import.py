@@ -300,6 +300,13 @@ def _from_slices(slices: Any) -> tuple[list[tuple[str, dict]], dict]:
                                 "at every layer", field=where)
         for key, value in _mapping(item.get("parameters"), f"{where}.parameters").items():
             _slice_value(shared.setdefault(key, {}), value, [start, end], f"{where}.parameters.{key}")
+    # mergekit plans the pre-weights (embeddings) with slice 0's parameters, the post-weights (final norm,
+    # head) with the last slice's (plan.py, plan_module)
+    for values in [*shared.values(), *(v for p in per_model.values() for v in p.values())]:
+        if "0" in values:
+            values[EMBEDDINGS] = values["0"]
+        if str(expected_start - 1) in values:
+            values[HEAD] = values[str(expected_start - 1)]
     entries = [(ref, {k: _collapse(v) for k, v in per_model.get(ref, {}).items()}) for ref in models]
     return entries, {k: _collapse(v) for k, v in shared.items()}
 
@@ -323,10 +330,11 @@ def _collapse(values: dict) -> Any:
 
 def _names(refs: list[str]) -> list[str]:
     names: list[str] = []
+    taken = {"base"}  # the expert set calls the base model 'base'
     for ref in refs:
         name = ref.rstrip("/").split("/")[-1].split("@")[0] or "model"
         candidate, n = name, 2
-        while candidate in names:
+        while candidate in names or candidate in taken:
             candidate, n = f"{name}-{n}", n + 1
         names.append(candidate)
     return names
