@@ -1,5 +1,6 @@
 """Round trip against the real mergekit: our recipe → ``--format mergekit`` → ``mergekit-yaml`` → tensors,
-compared with Merge Lab's own merge of the same recipe.
+compared with Merge Lab's own merge of the same recipe; and hand-written mergekit configs run by mergekit
+and imported (``from_mergekit_yaml``) by Merge Lab.
 
 mergekit is a reference, never a dependency: it lives in its own virtual environment, found through
 ``MERGE_LAB_MERGEKIT_PYTHON`` (a python with mergekit 0.1.5) or ``/work/venvs/mergekit/bin/python``;
@@ -14,6 +15,7 @@ mergekit's rule computed here instead.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -34,22 +36,76 @@ DEFAULT_PYTHON = Path("/work/venvs/mergekit/bin/python")
 FP32_TOL = 2e-6  # a few ulps of weights of magnitude ~1 (different summation order / fused ops)
 
 
-def _mergekit_yaml_cli() -> list[str]:
+def _mergekit_python() -> Path:
     configured = os.environ.get("MERGE_LAB_MERGEKIT_PYTHON")
     python = Path(configured) if configured else DEFAULT_PYTHON
     if not python.is_file():
         how = (f"MERGE_LAB_MERGEKIT_PYTHON={configured} does not exist" if configured else
                f"set MERGE_LAB_MERGEKIT_PYTHON to a python with mergekit 0.1.5 (default {DEFAULT_PYTHON} absent)")
         pytest.skip(f"mergekit reference not installed: {how}")
-    script = python.parent / "mergekit-yaml"
-    if script.is_file():
-        return [str(script)]
-    return [str(python), "-m", "mergekit.scripts.run_yaml"]
+    return python
+
+
+# Importing mergekit takes ~7 s and a merge of these tiny models ~0.3 s, so each model folder gets one
+# process running mergekit-yaml's own command (mergekit.scripts.run_yaml.main, the console script's entry
+# point, with its argument parsing) once per config. One process per folder: mergekit caches loaders by
+# model path, and the paths here are relative to the folder.
+_DRIVER = r"""
+import json, os, sys, traceback
+from mergekit.scripts.run_yaml import main
+for line in sys.stdin:
+    request = json.loads(line)
+    os.chdir(request["cwd"])
+    try:
+        main.main(args=request["args"], standalone_mode=False)
+        reply = {"ok": True}
+    except BaseException:
+        reply = {"ok": False, "error": traceback.format_exc()[-4000:]}
+    print("@@reply " + json.dumps(reply), flush=True)
+"""
+MERGEKIT_ARGS = ["--quiet", "--no-write-model-card", "--no-copy-tokenizer"]  # the card would ask the hub
+
+
+class MergekitYaml:
+    """``mergekit-yaml CONFIG OUT`` in the reference venv, one warm process per working folder."""
+
+    def __init__(self, python: Path, log_dir: Path):
+        self.python, self.log_dir, self.procs = python, log_dir, {}
+
+    def run(self, config: Path, out: Path, *extra: str) -> dict[str, torch.Tensor]:
+        cwd = config.parent
+        proc = self.procs.get(cwd)
+        if proc is None:
+            log = open(self.log_dir / f"mergekit-{len(self.procs)}.log", "w")
+            env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # local folders only
+            proc = self.procs[cwd] = subprocess.Popen([str(self.python), "-c", _DRIVER], stdin=subprocess.PIPE,
+                                                      stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        request = {"cwd": str(cwd), "args": [config.name, str(out), *MERGEKIT_ARGS, *extra]}
+        proc.stdin.write(json.dumps(request) + "\n")
+        proc.stdin.flush()
+        for line in proc.stdout:
+            if line.startswith("@@reply "):
+                reply = json.loads(line[len("@@reply "):])
+                break
+        else:
+            raise AssertionError(f"the mergekit process ended (log in {self.log_dir})")
+        assert reply["ok"], f"mergekit-yaml failed on\n{config.read_text()}\n{reply['error']}"
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(out.glob("*.safetensors")):
+            tensors.update(load_file(str(shard)))
+        return tensors
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            proc.stdin.close()
+            proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
-def mergekit_cli():
-    return _mergekit_yaml_cli()
+def mergekit_cli(tmp_path_factory):
+    runner = MergekitYaml(_mergekit_python(), tmp_path_factory.mktemp("mergekit-logs"))
+    yield runner
+    runner.close()
 
 
 @pytest.fixture(scope="module")
@@ -78,18 +134,10 @@ def _write_recipe(root: Path, method: str, n_experts: int, parameters: dict, exp
     return path
 
 
-def _run_mergekit(cli: list[str], root: Path, recipe: Path) -> tuple[dict[str, torch.Tensor], str]:
+def _run_mergekit(cli: MergekitYaml, root: Path, recipe: Path, *extra: str) -> tuple[dict[str, torch.Tensor], str]:
     config = recipe.with_suffix(".mergekit.yml")
     assert main(["merge", str(recipe), "--format", "mergekit", "--out", str(config)]) == 0
-    out = recipe.with_suffix(".mergekit-out")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # local folders only; the model card would ask the hub
-    result = subprocess.run([*cli, config.name, out.name, "--quiet", "--no-write-model-card", "--no-copy-tokenizer"],
-                            cwd=root, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, f"mergekit-yaml failed on\n{config.read_text()}\n{result.stderr[-4000:]}"
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(out.glob("*.safetensors")):
-        tensors.update(load_file(str(shard)))
-    return tensors, config.read_text()
+    return cli.run(config, recipe.with_suffix(".mergekit-out"), *extra), config.read_text()
 
 
 def _compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], skip=()) -> float:
@@ -182,7 +230,7 @@ def test_random_methods_run_in_mergekit(mergekit_cli, llama_family, method, para
     """DARE/DELLA masks cannot match entry-wise (different generators): mergekit must run the export, and
     the tensors Merge Lab never sparsifies nor elects signs on in a linear method (norms) must match."""
     recipe_path = _write_recipe(llama_family, method, 2, parameters)
-    theirs, config = _run_mergekit(mergekit_cli, llama_family, recipe_path)
+    theirs, config = _run_mergekit(mergekit_cli, llama_family, recipe_path, "--random-seed", "3")
     assert "--random-seed 3" in config and "differs entry-wise" in config
     recipe = load_recipe(recipe_path)
     ours = merge_recipe(recipe).tensors
@@ -256,15 +304,7 @@ def test_imported_mergekit_config_matches_mergekit(mergekit_cli, llama_family, n
 
     config = llama_family / f"{name}.mergekit.yml"
     config.write_text(MERGEKIT_CONFIGS[name])
-    out = llama_family / f"{name}.mergekit-out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([*mergekit_cli, config.name, out.name, "--quiet", "--no-write-model-card",
-                             "--no-copy-tokenizer"], cwd=llama_family, capture_output=True, text=True, timeout=600,
-                            env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
-    theirs: dict[str, torch.Tensor] = {}
-    for shard in sorted(out.glob("*.safetensors")):
-        theirs.update(load_file(str(shard)))
+    theirs = mergekit_cli.run(config, llama_family / f"{name}.mergekit-out")
     recipe = from_mergekit_yaml(config.read_text(), layers=lambda draft: expert_set_from_recipe(draft).layout.layers,
                                 source=config)
     ours = merge_recipe(recipe).tensors
