@@ -95,3 +95,11 @@ def test_model_references_and_dtype():
     assert config["parameters"] == {"t": 0.25}
     assert config["dtype"] == "float32" and config["out_dtype"] == "bfloat16"
     assert "zoo model" in text
+
+
+def test_task_heads_are_said_to_be_merged_by_mergekit():
+    layout = Layout.from_shapes({"bert.embeddings.word_embeddings.weight": (8, 4),
+                                 "bert.encoder.layer.0.attention.self.query.weight": (4, 4),
+                                 "classifier.weight": (3, 4)})
+    text, config = _export(_recipe("task_arithmetic", {"lambda": 0.5}), layout)
+    assert "own task head (classifier.weight)" in text and config["parameters"]["lambda"] == 0.5

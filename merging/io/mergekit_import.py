@@ -201,6 +201,10 @@ def from_mergekit(data: Any, layers: Layers = None, source: Path | None = None, 
         raise MergeLabError(f"dtype {dtype!r}: Merge Lab writes float32, float16 or bfloat16", field="dtype")
     notes = ["imported from a mergekit config; model paths resolve against the config's folder (mergekit resolves "
              "them against the folder it runs in)"]
+    compute = data.get("dtype")
+    if isinstance(compute, str) and _DTYPES.get(compute.removeprefix("torch."), "float32") != "float32":
+        notes.append(f"mergekit computes in its dtype ({compute}); Merge Lab computes in float32 and writes "
+                     f"{_DTYPES[dtype.removeprefix('torch.')]}")
     if mk_method in ("dare_linear", "dare_ties", "della") and _fixed(shared_raw, "rescale", True):
         notes.append("mergekit's rescale scales by the L1 norm of each delta; Merge Lab divides kept entries by "
                      "their keep probability (same expectation)")

@@ -35,7 +35,7 @@ import yaml
 from ..errors import MergeLabError
 from ..methods import get_method
 from ..params import ParamResolver, normalize_aliases
-from .layout import EMBEDDINGS, HEAD, ROLE_MERGE, Layout
+from .layout import EMBEDDINGS, HEAD, ROLE_MERGE, ROLE_TASK_HEAD, Layout
 
 #: Substrings naming norm tensors, as Merge Lab's layout recognises them (layernorm, layer_norm,
 #: LayerNorm, ln_1, ln_f, norm): mergekit filters match a substring of the tensor name, case-sensitively.
@@ -138,6 +138,11 @@ def to_mergekit(recipe, layers: Sequence[str] | Layout | None = None) -> dict[st
 
     notes += ctx.notes
     notes += _method_notes(recipe, resolver, ctx)
+    heads = sorted(n for n, i in layout.tensors.items() if i.role == ROLE_TASK_HEAD) if layout else []
+    if heads:
+        notes.append(f"Merge Lab keeps each expert's own task head ({', '.join(heads[:4])}"
+                     f"{', …' if len(heads) > 4 else ''}) and writes one folder per task; mergekit merges "
+                     "those tensors like the body into one model.")
     if notes:
         config["# notes"] = notes
     return config
