@@ -166,6 +166,7 @@ HOSTILE = [
     ("merge_method: ties\nbase_model: b\nmodels: [{model: 5}]\n", "must name a model"),
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: [1]}]\n", "mapping"),
     ("x" * (1 << 21), "larger than"),
+    ("merge_method: slerp\nbase_model: b\nmodels: [{model: b}, {model: a, parameters: {t: 0.5}}]\n", "shared scope"),
 ]
 
 

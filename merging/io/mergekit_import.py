@@ -368,12 +368,12 @@ def _translate(method: str, mk_method: str, params: dict, where: str, need_layer
         if key not in accepted:
             raise MergeLabError(f"{at}: mergekit's {mk_method} does not take '{key}' (it takes "
                                 f"{', '.join(sorted(accepted))})", field=at)
+        if per_model and key in ("normalize", "rescale", "int8_mask", "lambda", "t"):
+            raise MergeLabError(f"{at}: mergekit reads '{key}' for all models together (its shared scope) and "
+                                "ignores it per model: give it under parameters", field=at)
         if key in ("normalize", "rescale", "int8_mask"):
             if not isinstance(value, bool):
                 raise MergeLabError(f"{at} must be true or false, got {value!r}", field=at)
-            if per_model:
-                raise MergeLabError(f"{at} is shared by all models in mergekit: give it under parameters",
-                                    field=at)
             if key == "normalize" and _OURS_FIXED[mk_method][0] is None:
                 out["normalize"] = value
             elif key == "rescale" and _OURS_FIXED[mk_method][1] is None:

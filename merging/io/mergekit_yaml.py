@@ -310,6 +310,9 @@ def _method_notes(recipe, resolver: ParamResolver, ctx: _Context) -> list[str]:
     if method == "breadcrumbs":
         notes.append("where gamma + density > 1 mergekit removes fewer outliers to keep density; Merge Lab "
                      "keeps fewer entries instead.")
+    if method == "slerp":
+        notes.append("where a tensor of either model is all zero (norm < 1e-8) Merge Lab interpolates linearly; "
+                     "mergekit takes the angle to a zero vector as 90° (sin-weighted), so those tensors differ.")
     if method == "linear":
         notes.append("linear: mergekit averages the listed models, so the base is not named; weights summing "
                      "to 0 divide by 0 in mergekit (Merge Lab then adds the weighted deltas to the base).")
