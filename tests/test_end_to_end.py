@@ -103,7 +103,9 @@ def test_mergekit_format(tmp_path, capsys):
     assert main(["merge", str(recipe), "--format", "mergekit"]) == 0
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["merge_method"] == "ties"
-    assert config["parameters"]["density"] == pytest.approx(0.3)
+    # density 1.0 for norm tensors (never sparsified in Merge Lab) by filter, 0.3 for the rest
+    density = config["parameters"]["density"]
+    assert density[-1] == {"value": pytest.approx(0.3)} and all(f["value"] == 1.0 for f in density[:-1])
 
 
 def test_inspect_and_methods_json(tmp_path, capsys):

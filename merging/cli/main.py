@@ -83,7 +83,9 @@ def _run_methods(args) -> int:
 def _add_merge(sub) -> None:
     parser = _command(sub, "merge", "Merge the models a recipe names and export them (or print mergekit YAML).",
                       _run_merge)
-    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("recipe", help="recipe YAML file, or a mergekit YAML config (recognised by its top-level "
+                                       "merge_method: read as the equivalent Merge Lab recipe, or refused with "
+                                       "the reason)")
     parser.add_argument("--out", help="output folder (written atomically)")
     parser.add_argument("--format", choices=("hf", "mergekit"), default="hf",
                         help="hf: export merged model folder(s); mergekit: print the equivalent mergekit YAML")
@@ -92,21 +94,48 @@ def _add_merge(sub) -> None:
     parser.add_argument("--shard-mb", type=int, default=500, help="maximum shard size in MB")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow pickled .bin weights (loaded with weights_only=True)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for a mergekit config's random methods (mergekit takes it on its command line, "
+                             "--random-seed; a Merge Lab recipe carries its own)")
     parser.add_argument("--json", action="store_true")
 
 
-def _run_merge(args) -> int:
+def _load_recipe_or_mergekit(path_text: str, args):
+    from ..io.mergekit_import import from_mergekit_yaml, is_mergekit_yaml
     from ..io.recipe import load_recipe
+    from ..io.replay import expert_set_from_recipe
 
-    recipe = load_recipe(args.recipe)
+    path = Path(path_text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise MergeLabError(f"recipe file {path} not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MergeLabError(f"cannot read recipe {path}: {exc}") from exc
+    if not is_mergekit_yaml(text):
+        return load_recipe(path)
+    if args.seed < 0:
+        raise MergeLabError("--seed must be a whole number ≥ 0", field="seed")
+
+    def layers(draft):  # mergekit gradients run over the model's blocks: open the base to count them
+        return expert_set_from_recipe(draft, allow_pickle=args.allow_pickle).layout.layers
+
+    return from_mergekit_yaml(text, layers=layers, source=path.resolve(), seed=args.seed)
+
+
+def _run_merge(args) -> int:
+    recipe = _load_recipe_or_mergekit(args.recipe, args)
     if args.format == "mergekit":
         from ..io.mergekit_yaml import to_mergekit_yaml
         from ..io.replay import expert_set_from_recipe
 
-        layers = None
-        if _has_layer_maps(recipe):
-            layers = expert_set_from_recipe(recipe, allow_pickle=args.allow_pickle).layout.layers
-        text = to_mergekit_yaml(recipe, layers)
+        try:  # the model's layout gives exact per-layer and norm filters (tensor names)
+            layout = expert_set_from_recipe(recipe, allow_pickle=args.allow_pickle).layout
+        except MergeLabError:
+            if _has_layer_values(recipe):
+                raise
+            layout = None  # models not at hand: generic norm filters, scalar values only
+        text = to_mergekit_yaml(recipe, layout)
         if args.out:
             Path(args.out).write_text(text)
         print(text)
@@ -125,9 +154,9 @@ def _run_merge(args) -> int:
     return 0
 
 
-def _has_layer_maps(recipe) -> bool:
+def _has_layer_values(recipe) -> bool:
     values = list(recipe.parameters.values()) + [v for e in recipe.experts for v in e.parameters.values()]
-    return any(isinstance(v, dict) for v in values)
+    return any(isinstance(v, (dict, list)) for v in values)
 
 
 # ---- inspect -------------------------------------------------------------------

@@ -210,7 +210,7 @@ def _write_top_files(recipe, expert_set, staging, importance_json) -> list[Path]
         top_recipe.write_text(recipe.to_yaml())
     files.append(top_recipe)
     try:
-        mergekit = to_mergekit_yaml(recipe, expert_set.layout.layers)
+        mergekit = to_mergekit_yaml(recipe, expert_set.layout)  # tensor names: exact filters
     except MergeLabError:
         mergekit = None
     if mergekit:

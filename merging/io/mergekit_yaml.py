@@ -1,87 +1,344 @@
-"""Translate a recipe into mergekit's YAML, for the methods mergekit has.
+"""Translate a recipe into the YAML mergekit 0.1.5 runs (``mergekit-yaml config.yml OUT``).
 
-Names map ``drop_ratio`` → ``density`` (= 1 − drop_ratio). Per-layer maps become
-mergekit gradient lists with one value per layer row (embeddings, blocks…, head), which
-mergekit interpolates over its own layer index — equal for blocks, approximate at the ends.
+Every parameter is translated to mergekit's meaning, checked against mergekit 0.1.5's source
+(``merge_methods/registry.py``, ``generalized_task_arithmetic.py``, ``sparsify.py``, ``config.py``,
+``plan.py``); what mergekit cannot express is written into the file as ``#`` comments.
+
+- ``drop_ratio`` → ``density`` = 1 − drop_ratio (mergekit keeps ``int(density·n)`` entries, at least one;
+  Merge Lab ``round(density·n)``: they agree where density·n is whole).
+- Norm tensors: Merge Lab never sparsifies them (nor applies TIES sign election to them); the export
+  gives them ``density: 1.0`` through mergekit filters (substrings of tensor names), which is
+  mergekit's "no sparsification". mergekit still elects signs on them for ties / dare_ties / della.
+- ``linear``: mergekit's linear merges the models listed, so the base is not named (naming
+  ``base_model`` makes it an input without a weight: "Missing required parameter weight").
+- ``magnitude`` (no sign election) is mergekit's ``breadcrumbs`` with ``gamma: 0``:
+  ``magnitude_outliers`` then removes no outliers and keeps the ``density`` largest entries.
+- DELLA: mergekit's keep probabilities span density ± ε (``della_magprune``: ``(density − ε) +
+  rank_norm·2ε``); ours span density ± ε/2, so mergekit's ``epsilon`` is ours / 2.
+- ``rescale``: Merge Lab divides kept entries by their keep probability; mergekit's ``rescale: true``
+  multiplies the kept delta by ‖Δ‖₁ / ‖kept‖₁ (``RescaleNorm.l1``), equal in expectation, not entry-wise.
+- Per-layer values (lists interpolated over embeddings…head, ``{layer: value}`` maps, per-expert
+  overrides) are resolved per (expert, layer) as the engine does and written as mergekit filters on
+  each layer's tensor-name prefix, which mergekit evaluates exactly. mergekit's own gradients
+  interpolate over blocks only (block i at i/(N−1), embeddings and head at 0), so they are used only
+  when tensor names are unknown, and a note says what differs.
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from typing import Any, Sequence
 
 import yaml
 
 from ..errors import MergeLabError
 from ..methods import get_method
-from ..params import normalize_aliases
+from ..params import ParamResolver, normalize_aliases
+from .layout import EMBEDDINGS, HEAD, ROLE_MERGE, ROLE_TASK_HEAD, Layout
 
-_OURS_ONLY = {"trim_scope", "rescale", "drop_ratio"}
+#: Substrings naming norm tensors, as Merge Lab's layout recognises them (layernorm, layer_norm,
+#: LayerNorm, ln_1, ln_f, norm): mergekit filters match a substring of the tensor name, case-sensitively.
+NORM_FILTERS = ("norm", "Norm", "ln_")
+_BLOCK = re.compile(r"(?:^|\.)((?:layer|layers|h|blocks|block)\.(\d+)\.)")
+
+# Merge Lab method → (mergekit merge_method, fixed mergekit parameters). Parameters Merge Lab has no
+# control for are pinned so that mergekit's defaults cannot change the arithmetic.
+_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "linear": ("linear", {"normalize": True}),
+    "task_arithmetic": ("task_arithmetic", {"normalize": False}),
+    "ties": ("ties", {"rescale": False}),
+    "magnitude": ("breadcrumbs", {"normalize": False, "rescale": False}),
+    "breadcrumbs": ("breadcrumbs", {"normalize": False, "rescale": False}),
+    "dare_linear": ("dare_linear", {"normalize": False}),
+    "dare_ties": ("dare_ties", {}),
+    "della": ("della", {"rescale": True}),
+    "slerp": ("slerp", {}),
+}
+_SPARSIFYING = {"ties", "magnitude", "breadcrumbs", "dare_linear", "dare_ties", "della"}
+_CONSENSUS = {"ties", "dare_ties", "della"}
+_RANDOM = {"dare_linear", "dare_ties", "della"}
+# Merge Lab parameters set per model in mergekit (its NON_BASE scope), and shared ones (under parameters).
+_PER_MODEL = ("weight", "drop_ratio", "gamma", "epsilon")
+_SHARED = ("lambda", "normalize", "rescale")
 
 
-def to_mergekit(recipe, layers: Sequence[str] | None = None) -> dict[str, Any]:
-    """mergekit config dict for ``recipe``; MergeLabError if mergekit has no such method."""
+def to_mergekit(recipe, layers: Sequence[str] | Layout | None = None) -> dict[str, Any]:
+    """mergekit config dict for ``recipe``; notes on what mergekit cannot express under the key ``# notes``.
+
+    ``layers`` is the model's :class:`Layout` (exact per-layer filters and norm filters checked against
+    the tensor names) or just its layer names (then per-layer values become mergekit gradients over the
+    blocks). MergeLabError if mergekit has no such method or cannot run the values given.
+    """
     spec = get_method(recipe.method)
-    if spec.mergekit_name is None:
-        raise MergeLabError(f"mergekit has no '{recipe.method}' method: export the Merge Lab recipe instead",
-                            field="method")
-    shared = _translate(recipe.parameters, layers)
-    if spec.name == "slerp":
+    if recipe.method not in _METHODS:  # magnitude has no mergekit_name but is mergekit's breadcrumbs, gamma 0
+        raise MergeLabError(f"mergekit has no '{recipe.method}' method: export the Merge Lab recipe instead "
+                            "(python -m merging merge recipe.yaml --out DIR replays it)", field="method")
+    layout = layers if isinstance(layers, Layout) else None
+    layer_names = list(layout.layers if layout else layers) if layers is not None else None
+    ctx = _Context(layout, layer_names)
+    method = recipe.method
+    mk_method, fixed = _METHODS[method]
+    shared = normalize_aliases(recipe.parameters)
+    per_expert = {e.name: normalize_aliases(e.parameters, f"experts.{e.name}.parameters") for e in recipe.experts}
+    if any(_varies(v) for v in [*shared.values(), *(v for p in per_expert.values() for v in p.values())]):
+        ctx.require_layers()
+    resolver = ParamResolver(spec.params, shared, per_expert, layer_names or ())
+    declared = set(spec.param_names())
+    notes: list[str] = []
+
+    if method == "slerp":
         first, second = recipe.experts
-        return {
-            "merge_method": "slerp",
-            "base_model": first.model,
-            "slices": None,
-            "models": [{"model": first.model}, {"model": second.model}],
-            "parameters": {"t": _value(second.parameters.get("t", recipe.parameters.get("t", 0.5)), layers)},
-            "dtype": recipe.dtype,
-        }
-    models = []
-    for expert in recipe.experts:
-        params = _translate(expert.parameters, layers)
-        models.append({"model": expert.model, "parameters": params} if params else {"model": expert.model})
-    config: dict[str, Any] = {"merge_method": spec.mergekit_name, "base_model": recipe.base, "models": models}
-    if shared:
-        config["parameters"] = shared
-    config["dtype"] = recipe.dtype
-    if recipe.parameters.get("trim_scope", "tensor") != "tensor":
-        config["# note"] = "mergekit trims per tensor; this recipe used trim_scope " + recipe.parameters["trim_scope"]
+        t = ctx.setting({layer: resolver.value("t", first.name, layer) for layer in ctx.rows()})
+        config = {"merge_method": "slerp", "base_model": _model_ref(first.model, notes),
+                  "models": [{"model": _model_ref(first.model, notes)}, {"model": _model_ref(second.model, notes)}],
+                  "parameters": {"t": t}}
+    else:
+        models = []
+        for expert in recipe.experts:
+            params: dict[str, Any] = {}
+            for name in _PER_MODEL:
+                if name not in declared:
+                    continue
+                values = {layer: resolver.value(name, expert.name, layer) for layer in ctx.rows()}
+                if name == "drop_ratio":
+                    params["density"] = ctx.setting({k: _round(1.0 - v) for k, v in values.items()},
+                                                    norms=1.0 if method in _SPARSIFYING else None)
+                elif name == "epsilon":
+                    params["epsilon"] = ctx.setting({k: _round(v / 2) for k, v in values.items()})
+                else:
+                    params[name] = ctx.setting(values)
+            if method == "magnitude":
+                params["gamma"] = 0.0
+            if method == "della":
+                _check_della(expert.name, resolver, ctx.rows())
+            models.append({"model": _model_ref(expert.model, notes), "parameters": params})
+        config = {"merge_method": mk_method}
+        if method != "linear":
+            config["base_model"] = _model_ref(recipe.base, notes)
+        config["models"] = models
+        parameters: dict[str, Any] = {}
+        for name in list(models[0]["parameters"]):  # the same for every model: said once, globally
+            if all(m["parameters"].get(name) == models[0]["parameters"][name] for m in models):
+                parameters[name] = models[0]["parameters"][name]
+                for model in models:
+                    del model["parameters"][name]
+        for model in models:
+            if not model["parameters"]:
+                del model["parameters"]
+        for name in _SHARED:
+            if name in declared:
+                value = ctx.setting({layer: resolver.value(name, None, layer) for layer in ctx.rows()})
+                parameters[name] = value
+        parameters.update(fixed)
+        config["parameters"] = parameters
+    config["dtype"] = "float32"  # Merge Lab computes in float32 and writes recipe.dtype
+    if recipe.dtype != "float32":
+        config["out_dtype"] = recipe.dtype
+
+    notes += ctx.notes
+    notes += _method_notes(recipe, resolver, ctx)
+    heads = sorted(n for n, i in layout.tensors.items() if i.role == ROLE_TASK_HEAD) if layout else []
+    if heads:
+        notes.append(f"Merge Lab keeps each expert's own task head ({', '.join(heads[:4])}"
+                     f"{', …' if len(heads) > 4 else ''}) and writes one folder per task; mergekit merges "
+                     "those tensors like the body into one model.")
+    if notes:
+        config["# notes"] = notes
     return config
 
 
-def to_mergekit_yaml(recipe, layers: Sequence[str] | None = None) -> str:
+def to_mergekit_yaml(recipe, layers: Sequence[str] | Layout | None = None) -> str:
+    """The mergekit YAML for ``recipe``, headed by comments saying what mergekit cannot reproduce."""
     config = to_mergekit(recipe, layers)
-    config = {k: v for k, v in config.items() if v is not None}
-    note = config.pop("# note", None)
-    text = yaml.safe_dump(config, sort_keys=False)
-    header = f"# Generated by Merge Lab from a recipe (seed {recipe.seed}).\n"
-    return header + (f"# Note: {note}\n" if note else "") + text
+    notes = config.pop("# notes", [])
+    header = [f"# Generated by Merge Lab from a '{recipe.method}' recipe, for mergekit 0.1.5:",
+              "#   mergekit-yaml mergekit.yaml OUT_DIR"
+              + (f" --random-seed {recipe.seed}" if recipe.method in _RANDOM else ""),
+              "# Model paths are as the recipe names them: run from the recipe's folder."]
+    if recipe.method in _RANDOM:
+        header.append(f"# The recipe's seed is {recipe.seed}; --random-seed seeds mergekit's own generator, "
+                      "it does not reproduce Merge Lab's masks.")
+    header += [f"# Note: {note}" for note in notes]
+    return "\n".join(header) + "\n" + yaml.safe_dump(config, sort_keys=False)
 
 
-def _translate(params: dict[str, Any], layers: Sequence[str] | None) -> dict[str, Any]:
-    params = normalize_aliases(params)
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        if key == "drop_ratio":
-            out["density"] = _value(_complement(value), layers)
-        elif key in _OURS_ONLY:
-            continue
+# ---- parameters -------------------------------------------------------------------------
+
+class _Context:
+    """Turns per-layer values into mergekit settings for one model's layout."""
+
+    def __init__(self, layout: Layout | None, layers: list[str] | None):
+        self.layout = layout
+        self.layers = layers
+        self.notes: list[str] = []
+        self._noted: set[str] = set()
+        self.norm_filters = _norm_filters(layout)
+        self.layer_filters = _layer_filters(layout) if layout else None
+
+    def rows(self) -> list[str | None]:
+        return list(self.layers) if self.layers else [None]
+
+    def require_layers(self) -> None:
+        if self.layers is None:
+            raise MergeLabError("per-layer values need the model's layers to export to mergekit: export from "
+                                "the app or with python -m merging merge recipe.yaml --format mergekit")
+
+    def setting(self, values: dict, norms: float | None = None) -> Any:
+        """A mergekit setting giving each layer its value (and norm tensors ``norms``, when given)."""
+        distinct = {_key(v) for v in values.values()}
+        rest: Any
+        filters: list[dict[str, Any]] = []
+        if len(distinct) == 1:
+            rest = next(iter(values.values()))
+        elif self.layer_filters is not None:
+            rest = Counter(_key(v) for v in values.values()).most_common(1)[0][0]
+            rest = next(v for v in values.values() if _key(v) == rest)
+            for layer, value in values.items():
+                if _key(value) != _key(rest):
+                    filters += [{"filter": f, "value": value} for f in self.layer_filters[layer]]
         else:
-            out[key] = _value(value, layers)
+            blocks = [values[layer] for layer in self.layers if layer not in (EMBEDDINGS, HEAD)]
+            rest = blocks if len({_key(v) for v in blocks}) > 1 else blocks[0]
+            first = blocks[0]
+            for layer in (EMBEDDINGS, HEAD):
+                if layer in values and _key(values[layer]) != _key(first):
+                    self._note(f"mergekit gradients run over blocks only and give embeddings and head tensors "
+                               f"block 0's value ({first}), not the recipe's ({values[layer]} for {layer}); "
+                               "export with the model at hand for exact per-layer filters")
+        if norms is not None and self.norm_filters and (filters or _key(rest) != _key(norms)):
+            filters = [{"filter": f, "value": norms} for f in self.norm_filters] + filters
+        if not filters:
+            return rest
+        return filters + [{"value": rest}]
+
+    def _note(self, text: str) -> None:
+        if text not in self._noted:
+            self._noted.add(text)
+            self.notes.append(text)
+
+
+def _norm_filters(layout: Layout | None) -> list[str]:
+    """Filters selecting exactly the norm tensors: the generic substrings when they select just those,
+    else each norm tensor's shortest unambiguous name suffix."""
+    if layout is None:
+        return list(NORM_FILTERS)
+    merged = [n for n, i in layout.tensors.items() if i.role == ROLE_MERGE]
+    norms = {n for n in merged if not layout[n].droppable}
+    if not norms:
+        return []
+    used = [f for f in NORM_FILTERS if any(f in n for n in merged)]
+    if all(any(f in n for f in used) == (n in norms) for n in merged):
+        return used
+    return sorted({_unique_suffix(n, merged) for n in norms})
+
+
+def _layer_filters(layout: Layout) -> dict[str, list[str]]:
+    """Layer → substrings matching exactly that layer's merged tensors among the model's names."""
+    merged = [n for n, i in layout.tensors.items() if i.role == ROLE_MERGE]
+    out: dict[str, list[str]] = {layer: [] for layer in layout.layers}
+    by_layer = layout.layer_tensors()
+    for layer, names in by_layer.items():
+        if not names:
+            continue
+        prefixes = set()
+        if layer not in (EMBEDDINGS, HEAD):
+            for name in names:
+                match = _BLOCK.search(name)
+                prefixes.add(match.group(1) if match else name)
+            if len(prefixes) == 1:
+                prefix = next(iter(prefixes))
+                if all((prefix in n) == (n in names) for n in merged):
+                    out[layer] = [prefix]
+                    continue
+        out[layer] = [_unique_suffix(n, merged) for n in names]
     return out
 
 
-def _complement(value: Any) -> Any:
-    if isinstance(value, list):
-        return [1.0 - v for v in value]
-    if isinstance(value, dict):
-        return {k: 1.0 - v for k, v in value.items()}
-    return 1.0 - value
+def _unique_suffix(name: str, names: Sequence[str]) -> str:
+    """Shortest dotted suffix of ``name`` that is a substring of no other name (mergekit matches
+    substrings, and a checkpoint may name tensors with or without the model prefix)."""
+    parts = name.split(".")
+    for start in range(len(parts) - 1, -1, -1):
+        suffix = ".".join(parts[start:])
+        if not any(suffix in other for other in names if other != name):
+            return suffix
+    return name
 
 
-def _value(value: Any, layers: Sequence[str] | None) -> Any:
-    if isinstance(value, dict):
-        if layers is None:
-            raise MergeLabError("per-layer maps need the model's layers to export to mergekit")
-        default = value.get("default")
-        return [value.get(layer, default) for layer in layers]
-    return value
+def _check_della(expert: str, resolver: ParamResolver, rows: list) -> None:
+    for layer in rows:
+        density = 1.0 - float(resolver.value("drop_ratio", expert, layer))
+        epsilon = float(resolver.value("epsilon", expert, layer))
+        if density < 1.0 and not (0.0 < density - epsilon / 2 and density + epsilon / 2 < 1.0):
+            where = f" at layer {layer}" if layer is not None else ""
+            raise MergeLabError(
+                f"mergekit's DELLA needs density ± ε/2 strictly inside (0, 1) (it raises otherwise); expert "
+                f"'{expert}'{where} has density {density:g}, ε {epsilon:g}: lower epsilon or move drop_ratio "
+                "to export it", field="parameters.epsilon")
+
+
+def _method_notes(recipe, resolver: ParamResolver, ctx: _Context) -> list[str]:
+    method = recipe.method
+    notes = []
+    if method in _RANDOM:
+        notes.append("Merge Lab draws its random masks per (seed, expert, tensor); mergekit draws from torch's "
+                     "global generator, so its DARE/DELLA output differs entry-wise from Merge Lab's (equal in "
+                     "expectation).")
+    if method in ("dare_linear", "dare_ties"):
+        notes.append("rescale: Merge Lab divides kept entries by 1 − drop_ratio; mergekit's rescale: true scales "
+                     "each kept delta to the L1 norm of the whole delta (same expectation, not entry-wise).")
+    if method == "della":
+        notes.append("epsilon is Merge Lab's ε / 2: mergekit's keep probabilities span density ± epsilon, "
+                     "Merge Lab's density ± ε/2.")
+        notes.append("Merge Lab divides each kept entry by its keep probability; mergekit's rescale: true scales "
+                     "each kept delta to the L1 norm of the whole delta (same expectation, not entry-wise).")
+    if method in _CONSENSUS:
+        notes.append("Merge Lab merges norm tensors without TIES sign election; mergekit elects signs on them "
+                     "too, so norm tensors differ (they are not sparsified: density 1.0 by filter).")
+    if method in ("ties", "magnitude"):
+        scope = recipe.parameters.get("trim_scope", "tensor")
+        if scope != "tensor":
+            notes.append(f"trim_scope {scope}: Merge Lab takes one magnitude threshold per {scope}; mergekit "
+                         "trims each tensor on its own and has no equivalent, so the kept entries differ.")
+    if method == "magnitude":
+        notes.append("Merge Lab's 'magnitude' is mergekit's breadcrumbs with gamma 0 (no outliers removed, "
+                     "no sign election).")
+    if method in ("ties", "magnitude", "breadcrumbs"):
+        notes.append("mergekit keeps int(density·n) entries of a tensor of n, Merge Lab round(density·n): "
+                     "where density·n is not whole mergekit may keep one entry fewer.")
+    if method == "breadcrumbs":
+        notes.append("where gamma + density > 1 mergekit removes fewer outliers to keep density; Merge Lab "
+                     "keeps fewer entries instead.")
+    if method == "slerp":
+        notes.append("where a tensor of either model is all zero (norm < 1e-8) Merge Lab interpolates linearly; "
+                     "mergekit takes the angle to a zero vector as 90° (sin-weighted), so those tensors differ.")
+    if method == "linear":
+        notes.append("linear: mergekit averages the listed models, so the base is not named; weights summing "
+                     "to 0 divide by 0 in mergekit (Merge Lab then adds the weighted deltas to the base).")
+    return notes
+
+
+def _model_ref(ref: str, notes: list[str]) -> str:
+    """A recipe's model reference as mergekit reads it: hf:org/name@rev → org/name@rev."""
+    if ref.startswith("hf:"):
+        return ref[3:]
+    if ref.startswith("zoo:"):
+        note = (f"'{ref}' is a Merge Lab zoo model: mergekit cannot open it; replace it with the folder "
+                "python -m merging zoo shows for it")
+        if note not in notes:
+            notes.append(note)
+    return ref
+
+
+def _varies(value: Any) -> bool:
+    return isinstance(value, (list, tuple, dict))
+
+
+def _key(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _round(value: float) -> float:
+    """1 − 0.7 is 0.30000000000000004: round away the binary noise (12 digits) so the YAML reads as meant."""
+    return round(float(value), 12)
