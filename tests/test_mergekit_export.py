@@ -103,3 +103,13 @@ def test_task_heads_are_said_to_be_merged_by_mergekit():
                                  "classifier.weight": (3, 4)})
     text, config = _export(_recipe("task_arithmetic", {"lambda": 0.5}), layout)
     assert "own task head (classifier.weight)" in text and config["parameters"]["lambda"] == 0.5
+
+
+def test_declared_mergekit_names_are_what_the_export_writes():
+    """One answer to "does mergekit have this method?": the declaration (shown by `methods --json` and the
+    page) and the exporter's translation table agree for every registered method."""
+    from merging.io.mergekit_yaml import _METHODS
+    from merging.methods import all_specs
+
+    for spec in all_specs():
+        assert spec.mergekit_name == (_METHODS[spec.name][0] if spec.name in _METHODS else None), spec.name

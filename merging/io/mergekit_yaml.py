@@ -71,7 +71,7 @@ def to_mergekit(recipe, layers: Sequence[str] | Layout | None = None) -> dict[st
     blocks). MergeLabError if mergekit has no such method or cannot run the values given.
     """
     spec = get_method(recipe.method)
-    if recipe.method not in _METHODS:  # magnitude has no mergekit_name but is mergekit's breadcrumbs, gamma 0
+    if recipe.method not in _METHODS:
         raise MergeLabError(f"mergekit has no '{recipe.method}' method: export the Merge Lab recipe instead "
                             "(python -m merging merge recipe.yaml --out DIR replays it)", field="method")
     layout = layers if isinstance(layers, Layout) else None

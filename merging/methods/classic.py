@@ -208,7 +208,7 @@ register(MethodSpec(
     "magnitude", "Magnitude pruning", "https://arxiv.org/abs/2306.01708",
     "Keep each delta's largest entries (no rescale), then add like task arithmetic.",
     (WEIGHT, LAMBDA, DROP, TRIM_SCOPE), Pipeline("magnitude", False), trim_scope_param="trim_scope",
-    row_separable=True,
+    row_separable=True, mergekit_name="breadcrumbs",  # mergekit's breadcrumbs with gamma 0 (no outliers removed)
 ))
 register(MethodSpec(
     "breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795",
