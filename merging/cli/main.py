@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import zoo as _zoo  # noqa: F401  (registers the zoo: reference scheme recipes and commands accept)
 from ..errors import MergeLabError
 
 # Modules that add their own sub-commands (each exposes ``add_commands(subparsers)``).

@@ -20,13 +20,11 @@ def preflight_ref(ref: str, name: str) -> None:
     """Check the safetensors files behind a local ref before opening it (after the allowed-roots check, so
     nothing outside them is read). Hub ids are left to the library."""
     from ..io.access import check_local_path
+    from ..io.sources import resolve_scheme_ref
 
     text = str(ref)
-    if text.startswith("zoo:"):
-        from ..io.sources import resolve_zoo_ref
-
-        path = resolve_zoo_ref(text)
-    else:
+    path = resolve_scheme_ref(text)
+    if path is None:
         path = Path(text).expanduser()
         if not (path.exists() or path.is_symlink()):
             return  # a hub id, or missing: the library says which
