@@ -115,8 +115,10 @@ def _calibrate(args: argparse.Namespace) -> int:
         experts=[ExpertRef(task, f"zoo:{zoo.name}/{task}", params[task]) for task in importance.experts],
         parameters=parameters, seed=args.seed, dtype="float32",
         importance=str(Path(args.importance).resolve()),
-        few_shot=importance.few_shot_record(importance.seed),  # the CLI draws with the importance seed
+        few_shot=_few_shot(importance, zoo.name),
         suggested={"apl": table.recipe_suggestion()},
+        calibrated={"from": str(Path(args.importance).resolve()), "mode": importance.mode,
+                    "intervention": importance.intervention},
         notes=f"calibrated by python -m merging calibrate from {Path(args.importance).name} "
               f"({importance.mode}, {importance.intervention})")
     recipe.save(out)
@@ -129,6 +131,14 @@ def _calibrate(args: argparse.Namespace) -> int:
             print(f"{task}: drop {drops}")
         print(f"wrote {out}: replay with python -m merging merge {out} --out DIR", file=sys.stderr)
     return 0
+
+
+def _few_shot(importance, zoo_name: str) -> dict:
+    """The recipe's few-shot record: each expert's zoo few-shot file by reference, at the indices the
+    importance was measured on (the CLI draws with the importance seed)."""
+    from ..io.taskdata import fewshot_record
+
+    return {e: fewshot_record(f"zoo:{zoo_name}/{e}", ix, importance.seed) for e, ix in importance.fewshot.items()}
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
