@@ -159,15 +159,15 @@ def build_demo() -> gr.Blocks:
         with gr.Group(elem_classes=["ml-section"]):
             gr.Markdown("## 3 · Merge")
             with gr.Row():
-                method = ui.Dropdown(h.method_choices(), value="apl", label="Method", scale=2)
+                method = ui.Dropdown(h.method_choices(), value=wb.DEFAULT_METHOD, label="Method", scale=2)
                 seed = ui.Number(value=0, precision=0, label="Seed", scale=0, min_width=100)
-            method_md = gr.Markdown(h.method_info(wb.Session(), "apl"))
+            method_md = gr.Markdown(h.method_info(wb.Session(), wb.DEFAULT_METHOD))
             param_boxes = []
             with gr.Row(elem_classes=["ml-params"]):
-                apl_spec = {p.name: p for p in wb.method_spec("apl").params}
+                first = {p.name: p for p in wb.method_spec(wb.DEFAULT_METHOD).params}
                 for p in h.PARAMS:
-                    visible = p.name in apl_spec
-                    shown = apl_spec.get(p.name, p)
+                    visible = p.name in first
+                    shown = first.get(p.name, p)
                     label = p.name.replace("_", " ")
                     if p.kind == "bool":
                         box = gr.Checkbox(value=shown.default, label=label, info=shown.help, visible=visible)
@@ -194,9 +194,9 @@ def build_demo() -> gr.Blocks:
             with gr.Column(elem_classes=["ml-layers"]):
                 for i in range(h.MAX_LAYER_ROWS):
                     with gr.Row(visible=False) as row:
-                        d = ui.Slider(0.0, 0.99, value=0.5, step=0.01, label=f"layer {i} · drop ratio",
+                        d = ui.Slider(value=0.5, label=f"layer {i} · drop ratio", **h.cell_slider(wb.DROP),
                                       elem_id=f"drop-{i}", elem_classes=["ml-drop"])
-                        w = ui.Slider(-1.0, 2.0, value=1.0, step=0.01, label=f"layer {i} · weight",
+                        w = ui.Slider(value=1.0, label=f"layer {i} · weight", **h.cell_slider(wb.WEIGHT),
                                       elem_id=f"weight-{i}", elem_classes=["ml-weight"])
                     layer_rows.append(row)
                     drop_sliders.append(d)
@@ -399,7 +399,7 @@ def build_demo() -> gr.Blocks:
                 if not session.refs or index >= len(session.layers) or expert not in session.refs:
                     return (session, *[gr.update()] * (len(plan_outputs) + 1))
                 layer = session.layers[index]
-                wb.set_cell(session, expert, layer, key, value)
+                wb.set_cell(session, expert, layer, key, value, method_value)
                 shared = h.shared_values(method_value, values)
                 label = f"layer {layer} · {key.replace('_', ' ')} ✎"
                 return (session, *h.plan_views(session, method_value, shared), gr.update(label=label))
@@ -414,7 +414,7 @@ def build_demo() -> gr.Blocks:
         @h.safe
         def on_api_set(session, expert, layer, key, value, method_value, *values):
             session = h.session_of(session)
-            wb.set_cell(session, expert, layer, key, value)
+            wb.set_cell(session, expert, layer, key, value, method_value)
             return session, *h.plan_views(session, method_value, h.shared_values(method_value, values))
 
         api_btn.click(on_api_set, [state, api_expert, api_layer, api_key, api_value, method, *param_boxes],
@@ -537,7 +537,7 @@ def build_demo() -> gr.Blocks:
             zoo = wb.open_default_zoo()
             tasks = zoo.tasks if zoo is not None else []
             base = wb.zoo_refs(zoo)[0] if zoo is not None else ""
-            return (gr.update(value=tasks), base, wb.DEFAULT_FEWSHOT, "gradient", "restore", "apl",
+            return (gr.update(value=tasks), base, wb.DEFAULT_FEWSHOT, "gradient", "restore", wb.DEFAULT_METHOD,
                     "Guided setup done: press **Load experts**, then **Compute importance**, **Merge**, "
                     "**Run probe** and **Export**, in that order.")
 
