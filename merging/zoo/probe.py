@@ -15,7 +15,6 @@ modules on the very same tensors as a full pass, so its results are identical.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MergeLabError
+from ..hashing import content_hash, file_digest
 from .tasks import Example
 
 CLASSIFIER = "classifier"
@@ -209,14 +209,6 @@ class _Body:
 # --------------------------------------------------------------------------- prober
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Prober:
     """Probe base, experts and merged bodies on probe sets, reusing everything that did not change.
 
@@ -341,11 +333,9 @@ class Prober:
     # ----- public
 
     def _cache_key(self) -> str:
-        h = hashlib.sha256()
-        h.update(json.dumps({"v": CACHE_VERSION, "tasks": self.tasks, "sets": self.sets, "max_length": self.max_length}).encode())
-        for path in [self.base_path / "model.safetensors"] + [self.experts[t] / "model.safetensors" for t in self.tasks]:
-            h.update(_file_digest(path).encode())
-        return h.hexdigest()[:32]
+        files = [self.base_path / "model.safetensors"] + [self.experts[t] / "model.safetensors" for t in self.tasks]
+        return content_hash({"v": CACHE_VERSION, "tasks": self.tasks, "sets": self.sets, "max_length": self.max_length},
+                            [file_digest(path) for path in files])
 
     def _cache_file(self) -> Path | None:
         return None if self.cache_dir is None else self.cache_dir / f"{self._cache_key()}.json"
