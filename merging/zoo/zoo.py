@@ -90,7 +90,7 @@ def safetensors_problem(path: Path) -> str | None:
         with safe_open(str(path), framework="pt") as fh:
             list(fh.keys())
     except MergeLabError as exc:
-        return str(exc)
+        return f"{path.name} cannot be read: {exc}"
     except Exception as exc:  # any parse failure means the file is unusable; say so plainly
         return f"{path.name} cannot be read ({type(exc).__name__}: {exc})"
     return None
