@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..apl.importance import INTERVENTIONS, LEVELS, MODES
 from ..errors import MergeLabError
+from ..methods import get_method
 
 
 def zoo_inputs(zoo_name: str | None):
@@ -121,6 +122,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                     "intervention": importance.intervention},
         notes=f"calibrated by python -m merging calibrate from {Path(args.importance).name} "
               f"({importance.mode}, {importance.intervention})")
+    recipe.validate(expert_set.layout.layers)  # every value within APL's declared ranges before it is written
     recipe.save(out)
     summary = {"out": str(out), "experts": list(params), "drop_ratio": table.drop, "weight": table.weight}
     if args.json:
@@ -160,12 +162,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                                    description=_calibrate.__doc__)
     parser.add_argument("--zoo", default=None, help="zoo name (default: MERGE_LAB_ZOO or 'default')")
     parser.add_argument("--importance", required=True, help="importance file (.json or .npz) of that zoo's experts")
-    parser.add_argument("--drop-ratio", type=float, default=0.5, help="mean drop ratio p̄ (parameter-weighted)")
-    parser.add_argument("--tau1", type=float, default=2.0, help="temperature of the drop-ratio softmax")
-    parser.add_argument("--tau2", type=float, default=2.0, help="temperature of the merge-weight softmax")
-    parser.add_argument("--q-min", type=float, default=0.01, help="smallest keep rate")
-    parser.add_argument("--lambda", dest="lam", type=float, default=1.0, help="scale of the merged delta")
-    parser.add_argument("--drop", choices=("random", "magnitude"), default="random", help="how entries are dropped")
+    apl = get_method("apl")  # defaults, choices and help from APL's declaration (ranges are checked against it)
+    for flag, name, dest in (("--drop-ratio", "drop_ratio", None), ("--tau1", "tau1", None), ("--tau2", "tau2", None),
+                             ("--q-min", "q_min", None), ("--lambda", "lambda", "lam"), ("--drop", "drop", None)):
+        declared = apl.param(name)
+        extra = {"dest": dest} if dest else {}
+        if declared.kind == "choice":
+            parser.add_argument(flag, choices=declared.choices, default=declared.default, help=declared.help, **extra)
+        else:
+            bounds = f" [{declared.low:g}, {declared.high:g}]" if declared.low is not None else ""
+            parser.add_argument(flag, type=float, default=declared.default, help=declared.help + bounds, **extra)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random drop masks")
     parser.add_argument("--out", required=True, help="recipe YAML to write")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
