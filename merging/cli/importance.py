@@ -26,19 +26,14 @@ from ..methods import get_method
 
 def zoo_inputs(zoo_name: str | None):
     """(zoo, expert set, few-shot pools, tokenizer) of a built zoo: what importance needs."""
-    from transformers import AutoTokenizer
-
     from ..io.experts import ExpertSet
+    from ..io.taskdata import tokenizer_of
     from ..zoo.zoo import open_zoo
 
     zoo = open_zoo(zoo_name)
     expert_set = ExpertSet.load(zoo.base_path, {task: path for task, path in zoo.experts.items()})
     pools = {task: zoo.fewshot(task) for task in zoo.experts}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(zoo.base_path))
-    except (OSError, ValueError) as exc:
-        raise MergeLabError(f"zoo '{zoo.name}': no usable tokenizer in its base folder {zoo.base_path} ({exc})") from exc
-    return zoo, expert_set, pools, tokenizer
+    return zoo, expert_set, pools, tokenizer_of(expert_set)
 
 
 def _importance(args: argparse.Namespace) -> int:

@@ -56,6 +56,7 @@ def draw_fewshot(pool: Sequence[Example], n: int, seed: int) -> tuple[list[Examp
 def fewshot_file(ref: str, base_dir: Path | None = None) -> Path:
     """The few-shot file a reference names: a registered-scheme ref or folder → its ``fewshot.jsonl``,
     a file → itself (relative paths resolve against ``base_dir``, the recipe's folder)."""
+    from .access import check_local_path
     from .sources import resolve_scheme_ref
 
     path = resolve_scheme_ref(ref)
@@ -63,6 +64,8 @@ def fewshot_file(ref: str, base_dir: Path | None = None) -> Path:
         path = Path(ref).expanduser()
         if base_dir is not None and not path.is_absolute():
             path = base_dir / path
+        if path.exists():
+            path = check_local_path(path, ref)  # a recipe reads task data only where it may read models
     if path.is_dir():
         path = path / FEWSHOT_FILE
     if not path.is_file():
@@ -125,7 +128,11 @@ def tokenizer_of(expert_set, required: bool = True):
         if getattr(source, "root", None) is not None and source.has_tokenizer():
             from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(str(source.root))
+            try:
+                return AutoTokenizer.from_pretrained(str(source.root))
+            except (OSError, ValueError) as exc:
+                raise MergeLabError(f"the tokenizer files in {source.root} cannot be loaded ({exc}): replace them "
+                                    "with the base model's tokenizer files") from exc
     if required:
         raise MergeLabError("no tokenizer found in the base or the experts: importance, Fisher and the probe need "
                             "one (add tokenizer files to the base folder)")

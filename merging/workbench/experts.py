@@ -116,10 +116,10 @@ def _task_data_for(zoo, task: str | None, root) -> TaskData | None:
         return TaskData(list(zoo.fewshot(task)), list(zoo.probe(task))[:MAX_PROBE_ROWS], labels, "zoo")
     if root is not None and Path(root).is_dir():  # a folder laid out like a zoo expert carries its data
         folder = Path(root)
-        few, probe = folder / "fewshot.jsonl", folder / "probe.jsonl"
-        if few.is_file():
-            from ..io.taskdata import read_examples
+        from ..io.taskdata import FEWSHOT_FILE, read_examples
 
+        few, probe = folder / FEWSHOT_FILE, folder / "probe.jsonl"
+        if few.is_file():
             labels: list[str] = []
             task_file = folder / "merge_lab_task.json"
             if task_file.is_file():
