@@ -252,3 +252,41 @@ def test_calibration_refuses_q_min_outside_its_declaration():
     _check(0.5, float("inf"), float("inf"), 0.01, "uniform")  # τ = ∞: APL as DARE, the library-only limit
     with pytest.raises(MergeLabError, match="q_min must lie in"):
         _check(0.5, 2.0, 2.0, 0.9, "uniform")
+
+
+def test_drop_sweep_prepares_each_ratio_and_leaves_the_session_alone(loaded):  # noqa: F811
+    """The sweep builds from snapshots (no overrides, APL prepared again at each ratio): its APL point at
+    0.3 is the probe of an override-free APL merge at drop ratio 0.3, and the session's overrides survive."""
+    session, _ = loaded
+    e0 = session.experts[0]
+    wb.compute_importance(session, n_fewshot=8)
+    wb.set_cell(session, e0, "1", wb.WEIGHT, 0.3, "apl")
+    out = wb.drop_sweep(session, ratios=(0.3, 0.8), methods=("apl",))
+    assert session.overrides == {e0: {wb.WEIGHT: {"1": 0.3}}}
+    wb.reset_overrides(session)
+    wb.merge(session, "apl", {"drop_ratio": 0.3}, seed=session.seed)
+    report = wb.run_probe(session)
+    assert out["apl"][0] == pytest.approx(report.rows[-1].mean("accuracy"))
+    assert len(out["apl"]) == 2
+
+
+def test_recipe_fewshot_record_errors_say_what_to_fix(tmp_path):
+    from merging.io.recipe import Recipe
+    from merging.io.taskdata import read_examples, recipe_examples
+
+    data = tmp_path / "few.jsonl"
+    data.write_text('{"text": "a b", "label": 1}\n\n{"text": "c", "label": 0}\n')
+    assert read_examples(data) == [("a b", 1), ("c", 0)]
+    recipe = Recipe.from_dict({"method": "fisher", "base": "b", "experts": [{"name": "x", "model": "x"}, "y"],
+                               "few_shot": {"x": {"file": "few.jsonl", "indices": [1]},
+                                            "y": {"file": str(data)}}}, source=tmp_path / "r.yaml")
+    assert recipe_examples(recipe) == {"x": [("c", 0)], "y": [("a b", 1), ("c", 0)]}
+    recipe.few_shot["x"]["indices"] = [5]
+    with pytest.raises(MergeLabError, match=r"few_shot.x.indices: 5 is outside its file's 2 examples"):
+        recipe_examples(recipe)
+    recipe.few_shot["x"] = {"file": "missing.jsonl"}
+    with pytest.raises(MergeLabError, match="few-shot data 'missing.jsonl' not found"):
+        recipe_examples(recipe)
+    data.write_text('{"text": "a b"}\n')
+    with pytest.raises(MergeLabError, match="few.jsonl line 1 is not a JSON object with text and an integer label"):
+        read_examples(data)

@@ -16,6 +16,7 @@ parameters — never by its name:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -84,11 +85,22 @@ def _fewshot(session: Session, importance, seed: int) -> tuple[dict[str, tuple],
 
 
 def importance_id(importance) -> str | None:
-    """A content hash of an importance map (what a prepared result depends on)."""
+    """A content hash of an importance map (what a prepared result depends on), computed once per map:
+    every plan refresh asks for it, and a map is never changed once computed."""
     if importance is None:
         return None
-    return content_hash(importance.experts, importance.layers, importance.mode, importance.intervention,
-                        importance.seed, importance.sample, importance.signed, importance.units, importance.fewshot)
+    key = id(importance)
+    found = _IMPORTANCE_IDS.get(key)
+    if found is None:
+        found = content_hash(importance.experts, importance.layers, importance.mode, importance.intervention,
+                             importance.seed, importance.sample, importance.signed, importance.units,
+                             importance.fewshot)
+        _IMPORTANCE_IDS[key] = found
+        weakref.finalize(importance, _IMPORTANCE_IDS.pop, key, None)
+    return found
+
+
+_IMPORTANCE_IDS: dict[int, str] = {}  # id(map) → its content hash, dropped when the map is collected
 
 
 def prepare_key(models: Models, snap: MergeInputs) -> str:
