@@ -290,3 +290,23 @@ def test_recipe_fewshot_record_errors_say_what_to_fix(tmp_path):
     data.write_text('{"text": "a b"}\n')
     with pytest.raises(MergeLabError, match="few.jsonl line 1 is not a JSON object with text and an integer label"):
         read_examples(data)
+
+
+def test_fisher_from_the_app_replays_from_its_referenced_fewshot(loaded):  # noqa: F811
+    """Fisher's diagonals are engine extras, so its recipe is not calibrated: replay reads the few-shot
+    files the recipe references (at its indices), prepares Fisher again and gets the app's tensors."""
+    from merging.io.replay import merge_recipe
+
+    session, _ = loaded
+    session.fewshot_n = 5
+    wb.merge(session, "fisher", {"epsilon": 1e-6}, seed=1)
+    recipe = session.last_recipe
+    assert recipe.calibrated is None and not recipe.suggested
+    assert all(r["n"] == 5 and r["file"] == session.refs[e] for e, r in recipe.few_shot.items())
+    merged = wb.merged_tensors(session)
+    replayed = merge_recipe(recipe).tensors
+    changed = 0
+    for name, tensor in merged.items():
+        assert torch.allclose(replayed[name], tensor, rtol=0, atol=1e-6), name
+        changed += int(not torch.equal(tensor, wb.models_for(session).expert_set.base.get(name).float()))
+    assert changed, "the merge changed nothing: the comparison would prove nothing"
