@@ -128,10 +128,11 @@ def build_demo() -> gr.Blocks:
             gr.Markdown("## 2 · Importance (APL)\nHow much each part of every expert's change matters for its own "
                         "task, measured on a few examples.")
             with gr.Row():
-                fewshot = ui.Slider(4, 128, value=wb.DEFAULT_FEWSHOT, step=4, label="Few-shot examples per expert")
-                mode = ui.Radio(["gradient", "exact"], value="gradient", label="Mode",
+                fewshot = ui.Slider(wb.MIN_FEWSHOT, wb.MAX_FEWSHOT, value=wb.DEFAULT_FEWSHOT, step=4,
+                                    label="Few-shot examples per expert")
+                mode = ui.Radio(list(wb.MODES), value="gradient", label="Mode",
                                 info="gradient: one backward pass (fast, every unit); exact: one forward per part")
-                intervention = ui.Radio(["restore", "ablate"], value="restore", label="Intervention",
+                intervention = ui.Radio(list(wb.INTERVENTIONS), value="restore", label="Intervention",
                                         info="restore: base + this part alone; ablate: expert minus this part")
             with gr.Row():
                 imp_btn = gr.Button("Compute importance", variant="primary", elem_id="btn-importance")
