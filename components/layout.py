@@ -185,7 +185,7 @@ def build_demo() -> gr.Blocks:
                         "slider overrides that cell (✎); the table below holds every expert × layer cell.")
             with gr.Row():
                 plan_expert = ui.Dropdown([], label="Expert shown on the sliders", allow_custom_value=True, scale=3)
-                reset_btn = gr.Button("Reset to APL suggestion", variant="secondary", size="sm", scale=0,
+                reset_btn = gr.Button("Reset to suggestion", variant="secondary", size="sm", scale=0,
                                       min_width=190, elem_classes=["ml-btn"])
                 uniform_btn = gr.Button("Uniform", variant="secondary", size="sm", scale=0, min_width=100,
                                         elem_classes=["ml-btn"])
