@@ -330,14 +330,14 @@ def build_setting(name: str, tasks: list[str], zoo, pools: dict, probes: dict, s
                  if all(torch.equal(expert_set.base.get(n), expert_set.experts[t].get(n)) for t in tasks)}
     base_full = {n: expert_set.base.get(n) for n, i in layout.tensors.items() if i.role in (ROLE_MERGE, "copy")}
     base = {n: expert_set.base.get(n).float() for n in merged if n not in unchanged}
-    prober = Prober(zoo, tasks=tasks, probe_sets={t: probes[t] for t in tasks}, disk_cache=False)
+    prober = Prober.for_zoo(zoo, tasks=tasks, probe_sets={t: probes[t] for t in tasks}, disk_cache=False)
     setting = Setting(name, list(tasks), expert_set, SkipUnchangedEngine(expert_set, unchanged), base_full, base,
                       DeltaSupport.of(expert_set), prober)
     for seed in seeds:
         drawn = {t: draw_fewshot(pools[t], n_fewshot, seed) for t in tasks}
         setting.examples[seed] = {t: d[0] for t, d in drawn.items()}
         setting.indices[seed] = {t: d[1] for t, d in drawn.items()}
-        setting.scorers[seed] = Prober(zoo, tasks=tasks, probe_sets=setting.examples[seed], disk_cache=False)
+        setting.scorers[seed] = Prober.for_zoo(zoo, tasks=tasks, probe_sets=setting.examples[seed], disk_cache=False)
     first = seeds[0]
     check_fewshot_loss(setting, first, tokenizer)
     return setting
@@ -832,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"zoo {zoo.name}: {', '.join(zoo.tasks)}; seeds {seeds}; probe {args.n_probe}/task; few-shot pools "
         + ", ".join(f"{t} {i['pool']}" for t, i in pool_info.items()) + f"; {torch.get_num_threads()} threads")
     t0 = time.perf_counter()
-    reference = Prober(zoo, probe_sets=probes, disk_cache=True).reference()
+    reference = Prober.for_zoo(zoo, probe_sets=probes, disk_cache=True).reference()
     log(f"reference rows (base, experts; disk-cached by the prober): {time.perf_counter() - t0:.1f} s")
     log(reference.markdown())
     tokenizer = tokenizer_of(ExpertSet.load(zoo.base_path, {t: f"zoo:{zoo.name}/{t}" for t in pair}))

@@ -63,7 +63,7 @@ def task_arithmetic(base: dict, deltas: dict, tasks: tuple, lam: float) -> dict:
 
 def measure_interference(zoo) -> tuple[list[str], list[str]]:
     """Markdown lines with the reference rows and the TA matrix, plus a list of findings."""
-    prober = Prober(zoo, probe_sets=probe_sets_400(zoo), disk_cache=False)
+    prober = Prober.for_zoo(zoo, probe_sets=probe_sets_400(zoo), disk_cache=False)
     ref = prober.reference()
     base, deltas = task_vectors(zoo, prober)
     expert_acc = {t: ref.row(t).metrics[t]["accuracy"] for t in zoo.tasks}
@@ -100,7 +100,7 @@ def measure_speed(zoo, repeats: int = 5) -> list[str]:
     Each repeat probes a new task-arithmetic merge (a different λ, so every layer differs from
     the previously probed body), then the same merge with only its last encoder layer nudged.
     """
-    prober = Prober(zoo, disk_cache=False)
+    prober = Prober.for_zoo(zoo, disk_cache=False)
     prober.reference()
     base, deltas = task_vectors(zoo, prober)
     last_layer = f"encoder.layer.{prober.body.n_layers - 1}."

@@ -176,6 +176,13 @@ def _slider_range(p) -> bool:
     return p.low is not None and p.high is not None and p.high - p.low <= 10
 
 
+def cell_slider(key: str) -> dict[str, Any]:
+    """Range and step of the per-layer ``key`` sliders, from the declaration the server checks cells
+    against (so a calibrated value — APL's weights exceed 2 with four experts — always fits)."""
+    spec = wb.cell_param(key)
+    return dict(minimum=spec.low, maximum=spec.high, step=0.001 if spec.high - spec.low <= 1 else 0.01)
+
+
 def method_info(session: wb.Session, method: str) -> str:
     spec = wb.method_spec(method)
     why = wb.method_available(session, method) if session.refs else None
@@ -242,7 +249,7 @@ def attach(state, expert: str, upload, n_fewshot: int):
 
 def importance_views(session: wb.Session, method: str, values: Sequence[Any]):
     maps = wb.importance_maps(session)
-    drops = wb.plan(session, "apl", shared_values(method, values)) if session.calibration is not None else {}
+    drops = wb.plan(session, method, shared_values(method, values)) if session.refs else {}
     heat = fg.importance_heatmaps(maps, {e: v[wb.DROP] for e, v in drops.items()})
     heat_md = fg.heatmap_summary(maps) if maps else "No importance yet."
     level = "module"
@@ -330,8 +337,7 @@ def plan_views(session: wb.Session, method: str, shared: dict):
             lines.append(f"- … and {len(overrides) - 40} more")
         over_md = "**Your overrides** (recorded in the recipe beside the suggestion):\n" + "\n".join(lines)
     else:
-        source = "APL's calibration" if method == "apl" and session.calibration is not None else "the global controls"
-        over_md = f"No overrides: every cell follows {source}."
+        over_md = f"No overrides: every cell follows {wb.suggestion_source(session, method, shared)}."
     layers, before, after = wb.conflict_data(session, method, shared)
     conflict = fg.conflict_figure(layers, before, after)
     if before:

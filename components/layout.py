@@ -158,10 +158,11 @@ def importance_section() -> SimpleNamespace:
         gr.Markdown("## 2 · Importance (APL)\nHow much each part of every expert's change matters for its own "
                     "task, measured on a few examples.")
         with gr.Row():
-            fewshot = ui.Slider(4, 128, value=wb.DEFAULT_FEWSHOT, step=4, label="Few-shot examples per expert")
-            mode = ui.Radio(["gradient", "exact"], value="gradient", label="Mode",
+            fewshot = ui.Slider(wb.MIN_FEWSHOT, wb.MAX_FEWSHOT, value=wb.DEFAULT_FEWSHOT, step=4,
+                            label="Few-shot examples per expert")
+            mode = ui.Radio(list(wb.MODES), value="gradient", label="Mode",
                             info="gradient: one backward pass (fast, every unit); exact: one forward per part")
-            intervention = ui.Radio(["restore", "ablate"], value="restore", label="Intervention",
+            intervention = ui.Radio(list(wb.INTERVENTIONS), value="restore", label="Intervention",
                                     info="restore: base + this part alone; ablate: expert minus this part")
         with gr.Row():
             imp_btn = gr.Button("Compute importance", variant="primary", elem_id="btn-importance")
@@ -210,9 +211,9 @@ def _layer_sliders() -> tuple[list, list, list]:
     with gr.Column(elem_classes=["ml-layers"]):
         for i in range(h.MAX_LAYER_ROWS):
             with gr.Row(visible=False) as row:
-                d = ui.Slider(0.0, 0.99, value=0.5, step=0.01, label=f"layer {i} · drop ratio",
+                d = ui.Slider(value=0.5, label=f"layer {i} · drop ratio", **h.cell_slider(wb.DROP),
                               elem_id=f"drop-{i}", elem_classes=["ml-drop"])
-                w = ui.Slider(-1.0, 2.0, value=1.0, step=0.01, label=f"layer {i} · weight",
+                w = ui.Slider(value=1.0, label=f"layer {i} · weight", **h.cell_slider(wb.WEIGHT),
                               elem_id=f"weight-{i}", elem_classes=["ml-weight"])
             layer_rows.append(row)
             drop_sliders.append(d)
@@ -224,17 +225,17 @@ def merge_section() -> SimpleNamespace:
     with gr.Group(elem_classes=["ml-section"]):
         gr.Markdown("## 3 · Merge")
         with gr.Row():
-            method = ui.Dropdown(h.method_choices(), value="apl", label="Method", scale=2)
+            method = ui.Dropdown(h.method_choices(), value=wb.DEFAULT_METHOD, label="Method", scale=2)
             seed = ui.Number(value=0, precision=0, label="Seed", scale=0, min_width=100)
-        method_md = gr.Markdown(h.method_info(wb.Session(), "apl"))
+        method_md = gr.Markdown(h.method_info(wb.Session(), wb.DEFAULT_METHOD))
         with gr.Row(elem_classes=["ml-params"]):
-            apl_spec = {p.name: p for p in wb.method_spec("apl").params}
-            param_boxes = [_param_box(p, apl_spec.get(p.name, p), p.name in apl_spec) for p in h.PARAMS]
+            first = {p.name: p for p in wb.method_spec(wb.DEFAULT_METHOD).params}
+            param_boxes = [_param_box(p, first.get(p.name, p), p.name in first) for p in h.PARAMS]
         gr.Markdown("### Per-layer plan\nDrop ratio and weight of the selected expert at every layer. Moving a "
                     "slider overrides that cell (✎); the table below holds every expert × layer cell.")
         with gr.Row():
             plan_expert = ui.Dropdown([], label="Expert shown on the sliders", allow_custom_value=True, scale=3)
-            reset_btn = gr.Button("Reset to APL suggestion", variant="secondary", size="sm", scale=0,
+            reset_btn = gr.Button("Reset to suggestion", variant="secondary", size="sm", scale=0,
                                   min_width=190, elem_classes=["ml-btn"])
             uniform_btn = gr.Button("Uniform", variant="secondary", size="sm", scale=0, min_width=100,
                                     elem_classes=["ml-btn"])
@@ -458,7 +459,7 @@ def _slider_handler(index: int, key: str, unchanged: int):
         if not session.refs or index >= len(session.layers) or expert not in session.refs:
             return (session, *[gr.update()] * unchanged)
         layer = session.layers[index]
-        wb.set_cell(session, expert, layer, key, value)
+        wb.set_cell(session, expert, layer, key, value, method_value)
         shared = h.shared_values(method_value, values)
         label = f"layer {layer} · {key.replace('_', ' ')} ✎"
         return (session, *h.plan_views(session, method_value, shared), gr.update(label=label))
@@ -513,7 +514,7 @@ def wire_plan(page) -> None:
     @h.safe
     def on_api_set(session, expert, layer, key, value, method_value, *values):
         session = h.session_of(session)
-        wb.set_cell(session, expert, layer, key, value)
+        wb.set_cell(session, expert, layer, key, value, method_value)
         return session, *h.plan_views(session, method_value, h.shared_values(method_value, values))
 
     api.button.click(on_api_set, [page.state, api.expert, api.layer, api.key, api.value, merge.method,
@@ -630,7 +631,7 @@ def wire_guided(page) -> None:
         zoo = wb.open_default_zoo()
         tasks = zoo.tasks if zoo is not None else []
         base = wb.zoo_refs(zoo)[0] if zoo is not None else ""
-        return (gr.update(value=tasks), base, wb.DEFAULT_FEWSHOT, "gradient", "restore", "apl",
+        return (gr.update(value=tasks), base, wb.DEFAULT_FEWSHOT, "gradient", "restore", wb.DEFAULT_METHOD,
                 "Guided setup done: press **Load experts**, then **Compute importance**, **Merge**, "
                 "**Run probe** and **Export**, in that order.")
 

@@ -65,6 +65,16 @@ def app_zoo(merge_lab_cache, session_env):
     return zoo, merge_lab_cache
 
 
+@pytest.fixture()
+def loaded(app_zoo):
+    """(session, zoo): a fresh workbench session with every expert of the fake zoo loaded."""
+    from merging import workbench as wb
+
+    zoo, _ = app_zoo
+    base, refs = wb.zoo_refs(zoo)
+    return wb.load_experts(wb.Session(), base, refs, zoo=zoo), zoo
+
+
 @pytest.fixture(scope="session")
 def real_zoo(request, session_env):
     """(zoo, cache root): ``tiny_zoo`` (real experts of the packaged base), which the API and browser tests

@@ -51,14 +51,14 @@ def _assert_close(got, want):
 
 def test_merged_probe_equals_hand_computed_accuracy(toy_zoo):
     merged = _average(_bodies(toy_zoo))
-    prober = Prober(toy_zoo, disk_cache=False)
+    prober = Prober.for_zoo(toy_zoo, disk_cache=False)
     row = prober.probe_body(merged)
     for task in toy_zoo.tasks:
         _assert_close(row.metrics[task], _hand_metrics(toy_zoo, task, merged))
 
 
 def test_reference_rows_use_each_task_head(toy_zoo):
-    prober = Prober(toy_zoo, disk_cache=False)
+    prober = Prober.for_zoo(toy_zoo, disk_cache=False)
     ref = prober.reference()
     assert [r.name for r in ref.rows] == ["base", *toy_zoo.tasks]
     base_body = {k: v.clone() for k, v in prober.body.params.items()}
@@ -73,19 +73,19 @@ def test_cached_hidden_states_give_identical_results(toy_zoo, explicit):
     first = _average(bodies)
     second = {k: v.clone() for k, v in first.items()}
     second["encoder.layer.1.output.dense.weight"] += 0.1  # only the last layer changes
-    cached = Prober(toy_zoo, disk_cache=False)
+    cached = Prober.for_zoo(toy_zoo, disk_cache=False)
     cached.reference()
     cached.probe_body(first)
     got = cached.probe_body(second, changed_layers=[1] if explicit else None)
-    full = Prober(toy_zoo, disk_cache=False).probe_body(second)  # fresh prober: every layer computed
+    full = Prober.for_zoo(toy_zoo, disk_cache=False).probe_body(second)  # fresh prober: every layer computed
     assert got.metrics == full.metrics
     back = cached.probe_body(first)  # and back again: the cache follows the last probed body
-    assert back.metrics == Prober(toy_zoo, disk_cache=False).probe_body(first).metrics
+    assert back.metrics == Prober.for_zoo(toy_zoo, disk_cache=False).probe_body(first).metrics
     assert cached.probe_body(second).metrics == full.metrics
 
 
 def test_cache_reuses_lower_layers(toy_zoo, monkeypatch):
-    prober = Prober(toy_zoo, disk_cache=False)
+    prober = Prober.for_zoo(toy_zoo, disk_cache=False)
     prober.reference()
     merged = _average(_bodies(toy_zoo))
     prober.probe_body(merged)
@@ -99,7 +99,7 @@ def test_cache_reuses_lower_layers(toy_zoo, monkeypatch):
 
 
 def test_bad_merged_body_is_a_clear_error(toy_zoo):
-    prober = Prober(toy_zoo, disk_cache=False)
+    prober = Prober.for_zoo(toy_zoo, disk_cache=False)
     body = _average(_bodies(toy_zoo))
     del body["encoder.layer.0.attention.self.query.weight"]
     with pytest.raises(MergeLabError, match="lacks"):
@@ -113,7 +113,7 @@ def test_bad_merged_body_is_a_clear_error(toy_zoo):
 
 
 def test_expert_naming_is_accepted(toy_zoo):
-    prober = Prober(toy_zoo, disk_cache=False)
+    prober = Prober.for_zoo(toy_zoo, disk_cache=False)
     state = load_safetensors(toy_zoo.experts[toy_zoo.tasks[0]] / "model.safetensors")
     assert prober.probe_body(state, name="again").metrics == prober.reference().row(toy_zoo.tasks[0]).metrics
 
@@ -186,7 +186,7 @@ def test_cli_importance_calibrate_merge_probe_chain(tiny_zoo, tmp_path, capsys, 
     merge nor the probe recomputes importance."""
     from safetensors.torch import load_file
 
-    from merging import methods
+    import merging.apl.importance as importance_module
     from merging.apl.calibration import calibrate
     from merging.cli.importance import load_importance
     from merging.cli.main import main
@@ -210,7 +210,9 @@ def test_cli_importance_calibrate_merge_probe_chain(tiny_zoo, tmp_path, capsys, 
     def no_recompute(*args, **kwargs):
         raise AssertionError("a calibrated recipe must replay without computing importance")
 
-    monkeypatch.setattr(methods.apl, "compute_importance", no_recompute)
+    assert recipe.calibrated["from"] == str(imp.resolve())  # said, not guessed from the recipe's shape
+    assert all(v["file"] == f"zoo:{tiny_zoo.name}/{t}" for t, v in recipe.few_shot.items())
+    monkeypatch.setattr(importance_module, "compute_importance", no_recompute)
     assert main(["merge", str(recipe_path), "--out", str(tmp_path / "merged")]) == 0
     capsys.readouterr()
     assert main(["probe", "--zoo", tiny_zoo.name, "--recipe", str(recipe_path), "--label", "apl", "--json"]) == 0

@@ -12,14 +12,6 @@ import pytest
 from merging import workbench as wb
 from merging.errors import MergeLabError
 
-
-@pytest.fixture()
-def loaded(app_zoo):
-    zoo, _ = app_zoo
-    base, refs = wb.zoo_refs(zoo)
-    return wb.load_experts(wb.Session(), base, refs, zoo=zoo), zoo
-
-
 # ---------------------------------------------------------------- tests
 
 
@@ -74,18 +66,27 @@ def test_importance_calibration_overrides_merge_probe_export(loaded, tmp_path):
     wb.compute_importance(session, n_fewshot=8, mode="gradient")
     imp = session.importance
     assert set(imp.experts) == set(session.experts) and "module" in imp.signed and imp.units
-    assert session.calibration is not None
-    sugg = wb.plan(session, "apl")
+    shared = {"drop_ratio": 0.5}
+    table = wb.view_prepared(session, "apl", shared)["table"]  # APL's prepare, fed the importance map
+    sugg = wb.plan(session, "apl", shared)
     e0 = session.experts[0]
-    assert sugg[e0]["drop_ratio"] == pytest.approx(session.calibration.drop[e0])
+    assert sugg[e0]["drop_ratio"] == pytest.approx(table.drop[e0])
+    assert wb.suggestion_source(session, "apl", shared).startswith("APL")
     # a slider move is an override; the recipe records it beside the suggestion
     wb.set_cell(session, e0, "0", "drop_ratio", 0.9)
     assert wb.is_overridden(session, e0, "drop_ratio", "0")
-    assert wb.plan(session, "apl")[e0]["drop_ratio"]["0"] == 0.9
-    recipe = wb.build_recipe(session, "apl", {"drop_ratio": 0.5})
+    assert wb.plan(session, "apl", shared)[e0]["drop_ratio"]["0"] == 0.9
+    recipe = wb.build_recipe(session, "apl", shared)
     assert recipe.experts[0].parameters["drop_ratio"]["0"] == 0.9
+    assert recipe.experts[0].parameters["drop_ratio"]["1"] == pytest.approx(table.drop[e0]["1"])
     assert recipe.suggested["overrides"][0]["layer"] == "0"
-    assert recipe.suggested["apl"]["drop_ratio"][e0]["0"] == pytest.approx(session.calibration.drop[e0]["0"])
+    assert recipe.suggested["overrides"][0]["suggested"] == pytest.approx(table.drop[e0]["0"])
+    assert recipe.suggested["apl"]["drop_ratio"][e0]["0"] == pytest.approx(table.drop[e0]["0"])
+    assert recipe.calibrated is not None and recipe.few_shot[e0]["file"] == session.refs[e0]
+    # the page's temperature reaches the calibration (it used to be ignored after Compute importance)
+    hot = wb.suggestion(session, "apl", {"drop_ratio": 0.5, "tau1": 1e6})
+    assert max(hot[e0]["drop_ratio"].values()) - min(hot[e0]["drop_ratio"].values()) < \
+        max(table.drop[e0].values()) - min(table.drop[e0].values())
     summary = wb.merge(session, "apl", {"drop_ratio": 0.5, "tau1": 2.0, "tau2": 2.0, "q_min": 0.01})
     assert summary.recomputed > 0
     first = wb.run_probe(session)

@@ -21,22 +21,22 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
 from ..errors import MergeLabError
 from ..io.experts import ExpertSet
 from ..io.layout import ROLE_MERGE, Layout
 from ..methods.base import PerTensor
-from .importance import ImportanceMap
+from .defaults import DEFAULTS, MEAN_DROP, Q_MIN, TAU1, TAU2, UNIT_EXTRAS, WITHIN, WITHIN_LAYER  # noqa: F401
 
-DEFAULTS = {"drop_ratio": 0.5, "tau1": 2.0, "tau2": 2.0, "q_min": 0.01, "lambda": 1.0}
-WITHIN_LAYER = ("uniform", "hidden")
-UNIT_EXTRAS = "apl_unit_percentiles"
+if TYPE_CHECKING:
+    from .importance import ImportanceMap
+
 TOLERANCE = 1e-12
 
 
@@ -127,6 +127,8 @@ def layer_weights(importance: Mapping[str, Mapping[str, float]], active: Mapping
 
 def unit_percentiles(scores: np.ndarray) -> np.ndarray:
     """Unit scores → percentiles in [0, 1] (average ranks for ties; a single unit sits at 0.5)."""
+    from scipy.stats import rankdata  # only hidden-level calibration needs scipy (≈ 1 s to import)
+
     scores = np.abs(np.asarray(scores, dtype=float))
     if scores.size == 1:
         return np.array([0.5])
@@ -244,19 +246,30 @@ class DeltaSupport:
                         droppable[expert].add(info.layer)
         return cls(droppable, changed)
 
+    @classmethod
+    def cached(cls, expert_set: ExpertSet) -> "DeltaSupport":
+        """:meth:`of`, computed once per expert set: it reads every delta, while calibration itself is
+        arithmetic on a few numbers per layer — the app recalibrates at every parameter change."""
+        key = id(expert_set)
+        found = _SUPPORT.get(key)
+        if found is None:
+            found = _SUPPORT[key] = cls.of(expert_set)
+            weakref.finalize(expert_set, _SUPPORT.pop, key, None)
+        return found
+
+
+_SUPPORT: dict[int, DeltaSupport] = {}  # id(expert set) → its support, dropped when the set is collected
+
 
 def _check(drop_ratio: float, tau1: float, tau2: float, q_min: float, within_layer: str) -> None:
-    if not 0.0 <= drop_ratio < 1.0:
-        raise MergeLabError(f"drop_ratio must lie in [0, 1), got {drop_ratio}", field="parameters.drop_ratio")
-    if not 0.0 <= q_min <= 1.0:
-        raise MergeLabError(f"q_min must lie in [0, 1], got {q_min}", field="parameters.q_min")
-    for name, tau in (("tau1", tau1), ("tau2", tau2)):
-        if not tau > 0:
-            raise MergeLabError(f"{name} must be positive (∞ gives uniform values), got {tau}",
-                                field=f"parameters.{name}")
-    if within_layer not in WITHIN_LAYER:
-        raise MergeLabError(f"within_layer must be 'uniform' or 'hidden', got {within_layer!r}",
-                            field="parameters.within_layer")
+    """The values against APL's declared parameters (the ranges recipes, the app and the CLI are held to);
+    a temperature may also be ∞, the library-only limit where APL is DARE / task arithmetic exactly."""
+    MEAN_DROP.check_scalar(drop_ratio, "parameters.drop_ratio")
+    Q_MIN.check_scalar(q_min, "parameters.q_min")
+    for spec, tau in ((TAU1, tau1), (TAU2, tau2)):
+        if not (isinstance(tau, (int, float)) and math.isinf(tau) and tau > 0):
+            spec.check_scalar(tau, f"parameters.{spec.name}")
+    WITHIN.check_scalar(within_layer, "parameters.within_layer")
 
 
 def calibrate(importance: ImportanceMap, expert_set: ExpertSet, *, drop_ratio: float = 0.5, tau1: float = 2.0,

@@ -19,6 +19,7 @@ import torch
 from ..errors import MergeLabError
 from ..io.experts import ExpertSet
 from ..methods.base import PerTensor
+from .defaults import FISHER_EXTRAS
 from .taskloss import (
     MAX_LENGTH,
     Example,
@@ -27,10 +28,8 @@ from .taskloss import (
     TaskLoss,
     body_state,
     classifier_task_loss,
-    recipe_fewshot,
 )
 
-FISHER_EXTRAS = "fisher"
 Progress = Callable[[float, str], None]
 
 
@@ -111,12 +110,10 @@ def _task(expert_set, expert, state, examples, tokenizer, device, max_length, ex
 
 
 def prepare_fisher(expert_set: ExpertSet, examples: Mapping[str, Sequence[Example]] | None = None, tokenizer=None,
-                   *, params: Mapping | None = None, progress: Progress | None = None, recipe=None, **kwargs) -> dict:
+                   *, params: Mapping | None = None, progress: Progress | None = None, **kwargs) -> dict:
     """The ``fisher`` method's inputs: ``{"expert_params": {}, "extras": …, "fisher": FisherResult}``.
 
-    With a ``recipe`` (headless replay) and no examples, each expert's ``fewshot.jsonl`` is read at
-    the indices the recipe recorded."""
-    if recipe is not None and examples is None and "example_loss_fn" not in kwargs:
-        examples, tokenizer = recipe_fewshot(recipe, expert_set)
+    The few-shot ``examples`` arrive as an input (replay reads them from the recipe's few-shot
+    record, the app from its session): this measures, it never looks for files."""
     result = compute_fisher(expert_set, examples, tokenizer, progress=progress, **kwargs)
     return {"expert_params": {}, "extras": result.extras(), "fisher": result}

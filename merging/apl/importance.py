@@ -30,6 +30,7 @@ import torch
 from ..errors import MergeLabError
 from ..io.experts import ExpertSet
 from ..io.layout import MODULE_KINDS, ROLE_MERGE, Layout, unit_slice
+from ..io.taskdata import draw_fewshot  # noqa: F401  (re-exported: one few-shot draw)
 from .taskloss import MAX_LENGTH, Example, FunctionLoss, StateLoss, TaskLoss, body_state, classifier_task_loss
 
 LEVELS = ("model", "layer", "module", "hidden")
@@ -471,9 +472,3 @@ def _expert_progress(progress: Progress | None, index: int, total: int, expert: 
     return lambda fraction, message: progress((index + fraction) / total, f"{expert}: {message}")
 
 
-def draw_fewshot(pool: Sequence[Example], n: int, seed: int) -> tuple[list[Example], list[int]]:
-    """A seeded draw of ``n`` examples from a pool (all of it, in order, when n ≥ pool size)."""
-    if n >= len(pool):
-        return list(pool), list(range(len(pool)))
-    indices = sorted(int(i) for i in np.random.default_rng(seed).choice(len(pool), size=n, replace=False))
-    return [pool[i] for i in indices], indices

@@ -17,15 +17,15 @@ Patching goes through :meth:`TaskLoss.assign` under ``torch.no_grad`` — no mod
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from ..errors import MergeLabError
 from ..io.experts import ExpertSet
 from ..io.layout import ROLE_MERGE
+from ..io.taskdata import tokenizer_of  # noqa: F401  (re-exported: the one tokenizer finder)
 
 Example = tuple[str, int]
 StateLoss = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
@@ -216,31 +216,3 @@ def classifier_task_loss(expert_set: ExpertSet, expert: str, examples, tokenizer
     task = ClassifierLoss(expert_set, expert, encode_examples(tokenizer, examples[expert], max_length), device)
     task.assign(start)
     return task
-
-
-def recipe_fewshot(recipe, expert_set: ExpertSet) -> tuple[dict[str, list], Any]:
-    """(few-shot examples, tokenizer) for replaying a data-aware recipe: each expert folder's
-    ``fewshot.jsonl`` at the indices the recipe recorded, and the tokenizer of the base (or an expert)."""
-    examples = {}
-    for name, expert in expert_set.experts.items():
-        root = expert.source.root
-        path = root / "fewshot.jsonl" if root is not None else None
-        if path is None or not path.is_file():
-            raise MergeLabError(f"recipe replay: expert '{name}' has no fewshot.jsonl beside its weights, so "
-                                f"{recipe.method} cannot recompute its inputs; add the task data there or store "
-                                "the per-layer values in the recipe", field="few_shot")
-        with open(path, encoding="utf-8") as handle:
-            pool = [(row["text"], int(row["label"])) for row in map(json.loads, handle) if row]
-        indices = (recipe.few_shot.get(name) or {}).get("indices")
-        examples[name] = [pool[i] for i in indices if i < len(pool)] if indices else pool
-    return examples, tokenizer_of(expert_set)
-
-
-def tokenizer_of(expert_set: ExpertSet):
-    """The tokenizer of the base folder, else of the first expert folder that has one."""
-    from transformers import AutoTokenizer
-
-    for source in [expert_set.base, *(e.source for e in expert_set.experts.values())]:
-        if source.has_tokenizer():
-            return AutoTokenizer.from_pretrained(str(source.root))
-    raise MergeLabError("no tokenizer in the base or expert folders: add tokenizer files to the base folder")

@@ -21,23 +21,19 @@ from pathlib import Path
 
 from ..apl.importance import INTERVENTIONS, LEVELS, MODES
 from ..errors import MergeLabError
+from ..methods import get_method
 
 
 def zoo_inputs(zoo_name: str | None):
     """(zoo, expert set, few-shot pools, tokenizer) of a built zoo: what importance needs."""
-    from transformers import AutoTokenizer
-
     from ..io.experts import ExpertSet
+    from ..io.taskdata import tokenizer_of
     from ..zoo.zoo import open_zoo
 
     zoo = open_zoo(zoo_name)
     expert_set = ExpertSet.load(zoo.base_path, {task: path for task, path in zoo.experts.items()})
     pools = {task: zoo.fewshot(task) for task in zoo.experts}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(zoo.base_path))
-    except (OSError, ValueError) as exc:
-        raise MergeLabError(f"zoo '{zoo.name}': no usable tokenizer in its base folder {zoo.base_path} ({exc})") from exc
-    return zoo, expert_set, pools, tokenizer
+    return zoo, expert_set, pools, tokenizer_of(expert_set)
 
 
 def _importance(args: argparse.Namespace) -> int:
@@ -115,10 +111,13 @@ def _calibrate(args: argparse.Namespace) -> int:
         experts=[ExpertRef(task, f"zoo:{zoo.name}/{task}", params[task]) for task in importance.experts],
         parameters=parameters, seed=args.seed, dtype="float32",
         importance=str(Path(args.importance).resolve()),
-        few_shot=importance.few_shot_record(importance.seed),  # the CLI draws with the importance seed
+        few_shot=_few_shot(importance, zoo.name),
         suggested={"apl": table.recipe_suggestion()},
+        calibrated={"from": str(Path(args.importance).resolve()), "mode": importance.mode,
+                    "intervention": importance.intervention},
         notes=f"calibrated by python -m merging calibrate from {Path(args.importance).name} "
               f"({importance.mode}, {importance.intervention})")
+    recipe.validate(expert_set.layout.layers)  # every value within APL's declared ranges before it is written
     recipe.save(out)
     summary = {"out": str(out), "experts": list(params), "drop_ratio": table.drop, "weight": table.weight}
     if args.json:
@@ -129,6 +128,14 @@ def _calibrate(args: argparse.Namespace) -> int:
             print(f"{task}: drop {drops}")
         print(f"wrote {out}: replay with python -m merging merge {out} --out DIR", file=sys.stderr)
     return 0
+
+
+def _few_shot(importance, zoo_name: str) -> dict:
+    """The recipe's few-shot record: each expert's zoo few-shot file by reference, at the indices the
+    importance was measured on (the CLI draws with the importance seed)."""
+    from ..io.taskdata import fewshot_record
+
+    return {e: fewshot_record(f"zoo:{zoo_name}/{e}", ix, importance.seed) for e, ix in importance.fewshot.items()}
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -150,12 +157,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                                    description=_calibrate.__doc__)
     parser.add_argument("--zoo", default=None, help="zoo name (default: MERGE_LAB_ZOO or 'default')")
     parser.add_argument("--importance", required=True, help="importance file (.json or .npz) of that zoo's experts")
-    parser.add_argument("--drop-ratio", type=float, default=0.5, help="mean drop ratio p̄ (parameter-weighted)")
-    parser.add_argument("--tau1", type=float, default=2.0, help="temperature of the drop-ratio softmax")
-    parser.add_argument("--tau2", type=float, default=2.0, help="temperature of the merge-weight softmax")
-    parser.add_argument("--q-min", type=float, default=0.01, help="smallest keep rate")
-    parser.add_argument("--lambda", dest="lam", type=float, default=1.0, help="scale of the merged delta")
-    parser.add_argument("--drop", choices=("random", "magnitude"), default="random", help="how entries are dropped")
+    apl = get_method("apl")  # defaults, choices and help from APL's declaration (ranges are checked against it)
+    for flag, name, dest in (("--drop-ratio", "drop_ratio", None), ("--tau1", "tau1", None), ("--tau2", "tau2", None),
+                             ("--q-min", "q_min", None), ("--lambda", "lambda", "lam"), ("--drop", "drop", None)):
+        declared = apl.param(name)
+        extra = {"dest": dest} if dest else {}
+        if declared.kind == "choice":
+            parser.add_argument(flag, choices=declared.choices, default=declared.default, help=declared.help, **extra)
+        else:
+            bounds = f" [{declared.low:g}, {declared.high:g}]" if declared.low is not None else ""
+            parser.add_argument(flag, type=float, default=declared.default, help=declared.help + bounds, **extra)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random drop masks")
     parser.add_argument("--out", required=True, help="recipe YAML to write")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import zoo as _zoo  # noqa: F401  (registers the zoo: reference scheme recipes and commands accept)
 from ..errors import MergeLabError
 
 # Modules that add their own sub-commands (each exposes ``add_commands(subparsers)``).
@@ -171,17 +172,10 @@ def _add_inspect(sub) -> None:
 
 def _non_finite(expert_set) -> list[str]:
     """'model m has k NaN/Inf value(s) in tensor t' for every float tensor that is not finite."""
-    import torch
+    from ..io.integrity import nonfinite_tensors
 
-    models = [("base", expert_set.base, "")] + [(n, e.source, e.prefix) for n, e in expert_set.experts.items()]
-    found = []
-    for model, source, prefix in models:
-        for name in expert_set.layout.merged_names():
-            tensor = source.get(prefix + name)
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                found.append(f"model '{model}' has {int((~torch.isfinite(tensor)).sum())} NaN/Inf value(s) "
-                             f"in tensor '{name}'")
-    return found
+    return [f"model '{model}' has {count} NaN/Inf value(s) in tensor '{name}'"
+            for model, tensors in nonfinite_tensors(expert_set).items() for name, count in tensors]
 
 
 def _run_inspect(args) -> int:

@@ -42,7 +42,7 @@ def _probe(args: argparse.Namespace) -> int:
     from ..zoo.probe import Prober
     from ..zoo.zoo import open_zoo
 
-    prober = Prober(open_zoo(args.zoo))
+    prober = Prober.for_zoo(open_zoo(args.zoo))
     merged = {}
     if args.recipe:
         from ..io.recipe import load_recipe

@@ -68,3 +68,38 @@ def check_safetensors(path: str | os.PathLike, shown: str | None = None) -> None
             raise MergeLabError(
                 f"'{shown}' is truncated: tensor '{name}' needs data up to byte {int(end)} but the file holds "
                 f"{data_bytes} bytes of data (an interrupted download or copy?): download or export it again")
+
+
+def count_nonfinite(source, name: str, chunk_bytes: int = 16 * 1024 * 1024) -> int:
+    """NaN/Inf values in one tensor of a model source: one min/max pass per row chunk (large tensors are
+    read ``chunk_bytes`` at a time), an exact count only where a chunk is not finite."""
+    import torch
+
+    shape = source.tensors[name].shape
+    rows = shape[0] if shape else 1
+    numel = math.prod(shape) if shape else 1
+    step = max(1, rows * chunk_bytes // max(numel, 1)) if len(shape) >= 2 else rows
+    bad = 0
+    for r0 in range(0, rows, step):
+        piece = source.get(name) if step >= rows else source.get_rows(name, r0, min(rows, r0 + step))
+        if piece.numel():
+            low, high = torch.aminmax(piece.float())
+            if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+                bad += int((~torch.isfinite(piece)).sum())
+        if step >= rows:
+            break
+    return bad
+
+
+def nonfinite_tensors(expert_set) -> dict[str, list[tuple[str, int]]]:
+    """Every float tensor of the base and the experts checked for NaN/Inf: model → [(tensor, bad values)]
+    (the app's load check and ``python -m merging inspect`` both read this)."""
+    found: dict[str, list[tuple[str, int]]] = {}
+    for model, source in [("base", expert_set.base), *((n, e.source) for n, e in expert_set.experts.items())]:
+        for name, entry in source.tensors.items():
+            if not entry.dtype.startswith(("float", "bfloat")):
+                continue
+            bad = count_nonfinite(source, name)
+            if bad:
+                found.setdefault(model, []).append((name, bad))
+    return found

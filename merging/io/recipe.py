@@ -34,7 +34,7 @@ from ..params import validate_params
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16", "bfloat16")
 _TOP_KEYS = {"merge_lab", "method", "base", "experts", "parameters", "seed", "dtype", "importance",
-             "suggested", "notes", "few_shot"}
+             "suggested", "notes", "few_shot", "calibrated"}
 _EXPERT_KEYS = {"name", "model", "parameters", "task"}
 
 
@@ -57,7 +57,10 @@ class Recipe:
     dtype: str = "float32"
     importance: str | None = None  # where the importance a data-aware merge used is stored
     suggested: dict[str, Any] = field(default_factory=dict)  # e.g. APL's calibrated tables, beside overrides
-    few_shot: dict[str, Any] = field(default_factory=dict)  # sizes, seeds and indices of few-shot sets used
+    few_shot: dict[str, Any] = field(default_factory=dict)  # per expert: file (by reference), n, seed, indices
+    #: set when the experts' parameters already hold what the method's ``prepare`` computed (and it needed
+    #: nothing else): replay then merges from the recipe alone. Says what it was calibrated from.
+    calibrated: dict[str, Any] | None = None
     notes: str = ""
     source: Path | None = None  # the file it was read from (resolves relative model paths)
 
@@ -78,6 +81,8 @@ class Recipe:
         for key in ("suggested", "few_shot"):
             if getattr(self, key):
                 out[key] = copy.deepcopy(getattr(self, key))
+        if self.calibrated is not None:
+            out["calibrated"] = copy.deepcopy(self.calibrated) or True
         return out
 
     def to_yaml(self) -> str:
@@ -166,6 +171,7 @@ def _parse(data: Any, source: Path | None) -> Recipe:
         seed=_seed(data.get("seed", 0)), dtype=_dtype(data.get("dtype", "float32")),
         importance=_optional_str(data, "importance"),
         suggested=_mapping(data, "suggested"), few_shot=_mapping(data, "few_shot"),
+        calibrated=_calibrated(data.get("calibrated")),
         notes=str(data.get("notes") or ""), source=source,
     )
     recipe.validate()
@@ -223,6 +229,18 @@ def _mapping(data: dict, key: str) -> dict:
     value = data.get(key) or {}
     if not isinstance(value, dict):
         raise MergeLabError(f"recipe field '{key}' must be a mapping", field=key)
+    return dict(value)
+
+
+def _calibrated(value: Any) -> dict | None:
+    """``calibrated: true`` or a mapping saying what from; absent or false: the method prepares on replay."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, dict):
+        raise MergeLabError("calibrated must be true or a mapping (from: …) saying what the per-layer values were "
+                            f"calibrated from, got {value!r}", field="calibrated")
     return dict(value)
 
 

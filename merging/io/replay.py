@@ -24,16 +24,25 @@ def expert_set_from_recipe(recipe, *, allow_pickle: bool = False) -> ExpertSet:
 
 
 def settings_from_recipe(recipe, expert_set: ExpertSet) -> MergeSettings:
-    """The engine settings a recipe describes; data-aware methods add their inputs via ``prepare``."""
+    """The engine settings a recipe describes.
+
+    A data-aware method's inputs come from its declared ``prepare``, fed the few-shot examples the
+    recipe's ``few_shot`` record references — unless the recipe says it is ``calibrated`` (its experts'
+    parameters already hold what ``prepare`` computed), when nothing is recomputed. The recipe's own
+    per-expert values win over prepared ones (they are the user's overrides, or the same values)."""
     recipe.validate(expert_set.layout.layers)
     spec = get_method(recipe.method)
     expert_params = recipe.expert_params()
     extras: dict[str, Any] = {}
-    if spec.prepare is not None:
-        prepared = spec.prepare(expert_set=expert_set, recipe=recipe)
-        extras.update(prepared.get("extras", {}))
-        for name, values in prepared.get("expert_params", {}).items():
-            expert_params[name] = {**values, **expert_params.get(name, {})}  # the user's overrides win
+    if spec.prepare is not None and recipe.calibrated is None:
+        from .taskdata import recipe_examples, tokenizer_of
+
+        examples = recipe_examples(recipe)
+        prepared = spec.prepare(expert_set, examples, tokenizer_of(expert_set, required=False),
+                                params=recipe.parameters)
+        extras.update(prepared.get("extras") or {})
+        for name, values in (prepared.get("expert_params") or {}).items():
+            expert_params[name] = {**values, **expert_params.get(name, {})}
     return MergeSettings.build(expert_set, spec, recipe.parameters, expert_params, recipe.seed, extras)
 
 

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -152,9 +152,9 @@ def open_model(ref: str | os.PathLike, *, name: str | None = None, allow_pickle:
     Reads headers only. ``base_dir`` resolves relative paths (recipes use it).
     """
     text = str(ref)
-    if text.startswith("zoo:"):
-        path = resolve_zoo_ref(text)
-        return _open_path(path, name or text.split("/", 1)[-1], text, allow_pickle)
+    local = resolve_scheme_ref(text)
+    if local is not None:
+        return _open_path(local, name or text.rstrip("/").split("/")[-1].split(":")[-1], text, allow_pickle)
     path = Path(text).expanduser()
     if base_dir is not None and not path.is_absolute():
         path = (base_dir / path)
@@ -163,6 +163,7 @@ def open_model(ref: str | os.PathLike, *, name: str | None = None, allow_pickle:
         return _open_path(path, name or _default_name(path), text, allow_pickle)
     if text.startswith("hf:") or (_HUB_ID.match(text) and not text.startswith((".", "/"))):
         return _open_hub(text, name, allow_pickle)
+    _refuse_unknown_scheme(text)
     raise MergeLabError(
         f"model '{text}' not found: no such file or folder"
         + (f" (looked in {path.resolve()})" if not path.is_absolute() else "")
@@ -311,16 +312,42 @@ def _open_hub(ref: str, name: str | None, allow_pickle: bool) -> ModelSource:
         ) from exc
     return _open_path(Path(folder), name or repo.split("/")[-1], ref, allow_pickle)
 
-def resolve_zoo_ref(ref: str) -> Path:
-    """``zoo:NAME/TASK`` → that expert's folder; ``zoo:NAME/base`` → the zoo's base folder."""
-    from ..zoo.zoo import open_zoo
 
-    zoo_name, _, member = ref[len("zoo:"):].partition("/")
-    zoo = open_zoo(zoo_name or "default")
-    if member in ("", "base"):
-        return Path(zoo.base_path)
-    if member not in zoo.experts:
-        raise MergeLabError(
-            f"zoo '{zoo.name}' has no expert '{member}'; it has: {', '.join(sorted(zoo.experts)) or 'none'}"
-        )
-    return Path(zoo.experts[member])
+# ---- reference schemes ----------------------------------------------------------------------
+#
+# ``hf:`` and plain paths are built in; any other ``scheme:rest`` ref is resolved to a local path by
+# whoever registered the scheme — the demo zoo registers ``zoo`` when ``merging.zoo`` is imported. The
+# I/O layer so never knows the zoo (nor imports its training code) to open ``zoo:default/topic``.
+
+SchemeResolver = Callable[[str], Path]
+_SCHEMES: dict[str, SchemeResolver] = {}
+_SCHEME = re.compile(r"^([a-z][a-z0-9_+-]*):(?!//)")
+
+
+def register_scheme(scheme: str, resolver: SchemeResolver) -> None:
+    """Make ``scheme:rest`` refs open the local path ``resolver(ref)`` returns (it raises a MergeLabError
+    naming what is missing). Registering a scheme again replaces its resolver."""
+    if scheme in ("hf",) or not _SCHEME.match(f"{scheme}:"):
+        raise MergeLabError(f"cannot register reference scheme {scheme!r}: use lower-case letters and digits, "
+                            "and not the built-in 'hf'")
+    _SCHEMES[scheme] = resolver
+
+
+def registered_schemes() -> list[str]:
+    return ["hf", *_SCHEMES]
+
+
+def resolve_scheme_ref(ref: str) -> Path | None:
+    """The local path of a ref in a registered scheme; None for hub ids, plain paths and unknown schemes."""
+    match = _SCHEME.match(str(ref))
+    if match is None or match.group(1) not in _SCHEMES:
+        return None
+    return Path(_SCHEMES[match.group(1)](str(ref)))
+
+
+def _refuse_unknown_scheme(text: str) -> None:
+    match = _SCHEME.match(text)
+    if match is not None and match.group(1) != "hf" and match.group(1) not in _SCHEMES:
+        hint = " (the demo zoo's refs: `import merging.zoo` registers 'zoo')" if match.group(1) == "zoo" else ""
+        raise MergeLabError(f"model '{text}': no resolver is registered for '{match.group(1)}:' refs{hint}; known "
+                            f"schemes: {', '.join(registered_schemes())}, or give a folder or file path")

@@ -18,31 +18,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..apl.calibration import DEFAULTS, UNIT_EXTRAS, WITHIN_LAYER, calibrate, unit_keep_rates
-from ..apl.importance import compute_importance
-from ..apl.taskloss import recipe_fewshot
+from ..apl.defaults import DEFAULTS, MEAN_DROP, Q_MIN, TAU1, TAU2, UNIT_EXTRAS, WITHIN
 from ..errors import MergeLabError
-from ..params import PER_LAYER, SHARED, ParamSpec
+from ..params import SHARED, ParamSpec
 from . import kernels
 from .base import NEEDS_BASE, NEEDS_FEW_SHOT, NEEDS_IMPORTANCE, MethodSpec, TensorJob, register
 from .classic import LAMBDA, WEIGHT
 
 APL_URL = "https://arxiv.org/abs/2408.09485"
 
-MEAN_DROP = ParamSpec("drop_ratio", "float", DEFAULTS["drop_ratio"],
-                      "Mean drop ratio p̄ (weighted by parameter count); APL's per-layer suggestions — or your "
-                      "per-layer overrides — replace it layer by layer.", PER_LAYER, 0.0, 0.999)
-TAU1 = ParamSpec("tau1", "float", DEFAULTS["tau1"],
-                 "Temperature τ1 of the drop-ratio softmax: small = important layers keep much more; "
-                 "very large = uniform drop ratios (DARE).", SHARED, 1e-3, 1e12)
-TAU2 = ParamSpec("tau2", "float", DEFAULTS["tau2"],
-                 "Temperature τ2 of the merge-weight softmax across experts: very large = unit weights.",
-                 SHARED, 1e-3, 1e12)
-Q_MIN = ParamSpec("q_min", "float", DEFAULTS["q_min"], "Smallest keep rate any layer or unit may get.",
-                  SHARED, 0.0, 0.5)
-WITHIN = ParamSpec("within_layer", "choice", "uniform",
-                   "Inside a layer: one drop ratio for every entry, or per hidden-state unit by importance rank.",
-                   SHARED, choices=WITHIN_LAYER)
 DROP_KIND = ParamSpec("drop", "choice", "random",
                       "How entries are dropped: seeded random with rescale 1/keep (DARE-style) or magnitude "
                       "top-k (no rescale).", SHARED, choices=("random", "magnitude"))
@@ -94,6 +78,8 @@ def _unit_keep(profile: torch.Tensor | None, layer_keep: float, job: TensorJob, 
         raise MergeLabError(f"within_layer='hidden' needs APL's per-unit importance profiles for expert '{expert}' "
                             f"(tensor '{job.name}'): prepare APL with within_layer='hidden' (gradient importance at "
                             "hidden level), or use within_layer='uniform'")
+    from ..apl.calibration import unit_keep_rates  # measurement code loads when a merge needs it, not on import
+
     keep = unit_keep_rates(profile.reshape(-1).double().numpy(), layer_keep,
                            float(job.shared["tau1"]), float(job.shared["q_min"]))
     keep_t = torch.from_numpy(np.asarray(keep, dtype=np.float32))
@@ -124,24 +110,26 @@ def _apl_row_separable(shared: Mapping[str, Any]) -> bool:
 
 
 def prepare_apl(expert_set, examples: Mapping[str, Sequence] | None = None, tokenizer=None, *,
-                params: Mapping[str, Any] | None = None, importance=None, progress=None, recipe=None,
-                **kwargs) -> dict:
-    """APL's inputs: gradient importance (unless given), calibrated with the method's parameters.
+                params: Mapping[str, Any] | None = None, importance=None, progress=None, **kwargs) -> dict:
+    """APL's inputs: gradient importance on the few-shot ``examples`` (unless an ``importance`` map is
+    given — the app computes it once and passes it in), calibrated with the method's parameters.
 
-    Returns ``{"expert_params", "extras", "table", "importance"}``; merge with
-    ``MergeSettings.build(..., expert_params=out["expert_params"], extras=out["extras"])``. Called
-    with a ``recipe`` (headless replay), parameters come from it, and when the recipe already holds
-    every expert's per-layer drop ratios and weights (and needs no unit profiles) nothing is recomputed.
+    Returns ``{"expert_params", "extras", "suggestion", "table", "importance"}``: per-expert layer maps
+    of ``drop_ratio`` and ``weight`` (the caller lays a user's per-cell overrides over them), the per-unit
+    profiles for ``within_layer="hidden"`` as engine extras, and the record a recipe keeps under
+    ``suggested.apl``. The examples arrive as an input: where they came from is the caller's business.
     """
-    if recipe is not None:
-        params = recipe.parameters
-        if _recipe_is_calibrated(recipe, params):
-            return {"expert_params": {}, "extras": {}}
-        if importance is None and examples is None:
-            examples, tokenizer = recipe_fewshot(recipe, expert_set)
+    from ..apl.calibration import DeltaSupport, calibrate
+
     params = dict(params or {})
     within = params.get("within_layer", "uniform")
     if importance is None:
+        if not examples:
+            raise MergeLabError("APL needs few-shot examples of every expert's task (or an importance map "
+                                "computed from them): attach task data, or pick a weight-only method",
+                                field="few_shot")
+        from ..apl.importance import compute_importance
+
         level = "all" if within == "hidden" else "layer"
         importance = compute_importance(expert_set, examples, tokenizer, mode="gradient", level=level,
                                         progress=progress, **kwargs)
@@ -151,17 +139,10 @@ def prepare_apl(expert_set, examples: Mapping[str, Sequence] | None = None, toke
                             "overrides applied after calibration", field="parameters.drop_ratio")
     table = calibrate(importance, expert_set, drop_ratio=float(mean_drop),
                       tau1=float(params.get("tau1", DEFAULTS["tau1"])), tau2=float(params.get("tau2", DEFAULTS["tau2"])),
-                      q_min=float(params.get("q_min", DEFAULTS["q_min"])), within_layer=within)
-    return {"expert_params": table.to_expert_params(), "extras": table.extras(), "table": table,
-            "importance": importance}
-
-
-def _recipe_is_calibrated(recipe, params: Mapping[str, Any]) -> bool:
-    if params.get("within_layer", "uniform") == "hidden":
-        return False
-    given = recipe.expert_params()
-    return all(isinstance(given.get(e.name, {}).get(key), Mapping) for e in recipe.experts
-               for key in ("drop_ratio", "weight"))
+                      q_min=float(params.get("q_min", DEFAULTS["q_min"])), within_layer=within,
+                      support=DeltaSupport.cached(expert_set))
+    return {"expert_params": table.to_expert_params(), "extras": table.extras(),
+            "suggestion": table.recipe_suggestion(), "table": table, "importance": importance}
 
 
 register(MethodSpec(

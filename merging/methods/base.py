@@ -20,7 +20,7 @@ from ..params import ParamSpec
 
 NEEDS_BASE = "base"
 NEEDS_FEW_SHOT = "few_shot"  # task examples for each expert (Fisher, APL)
-NEEDS_IMPORTANCE = "importance"
+NEEDS_IMPORTANCE = "importance"  # prepare takes importance= (an ImportanceMap the caller already computed)
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,12 @@ class MethodSpec:
     mergekit_name: str | None = None
     #: name of the choice parameter selecting a magnitude-trim scope (tensor/layer/model), if any
     trim_scope_param: str | None = None
-    #: prepares method-specific inputs before merging (e.g. Fisher diagonals, APL calibration)
+    #: prepares method-specific inputs before merging (e.g. Fisher diagonals, APL calibration):
+    #: ``prepare(expert_set, examples, tokenizer, *, params, progress=None[, importance=])`` with each
+    #: expert's few-shot ``examples`` given in (a method never looks for files) returns
+    #: ``{"expert_params": {expert: {param: value}}, "extras": {...}, "suggestion": JSON-able}``; the app,
+    #: the CLI and replay call it the same way, and a caller's per-cell overrides win over expert_params.
+    #: Import measurement code inside it, not at module level: declaring must stay light.
     prepare: Callable[..., dict[str, Any]] | None = None
     #: part of the contract with the engine, which merges tensors over ``CHUNK_BYTES`` in row chunks:
     #: True when a chunk of rows merged alone equals those rows of the whole-tensor merge (given the

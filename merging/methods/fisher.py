@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..apl.fisher import FISHER_EXTRAS, prepare_fisher
+from ..apl.defaults import FISHER_EXTRAS
 from ..errors import MergeLabError
 from ..params import SHARED, ParamSpec
 from .base import NEEDS_BASE, NEEDS_FEW_SHOT, MethodSpec, TensorJob, register
@@ -42,9 +42,16 @@ def _fisher_kernel(job: TensorJob) -> torch.Tensor:
     return job.base.float() + float(job.shared.get("lambda", 1.0)) * merged
 
 
+def _prepare_fisher(expert_set, examples=None, tokenizer=None, **kwargs) -> dict:
+    """Fisher diagonals of every expert on its few-shot examples (the measurement loads only now)."""
+    from ..apl.fisher import prepare_fisher
+
+    return prepare_fisher(expert_set, examples, tokenizer, **kwargs)
+
+
 register(MethodSpec(
     "fisher", "Fisher-weighted", FISHER_URL,
     "Average the task vectors entry by entry, weighted by each expert's diagonal Fisher on its few-shot data.",
     (WEIGHT, LAMBDA, EPSILON), _fisher_kernel, needs=frozenset({NEEDS_BASE, NEEDS_FEW_SHOT}),
-    prepare=prepare_fisher, row_separable=True,  # entry by entry, with the diagonals cut to the chunk's rows
+    prepare=_prepare_fisher, row_separable=True,  # entry by entry, with the diagonals cut to the chunk's rows
 ))

@@ -1,9 +1,8 @@
 """The app's session logic, free of any UI toolkit: what each button of the page does.
 
 A :class:`Session` is the small, per-browser-tab state (which experts, their task data, the
-importance map, APL's calibration, the per-layer plan with the user's overrides, the merge
-history). Heavy objects — the :class:`ExpertSet`, its :class:`MergeEngine`, the prober, the
-merged bodies — live in a process-wide cache keyed by the expert selection (:func:`models_for`),
+importance map, the per-layer plan with the user's overrides, the merge history). Heavy objects —
+the :class:`ExpertSet`, its :class:`MergeEngine`, the prober, the merged bodies — live in a process-wide cache keyed by the expert selection (:func:`models_for`),
 bounded by bytes (``MERGE_LAB_CACHE_BYTES``), so two tabs that pick the same experts share them
 and a tab never holds model weights itself.
 
@@ -21,13 +20,15 @@ The package is one module per step of the page, in the order the page runs them:
 - ``limits`` — every number, choice and seed a handler receives, checked on the server;
 - ``cache`` — the byte-bounded model cache and the content-hashed result cache;
 - ``session`` — per-tab state and the demo zoo; ``preflight`` — broken files found before use;
-- ``experts`` — loading and checking a selection; ``importance`` — APL importance and calibration;
+- ``experts`` — loading and checking a selection; ``importance`` — APL importance;
+- ``prepare`` — data-aware methods' inputs through their declared ``prepare`` (snapshot, cache);
 - ``plan`` — per-layer drop ratios and weights with overrides and presets; ``merge``; ``probe``;
 - ``export``; ``history`` — the session's merges as JSON; ``views`` — numbers behind each chart.
 
 Everything is re-exported here, so ``from merging import workbench as wb; wb.merge(...)`` is the API.
 """
 
+from .. import zoo as _zoo  # noqa: F401  (registers the zoo: reference scheme the page's refs use)
 from ..errors import MergeLabError  # noqa: F401
 from .cache import (  # noqa: F401
     CACHE,
@@ -61,9 +62,10 @@ from .experts import (  # noqa: F401
 )
 from .export import clean_old_exports, export, exports_root, read_zip_names, zip_is_stored  # noqa: F401
 from .history import HISTORY_FORMAT, history_json, restore_history, save_history  # noqa: F401
-from .importance import Comparison, compare_interventions, compute_importance, recalibrate  # noqa: F401
+from .importance import Comparison, compare_interventions, compute_importance  # noqa: F401
 from .limits import (  # noqa: F401
     DEFAULT_FEWSHOT,
+    DEFAULT_METHOD,
     DROP,
     DTYPE_CHOICES,
     EXPORT_MAX_AGE,
@@ -79,6 +81,7 @@ from .limits import (  # noqa: F401
     SWEEP_METHODS,
     WEIGHT,
     Progress,
+    cell_param,
     check_cell,
     check_choice,
     check_dtype,
@@ -102,11 +105,14 @@ from .merge import (  # noqa: F401
     merge_key,
     merged_tensors,
     method_available,
+    recipe_expert_params,
+    settings_for,
 )
 from .plan import (  # noqa: F401
     apply_table,
     is_overridden,
     layer_swap_groups,
+    layer_values,
     override_list,
     plan,
     preset_layer_swap,
@@ -114,11 +120,14 @@ from .plan import (  # noqa: F401
     reset_overrides,
     set_cell,
     suggestion,
+    suggestion_source,
     table_rows,
+    with_overrides,
 )
 from .preflight import MAX_HEADER_BYTES, accept_upload, check_safetensors, preflight_ref, scan_nonfinite  # noqa: F401
+from .prepare import importance_id, prepared, snapshot, view_prepared  # noqa: F401
 from .probe import drop_sweep, history_rows, predict, prober_for, run_probe  # noqa: F401
-from .session import Session, TaskData, ensure_zoo, open_default_zoo, zoo_refs  # noqa: F401
+from .session import MergeInputs, Session, TaskData, ensure_zoo, open_default_zoo, zoo_refs  # noqa: F401
 from .views import (  # noqa: F401
     conflict_data,
     cosine_data,

@@ -3,7 +3,6 @@ and the content-hashed result cache, so identical requests from many tabs do the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -15,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..hashing import content_hash  # noqa: F401  (re-exported: the one content hasher)
 
 
 def _parse_bytes(text: str) -> int | None:
@@ -279,36 +280,6 @@ class ResultCache:
 
 RESULTS = ResultCache()
 MERGE_STATS = {"hits": 0, "misses": 0}
-
-
-def content_hash(*parts: Any) -> str:
-    """A stable hash of JSON-able parts; tensors and arrays by their bytes."""
-    digest = hashlib.sha256()
-    for part in parts:
-        _feed(digest, part)
-    return digest.hexdigest()[:32]
-
-
-def _feed(digest, value: Any) -> None:
-    if torch.is_tensor(value):
-        digest.update(str((tuple(value.shape), str(value.dtype))).encode())
-        digest.update(value.detach().contiguous().cpu().numpy().tobytes())
-    elif isinstance(value, np.ndarray):
-        digest.update(str((value.shape, str(value.dtype))).encode())
-        digest.update(np.ascontiguousarray(value).tobytes())
-    elif isinstance(value, Mapping):
-        digest.update(b"{")
-        for k in sorted(value, key=str):
-            digest.update(json.dumps(str(k)).encode())
-            _feed(digest, value[k])
-        digest.update(b"}")
-    elif isinstance(value, (list, tuple)):
-        digest.update(b"[")
-        for item in value:
-            _feed(digest, item)
-        digest.update(b"]")
-    else:
-        digest.update(json.dumps(value, sort_keys=True, default=str).encode())
 
 
 def selection_key(base_ref: str, refs: Mapping[str, str]) -> str:

@@ -116,10 +116,10 @@ def _task_data_for(zoo, task: str | None, root) -> TaskData | None:
         return TaskData(list(zoo.fewshot(task)), list(zoo.probe(task))[:MAX_PROBE_ROWS], labels, "zoo")
     if root is not None and Path(root).is_dir():  # a folder laid out like a zoo expert carries its data
         folder = Path(root)
-        few, probe = folder / "fewshot.jsonl", folder / "probe.jsonl"
-        if few.is_file():
-            from ..zoo.training import read_examples
+        from ..io.taskdata import FEWSHOT_FILE, read_examples
 
+        few, probe = folder / FEWSHOT_FILE, folder / "probe.jsonl"
+        if few.is_file():
             labels: list[str] = []
             task_file = folder / "merge_lab_task.json"
             if task_file.is_file():
@@ -206,17 +206,9 @@ EXPERT_HEADERS = ["expert", "task", "parameters", "delta norm", "task data"]
 
 def tokenizer_for(models: Models):
     """The tokenizer of the first model folder that ships one (loaded once per selection)."""
+    from ..io.taskdata import tokenizer_of
+
     with models.lock:
         if models.tokenizer is None:
-            from transformers import AutoTokenizer
-
-            sources = [models.expert_set.base, *(e.source for e in models.expert_set.experts.values())]
-            for source in sources:
-                root = getattr(source, "root", None)
-                if root is not None and source.has_tokenizer():
-                    models.tokenizer = AutoTokenizer.from_pretrained(str(root))
-                    break
-            else:
-                raise MergeLabError("no tokenizer found in the base or the experts: importance, Fisher and the "
-                                    "probe need one (add tokenizer files to the base folder)")
+            models.tokenizer = tokenizer_of(models.expert_set)
         return models.tokenizer

@@ -14,7 +14,7 @@ from ..errors import MergeLabError
 from .cache import Models, content_hash
 from .experts import models_for
 from .limits import EXPORT_MAX_AGE, Progress, check_dtype, no_progress
-from .merge import build_settings
+from .merge import settings_for
 from .session import Session
 
 
@@ -74,8 +74,11 @@ def export(session: Session, tasks: Sequence[str] | None = None, dtype: str = "f
     out_dir = work / "merge"
     zip_path = work / f"merge-lab-{session.method}-{stamp}.zip"
     try:
+        # the settings of the last merge's frozen inputs (overrides as they were at Merge, the same few-shot
+        # data and prepared inputs), prepared before the models' lock: Export writes exactly what Merge built
+        settings, _ = settings_for(session, session.merge_inputs)
         with models.lock:
-            _export_with_settings(session, models, recipe, out_dir, chosen, dtype, importance_json, progress)
+            _export_with_settings(models, recipe, settings, out_dir, chosen, dtype, importance_json, progress)
         progress(0.95, "zipping (stored, not recompressed)")
         partial = work / (zip_path.name + ".part")
         with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as archive:
@@ -103,20 +106,10 @@ def export(session: Session, tasks: Sequence[str] | None = None, dtype: str = "f
     return zip_path
 
 
-def _export_with_settings(session: Session, models: Models, recipe, out_dir: Path, tasks, dtype: str,
+def _export_with_settings(models: Models, recipe, settings, out_dir: Path, tasks, dtype: str,
                           importance_json: str | None, progress: Progress) -> None:
-    """export_recipe with the settings the last merge was built from (data-aware methods' inputs: few-shot
-    data, calibration; the overrides as they were at Merge), so Export writes exactly what Merge built."""
     from ..io.export import export_recipe
 
-    snap = session.merge_inputs
-    saved = (session.overrides, session.calibration, session.apl_params, session.fewshot_n)
-    try:
-        session.overrides, session.calibration = snap["overrides"], snap["calibration"]
-        session.apl_params, session.fewshot_n = snap["apl_params"], snap["fewshot_n"]
-        settings, _ = build_settings(session, recipe.method, snap["shared"], snap["seed"])
-    finally:
-        session.overrides, session.calibration, session.apl_params, session.fewshot_n = saved
     export_recipe(recipe, out_dir, expert_set=models.expert_set, engine=models.engine, tasks=tasks, dtype=dtype,
                   importance_json=importance_json, progress=progress, settings=settings)
 

@@ -1,4 +1,4 @@
-"""The Importance step: APL importance for a session, its calibration, and the intervention/draw comparison."""
+"""The Importance step: APL importance for a session, and the intervention/draw comparison."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from .session import Session
 def compute_importance(session: Session, n_fewshot: int = DEFAULT_FEWSHOT, mode: str = "gradient",
                        intervention: str = "restore", level: str = "all", sample: int | None = None,
                        progress: Progress | None = None) -> Session:
-    """APL importance of every expert on its own few-shot data, then APL's calibration.
+    """APL importance of every expert on its own few-shot data: an input of every method that ``needs``
+    importance, whose ``prepare`` then calibrates from it (see :mod:`.prepare`).
 
     The map is a pure function of (models, few-shot examples, mode, intervention, levels, sample, seed), so it
     is cached across sessions by a hash of those: a second identical request is a cache hit."""
@@ -42,7 +43,6 @@ def compute_importance(session: Session, n_fewshot: int = DEFAULT_FEWSHOT, mode:
     session.importance = result
     session.importance_runs[f"{mode}/{intervention}"] = result
     session.fewshot_n = int(n_fewshot)
-    recalibrate(session, **(session.apl_params or {}))
     CACHE.trim()
     return session
 
@@ -87,26 +87,6 @@ def _importance(session: Session, models: Models, n: int, mode: str, interventio
                             fewshot_indices=indices)
 
     return RESULTS.get_or_compute("importance", key, compute)
-
-
-def recalibrate(session: Session, drop_ratio: float = 0.5, tau1: float = 2.0, tau2: float = 2.0,
-                q_min: float = 0.01, within_layer: str = "uniform") -> Session:
-    """APL's suggested drop ratio and weight per expert × layer from the current importance."""
-    from ..apl.calibration import DeltaSupport, calibrate
-
-    if session.importance is None:
-        return session
-    models = models_for(session)
-    with models.lock:
-        if models.support is None:
-            models.support = DeltaSupport.of(models.expert_set)
-    session.apl_params = {"drop_ratio": float(drop_ratio), "tau1": float(tau1), "tau2": float(tau2),
-                          "q_min": float(q_min), "within_layer": within_layer}
-    session.calibration = calibrate(session.importance, models.expert_set, support=models.support,
-                                    **session.apl_params)
-    return session
-
-
 
 
 @dataclass

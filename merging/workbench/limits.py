@@ -18,7 +18,8 @@ PER_LAYER_KEYS = (DROP, WEIGHT)
 DEFAULT_FEWSHOT = 32
 MAX_PROBE_ROWS = 200
 EXPORT_MAX_AGE = 3600.0  # seconds an export zip is kept
-SWEEP_METHODS = ("apl", "dare_linear", "magnitude")
+SWEEP_METHODS = ("apl", "dare_linear", "magnitude")  # the drop sweep's default methods (page configuration)
+DEFAULT_METHOD = "apl"  # the method the page opens with (configuration; no logic depends on it)
 MAX_SENTENCE_CHARS = 2000
 
 
@@ -132,14 +133,27 @@ def check_shared(method: str, shared: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def check_cell(key: str, value: Any, layer: str | None = None) -> float:
-    """One per-layer drop ratio or weight, within the range its method parameter declares."""
+def cell_param(key: str, method: str | None = None):
+    """The declaration that bounds a per-layer cell (drop ratio or weight): the method's own when it
+    declares the key, else the first registered method that does — the sliders, the table and the
+    server's check all read it, so no range is typed twice."""
     if key not in PER_LAYER_KEYS:
         raise MergeLabError(f"per-layer value must be drop_ratio or weight, got {key!r}", field="key")
-    where = f"layer {layer} " if layer is not None else ""
-    if key == DROP:
-        return float(check_number(f"{where}drop ratio", value, 0.0, 0.999))
-    return float(check_number(f"{where}weight", value, -5.0, 5.0))
+    from ..methods import all_specs
+
+    specs = ([method_spec(method)] if method else []) + all_specs()
+    for spec in specs:
+        if key in spec.param_names():
+            return spec.param(key)
+    raise MergeLabError(f"no merge method declares '{key}'", field="key")
+
+
+def check_cell(key: str, value: Any, layer: str | None = None, method: str | None = None,
+               label: str | None = None) -> float:
+    """One per-layer drop ratio or weight, within the range its method parameter declares."""
+    spec = cell_param(key, method)
+    where = label or (f"layer {layer} " if layer is not None else "") + key.replace("_", " ")
+    return float(check_number(where, value, spec.low, spec.high, integer=spec.kind == "int"))
 
 
 def check_dtype(value: Any) -> str:

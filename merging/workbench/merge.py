@@ -1,4 +1,5 @@
-"""The Merge step: a merge per recipe, cached across sessions by content hash, rebuilt when evicted."""
+"""The Merge step: a merge per frozen snapshot of the page, cached across sessions by content hash, rebuilt
+when evicted. Method-agnostic: a data-aware method's inputs come from its declared ``prepare``."""
 
 from __future__ import annotations
 
@@ -12,20 +13,11 @@ import torch
 
 from ..errors import MergeLabError
 from .cache import CACHE, MAX_MERGES_KEPT, MERGE_STATS, Models, content_hash
-from .experts import models_for, tokenizer_for
-from .limits import (
-    DROP,
-    PER_LAYER_KEYS,
-    WEIGHT,
-    Progress,
-    check_method,
-    check_seed,
-    check_shared,
-    method_spec,
-    no_progress,
-)
-from .plan import override_list, plan
-from .session import Session
+from .experts import models_for
+from .limits import PER_LAYER_KEYS, Progress, check_method, check_seed, check_shared, method_spec, no_progress
+from .plan import layer_values, listed_overrides, with_overrides
+from .prepare import clean_shared, importance_id, prepared, snapshot  # noqa: F401  (clean_shared re-exported)
+from .session import MergeInputs, Session
 
 
 def method_available(session: Session, method: str) -> str | None:
@@ -43,90 +35,98 @@ def method_available(session: Session, method: str) -> str | None:
     return None
 
 
-def clean_shared(method: str, shared: Mapping[str, Any]) -> dict[str, Any]:
-    """Only the method's declared parameters, typed (ints as ints), without per-layer weight."""
-    spec = method_spec(method)
-    out = {}
-    for p in spec.params:
-        if p.name == WEIGHT or p.name not in shared or shared[p.name] is None:
-            continue
-        value = shared[p.name]
-        if p.kind == "int":
-            value = int(value)
-        elif p.kind == "float":
-            value = float(value)
-        elif p.kind == "bool":
-            value = bool(value)
-        out[p.name] = value
-    return out
-
-
 def expert_parameters(session: Session, method: str, shared: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per-expert layer maps for the method's declared drop_ratio / weight (only what differs from the
-    shared value, except for APL whose per-layer values are the whole point)."""
-    spec = method_spec(method)
+    """Per-expert parameters of the merge the page describes (see :func:`recipe_expert_params`)."""
+    snap = snapshot(session, method, shared, session.seed)
+    return recipe_expert_params(snap, session.experts, session.layers, _prepared_or_none(session, snap))
+
+
+def recipe_expert_params(snap: MergeInputs, experts, layers, prepared: Mapping | None) -> dict[str, dict[str, Any]]:
+    """Everything ``prepare`` set per expert, with the per-layer drop_ratio / weight maps the user's
+    overrides changed laid over it cell by cell; a key ``prepare`` did not set is written only where it
+    differs from the shared value."""
+    spec = method_spec(snap.method)
     declared = {p.name for p in spec.params}
-    values = plan(session, method, shared)
+    prepared_params = (prepared or {}).get("expert_params") or {}
+    values = with_overrides(layer_values(snap.method, experts, layers, snap.shared, prepared_params),
+                            snap.override_map())
     out: dict[str, dict[str, Any]] = {}
-    for expert in session.refs:
-        params: dict[str, Any] = {}
+    for expert in experts:
+        params: dict[str, Any] = copy.deepcopy(dict(prepared_params.get(expert, {})))
         for key in PER_LAYER_KEYS:
             if key not in declared:
                 continue
-            default = float(shared.get(key, spec.param(key).default))
+            default = float(snap.shared.get(key, spec.param(key).default))
             layer_map = {k: float(v) for k, v in values[expert][key].items()}
-            if method == "apl" or any(not math.isclose(v, default, abs_tol=1e-12) for v in layer_map.values()):
+            if key in params or any(not math.isclose(v, default, abs_tol=1e-12) for v in layer_map.values()):
                 params[key] = layer_map
         if params:
             out[expert] = params
     return out
 
 
+def _prepared_or_none(session: Session, snap: MergeInputs, progress: Progress | None = None) -> dict | None:
+    """The method's prepared inputs when it can run now (a recipe of a method that cannot — APL before
+    importance — records the page's values only, and Merge refuses it with the reason)."""
+    if method_spec(snap.method).prepare is None or method_available(session, snap.method) is not None:
+        return None
+    return prepared(models_for(session), snap, progress)
+
+
 def build_recipe(session: Session, method: str, shared: Mapping[str, Any], seed: int = 0, dtype: str = "float32"):
     """The recipe of the merge the page describes (what Export writes and the CLI replays)."""
+    snap = snapshot(session, method, shared, seed)
+    recipe = _recipe(session, snap, _prepared_or_none(session, snap))
+    recipe.dtype = dtype
+    return recipe
+
+
+def _recipe(session: Session, snap: MergeInputs, prepared_result: Mapping | None):
+    """The recipe of ``snap``: the effective per-expert values, the method's suggestion beside the user's
+    overrides, the few-shot data by reference, and ``calibrated`` when the values are all ``prepare``
+    made (no extras), so replay needs no data."""
     from ..io.recipe import ExpertRef, Recipe
 
-    shared_clean = clean_shared(method, shared)
-    if method == "apl" and session.calibration is not None:
-        shared_clean.setdefault(DROP, session.apl_params.get(DROP, 0.5))
-    per_expert = expert_parameters(session, method, shared)
+    prepared_params = (prepared_result or {}).get("expert_params") or {}
+    per_expert = recipe_expert_params(snap, session.experts, session.layers, prepared_result)
     experts = [ExpertRef(name, ref, per_expert.get(name, {})) for name, ref in session.refs.items()]
     suggested: dict[str, Any] = {}
-    if session.calibration is not None:
-        suggested["apl"] = session.calibration.recipe_suggestion()
-    overrides = override_list(session, method, shared)
+    if prepared_params:
+        suggested[snap.method] = copy.deepcopy(prepared_result.get("suggestion") or {"expert_params": prepared_params})
+    sugg = layer_values(snap.method, session.experts, session.layers, snap.shared, prepared_params)
+    overrides = listed_overrides(snap.override_map(), sugg)
     if overrides:
         suggested["overrides"] = overrides
-    few_shot = {}
-    if session.importance is not None:
-        few_shot = session.importance.few_shot_record(session.seed)
-    return Recipe(method=method, base=str(session.base_ref), experts=experts, parameters=shared_clean, seed=int(seed),
-                  dtype=dtype, suggested=suggested, few_shot=few_shot, notes="made with the Merge Lab app")
+    calibrated = None
+    if prepared_result is not None and not prepared_result.get("extras"):
+        calibrated = {"from": "few_shot", "by": "the Merge Lab app"}
+        if snap.importance is not None:
+            imp = snap.importance
+            calibrated["importance"] = {"mode": imp.mode, "intervention": imp.intervention, "seed": imp.seed}
+    return Recipe(method=snap.method, base=str(session.base_ref), experts=experts, parameters=dict(snap.shared),
+                  seed=snap.seed, suggested=suggested, few_shot=copy.deepcopy(snap.fewshot) if snap.examples else {},
+                  calibrated=calibrated, notes="made with the Merge Lab app")
 
 
 def build_settings(session: Session, method: str, shared: Mapping[str, Any], seed: int = 0,
                    progress: Progress | None = None):
-    """Engine settings for the page's values (data-aware methods get their inputs prepared)."""
-    from ..engine import MergeSettings
-
+    """(engine settings, recipe) for the page's values (data-aware methods get their inputs prepared)."""
     why = method_available(session, method)
     if why:
         raise MergeLabError(why)
+    return settings_for(session, snapshot(session, method, shared, seed), progress)
+
+
+def settings_for(session: Session, snap: MergeInputs, progress: Progress | None = None):
+    """(engine settings, recipe) of a frozen snapshot: the one place a merge's settings are built."""
+    from ..engine import MergeSettings
+
     models = models_for(session)
-    recipe = build_recipe(session, method, shared, seed)
-    spec = method_spec(method)
-    extras: dict[str, Any] = {}
-    expert_params = recipe.expert_params()
-    if method == "apl" and session.calibration is not None:
-        extras.update(session.calibration.extras() or {})
-    elif spec.prepare is not None:
-        examples = {e: session.data[e].fewshot[: session.fewshot_n] for e in session.refs}
-        prepared = spec.prepare(models.expert_set, examples, tokenizer_for(models), params=recipe.parameters,
-                                progress=progress)
-        extras.update(prepared.get("extras", {}))
-        for name, values in prepared.get("expert_params", {}).items():
-            expert_params[name] = {**values, **expert_params.get(name, {})}
-    settings = MergeSettings.build(models.expert_set, spec, recipe.parameters, expert_params, int(seed), extras)
+    prepared_result = prepared(models, snap, progress)
+    recipe = _recipe(session, snap, prepared_result)
+    extras = dict((prepared_result or {}).get("extras") or {})
+    settings = MergeSettings.build(models.expert_set, method_spec(snap.method), recipe.parameters,
+                                   recipe.expert_params(), snap.seed, extras)
     return settings, recipe
 
 
@@ -144,7 +144,7 @@ class MergeSummary:
 def key_settings(recipe, session: Session) -> str:
     """A one-line description of a merge for the history."""
     parts = [f"{k}={_short(v)}" for k, v in recipe.parameters.items()]
-    n_over = len(override_list(session, recipe.method, recipe.parameters))
+    n_over = len((recipe.suggested or {}).get("overrides") or [])
     if n_over:
         parts.append(f"{n_over} override(s)")
     return ", ".join(parts) or "defaults"
@@ -158,28 +158,20 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def merge_key(session: Session, models: Models, method: str, recipe) -> str:
-    """Content hash of everything a merge's tensors depend on: the models' files, method, global and
-    per-expert per-layer parameters, seed, and the method's prepared inputs (APL's unit keep-rate
-    percentiles; the few-shot data of data-aware methods)."""
-    spec = method_spec(method)
-    inputs: Any = None
-    if method == "apl" and session.calibration is not None:
-        inputs = session.calibration.extras() or None
-    elif spec.prepare is not None:
-        inputs = [[e, session.data[e].fewshot[: session.fewshot_n]] for e in session.refs if e in session.data]
-    experts = [[e.name, str(e.model), e.parameters] for e in recipe.experts]
-    return content_hash("merge", models.fingerprint, method, recipe.parameters, experts, recipe.seed, inputs)
+def merge_key(models: Models, snap: MergeInputs) -> str:
+    """Content hash of everything a merge's tensors depend on: the models' files and the frozen inputs
+    (method, declared parameters, seed, overrides, and for a data-aware method its few-shot examples and
+    importance map — what its ``prepare`` is a function of)."""
+    return content_hash("merge", models.fingerprint, snap.method, snap.shared, snap.seed, list(snap.overrides),
+                        snap.examples, importance_id(snap.importance))
 
 
-def _merge_result(session: Session, models: Models, method: str, shared: Mapping[str, Any], seed: int,
-                  progress: Progress):
-    """(key, recipe, MergeResult, reused?) — an identical merge already in memory is reused, whoever made it."""
-    recipe = build_recipe(session, method, shared, seed)
-    why = method_available(session, method)
-    if why:
-        raise MergeLabError(why)
-    key = merge_key(session, models, method, recipe)
+def _merge_result(session: Session, models: Models, snap: MergeInputs, progress: Progress):
+    """(key, recipe, MergeResult, reused?) — an identical merge already in memory is reused, whoever made it.
+
+    The method's inputs are prepared before the models' lock is taken (see :func:`.prepare.prepared`)."""
+    key = merge_key(models, snap)
+    settings, recipe = settings_for(session, snap, progress)
     with models.lock:
         result = models.results.get(key)
         if result is not None:
@@ -187,7 +179,6 @@ def _merge_result(session: Session, models: Models, method: str, shared: Mapping
             models.results.move_to_end(key)
             return key, recipe, result, True
         MERGE_STATS["misses"] += 1
-        settings, recipe = build_settings(session, method, shared, seed, progress)
         result = models.engine.merge(settings, progress)
         models.results[key] = result
         models.owners.setdefault(key, set())
@@ -209,17 +200,19 @@ def _own(session: Session, models: Models, key: str) -> None:
 
 def merge(session: Session, method: str, shared: Mapping[str, Any], seed: int = 0,
           progress: Progress | None = None) -> MergeSummary:
-    """Merge with the page's settings; keeps the merged body in the shared cache for probe and export."""
+    """Merge with the page's values; keeps the merged body in the shared cache for probe and export."""
     progress = progress or no_progress
     method = check_method(method)
     shared = check_shared(method, shared)
     seed = check_seed(seed)
+    why = method_available(session, method)
+    if why:
+        raise MergeLabError(why)
     models = models_for(session)
-    key, recipe, result, reused = _merge_result(session, models, method, shared, seed, progress)
+    snap = snapshot(session, method, shared, seed)
+    key, recipe, result, reused = _merge_result(session, models, snap, progress)
     _own(session, models, key)
-    session.merge_inputs = {"method": method, "shared": dict(shared), "seed": seed,
-                            "overrides": copy.deepcopy(session.overrides), "calibration": session.calibration,
-                            "apl_params": dict(session.apl_params), "fewshot_n": session.fewshot_n}
+    session.merge_inputs = snap
     session.method, session.shared, session.seed = method, dict(shared), int(seed)
     session.merges += 1
     label = f"#{session.merges} {method}"
@@ -235,24 +228,15 @@ def merge(session: Session, method: str, shared: Mapping[str, Any], seed: int = 
 
 
 def merged_tensors(session: Session) -> dict[str, torch.Tensor]:
-    """The session's last merged body; rebuilt from what it was made of if memory pressure evicted it."""
+    """The session's last merged body; rebuilt from its frozen inputs if memory pressure evicted it."""
     models = models_for(session)
     result = models.results.get(session.merge_key) if session.merge_key else None
     if result is not None:
         if session.id not in models.owners.get(session.merge_key, set()):
             _own(session, models, session.merge_key)
         return result.tensors
-    snap = session.merge_inputs
-    if snap is None:
+    if session.merge_inputs is None:
         raise MergeLabError("no merge yet in this session: press Merge first")
-    saved = (session.overrides, session.calibration, session.apl_params, session.fewshot_n)
-    try:
-        session.overrides, session.calibration = snap["overrides"], snap["calibration"]
-        session.apl_params, session.fewshot_n = snap["apl_params"], snap["fewshot_n"]
-        key, _, result, _ = _merge_result(session, models, snap["method"], snap["shared"], snap["seed"], no_progress)
-    finally:
-        session.overrides, session.calibration, session.apl_params, session.fewshot_n = saved
+    key, _, result, _ = _merge_result(session, models, session.merge_inputs, no_progress)
     _own(session, models, key)
     return result.tensors
-
-

@@ -7,43 +7,82 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import MergeLabError
-from .limits import DROP, WEIGHT, check_cell, check_number
+from ..params import ParamResolver
+from .limits import DROP, WEIGHT, check_cell, method_spec
 from .session import Session
+
+
+def layer_values(method: str, experts: Sequence[str], layers: Sequence[str], shared: Mapping[str, Any],
+                 prepared_params: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-layer drop ratio and weight of every expert before overrides: what the method's ``prepare``
+    returned per expert (a scalar, list or layer map, resolved like any parameter), else the shared value,
+    else the declared default. A key the method does not declare shows the shared value (or 0.5 / 1)."""
+    spec = method_spec(method)
+    declared = {p.name for p in spec.params}
+    resolver = ParamResolver(spec.params, {k: v for k, v in shared.items() if k in declared},
+                             dict(prepared_params or {}), list(layers))
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for expert in experts:
+        out[expert] = {}
+        for key, fallback in ((DROP, 0.5), (WEIGHT, 1.0)):
+            if key in declared:
+                out[expert][key] = {k: float(resolver.value(key, expert, k)) for k in layers}
+            else:
+                value = float(shared.get(key, fallback))
+                out[expert][key] = {k: value for k in layers}
+    return out
+
+
+def with_overrides(values: dict[str, dict[str, dict[str, float]]],
+                   overrides: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """``values`` with the user's per-cell overrides laid over them (in place; returned)."""
+    for expert, keys in overrides.items():
+        for key, layers in keys.items():
+            for layer, value in layers.items():
+                if expert in values and layer in values[expert].get(key, {}):
+                    values[expert][key][layer] = float(value)
+    return values
+
+
+def _prepared_params(session: Session, method: str, shared: Mapping[str, Any]) -> dict | None:
+    from .prepare import view_prepared
+
+    found = view_prepared(session, method, shared)
+    return (found or {}).get("expert_params") or None
 
 
 def suggestion(session: Session, method: str | None = None, shared: Mapping[str, Any] | None = None
                ) -> dict[str, dict[str, dict[str, float]]]:
-    """The per-layer values before overrides: APL's calibration for ``apl``, uniform globals otherwise."""
+    """The per-layer values before overrides: the method's prepared values where it has them (APL's
+    calibration once importance exists), uniform globals otherwise."""
     method = method or session.method
     shared = dict(shared if shared is not None else session.shared)
-    if method == "apl" and session.calibration is not None:
-        table = session.calibration
-        return {e: {DROP: dict(table.drop[e]), WEIGHT: dict(table.weight[e])} for e in session.refs}
-    drop = float(shared.get(DROP, 0.5))
-    weight = float(shared.get(WEIGHT, 1.0))
-    return {e: {DROP: {k: drop for k in session.layers}, WEIGHT: {k: weight for k in session.layers}}
-            for e in session.refs}
+    return layer_values(method, session.experts, session.layers, shared, _prepared_params(session, method, shared))
+
+
+def suggestion_source(session: Session, method: str | None = None, shared: Mapping[str, Any] | None = None) -> str:
+    """Words for where the suggestion comes from (the page's "every cell follows …")."""
+    method = method or session.method
+    shared = dict(shared if shared is not None else session.shared)
+    if _prepared_params(session, method, shared):
+        return f"{method_spec(method).pretty_name}'s suggestion"
+    return "the global controls"
 
 
 def plan(session: Session, method: str | None = None, shared: Mapping[str, Any] | None = None
          ) -> dict[str, dict[str, dict[str, float]]]:
     """Effective per-layer drop ratio and weight of every expert (suggestion + overrides)."""
-    out = suggestion(session, method, shared)
-    for expert, keys in session.overrides.items():
-        for key, layers in keys.items():
-            for layer, value in layers.items():
-                if expert in out and layer in out[expert][key]:
-                    out[expert][key][layer] = float(value)
-    return out
+    return with_overrides(suggestion(session, method, shared), session.overrides)
 
 
-def set_cell(session: Session, expert: str, layer: str, key: str, value: float) -> Session:
-    """Override one expert × layer value (what a slider or a table edit does)."""
+def set_cell(session: Session, expert: str, layer: str, key: str, value: float, method: str | None = None) -> Session:
+    """Override one expert × layer value (what a slider or a table edit does), checked against the range
+    ``method`` (default: the session's) declares for it."""
     if expert not in session.refs:
         raise MergeLabError(f"no expert named '{expert}' is loaded")
     if layer not in session.layers:
         raise MergeLabError(f"layer '{layer}' does not exist (layers: {', '.join(session.layers)})")
-    value = check_cell(key, value, layer)
+    value = check_cell(key, value, layer, method or session.method)
     session.overrides.setdefault(expert, {}).setdefault(key, {})[layer] = value
     return session
 
@@ -53,9 +92,14 @@ def is_overridden(session: Session, expert: str, key: str, layer: str) -> bool:
 
 
 def override_list(session: Session, method: str | None = None, shared: Mapping[str, Any] | None = None) -> list[dict]:
-    sugg = suggestion(session, method, shared)
+    return listed_overrides(session.overrides, suggestion(session, method, shared))
+
+
+def listed_overrides(overrides: Mapping[str, Mapping[str, Mapping[str, float]]],
+                     sugg: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[dict]:
+    """Each override beside the value it replaced (what a recipe records under ``suggested.overrides``)."""
     out = []
-    for expert, keys in session.overrides.items():
+    for expert, keys in overrides.items():
         for key, layers in keys.items():
             for layer, value in layers.items():
                 suggested = sugg.get(expert, {}).get(key, {}).get(layer)
@@ -64,7 +108,7 @@ def override_list(session: Session, method: str | None = None, shared: Mapping[s
 
 
 def reset_overrides(session: Session) -> Session:
-    """Back to the suggestion (APL's calibration when importance exists)."""
+    """Back to the suggestion (the method's prepared values, e.g. APL's calibration once importance exists)."""
     session.overrides = {}
     return session
 
@@ -129,14 +173,11 @@ def apply_table(session: Session, key: str, rows: Sequence[Sequence[Any]], metho
             continue
         for layer, cell in zip(session.layers, list(row[1:])):
             label = f"table cell {expert}/{layer} ({key.replace('_', ' ')})"
-            if key == DROP:
-                value = float(check_number(label, cell, 0.0, 0.999))
-            else:
-                value = float(check_number(label, cell, -5.0, 5.0))
+            value = check_cell(key, cell, layer, method or session.method, label=label)
             if not math.isclose(value, current[expert][key][layer], abs_tol=5e-5):
                 changes.append((expert, layer, value))
     for expert, layer, value in changes:  # all cells checked first: a bad cell changes nothing
-        set_cell(session, expert, layer, key, value)
+        set_cell(session, expert, layer, key, value, method)
     return session
 
 

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import uuid
 from pathlib import Path
-
-import torch
 
 from ..errors import MergeLabError
 from ..io.integrity import MAX_HEADER_BYTES, check_safetensors  # noqa: F401  (re-exported)
@@ -20,13 +17,11 @@ def preflight_ref(ref: str, name: str) -> None:
     """Check the safetensors files behind a local ref before opening it (after the allowed-roots check, so
     nothing outside them is read). Hub ids are left to the library."""
     from ..io.access import check_local_path
+    from ..io.sources import resolve_scheme_ref
 
     text = str(ref)
-    if text.startswith("zoo:"):
-        from ..io.sources import resolve_zoo_ref
-
-        path = resolve_zoo_ref(text)
-    else:
+    path = resolve_scheme_ref(text)
+    if path is None:
         path = Path(text).expanduser()
         if not (path.exists() or path.is_symlink()):
             return  # a hub id, or missing: the library says which
@@ -43,39 +38,16 @@ def preflight_ref(ref: str, name: str) -> None:
 
 
 def scan_nonfinite(models: Models) -> dict[str, list[tuple[str, int]]]:
-    """Every float tensor of the base and the experts checked for NaN/Inf once per selection (one min/max
-    pass per tensor, large tensors in row chunks)."""
+    """Every float tensor of the base and the experts checked for NaN/Inf once per selection
+    (:func:`merging.io.integrity.nonfinite_tensors`), kept with the selection's models."""
+    from ..io.integrity import nonfinite_tensors
+
     with models.lock:
         if models.nonfinite is not None:
             return models.nonfinite
-        expert_set = models.expert_set
-        found: dict[str, list[tuple[str, int]]] = {}
-        for model, source in [("base", expert_set.base), *((n, e.source) for n, e in expert_set.experts.items())]:
-            for name, entry in source.tensors.items():
-                if not entry.dtype.startswith(("float", "bfloat")):
-                    continue
-                bad = _count_nonfinite(source, name, entry.shape)
-                if bad:
-                    found.setdefault(model, []).append((name, bad))
-        models.nonfinite = found
+        models.nonfinite = nonfinite_tensors(models.expert_set)
         models.close_files()  # every page was touched once: unmap them rather than keep them resident
-        return found
-
-
-def _count_nonfinite(source, name: str, shape) -> int:
-    rows = shape[0] if shape else 1
-    numel = math.prod(shape) if shape else 1
-    step = max(1, rows * (16 * 1024 * 1024) // max(numel, 1)) if len(shape) >= 2 else rows
-    bad = 0
-    for r0 in range(0, rows, step):
-        piece = source.get(name) if step >= rows else source.get_rows(name, r0, min(rows, r0 + step))
-        if piece.numel():
-            low, high = torch.aminmax(piece.float())
-            if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-                bad += int((~torch.isfinite(piece)).sum())
-        if step >= rows:
-            break
-    return bad
+        return models.nonfinite
 
 
 # ---------------------------------------------------------------- uploads

@@ -11,50 +11,45 @@ import torch
 from ..errors import MergeLabError
 from .cache import CACHE, RESULTS, Models, content_hash
 from .experts import models_for, tokenizer_for
-from .importance import recalibrate
 from .limits import DROP, MAX_SENTENCE_CHARS, SWEEP_METHODS, Progress, no_progress
-from .merge import build_settings, merged_tensors, method_available
+from .merge import merged_tensors, method_available, settings_for
+from .prepare import snapshot
 from .session import Session
 
 
-def _probe_zoo(session: Session, models: Models):
-    """A zoo-like view (name, root, base_path, experts) of the session's experts that have folders and data."""
-    from types import SimpleNamespace
-
+def _probe_inputs(session: Session, models: Models) -> tuple[Path, dict[str, Path], dict[str, list], list[str]]:
+    """(base folder, expert folders, probe sets, experts left out) of the session's experts that have a
+    folder with weights and probe data: what the prober takes."""
     base_root = getattr(models.expert_set.base, "root", None)
     if base_root is None or not Path(base_root).is_dir():
         raise MergeLabError("the probe needs the base as a model folder (config.json + model.safetensors)")
-    experts, unavailable = {}, []
+    experts, sets, unavailable = {}, {}, []
     for name in session.refs:
         folder = session.folders.get(name)
         if folder and (Path(folder) / "model.safetensors").is_file() and name in session.data \
                 and session.data[name].probe:
-            experts[name] = Path(folder)
+            experts[name], sets[name] = Path(folder), list(session.data[name].probe)
         else:
             unavailable.append(name)
     if not experts:
         raise MergeLabError("no expert can be probed: the probe needs each expert as a folder with "
                             "model.safetensors and a classifier head, plus task data")
-    root = Path(tempfile.gettempdir()) / "merge-lab-probe"
-    root.mkdir(exist_ok=True)
-    view = SimpleNamespace(name="session", root=root, base_path=Path(base_root), experts=experts,
-                           tasks=list(experts))
-    return view, unavailable
+    return Path(base_root), experts, sets, unavailable
 
 
-def _probe_sets(session: Session, view) -> dict[str, list]:
-    return {t: list(session.data[t].probe) for t in view.experts}
+def _probe_key(experts: dict[str, Path], sets: dict[str, list]) -> list:
+    return [sorted((t, str(p)) for t, p in experts.items()), sets]
 
 
 def prober_for(session: Session, models: Models):
     from ..zoo.probe import Prober
 
-    view, unavailable = _probe_zoo(session, models)
-    sets = _probe_sets(session, view)
-    key = content_hash(sorted((t, str(p)) for t, p in view.experts.items()), sets)
+    base, experts, sets, unavailable = _probe_inputs(session, models)
+    key = content_hash(*_probe_key(experts, sets))
     with models.lock:
         if models.prober is None or models.prober_key != key:
-            models.prober = Prober(view, tasks=list(view.experts), probe_sets=sets)
+            cache_dir = Path(tempfile.gettempdir()) / "merge-lab-probe" / "probe_cache"
+            models.prober = Prober(base, experts, sets, cache_dir=cache_dir)
             models.prober_key = key
     return models.prober, unavailable
 
@@ -69,9 +64,8 @@ def run_probe(session: Session, progress: Progress | None = None):
     models = models_for(session)
     if session.merge_key is None:
         raise MergeLabError("no merge yet in this session: press Merge first")
-    view, _ = _probe_zoo(session, models)
-    probe_key = content_hash("probe", session.merge_key, sorted((t, str(p)) for t, p in view.experts.items()),
-                             _probe_sets(session, view))
+    _, experts, sets, _ = _probe_inputs(session, models)
+    probe_key = content_hash("probe", session.merge_key, *_probe_key(experts, sets))
     prober, unavailable = prober_for(session, models)
     progress(0.1, "base and experts (computed once, then cached)")
 
@@ -117,35 +111,30 @@ def history_rows(session: Session) -> tuple[list[str], list[list]]:
 
 def drop_sweep(session: Session, ratios: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
                methods: Sequence[str] = SWEEP_METHODS, progress: Progress | None = None) -> dict[str, list[float]]:
-    """Mean probe accuracy vs drop ratio for a few sparsifying methods (no overrides; APL recalibrated)."""
+    """Mean probe accuracy vs drop ratio for a few sparsifying methods (no overrides; methods with a
+    ``prepare`` prepared again at each ratio)."""
     progress = progress or no_progress
     models = models_for(session)
     prober, _ = prober_for(session, models)
     methods = [m for m in methods if method_available(session, m) is None]
     out: dict[str, list[float]] = {}
-    saved = (session.overrides, session.calibration, dict(session.apl_params))
     total = max(1, len(methods) * len(ratios))
     done = 0
     from ..engine import MergeEngine
 
     engine = MergeEngine(models.expert_set, cache=False)
-    try:
-        session.overrides = {}
-        for method in methods:
-            out[method] = []
-            for ratio in ratios:
-                progress(done / total, f"{method} at drop ratio {ratio}")
-                shared = {DROP: float(ratio)}
-                if method == "apl":
-                    recalibrate(session, **{**saved[2], DROP: float(ratio)})
-                settings, _ = build_settings(session, method, shared, session.seed)
-                with models.lock:
-                    result = engine.merge(settings)
-                    row = prober.probe_body(result.tensors, name=f"sweep {method} {ratio}")
-                out[method].append(row.mean("accuracy"))
-                done += 1
-    finally:
-        session.overrides, session.calibration, session.apl_params = saved
+    for method in methods:
+        out[method] = []
+        for ratio in ratios:
+            progress(done / total, f"{method} at drop ratio {ratio}")
+            # no overrides; a method with a prepare (APL) prepares again at this drop ratio
+            snap = snapshot(session, method, {DROP: float(ratio)}, session.seed, overrides={})
+            settings, _ = settings_for(session, snap)
+            with models.lock:
+                result = engine.merge(settings)
+                row = prober.probe_body(result.tensors, name=f"sweep {method} {ratio}")
+            out[method].append(row.mean("accuracy"))
+            done += 1
     progress(1.0, "sweep done")
     return out
 

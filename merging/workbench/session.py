@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import MergeLabError
 from .cache import selection_key
-from .limits import DEFAULT_FEWSHOT, Progress
+from .limits import DEFAULT_FEWSHOT, DEFAULT_METHOD, Progress
 
 
 @dataclass
@@ -20,6 +20,40 @@ class TaskData:
     probe: list[tuple[str, int]]
     labels: list[str]
     source: str  # "zoo", "folder" or the uploaded file's name
+
+
+Override = tuple[str, str, str, float]  # (expert, key, layer, value)
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """Everything a merge is a function of, frozen when Merge is pressed.
+
+    Merge, Export, the rebuild of an evicted merge and the drop sweep all build from this one value
+    rather than from the session's live fields, which the page keeps changing (a slider moved after
+    Merge must not change what Export writes). Method-agnostic: a data-aware method's few-shot
+    examples (and the recipe's record of them) and the importance map ride along; what the method
+    makes of them is its ``prepare``'s business. Fields are copies nobody else holds: read them only.
+    """
+
+    method: str
+    shared: dict[str, Any]
+    seed: int
+    overrides: tuple[Override, ...] = ()
+    examples: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)  # expert → few-shot drawn
+    fewshot: dict[str, dict[str, Any]] = field(default_factory=dict)  # the recipe's few_shot record of them
+    importance: Any = None  # the session's ImportanceMap, for methods that need importance
+
+    def override_map(self) -> dict[str, dict[str, dict[str, float]]]:
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for expert, key, layer, value in self.overrides:
+            out.setdefault(expert, {}).setdefault(key, {})[layer] = value
+        return out
+
+
+def freeze_overrides(overrides: dict[str, dict[str, dict[str, float]]]) -> tuple[Override, ...]:
+    return tuple((e, k, layer, float(v)) for e, keys in overrides.items() for k, layers in keys.items()
+                 for layer, v in layers.items())
 
 
 @dataclass
@@ -37,10 +71,8 @@ class Session:
     importance: Any = None  # ImportanceMap
     importance_runs: dict[str, Any] = field(default_factory=dict)  # "gradient/restore" → ImportanceMap
     fewshot_n: int = DEFAULT_FEWSHOT
-    calibration: Any = None  # CalibrationTable
-    apl_params: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # expert → key → layer → v
-    method: str = "apl"
+    method: str = DEFAULT_METHOD
     shared: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     last_recipe: Any = None
@@ -49,7 +81,7 @@ class Session:
     history: list[dict] = field(default_factory=list)
     reference: Any = None  # ProbeReport of base and experts
     merge_key: str | None = None  # content hash of the last merge (its body lives in the shared cache)
-    merge_inputs: dict[str, Any] | None = None  # what that merge was built from, to rebuild it if evicted
+    merge_inputs: MergeInputs | None = None  # what that merge was built from: Export and a rebuild read it
     comparison: Any = None  # the last "compare interventions and draws" result
 
     @property

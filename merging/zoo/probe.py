@@ -15,18 +15,18 @@ modules on the very same tensors as a full pass, so its results are identical.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import MergeLabError
+from ..hashing import content_hash, file_digest
 from .tasks import Example
 
 CLASSIFIER = "classifier"
@@ -209,32 +209,31 @@ class _Body:
 # --------------------------------------------------------------------------- prober
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Prober:
-    """Probe base, experts and merged bodies of one zoo, reusing everything that did not change.
+    """Probe base, experts and merged bodies on probe sets, reusing everything that did not change.
 
-    ``probe_sets`` overrides the zoo's own probe examples (e.g. 400 per task drawn with the
-    zoo's seed for benchmarks). ``disk_cache`` stores base and expert rows under
-    ``zoo.root/probe_cache/<content hash>.json``.
+    Takes models and probe sets, not a zoo: ``base_path`` is the base's folder, ``experts[task]`` the
+    folder of the expert whose head scores ``task`` and ``probe_sets[task]`` its (text, label) examples
+    — so the app probes any selection of folders the same way. :meth:`for_zoo` builds one from a zoo.
+    ``cache_dir`` (optional) stores base and expert rows as ``<content hash>.json``.
     """
 
-    def __init__(self, zoo, tasks: Iterable[str] | None = None, probe_sets: dict[str, list[Example]] | None = None,
-                 batch_size: int = 64, max_length: int = 32, disk_cache: bool = True):
+    def __init__(self, base_path: str | Path, experts: Mapping[str, str | Path],
+                 probe_sets: Mapping[str, Sequence[Example]], tasks: Iterable[str] | None = None,
+                 batch_size: int = 64, max_length: int = 32, cache_dir: str | Path | None = None):
         from transformers import AutoTokenizer
 
-        self.zoo = zoo
-        self.tasks = list(tasks or zoo.tasks)
-        self.sets = {t: list(probe_sets[t]) if probe_sets else zoo.probe(t) for t in self.tasks}
-        self.max_length, self.batch_size, self.disk_cache = max_length, batch_size, disk_cache
-        self.tokenizer = AutoTokenizer.from_pretrained(str(zoo.experts[self.tasks[0]]))
-        self.body = _Body(zoo.base_path)
+        self.base_path = Path(base_path)
+        self.tasks = list(tasks or experts)
+        missing = [t for t in self.tasks if t not in experts or t not in probe_sets]
+        if missing:
+            raise MergeLabError(f"Task {missing[0]!r} has no expert folder or probe set: give both for every task.")
+        self.experts = {t: Path(experts[t]) for t in self.tasks}
+        self.sets = {t: list(probe_sets[t]) for t in self.tasks}
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.max_length, self.batch_size = max_length, batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.experts[self.tasks[0]]))
+        self.body = _Body(self.base_path)
         self.heads = {t: self._load_head(t) for t in self.tasks}
         self.labels = {t: torch.tensor([y for _, y in self.sets[t]]) for t in self.tasks}
         self._tokenise()
@@ -242,13 +241,23 @@ class Prober:
         self._reference: ProbeReport | None = None
         self._base_state = {k: v.clone() for k, v in self.body.params.items()}
 
+    @classmethod
+    def for_zoo(cls, zoo, tasks: Iterable[str] | None = None, probe_sets: Mapping[str, Sequence[Example]] | None = None,
+                batch_size: int = 64, max_length: int = 32, disk_cache: bool = True) -> "Prober":
+        """A prober of a zoo's experts on its own probe sets (or ``probe_sets``, e.g. 400 per task drawn with
+        the zoo's seed for benchmarks), caching reference rows under ``zoo.root/probe_cache``."""
+        tasks = list(tasks or zoo.tasks)
+        sets = {t: list(probe_sets[t]) if probe_sets else zoo.probe(t) for t in tasks}
+        return cls(zoo.base_path, {t: zoo.experts[t] for t in tasks}, sets, tasks=tasks, batch_size=batch_size,
+                   max_length=max_length, cache_dir=Path(zoo.root) / "probe_cache" if disk_cache else None)
+
     # ----- setup
 
     def _load_head(self, task: str) -> torch.nn.Linear:
         """The task's ``classifier`` Linear, read alone from the expert's safetensors."""
         from safetensors import safe_open
 
-        with safe_open(str(self.zoo.experts[task] / "model.safetensors"), framework="pt") as fh:
+        with safe_open(str(self.experts[task] / "model.safetensors"), framework="pt") as fh:
             head = {k: fh.get_tensor(k) for k in fh.keys() if not k.startswith(self.body.prefix + ".")}
         if set(head) != {"classifier.weight", "classifier.bias"}:
             raise MergeLabError(
@@ -324,20 +333,18 @@ class Prober:
     # ----- public
 
     def _cache_key(self) -> str:
-        h = hashlib.sha256()
-        h.update(json.dumps({"v": CACHE_VERSION, "tasks": self.tasks, "sets": self.sets, "max_length": self.max_length}).encode())
-        for path in [self.zoo.base_path / "model.safetensors"] + [self.zoo.experts[t] / "model.safetensors" for t in self.tasks]:
-            h.update(_file_digest(path).encode())
-        return h.hexdigest()[:32]
+        files = [self.base_path / "model.safetensors"] + [self.experts[t] / "model.safetensors" for t in self.tasks]
+        return content_hash({"v": CACHE_VERSION, "tasks": self.tasks, "sets": self.sets, "max_length": self.max_length},
+                            [file_digest(path) for path in files])
 
-    def _cache_file(self) -> Path:
-        return self.zoo.root / "probe_cache" / f"{self._cache_key()}.json"
+    def _cache_file(self) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / f"{self._cache_key()}.json"
 
     def reference(self) -> ProbeReport:
         """Rows ``base`` and one per expert (body of the expert with every task's own head); computed once."""
         if self._reference is not None:
             return self._reference
-        cache = self._cache_file() if self.disk_cache else None
+        cache = self._cache_file()
         if cache is not None and cache.is_file():
             try:
                 self._reference = ProbeReport.from_json(cache.read_text(encoding="utf-8"))
@@ -346,14 +353,14 @@ class Prober:
                 pass  # unreadable cache: recompute and overwrite
         report = ProbeReport(tasks=list(self.tasks), meta={"n_probe": {t: len(s) for t, s in self.sets.items()}})
         for t in self.tasks:
-            body, _ = body_from_expert(load_safetensors(self.zoo.experts[t] / "model.safetensors"), self.body.prefix)
+            body, _ = body_from_expert(load_safetensors(self.experts[t] / "model.safetensors"), self.body.prefix)
             report.add(self._eval_body(t, body))
         base_row = self._eval_body("base", self._base_state)  # leaves the base loaded and its hidden states cached
         report.rows.insert(0, base_row)
         self._reference = report
         if cache is not None:
             try:
-                cache.parent.mkdir(exist_ok=True)
+                cache.parent.mkdir(parents=True, exist_ok=True)
                 cache.write_text(report.to_json(), encoding="utf-8")
             except OSError:
                 pass  # a read-only zoo still probes, just without the disk cache

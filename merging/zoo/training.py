@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..io.taskdata import FEWSHOT_FILE, read_examples  # noqa: F401  (the one reader; re-exported)
 from .tasks import Example, Task, TaskSplit
 
 Progress = Callable[[float, str], None]
 
 TASK_FILE = "merge_lab_task.json"
-FEWSHOT_FILE = "fewshot.jsonl"
 PROBE_FILE = "probe.jsonl"
 #: Frozen: the 30k-row word embeddings dominate the parameter count and barely move in a
 #: short fine-tune, and freezing them keeps deltas (and merges) focused on the encoder.
@@ -166,12 +166,6 @@ def write_examples(path: Path, examples: list[Example], label_names: list[str]) 
     with open(path, "w", encoding="utf-8") as fh:
         for text, label in examples:
             fh.write(json.dumps({"text": text, "label": label, "label_name": label_names[label]}, ensure_ascii=False) + "\n")
-
-
-def read_examples(path: Path) -> list[Example]:
-    """Inverse of :func:`write_examples`."""
-    with open(path, encoding="utf-8") as fh:
-        return [(row["text"], int(row["label"])) for row in map(json.loads, fh) if row]
 
 
 def train_expert(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -77,25 +76,21 @@ class Zoo:
 def safetensors_problem(path: Path) -> str | None:
     """Why a safetensors file is unusable (missing, truncated, corrupt header), or None.
 
-    The size check catches a truncated copy before torch ever touches it; safe_open then
-    validates the header the way loaders will read it.
-    """
+    The header and sizes are checked by :func:`merging.io.integrity.check_safetensors` (the one header
+    validator: a truncated copy is caught before torch touches it); safe_open then reads the header
+    the way loaders will."""
     from safetensors import safe_open
+
+    from ..io.integrity import check_safetensors
 
     if not path.is_file():
         return f"{path.name} is missing"
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > size:
-                return f"{path.name} has a header longer than the file ({size} bytes): it is truncated"
-            header = json.loads(fh.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if size != 8 + n + end:
-            return f"{path.name} is {size} bytes but its header describes {8 + n + end}: it is truncated or corrupt"
+        check_safetensors(path, path.name)
         with safe_open(str(path), framework="pt") as fh:
             list(fh.keys())
+    except MergeLabError as exc:
+        return f"{path.name} cannot be read: {exc}"
     except Exception as exc:  # any parse failure means the file is unusable; say so plainly
         return f"{path.name} cannot be read ({type(exc).__name__}: {exc})"
     return None

@@ -1,0 +1,36 @@
+"""Names and defaults the data-aware method declarations need at import time.
+
+Kept apart from the measurement code (importance, calibration, Fisher) so that declaring a
+method — what ``merging.methods.get_method("ties")`` does for every method — loads no scipy,
+no transformers and no importance machinery: those load only when a data-aware method prepares.
+"""
+
+from __future__ import annotations
+
+from ..params import PER_LAYER, SHARED, ParamSpec
+
+#: APL's calibration defaults (mean drop ratio p̄, temperatures τ1/τ2, smallest keep rate, λ)
+DEFAULTS = {"drop_ratio": 0.5, "tau1": 2.0, "tau2": 2.0, "q_min": 0.01, "lambda": 1.0}
+#: how APL drops inside a layer: one rate for every entry, or per hidden-state unit
+WITHIN_LAYER = ("uniform", "hidden")
+#: engine extras key of APL's per-unit percentile profiles (a PerTensor input)
+UNIT_EXTRAS = "apl_unit_percentiles"
+#: engine extras key of the Fisher diagonals (a PerTensor input, split along rows)
+FISHER_EXTRAS = "fisher"
+
+# APL's calibration parameters, declared once: the method's declaration, the calibration's checks, the
+# app's controls and the CLI all read these (ranges are never typed twice).
+MEAN_DROP = ParamSpec("drop_ratio", "float", DEFAULTS["drop_ratio"],
+                      "Mean drop ratio p̄ (weighted by parameter count); APL's per-layer suggestions — or your "
+                      "per-layer overrides — replace it layer by layer.", PER_LAYER, 0.0, 0.999)
+TAU1 = ParamSpec("tau1", "float", DEFAULTS["tau1"],
+                 "Temperature τ1 of the drop-ratio softmax: small = important layers keep much more; "
+                 "very large = uniform drop ratios (DARE).", SHARED, 1e-3, 1e12)
+TAU2 = ParamSpec("tau2", "float", DEFAULTS["tau2"],
+                 "Temperature τ2 of the merge-weight softmax across experts: very large = unit weights.",
+                 SHARED, 1e-3, 1e12)
+Q_MIN = ParamSpec("q_min", "float", DEFAULTS["q_min"], "Smallest keep rate any layer or unit may get.",
+                  SHARED, 0.0, 0.5)
+WITHIN = ParamSpec("within_layer", "choice", "uniform",
+                   "Inside a layer: one drop ratio for every entry, or per hidden-state unit by importance rank.",
+                   SHARED, choices=WITHIN_LAYER)

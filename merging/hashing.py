@@ -1,0 +1,56 @@
+"""Content hashes: the one hasher of JSON-able values, tensors and arrays, and of files.
+
+Results cached by content (importance maps, merges, probe rows, the probe's reference rows on disk)
+are keyed by these, so two callers that hash the same inputs always agree on the key. Light on
+purpose (no merging imports): the zoo, the workbench and the library all use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def content_hash(*parts: Any) -> str:
+    """A stable hash of JSON-able parts; tensors and arrays by their bytes."""
+    digest = hashlib.sha256()
+    for part in parts:
+        _feed(digest, part)
+    return digest.hexdigest()[:32]
+
+
+def _feed(digest, value: Any) -> None:
+    if torch.is_tensor(value):
+        digest.update(str((tuple(value.shape), str(value.dtype))).encode())
+        digest.update(value.detach().contiguous().cpu().numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        digest.update(str((value.shape, str(value.dtype))).encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, Mapping):
+        digest.update(b"{")
+        for k in sorted(value, key=str):
+            digest.update(json.dumps(str(k)).encode())
+            _feed(digest, value[k])
+        digest.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"[")
+        for item in value:
+            _feed(digest, item)
+        digest.update(b"]")
+    else:
+        digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """A hash of a file's bytes, read in 1 MiB chunks (a model file never sits in memory at once)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for piece in iter(lambda: handle.read(chunk), b""):
+            digest.update(piece)
+    return digest.hexdigest()

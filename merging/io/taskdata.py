@@ -1,0 +1,139 @@
+"""Task data by reference: the one reader of a few-shot file, and what a recipe's few-shot record names.
+
+Data-aware methods (APL, Fisher, …) get their few-shot examples as an input of ``prepare``; they never
+look beside the weights. What a merge used is recorded in the recipe by reference, per expert::
+
+    few_shot:
+      topic: {file: zoo:default/topic, n: 32, seed: 0, indices: [0, 3, …]}
+
+``file`` is a model ref in a registered scheme (``zoo:…``) or a folder — its ``fewshot.jsonl`` (the
+zoo's layout) — or a ``.jsonl`` file itself; ``indices`` index that file's examples in order. Replay
+and the CLI read it here, through :func:`read_examples`, the reader the zoo uses too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import MergeLabError
+
+Example = tuple[str, int]
+FEWSHOT_FILE = "fewshot.jsonl"
+
+
+def read_examples(path: str | Path) -> list[Example]:
+    """(text, label) rows of a JSONL file with ``text`` and ``label`` per line (blank lines skipped)."""
+    path = Path(path)
+    out: list[Example] = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    out.append((row["text"], int(row["label"])))
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise MergeLabError(f"{path.name} line {number} is not a JSON object with text and an integer "
+                                        f"label ({exc}): fix or regenerate the file") from None
+    except OSError as exc:
+        raise MergeLabError(f"cannot read task data {path}: {exc.strerror or exc}") from None
+    return out
+
+
+def draw_fewshot(pool: Sequence[Example], n: int, seed: int) -> tuple[list[Example], list[int]]:
+    """A seeded draw of ``n`` examples from a pool (all of it, in order, when n ≥ pool size)."""
+    if n >= len(pool):
+        return list(pool), list(range(len(pool)))
+    indices = sorted(int(i) for i in np.random.default_rng(seed).choice(len(pool), size=n, replace=False))
+    return [pool[i] for i in indices], indices
+
+
+def fewshot_file(ref: str, base_dir: Path | None = None) -> Path:
+    """The few-shot file a reference names: a registered-scheme ref or folder → its ``fewshot.jsonl``,
+    a file → itself (relative paths resolve against ``base_dir``, the recipe's folder)."""
+    from .access import check_local_path
+    from .sources import resolve_scheme_ref
+
+    path = resolve_scheme_ref(ref)
+    if path is None:
+        path = Path(ref).expanduser()
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        if path.exists():
+            path = check_local_path(path, ref)  # a recipe reads task data only where it may read models
+    if path.is_dir():
+        path = path / FEWSHOT_FILE
+    if not path.is_file():
+        raise MergeLabError(f"few-shot data '{ref}' not found (looked for {path}): give a folder holding "
+                            f"{FEWSHOT_FILE}, a .jsonl file, or store the method's calibrated values in the recipe",
+                            field="few_shot")
+    return path
+
+
+def fewshot_record(file: str | None, indices: Sequence[int], seed: int | None = None,
+                   source: str | None = None) -> dict[str, Any]:
+    """One expert's entry of a recipe's ``few_shot`` (``file`` None: data the recipe cannot reference,
+    such as an upload; ``source`` then says what it was)."""
+    out: dict[str, Any] = {"n": len(indices), "indices": [int(i) for i in indices]}
+    if seed is not None:
+        out["seed"] = int(seed)
+    if file is not None:
+        out["file"] = str(file)
+    elif source is not None:
+        out["source"] = str(source)
+    return out
+
+
+def recipe_examples(recipe, expert_refs: Mapping[str, str] | None = None) -> dict[str, list[Example]]:
+    """Each expert's few-shot examples as the recipe's ``few_shot`` record names them.
+
+    An entry without ``file`` falls back to the expert's own model ref (recipes written before the
+    record named its file: the zoo layout keeps ``fewshot.jsonl`` in the expert folder); an entry that
+    says its data was an upload (``source`` without ``file``) cannot be replayed from data."""
+    refs = dict(expert_refs or {e.name: e.model for e in recipe.experts})
+    base_dir = recipe.resolve_dir()
+    out: dict[str, list[Example]] = {}
+    for name, model in refs.items():
+        entry = recipe.few_shot.get(name) or {}
+        if not isinstance(entry, Mapping):
+            raise MergeLabError(f"few_shot.{name} must be a mapping (file, indices)", field=f"few_shot.{name}")
+        file = entry.get("file")
+        if file is None and entry.get("source"):
+            raise MergeLabError(f"recipe replay: expert '{name}' used few-shot data from '{entry['source']}', which the "
+                                f"recipe does not reference, so {recipe.method} cannot recompute its inputs; set "
+                                f"few_shot.{name}.file to that data as a .jsonl file", field=f"few_shot.{name}")
+        pool = read_examples(fewshot_file(str(file or model), base_dir))
+        indices = entry.get("indices")
+        if indices:
+            bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < len(pool)]
+            if bad:
+                raise MergeLabError(f"few_shot.{name}.indices: {bad[0]!r} is outside its file's {len(pool)} "
+                                    "examples (was the file replaced?)", field=f"few_shot.{name}.indices")
+            out[name] = [pool[i] for i in indices]
+        else:
+            out[name] = pool
+    return out
+
+
+def tokenizer_of(expert_set, required: bool = True):
+    """The tokenizer of the base folder, else of the first expert folder that has one (None when none
+    has one and ``required`` is false: a method that needs one says so)."""
+    sources = [expert_set.base, *(e.source for e in expert_set.experts.values())]
+    for source in sources:
+        if getattr(source, "root", None) is not None and source.has_tokenizer():
+            from transformers import AutoTokenizer
+
+            try:
+                return AutoTokenizer.from_pretrained(str(source.root))
+            except (OSError, ValueError) as exc:
+                raise MergeLabError(f"the tokenizer files in {source.root} cannot be loaded ({exc}): replace them "
+                                    "with the base model's tokenizer files") from exc
+    if required:
+        raise MergeLabError("no tokenizer found in the base or the experts: importance, Fisher and the probe need "
+                            "one (add tokenizer files to the base folder)")
+    return None
