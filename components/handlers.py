@@ -197,7 +197,7 @@ def upload_refs(uploads) -> dict[str, str]:
     refs: dict[str, str] = {}
     for upload in uploads or []:
         path = Path(getattr(upload, "name", None) or getattr(upload, "path", None) or upload)
-        name = path.stem
+        name = wb.derive_name(path.stem)  # a file name is not typed as a name: make it an identifier
         while name in refs:
             name += "-2"
         refs[name] = wb.accept_upload(path, path.name)

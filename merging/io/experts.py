@@ -19,6 +19,7 @@ import torch
 
 from ..errors import MergeLabError
 from .layout import ROLE_COPY, ROLE_MERGE, ROLE_TIED, Layout
+from .names import check_name, derive_name
 from .sources import ModelSource, open_model
 
 _PREFIXES = ("bert.", "roberta.", "model.", "transformer.", "encoder.", "distilbert.", "electra.", "deberta.")
@@ -70,7 +71,9 @@ class ExpertSet:
             source = ref if isinstance(ref, ModelSource) else open_model(
                 ref, name=name, allow_pickle=allow_pickle, base_dir=base_dir)
             if name is not None:
-                source.name = name
+                source.name = check_name(name)  # a folder name at export: identifiers only
+            else:
+                source.name = derive_name(source.name)
             if source.name in sources or source.name == "base":
                 source.name = _unique(source.name, sources)
             sources[source.name] = source

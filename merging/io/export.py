@@ -25,6 +25,7 @@ from ..engine import MergeEngine, MergeSettings
 from ..errors import MergeLabError
 from .experts import ExpertSet
 from .mergekit_yaml import to_mergekit_yaml
+from .names import check_name, safe_join
 from .replay import expert_set_from_recipe, settings_from_recipe
 
 SHARD_BYTES = 500 * 1000 * 1000
@@ -144,7 +145,7 @@ def _write(recipe, expert_set, engine, settings, targets, staging, dtype, shard_
     warnings = list(expert_set.warnings)
     writers, folders = {}, {}
     for folder_name, expert in targets.items():
-        folder = staging / folder_name if folder_name else staging
+        folder = safe_join(staging, check_name(folder_name, "task name")) if folder_name else staging
         folder.mkdir(parents=True, exist_ok=True)
         folders[folder_name or "merged"] = folder
         writers[folder_name] = ShardWriter(folder, shard_bytes)

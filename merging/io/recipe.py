@@ -30,6 +30,7 @@ import yaml
 from ..errors import MergeLabError
 from ..methods import get_method
 from ..params import validate_params
+from .names import check_name, derive_name
 
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16", "bfloat16")
@@ -191,9 +192,10 @@ def _parse_experts(value: Any) -> list[ExpertRef]:
         if not isinstance(model, str) or not model.strip():
             raise MergeLabError(f"{where}.model must name a model (zoo:NAME/TASK, a path, or hf:org/name)",
                                 field=f"{where}.model")
-        name = item.get("name") or model.rstrip("/").split("/")[-1].split("@")[0]
+        name = item.get("name") or derive_name(model.rstrip("/").split("/")[-1].split("@")[0])
         if not isinstance(name, str):
             raise MergeLabError(f"{where}.name must be text", field=f"{where}.name")
+        check_name(name, field=f"{where}.name")  # it becomes a folder name at export
         if any(e.name == name for e in out):
             raise MergeLabError(f"two experts are named '{name}': names must be unique", field=f"{where}.name")
         params = item.get("parameters") or {}

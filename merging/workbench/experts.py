@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import MergeLabError
+from ..io.names import check_name, derive_name
 from .cache import CACHE, Models, files_fingerprint
 from .limits import MAX_PROBE_ROWS, Progress, check_fewshot, no_progress
 from .preflight import preflight_ref, scan_nonfinite
@@ -25,11 +26,14 @@ def parse_extra_refs(text: str | None) -> dict[str, str]:
         if "=" in line and not line.startswith(("/", ".", "hf:", "zoo:")):
             name, _, ref = line.partition("=")
             name, ref = name.strip(), ref.strip()
+            if name and ref:
+                check_name(name)
         else:
             ref = line
-            name = Path(ref.split("@")[0].rstrip("/")).stem or ref
+            name = derive_name(Path(ref.split("@")[0].rstrip("/")).stem or ref)
         if not name or not ref:
-            raise MergeLabError(f"cannot read expert line {raw!r}: write one per line as name=path or just a path")
+            raise MergeLabError(f"cannot read expert line {raw[:200]!r}: write one per line as name=path or just "
+                                "a path")
         out[name] = ref
     return out
 
@@ -60,6 +64,8 @@ def load_experts(session: Session, base_ref: str, refs: Mapping[str, str], zoo=N
         raise MergeLabError("pick a base model (the model every expert was fine-tuned from)")
     if len(refs) < 2:
         raise MergeLabError(f"pick at least two experts to merge (got {len(refs)})")
+    for name in refs:  # names become folder names at export: identifiers only, whatever sent them
+        check_name(name)
     for name, ref in [("base", base_ref), *refs.items()]:
         preflight_ref(ref, name)
     new = Session(id=session.id if session else uuid.uuid4().hex[:12], base_ref=str(base_ref), refs=dict(refs))

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from ..errors import MergeLabError
+from ..io.names import safe_join
 from .export import clean_old_exports, exports_root
 from .limits import MAX_HISTORY_BYTES
 from .plan import set_cell
@@ -32,7 +33,7 @@ def save_history(session: Session) -> Path:
         raise MergeLabError("no merges in this session yet: press Merge first (the history holds every merge)")
     clean_old_exports()
     folder = Path(tempfile.mkdtemp(prefix="history-", dir=exports_root()))
-    path = folder / f"merge-lab-history-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = safe_join(folder, f"merge-lab-history-{time.strftime('%Y%m%d-%H%M%S')}.json")
     path.write_text(history_json(session), encoding="utf-8")
     return path
 

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import MergeLabError
 from ..io.integrity import MAX_HEADER_BYTES, check_safetensors  # noqa: F401  (re-exported)
+from ..io.names import safe_join
 from .cache import Models, content_hash
 from .limits import max_upload_bytes
 
@@ -103,12 +104,12 @@ def accept_upload(path: str | os.PathLike, shown: str | None = None) -> str:
     from ..paths import cache_root
 
     digest = content_hash(str(source.resolve()), size, source.stat().st_mtime_ns)[:12]
-    folder = cache_root() / "uploads" / digest
+    folder = safe_join(cache_root(), "uploads", digest)
     folder.mkdir(parents=True, exist_ok=True)
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.stem)[:80] or "expert"
-    target = folder / f"{stem}.safetensors"
+    target = safe_join(folder, f"{stem}.safetensors")
     if not target.exists():
-        tmp = folder / f".{stem}.{uuid.uuid4().hex[:6]}.part"
+        tmp = safe_join(folder, f".{stem}.{uuid.uuid4().hex[:6]}.part")
         try:
             os.link(source, tmp)
         except OSError:

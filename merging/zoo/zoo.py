@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import MergeLabError
+from ..io.names import check_name, name_problem, safe_join
 from ..paths import packaged_base_path, zoos_root
 from .tasks import Example, Task, available_tasks, default_task_names, manifest, split_task
 from .training import FEWSHOT_FILE, PROBE_FILE, TASK_FILE, Progress, TrainConfig, read_examples, train_expert
@@ -148,7 +149,11 @@ def _open_root(root: Path, name: str) -> Zoo:
         tasks = list(meta["tasks"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise MergeLabError(f"Zoo {name!r} has a broken {ZOO_FILE} ({exc}): {_rebuild_hint(name)}.") from None
-    experts = {t: root / "experts" / t for t in tasks}
+    bad = [t for t in tasks if name_problem(t)]
+    if bad:
+        raise MergeLabError(f"Zoo {name!r} has a broken {ZOO_FILE} (task name {str(bad[0])[:80]!r} is not a plain "
+                            f"name): {_rebuild_hint(name)}.") from None
+    experts = {t: safe_join(root, "experts", t) for t in tasks}
     for task, folder in experts.items():
         problem = expert_problem(folder)
         if problem:
@@ -166,8 +171,8 @@ def _open_root(root: Path, name: str) -> Zoo:
 
 def open_zoo(name: str | None = None) -> Zoo:
     """Open a built zoo (default: ``MERGE_LAB_ZOO`` or ``default``), verifying every expert."""
-    name = name or default_zoo_name()
-    return _open_root(zoos_root() / name, name)
+    name = check_name(name or default_zoo_name(), "zoo name")  # zoo:NAME/… comes from users
+    return _open_root(safe_join(zoos_root(), name), name)
 
 
 def list_zoos() -> list[Zoo]:
@@ -192,6 +197,7 @@ def _select_tasks(tasks: Iterable[str | Task] | None) -> tuple[list[Task], dict[
     chosen, skipped = [], {}
     for item in names:
         if isinstance(item, Task):
+            check_name(item.name, "task name", field="tasks")  # it becomes the expert's folder name
             chosen.append(item)
         elif item in available:
             chosen.append(available[item])
@@ -272,15 +278,15 @@ def _alive(pid: int) -> bool:
 
 def _reuse_or_train(task: Task, wanted: dict, tmp: Path, final: Path, seed: int, n_probe: int, progress: Progress) -> dict:
     """Expert folder of ``task`` inside the temporary zoo: reused if verified, else trained."""
-    target = tmp / "experts" / task.name
+    target = safe_join(tmp, "experts", check_name(task.name, "task name"))
     if _matches(target, wanted):
         return json.loads((target / TASK_FILE).read_text(encoding="utf-8"))
     shutil.rmtree(target, ignore_errors=True)
-    old = final / "experts" / task.name
+    old = safe_join(final, "experts", task.name)
     if _matches(old, wanted):
         shutil.copytree(old, target)
         return json.loads((target / TASK_FILE).read_text(encoding="utf-8"))
-    partial = tmp / "experts" / f".{task.name}.partial"
+    partial = safe_join(tmp, "experts", f".{task.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     split = split_task(task, seed, n_probe=n_probe)
     cfg = TrainConfig(steps=wanted["steps"], seed=seed)
@@ -314,6 +320,7 @@ def build_zoo(
     """
     if not name or name.startswith(".") or "/" in name or os.sep in name:
         raise MergeLabError(f"Zoo name {name!r} is not a plain folder name: use letters, digits, '-' or '_'.", field="name")
+    check_name(name, "zoo name", field="name")
     chosen, skipped = _select_tasks(tasks)
     base = packaged_base_path()
     wanted = {t.name: _wanted(t, _steps_for(t, steps), seed, n_probe, base) for t in chosen}
