@@ -172,3 +172,88 @@ def test_uploads_with_odd_file_names_get_identifier_names(app_zoo, tmp_path):  #
     shutil.copyfile(Path(zoo.experts["topic"]) / "model.safetensors", odd)
     refs = h.upload_refs([str(odd)])
     assert list(refs) == ["my_expert__copy_"]
+
+
+# ---------------------------------------------------------------- high (a): the CLI never deletes what it did not write
+
+
+def _cli_recipe(tmp_path) -> Path:
+    base, experts = tm.family(tmp_path / "models", "bert", 2, expert_kind="bert_cls")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"method": "task_arithmetic", "base": str(base), "experts": [
+        {"name": "one", "model": str(experts[0])}, {"name": "two", "model": str(experts[1])}]}))
+    return path
+
+
+def test_cli_refuses_a_non_empty_folder_that_is_not_an_export(tmp_path, capsys, monkeypatch):
+    recipe = _cli_recipe(tmp_path)
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "notes.txt").write_text("mine")
+    (here / "sub").mkdir()
+    (here / "sub" / "data.csv").write_text("a,b")
+    monkeypatch.chdir(here)
+    capsys.readouterr()
+    assert main(["merge", str(recipe), "--out", "."]) == 2  # `--out .` once wiped the current folder
+    err = capsys.readouterr().err
+    assert "is not empty and is not a previous Merge Lab export" in err and "--force" in err and "new folder" in err
+    assert sorted(p.name for p in here.rglob("*")) == ["data.csv", "notes.txt", "sub"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_cli_force_adds_beside_user_files_and_never_overwrites_them(tmp_path, capsys):
+    recipe = _cli_recipe(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["merge", str(recipe), "--out", str(out), "--force"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "one" / "model.safetensors").is_file()
+    clash = tmp_path / "clash"
+    (clash / "one").mkdir(parents=True)
+    (clash / "one" / "README.md").write_text("my own readme")
+    capsys.readouterr()
+    assert main(["merge", str(recipe), "--out", str(clash), "--force"]) == 2
+    assert "already holds 'one/README.md', which Merge Lab did not write" in capsys.readouterr().err
+    assert (clash / "one" / "README.md").read_text() == "my own readme" and len(list(clash.rglob("*"))) == 2
+
+
+def test_re_export_replaces_only_what_the_previous_export_wrote(tmp_path):
+    recipe = _cli_recipe(tmp_path)
+    out = tmp_path / "out"
+    assert main(["merge", str(recipe), "--out", str(out)]) == 0
+    (out / "my-eval.json").write_text("{}")
+    (out / "one" / "notes.md").write_text("keep")
+    assert main(["merge", str(recipe), "--out", str(out), "--tasks", "two"]) == 0  # no --force needed
+    assert (out / "my-eval.json").is_file() and (out / "one" / "notes.md").read_text() == "keep"
+    assert not (out / "one" / "model.safetensors").exists() and (out / "two" / "model.safetensors").is_file()
+
+
+def test_cli_mergekit_out_never_replaces_an_existing_file(tmp_path, capsys):
+    recipe = _cli_recipe(tmp_path)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("precious")
+    assert main(["merge", str(recipe), "--format", "mergekit", "--out", str(mine)]) == 2
+    assert mine.read_text() == "precious" and "already exists" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- high (b): YAML alias bombs
+
+
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    import time
+
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [*a{i - 1},*a{i - 1},*a{i - 1},*a{i - 1},*a{i - 1},*a{i - 1},*a{i - 1},*a{i - 1},"
+              f"*a{i - 1}]" for i in range(1, 10)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("method: ties\nbase: b\nexperts: [e, f]\nnotes:\n  " + "\n  ".join(lines) + "\n")
+    start = time.perf_counter()
+    assert main(["merge", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert "anchor or alias" in err and "(line 5)" in err
+
+
+def test_deeply_nested_yaml_gets_a_clear_error():
+    with pytest.raises(MergeLabError, match="nests deeper than"):
+        Recipe.from_yaml("method: ties\nnotes: " + "[" * 5000 + "]" * 5000 + "\n")

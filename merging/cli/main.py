@@ -92,6 +92,9 @@ def _add_merge(sub) -> None:
     parser.add_argument("--shard-mb", type=int, default=500, help="maximum shard size in MB")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow pickled .bin weights (loaded with weights_only=True)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty --out folder that is not a previous export (your files there "
+                             "are never deleted or overwritten)")
     parser.add_argument("--json", action="store_true")
 
 
@@ -108,7 +111,11 @@ def _run_merge(args) -> int:
             layers = expert_set_from_recipe(recipe, allow_pickle=args.allow_pickle).layout.layers
         text = to_mergekit_yaml(recipe, layers)
         if args.out:
-            Path(args.out).write_text(text)
+            out = Path(args.out)
+            if out.is_dir() or ((out.exists() or out.is_symlink()) and not args.force):
+                raise MergeLabError(f"{out} already exists: give a new file name for the mergekit YAML (or --force "
+                                    "to replace that file)", field="out")
+            out.write_text(text)
         print(text)
         return 0
     if not args.out:
@@ -118,7 +125,7 @@ def _run_merge(args) -> int:
 
     expert_set = expert_set_from_recipe(recipe, allow_pickle=args.allow_pickle)
     report = export_recipe(recipe, args.out, expert_set=expert_set, tasks=args.tasks, dtype=args.dtype,
-                           shard_bytes=args.shard_mb * 1000 * 1000)
+                           shard_bytes=args.shard_mb * 1000 * 1000, force=args.force)
     text = "\n".join([f"exported to {report.root}"] + [f"  {k}: {v}" for k, v in report.folders.items()]
                      + [f"warning: {w}" for w in report.warnings])
     _print(report.to_dict(), args.json, text)

@@ -92,6 +92,7 @@ class Recipe:
     @classmethod
     def from_yaml(cls, text: str, source: Path | None = None) -> "Recipe":
         try:
+            _check_plain_yaml(text)
             data = yaml.safe_load(text)
             lines = _line_map(text)
         except yaml.YAMLError as exc:
@@ -242,6 +243,30 @@ def _dtype(value: Any) -> str:
         raise MergeLabError(f"dtype must be one of {', '.join(DTYPES)} (or fp32/fp16/bf16), got {value!r}",
                             field="dtype")
     return value
+
+
+MAX_YAML_DEPTH = 64
+
+
+def _check_plain_yaml(text: str) -> None:
+    """Refuse anchors/aliases and deep nesting while only *parsing* (events, nothing expanded or built).
+
+    A recipe never needs aliases, and a "billion laughs" document of nested aliases expands to billions of
+    nodes in safe_load and in the line-number walk (the CLI hung); nesting thousands deep overflows the
+    composer's recursion. Both are refused here, before anything walks the document."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            mark = event.start_mark
+            raise MergeLabError("recipe uses a YAML anchor or alias (& or *): write each value out in full "
+                                "(recipes never need them)", line=mark.line + 1 if mark else None)
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise MergeLabError(f"recipe nests deeper than {MAX_YAML_DEPTH} levels: a recipe is a few levels "
+                                    "deep (is it the right file?)", line=event.start_mark.line + 1)
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
 
 
 def _line_map(text: str) -> dict[str, int]:
