@@ -257,3 +257,83 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
 def test_deeply_nested_yaml_gets_a_clear_error():
     with pytest.raises(MergeLabError, match="nests deeper than"):
         Recipe.from_yaml("method: ties\nnotes: " + "[" * 5000 + "]" * 5000 + "\n")
+
+
+# ---------------------------------------------------------------- high (c): one request cannot exhaust memory
+
+
+def test_too_many_experts_are_refused_before_anything_opens(app_zoo, monkeypatch):  # noqa: F811
+    zoo, _ = app_zoo
+    base, refs = wb.zoo_refs(zoo)
+    many = {f"e{i}": refs["topic"] for i in range(9)}
+    with pytest.raises(MergeLabError, match=r"9 experts is more than this server merges at once "
+                                            r"\(MERGE_LAB_MAX_EXPERTS = 8\): pick at most 8"):
+        wb.load_experts(wb.Session(), base, many)
+    monkeypatch.setenv("MERGE_LAB_MAX_EXPERTS", "2")
+    with pytest.raises(MergeLabError, match="pick at most 2"):
+        wb.load_experts(wb.Session(), base, {"a": refs["topic"], "b": refs["mood"], "c": refs["topic"]})
+    monkeypatch.setenv("MERGE_LAB_MAX_EXPERTS", "abc")
+    with pytest.warns(UserWarning, match="MERGE_LAB_MAX_EXPERTS='abc'"):
+        assert wb.max_experts() == 8
+
+
+@pytest.mark.parametrize("field, value, shown", [
+    ("intermediate_size", 150000, "says intermediate_size = 150000 but its weights have 32"),
+    ("hidden_size", 4096, "says hidden_size = 4096 but its weights have 16"),
+    ("num_hidden_layers", 1000, "says num_hidden_layers = 1000 but its weights have 2 layers"),
+    ("vocab_size", "lots", "says vocab_size = lots"),
+    ("num_attention_heads", 5, "num_attention_heads = 5 but its weights have hidden size 16"),
+])
+def test_config_sizes_must_match_the_weights(tmp_path, field, value, shown):
+    import json
+
+    base, experts = tm.family(tmp_path, "bert", 2, expert_kind="bert_cls")
+    config_path = experts[0] / "config.json"
+    config = json.loads(config_path.read_text())
+    config[field] = value
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(MergeLabError, match="fix " + field) as info:
+        ExpertSet.load(base, {"one": experts[0], "two": experts[1]})
+    assert shown in str(info.value) and "'one'" in str(info.value) and info.value.field == field
+
+
+def test_memory_budget_refuses_heavy_steps_with_the_numbers(app_zoo, monkeypatch):  # noqa: F811
+    zoo, _ = app_zoo
+    base, refs = wb.zoo_refs(zoo)
+    session = wb.load_experts(wb.Session(), base, refs)
+    monkeypatch.setenv("MERGE_LAB_MEMORY_BUDGET", "1K")
+    with pytest.raises(MergeLabError, match=r"merge of these 2 experts needs about 0\.\d\d GB of memory, over this "
+                                            r"server's budget of 0\.00 GB \(MERGE_LAB_MEMORY_BUDGET\)"):
+        wb.merge(session, "task_arithmetic", {}, 0)
+    with pytest.raises(MergeLabError, match="importance of these 2 experts needs about"):
+        wb.compute_importance(session, 8)
+    with pytest.raises(MergeLabError, match="merge of these 2 experts needs"):
+        wb.load_experts(wb.Session(), base, refs)
+    monkeypatch.delenv("MERGE_LAB_MEMORY_BUDGET")
+    assert wb.merge(session, "task_arithmetic", {}, 0).label.startswith("#1")
+    assert wb.estimate_step_bytes(wb.models_for(session).expert_set, "importance") < wb.memory_budget_bytes()
+
+
+def test_task_files_are_capped_in_size_and_rows(app_zoo, tmp_path, monkeypatch):  # noqa: F811
+    zoo, _ = app_zoo
+    base, refs = wb.zoo_refs(zoo)
+    session = wb.load_experts(wb.Session(), base, refs)
+    big = tmp_path / "big.csv"
+    big.write_text("text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(60_000)))
+    with pytest.raises(MergeLabError, match="has 60000 rows, over the limit of 50000"):
+        wb.attach_task_data(session, "topic", big)
+    monkeypatch.setenv("MERGE_LAB_MAX_TASK_MB", "0.1")
+    with pytest.raises(MergeLabError, match=r"big.csv is 0\.\d MB, over the 0.1 MB limit for task files") as info:
+        wb.attach_task_data(session, "topic", big)
+    assert str(tmp_path) not in str(info.value)
+
+
+def test_a_5000_label_mismatch_message_stays_short(app_zoo, tmp_path):  # noqa: F811
+    zoo, _ = app_zoo
+    base, refs = wb.zoo_refs(zoo)
+    session = wb.load_experts(wb.Session(), base, refs)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("text,label\n" + "".join(f"row {i},label-number-{i}\n" for i in range(5000)))
+    with pytest.raises(MergeLabError, match="has 5000 labels") as info:
+        wb.attach_task_data(session, "topic", labels)
+    assert len(str(info.value)) < 600 and "and 4990 more" in str(info.value)

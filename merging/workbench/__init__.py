@@ -30,6 +30,7 @@ Everything is re-exported here, so ``from merging import workbench as wb; wb.mer
 
 from ..errors import MergeLabError  # noqa: F401
 from ..io.names import check_name, derive_name, safe_join  # noqa: F401
+from .budget import check_memory, estimate_step_bytes, max_experts, memory_budget_bytes  # noqa: F401
 from .cache import (  # noqa: F401
     CACHE,
     CLIENTS,

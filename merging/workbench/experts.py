@@ -10,8 +10,9 @@ from pathlib import Path
 
 from ..errors import MergeLabError
 from ..io.names import check_name, derive_name
+from .budget import check_expert_count, check_memory
 from .cache import CACHE, Models, files_fingerprint
-from .limits import MAX_PROBE_ROWS, Progress, check_fewshot, no_progress
+from .limits import MAX_PROBE_ROWS, Progress, check_fewshot, no_progress, shorten_list
 from .preflight import preflight_ref, scan_nonfinite
 from .session import Session, TaskData
 
@@ -64,6 +65,7 @@ def load_experts(session: Session, base_ref: str, refs: Mapping[str, str], zoo=N
         raise MergeLabError("pick a base model (the model every expert was fine-tuned from)")
     if len(refs) < 2:
         raise MergeLabError(f"pick at least two experts to merge (got {len(refs)})")
+    check_expert_count(len(refs))  # before anything is opened: one request must not take the machine
     for name in refs:  # names become folder names at export: identifiers only, whatever sent them
         check_name(name)
     for name, ref in [("base", base_ref), *refs.items()]:
@@ -76,6 +78,7 @@ def load_experts(session: Session, base_ref: str, refs: Mapping[str, str], zoo=N
         with CACHE._lock:  # the files changed on disk since they were opened: open them again
             CACHE._items.pop(new.key, None)
     models = models_for(new, progress)
+    check_memory(models, "merge")  # a selection that cannot even be merged here is refused at load
     expert_set = models.expert_set
     new.refs = {name: refs.get(name, expert_set.experts[name].source.ref) for name in expert_set.experts}
     new.layers = list(expert_set.layout.layers)
@@ -160,8 +163,9 @@ def attach_task_data(session: Session, expert: str, path: str | os.PathLike, n_f
     models = models_for(session)
     classes = head_size(models, expert)
     if classes is not None and classes != len(task.label_names):
-        raise MergeLabError(f"{Path(path).name} has {len(task.label_names)} labels ({', '.join(task.label_names)}) "
-                            f"but expert '{expert}' has a {classes}-class head: give the file of its own task")
+        raise MergeLabError(f"{Path(path).name[:80]} has {len(task.label_names)} labels "
+                            f"({shorten_list(task.label_names)}) but expert '{expert}' has a {classes}-class head: "
+                            "give the file of its own task")
     n_few = int(n_fewshot or session.fewshot_n)
     total = len(task.examples())
     n_few = max(1, min(n_few, total // 2))

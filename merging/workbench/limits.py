@@ -53,6 +53,14 @@ def max_upload_bytes() -> int:
     return max(1, int(mb * 1024 * 1024))
 
 
+def shorten_list(items: Sequence[Any], limit: int = 10, chars: int = 40) -> str:
+    """``a, b, c … and 4990 more``: lists inside messages stay short (a 5000-label file once gave a 34 KB
+    error), and each item is cut to ``chars`` characters."""
+    shown = [str(i) if len(str(i)) <= chars else str(i)[:chars] + "…" for i in list(items)[:limit]]
+    more = len(items) - len(shown)
+    return ", ".join(shown) + (f" … and {more} more" if more > 0 else "")
+
+
 def check_number(field_name: str, value: Any, low: float | None = None, high: float | None = None,
                  integer: bool = False) -> float | int:
     """``value`` as a finite number in [low, high] (a whole number if ``integer``), else a MergeLabError

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import MergeLabError
+from .budget import check_memory
 from .cache import CACHE, MAX_MERGES_KEPT, MERGE_STATS, Models, content_hash
 from .experts import models_for, tokenizer_for
 from .limits import (
@@ -215,6 +216,7 @@ def merge(session: Session, method: str, shared: Mapping[str, Any], seed: int = 
     shared = check_shared(method, shared)
     seed = check_seed(seed)
     models = models_for(session)
+    check_memory(models, "merge")
     key, recipe, result, reused = _merge_result(session, models, method, shared, seed, progress)
     _own(session, models, key)
     session.merge_inputs = {"method": method, "shared": dict(shared), "seed": seed,

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MergeLabError
+from .budget import check_memory
 from .cache import CACHE, RESULTS, Models, content_hash
 from .experts import models_for, tokenizer_for
 from .importance import recalibrate
@@ -69,6 +70,7 @@ def run_probe(session: Session, progress: Progress | None = None):
     models = models_for(session)
     if session.merge_key is None:
         raise MergeLabError("no merge yet in this session: press Merge first")
+    check_memory(models, "probe")
     view, _ = _probe_zoo(session, models)
     probe_key = content_hash("probe", session.merge_key, sorted((t, str(p)) for t, p in view.experts.items()),
                              _probe_sets(session, view))
