@@ -337,3 +337,85 @@ def test_a_5000_label_mismatch_message_stays_short(app_zoo, tmp_path):  # noqa: 
     with pytest.raises(MergeLabError, match="has 5000 labels") as info:
         wb.attach_task_data(session, "topic", labels)
     assert len(str(info.value)) < 600 and "and 4990 more" in str(info.value)
+
+
+# ---------------------------------------------------------------- medium (f): every opened file is checked
+
+
+@pytest.fixture()
+def allowed(tmp_path, monkeypatch):
+    root = tmp_path / "allowed"
+    root.mkdir()
+    monkeypatch.setenv("MERGE_LAB_ALLOWED_ROOTS", str(root))
+    return root
+
+
+def test_symlinked_file_inside_an_allowed_folder_is_refused(tmp_path, allowed):
+    base, experts = tm.family(allowed / "models", "bert", 2)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "vocab.txt").write_text("TOP SECRET")
+    (base / "vocab.txt").symlink_to(secret / "vocab.txt")
+    with pytest.raises(MergeLabError, match="file 'vocab.txt' leads outside the allowed folders") as info:
+        ExpertSet.load(base, experts)
+    assert str(tmp_path) not in str(info.value)
+    moved = tmp_path / "weights.safetensors"
+    shutil.move(experts[0] / "model.safetensors", moved)
+    (experts[0] / "model.safetensors").symlink_to(moved)
+    (base / "vocab.txt").unlink()
+    with pytest.raises(MergeLabError, match="file 'model.safetensors' leads outside the allowed folders"):
+        ExpertSet.load(base, experts)
+
+
+def test_shard_names_in_the_index_cannot_leave_the_folder(tmp_path, allowed):
+    import json
+
+    base, experts = tm.family(allowed / "models", "bert", 2)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.move(experts[0] / "model.safetensors", outside / "x.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(outside / "x.safetensors"), "pt") as fh:
+        keys = list(fh.keys())
+    (experts[0] / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "../../../outside/x.safetensors" for k in keys}}))
+    with pytest.raises(MergeLabError, match="names shard '../../../outside/x.safetensors', which is not a "
+                                            ".safetensors file beside it"):
+        ExpertSet.load(base, experts)
+
+
+def test_refusals_do_not_tell_whether_a_path_exists_or_where_the_roots_are(tmp_path, allowed):
+    from merging.io.sources import open_model
+
+    texts = []
+    for ref in ("/etc/passwd", "/no/such/file.safetensors", str(tmp_path / "missing")):
+        with pytest.raises(MergeLabError) as info:
+            open_model(ref)
+        texts.append(str(info.value).replace(ref, "REF"))
+        assert str(allowed) not in str(info.value)
+    assert len(set(texts)) == 1 and "is not allowed here" in texts[0]
+
+
+def test_public_host_without_allowed_roots_warns_at_start_up(monkeypatch):
+    import app as app_module
+
+    monkeypatch.delenv("MERGE_LAB_ALLOWED_ROOTS", raising=False)
+    with pytest.warns(UserWarning, match="served publicly but MERGE_LAB_ALLOWED_ROOTS is not set"):
+        app_module.launch_kwargs(app_module.parse_args(["--host", "0.0.0.0"]))
+    monkeypatch.setenv("SPACE_ID", "someone/merge-lab")
+    with pytest.warns(UserWarning, match="served publicly"):
+        app_module.launch_kwargs(app_module.parse_args(["--host", "127.0.0.1"]))
+    monkeypatch.setenv("MERGE_LAB_ALLOWED_ROOTS", "/srv/models")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        app_module.launch_kwargs(app_module.parse_args(["--host", "0.0.0.0"]))
+
+
+def test_deeply_nested_config_json_gets_a_clear_error(tmp_path):
+    base, experts = tm.family(tmp_path, "bert", 2)
+    (experts[0] / "config.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(MergeLabError, match="nests too deeply"):
+        ExpertSet.load(base, experts)

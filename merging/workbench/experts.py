@@ -124,8 +124,13 @@ def _task_data_for(zoo, task: str | None, root) -> TaskData | None:
             labels = []
         return TaskData(list(zoo.fewshot(task)), list(zoo.probe(task))[:MAX_PROBE_ROWS], labels, "zoo")
     if root is not None and Path(root).is_dir():  # a folder laid out like a zoo expert carries its data
+        from ..io.access import check_file_inside
+
         folder = Path(root)
         few, probe = folder / "fewshot.jsonl", folder / "probe.jsonl"
+        for file in (few, probe, folder / "merge_lab_task.json"):
+            if file.is_file():
+                check_file_inside(file, folder.name)  # a symlinked data file must not read outside the roots
         if few.is_file():
             from ..zoo.training import read_examples
 

@@ -20,7 +20,7 @@ from .limits import max_upload_bytes
 def preflight_ref(ref: str, name: str) -> None:
     """Check the safetensors files behind a local ref before opening it (after the allowed-roots check, so
     nothing outside them is read). Hub ids are left to the library."""
-    from ..io.access import check_local_path
+    from ..io.access import allowed_roots, check_local_path, looks_local
 
     text = str(ref)
     if text.startswith("zoo:"):
@@ -29,6 +29,8 @@ def preflight_ref(ref: str, name: str) -> None:
         path = resolve_zoo_ref(text)
     else:
         path = Path(text).expanduser()
+        if looks_local(text) and allowed_roots() is not None:
+            path = check_local_path(path, text)  # refused before exists(): no answer to "is it there?"
         if not (path.exists() or path.is_symlink()):
             return  # a hub id, or missing: the library says which
         path = check_local_path(path, text)
