@@ -7,8 +7,11 @@ other exception into a short message (the traceback goes to the server log, neve
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -102,6 +105,45 @@ def safe(fn: Callable) -> Callable:
             raise gr.Error(f"Something went wrong ({type(exc).__name__}: {str(exc)[:200]}). "
                            "The details are in the server log.", print_exception=False) from None
     return wrapper
+
+
+_WORK_LOCK = threading.Lock()  # one model job's thread at a time, even one whose request was already cancelled
+
+
+def heavy(fn: Callable) -> Callable:
+    """Run a model handler so that Stop (or a client's cancel) stops the computation, not just the request.
+
+    Gradio cancels an event by cancelling its asyncio task; a plain function keeps running in its worker
+    thread to the end. Here the handler runs in a thread under a :class:`merging.cancel.CancelToken`; when the
+    task is cancelled the token is set and the long loops stop at their next checkpoint. The next model job
+    waits for that thread to let go (``_WORK_LOCK``), so a cancelled job never runs beside a new one."""
+    from merging.cancel import CancelToken, cancellable
+
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        token = CancelToken()
+        context = contextvars.copy_context()  # gradio's progress and request context live in contextvars
+
+        def work():
+            with _WORK_LOCK, cancellable(token):
+                token_checkpoint(token)
+                return fn(*args, **kwargs)
+
+        future = asyncio.get_running_loop().run_in_executor(None, context.run, work)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            token.cancel()
+            raise
+    return wrapper
+
+
+def token_checkpoint(token) -> None:
+    """A job cancelled while it waited for the previous one's thread never starts."""
+    if token.cancelled:
+        from merging.cancel import Cancelled
+
+        raise Cancelled()
 
 
 def progress_sink(progress) -> Callable[[float, str], None]:

@@ -72,7 +72,7 @@ def long_step(button: gr.Button, stop: gr.Button, fn, inputs, outputs, api_name:
         return gr.update(interactive=True)
 
     start = button.click(lambda: gr.update(interactive=False), None, button, queue=False, api_visibility="private")
-    event = start.then(fn, inputs, outputs, api_name=api_name, **h.HEAVY)
+    event = start.then(h.heavy(fn), inputs, outputs, api_name=api_name, **h.HEAVY)
     done = event.then(enable, None, button, api_visibility="private")
     stop.click(enable, None, button, cancels=[event], api_visibility="private")
     return done
@@ -319,7 +319,7 @@ def build_demo() -> gr.Blocks:
                     gr.update(choices=experts, value=experts), h.method_info(session, method_value))
 
         load_event = load_btn.click(
-            on_load, [state, base_box, zoo_pick, extra_box, upload, method],
+            h.heavy(on_load), [state, base_box, zoo_pick, extra_box, upload, method],
             [state, experts_df, load_md, data_md, attach_expert, plan_expert, hid_expert, export_tasks, method_md],
             api_name="load_experts", **h.HEAVY)
         load_event.then(refresh_plan, [state, plan_expert, method, *param_boxes], plan_outputs + slider_outputs,
@@ -331,7 +331,7 @@ def build_demo() -> gr.Blocks:
             session, rows, data = h.attach(session, expert, file, n)
             return session, rows, data, h.method_info(session, method_value)
 
-        attach_btn.click(on_attach, [state, attach_expert, attach_file, fewshot, method],
+        attach_btn.click(h.heavy(on_attach), [state, attach_expert, attach_file, fewshot, method],
                          [state, experts_df, data_md, method_md], api_name="attach_task_data", **h.HEAVY)
 
         # ---- importance
@@ -361,7 +361,7 @@ def build_demo() -> gr.Blocks:
             result = wb.compare_interventions(session, n, progress=h.progress_sink(progress))
             return (session, *h.comparison_views(result))
 
-        compare_btn.click(on_compare, [state, fewshot], [state, compare_plot, compare_md],
+        compare_btn.click(h.heavy(on_compare), [state, fewshot], [state, compare_plot, compare_md],
                           api_name="compare_interventions", **h.HEAVY)
 
         def on_hidden_layer(session, layer):
@@ -491,7 +491,7 @@ def build_demo() -> gr.Blocks:
             results = wb.drop_sweep(session, ratios, progress=h.progress_sink(progress))
             return fg.sweep_figure(ratios, results), fg.sweep_summary(ratios, results)
 
-        sweep_btn.click(on_sweep, [state], [sweep_plot, sweep_md], api_name="sweep", **h.HEAVY)
+        sweep_btn.click(h.heavy(on_sweep), [state], [sweep_plot, sweep_md], api_name="sweep", **h.HEAVY)
 
         # ---- nothing lost: the session's history as a file, and back
         @h.safe
@@ -519,7 +519,7 @@ def build_demo() -> gr.Blocks:
         def on_predict(session, text):
             return wb.predict(h.session_of(session), text)
 
-        predict_btn.click(on_predict, [state, sentence], predict_df, api_name="predict", **h.HEAVY)
+        predict_btn.click(h.heavy(on_predict), [state, sentence], predict_df, api_name="predict", **h.HEAVY)
         sentence.submit(on_predict, [state, sentence], predict_df, api_visibility="private")
 
         # ---- export

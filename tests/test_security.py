@@ -419,3 +419,89 @@ def test_deeply_nested_config_json_gets_a_clear_error(tmp_path):
     (experts[0] / "config.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(MergeLabError, match="nests too deeply"):
         ExpertSet.load(base, experts)
+
+
+# ---------------------------------------------------------------- high (d): Stop stops the work; light calls do not wait
+
+
+@pytest.fixture()
+def slow_merge(monkeypatch):
+    """Every merged tensor takes 0.1 s, and the patch counts calls and how many run right now."""
+    import threading
+    import time
+
+    from merging.engine import MergeEngine
+
+    original = MergeEngine._merge_one
+    state = {"calls": 0, "active": 0}
+    lock = threading.Lock()
+
+    def slow(self, *args, **kwargs):
+        with lock:
+            state["calls"] += 1
+            state["active"] += 1
+        try:
+            time.sleep(0.1)
+            return original(self, *args, **kwargs)
+        finally:
+            with lock:
+                state["active"] -= 1
+
+    monkeypatch.setattr(MergeEngine, "_merge_one", slow)
+    return state
+
+
+def _wait_for(predicate, timeout=20.0):
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_api_cancel_stops_the_computation_and_the_server_returns_to_idle(api_url, app_zoo, slow_merge):  # noqa: F811
+    import threading
+    import time
+
+    from gradio_client import Client
+
+    zoo, _ = app_zoo
+    client = Client(api_url, verbose=False)
+    client.predict(f"zoo:{zoo.name}/base", list(zoo.tasks), "", None, "apl", api_name="/load_experts")
+    threads_before = threading.active_count()
+    for attempt in range(3):
+        start_calls = slow_merge["calls"]
+        job = client.submit("ties", attempt + 1, api_name="/merge")  # a new seed each time: no cache hit
+        assert _wait_for(lambda: slow_merge["calls"] > start_calls + 2), "the merge never started"
+        job.cancel()
+        assert _wait_for(lambda: slow_merge["active"] == 0, 3.0), "the merge thread kept working after cancel"
+        stopped_at = slow_merge["calls"]
+        time.sleep(0.6)
+        assert slow_merge["calls"] == stopped_at, "merged tensors kept coming after cancel"
+    assert threading.active_count() <= threads_before + 2  # no thread left behind per cancelled job
+    out = client.predict("ties", 99, api_name="/merge")  # and the next job runs normally
+    assert "ties" in out
+
+
+def test_api_light_calls_do_not_wait_behind_a_heavy_job(api_url, app_zoo, slow_merge):  # noqa: F811
+    import time
+
+    from gradio_client import Client
+
+    zoo, _ = app_zoo
+    heavy, light = Client(api_url, verbose=False), Client(api_url, verbose=False)
+    for client in (heavy, light):
+        client.predict(f"zoo:{zoo.name}/base", list(zoo.tasks), "", None, "apl", api_name="/load_experts")
+    start_calls = slow_merge["calls"]
+    job = heavy.submit("ties", 1234, api_name="/merge")
+    assert _wait_for(lambda: slow_merge["calls"] > start_calls + 1)
+    clock = time.perf_counter()
+    light.predict("topic", "1", "weight", 0.5, "task_arithmetic", api_name="/set_layer")
+    seconds = time.perf_counter() - clock
+    still_running = slow_merge["active"] > 0
+    job.cancel()
+    assert still_running and seconds < 2.0, f"a slider edit waited {seconds:.1f} s behind a merge"
+

@@ -197,6 +197,10 @@ def data_status(session: Session) -> str:
 
 
 def task_vector_stats(models: Models):
+    """The selection's task-vector statistics (computed once). Once computed they are read without the models
+    lock, so slider and table edits never wait behind a merge or an export holding it."""
+    if models.stats is not None:
+        return models.stats
     with models.lock:
         if models.stats is None:
             from ..task_vectors import TaskVectors

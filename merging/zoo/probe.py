@@ -26,6 +26,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from ..cancel import checkpoint
 from ..errors import MergeLabError
 from .tasks import Example
 
@@ -287,6 +288,7 @@ class Prober:
         pooled = torch.empty(self.n_texts, self.body.model.config.hidden_size)
         new_cache = []
         for b, batch in enumerate(self.batches):
+            checkpoint()  # Stop ends a probe between batches
             inputs = list(self._hidden[b][:start + 1]) if start > 0 else [None]
             hidden = inputs[-1]
             for stage in range(start, last + 1):

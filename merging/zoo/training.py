@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..cancel import checkpoint
 from .tasks import Example, Task, TaskSplit
 
 Progress = Callable[[float, str], None]
@@ -121,6 +122,7 @@ def train_classifier(model, tokenizer, train: list[Example], cfg: TrainConfig, p
     bar = tqdm(total=cfg.steps, desc=f"train {label}", file=sys.stderr, leave=False, dynamic_ncols=True)
     start, loss_value = time.perf_counter(), float("nan")
     for step in range(1, cfg.steps + 1):
+        checkpoint()  # Stop ends a training run between steps
         batch = next(batches)
         inputs = encode(tokenizer, [t for t, _ in batch], cfg.max_length)
         out = model(**inputs, labels=torch.tensor([y for _, y in batch]))
