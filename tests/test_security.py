@@ -505,3 +505,76 @@ def test_api_light_calls_do_not_wait_behind_a_heavy_job(api_url, app_zoo, slow_m
     job.cancel()
     assert still_running and seconds < 2.0, f"a slider edit waited {seconds:.1f} s behind a merge"
 
+
+# ---------------------------------------------------------------- medium (e): a full disk is recognised
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 2 MB filesystem (tmpfs), or a skip when this machine does not allow mounting."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a 2 MB tmpfs here ({done.stderr.decode().strip() or 'not permitted'})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def _big_family(tmp_path):
+    """Experts of ~1.5 MB each: an export of two task folders (~3 MB) cannot fit on the 2 MB disk."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    cfg = dict(vocab_size=64, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512,
+               max_position_embeddings=32)
+    base = tm.save(BertModel(BertConfig(**cfg)), tmp_path / "base")
+    experts = [tm.save(tm.perturbed(BertForSequenceClassification(BertConfig(**cfg, num_labels=2)), i),
+                       tmp_path / f"e{i}") for i in range(2)]
+    recipe = Recipe.from_dict({"method": "task_arithmetic", "base": str(base),
+                               "experts": [{"name": f"e{i}", "model": str(e)} for i, e in enumerate(experts)]})
+    return recipe
+
+
+def test_export_that_cannot_fit_is_refused_before_writing(tmp_path, small_disk):
+    recipe = _big_family(tmp_path)
+    with pytest.raises(MergeLabError, match=r"the disk is full: this export needs about 3\.\d MB but only "
+                                            r"\d\.\d MB are free") as info:
+        export_recipe(recipe, small_disk / "out")
+    assert info.value.kind == "disk_full" and not list(small_disk.iterdir())
+
+
+def test_export_hitting_a_full_disk_mid_write_says_so(tmp_path, small_disk, monkeypatch):
+    recipe = _big_family(tmp_path)
+    monkeypatch.setattr("merging.io.export._check_free_space", lambda *a: None)  # the disk fills up meanwhile
+    with pytest.raises(MergeLabError, match="the disk is full while exporting") as info:
+        export_recipe(recipe, small_disk / "out")
+    assert info.value.kind == "disk_full" and not list(small_disk.iterdir())
+
+
+def test_zoo_build_on_a_full_disk_says_so(small_disk, monkeypatch):
+    from merging.zoo.tasks import Task
+    from merging.zoo.zoo import build_zoo
+
+    monkeypatch.setenv("MERGE_LAB_CACHE", str(small_disk))
+    rows = [(f"word{i % 7} text {i}", i % 2) for i in range(60)]
+    task = Task("tiny", ["a", "b"], "two labels", "test", lambda: rows, default_steps=1)
+    with pytest.raises(MergeLabError, match="the disk is full while building zoo 'full'") as info:
+        build_zoo("full", tasks=[task], steps=1, n_probe=10)
+    assert info.value.kind == "disk_full"
+    assert not (small_disk / "zoo" / ".full.building").exists()
+
+
+def test_disk_full_is_recognised_by_kind_not_text():
+    from safetensors import SafetensorError
+
+    from merging.errors import is_disk_full
+
+    assert is_disk_full(OSError(28, "No space left on device"))
+    assert is_disk_full(SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)'))
+    assert is_disk_full(MergeLabError("whatever the words", kind="disk_full"))
+    assert not is_disk_full(MergeLabError("the disk is full, said a user's note"))
+    assert MergeLabError("x").kind is None

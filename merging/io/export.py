@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..engine import MergeEngine, MergeSettings
-from ..errors import MergeLabError
+from ..errors import DISK_FULL, MergeLabError, is_disk_full
 from .experts import ExpertSet
 from .mergekit_yaml import to_mergekit_yaml
 from .names import check_name, safe_join
@@ -93,7 +94,12 @@ class ShardWriter:
 
     def _flush(self) -> None:
         path = self.folder / f".shard-{len(self.shards):05d}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
+        try:
+            save_file(self.pending, str(path), metadata={"format": "pt"})
+        except Exception as exc:  # safetensors' own error type carries the OS error only in its text
+            if is_disk_full(exc):
+                raise OSError(errno.ENOSPC, "No space left on device") from exc
+            raise
         self.shards.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -118,6 +124,7 @@ def export_recipe(recipe, out_dir: str | Path, *, expert_set: ExpertSet | None =
         raise MergeLabError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}", field="dtype")
     targets = _targets(expert_set, tasks)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _check_free_space(expert_set, targets, dtype, out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         report = _write(recipe, expert_set, engine, settings, targets, staging, dtype, shard_bytes,
@@ -125,14 +132,34 @@ def export_recipe(recipe, out_dir: str | Path, *, expert_set: ExpertSet | None =
         _swap_into_place(staging, out_dir, force)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
+        if is_disk_full(exc):
             raise MergeLabError(f"the disk is full while exporting to {out_dir}: free some space and export "
-                                "again (nothing was written; any previous export is intact)") from exc
+                                "again (nothing was written; any previous export is intact)",
+                                kind=DISK_FULL) from exc
         raise MergeLabError(f"could not write the export to {out_dir}: {exc}") from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return _relocate(report, staging, out_dir)
+
+
+def export_bytes(expert_set: ExpertSet, targets: dict[str, str | None], dtype: str) -> int:
+    """Bytes of weights the export will write: the body in ``dtype`` once per folder, plus each head."""
+    size = TORCH_DTYPES[dtype].itemsize
+    body = sum(math.prod(expert_set.layout[n].shape) for n in expert_set.layout.tensors) * size
+    heads = sum(math.prod(expert_set.experts[e].source.tensors[h].shape) * size
+                for e in targets.values() if e for h in expert_set.experts[e].head_names)
+    return body * len(targets) + heads
+
+
+def _check_free_space(expert_set: ExpertSet, targets, dtype: str, out_dir: Path) -> None:
+    """Refuse before merging when the export cannot fit: a full disk found after minutes of work helps nobody."""
+    need = export_bytes(expert_set, targets, dtype)
+    free = shutil.disk_usage(out_dir.parent).free
+    if need > free:
+        raise MergeLabError(f"the disk is full: this export needs about {need / 1e6:.1f} MB but only "
+                            f"{free / 1e6:.1f} MB are free where it goes; free some space, export fewer tasks or a "
+                            "smaller dtype (fp16)", kind=DISK_FULL)
 
 
 def _targets(expert_set: ExpertSet, tasks: Iterable[str] | None) -> dict[str, str | None]:

@@ -10,7 +10,7 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import MergeLabError
+from ..errors import DISK_FULL, MergeLabError, is_disk_full
 from .cache import Models, content_hash
 from .experts import models_for
 from .limits import EXPORT_MAX_AGE, Progress, check_dtype, no_progress
@@ -85,10 +85,9 @@ def export(session: Session, tasks: Sequence[str] | None = None, dtype: str = "f
         os.replace(partial, zip_path)
     except (OSError, MergeLabError) as exc:
         shutil.rmtree(work, ignore_errors=True)
-        full = getattr(exc, "errno", None) in (28, 122) or "disk is full" in str(exc)  # ENOSPC, EDQUOT
-        if full:  # the library's message names a server path: a public page gets this one
+        if is_disk_full(exc):  # the library's message names a server path: a public page gets this one
             raise MergeLabError("export failed: the server's disk is full. Earlier exports are untouched; try "
-                                "again later, export fewer tasks or a smaller dtype (fp16)") from None
+                                "again later, export fewer tasks or a smaller dtype (fp16)", kind=DISK_FULL) from None
         if isinstance(exc, MergeLabError):
             raise
         raise MergeLabError(f"export failed while writing files: {exc.strerror or exc}. Earlier exports are "

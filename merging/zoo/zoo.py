@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import MergeLabError
+from ..errors import DISK_FULL, MergeLabError, is_disk_full
 from ..io.names import check_name, name_problem, safe_join
 from ..paths import packaged_base_path, zoos_root
 from .tasks import Example, Task, available_tasks, default_task_names, manifest, split_task
@@ -329,17 +329,24 @@ def build_zoo(
     with _BuildLock(root / f".{name}.lock"):
         if _zoo_matches(final, name, wanted, seed):
             return open_zoo(name)
-        tmp.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        _build_into(tmp, final, chosen, wanted, seed, n_probe, progress)
-        meta = {
-            "build_seconds": round(time.perf_counter() - start, 1),
-            "name": name, "base": str(base), "base_bytes": (base / WEIGHTS).stat().st_size, "seed": seed,
-            "tasks": [t.name for t in chosen], "skipped": skipped,
-            "steps": {t: w["steps"] for t, w in wanted.items()}, "n_probe": n_probe, "format": FORMAT,
-        }
-        (tmp / ZOO_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        _swap_in(tmp, final)
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            _build_into(tmp, final, chosen, wanted, seed, n_probe, progress)
+            meta = {
+                "build_seconds": round(time.perf_counter() - start, 1),
+                "name": name, "base": str(base), "base_bytes": (base / WEIGHTS).stat().st_size, "seed": seed,
+                "tasks": [t.name for t in chosen], "skipped": skipped,
+                "steps": {t: w["steps"] for t, w in wanted.items()}, "n_probe": n_probe, "format": FORMAT,
+            }
+            (tmp / ZOO_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+            _swap_in(tmp, final)
+        except Exception as exc:  # safetensors (save_pretrained) raises its own type for a full disk
+            if not is_disk_full(exc):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # half an expert is useless; finished ones are rebuilt quickly
+            raise MergeLabError(f"the disk is full while building zoo {name!r}: free some space and build again "
+                                "(any previous zoo is intact)", kind=DISK_FULL) from None
     return open_zoo(name)
 
 
