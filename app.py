@@ -17,9 +17,10 @@ from typing import Any
 from components import handlers as h
 from components.layout import build_demo, load_css
 from merging.io.access import public_host_warning
-from merging.workbench import exports_root
+from merging.workbench import exports_root, retention_sweep
 
 CSS = load_css()
+retention_sweep(startup=True)  # what a killed process left (export staging, old exports and uploads) goes first
 
 demo = build_demo()
 # One heavy job at a time on a 2-core machine (the model events share one concurrency group, see

@@ -251,6 +251,10 @@ def load(state, base_ref: str, zoo_tasks: Sequence[str] | None, extra: str, uplo
     refs: dict[str, str] = {}
     if zoo is not None:
         for task in zoo_tasks or []:
+            if task in getattr(zoo, "damaged", {}):
+                raise MergeLabError(f"Experts from the demo zoo: expert {task!r} is damaged ({zoo.damaged[task]}); "
+                                    f"pick the others, or rebuild it with `python -m merging zoo build --name "
+                                    f"{zoo.name}`")
             if task not in zoo.experts:
                 raise MergeLabError(f"Experts from the demo zoo: zoo '{zoo.name}' has no expert {task!r} "
                                     f"(it has: {', '.join(zoo.tasks)})")

@@ -84,7 +84,9 @@ def load_css() -> str:
 
 
 def build_demo() -> gr.Blocks:
-    with gr.Blocks(title="Merge Lab") as demo:
+    # gradio keeps its own copy of every file a handler returns (export zips, history files): the same hour
+    # as the app's own copies (wb.retention_sweep), checked every 10 minutes, and all gone on restart.
+    with gr.Blocks(title="Merge Lab", delete_cache=(600, int(wb.EXPORT_MAX_AGE))) as demo:
         # Per-tab state (small, no tensors). When gradio drops it (an hour after the tab closed, or after
         # STATE_TTL seconds without use), whatever the session kept in the shared caches is released too.
         state = gr.State(None, delete_callback=h.release_state, time_to_live=h.STATE_TTL)

@@ -578,3 +578,144 @@ def test_disk_full_is_recognised_by_kind_not_text():
     assert is_disk_full(MergeLabError("whatever the words", kind="disk_full"))
     assert not is_disk_full(MergeLabError("the disk is full, said a user's note"))
     assert MergeLabError("x").kind is None
+
+
+# ---------------------------------------------------------------- medium (g): one retention policy for every copy
+
+
+def test_one_retention_policy_cleans_uploads_exports_and_killed_staging(app_zoo, tmp_path):  # noqa: F811
+    import os
+    import time
+
+    from merging.paths import cache_root
+
+    zoo, _ = app_zoo
+    upload = tmp_path / "mine.safetensors"
+    shutil.copyfile(Path(zoo.experts["topic"]) / "model.safetensors", upload)
+    kept = Path(wb.accept_upload(upload))
+    old_upload = cache_root() / "uploads" / "0123456789ab"
+    old_upload.mkdir(parents=True)
+    (old_upload / "x.safetensors").write_bytes(b"x" * 100)
+    long_ago = time.time() - 7 * 3600
+    os.utime(old_upload, (long_ago, long_ago))
+    killed = wb.exports_root() / "merge-20260101-000000-abc"  # a process killed mid-export left this
+    (killed / "merge" / ".merge.tmp-1").mkdir(parents=True)
+    (killed / "merge" / ".merge.tmp-1" / ".shard-00000.safetensors").write_bytes(b"\0" * 1000)
+    finished = wb.exports_root() / "merge-20260101-000001-def"
+    finished.mkdir()
+    (finished / "merge-lab-ties.zip").write_bytes(b"PK")
+    removed = wb.retention_sweep(startup=True)
+    assert not old_upload.exists() and kept.is_file() and removed["uploads"] >= 1
+    assert not killed.exists() and finished.exists() and removed["unfinished"] >= 1
+    os.utime(finished, (long_ago, long_ago))
+    wb.retention_sweep()
+    assert not finished.exists()
+
+
+def test_gradio_copies_of_exports_follow_the_same_hour():
+    import app as app_module
+
+    assert app_module.demo.delete_cache == (600, int(wb.EXPORT_MAX_AGE))
+
+
+# ---------------------------------------------------------------- low: clear messages, no dead ends
+
+
+def test_one_damaged_zoo_expert_leaves_the_rest_usable(tmp_path, monkeypatch):
+    from test_workbench import build_tiny_zoo
+
+    from components import handlers as h
+    from merging.zoo.zoo import open_zoo
+
+    monkeypatch.setenv("MERGE_LAB_CACHE", str(tmp_path / "cache"))
+    zoo = build_tiny_zoo(tmp_path / "cache", name="halfbroken")
+    weights = Path(zoo.experts["mood"]) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    zoo = open_zoo("halfbroken")
+    assert zoo.tasks == ["topic"] and "truncated" in zoo.damaged["mood"]
+    with pytest.raises(MergeLabError, match="expert 'mood' is damaged .*rebuild it") as info:
+        h.load(None, f"zoo:{zoo.name}/base", ["mood", "topic"], "", None, zoo)
+    assert "not ready" not in str(info.value)
+
+
+def test_a_lock_naming_a_live_but_unrelated_process_does_not_block_the_build(tmp_path, monkeypatch):
+    import os
+
+    from merging.zoo.zoo import _BuildLock
+
+    lock = tmp_path / ".z.lock"
+    lock.write_text(str(os.getppid()))  # a live process that is not building anything (bare-pid lock)
+    with _BuildLock(lock):
+        assert lock.read_text().split()[0] == str(os.getpid())
+    lock.write_text(f"{os.getppid()} 1")  # the pid's process started at another time: the pid was reused
+    with _BuildLock(lock):
+        pass
+    with _BuildLock(lock):  # the real holder still blocks a second build
+        with pytest.raises(MergeLabError, match="is building this zoo"):
+            _BuildLock(lock).__enter__()
+
+
+def test_cli_and_app_agree_on_the_largest_seed():
+    from merging.io.recipe import MAX_SEED
+
+    assert wb.MAX_SEED == MAX_SEED == 2**31 - 1
+    assert Recipe.from_dict({"method": "ties", "base": "b", "experts": ["e", "f"], "seed": MAX_SEED}).seed == MAX_SEED
+    with pytest.raises(MergeLabError, match=r"seed must be a whole number in \[0, 2147483647\]"):
+        Recipe.from_dict({"method": "ties", "base": "b", "experts": ["e", "f"], "seed": MAX_SEED + 1})
+    with pytest.raises(MergeLabError, match="Seed must lie in"):
+        wb.check_seed(MAX_SEED + 1)
+
+
+def test_restored_history_is_capped_and_deep_json_gets_a_clear_error(tmp_path):
+    import json
+
+    from merging.workbench.limits import MAX_HISTORY_ENTRIES
+
+    path = tmp_path / "h.json"
+    merges = [{"label": f"#{i}", "method": "ties"} for i in range(MAX_HISTORY_ENTRIES + 50)]
+    path.write_text(json.dumps({"format": wb.HISTORY_FORMAT, "merges": merges}))
+    session = wb.Session()
+    for _ in range(3):
+        session, _ = wb.restore_history(session, path)
+    assert len(session.history) == MAX_HISTORY_ENTRIES
+    path.write_text('{"format": "merge-lab-history/1", "merges": ' + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(MergeLabError, match="nested far too deeply"):
+        wb.restore_history(wb.Session(), path)
+
+
+def test_bad_cache_entries_setting_warns_instead_of_stopping_the_app(monkeypatch):
+    from merging.workbench.cache import ModelCache
+
+    for raw in ("abc", "-1", "0"):
+        monkeypatch.setenv("MERGE_LAB_APP_CACHE_ENTRIES", raw)
+        with pytest.warns(UserWarning, match="MERGE_LAB_APP_CACHE_ENTRIES"):
+            assert ModelCache().max_entries == 8
+
+
+def test_read_only_output_folder_and_too_long_names_get_clear_errors(tmp_path, capsys):
+    import os
+
+    from merging.io.sources import open_model
+
+    recipe = _cli_recipe(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: a read-only bind mount instead
+            import subprocess
+
+            if subprocess.run(["mount", "--bind", "-o", "ro", str(locked), str(locked)]).returncode != 0:
+                pytest.skip("cannot make a read-only folder here")
+            subprocess.run(["mount", "-o", "remount,ro,bind", str(locked)])
+        capsys.readouterr()
+        assert main(["merge", str(recipe), "--out", str(locked / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "cannot write the export" in err and "Choose a folder you can write to" in err
+    finally:
+        import subprocess
+
+        subprocess.run(["umount", str(locked)], capture_output=True)
+        os.chmod(locked, 0o700)
+    with pytest.raises(MergeLabError, match="not found"):
+        open_model("/" + "a" * 5000)

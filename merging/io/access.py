@@ -27,6 +27,14 @@ def allowed_roots() -> list[Path] | None:
     return roots + [cache_root().resolve()]
 
 
+def path_exists(path: Path) -> bool:
+    """``exists() or is_symlink()``, False for a name the OS cannot even look up (too long, invalid)."""
+    try:
+        return path.exists() or path.is_symlink()
+    except (OSError, ValueError):
+        return False
+
+
 def looks_local(text: str) -> bool:
     """A reference written as a path (absolute, ``./``, ``../`` or ``~``), never a hub id."""
     return str(text).startswith(("/", ".", "~")) or os.sep != "/" and os.sep in str(text)[:3]
@@ -35,7 +43,11 @@ def looks_local(text: str) -> bool:
 def check_local_path(path: Path, shown: str) -> Path:
     """Resolve ``path`` and refuse it when it lies outside the allowed roots."""
     roots = allowed_roots()
-    resolved = path.expanduser().resolve()
+    try:
+        resolved = path.expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):  # a name too long, a symlink loop
+        raise MergeLabError(f"path '{str(shown)[:80]}…' cannot be used: the name is too long or loops through "
+                            "symlinks") from None
     if roots is None:
         return resolved
     if any(resolved == root or resolved.is_relative_to(root) for root in roots):

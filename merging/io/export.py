@@ -123,9 +123,13 @@ def export_recipe(recipe, out_dir: str | Path, *, expert_set: ExpertSet | None =
     if dtype not in TORCH_DTYPES:
         raise MergeLabError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}", field="dtype")
     targets = _targets(expert_set, tasks)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _check_free_space(expert_set, targets, dtype, out_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _check_free_space(expert_set, targets, dtype, out_dir)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as exc:  # a read-only or unwritable folder, a name too long
+        raise MergeLabError(f"cannot write the export to {out_dir}: {exc.strerror or exc}. Choose a folder you can "
+                            "write to", field="out") from None
     try:
         report = _write(recipe, expert_set, engine, settings, targets, staging, dtype, shard_bytes,
                         importance_json, progress)

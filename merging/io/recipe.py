@@ -229,9 +229,12 @@ def _mapping(data: dict, key: str) -> dict:
     return dict(value)
 
 
+MAX_SEED = 2**31 - 1  # the one largest seed: the app's Seed box and recipes (the CLI) agree on it
+
+
 def _seed(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise MergeLabError(f"seed must be a whole number ≥ 0, got {value!r}", field="seed")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise MergeLabError(f"seed must be a whole number in [0, {MAX_SEED}], got {str(value)[:40]}", field="seed")
     return value
 
 

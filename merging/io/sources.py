@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import MergeLabError
-from .access import allowed_roots, check_file_inside, check_fits, check_local_path, looks_local
+from .access import allowed_roots, check_file_inside, check_fits, check_local_path, looks_local, path_exists
 from .integrity import check_safetensors
 
 TOKENIZER_FILES = (
@@ -161,13 +161,13 @@ def open_model(ref: str | os.PathLike, *, name: str | None = None, allow_pickle:
         path = (base_dir / path)
     if looks_local(text) and allowed_roots() is not None:
         path = check_local_path(path, text)  # before exists(): a refusal must not tell whether it exists
-    if path.exists() or path.is_symlink():
+    if path_exists(path):
         path = check_local_path(path, text)
         return _open_path(path, name or _default_name(path), text, allow_pickle)
     if text.startswith("hf:") or (_HUB_ID.match(text) and not text.startswith((".", "/"))):
         return _open_hub(text, name, allow_pickle)
     raise MergeLabError(
-        f"model '{text}' not found: no such file or folder"
+        f"model '{text[:200]}' not found: no such file or folder"
         + (f" (looked in {path.resolve()})" if not path.is_absolute() and allowed_roots() is None else "")
         + ". Give a folder with config.json and *.safetensors, a .safetensors file, "
         "or a hub id such as hf:org/name@revision."

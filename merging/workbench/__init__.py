@@ -61,7 +61,14 @@ from .experts import (  # noqa: F401
     task_vector_stats,
     tokenizer_for,
 )
-from .export import clean_old_exports, export, exports_root, read_zip_names, zip_is_stored  # noqa: F401
+from .export import (  # noqa: F401
+    clean_old_exports,
+    export,
+    exports_root,
+    read_zip_names,
+    retention_sweep,
+    zip_is_stored,
+)
 from .history import HISTORY_FORMAT, history_json, restore_history, save_history  # noqa: F401
 from .importance import Comparison, compare_interventions, compute_importance, recalibrate  # noqa: F401
 from .limits import (  # noqa: F401

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import DISK_FULL, MergeLabError, is_disk_full
 from .cache import Models, content_hash
 from .experts import models_for
-from .limits import EXPORT_MAX_AGE, Progress, check_dtype, no_progress
+from .limits import EXPORT_MAX_AGE, UPLOAD_MAX_AGE, Progress, check_dtype, no_progress
 from .merge import build_settings
 from .session import Session
 
@@ -40,6 +40,43 @@ def clean_old_exports(max_age: float = EXPORT_MAX_AGE, now: float | None = None)
     return removed
 
 
+def _clean_folder(root: Path, max_age: float, now: float) -> int:
+    removed = 0
+    for path in root.iterdir() if root.is_dir() else []:
+        try:
+            if now - path.stat().st_mtime > max_age:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def _unfinished_exports() -> int:
+    """Export work folders with no finished zip: a process killed mid-export left them (hundreds of MB)."""
+    removed = 0
+    for path in exports_root().glob("merge-*"):
+        if path.is_dir() and not any(path.glob("*.zip")):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def retention_sweep(now: float | None = None, startup: bool = False) -> dict[str, int]:
+    """The one retention policy for every copy the app writes: export zips and history files (an hour), uploaded
+    experts unused for UPLOAD_MAX_AGE, and — at start-up, when no export can be running — the staging of
+    exports a killed process left behind. (gradio's own copies of the served files follow the same hour through
+    the Blocks' ``delete_cache``, and are all deleted when the server restarts.)"""
+    from ..paths import cache_root
+
+    now = time.time() if now is None else now
+    removed = {"exports": clean_old_exports(EXPORT_MAX_AGE, now),
+               "uploads": _clean_folder(cache_root() / "uploads", UPLOAD_MAX_AGE, now)}
+    if startup:
+        removed["unfinished"] = _unfinished_exports()
+    return removed
+
+
 EXPORTS: dict[str, Path] = {}  # export content hash → zip (identical exports are served from the same file)
 
 
@@ -58,7 +95,7 @@ def export(session: Session, tasks: Sequence[str] | None = None, dtype: str = "f
     if unknown:
         raise MergeLabError(f"Export tasks: no loaded expert named {', '.join(map(repr, unknown))} "
                             f"(experts: {', '.join(session.refs)})", field="tasks")
-    clean_old_exports()
+    retention_sweep()
     models = models_for(session)
     recipe = session.last_recipe
     recipe.dtype = dtype

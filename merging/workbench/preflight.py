@@ -20,7 +20,7 @@ from .limits import max_upload_bytes
 def preflight_ref(ref: str, name: str) -> None:
     """Check the safetensors files behind a local ref before opening it (after the allowed-roots check, so
     nothing outside them is read). Hub ids are left to the library."""
-    from ..io.access import allowed_roots, check_local_path, looks_local
+    from ..io.access import allowed_roots, check_local_path, looks_local, path_exists
 
     text = str(ref)
     if text.startswith("zoo:"):
@@ -31,7 +31,7 @@ def preflight_ref(ref: str, name: str) -> None:
         path = Path(text).expanduser()
         if looks_local(text) and allowed_roots() is not None:
             path = check_local_path(path, text)  # refused before exists(): no answer to "is it there?"
-        if not (path.exists() or path.is_symlink()):
+        if not path_exists(path):
             return  # a hub id, or missing: the library says which
         path = check_local_path(path, text)
     if path.is_file():
@@ -110,6 +110,8 @@ def accept_upload(path: str | os.PathLike, shown: str | None = None) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.stem)[:80] or "expert"
     target = safe_join(folder, f"{stem}.safetensors")
+    if target.exists():
+        os.utime(target)  # in use again: the retention sweep keeps uploads by when they were last used
     if not target.exists():
         tmp = safe_join(folder, f".{stem}.{uuid.uuid4().hex[:6]}.part")
         try:

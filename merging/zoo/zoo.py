@@ -46,6 +46,7 @@ class Zoo:
     seed: int = 0
     steps: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    damaged: dict[str, str] = field(default_factory=dict)  # task → what is wrong with its expert (left out)
 
     @property
     def tasks(self) -> list[str]:
@@ -154,10 +155,15 @@ def _open_root(root: Path, name: str) -> Zoo:
         raise MergeLabError(f"Zoo {name!r} has a broken {ZOO_FILE} (task name {str(bad[0])[:80]!r} is not a plain "
                             f"name): {_rebuild_hint(name)}.") from None
     experts = {t: safe_join(root, "experts", t) for t in tasks}
-    for task, folder in experts.items():
+    damaged = {}  # one broken expert leaves the others usable (it used to disable the whole zoo)
+    for task, folder in list(experts.items()):
         problem = expert_problem(folder)
         if problem:
-            raise MergeLabError(f"Zoo {name!r} is damaged: expert {task!r}: {problem}. To fix it, {_rebuild_hint(name)}.")
+            damaged[task] = problem
+            del experts[task]
+    if damaged and not experts:
+        task, problem = next(iter(damaged.items()))
+        raise MergeLabError(f"Zoo {name!r} is damaged: expert {task!r}: {problem}. To fix it, {_rebuild_hint(name)}.")
     return Zoo(
         name=name,
         root=root,
@@ -166,6 +172,7 @@ def _open_root(root: Path, name: str) -> Zoo:
         seed=int(meta.get("seed", 0)),
         steps={k: int(v) for k, v in meta.get("steps", {}).items()},
         skipped=dict(meta.get("skipped", {})),
+        damaged=damaged,
     )
 
 
@@ -253,17 +260,29 @@ class _BuildLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             text = self.path.read_text().strip() if self.path.is_file() else ""
-            pid = int(text) if text.isdigit() else 0
-            if pid and _alive(pid):
+            pid_text, _, started = text.partition(" ")
+            pid = int(pid_text) if pid_text.isdigit() else 0
+            # a pid is reused after a crash: the lock also records when its process started, and only that very
+            # process still holds it (a bare-pid lock, or a live but unrelated process, is stale)
+            if pid and _alive(pid) and started and started == _start_time(pid):
                 raise MergeLabError(f"Another process (pid {pid}) is building this zoo; wait for it to finish.") from None
             self.path.unlink(missing_ok=True)  # stale lock of a crashed build
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, f"{os.getpid()} {_start_time(os.getpid())}".encode())
         os.close(fd)
         return self
 
     def __exit__(self, *exc):
         self.path.unlink(missing_ok=True)
+
+
+def _start_time(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot, from /proc), or '' where that is unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 def _alive(pid: int) -> bool:
