@@ -719,3 +719,48 @@ def test_read_only_output_folder_and_too_long_names_get_clear_errors(tmp_path, c
         os.chmod(locked, 0o700)
     with pytest.raises(MergeLabError, match="not found"):
         open_model("/" + "a" * 5000)
+
+
+def test_zoo_checksums_catch_finite_corruption(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from merging.zoo.tasks import Task
+    from merging.zoo.zoo import build_zoo, open_zoo
+
+    monkeypatch.setenv("MERGE_LAB_CACHE", str(tmp_path / "cache"))
+    rows = [(f"word{i % 7} text {i}", i % 2) for i in range(60)]
+    zoo = build_zoo("sums", tasks=[Task("tiny", ["a", "b"], "two labels", "test", lambda: rows)], steps=1, n_probe=10)
+    weights = Path(zoo.experts["tiny"]) / "model.safetensors"
+    state = load_file(str(weights))
+    name = next(k for k in state if k.endswith("intermediate.dense.weight"))
+    state[name].view(-1)[0] = 1e30  # finite: no NaN/Inf scan sees it
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(MergeLabError, match="does not match the checksum recorded when the zoo was built"):
+        open_zoo("sums")
+
+
+def test_deeply_nested_safetensors_header_is_called_corrupt(tmp_path):
+    import struct
+
+    from merging.io.integrity import check_safetensors
+
+    header = ("[" * 100000 + "]" * 100000).encode()
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(MergeLabError, match="corrupt safetensors header"):
+        check_safetensors(path)
+
+
+def test_int8_and_bool_body_tensors_are_named_not_merged_silently(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base, experts = tm.family(tmp_path, "bert", 2)
+    for folder in (base, *experts):
+        state = load_file(str(folder / "model.safetensors"))
+        state["encoder.layer.0.quant.weight"] = torch.ones(4, 4, dtype=torch.int8)
+        state["encoder.layer.1.keep.mask"] = torch.ones(4, dtype=torch.bool)
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    warnings = ExpertSet.load(base, experts).warnings
+    assert any("2 tensor(s) are int8/bool/float8 and are copied from the base, not merged" in w
+               and "'encoder.layer.0.quant.weight' (int8)" in w for w in warnings), warnings

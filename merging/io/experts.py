@@ -26,6 +26,7 @@ from .sources import ModelSource, open_model
 _PREFIXES = ("bert.", "roberta.", "model.", "transformer.", "encoder.", "distilbert.", "electra.", "deberta.")
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _ARCH_KEY = "model_type"
+_UNMERGED = ("int8", "uint8", "bool", "f8_e4m3", "f8_e5m2", "float8_e4m3fn", "float8_e5m2")
 
 
 @dataclass
@@ -116,6 +117,12 @@ def check_homology(base: ModelSource, experts: Mapping[str, ModelSource]) -> Exp
         raise MergeLabError(f"base model '{base.name}' has no floating-point weights to merge")
     aligned = {name: _align(layout, base, source) for name, source in experts.items()}
     warnings = []
+    unmergeable = [n for n, i in layout.tensors.items() if i.role == ROLE_COPY and base.tensors[n].dtype in _UNMERGED]
+    if unmergeable:  # quantized or boolean weights cannot be averaged: say so rather than copy them silently
+        shown = ", ".join(f"'{n}' ({base.tensors[n].dtype})" for n in unmergeable[:5])
+        more = f" and {len(unmergeable) - 5} more" if len(unmergeable) > 5 else ""
+        warnings.append(f"{len(unmergeable)} tensor(s) are int8/bool/float8 and are copied from the base, not "
+                        f"merged: {shown}{more}. Merge the unquantized models to merge them too")
     if not base.has_tokenizer() and not any(s.has_tokenizer() for s in experts.values()):
         warnings.append("no tokenizer found in the base or the experts: merging and export work, "
                         "but importance and probes need one (add tokenizer files to the base folder)")

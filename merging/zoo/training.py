@@ -212,10 +212,31 @@ def train_expert(
     return record
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) → sha256: each file is hashed once
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered by path, size and modification time (opening a zoo re-checks every
+    expert; a file that changed on disk gets hashed again)."""
+    import hashlib
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        digest = _DIGESTS[key] = h.hexdigest()
+    return digest
+
+
 def _save(out_dir: Path, model, tokenizer, task: Task, split: TaskSplit, record: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))  # transformers 5 always writes model.safetensors
     tokenizer.save_pretrained(str(out_dir))
+    record["weights_sha256"] = file_sha256(out_dir / "model.safetensors")  # verified when the zoo is opened
     write_examples(out_dir / FEWSHOT_FILE, split.fewshot_examples, task.label_names)
     write_examples(out_dir / PROBE_FILE, split.probe_examples, task.label_names)
     (out_dir / TASK_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")

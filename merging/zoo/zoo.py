@@ -28,7 +28,16 @@ from ..errors import DISK_FULL, MergeLabError, is_disk_full
 from ..io.names import check_name, name_problem, safe_join
 from ..paths import packaged_base_path, zoos_root
 from .tasks import Example, Task, available_tasks, default_task_names, manifest, split_task
-from .training import FEWSHOT_FILE, PROBE_FILE, TASK_FILE, Progress, TrainConfig, read_examples, train_expert
+from .training import (
+    FEWSHOT_FILE,
+    PROBE_FILE,
+    TASK_FILE,
+    Progress,
+    TrainConfig,
+    file_sha256,
+    read_examples,
+    train_expert,
+)
 
 ZOO_FILE = "zoo.json"
 FORMAT = 1
@@ -111,11 +120,16 @@ def expert_problem(folder: Path) -> str | None:
     if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file()):
         return "tokenizer files are missing"
     try:
-        json.loads((folder / TASK_FILE).read_text(encoding="utf-8"))
+        record = json.loads((folder / TASK_FILE).read_text(encoding="utf-8"))
         json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return f"a JSON file cannot be read ({exc})"
-    return safetensors_problem(folder / WEIGHTS)
+    except (OSError, ValueError, RecursionError) as exc:
+        return f"a JSON file cannot be read ({type(exc).__name__})"
+    problem = safetensors_problem(folder / WEIGHTS)
+    expected = record.get("weights_sha256") if isinstance(record, dict) else None
+    if problem is None and expected and file_sha256(folder / WEIGHTS) != expected:
+        # a well-formed file with changed values (1e30 written over a weight is finite, so no NaN scan sees it)
+        return f"{WEIGHTS} does not match the checksum recorded when the zoo was built: it was changed or corrupted"
+    return problem
 
 
 # --------------------------------------------------------------------------- opening
