@@ -764,3 +764,22 @@ def test_int8_and_bool_body_tensors_are_named_not_merged_silently(tmp_path):
     warnings = ExpertSet.load(base, experts).warnings
     assert any("2 tensor(s) are int8/bool/float8 and are copied from the base, not merged" in w
                and "'encoder.layer.0.quant.weight' (int8)" in w for w in warnings), warnings
+
+
+def test_api_too_many_experts_and_lying_configs_are_refused_readably(api_url, app_zoo, tmp_path):  # noqa: F811
+    import json
+
+    from gradio_client import Client
+
+    zoo, _ = app_zoo
+    client = Client(api_url, verbose=False)
+    base = f"zoo:{zoo.name}/base"
+    many = "\n".join(f"e{i}=zoo:{zoo.name}/topic" for i in range(9))
+    text = _message(lambda: client.predict(base, ["mood"], many, None, "apl", api_name="/load_experts"))
+    assert "is more than this server merges at once (MERGE_LAB_MAX_EXPERTS = 8)" in text
+    liar = shutil.copytree(zoo.experts["topic"], tmp_path / "liar")
+    config = json.loads((liar / "config.json").read_text())
+    config["intermediate_size"] = 150000
+    (liar / "config.json").write_text(json.dumps(config))
+    text = _message(lambda: client.predict(base, ["mood"], f"liar={liar}", None, "apl", api_name="/load_experts"))
+    assert "says intermediate_size = 150000 but its weights have 32" in text and str(tmp_path) not in text
