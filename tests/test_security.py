@@ -783,3 +783,14 @@ def test_api_too_many_experts_and_lying_configs_are_refused_readably(api_url, ap
     (liar / "config.json").write_text(json.dumps(config))
     text = _message(lambda: client.predict(base, ["mood"], f"liar={liar}", None, "apl", api_name="/load_experts"))
     assert "says intermediate_size = 150000 but its weights have 32" in text and str(tmp_path) not in text
+
+
+def test_messages_about_model_folders_do_not_show_server_paths(tmp_path):
+    from merging.io.sources import open_model
+
+    folder = tmp_path / "deep" / "server" / "empty-model"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(MergeLabError, match="has no weights in its folder") as info:
+        open_model(folder, name="mine")
+    assert str(tmp_path) not in str(info.value)

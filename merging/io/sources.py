@@ -193,7 +193,7 @@ def _open_path(path: Path, name: str, ref: str, allow_pickle: bool) -> ModelSour
     if pickled:
         return _open_pickled(pickled, name, ref, path, config, allow_pickle)
     raise MergeLabError(
-        f"model '{name}' at {path} has no weights: expected model.safetensors (or sharded "
+        f"model '{name}' has no weights in its folder: expected model.safetensors (or sharded "
         "model-0000x-of-0000y.safetensors with model.safetensors.index.json)"
     )
 

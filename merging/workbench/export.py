@@ -125,6 +125,9 @@ def export(session: Session, tasks: Sequence[str] | None = None, dtype: str = "f
         if is_disk_full(exc):  # the library's message names a server path: a public page gets this one
             raise MergeLabError("export failed: the server's disk is full. Earlier exports are untouched; try "
                                 "again later, export fewer tasks or a smaller dtype (fp16)", kind=DISK_FULL) from None
+        if isinstance(exc, MergeLabError) and exc.field == "out":  # names the server's export folder
+            raise MergeLabError("export failed: the server could not write the export folder. Earlier exports are "
+                                "untouched; try again later") from None
         if isinstance(exc, MergeLabError):
             raise
         raise MergeLabError(f"export failed while writing files: {exc.strerror or exc}. Earlier exports are "
