@@ -121,6 +121,9 @@ def heavy(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
+        if _newer_request_queued(wrapper):
+            raise gr.Error("this tab sent the same request again while this one waited in the queue: only the "
+                           "newest one runs", print_exception=False)
         token = CancelToken()
         context = contextvars.copy_context()  # gradio's progress and request context live in contextvars
 
@@ -130,12 +133,34 @@ def heavy(fn: Callable) -> Callable:
                 return fn(*args, **kwargs)
 
         future = asyncio.get_running_loop().run_in_executor(None, context.run, work)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # a cancelled job's error is expected
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             token.cancel()
             raise
     return wrapper
+
+
+def _newer_request_queued(wrapper) -> bool:
+    """Whether the same tab (session) already queued this same model job again behind this one.
+
+    At most one queued job per tab and endpoint does real work: a client sending /merge a hundred times gets
+    the newest one computed and the others answered at once, instead of holding the one model-work slot of the
+    machine for everyone else. (The page itself disables the button while its job runs.) Reads gradio's queue;
+    if that ever changes shape, every job simply runs."""
+    try:
+        from gradio.context import LocalContext
+
+        request, blocks = LocalContext.request.get(None), LocalContext.blocks.get(None)
+        session = getattr(request, "session_hash", None)
+        queue = getattr(getattr(blocks, "_queue", None), "event_queue_per_concurrency_id", {}).get(
+            HEAVY["concurrency_id"])
+        if not session or queue is None:
+            return False
+        return any(e.session_hash == session and getattr(e.fn, "fn", None) is wrapper for e in list(queue.queue))
+    except Exception:  # noqa: BLE001 - a guard against abuse must never break the job itself
+        return False
 
 
 def token_checkpoint(token) -> None:

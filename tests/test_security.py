@@ -794,3 +794,25 @@ def test_messages_about_model_folders_do_not_show_server_paths(tmp_path):
     with pytest.raises(MergeLabError, match="has no weights in its folder") as info:
         open_model(folder, name="mine")
     assert str(tmp_path) not in str(info.value)
+
+
+def test_api_a_tab_repeating_a_queued_job_gets_only_the_newest_computed(api_url, app_zoo, slow_merge):  # noqa: F811
+    from gradio_client import Client
+
+    zoo, _ = app_zoo
+    client = Client(api_url, verbose=False)
+    client.predict(f"zoo:{zoo.name}/base", list(zoo.tasks), "", None, "apl", api_name="/load_experts")
+    start_calls = slow_merge["calls"]
+    first = client.submit("ties", 501, api_name="/merge")
+    assert _wait_for(lambda: slow_merge["calls"] > start_calls + 1)
+    repeats = [client.submit("ties", 502 + i, api_name="/merge") for i in range(3)]
+    assert _wait_for(lambda: all(j.status().code.name in ("IN_QUEUE", "PROCESSING", "FINISHED") for j in repeats), 5)
+    first.cancel()
+    outcomes = []
+    for job in repeats:
+        try:
+            outcomes.append(str(job.result(timeout=60)))
+        except Exception as exc:  # noqa: BLE001
+            outcomes.append(f"error: {exc}")
+    superseded = [o for o in outcomes if "only the newest one runs" in o]
+    assert len(superseded) == 2 and sum("ties** done" in o for o in outcomes) == 1, outcomes  # one did the work
