@@ -760,9 +760,10 @@ def test_int8_and_bool_body_tensors_are_named_not_merged_silently(tmp_path):
         state = load_file(str(folder / "model.safetensors"))
         state["encoder.layer.0.quant.weight"] = torch.ones(4, 4, dtype=torch.int8)
         state["encoder.layer.1.keep.mask"] = torch.ones(4, dtype=torch.bool)
+        state["encoder.layer.1.f8.weight"] = torch.ones(4, 4).to(torch.float8_e4m3fn)
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     warnings = ExpertSet.load(base, experts).warnings
-    assert any("2 tensor(s) are int8/bool/float8 and are copied from the base, not merged" in w
+    assert any("3 tensor(s) are int8/bool/float8 and are copied from the base, not merged" in w
                and "'encoder.layer.0.quant.weight' (int8)" in w for w in warnings), warnings
 
 
@@ -816,3 +817,15 @@ def test_api_a_tab_repeating_a_queued_job_gets_only_the_newest_computed(api_url,
             outcomes.append(f"error: {exc}")
     superseded = [o for o in outcomes if "only the newest one runs" in o]
     assert len(superseded) == 2 and sum("ties** done" in o for o in outcomes) == 1, outcomes  # one did the work
+
+
+def test_folder_task_data_must_fit_the_expert_head(app_zoo, tmp_path):  # noqa: F811
+    import json
+
+    zoo, _ = app_zoo
+    odd = shutil.copytree(zoo.experts["topic"], tmp_path / "odd")  # a 2-class head
+    record = json.loads((odd / "merge_lab_task.json").read_text())
+    record["label_names"] = ["a", "b", "c", "d", "e"]
+    (odd / "merge_lab_task.json").write_text(json.dumps(record))
+    with pytest.raises(MergeLabError, match="expert 'odd' has a 2-class head but the task data in its folder has 5"):
+        wb.load_experts(wb.Session(), f"zoo:{zoo.name}/base", {"odd": str(odd), "mood": f"zoo:{zoo.name}/mood"})

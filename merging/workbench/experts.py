@@ -95,6 +95,7 @@ def load_experts(session: Session, base_ref: str, refs: Mapping[str, str], zoo=N
         new.folders[name] = str(root) if root is not None and Path(root).is_dir() else None
         data = _task_data_for(zoo, task, root)
         if data is not None:
+            _check_head_matches_data(models, name, data)
             new.data[name] = data
     new.summary = expert_rows(new, models, stats)
     CACHE.trim()
@@ -144,6 +145,20 @@ def _task_data_for(zoo, task: str | None, root) -> TaskData | None:
             probe_rows = read_examples(probe)[:MAX_PROBE_ROWS] if probe.is_file() else []
             return TaskData(read_examples(few), probe_rows, labels, "folder")
     return None
+
+
+def _check_head_matches_data(models: Models, expert: str, data: TaskData) -> None:
+    """A folder's task data must fit the expert's head: more labels (or label ids) than classes made the probe and
+    importance fail deep inside torch with an index error."""
+    classes = head_size(models, expert)
+    if classes is None:
+        return
+    top = max((label for _, label in [*data.fewshot, *data.probe]), default=-1)
+    if (data.labels and len(data.labels) != classes) or top >= classes:
+        count = len(data.labels) if data.labels else top + 1
+        raise MergeLabError(f"expert '{expert}' has a {classes}-class head but the task data in its folder has "
+                            f"{count} labels: fix merge_lab_task.json / the .jsonl files, or remove them and attach "
+                            "the task's own file")
 
 
 def head_size(models: Models, expert: str) -> int | None:
