@@ -829,3 +829,18 @@ def test_folder_task_data_must_fit_the_expert_head(app_zoo, tmp_path):  # noqa: 
     (odd / "merge_lab_task.json").write_text(json.dumps(record))
     with pytest.raises(MergeLabError, match="expert 'odd' has a 2-class head but the task data in its folder has 5"):
         wb.load_experts(wb.Session(), f"zoo:{zoo.name}/base", {"odd": str(odd), "mood": f"zoo:{zoo.name}/mood"})
+
+
+def test_staging_left_by_a_killed_cli_export_is_removed_an_hour_later(tmp_path):
+    import os
+    import time
+
+    recipe = _cli_recipe(tmp_path)
+    old, fresh = tmp_path / ".out.tmp-killed", tmp_path / ".out.tmp-running"
+    for folder in (old, fresh):
+        folder.mkdir()
+        (folder / ".shard-00000.safetensors").write_bytes(b"\0" * 100)
+    long_ago = time.time() - 2 * 3600
+    os.utime(old, (long_ago, long_ago))
+    assert main(["merge", str(recipe), "--out", str(tmp_path / "out")]) == 0
+    assert not old.exists() and fresh.exists()

@@ -125,6 +125,7 @@ def export_recipe(recipe, out_dir: str | Path, *, expert_set: ExpertSet | None =
     targets = _targets(expert_set, tasks)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(out_dir)
         _check_free_space(expert_set, targets, dtype, out_dir)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     except OSError as exc:  # a read-only or unwritable folder, a name too long
@@ -145,6 +146,22 @@ def export_recipe(recipe, out_dir: str | Path, *, expert_set: ExpertSet | None =
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return _relocate(report, staging, out_dir)
+
+
+STALE_STAGING_SECONDS = 3600.0
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """Staging folders of earlier exports to ``out_dir`` that a killed process left (``.NAME.tmp-*``, hundreds
+    of MB each), once they are an hour old: they are ours by name, and no export runs that long unseen."""
+    import time
+
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        try:
+            if stale.is_dir() and not stale.is_symlink() and time.time() - stale.stat().st_mtime > STALE_STAGING_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def export_bytes(expert_set: ExpertSet, targets: dict[str, str | None], dtype: str) -> int:
