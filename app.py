@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from typing import Any
 
 from components import handlers as h
 from components.layout import build_demo, load_css
-from merging.workbench import exports_root
+from merging.io.access import public_host_warning
+from merging.workbench import exports_root, retention_sweep
 
 CSS = load_css()
+retention_sweep(startup=True)  # what a killed process left (export staging, old exports and uploads) goes first
 
 demo = build_demo()
 # One heavy job at a time on a 2-core machine (the model events share one concurrency group, see
@@ -39,8 +42,12 @@ def launch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
     Export zips and history files are written under the cache root, which gradio serves only when it is
     in ``allowed_paths``; uploads are capped by gradio (``max_file_size``) at the app's own limit
-    (``MERGE_LAB_MAX_UPLOAD_MB``), which the app checks again on the server.
+    (``MERGE_LAB_MAX_UPLOAD_MB``), which the app checks again on the server. Served publicly (0.0.0.0 or a
+    Space) without ``MERGE_LAB_ALLOWED_ROOTS``, it warns: any visitor could then read any local model path.
     """
+    warning = public_host_warning(args.host)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     return dict(server_name=args.host, server_port=args.port, css=CSS, allowed_paths=[str(exports_root())],
                 max_file_size=h.launch_max_file_size())
 

@@ -7,8 +7,11 @@ other exception into a short message (the traceback goes to the server log, neve
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -102,6 +105,70 @@ def safe(fn: Callable) -> Callable:
             raise gr.Error(f"Something went wrong ({type(exc).__name__}: {str(exc)[:200]}). "
                            "The details are in the server log.", print_exception=False) from None
     return wrapper
+
+
+_WORK_LOCK = threading.Lock()  # one model job's thread at a time, even one whose request was already cancelled
+
+
+def heavy(fn: Callable) -> Callable:
+    """Run a model handler so that Stop (or a client's cancel) stops the computation, not just the request.
+
+    Gradio cancels an event by cancelling its asyncio task; a plain function keeps running in its worker
+    thread to the end. Here the handler runs in a thread under a :class:`merging.cancel.CancelToken`; when the
+    task is cancelled the token is set and the long loops stop at their next checkpoint. The next model job
+    waits for that thread to let go (``_WORK_LOCK``), so a cancelled job never runs beside a new one."""
+    from merging.cancel import CancelToken, cancellable
+
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        if _newer_request_queued(wrapper):
+            raise gr.Error("this tab sent the same request again while this one waited in the queue: only the "
+                           "newest one runs", print_exception=False)
+        token = CancelToken()
+        context = contextvars.copy_context()  # gradio's progress and request context live in contextvars
+
+        def work():
+            with _WORK_LOCK, cancellable(token):
+                token_checkpoint(token)
+                return fn(*args, **kwargs)
+
+        future = asyncio.get_running_loop().run_in_executor(None, context.run, work)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # a cancelled job's error is expected
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            token.cancel()
+            raise
+    return wrapper
+
+
+def _newer_request_queued(wrapper) -> bool:
+    """Whether the same tab (session) already queued this same model job again behind this one.
+
+    At most one queued job per tab and endpoint does real work: a client sending /merge a hundred times gets
+    the newest one computed and the others answered at once, instead of holding the one model-work slot of the
+    machine for everyone else. (The page itself disables the button while its job runs.) Reads gradio's queue;
+    if that ever changes shape, every job simply runs."""
+    try:
+        from gradio.context import LocalContext
+
+        request, blocks = LocalContext.request.get(None), LocalContext.blocks.get(None)
+        session = getattr(request, "session_hash", None)
+        queue = getattr(getattr(blocks, "_queue", None), "event_queue_per_concurrency_id", {}).get(
+            HEAVY["concurrency_id"])
+        if not session or queue is None:
+            return False
+        return any(e.session_hash == session and getattr(e.fn, "fn", None) is wrapper for e in list(queue.queue))
+    except Exception:  # noqa: BLE001 - a guard against abuse must never break the job itself
+        return False
+
+
+def token_checkpoint(token) -> None:
+    """A job cancelled while it waited for the previous one's thread never starts."""
+    if token.cancelled:
+        from merging.cancel import Cancelled
+
+        raise Cancelled()
 
 
 def progress_sink(progress) -> Callable[[float, str], None]:
@@ -204,7 +271,7 @@ def upload_refs(uploads) -> dict[str, str]:
     refs: dict[str, str] = {}
     for upload in uploads or []:
         path = Path(getattr(upload, "name", None) or getattr(upload, "path", None) or upload)
-        name = path.stem
+        name = wb.derive_name(path.stem)  # a file name is not typed as a name: make it an identifier
         while name in refs:
             name += "-2"
         refs[name] = wb.accept_upload(path, path.name)
@@ -216,6 +283,10 @@ def load(state, base_ref: str, zoo_tasks: Sequence[str] | None, extra: str, uplo
     refs: dict[str, str] = {}
     if zoo is not None:
         for task in zoo_tasks or []:
+            if task in getattr(zoo, "damaged", {}):
+                raise MergeLabError(f"Experts from the demo zoo: expert {task!r} is damaged ({zoo.damaged[task]}); "
+                                    f"pick the others, or rebuild it with `python -m merging zoo build --name "
+                                    f"{zoo.name}`")
             if task not in zoo.experts:
                 raise MergeLabError(f"Experts from the demo zoo: zoo '{zoo.name}' has no expert {task!r} "
                                     f"(it has: {', '.join(zoo.tasks)})")

@@ -73,7 +73,7 @@ def long_step(button: gr.Button, stop: gr.Button, fn, inputs, outputs, api_name:
         return gr.update(interactive=True)
 
     start = button.click(lambda: gr.update(interactive=False), None, button, queue=False, api_visibility="private")
-    event = start.then(fn, inputs, outputs, api_name=api_name, **h.HEAVY)
+    event = start.then(h.heavy(fn), inputs, outputs, api_name=api_name, **h.HEAVY)
     done = event.then(enable, None, button, api_visibility="private")
     stop.click(enable, None, button, cancels=[event], api_visibility="private")
     return done
@@ -86,7 +86,9 @@ def load_css() -> str:
 
 def build_demo() -> gr.Blocks:
     """The page: one builder per section (in the order a person works), then one wiring step per section."""
-    with gr.Blocks(title="Merge Lab") as demo:
+    # gradio keeps its own copy of every file a handler returns (export zips, history files): the same hour
+    # as the app's own copies (wb.retention_sweep), checked every 10 minutes, and all gone on restart.
+    with gr.Blocks(title="Merge Lab", delete_cache=(600, int(wb.EXPORT_MAX_AGE))) as demo:
         # Per-tab state (small, no tensors). When gradio drops it (an hour after the tab closed, or after
         # STATE_TTL seconds without use), whatever the session kept in the shared caches is released too.
         state = gr.State(None, delete_callback=h.release_state, time_to_live=h.STATE_TTL)
@@ -391,7 +393,7 @@ def wire_experts(page) -> None:
                 gr.update(choices=experts, value=experts), h.method_info(session, method_value))
 
     load_event = ex.load_btn.click(
-        on_load, [page.state, ex.base_box, ex.zoo_pick, ex.extra_box, ex.upload, merge.method],
+        h.heavy(on_load), [page.state, ex.base_box, ex.zoo_pick, ex.extra_box, ex.upload, merge.method],
         [page.state, ex.experts_df, ex.load_md, ex.data_md, ex.attach_expert, merge.plan_expert, imp.hid_expert,
          exp.export_tasks, merge.method_md],
         api_name="load_experts", **h.HEAVY)
@@ -404,7 +406,7 @@ def wire_experts(page) -> None:
         session, rows, data = h.attach(session, expert, file, n)
         return session, rows, data, h.method_info(session, method_value)
 
-    ex.attach_btn.click(on_attach, [page.state, ex.attach_expert, ex.attach_file, imp.fewshot, merge.method],
+    ex.attach_btn.click(h.heavy(on_attach), [page.state, ex.attach_expert, ex.attach_file, imp.fewshot, merge.method],
                         [page.state, ex.experts_df, ex.data_md, merge.method_md], api_name="attach_task_data",
                         **h.HEAVY)
 
@@ -438,7 +440,7 @@ def wire_importance(page) -> None:
         result = wb.compare_interventions(session, n, progress=h.progress_sink(progress))
         return (session, *h.comparison_views(result))
 
-    imp.compare_btn.click(on_compare, [page.state, imp.fewshot], [page.state, imp.compare_plot, imp.compare_md],
+    imp.compare_btn.click(h.heavy(on_compare), [page.state, imp.fewshot], [page.state, imp.compare_plot, imp.compare_md],
                           api_name="compare_interventions", **h.HEAVY)
 
     def on_hidden_layer(session, layer):
@@ -574,7 +576,7 @@ def wire_probe(page) -> None:
         results = wb.drop_sweep(session, ratios, progress=h.progress_sink(progress))
         return fg.sweep_figure(ratios, results), fg.sweep_summary(ratios, results)
 
-    probe.sweep_btn.click(on_sweep, [page.state], [probe.sweep_plot, probe.sweep_md], api_name="sweep", **h.HEAVY)
+    probe.sweep_btn.click(h.heavy(on_sweep), [page.state], [probe.sweep_plot, probe.sweep_md], api_name="sweep", **h.HEAVY)
 
     # nothing lost: the session's history as a file, and back
     @h.safe
@@ -604,7 +606,7 @@ def wire_probe(page) -> None:
     def on_predict(session, text):
         return wb.predict(h.session_of(session), text)
 
-    probe.predict_btn.click(on_predict, [page.state, probe.sentence], probe.predict_df, api_name="predict",
+    probe.predict_btn.click(h.heavy(on_predict), [page.state, probe.sentence], probe.predict_df, api_name="predict",
                             **h.HEAVY)
     probe.sentence.submit(on_predict, [page.state, probe.sentence], probe.predict_df, api_visibility="private")
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from .cancel import checkpoint
 from .errors import MergeLabError
 from .io.experts import ExpertSet
 from .io.layout import ROLE_COPY, ROLE_MERGE, TensorInfo
@@ -133,6 +134,7 @@ class MergeEngine:
         resolver = settings.resolver(self.experts)
         layout = self.experts.layout
         for name, info in layout.tensors.items():
+            checkpoint()  # Stop ends the merge here, not after the last tensor
             if info.role == ROLE_COPY:
                 yield name, self.experts.base.get(name), False
             elif info.role == ROLE_MERGE:

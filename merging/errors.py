@@ -28,3 +28,22 @@ class MergeLabError(Exception):
         if self.line is not None:
             return f"{text} (line {self.line})"
         return text
+
+
+DISK_FULL = "disk_full"
+_DISK_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) is a full disk or quota. safetensors raises its own error type, not
+    OSError, with the OS error only in its text, so the text is checked too (here, and only here)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if getattr(exc, "kind", None) == DISK_FULL or getattr(exc, "errno", None) in _DISK_FULL_ERRNOS:
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text \
+                or "code: 28," in text:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False

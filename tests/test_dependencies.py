@@ -90,3 +90,12 @@ def test_the_walk_resolves_relative_and_lazy_imports(tmp_path, source, expected)
     probe = tmp_path / "probe.py"
     probe.write_text(source)
     assert imports_of(probe, "merging.methods.probe") == expected
+
+
+def test_no_test_module_imports_another():
+    """Shared fixtures and builders live in conftest.py and helper modules, never in a test module: a test
+    module imported by another runs its tests' module-level setup twice and hides where fixtures come from."""
+    tests = python_files("tests")
+    found = [f"{path.name} imports {name}" for path in tests for name in sorted(imports_of(path, "tests.x"))
+             if name.split(".")[0].startswith("test_")]
+    assert found == []

@@ -27,6 +27,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..cancel import checkpoint
 from ..errors import MergeLabError
 from ..io.experts import ExpertSet
 from ..io.layout import MODULE_KINDS, ROLE_MERGE, Layout, unit_slice
@@ -236,6 +237,7 @@ def exact_partition_scores(task: TaskLoss, start: Mapping[str, torch.Tensor], ta
     reference = float(task.loss()) if reference is None else reference
     out = {}
     for index, (key, names) in enumerate(partitions.items()):
+        checkpoint()  # Stop ends an exact run between partitions
         if not _nonzero(start, target, names):
             out[key] = 0.0
             continue
@@ -435,6 +437,7 @@ def compute_importance(expert_set: ExpertSet, examples: Mapping[str, Sequence[Ex
     collected: dict[str, list] = {lv: [] for lv in levels if lv != "hidden"}
     unit_rows: dict[str, list[np.ndarray]] = {m: [] for m in units}
     for index, expert in enumerate(expert_set.experts):
+        checkpoint()
         clock = time.perf_counter()
         own = body_state(expert_set, expert)
         start, target = (base, own) if intervention == "restore" else (own, base)

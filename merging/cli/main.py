@@ -98,6 +98,9 @@ def _add_merge(sub) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for a mergekit config's random methods (mergekit takes it on its command line, "
                              "--random-seed; a Merge Lab recipe carries its own)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty --out folder that is not a previous export (your files there "
+                             "are never deleted or overwritten)")
     parser.add_argument("--json", action="store_true")
 
 
@@ -138,7 +141,11 @@ def _run_merge(args) -> int:
             layout = None  # models not at hand: generic norm filters, scalar values only
         text = to_mergekit_yaml(recipe, layout)
         if args.out:
-            Path(args.out).write_text(text)
+            out = Path(args.out)
+            if out.is_dir() or ((out.exists() or out.is_symlink()) and not args.force):
+                raise MergeLabError(f"{out} already exists: give a new file name for the mergekit YAML (or --force "
+                                    "to replace that file)", field="out")
+            out.write_text(text)
         print(text)
         return 0
     if not args.out:
@@ -148,7 +155,7 @@ def _run_merge(args) -> int:
 
     expert_set = expert_set_from_recipe(recipe, allow_pickle=args.allow_pickle)
     report = export_recipe(recipe, args.out, expert_set=expert_set, tasks=args.tasks, dtype=args.dtype,
-                           shard_bytes=args.shard_mb * 1000 * 1000)
+                           shard_bytes=args.shard_mb * 1000 * 1000, force=args.force)
     text = "\n".join([f"exported to {report.root}"] + [f"  {k}: {v}" for k, v in report.folders.items()]
                      + [f"warning: {w}" for w in report.warnings])
     _print(report.to_dict(), args.json, text)

@@ -11,6 +11,7 @@ shape, kept per expert and never merged.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -19,11 +20,13 @@ import torch
 
 from ..errors import MergeLabError
 from .layout import ROLE_COPY, ROLE_MERGE, ROLE_TIED, Layout
+from .names import check_name, derive_name
 from .sources import ModelSource, open_model
 
 _PREFIXES = ("bert.", "roberta.", "model.", "transformer.", "encoder.", "distilbert.", "electra.", "deberta.")
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _ARCH_KEY = "model_type"
+_UNMERGED = ("int8", "uint8", "bool", "f8_e4m3", "f8_e5m2", "float8_e4m3fn", "float8_e5m2")
 
 
 @dataclass
@@ -70,7 +73,9 @@ class ExpertSet:
             source = ref if isinstance(ref, ModelSource) else open_model(
                 ref, name=name, allow_pickle=allow_pickle, base_dir=base_dir)
             if name is not None:
-                source.name = name
+                source.name = check_name(name)  # a folder name at export: identifiers only
+            else:
+                source.name = derive_name(source.name)
             if source.name in sources or source.name == "base":
                 source.name = _unique(source.name, sources)
             sources[source.name] = source
@@ -103,6 +108,8 @@ def check_homology(base: ModelSource, experts: Mapping[str, ModelSource]) -> Exp
     """Check that every expert can be merged with the base; raise one readable error if not."""
     if not experts:
         raise MergeLabError("no experts given: pick at least one fine-tuned expert of the base (two to merge)")
+    for source in (base, *experts.values()):
+        check_config_sizes(source)
     _check_configs(base, experts)
     tied = bool(base.config.get("tie_word_embeddings", False)) and not _has_distinct_lm_head(base)
     layout = Layout.from_shapes(base.shapes(), base.dtypes(), tied_embeddings=tied)
@@ -110,6 +117,12 @@ def check_homology(base: ModelSource, experts: Mapping[str, ModelSource]) -> Exp
         raise MergeLabError(f"base model '{base.name}' has no floating-point weights to merge")
     aligned = {name: _align(layout, base, source) for name, source in experts.items()}
     warnings = []
+    unmergeable = [n for n, i in layout.tensors.items() if i.role == ROLE_COPY and base.tensors[n].dtype in _UNMERGED]
+    if unmergeable:  # quantized or boolean weights cannot be averaged: say so rather than copy them silently
+        shown = ", ".join(f"'{n}' ({base.tensors[n].dtype})" for n in unmergeable[:5])
+        more = f" and {len(unmergeable) - 5} more" if len(unmergeable) > 5 else ""
+        warnings.append(f"{len(unmergeable)} tensor(s) are int8/bool/float8 and are copied from the base, not "
+                        f"merged: {shown}{more}. Merge the unquantized models to merge them too")
     if not base.has_tokenizer() and not any(s.has_tokenizer() for s in experts.values()):
         warnings.append("no tokenizer found in the base or the experts: merging and export work, "
                         "but importance and probes need one (add tokenizer files to the base folder)")
@@ -118,6 +131,64 @@ def check_homology(base: ModelSource, experts: Mapping[str, ModelSource]) -> Exp
 
 def _has_distinct_lm_head(base: ModelSource) -> bool:
     return any(name.endswith("lm_head.weight") for name in base.tensors)
+
+
+# config field → (tensor name endings, dimension) whose size it must equal. Importance and probes build the
+# transformers model from config.json, so a config claiming intermediate_size 150000 over small weights
+# allocated gigabytes before failing; these sizes are checked against the tensor shapes first.
+_CONFIG_SIZES = {
+    "vocab_size": (("word_embeddings.weight", "embed_tokens.weight", "wte.weight"), 0),
+    "hidden_size": (("word_embeddings.weight", "embed_tokens.weight"), 1),
+    "n_embd": (("wte.weight",), 1),
+    "intermediate_size": (("intermediate.dense.weight", "mlp.up_proj.weight", "mlp.gate_proj.weight"), 0),
+    "n_inner": (("mlp.c_fc.weight",), 1),
+    "max_position_embeddings": (("embeddings.position_embeddings.weight",), 0),
+    "n_positions": (("wpe.weight",), 0),
+    "type_vocab_size": (("token_type_embeddings.weight",), 0),
+}
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+def check_config_sizes(source: ModelSource) -> None:
+    """Refuse a config.json whose sizes disagree with the model's own tensors, naming the field."""
+    config = source.config or {}
+    if not config or not source.tensors:
+        return
+
+    def refuse(key, value, actual, where):
+        raise MergeLabError(
+            f"config.json of model '{source.name}' says {key} = {str(value)[:40]} but its weights have {actual}"
+            f"{where}: the config does not match these weights; fix {key} in config.json or re-export the model",
+            field=key)
+
+    for key, (endings, dim) in _CONFIG_SIZES.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            refuse(key, value, "no such size", " (it must be a positive whole number)")
+        for name, entry in source.tensors.items():
+            if name.endswith(endings) and len(entry.shape) > dim:
+                if entry.shape[dim] != value:
+                    refuse(key, value, entry.shape[dim], f" (tensor '{name}' has shape {tuple(entry.shape)})")
+                break
+    indices = {int(m.group(1)) for m in map(_LAYER_INDEX.search, source.tensors) if m}
+    for key in _LAYER_KEYS:
+        value = config.get(key)
+        if value is None or not indices:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value != max(indices) + 1:
+            refuse(key, value, f"{max(indices) + 1} layers", "")
+    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    if heads is not None and isinstance(hidden, int):
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0 or hidden % heads:
+            refuse("num_attention_heads", heads, f"hidden size {hidden}", ", which it must divide")
+    labels = config.get("id2label")
+    if isinstance(labels, dict):
+        for ending in ("classifier.weight", "classifier.out_proj.weight", "score.weight"):
+            entry = source.tensors.get(ending)
+            if entry is not None and entry.shape and entry.shape[0] != len(labels):
+                refuse("id2label", f"{len(labels)} labels", f"a {entry.shape[0]}-class head", f" ('{ending}')")
 
 
 def _check_configs(base: ModelSource, experts: Mapping[str, ModelSource]) -> None:

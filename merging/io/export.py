@@ -2,15 +2,22 @@
 
 Classifier experts carry task heads, so the export writes one folder per task (merged body
 + that task's head), each loadable with the expert's own transformers class. Without task
-heads it writes a single folder. Everything goes to a temporary sibling folder renamed at
+heads it writes a single folder. Everything goes to a temporary sibling folder moved into place at
 the end: a failed export (full disk, killed process, bad input) leaves the previous export,
 if any, intact and nothing half-written.
+
+The output folder may hold the user's own files (``--out .`` once wiped the current folder), so an
+export never deletes what Merge Lab did not write: every export records the files it wrote in
+:data:`MARKER`; a later export into that folder replaces only those. A non-empty folder without the
+marker is refused unless ``force=True``, and even then only new files are added: a file of the user's
+that the export would overwrite is refused by name.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -22,12 +29,15 @@ import torch
 from safetensors.torch import save_file
 
 from ..engine import MergeEngine, MergeSettings
-from ..errors import MergeLabError
+from ..errors import DISK_FULL, MergeLabError, is_disk_full
 from .experts import ExpertSet
 from .mergekit_yaml import to_mergekit_yaml
+from .names import check_name, safe_join
 from .replay import expert_set_from_recipe, settings_from_recipe
 
 SHARD_BYTES = 500 * 1000 * 1000
+MARKER = ".merge-lab-export.json"  # the files an export wrote, relative to its folder
+MARKER_FORMAT = "merge-lab-export/1"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Progress = Callable[[float, str], None]
 
@@ -84,7 +94,12 @@ class ShardWriter:
 
     def _flush(self) -> None:
         path = self.folder / f".shard-{len(self.shards):05d}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
+        try:
+            save_file(self.pending, str(path), metadata={"format": "pt"})
+        except Exception as exc:  # safetensors' own error type carries the OS error only in its text
+            if is_disk_full(exc):
+                raise OSError(errno.ENOSPC, "No space left on device") from exc
+            raise
         self.shards.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -93,12 +108,14 @@ def export_recipe(recipe, out_dir: str | Path, *, expert_set: ExpertSet | None =
                   engine: MergeEngine | None = None, tasks: Iterable[str] | None = None,
                   dtype: str | None = None, shard_bytes: int = SHARD_BYTES,
                   importance_json: str | None = None, progress: Progress | None = None,
-                  settings: MergeSettings | None = None) -> ExportReport:
+                  settings: MergeSettings | None = None, force: bool = False) -> ExportReport:
     """Merge ``recipe`` and write it to ``out_dir`` atomically (see module docstring).
 
     ``settings`` lets a caller that already prepared the method's inputs (the app holds APL's
-    calibration and the few-shot data) skip preparing them again from the recipe."""
+    calibration and the few-shot data) skip preparing them again from the recipe. ``force`` adds the
+    export to a non-empty folder that is not a previous export (never overwriting the user's files)."""
     out_dir = Path(out_dir).resolve()
+    _previous_files(out_dir, force)  # refuse a foreign folder before minutes of merging
     expert_set = expert_set or (engine.experts if engine else expert_set_from_recipe(recipe))
     engine = engine or MergeEngine(expert_set, cache=False)
     settings = settings or settings_from_recipe(recipe, expert_set)
@@ -106,22 +123,64 @@ def export_recipe(recipe, out_dir: str | Path, *, expert_set: ExpertSet | None =
     if dtype not in TORCH_DTYPES:
         raise MergeLabError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}", field="dtype")
     targets = _targets(expert_set, tasks)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(out_dir)
+        _check_free_space(expert_set, targets, dtype, out_dir)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as exc:  # a read-only or unwritable folder, a name too long
+        raise MergeLabError(f"cannot write the export to {out_dir}: {exc.strerror or exc}. Choose a folder you can "
+                            "write to", field="out") from None
     try:
         report = _write(recipe, expert_set, engine, settings, targets, staging, dtype, shard_bytes,
                         importance_json, progress)
-        _swap_into_place(staging, out_dir)
+        _swap_into_place(staging, out_dir, force)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
+        if is_disk_full(exc):
             raise MergeLabError(f"the disk is full while exporting to {out_dir}: free some space and export "
-                                "again (nothing was written; any previous export is intact)") from exc
+                                "again (nothing was written; any previous export is intact)",
+                                kind=DISK_FULL) from exc
         raise MergeLabError(f"could not write the export to {out_dir}: {exc}") from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return _relocate(report, staging, out_dir)
+
+
+STALE_STAGING_SECONDS = 3600.0
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """Staging folders of earlier exports to ``out_dir`` that a killed process left (``.NAME.tmp-*``, hundreds
+    of MB each), once they are an hour old: they are ours by name, and no export runs that long unseen."""
+    import time
+
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        try:
+            if stale.is_dir() and not stale.is_symlink() and time.time() - stale.stat().st_mtime > STALE_STAGING_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def export_bytes(expert_set: ExpertSet, targets: dict[str, str | None], dtype: str) -> int:
+    """Bytes of weights the export will write: the body in ``dtype`` once per folder, plus each head."""
+    size = TORCH_DTYPES[dtype].itemsize
+    body = sum(math.prod(expert_set.layout[n].shape) for n in expert_set.layout.tensors) * size
+    heads = sum(math.prod(expert_set.experts[e].source.tensors[h].shape) * size
+                for e in targets.values() if e for h in expert_set.experts[e].head_names)
+    return body * len(targets) + heads
+
+
+def _check_free_space(expert_set: ExpertSet, targets, dtype: str, out_dir: Path) -> None:
+    """Refuse before merging when the export cannot fit: a full disk found after minutes of work helps nobody."""
+    need = export_bytes(expert_set, targets, dtype)
+    free = shutil.disk_usage(out_dir.parent).free
+    if need > free:
+        raise MergeLabError(f"the disk is full: this export needs about {need / 1e6:.1f} MB but only "
+                            f"{free / 1e6:.1f} MB are free where it goes; free some space, export fewer tasks or a "
+                            "smaller dtype (fp16)", kind=DISK_FULL)
 
 
 def _targets(expert_set: ExpertSet, tasks: Iterable[str] | None) -> dict[str, str | None]:
@@ -144,7 +203,7 @@ def _write(recipe, expert_set, engine, settings, targets, staging, dtype, shard_
     warnings = list(expert_set.warnings)
     writers, folders = {}, {}
     for folder_name, expert in targets.items():
-        folder = staging / folder_name if folder_name else staging
+        folder = safe_join(staging, check_name(folder_name, "task name")) if folder_name else staging
         folder.mkdir(parents=True, exist_ok=True)
         folders[folder_name or "merged"] = folder
         writers[folder_name] = ShardWriter(folder, shard_bytes)
@@ -238,16 +297,65 @@ def model_card(recipe, task: str | None) -> str:
     )
 
 
-def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise MergeLabError(f"{out_dir} exists and is not a folder: choose another output path")
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
+def _previous_files(out_dir: Path, force: bool) -> set[str] | None:
+    """The files a previous export recorded in ``out_dir`` (None when the folder is missing or empty);
+    refuses a non-empty folder without the marker unless ``force``."""
+    if not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        raise MergeLabError(f"{out_dir} exists and is not a folder: choose another output path", field="out")
+    if not any(out_dir.iterdir()):
+        return None
+    marker = out_dir / MARKER
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+        if data.get("format") != MARKER_FORMAT or not all(isinstance(f, str) for f in data["files"]):
+            raise ValueError("not an export marker")
+        return set(data["files"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        if force:
+            return set()
+        raise MergeLabError(
+            f"{out_dir} is not empty and is not a previous Merge Lab export (no {MARKER}): export into a new "
+            "folder, or pass --force (force=True) to add the export beside its files (files Merge Lab did not "
+            "write are never deleted or overwritten)", field="out") from None
+
+
+def _files_under(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def _swap_into_place(staging: Path, out_dir: Path, force: bool = False) -> None:
+    """Move the finished export in: a missing or empty folder is replaced by renaming; otherwise only the
+    files the previous export recorded are removed, and the new files moved beside the user's own."""
+    written = [f for f in _files_under(staging) if f != MARKER]
+    (staging / MARKER).write_text(json.dumps({"format": MARKER_FORMAT, "files": written + [MARKER]}, indent=1))
+    previous = _previous_files(out_dir, force)
+    if previous is None:
+        if out_dir.exists():
+            out_dir.rmdir()  # empty
         staging.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out_dir)
+        return
+    targets = {f: safe_join(out_dir, f) for f in written + [MARKER]}  # never through a symlink out of the folder
+    theirs = [f for f, path in targets.items() if f not in previous and (path.exists() or path.is_symlink())]
+    if theirs:
+        raise MergeLabError(f"{out_dir} already holds '{theirs[0]}', which Merge Lab did not write: export into a "
+                            "new folder (even --force never overwrites your files)", field="out")
+    for name in sorted(previous, key=lambda f: -f.count("/")):
+        try:
+            path = safe_join(out_dir, name)
+        except MergeLabError:
+            continue  # a marker naming something outside the folder is ignored, never followed
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+    for name, target in targets.items():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, target)
+    for folder in sorted({p for p in out_dir.rglob("*") if p.is_dir()}, key=lambda p: -len(p.parts)):
+        rel = folder.relative_to(out_dir).as_posix()
+        if any(f.startswith(rel + "/") for f in previous) and not any(folder.iterdir()):
+            folder.rmdir()  # a task folder the previous export made and this one does not use
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _relocate(report: ExportReport, staging: Path, out_dir: Path) -> ExportReport:

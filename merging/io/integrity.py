@@ -42,7 +42,7 @@ def check_safetensors(path: str | os.PathLike, shown: str | None = None) -> None
         raise MergeLabError(f"cannot read '{shown}': {exc.strerror or exc}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deeply nested JSON: corrupt, not a crash
         header = None
     if not isinstance(header, dict):
         raise MergeLabError(f"'{shown}' has a corrupt safetensors header (not a valid JSON object): download or export "

@@ -30,6 +30,7 @@ import yaml
 from ..errors import MergeLabError
 from ..methods import get_method
 from ..params import validate_params
+from .names import check_name, derive_name
 
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16", "bfloat16")
@@ -96,6 +97,7 @@ class Recipe:
     @classmethod
     def from_yaml(cls, text: str, source: Path | None = None) -> "Recipe":
         try:
+            _check_plain_yaml(text)
             data = yaml.safe_load(text)
             lines = _line_map(text)
         except yaml.YAMLError as exc:
@@ -197,9 +199,10 @@ def _parse_experts(value: Any) -> list[ExpertRef]:
         if not isinstance(model, str) or not model.strip():
             raise MergeLabError(f"{where}.model must name a model (zoo:NAME/TASK, a path, or hf:org/name)",
                                 field=f"{where}.model")
-        name = item.get("name") or model.rstrip("/").split("/")[-1].split("@")[0]
+        name = item.get("name") or derive_name(model.rstrip("/").split("/")[-1].split("@")[0])
         if not isinstance(name, str):
             raise MergeLabError(f"{where}.name must be text", field=f"{where}.name")
+        check_name(name, field=f"{where}.name")  # it becomes a folder name at export
         if any(e.name == name for e in out):
             raise MergeLabError(f"two experts are named '{name}': names must be unique", field=f"{where}.name")
         params = item.get("parameters") or {}
@@ -244,9 +247,12 @@ def _calibrated(value: Any) -> dict | None:
     return dict(value)
 
 
+MAX_SEED = 2**31 - 1  # the one largest seed: the app's Seed box and recipes (the CLI) agree on it
+
+
 def _seed(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise MergeLabError(f"seed must be a whole number ≥ 0, got {value!r}", field="seed")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise MergeLabError(f"seed must be a whole number in [0, {MAX_SEED}], got {str(value)[:40]}", field="seed")
     return value
 
 
@@ -258,6 +264,30 @@ def _dtype(value: Any) -> str:
         raise MergeLabError(f"dtype must be one of {', '.join(DTYPES)} (or fp32/fp16/bf16), got {value!r}",
                             field="dtype")
     return value
+
+
+MAX_YAML_DEPTH = 64
+
+
+def _check_plain_yaml(text: str) -> None:
+    """Refuse anchors/aliases and deep nesting while only *parsing* (events, nothing expanded or built).
+
+    A recipe never needs aliases, and a "billion laughs" document of nested aliases expands to billions of
+    nodes in safe_load and in the line-number walk (the CLI hung); nesting thousands deep overflows the
+    composer's recursion. Both are refused here, before anything walks the document."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            mark = event.start_mark
+            raise MergeLabError("recipe uses a YAML anchor or alias (& or *): write each value out in full "
+                                "(recipes never need them)", line=mark.line + 1 if mark else None)
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise MergeLabError(f"recipe nests deeper than {MAX_YAML_DEPTH} levels: a recipe is a few levels "
+                                    "deep (is it the right file?)", line=event.start_mark.line + 1)
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
 
 
 def _line_map(text: str) -> dict[str, int]:

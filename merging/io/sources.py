@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import MergeLabError
-from .access import check_fits, check_local_path
+from .access import allowed_roots, check_file_inside, check_fits, check_local_path, looks_local, path_exists
 from .integrity import check_safetensors
 
 TOKENIZER_FILES = (
@@ -124,7 +124,8 @@ class ModelSource:
     def tokenizer_files(self) -> list[Path]:
         if self.root is None:
             return []
-        return [self.root / f for f in TOKENIZER_FILES if (self.root / f).is_file()]
+        files = [self.root / f for f in TOKENIZER_FILES if (self.root / f).is_file()]
+        return [check_file_inside(f, self.name) and f for f in files]  # a symlink out is refused, not copied
 
     def has_tokenizer(self) -> bool:
         return bool(self.tokenizer_files())
@@ -158,15 +159,17 @@ def open_model(ref: str | os.PathLike, *, name: str | None = None, allow_pickle:
     path = Path(text).expanduser()
     if base_dir is not None and not path.is_absolute():
         path = (base_dir / path)
-    if path.exists() or path.is_symlink():
+    if looks_local(text) and allowed_roots() is not None:
+        path = check_local_path(path, text)  # before exists(): a refusal must not tell whether it exists
+    if path_exists(path):
         path = check_local_path(path, text)
         return _open_path(path, name or _default_name(path), text, allow_pickle)
     if text.startswith("hf:") or (_HUB_ID.match(text) and not text.startswith((".", "/"))):
         return _open_hub(text, name, allow_pickle)
     _refuse_unknown_scheme(text)
     raise MergeLabError(
-        f"model '{text}' not found: no such file or folder"
-        + (f" (looked in {path.resolve()})" if not path.is_absolute() else "")
+        f"model '{text[:200]}' not found: no such file or folder"
+        + (f" (looked in {path.resolve()})" if not path.is_absolute() and allowed_roots() is None else "")
         + ". Give a folder with config.json and *.safetensors, a .safetensors file, "
         "or a hub id such as hf:org/name@revision."
     )
@@ -184,14 +187,14 @@ def _open_path(path: Path, name: str, ref: str, allow_pickle: bool) -> ModelSour
             return _open_pickled([path], name, ref, None, {}, allow_pickle)
         raise MergeLabError(f"'{path.name}' is not a model file: expected a .safetensors file or a model folder")
     config = _read_config(path, name)
-    files = _weight_files(path)
+    files = [check_file_inside(f, name) and f for f in _weight_files(path, name)]
     if files:
         return ModelSource(name, ref, path, _read_safetensors_headers(files, name), config)
-    pickled = sorted(path.glob("pytorch_model*.bin"))
+    pickled = [check_file_inside(f, name) and f for f in sorted(path.glob("pytorch_model*.bin"))]
     if pickled:
         return _open_pickled(pickled, name, ref, path, config, allow_pickle)
     raise MergeLabError(
-        f"model '{name}' at {path} has no weights: expected model.safetensors (or sharded "
+        f"model '{name}' has no weights in its folder: expected model.safetensors (or sharded "
         "model-0000x-of-0000y.safetensors with model.safetensors.index.json)"
     )
 
@@ -200,8 +203,12 @@ def _read_config(path: Path, name: str) -> dict[str, Any]:
     config_path = path / "config.json"
     if not config_path.is_file():
         return {}
+    check_file_inside(config_path, name)
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise MergeLabError(f"config.json of model '{name}' nests too deeply to be a model config: fix or "
+                            "replace it") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise MergeLabError(f"config.json of model '{name}' is not valid JSON ({exc}): fix or replace it") from exc
     if not isinstance(config, dict):
@@ -214,14 +221,21 @@ def _read_config(path: Path, name: str) -> dict[str, Any]:
     return config
 
 
-def _weight_files(path: Path) -> list[Path]:
+def _weight_files(path: Path, name: str = "model") -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
+        check_file_inside(index, name)
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise MergeLabError(f"{index} is not a valid safetensors index: {exc}") from exc
-        files = sorted({path / f for f in weight_map.values()})
+            shards = {str(f) for f in weight_map.values()}
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise MergeLabError(f"{index.name} of model '{name}' is not a valid safetensors index "
+                                f"({type(exc).__name__}): fix or re-export it") from None
+        odd = sorted(f for f in shards if Path(f).name != f or not f.endswith(".safetensors"))
+        if odd:  # a shard is a file beside the index, never '../../outside/x.safetensors'
+            raise MergeLabError(f"{index.name} of model '{name}' names shard '{odd[0][:80]}', which is not a "
+                                ".safetensors file beside it: shard names are plain file names; fix the index")
+        files = sorted(path / f for f in shards)
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise MergeLabError(f"shards listed in {index.name} are missing: {', '.join(missing[:5])}")

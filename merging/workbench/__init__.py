@@ -30,6 +30,8 @@ Everything is re-exported here, so ``from merging import workbench as wb; wb.mer
 
 from .. import zoo as _zoo  # noqa: F401  (registers the zoo: reference scheme the page's refs use)
 from ..errors import MergeLabError  # noqa: F401
+from ..io.names import check_name, derive_name, safe_join  # noqa: F401
+from .budget import check_memory, estimate_step_bytes, max_experts, memory_budget_bytes  # noqa: F401
 from .cache import (  # noqa: F401
     CACHE,
     CLIENTS,
@@ -60,7 +62,14 @@ from .experts import (  # noqa: F401
     task_vector_stats,
     tokenizer_for,
 )
-from .export import clean_old_exports, export, exports_root, read_zip_names, zip_is_stored  # noqa: F401
+from .export import (  # noqa: F401
+    clean_old_exports,
+    export,
+    exports_root,
+    read_zip_names,
+    retention_sweep,
+    zip_is_stored,
+)
 from .history import HISTORY_FORMAT, history_json, restore_history, save_history  # noqa: F401
 from .importance import Comparison, compare_interventions, compute_importance  # noqa: F401
 from .limits import (  # noqa: F401

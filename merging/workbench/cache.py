@@ -29,6 +29,21 @@ def _parse_bytes(text: str) -> int | None:
         return None
 
 
+def _env_entries() -> int:
+    """``MERGE_LAB_APP_CACHE_ENTRIES`` (default 8); a bad value warns and falls back instead of stopping the app."""
+    raw = os.environ.get("MERGE_LAB_APP_CACHE_ENTRIES", "").strip()
+    if not raw:
+        return 8
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        warnings.warn(f"MERGE_LAB_APP_CACHE_ENTRIES={raw!r} is not a whole number ≥ 1; using 8", stacklevel=3)
+        return 8
+    return value
+
+
 def cache_budget_bytes() -> int:
     """``MERGE_LAB_CACHE_BYTES`` (bytes, or with a K/M/G suffix), default 4 GiB: what the model cache may hold
     (a CPU-basic Space has 16 GB; importance and probes need working memory beside the cache)."""
@@ -141,7 +156,7 @@ class ModelCache:
     """
 
     def __init__(self, max_entries: int | None = None, max_bytes: int | None = None):
-        self.max_entries = max_entries or int(os.environ.get("MERGE_LAB_APP_CACHE_ENTRIES", "8"))
+        self.max_entries = max_entries or _env_entries()
         self._max_bytes = max_bytes
         self._items: OrderedDict[str, Models] = OrderedDict()
         self._lock = threading.Lock()

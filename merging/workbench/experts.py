@@ -9,8 +9,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import MergeLabError
+from ..io.names import check_name, derive_name
+from .budget import check_expert_count, check_memory
 from .cache import CACHE, Models, files_fingerprint
-from .limits import MAX_PROBE_ROWS, Progress, check_fewshot, no_progress
+from .limits import MAX_PROBE_ROWS, Progress, check_fewshot, no_progress, shorten_list
 from .preflight import preflight_ref, scan_nonfinite
 from .session import Session, TaskData
 
@@ -25,11 +27,14 @@ def parse_extra_refs(text: str | None) -> dict[str, str]:
         if "=" in line and not line.startswith(("/", ".", "hf:", "zoo:")):
             name, _, ref = line.partition("=")
             name, ref = name.strip(), ref.strip()
+            if name and ref:
+                check_name(name)
         else:
             ref = line
-            name = Path(ref.split("@")[0].rstrip("/")).stem or ref
+            name = derive_name(Path(ref.split("@")[0].rstrip("/")).stem or ref)
         if not name or not ref:
-            raise MergeLabError(f"cannot read expert line {raw!r}: write one per line as name=path or just a path")
+            raise MergeLabError(f"cannot read expert line {raw[:200]!r}: write one per line as name=path or just "
+                                "a path")
         out[name] = ref
     return out
 
@@ -60,6 +65,9 @@ def load_experts(session: Session, base_ref: str, refs: Mapping[str, str], zoo=N
         raise MergeLabError("pick a base model (the model every expert was fine-tuned from)")
     if len(refs) < 2:
         raise MergeLabError(f"pick at least two experts to merge (got {len(refs)})")
+    check_expert_count(len(refs))  # before anything is opened: one request must not take the machine
+    for name in refs:  # names become folder names at export: identifiers only, whatever sent them
+        check_name(name)
     for name, ref in [("base", base_ref), *refs.items()]:
         preflight_ref(ref, name)
     new = Session(id=session.id if session else uuid.uuid4().hex[:12], base_ref=str(base_ref), refs=dict(refs))
@@ -70,6 +78,7 @@ def load_experts(session: Session, base_ref: str, refs: Mapping[str, str], zoo=N
         with CACHE._lock:  # the files changed on disk since they were opened: open them again
             CACHE._items.pop(new.key, None)
     models = models_for(new, progress)
+    check_memory(models, "merge")  # a selection that cannot even be merged here is refused at load
     expert_set = models.expert_set
     new.refs = {name: refs.get(name, expert_set.experts[name].source.ref) for name in expert_set.experts}
     new.layers = list(expert_set.layout.layers)
@@ -86,6 +95,7 @@ def load_experts(session: Session, base_ref: str, refs: Mapping[str, str], zoo=N
         new.folders[name] = str(root) if root is not None and Path(root).is_dir() else None
         data = _task_data_for(zoo, task, root)
         if data is not None:
+            _check_head_matches_data(models, name, data)
             new.data[name] = data
     new.summary = expert_rows(new, models, stats)
     CACHE.trim()
@@ -115,10 +125,15 @@ def _task_data_for(zoo, task: str | None, root) -> TaskData | None:
             labels = []
         return TaskData(list(zoo.fewshot(task)), list(zoo.probe(task))[:MAX_PROBE_ROWS], labels, "zoo")
     if root is not None and Path(root).is_dir():  # a folder laid out like a zoo expert carries its data
+        from ..io.access import check_file_inside
+
         folder = Path(root)
         from ..io.taskdata import FEWSHOT_FILE, read_examples
 
         few, probe = folder / FEWSHOT_FILE, folder / "probe.jsonl"
+        for file in (few, probe, folder / "merge_lab_task.json"):
+            if file.is_file():
+                check_file_inside(file, folder.name)  # a symlinked data file must not read outside the roots
         if few.is_file():
             labels: list[str] = []
             task_file = folder / "merge_lab_task.json"
@@ -130,6 +145,20 @@ def _task_data_for(zoo, task: str | None, root) -> TaskData | None:
             probe_rows = read_examples(probe)[:MAX_PROBE_ROWS] if probe.is_file() else []
             return TaskData(read_examples(few), probe_rows, labels, "folder")
     return None
+
+
+def _check_head_matches_data(models: Models, expert: str, data: TaskData) -> None:
+    """A folder's task data must fit the expert's head: more labels (or label ids) than classes made the probe and
+    importance fail deep inside torch with an index error."""
+    classes = head_size(models, expert)
+    if classes is None:
+        return
+    top = max((label for _, label in [*data.fewshot, *data.probe]), default=-1)
+    if (data.labels and len(data.labels) != classes) or top >= classes:
+        count = len(data.labels) if data.labels else top + 1
+        raise MergeLabError(f"expert '{expert}' has a {classes}-class head but the task data in its folder has "
+                            f"{count} labels: fix merge_lab_task.json / the .jsonl files, or remove them and attach "
+                            "the task's own file")
 
 
 def head_size(models: Models, expert: str) -> int | None:
@@ -154,8 +183,9 @@ def attach_task_data(session: Session, expert: str, path: str | os.PathLike, n_f
     models = models_for(session)
     classes = head_size(models, expert)
     if classes is not None and classes != len(task.label_names):
-        raise MergeLabError(f"{Path(path).name} has {len(task.label_names)} labels ({', '.join(task.label_names)}) "
-                            f"but expert '{expert}' has a {classes}-class head: give the file of its own task")
+        raise MergeLabError(f"{Path(path).name[:80]} has {len(task.label_names)} labels "
+                            f"({shorten_list(task.label_names)}) but expert '{expert}' has a {classes}-class head: "
+                            "give the file of its own task")
     n_few = int(n_fewshot or session.fewshot_n)
     total = len(task.examples())
     n_few = max(1, min(n_few, total // 2))
@@ -182,6 +212,10 @@ def data_status(session: Session) -> str:
 
 
 def task_vector_stats(models: Models):
+    """The selection's task-vector statistics (computed once). Once computed they are read without the models
+    lock, so slider and table edits never wait behind a merge or an export holding it."""
+    if models.stats is not None:
+        return models.stats
     with models.lock:
         if models.stats is None:
             from ..task_vectors import TaskVectors

@@ -10,10 +10,10 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import MergeLabError
+from ..errors import DISK_FULL, MergeLabError, is_disk_full
 from .cache import Models, content_hash
 from .experts import models_for
-from .limits import EXPORT_MAX_AGE, Progress, check_dtype, no_progress
+from .limits import EXPORT_MAX_AGE, UPLOAD_MAX_AGE, Progress, check_dtype, no_progress
 from .merge import settings_for
 from .session import Session
 
@@ -40,6 +40,43 @@ def clean_old_exports(max_age: float = EXPORT_MAX_AGE, now: float | None = None)
     return removed
 
 
+def _clean_folder(root: Path, max_age: float, now: float) -> int:
+    removed = 0
+    for path in root.iterdir() if root.is_dir() else []:
+        try:
+            if now - path.stat().st_mtime > max_age:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def _unfinished_exports() -> int:
+    """Export work folders with no finished zip: a process killed mid-export left them (hundreds of MB)."""
+    removed = 0
+    for path in exports_root().glob("merge-*"):
+        if path.is_dir() and not any(path.glob("*.zip")):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def retention_sweep(now: float | None = None, startup: bool = False) -> dict[str, int]:
+    """The one retention policy for every copy the app writes: export zips and history files (an hour), uploaded
+    experts unused for UPLOAD_MAX_AGE, and — at start-up, when no export can be running — the staging of
+    exports a killed process left behind. (gradio's own copies of the served files follow the same hour through
+    the Blocks' ``delete_cache``, and are all deleted when the server restarts.)"""
+    from ..paths import cache_root
+
+    now = time.time() if now is None else now
+    removed = {"exports": clean_old_exports(EXPORT_MAX_AGE, now),
+               "uploads": _clean_folder(cache_root() / "uploads", UPLOAD_MAX_AGE, now)}
+    if startup:
+        removed["unfinished"] = _unfinished_exports()
+    return removed
+
+
 EXPORTS: dict[str, Path] = {}  # export content hash → zip (identical exports are served from the same file)
 
 
@@ -58,7 +95,7 @@ def export(session: Session, tasks: Sequence[str] | None = None, dtype: str = "f
     if unknown:
         raise MergeLabError(f"Export tasks: no loaded expert named {', '.join(map(repr, unknown))} "
                             f"(experts: {', '.join(session.refs)})", field="tasks")
-    clean_old_exports()
+    retention_sweep()
     models = models_for(session)
     recipe = session.last_recipe
     recipe.dtype = dtype
@@ -88,10 +125,12 @@ def export(session: Session, tasks: Sequence[str] | None = None, dtype: str = "f
         os.replace(partial, zip_path)
     except (OSError, MergeLabError) as exc:
         shutil.rmtree(work, ignore_errors=True)
-        full = getattr(exc, "errno", None) in (28, 122) or "disk is full" in str(exc)  # ENOSPC, EDQUOT
-        if full:  # the library's message names a server path: a public page gets this one
+        if is_disk_full(exc):  # the library's message names a server path: a public page gets this one
             raise MergeLabError("export failed: the server's disk is full. Earlier exports are untouched; try "
-                                "again later, export fewer tasks or a smaller dtype (fp16)") from None
+                                "again later, export fewer tasks or a smaller dtype (fp16)", kind=DISK_FULL) from None
+        if isinstance(exc, MergeLabError) and exc.field == "out":  # names the server's export folder
+            raise MergeLabError("export failed: the server could not write the export folder. Earlier exports are "
+                                "untouched; try again later") from None
         if isinstance(exc, MergeLabError):
             raise
         raise MergeLabError(f"export failed while writing files: {exc.strerror or exc}. Earlier exports are "

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 from ..errors import MergeLabError
+from ..io.names import safe_join
 from .export import clean_old_exports, exports_root
-from .limits import MAX_HISTORY_BYTES
+from .limits import MAX_HISTORY_BYTES, MAX_HISTORY_ENTRIES
 from .plan import set_cell
 from .session import Session
 
@@ -32,7 +33,7 @@ def save_history(session: Session) -> Path:
         raise MergeLabError("no merges in this session yet: press Merge first (the history holds every merge)")
     clean_old_exports()
     folder = Path(tempfile.mkdtemp(prefix="history-", dir=exports_root()))
-    path = folder / f"merge-lab-history-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = safe_join(folder, f"merge-lab-history-{time.strftime('%Y%m%d-%H%M%S')}.json")
     path.write_text(history_json(session), encoding="utf-8")
     return path
 
@@ -53,14 +54,15 @@ def restore_history(session: Session, path: str | os.PathLike) -> tuple[Session,
                             "(is it the right file?)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise MergeLabError(f"'{path.name}' is not a Merge Lab history file (not valid JSON)") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise MergeLabError(f"'{path.name[:80]}' is not a Merge Lab history file (not valid JSON, or nested far "
+                            "too deeply)") from None
     if not isinstance(data, dict) or data.get("format") != HISTORY_FORMAT or not isinstance(data.get("merges"), list):
         raise MergeLabError(f"'{path.name}' is not a Merge Lab history file (expected format {HISTORY_FORMAT!r}, "
                             "saved with Download history)")
     restored = []
     taken = {item["label"] for item in session.history}
-    for index, item in enumerate(data["merges"]):
+    for index, item in enumerate(data["merges"][-MAX_HISTORY_ENTRIES:]):  # only the newest are kept anyway
         if not isinstance(item, dict) or not isinstance(item.get("label"), str) \
                 or not isinstance(item.get("method"), str):
             raise MergeLabError(f"history entry {index + 1} of '{path.name}' has no label or method")
@@ -76,7 +78,7 @@ def restore_history(session: Session, path: str | os.PathLike) -> tuple[Session,
         taken.add(label)
         restored.append({"label": label, "method": item["method"], "settings": str(item.get("settings", "")),
                          "metrics": metrics, "seconds": item.get("seconds"), "recipe": recipe, "restored": True})
-    session.history = restored + list(session.history)
+    session.history = (restored + list(session.history))[-MAX_HISTORY_ENTRIES:]  # the newest, capped
     session.merges = max(session.merges, len(session.history))
     note = f"Restored {len(restored)} merge(s) from `{path.name}`: the comparison table and their recipes are back."
     last = next((r["recipe"] for r in reversed(restored) if r.get("recipe")), None)

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import MergeLabError
+from .budget import check_memory
 from .cache import CACHE, RESULTS, Models, content_hash
 from .experts import models_for, tokenizer_for
 from .limits import (
@@ -54,6 +55,7 @@ def _models_with_task_data(session: Session, what: str) -> Models:
         raise MergeLabError(f"expert(s) {', '.join(missing)} have no task data: {what} a few labelled examples of "
                             "every expert's task — attach a CSV/JSONL file (text, label) to each")
     models = models_for(session)
+    check_memory(models, "importance")
     _refuse_nonfinite(models, "importance")
     return models
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..errors import MergeLabError
+from ..io.recipe import MAX_SEED  # one constant for the app and the CLI
 
 Progress = Callable[[float, str], None]
 
@@ -18,6 +19,7 @@ PER_LAYER_KEYS = (DROP, WEIGHT)
 DEFAULT_FEWSHOT = 32
 MAX_PROBE_ROWS = 200
 EXPORT_MAX_AGE = 3600.0  # seconds an export zip is kept
+UPLOAD_MAX_AGE = 6 * 3600.0  # seconds an uploaded expert is kept unused (a tab's state lives 6 hours)
 SWEEP_METHODS = ("apl", "dare_linear", "magnitude")  # the drop sweep's default methods (page configuration)
 DEFAULT_METHOD = "apl"  # the method the page opens with (configuration; no logic depends on it)
 MAX_SENTENCE_CHARS = 2000
@@ -33,10 +35,10 @@ def no_progress(fraction: float, message: str) -> None:  # a progress sink that 
 # field as the page labels it.
 
 MIN_FEWSHOT, MAX_FEWSHOT = 4, 128
-MAX_SEED = 2**31 - 1
 MODES = ("gradient", "exact")
 INTERVENTIONS = ("restore", "ablate")
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+MAX_HISTORY_ENTRIES = 200  # merges a session keeps (restores add to it): each restore stays fast
 MAX_HISTORY_BYTES = 5 * 1024 * 1024  # a session history JSON file is tiny; refuse anything much larger
 
 
@@ -52,6 +54,14 @@ def max_upload_bytes() -> int:
                       stacklevel=2)
         mb = 2048.0
     return max(1, int(mb * 1024 * 1024))
+
+
+def shorten_list(items: Sequence[Any], limit: int = 10, chars: int = 40) -> str:
+    """``a, b, c … and 4990 more``: lists inside messages stay short (a 5000-label file once gave a 34 KB
+    error), and each item is cut to ``chars`` characters."""
+    shown = [str(i) if len(str(i)) <= chars else str(i)[:chars] + "…" for i in list(items)[:limit]]
+    more = len(items) - len(shown)
+    return ", ".join(shown) + (f" … and {more} more" if more > 0 else "")
 
 
 def check_number(field_name: str, value: Any, low: float | None = None, high: float | None = None,

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import MergeLabError
+from .budget import check_memory
 from .cache import CACHE, MAX_MERGES_KEPT, MERGE_STATS, Models, content_hash
 from .experts import models_for
 from .limits import PER_LAYER_KEYS, Progress, check_method, check_seed, check_shared, method_spec, no_progress
@@ -209,6 +210,7 @@ def merge(session: Session, method: str, shared: Mapping[str, Any], seed: int = 
     if why:
         raise MergeLabError(why)
     models = models_for(session)
+    check_memory(models, "merge")
     snap = snapshot(session, method, shared, seed)
     key, recipe, result, reused = _merge_result(session, models, snap, progress)
     _own(session, models, key)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import MergeLabError
 from ..io.integrity import MAX_HEADER_BYTES, check_safetensors  # noqa: F401  (re-exported)
+from ..io.names import safe_join
 from .cache import Models, content_hash
 from .limits import max_upload_bytes
 
@@ -16,14 +17,16 @@ from .limits import max_upload_bytes
 def preflight_ref(ref: str, name: str) -> None:
     """Check the safetensors files behind a local ref before opening it (after the allowed-roots check, so
     nothing outside them is read). Hub ids are left to the library."""
-    from ..io.access import check_local_path
+    from ..io.access import allowed_roots, check_local_path, looks_local, path_exists
     from ..io.sources import resolve_scheme_ref
 
     text = str(ref)
     path = resolve_scheme_ref(text)
     if path is None:
         path = Path(text).expanduser()
-        if not (path.exists() or path.is_symlink()):
+        if looks_local(text) and allowed_roots() is not None:
+            path = check_local_path(path, text)  # refused before exists(): no answer to "is it there?"
+        if not path_exists(path):
             return  # a hub id, or missing: the library says which
         path = check_local_path(path, text)
     if path.is_file():
@@ -75,12 +78,14 @@ def accept_upload(path: str | os.PathLike, shown: str | None = None) -> str:
     from ..paths import cache_root
 
     digest = content_hash(str(source.resolve()), size, source.stat().st_mtime_ns)[:12]
-    folder = cache_root() / "uploads" / digest
+    folder = safe_join(cache_root(), "uploads", digest)
     folder.mkdir(parents=True, exist_ok=True)
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.stem)[:80] or "expert"
-    target = folder / f"{stem}.safetensors"
+    target = safe_join(folder, f"{stem}.safetensors")
+    if target.exists():
+        os.utime(target)  # in use again: the retention sweep keeps uploads by when they were last used
     if not target.exists():
-        tmp = folder / f".{stem}.{uuid.uuid4().hex[:6]}.part"
+        tmp = safe_join(folder, f".{stem}.{uuid.uuid4().hex[:6]}.part")
         try:
             os.link(source, tmp)
         except OSError:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MergeLabError
+from .budget import check_memory
 from .cache import CACHE, RESULTS, Models, content_hash
 from .experts import models_for, tokenizer_for
 from .limits import DROP, MAX_SENTENCE_CHARS, SWEEP_METHODS, Progress, no_progress
@@ -64,6 +65,7 @@ def run_probe(session: Session, progress: Progress | None = None):
     models = models_for(session)
     if session.merge_key is None:
         raise MergeLabError("no merge yet in this session: press Merge first")
+    check_memory(models, "probe")
     _, experts, sets, _ = _probe_inputs(session, models)
     probe_key = content_hash("probe", session.merge_key, *_probe_key(experts, sets))
     prober, unavailable = prober_for(session, models)

@@ -25,6 +25,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..cancel import checkpoint
 from ..errors import MergeLabError
 from ..hashing import content_hash, file_digest
 from .tasks import Example
@@ -296,6 +297,7 @@ class Prober:
         pooled = torch.empty(self.n_texts, self.body.model.config.hidden_size)
         new_cache = []
         for b, batch in enumerate(self.batches):
+            checkpoint()  # Stop ends a probe between batches
             inputs = list(self._hidden[b][:start + 1]) if start > 0 else [None]
             hidden = inputs[-1]
             for stage in range(start, last + 1):

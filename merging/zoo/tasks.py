@@ -36,6 +36,22 @@ MIN_USER_ROWS = 20
 #: Probe examples are drawn from a reserved head of the split order this large (when the
 #: data allows), so a larger probe set (e.g. 400 for benchmarks) never overlaps training.
 PROBE_RESERVE = 400
+#: A user task file costs about 10x its size in memory once parsed, and the app only ever uses a few hundred
+#: rows of it (few-shot + probe): cap the file and its rows so one upload cannot exhaust the server.
+DEFAULT_MAX_TASK_MB = 20
+MAX_USER_ROWS = 50_000
+
+
+def max_task_bytes() -> int:
+    """``MERGE_LAB_MAX_TASK_MB`` (default 20 MB): the largest task file read."""
+    import os
+
+    raw = os.environ.get("MERGE_LAB_MAX_TASK_MB", "").strip()
+    try:
+        mb = float(raw) if raw else DEFAULT_MAX_TASK_MB
+    except ValueError:
+        mb = DEFAULT_MAX_TASK_MB
+    return int((mb if mb > 0 else DEFAULT_MAX_TASK_MB) * 1024 * 1024)
 
 
 @dataclass
@@ -452,12 +468,22 @@ def load_user_task(path: str | Path, name: str | None = None) -> Task:
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl"):
         raise MergeLabError(f"Task file {path.name} has extension {suffix or '(none)'!r}: use a .csv or .jsonl file with `text` and `label`.")
+    cap = max_task_bytes()
     try:
+        size = path.stat().st_size
+        if size > cap:
+            raise MergeLabError(f"Task file {path.name[:80]} is {size / 1024**2:.1f} MB, over the {cap / 1024**2:.3g} MB "
+                                "limit for task files (MERGE_LAB_MAX_TASK_MB): a few thousand labelled rows are "
+                                "plenty; upload a sample.")
         raw = path.read_bytes()
     except OSError as exc:
-        raise MergeLabError(f"Cannot read task file {path}: {exc.strerror or exc}. Check the path.") from None
+        raise MergeLabError(f"Cannot read task file {path.name[:80]}: {exc.strerror or exc}. Check the path.") from None
     text = _decode(path, raw)
+    del raw
     rows = _rows_csv(path, text) if suffix == ".csv" else _rows_jsonl(path, text)
+    if len(rows) > MAX_USER_ROWS:
+        raise MergeLabError(f"Task file {path.name[:80]} has {len(rows)} rows, over the limit of {MAX_USER_ROWS}: "
+                            "upload a sample (a few thousand rows are plenty for few-shot and probe sets).")
     cleaned = [_clean_row(path, *row) for row in rows]
     if len(cleaned) < MIN_USER_ROWS:
         raise MergeLabError(f"Task file {path.name} has {len(cleaned)} rows; at least {MIN_USER_ROWS} are needed for few-shot and probe sets. Add rows.")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..cancel import checkpoint
 from ..io.taskdata import FEWSHOT_FILE, read_examples  # noqa: F401  (the one reader; re-exported)
 from .tasks import Example, Task, TaskSplit
 
@@ -121,6 +122,7 @@ def train_classifier(model, tokenizer, train: list[Example], cfg: TrainConfig, p
     bar = tqdm(total=cfg.steps, desc=f"train {label}", file=sys.stderr, leave=False, dynamic_ncols=True)
     start, loss_value = time.perf_counter(), float("nan")
     for step in range(1, cfg.steps + 1):
+        checkpoint()  # Stop ends a training run between steps
         batch = next(batches)
         inputs = encode(tokenizer, [t for t, _ in batch], cfg.max_length)
         out = model(**inputs, labels=torch.tensor([y for _, y in batch]))
@@ -204,10 +206,31 @@ def train_expert(
     return record
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) → sha256: each file is hashed once
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered by path, size and modification time (opening a zoo re-checks every
+    expert; a file that changed on disk gets hashed again)."""
+    import hashlib
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        digest = _DIGESTS[key] = h.hexdigest()
+    return digest
+
+
 def _save(out_dir: Path, model, tokenizer, task: Task, split: TaskSplit, record: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))  # transformers 5 always writes model.safetensors
     tokenizer.save_pretrained(str(out_dir))
+    record["weights_sha256"] = file_sha256(out_dir / "model.safetensors")  # verified when the zoo is opened
     write_examples(out_dir / FEWSHOT_FILE, split.fewshot_examples, task.label_names)
     write_examples(out_dir / PROBE_FILE, split.probe_examples, task.label_names)
     (out_dir / TASK_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")

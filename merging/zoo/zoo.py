@@ -23,10 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import MergeLabError
+from ..errors import DISK_FULL, MergeLabError, is_disk_full
+from ..io.names import check_name, name_problem, safe_join
 from ..paths import packaged_base_path, zoos_root
 from .tasks import Example, Task, available_tasks, default_task_names, manifest, split_task
-from .training import FEWSHOT_FILE, PROBE_FILE, TASK_FILE, Progress, TrainConfig, read_examples, train_expert
+from .training import (
+    FEWSHOT_FILE,
+    PROBE_FILE,
+    TASK_FILE,
+    Progress,
+    TrainConfig,
+    file_sha256,
+    read_examples,
+    train_expert,
+)
 
 ZOO_FILE = "zoo.json"
 FORMAT = 1
@@ -44,6 +54,7 @@ class Zoo:
     seed: int = 0
     steps: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    damaged: dict[str, str] = field(default_factory=dict)  # task → what is wrong with its expert (left out)
 
     @property
     def tasks(self) -> list[str]:
@@ -104,11 +115,16 @@ def expert_problem(folder: Path) -> str | None:
     if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file()):
         return "tokenizer files are missing"
     try:
-        json.loads((folder / TASK_FILE).read_text(encoding="utf-8"))
+        record = json.loads((folder / TASK_FILE).read_text(encoding="utf-8"))
         json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return f"a JSON file cannot be read ({exc})"
-    return safetensors_problem(folder / WEIGHTS)
+    except (OSError, ValueError, RecursionError) as exc:
+        return f"a JSON file cannot be read ({type(exc).__name__})"
+    problem = safetensors_problem(folder / WEIGHTS)
+    expected = record.get("weights_sha256") if isinstance(record, dict) else None
+    if problem is None and expected and file_sha256(folder / WEIGHTS) != expected:
+        # a well-formed file with changed values (1e30 written over a weight is finite, so no NaN scan sees it)
+        return f"{WEIGHTS} does not match the checksum recorded when the zoo was built: it was changed or corrupted"
+    return problem
 
 
 # --------------------------------------------------------------------------- opening
@@ -143,11 +159,20 @@ def _open_root(root: Path, name: str) -> Zoo:
         tasks = list(meta["tasks"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise MergeLabError(f"Zoo {name!r} has a broken {ZOO_FILE} ({exc}): {_rebuild_hint(name)}.") from None
-    experts = {t: root / "experts" / t for t in tasks}
-    for task, folder in experts.items():
+    bad = [t for t in tasks if name_problem(t)]
+    if bad:
+        raise MergeLabError(f"Zoo {name!r} has a broken {ZOO_FILE} (task name {str(bad[0])[:80]!r} is not a plain "
+                            f"name): {_rebuild_hint(name)}.") from None
+    experts = {t: safe_join(root, "experts", t) for t in tasks}
+    damaged = {}  # one broken expert leaves the others usable (it used to disable the whole zoo)
+    for task, folder in list(experts.items()):
         problem = expert_problem(folder)
         if problem:
-            raise MergeLabError(f"Zoo {name!r} is damaged: expert {task!r}: {problem}. To fix it, {_rebuild_hint(name)}.")
+            damaged[task] = problem
+            del experts[task]
+    if damaged and not experts:
+        task, problem = next(iter(damaged.items()))
+        raise MergeLabError(f"Zoo {name!r} is damaged: expert {task!r}: {problem}. To fix it, {_rebuild_hint(name)}.")
     return Zoo(
         name=name,
         root=root,
@@ -156,13 +181,14 @@ def _open_root(root: Path, name: str) -> Zoo:
         seed=int(meta.get("seed", 0)),
         steps={k: int(v) for k, v in meta.get("steps", {}).items()},
         skipped=dict(meta.get("skipped", {})),
+        damaged=damaged,
     )
 
 
 def open_zoo(name: str | None = None) -> Zoo:
     """Open a built zoo (default: ``MERGE_LAB_ZOO`` or ``default``), verifying every expert."""
-    name = name or default_zoo_name()
-    return _open_root(zoos_root() / name, name)
+    name = check_name(name or default_zoo_name(), "zoo name")  # zoo:NAME/… comes from users
+    return _open_root(safe_join(zoos_root(), name), name)
 
 
 def list_zoos() -> list[Zoo]:
@@ -187,6 +213,7 @@ def _select_tasks(tasks: Iterable[str | Task] | None) -> tuple[list[Task], dict[
     chosen, skipped = [], {}
     for item in names:
         if isinstance(item, Task):
+            check_name(item.name, "task name", field="tasks")  # it becomes the expert's folder name
             chosen.append(item)
         elif item in available:
             chosen.append(available[item])
@@ -242,17 +269,29 @@ class _BuildLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             text = self.path.read_text().strip() if self.path.is_file() else ""
-            pid = int(text) if text.isdigit() else 0
-            if pid and _alive(pid):
+            pid_text, _, started = text.partition(" ")
+            pid = int(pid_text) if pid_text.isdigit() else 0
+            # a pid is reused after a crash: the lock also records when its process started, and only that very
+            # process still holds it (a bare-pid lock, or a live but unrelated process, is stale)
+            if pid and _alive(pid) and started and started == _start_time(pid):
                 raise MergeLabError(f"Another process (pid {pid}) is building this zoo; wait for it to finish.") from None
             self.path.unlink(missing_ok=True)  # stale lock of a crashed build
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, f"{os.getpid()} {_start_time(os.getpid())}".encode())
         os.close(fd)
         return self
 
     def __exit__(self, *exc):
         self.path.unlink(missing_ok=True)
+
+
+def _start_time(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot, from /proc), or '' where that is unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 def _alive(pid: int) -> bool:
@@ -267,15 +306,15 @@ def _alive(pid: int) -> bool:
 
 def _reuse_or_train(task: Task, wanted: dict, tmp: Path, final: Path, seed: int, n_probe: int, progress: Progress) -> dict:
     """Expert folder of ``task`` inside the temporary zoo: reused if verified, else trained."""
-    target = tmp / "experts" / task.name
+    target = safe_join(tmp, "experts", check_name(task.name, "task name"))
     if _matches(target, wanted):
         return json.loads((target / TASK_FILE).read_text(encoding="utf-8"))
     shutil.rmtree(target, ignore_errors=True)
-    old = final / "experts" / task.name
+    old = safe_join(final, "experts", task.name)
     if _matches(old, wanted):
         shutil.copytree(old, target)
         return json.loads((target / TASK_FILE).read_text(encoding="utf-8"))
-    partial = tmp / "experts" / f".{task.name}.partial"
+    partial = safe_join(tmp, "experts", f".{task.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     split = split_task(task, seed, n_probe=n_probe)
     cfg = TrainConfig(steps=wanted["steps"], seed=seed)
@@ -309,6 +348,7 @@ def build_zoo(
     """
     if not name or name.startswith(".") or "/" in name or os.sep in name:
         raise MergeLabError(f"Zoo name {name!r} is not a plain folder name: use letters, digits, '-' or '_'.", field="name")
+    check_name(name, "zoo name", field="name")
     chosen, skipped = _select_tasks(tasks)
     base = packaged_base_path()
     wanted = {t.name: _wanted(t, _steps_for(t, steps), seed, n_probe, base) for t in chosen}
@@ -317,17 +357,24 @@ def build_zoo(
     with _BuildLock(root / f".{name}.lock"):
         if _zoo_matches(final, name, wanted, seed):
             return open_zoo(name)
-        tmp.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        _build_into(tmp, final, chosen, wanted, seed, n_probe, progress)
-        meta = {
-            "build_seconds": round(time.perf_counter() - start, 1),
-            "name": name, "base": str(base), "base_bytes": (base / WEIGHTS).stat().st_size, "seed": seed,
-            "tasks": [t.name for t in chosen], "skipped": skipped,
-            "steps": {t: w["steps"] for t, w in wanted.items()}, "n_probe": n_probe, "format": FORMAT,
-        }
-        (tmp / ZOO_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        _swap_in(tmp, final)
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            _build_into(tmp, final, chosen, wanted, seed, n_probe, progress)
+            meta = {
+                "build_seconds": round(time.perf_counter() - start, 1),
+                "name": name, "base": str(base), "base_bytes": (base / WEIGHTS).stat().st_size, "seed": seed,
+                "tasks": [t.name for t in chosen], "skipped": skipped,
+                "steps": {t: w["steps"] for t, w in wanted.items()}, "n_probe": n_probe, "format": FORMAT,
+            }
+            (tmp / ZOO_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+            _swap_in(tmp, final)
+        except Exception as exc:  # safetensors (save_pretrained) raises its own type for a full disk
+            if not is_disk_full(exc):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # half an expert is useless; finished ones are rebuilt quickly
+            raise MergeLabError(f"the disk is full while building zoo {name!r}: free some space and build again "
+                                "(any previous zoo is intact)", kind=DISK_FULL) from None
     return open_zoo(name)
 
 
