@@ -69,8 +69,8 @@ def bench_costs(expert_set, examples, tokenizer, repeats: int) -> None:
         own = body_state(expert_set, expert)
         task = ClassifierLoss(expert_set, expert, encode_examples(tokenizer, examples[expert]))
         task.assign(base)
-        reference, gradient = _paired_medians(lambda: plain_forward_backward(task),
-                                              lambda: gradient_scores(task, layout, base, own), repeats)
+        reference, gradient = _paired_medians(lambda task=task: plain_forward_backward(task),
+                                              lambda task=task, own=own: gradient_scores(task, layout, base, own), repeats)
         parts = layout.partitions("module")
         clock = time.perf_counter()
         exact_partition_scores(task, base, own, parts)

@@ -13,8 +13,9 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -42,7 +43,7 @@ class MergeSettings:
     @classmethod
     def build(cls, expert_set: ExpertSet, method: str | MethodSpec, params: Mapping[str, Any] | None = None,
               expert_params: Mapping[str, Mapping[str, Any]] | None = None, seed: int = 0,
-              extras: Mapping[str, Any] | None = None) -> "MergeSettings":
+              extras: Mapping[str, Any] | None = None) -> MergeSettings:
         spec = method if isinstance(method, MethodSpec) else get_method(method)
         spec.check_expert_count(len(expert_set.experts))
         layers = expert_set.layout.layers

@@ -16,8 +16,9 @@ an alias of ``drop_ratio``; giving both is an error.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .errors import MergeLabError
 

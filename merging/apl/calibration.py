@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import math
 import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -231,7 +232,7 @@ class DeltaSupport:
     changed: dict[str, set[str]]
 
     @classmethod
-    def of(cls, expert_set: ExpertSet) -> "DeltaSupport":
+    def of(cls, expert_set: ExpertSet) -> DeltaSupport:
         droppable: dict[str, set[str]] = {t: set() for t in expert_set.experts}
         changed: dict[str, set[str]] = {t: set() for t in expert_set.experts}
         for name, info in expert_set.layout.tensors.items():
@@ -247,7 +248,7 @@ class DeltaSupport:
         return cls(droppable, changed)
 
     @classmethod
-    def cached(cls, expert_set: ExpertSet) -> "DeltaSupport":
+    def cached(cls, expert_set: ExpertSet) -> DeltaSupport:
         """:meth:`of`, computed once per expert set: it reads every delta, while calibration itself is
         arithmetic on a few numbers per layer — the app recalibrates at every parameter change."""
         key = id(expert_set)

@@ -15,8 +15,8 @@ correlation, since agreeing on them says nothing.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from scipy.stats import rankdata

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -152,7 +152,7 @@ class ImportanceMap:
         return json.dumps(data)
 
     @classmethod
-    def from_json(cls, text: str) -> "ImportanceMap":
+    def from_json(cls, text: str) -> ImportanceMap:
         try:
             data = json.loads(text)
             signed = {lv: _array(v) for lv, v in data["signed"].items()}
@@ -168,7 +168,7 @@ class ImportanceMap:
         np.savez_compressed(path, meta=np.array(json.dumps(self._meta())), **arrays)
 
     @classmethod
-    def load_npz(cls, path: str | Path) -> "ImportanceMap":
+    def load_npz(cls, path: str | Path) -> ImportanceMap:
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
@@ -179,7 +179,7 @@ class ImportanceMap:
             raise MergeLabError(f"{path} is not an importance .npz file ({exc}); export it again") from exc
 
     @classmethod
-    def _from_meta(cls, meta: dict, signed: dict, units: dict) -> "ImportanceMap":
+    def _from_meta(cls, meta: dict, signed: dict, units: dict) -> ImportanceMap:
         if meta.get("format") != FORMAT:
             raise MergeLabError(f"importance file format {meta.get('format')!r} is not supported (expected {FORMAT})")
         return cls(meta["experts"], meta["layers"], meta["mode"], meta["intervention"], int(meta["seed"]),
@@ -206,7 +206,7 @@ def module_columns(modules: Mapping[str, tuple[str, str]]) -> dict[str, str]:
         per_layer.setdefault((layer, kind), []).append(module)
     ambiguous = {kind for (_, kind), found in per_layer.items() if len(found) > 1}
     labels = {}
-    for (layer, kind), found in per_layer.items():
+    for (_layer, kind), found in per_layer.items():
         for index, module in enumerate(found, 1):
             labels[module] = f"{kind}{index}" if kind in ambiguous else kind
     return labels

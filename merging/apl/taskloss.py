@@ -18,7 +18,7 @@ Patching goes through :meth:`TaskLoss.assign` under ``torch.no_grad`` — no mod
 from __future__ import annotations
 
 import logging
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -204,7 +204,7 @@ def body_state(expert_set: ExpertSet, which: str) -> dict[str, torch.Tensor]:
 
 
 def classifier_task_loss(expert_set: ExpertSet, expert: str, examples, tokenizer, start, *, purpose: str,
-                         device: str = "cpu", max_length: int = MAX_LENGTH) -> "ClassifierLoss":
+                         device: str = "cpu", max_length: int = MAX_LENGTH) -> ClassifierLoss:
     """The few-shot classification loss of ``expert`` (its own head), with parameters set to ``start``.
 
     ``purpose`` names what needs it ("APL importance", "Fisher merging") in the error messages."""

@@ -10,8 +10,9 @@ import argparse
 import importlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .. import zoo as _zoo  # noqa: F401  (registers the zoo: reference scheme recipes and commands accept)
 from ..errors import MergeLabError
@@ -106,18 +107,13 @@ def _add_merge(sub) -> None:
 
 def _load_recipe_or_mergekit(path_text: str, args):
     from ..io.mergekit_import import from_mergekit_yaml, is_mergekit_yaml
-    from ..io.recipe import load_recipe
+    from ..io.recipe import Recipe, read_recipe_text
     from ..io.replay import expert_set_from_recipe
 
     path = Path(path_text)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise MergeLabError(f"recipe file {path} not found") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MergeLabError(f"cannot read recipe {path}: {exc}") from exc
+    text = read_recipe_text(path)
     if not is_mergekit_yaml(text):
-        return load_recipe(path)
+        return Recipe.from_yaml(text, source=path.resolve())
     if args.seed < 0:
         raise MergeLabError("--seed must be a whole number ≥ 0", field="seed")
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 
@@ -60,7 +60,7 @@ class ExpertSet:
 
     @classmethod
     def load(cls, base: str | os.PathLike | ModelSource, experts: Iterable | Mapping,
-             *, allow_pickle: bool = False, base_dir: Path | None = None) -> "ExpertSet":
+             *, allow_pickle: bool = False, base_dir: Path | None = None) -> ExpertSet:
         """Open base and experts (paths, hub ids, ``zoo:`` refs or sources) and check them.
 
         ``experts`` is a list of refs (names derived from the path) or a mapping name → ref.

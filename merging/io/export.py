@@ -21,9 +21,10 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -202,7 +203,7 @@ def _write(recipe, expert_set, engine, settings, targets, staging, dtype, shard_
     torch_dtype = TORCH_DTYPES[dtype]
     warnings = list(expert_set.warnings)
     writers, folders = {}, {}
-    for folder_name, expert in targets.items():
+    for folder_name in targets:
         folder = safe_join(staging, check_name(folder_name, "task name")) if folder_name else staging
         folder.mkdir(parents=True, exist_ok=True)
         folders[folder_name or "merged"] = folder

@@ -10,8 +10,8 @@ loading a model class.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 EMBEDDINGS = "embeddings"
 HEAD = "head"
@@ -93,7 +93,7 @@ class Layout:
         dtypes: Mapping[str, str] | None = None,
         *,
         tied_embeddings: bool = False,
-    ) -> "Layout":
+    ) -> Layout:
         """Build the layout of a base model from tensor names, shapes and dtype names.
 
         Non-float tensors (``dtypes[name]`` not a float type) are copied from the base.
@@ -240,7 +240,7 @@ def _unit_axis(name: str, weight_axis: int | None, shape: tuple[int, ...]) -> in
     return weight_axis
 
 
-def layout_from_tensors(tensors: Mapping[str, "object"], tied_embeddings: bool | None = None) -> Layout:
+def layout_from_tensors(tensors: Mapping[str, object], tied_embeddings: bool | None = None) -> Layout:
     """Layout of an in-memory state dict (``name → torch.Tensor``).
 
     Tied embeddings are detected when ``lm_head.weight`` shares storage with another tensor."""

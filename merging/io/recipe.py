@@ -21,9 +21,10 @@ replays with ``python -m merging merge recipe.yaml --out DIR``.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -95,7 +96,7 @@ class Recipe:
         return path
 
     @classmethod
-    def from_yaml(cls, text: str, source: Path | None = None) -> "Recipe":
+    def from_yaml(cls, text: str, source: Path | None = None) -> Recipe:
         try:
             _check_plain_yaml(text)
             data = yaml.safe_load(text)
@@ -107,7 +108,7 @@ class Recipe:
         return cls.from_dict(data, source=source, lines=lines)
 
     @classmethod
-    def from_dict(cls, data: Any, source: Path | None = None, lines: Mapping[str, int] | None = None) -> "Recipe":
+    def from_dict(cls, data: Any, source: Path | None = None, lines: Mapping[str, int] | None = None) -> Recipe:
         lines = lines or {}
         try:
             return _parse(data, source)
@@ -131,16 +132,20 @@ class Recipe:
         return self.source.parent if self.source else Path.cwd()
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe YAML file (errors name the field and line)."""
+def read_recipe_text(path: str | Path) -> str:
+    """The text of a recipe file (ours or a mergekit config), or a MergeLabError saying why it cannot be read."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise MergeLabError(f"recipe file {path} not found") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise MergeLabError(f"cannot read recipe {path}: {exc}") from exc
-    return Recipe.from_yaml(text, source=path.resolve())
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe YAML file (errors name the field and line)."""
+    return Recipe.from_yaml(read_recipe_text(path), source=Path(path).resolve())
 
 
 def _expert_dict(expert: ExpertRef) -> dict[str, Any]:

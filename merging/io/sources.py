@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -100,7 +101,7 @@ class ModelSource:
 
     @classmethod
     def from_state_dict(cls, name: str, state: dict[str, torch.Tensor],
-                        config: dict[str, Any] | None = None) -> "ModelSource":
+                        config: dict[str, Any] | None = None) -> ModelSource:
         """An in-memory model (tests, small models, the app's merged results)."""
         entries = {k: TensorEntry(Path("<memory>"), k, tuple(v.shape), str(v.dtype).replace("torch.", ""))
                    for k, v in state.items()}

@@ -14,8 +14,9 @@ and the CLI read it here, through :func:`read_examples`, the reader the zoo uses
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

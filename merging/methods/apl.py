@@ -13,7 +13,8 @@ unit weights it is DARE (linear) bit for bit, and at drop 0 task arithmetic.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

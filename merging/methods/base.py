@@ -9,8 +9,9 @@ controls; nothing else lists method parameters by hand.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Union
+from typing import Any
 
 import torch
 
@@ -38,7 +39,7 @@ class PerTensor:
     per row" mistakes any input that happens to be that long.
     """
 
-    values: Mapping[str, Union[torch.Tensor, Mapping[str, torch.Tensor]]]
+    values: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]]
     row_axis: int | None = 0
 
     def for_tensor(self, name: str) -> Any:

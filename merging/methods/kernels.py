@@ -14,9 +14,9 @@ import hashlib
 import math
 import os
 import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ class ProbeReport:
                 return r
         raise KeyError(name)
 
-    def add(self, row: ProbeRow) -> "ProbeReport":
+    def add(self, row: ProbeRow) -> ProbeReport:
         self.rows = [r for r in self.rows if r.name != row.name] + [row]
         return self
 
@@ -99,7 +99,7 @@ class ProbeReport:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "ProbeReport":
+    def from_json(cls, text: str) -> ProbeReport:
         data = json.loads(text)
         rows = [ProbeRow(**r) for r in data.pop("rows")]
         return cls(rows=rows, **data)
@@ -244,7 +244,7 @@ class Prober:
 
     @classmethod
     def for_zoo(cls, zoo, tasks: Iterable[str] | None = None, probe_sets: Mapping[str, Sequence[Example]] | None = None,
-                batch_size: int = 64, max_length: int = 32, disk_cache: bool = True) -> "Prober":
+                batch_size: int = 64, max_length: int = 32, disk_cache: bool = True) -> Prober:
         """A prober of a zoo's experts on its own probe sets (or ``probe_sets``, e.g. 400 per task drawn with
         the zoo's seed for benchmarks), caching reference rows under ``zoo.root/probe_cache``."""
         tasks = list(tasks or zoo.tasks)

@@ -19,9 +19,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from ..errors import DISK_FULL, MergeLabError, is_disk_full
 from ..io.names import check_name, name_problem, safe_join
