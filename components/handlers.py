@@ -12,8 +12,9 @@ import contextvars
 import functools
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import gradio as gr
 import numpy as np

@@ -89,6 +89,22 @@ def real_zoo(request, session_env):
 
 
 @pytest.fixture(scope="module")
+def fake_app_url(app_zoo):
+    """The app served on a free port over the instant fake zoo (API tests that need no trained expert).
+    MERGE_LAB_ZOO names the fake zoo while it serves, whichever zoo fixture ran last."""
+    from served_app import launched_app
+
+    zoo, _ = app_zoo
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MERGE_LAB_ZOO", zoo.name)
+    try:
+        with launched_app() as url:
+            yield url
+    finally:
+        patch.undo()
+
+
+@pytest.fixture(scope="module")
 def app_url(real_zoo):
     """The app served on a free port over ``real_zoo``, its cache outside the system temp folder."""
     from served_app import launched_app

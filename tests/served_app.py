@@ -47,3 +47,13 @@ def launched_app(cache_outside_tmp: Path | None = None):
         patch.undo()
         if outside is not None:
             shutil.rmtree(outside, ignore_errors=True)
+
+
+def error_message(call) -> str:
+    """The message of the error ``call`` raises (an API call expected to fail): it must be the app's own
+    words, never a traceback or gradio's generic "Something went wrong"."""
+    with pytest.raises(Exception) as info:
+        call()
+    text = str(info.value)
+    assert "Traceback" not in text and "Something went wrong" not in text, text
+    return text

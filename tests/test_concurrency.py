@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from served_app import launched_app
 
 from components import handlers as h
 from merging import workbench as wb
@@ -33,18 +32,6 @@ def _perturbed_copy(folder: Path, to: Path, seed: int) -> Path:
             state[name] = tensor + 0.05 * torch.randn(tensor.shape, generator=g)
     save_file(state, str(to / "model.safetensors"))
     return to
-
-
-@pytest.fixture(scope="module")
-def server(app_zoo):
-    zoo, _ = app_zoo
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MERGE_LAB_ZOO", zoo.name)
-    try:
-        with launched_app() as url:
-            yield url
-    finally:
-        patch.undo()
 
 
 def _configs(zoo, third: Path) -> list[dict]:
@@ -77,7 +64,7 @@ def _expected(zoo, cfg) -> tuple[list, dict]:
     return rows[-1], session.history[-1]["recipe"]
 
 
-def test_four_concurrent_sessions_get_their_own_results(server, app_zoo, tmp_path):
+def test_four_concurrent_sessions_get_their_own_results(fake_app_url, app_zoo, tmp_path):
     from gradio_client import Client
 
     zoo, _ = app_zoo
@@ -92,7 +79,7 @@ def test_four_concurrent_sessions_get_their_own_results(server, app_zoo, tmp_pat
 
     def run(i: int, cfg: dict) -> None:
         try:
-            client = Client(server, verbose=False)
+            client = Client(fake_app_url, verbose=False)
             start.wait(timeout=60)
             client.predict(f"zoo:{zoo.name}/base", cfg["tasks"], cfg["extra"], None, cfg["method"],
                            api_name="/load_experts")
@@ -129,13 +116,13 @@ def test_four_concurrent_sessions_get_their_own_results(server, app_zoo, tmp_pat
         assert len(history["merges"]) == 1  # no other session's merge leaked into this history
     # the server still answers a fresh request, quickly
     t1 = time.perf_counter()
-    out = Client(server, verbose=False).predict(f"zoo:{zoo.name}/base", list(zoo.tasks), "", None, "apl",
+    out = Client(fake_app_url, verbose=False).predict(f"zoo:{zoo.name}/base", list(zoo.tasks), "", None, "apl",
                                                 api_name="/load_experts")
     assert "homology check passed" in out[1]
     print(f"\n4 concurrent sessions: {elapsed:.1f} s; fresh request afterwards {time.perf_counter() - t1:.2f} s")
 
 
-def test_queued_users_see_their_position(server, app_zoo, monkeypatch):
+def test_queued_users_see_their_position(fake_app_url, app_zoo, monkeypatch):
     """Heavy events share one concurrency slot; a waiting client is told its rank in the queue (the page shows
     it as 'queue: k/n' because show_progress stays on for heavy events)."""
     from gradio_client import Client
@@ -150,7 +137,7 @@ def test_queued_users_see_their_position(server, app_zoo, monkeypatch):
         return real_merge(*args, **kwargs)
 
     monkeypatch.setattr(wb, "merge", slow_merge)
-    clients = [Client(server, verbose=False) for _ in range(3)]
+    clients = [Client(fake_app_url, verbose=False) for _ in range(3)]
     for c in clients:
         c.predict(f"zoo:{zoo.name}/base", list(zoo.tasks), "", None, "apl", api_name="/load_experts")
     jobs = [c.submit("task_arithmetic", 0, api_name="/merge") for c in clients]

@@ -18,7 +18,7 @@ import gradio as gr
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from served_app import launched_app
+from served_app import error_message, launched_app
 
 from components import handlers as h
 from merging import workbench as wb
@@ -286,14 +286,6 @@ def hard_url(app_zoo):
         patch.undo()
 
 
-def _message(call) -> str:
-    with pytest.raises(Exception) as info:
-        call()
-    text = str(info.value)
-    assert "Traceback" not in text and "Something went wrong" not in text, text
-    return text
-
-
 def test_api_bad_loads_then_a_good_load_works(hard_url, app_zoo, bad, tmp_path):
     from gradio_client import Client, handle_file
 
@@ -301,29 +293,29 @@ def test_api_bad_loads_then_a_good_load_works(hard_url, app_zoo, bad, tmp_path):
     client = Client(hard_url, verbose=False)
     base = f"zoo:{zoo.name}/base"
     for case, expected in EXPECTED.items():
-        text = _message(lambda: client.predict(base, ["mood"], f"broken={bad[case]}", None, "apl",
+        text = error_message(lambda case=case: client.predict(base, ["mood"], f"broken={bad[case]}", None, "apl",
                                                api_name="/load_experts"))
         assert expected in text, (case, text)
     # uploads: a bare .safetensors expert that is broken, a file of another type, one over the 1 MB cap
     lying = tmp_path / "lying.safetensors"
     shutil.copy(bad["lying"] / "model.safetensors", lying)
-    text = _message(lambda: client.predict(base, ["mood"], "", [handle_file(str(lying))], "apl",
+    text = error_message(lambda: client.predict(base, ["mood"], "", [handle_file(str(lying))], "apl",
                                            api_name="/load_experts"))
     assert EXPECTED["lying"] in text
     notes = tmp_path / "expert.bin"
     notes.write_bytes(b"\x80\x02}q\x00.")
-    text = _message(lambda: client.predict(base, ["mood"], "", [handle_file(str(notes))], "apl",
+    text = error_message(lambda: client.predict(base, ["mood"], "", [handle_file(str(notes))], "apl",
                                            api_name="/load_experts"))
     assert "not a .safetensors file" in text or "Invalid file type" in text, text
     big = tmp_path / "big.safetensors"
     save_file({"x": torch.zeros(400_000)}, str(big))  # 1.6 MB
-    text = _message(lambda: client.predict(base, ["mood"], "", [handle_file(str(big))], "apl",
+    text = error_message(lambda: client.predict(base, ["mood"], "", [handle_file(str(big))], "apl",
                                            api_name="/load_experts"))
     assert "upload limit" in text or "exceeds the maximum" in text or "too large" in text.lower(), text
     # NaN: loads, with a warning naming the tensor, then Merge names it too
     out = client.predict(base, ["mood"], f"nan={bad['nan']}", None, "apl", api_name="/load_experts")
     assert "NaN/Inf weights in 'bert.encoder.layer.1.output.dense.weight'" in out[1]
-    text = _message(lambda: client.predict("task_arithmetic", 0, api_name="/merge"))
+    text = error_message(lambda: client.predict("task_arithmetic", 0, api_name="/merge"))
     assert "NaN/Inf value(s) in tensor 'encoder.layer.1.output.dense.weight'" in text
     # the same client (same session) still works: a good load, then a merge
     out = client.predict(base, list(zoo.tasks), "", None, "apl", api_name="/load_experts")
@@ -365,10 +357,10 @@ def test_api_out_of_range_numbers_are_refused_naming_the_field(hard_url, app_zoo
         (lambda: client.predict(0, api_name="/compare_interventions"), "Few-shot examples per expert"),
     ]
     for call, field in checks:
-        text = _message(call)
+        text = error_message(call)
         assert field in text, (field, text)
     client.predict("task_arithmetic", 0, api_name="/merge")
-    assert "Export tasks" in _message(lambda: client.predict(["ghost"], "fp32", api_name="/export"))
+    assert "Export tasks" in error_message(lambda: client.predict(["ghost"], "fp32", api_name="/export"))
     # after all that, the session still merges and probes
     assert "#2 dare_linear" in client.predict("dare_linear", 3, *[{"drop_ratio": 0.4}.get(n) for n in h.PARAM_NAMES],
                                               api_name="/merge")
@@ -384,11 +376,11 @@ def test_api_paths_outside_allowed_roots_are_refused(hard_url, app_zoo, bad, tmp
     monkeypatch.setenv("MERGE_LAB_ALLOWED_ROOTS", str(allowed))  # the server runs in this process
     client = Client(hard_url, verbose=False)
     outside = shutil.copytree(zoo.experts["topic"], tmp_path / "elsewhere")
-    text = _message(lambda: client.predict(f"zoo:{zoo.name}/base", ["mood"], f"mine={outside}", None, "apl",
+    text = error_message(lambda: client.predict(f"zoo:{zoo.name}/base", ["mood"], f"mine={outside}", None, "apl",
                                            api_name="/load_experts"))
     assert f"path '{outside}' is not allowed here" in text and "it lies outside them" in text
     sneaky = f"{allowed}/../elsewhere"
-    text = _message(lambda: client.predict(f"zoo:{zoo.name}/base", ["mood"], f"mine={sneaky}", None, "apl",
+    text = error_message(lambda: client.predict(f"zoo:{zoo.name}/base", ["mood"], f"mine={sneaky}", None, "apl",
                                            api_name="/load_experts"))
     assert "is not allowed here" in text and "through '..' or a symlink" in text
     inside = shutil.copytree(zoo.experts["topic"], allowed / "topic")

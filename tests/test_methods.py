@@ -120,7 +120,7 @@ def test_trim_scopes_differ_and_model_scope_keeps_the_global_fraction():
     base, experts = _models()
     loud = "encoder.layer.1.attention.self.query.weight"
     base[loud] = torch.zeros(6, 5)
-    for i, e in enumerate(experts.values()):
+    for e in experts.values():
         e[loud] = 100 + torch.rand(6, 5)  # a loud layer
     per_tensor = merge_state_dicts(base, experts, "magnitude", drop_ratio=0.5, trim_scope="tensor")
     per_layer = merge_state_dicts(base, experts, "magnitude", drop_ratio=0.5, trim_scope="layer")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import tiny_models as tm
 import yaml
-from served_app import launched_app
+from served_app import error_message
 
 from merging import workbench as wb
 from merging.cli.main import main
@@ -34,26 +34,6 @@ def _digest(folder: Path) -> str:
         if path.is_file():
             h.update(path.name.encode() + path.read_bytes())
     return h.hexdigest()
-
-
-def _message(call) -> str:
-    with pytest.raises(Exception) as info:
-        call()
-    text = str(info.value)
-    assert "Traceback" not in text and "Something went wrong" not in text, text
-    return text
-
-
-@pytest.fixture(scope="module")
-def api_url(app_zoo):  # noqa: F811
-    zoo, _ = app_zoo
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MERGE_LAB_ZOO", zoo.name)
-    try:
-        with launched_app() as url:
-            yield url
-    finally:
-        patch.undo()
 
 
 # ---------------------------------------------------------------- critical: names are identifiers
@@ -143,18 +123,18 @@ def test_history_restore_refuses_path_like_names(app_zoo, tmp_path):  # noqa: F8
         wb.restore_history(wb.Session(), path)
 
 
-def test_api_path_like_names_cannot_write_into_the_zoo_or_elsewhere(api_url, app_zoo, tmp_path):  # noqa: F811
+def test_api_path_like_names_cannot_write_into_the_zoo_or_elsewhere(fake_app_url, app_zoo, tmp_path):  # noqa: F811
     from gradio_client import Client
 
     zoo, cache = app_zoo
-    client = Client(api_url, verbose=False)
+    client = Client(fake_app_url, verbose=False)
     base = f"zoo:{zoo.name}/base"
     before = _digest(zoo.experts["topic"])
     target = tmp_path / "target"
     into_zoo = f"x/../../../../zoo/{zoo.name}/experts/topic=zoo:{zoo.name}/topic"
     outside = "x/" + "../" * 14 + str(target).lstrip("/") + f"=zoo:{zoo.name}/topic"
     for line in (into_zoo, outside):
-        text = _message(lambda: client.predict(base, ["mood"], line, None, "apl", api_name="/load_experts"))
+        text = error_message(lambda line=line: client.predict(base, ["mood"], line, None, "apl", api_name="/load_experts"))
         assert "may only hold letters, digits" in text and "rename it" in text
     out = client.predict(base, ["mood"], f"mine=zoo:{zoo.name}/topic", None, "apl", api_name="/load_experts")
     assert "homology check passed" in out[1]
@@ -461,20 +441,20 @@ def _wait_for(predicate, timeout=20.0):
     return False
 
 
-def test_api_cancel_stops_the_computation_and_the_server_returns_to_idle(api_url, app_zoo, slow_merge):  # noqa: F811
+def test_api_cancel_stops_the_computation_and_the_server_returns_to_idle(fake_app_url, app_zoo, slow_merge):  # noqa: F811
     import threading
     import time
 
     from gradio_client import Client
 
     zoo, _ = app_zoo
-    client = Client(api_url, verbose=False)
+    client = Client(fake_app_url, verbose=False)
     client.predict(f"zoo:{zoo.name}/base", list(zoo.tasks), "", None, "apl", api_name="/load_experts")
     threads_before = threading.active_count()
     for attempt in range(3):
         start_calls = slow_merge["calls"]
         job = client.submit("ties", attempt + 1, api_name="/merge")  # a new seed each time: no cache hit
-        assert _wait_for(lambda: slow_merge["calls"] > start_calls + 2), "the merge never started"
+        assert _wait_for(lambda start_calls=start_calls: slow_merge["calls"] > start_calls + 2), "the merge never started"
         job.cancel()
         assert _wait_for(lambda: slow_merge["active"] == 0, 3.0), "the merge thread kept working after cancel"
         stopped_at = slow_merge["calls"]
@@ -485,13 +465,13 @@ def test_api_cancel_stops_the_computation_and_the_server_returns_to_idle(api_url
     assert "ties" in out
 
 
-def test_api_light_calls_do_not_wait_behind_a_heavy_job(api_url, app_zoo, slow_merge):  # noqa: F811
+def test_api_light_calls_do_not_wait_behind_a_heavy_job(fake_app_url, app_zoo, slow_merge):  # noqa: F811
     import time
 
     from gradio_client import Client
 
     zoo, _ = app_zoo
-    heavy, light = Client(api_url, verbose=False), Client(api_url, verbose=False)
+    heavy, light = Client(fake_app_url, verbose=False), Client(fake_app_url, verbose=False)
     for client in (heavy, light):
         client.predict(f"zoo:{zoo.name}/base", list(zoo.tasks), "", None, "apl", api_name="/load_experts")
     start_calls = slow_merge["calls"]
@@ -766,22 +746,22 @@ def test_int8_and_bool_body_tensors_are_named_not_merged_silently(tmp_path):
                and "'encoder.layer.0.quant.weight' (int8)" in w for w in warnings), warnings
 
 
-def test_api_too_many_experts_and_lying_configs_are_refused_readably(api_url, app_zoo, tmp_path):  # noqa: F811
+def test_api_too_many_experts_and_lying_configs_are_refused_readably(fake_app_url, app_zoo, tmp_path):  # noqa: F811
     import json
 
     from gradio_client import Client
 
     zoo, _ = app_zoo
-    client = Client(api_url, verbose=False)
+    client = Client(fake_app_url, verbose=False)
     base = f"zoo:{zoo.name}/base"
     many = "\n".join(f"e{i}=zoo:{zoo.name}/topic" for i in range(9))
-    text = _message(lambda: client.predict(base, ["mood"], many, None, "apl", api_name="/load_experts"))
+    text = error_message(lambda: client.predict(base, ["mood"], many, None, "apl", api_name="/load_experts"))
     assert "is more than this server merges at once (MERGE_LAB_MAX_EXPERTS = 8)" in text
     liar = shutil.copytree(zoo.experts["topic"], tmp_path / "liar")
     config = json.loads((liar / "config.json").read_text())
     config["intermediate_size"] = 150000
     (liar / "config.json").write_text(json.dumps(config))
-    text = _message(lambda: client.predict(base, ["mood"], f"liar={liar}", None, "apl", api_name="/load_experts"))
+    text = error_message(lambda: client.predict(base, ["mood"], f"liar={liar}", None, "apl", api_name="/load_experts"))
     assert "says intermediate_size = 150000 but its weights have 32" in text and str(tmp_path) not in text
 
 
@@ -796,11 +776,11 @@ def test_messages_about_model_folders_do_not_show_server_paths(tmp_path):
     assert str(tmp_path) not in str(info.value)
 
 
-def test_api_a_tab_repeating_a_queued_job_gets_only_the_newest_computed(api_url, app_zoo, slow_merge):  # noqa: F811
+def test_api_a_tab_repeating_a_queued_job_gets_only_the_newest_computed(fake_app_url, app_zoo, slow_merge):  # noqa: F811
     from gradio_client import Client
 
     zoo, _ = app_zoo
-    client = Client(api_url, verbose=False)
+    client = Client(fake_app_url, verbose=False)
     client.predict(f"zoo:{zoo.name}/base", list(zoo.tasks), "", None, "apl", api_name="/load_experts")
     start_calls = slow_merge["calls"]
     first = client.submit("ties", 501, api_name="/merge")
