@@ -5,6 +5,7 @@
     python benchmarks/bench_merge.py --skip-stream   # speed part only
     python benchmarks/bench_merge.py --write         # also rewrite benchmarks/RESULTS-merge.md
     python benchmarks/bench_merge.py --threads 1     # single-threaded torch (steadier on a busy machine)
+    python benchmarks/bench_merge.py --skip-speed --skip-stream --vs-mergekit VENV/bin/python   # vs mergekit 0.1.5
 
 Speed: every classic method (``merging.methods.available()`` minus the data-aware ``fisher`` and
 ``apl``; slerp with 2 experts) merges base + 3 experts of a synthetic BERT-base-like model
@@ -360,6 +361,9 @@ def main() -> None:
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-stream", action="store_true")
     parser.add_argument("--write", action="store_true", help=f"rewrite {RESULTS.name}")
+    parser.add_argument("--vs-mergekit", metavar="PYTHON",
+                        help="also run mergekit 0.1.5 from this python (another venv) on the same inputs, disk to "
+                             "disk, and print times, ratios, peak RSS and output differences (see vs_mergekit.py)")
     parser.add_argument("--stream-child", nargs=2, metavar=("DIR", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stream_child:
@@ -372,6 +376,10 @@ def main() -> None:
     print(machine(), f"; load average {args.load[0]:.1f}")
     sp = None if args.skip_speed else speed(args)
     st = None if args.skip_stream else stream(args)
+    if args.vs_mergekit:
+        from vs_mergekit import compare
+
+        compare(args, llama_shapes, llama_config, synthetic_state)
     args.load.append(os.getloadavg()[0])
     print(f"load average (1 min) at start {args.load[0]:.1f}, at end {args.load[1]:.1f}")
     if args.write:
