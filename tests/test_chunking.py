@@ -85,6 +85,8 @@ def _variants(spec):
         shared["epsilon"] = 0.3
     if spec.trim_scope_param:
         return [dict(shared, **{spec.trim_scope_param: scope}) for scope in spec.param(spec.trim_scope_param).choices]
+    if spec.name == "model_stock":  # per tensor (merged whole) and per row (in chunks)
+        return [dict(shared, filter_wise=False), dict(shared, filter_wise=True)]
     if spec.name == "apl":
         return [dict(shared, drop=drop, within_layer=within, sign_election=sign)
                 for drop, within, sign in (("random", "uniform", False), ("random", "hidden", True),

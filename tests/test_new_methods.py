@@ -1,0 +1,163 @@
+"""The methods the field compares against, each against its paper's formula written here independently
+(plain loops or plain torch on 2–3 expert toy cases), plus determinism, low precision and edge cases."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from merging import MergeLabError, merge_state_dicts
+from merging.methods import get_method
+
+NAME = "encoder.layer.0.attention.self.query.weight"
+NORM = "encoder.layer.0.attention.output.LayerNorm.weight"
+BIAS = "encoder.layer.0.attention.self.query.bias"
+
+
+def _models(n=3, seed=0, shape=(6, 5), shared=0.0):
+    """A base and ``n`` experts; ``shared`` mixes a common direction into every task vector."""
+    generator = torch.Generator().manual_seed(seed)
+    base = {NAME: torch.randn(shape, generator=generator), BIAS: torch.randn(shape[0], generator=generator),
+            NORM: torch.ones(shape[1])}
+    common = {k: torch.randn(v.shape, generator=generator) for k, v in base.items()}
+    experts = {}
+    for i in range(n):
+        experts[f"e{i}"] = {k: v + shared * common[k] + torch.randn(v.shape, generator=generator) * (
+            0.1 if k == NORM else 1.0) for k, v in base.items()}
+    return base, experts
+
+
+def _cast(models, dtype):
+    base, experts = models
+    return ({k: v.to(dtype) for k, v in base.items()},
+            {n: {k: v.to(dtype) for k, v in e.items()} for n, e in experts.items()})
+
+
+#: method → shared parameters that exercise it (defaults otherwise)
+NEW_METHODS = {"model_stock": [{}, {"filter_wise": True}]}
+
+
+def _new_cases():
+    return [pytest.param(m, p, id=f"{m}-{i}") for m, variants in NEW_METHODS.items() for i, p in enumerate(variants)]
+
+
+# ---------------------------------------------------------------- shared properties
+
+
+@pytest.mark.parametrize("method, params", _new_cases())
+def test_declared_for_the_cli_recipes_and_page(method, params):
+    spec = get_method(method)
+    assert spec.pretty_name and spec.paper_url.startswith("https://arxiv.org/abs/")
+    assert spec.summary and "\n" not in spec.summary and len(spec.summary) > 60
+    for p in spec.params:
+        assert p.help and p.scope in ("shared", "expert", "layer")
+        if p.kind in ("float", "int"):
+            assert p.low is not None and p.high is not None and p.low <= p.default <= p.high
+        spec.describe()  # JSON-ready
+
+
+@pytest.mark.parametrize("method, params", _new_cases())
+def test_deterministic_under_a_seed(method, params):
+    models = _models(3, seed=1, shared=0.5)
+    a = merge_state_dicts(*models, method, seed=4, **params)
+    b = merge_state_dicts(*models, method, seed=4, **params)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("method, params", _new_cases())
+def test_low_precision_inputs_stay_finite(method, params, dtype):
+    out = merge_state_dicts(*_cast(_models(3, seed=2, shared=0.5), dtype), method, **params)
+    assert all(torch.isfinite(t).all() and torch.isfinite(t.to(dtype)).all() for t in out.values())
+
+
+@pytest.mark.parametrize("method, params", _new_cases())
+def test_experts_equal_to_the_base_give_the_base(method, params):
+    base, _ = _models(3)
+    experts = {f"e{i}": {k: v.clone() for k, v in base.items()} for i in range(3)}
+    out = merge_state_dicts(base, experts, method, **params)
+    for name in base:
+        assert torch.allclose(out[name], base[name], atol=1e-6), name
+        assert torch.isfinite(out[name]).all()
+
+
+# ---------------------------------------------------------------- Model Stock
+
+
+def _model_stock_oracle(base, experts, filter_wise=False):
+    """Jang et al. (ECCV 2024) eq. for N experts: cosθ the mean pairwise cosine of the task vectors,
+    t = N cosθ / (1 + (N − 1) cosθ), Θ = t · mean Θ_t + (1 − t) · Θ_0; written with loops in float64. The
+    norm floor 1e-6 and t = 0 where 1 + (N − 1)cosθ ≈ 0 are mergekit 0.1.5's."""
+    w0 = base.double()
+    ws = [e.double() for e in experts]
+    rows = [w0.reshape(-1)] if not filter_wise or w0.dim() <= 1 else list(w0)
+    out = torch.empty(len(rows), rows[0].numel(), dtype=torch.float64)
+    for r in range(len(rows)):
+        vectors = [(w.reshape(-1) if len(rows) == 1 else w[r]) - rows[r] for w in ws]
+        cosines = []
+        for a, b in itertools.combinations(vectors, 2):
+            dot = sum(float(x) * float(y) for x, y in zip(a, b))
+            norms = math.sqrt(sum(float(x) ** 2 for x in a)) * math.sqrt(sum(float(y) ** 2 for y in b))
+            cosines.append(min(1.0, max(-1.0, dot / max(norms, 1e-6))))
+        cos = sum(cosines) / len(cosines)
+        n = len(vectors)
+        t = 0.0 if abs(1 + (n - 1) * cos) < 1e-6 else n * cos / (1 + (n - 1) * cos)
+        mean = sum(v + rows[r] for v in vectors) / n
+        out[r] = t * mean + (1 - t) * rows[r]
+    return out.reshape(base.shape).float()
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_formula(n, filter_wise):
+    base, experts = _models(n, seed=3, shared=0.8)
+    out = merge_state_dicts(base, experts, "model_stock", filter_wise=filter_wise)
+    for name in (NAME, BIAS, NORM):  # every merged tensor, 1-D ones as one vector
+        expected = _model_stock_oracle(base[name], [e[name] for e in experts.values()], filter_wise)
+        torch.testing.assert_close(out[name], expected, rtol=1e-5, atol=1e-6)
+    per_tensor = merge_state_dicts(base, experts, "model_stock", filter_wise=not filter_wise)
+    assert (per_tensor[NAME] - out[NAME]).abs().max() > 1e-4  # the two scopes differ
+
+
+def test_model_stock_t_follows_the_angle():
+    """Two experts at a known angle: cos 0.5 gives t = 2·0.5/1.5 = 2/3 along the average."""
+    base = {NAME: torch.zeros(2, 2)}
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    b = torch.tensor([[0.5, math.sqrt(3) / 2], [0.0, 0.0]])  # 60° from a
+    out = merge_state_dicts(base, {"a": {NAME: a}, "b": {NAME: b}}, "model_stock")[NAME]
+    torch.testing.assert_close(out, (2 / 3) * (a + b) / 2)
+    orthogonal = merge_state_dicts(base, {"a": {NAME: a}, "b": {NAME: torch.tensor([[0.0, 1.0], [0.0, 0.0]])}},
+                                   "model_stock")[NAME]
+    assert torch.equal(orthogonal, torch.zeros(2, 2))  # cos 0: t = 0, the base
+    opposite = merge_state_dicts(base, {"a": {NAME: a}, "b": {NAME: -a}}, "model_stock")[NAME]
+    assert torch.equal(opposite, torch.zeros(2, 2))  # 1 + cos = 0: no finite t, the base is kept
+
+
+def test_model_stock_identical_experts_give_the_expert():
+    base, experts = _models(3, seed=5)
+    same = {f"e{i}": experts["e0"] for i in range(3)}
+    out = merge_state_dicts(base, same, "model_stock")
+    for name in base:  # cos 1: t = N / N = 1
+        torch.testing.assert_close(out[name], experts["e0"][name], rtol=1e-5, atol=1e-6)
+
+
+def test_model_stock_a_zero_delta_counts_as_orthogonal():
+    base, experts = _models(3, seed=6, shared=1.0)
+    experts["e2"] = {k: v.clone() for k, v in base.items()}
+    out = merge_state_dicts(base, experts, "model_stock")
+    expected = _model_stock_oracle(base[NAME], [e[NAME] for e in experts.values()])
+    torch.testing.assert_close(out[NAME], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_model_stock_needs_two_experts():
+    base, experts = _models(1)
+    with pytest.raises(MergeLabError, match="at least 2 experts"):
+        merge_state_dicts(base, experts, "model_stock")
+
+
+def test_model_stock_row_separable_only_filter_wise():
+    spec = get_method("model_stock")
+    assert not spec.is_row_separable({}) and spec.is_row_separable({"filter_wise": True})
+    assert spec.mergekit_name == "model_stock"
