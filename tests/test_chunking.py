@@ -87,6 +87,9 @@ def _variants(spec):
         return [dict(shared, **{spec.trim_scope_param: scope}) for scope in spec.param(spec.trim_scope_param).choices]
     if spec.name == "model_stock":  # per tensor (merged whole) and per row (in chunks)
         return [dict(shared, filter_wise=False), dict(shared, filter_wise=True)]
+    if spec.name == "consensus":  # over task arithmetic (in chunks) and over TIES (merged whole)
+        return [dict(shared, base_method=base, k=k) for base, k in (("task_arithmetic", 2), ("ties", 2),
+                                                                    ("task_arithmetic", 1))]
     if spec.name == "apl":
         return [dict(shared, drop=drop, within_layer=within, sign_election=sign)
                 for drop, within, sign in (("random", "uniform", False), ("random", "hidden", True),

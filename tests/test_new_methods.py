@@ -35,7 +35,8 @@ def _cast(models, dtype):
 
 
 #: method → shared parameters that exercise it (defaults otherwise)
-NEW_METHODS = {"model_stock": [{}, {"filter_wise": True}]}
+NEW_METHODS = {"model_stock": [{}, {"filter_wise": True}],
+               "consensus": [{}, {"base_method": "ties", "k": 1}]}
 
 
 def _new_cases():
@@ -161,3 +162,102 @@ def test_model_stock_row_separable_only_filter_wise():
     spec = get_method("model_stock")
     assert not spec.is_row_separable({}) and spec.is_row_separable({"filter_wise": True})
     assert spec.mergekit_name == "model_stock"
+
+
+# ---------------------------------------------------------------- Consensus (TALL masks)
+
+
+def _ties_vector_oracle(vectors, density):
+    """TIES' multi-task vector as the reference's dis-sum: keep each τ_t's round(density·n) largest |τ|
+    (ties by lowest index), elect the sign of the sum, add the agreeing kept entries (no division)."""
+    trimmed = []
+    for v in vectors:
+        flat = v.reshape(-1)
+        keep = sorted(range(flat.numel()), key=lambda i: (-abs(float(flat[i])), i))[:round(density * flat.numel())]
+        t = torch.zeros_like(flat)
+        t[keep] = flat[keep]
+        trimmed.append(t.reshape(v.shape))
+    total = sum(trimmed)
+    out = torch.zeros_like(total)
+    for idx in itertools.product(*map(range, total.shape)):
+        sign = 1.0 if float(total[idx]) >= 0 else -1.0
+        out[idx] = sum(float(t[idx]) for t in trimmed if float(t[idx]) * sign > 0)
+    return out
+
+
+def _consensus_oracle(base, vectors, lambdas, k, lam=1.0, multitask=None):
+    """Wang et al. (ICML 2024): m_t = |τ_t| > λ_t |τ_MTL − τ_t|; keep entries with Σ_t m_t ≥ k; entry by entry."""
+    multitask = sum(vectors) if multitask is None else multitask
+    out = base.clone()
+    for idx in itertools.product(*map(range, base.shape)):
+        active = sum(abs(float(v[idx])) > lt * abs(float(multitask[idx]) - float(v[idx]))
+                     for v, lt in zip(vectors, lambdas))
+        if active >= k:
+            out[idx] = float(base[idx]) + lam * float(multitask[idx])
+    return out
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_consensus_over_task_arithmetic_formula(k):
+    base, experts = _models(3, seed=7, shared=0.5)
+    lambdas = {"e0": 0.6, "e1": 0.3, "e2": 1.2}
+    weights = {"e0": 1.0, "e1": 0.5, "e2": 1.5}
+    out = merge_state_dicts(base, experts, "consensus", k=k, **{"lambda": 0.7},
+                            expert_params={e: {"tall_lambda": lambdas[e], "weight": weights[e]} for e in experts})
+    vectors = [weights[e] * (experts[e][NAME] - base[NAME]) for e in experts]
+    expected = _consensus_oracle(base[NAME], vectors, list(lambdas.values()), k, 0.7)
+    torch.testing.assert_close(out[NAME], expected, rtol=1e-5, atol=1e-6)
+    if k == 0:  # no entry removed: task arithmetic
+        ta = merge_state_dicts(base, experts, "task_arithmetic", **{"lambda": 0.7},
+                               expert_params={e: {"weight": weights[e]} for e in experts})
+        torch.testing.assert_close(out[NAME], ta[NAME], rtol=1e-5, atol=1e-6)
+    # norms are never masked: task arithmetic there
+    norm_ta = base[NORM] + 0.7 * sum(weights[e] * (experts[e][NORM] - base[NORM]) for e in experts)
+    torch.testing.assert_close(out[NORM], norm_ta, rtol=1e-5, atol=1e-6)
+
+
+def test_consensus_removes_selfish_and_catastrophic_entries():
+    """Hand-made: entry 0 matters to both tasks, entry 1 to task a only (selfish), entry 2 to neither."""
+    base = {NAME: torch.zeros(1, 3)}
+    a = torch.tensor([[1.0, 2.0, 0.0]])
+    b = torch.tensor([[1.0, 0.0, 0.0]])
+    out = merge_state_dicts(base, {"a": {NAME: a}, "b": {NAME: b}}, "consensus", tall_lambda=0.5)[NAME]
+    assert torch.equal(out, torch.tensor([[2.0, 0.0, 0.0]]))
+    out1 = merge_state_dicts(base, {"a": {NAME: a}, "b": {NAME: b}}, "consensus", tall_lambda=0.5, k=1)[NAME]
+    assert torch.equal(out1, torch.tensor([[2.0, 2.0, 0.0]]))  # k = 1 keeps the selfish entry
+
+
+def test_consensus_over_ties_formula():
+    base, experts = _models(3, seed=8, shared=0.5)
+    out = merge_state_dicts(base, experts, "consensus", base_method="ties", drop_ratio=0.6, k=2)
+    vectors = [e[NAME] - base[NAME] for e in experts.values()]
+    multitask = _ties_vector_oracle(vectors, 0.4)
+    expected = _consensus_oracle(base[NAME], vectors, [0.6] * 3, 2, multitask=multitask)
+    torch.testing.assert_close(out[NAME], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out[NAME], merge_state_dicts(base, experts, "consensus", k=2)[NAME])
+    zero_k = merge_state_dicts(base, experts, "consensus", base_method="ties", drop_ratio=0.6, k=0)
+    torch.testing.assert_close(zero_k[NAME], base[NAME] + multitask, rtol=1e-5, atol=1e-6)  # k 0: TIES (dis-sum)
+
+
+def test_consensus_edge_cases():
+    base, experts = _models(3, seed=9)
+    one = {"e0": experts["e0"]}
+    # one expert: its mask is every non-zero entry (τ_MTL − τ = 0), active in one task only
+    assert torch.equal(merge_state_dicts(base, one, "consensus")[NAME], base[NAME])
+    torch.testing.assert_close(merge_state_dicts(base, one, "consensus", k=1)[NAME], experts["e0"][NAME])
+    # two identical experts: τ_MTL − τ_t = τ, so |τ| > λ·|τ| holds for λ < 1 (everywhere τ ≠ 0), never at λ = 1
+    same = {"a": experts["e0"], "b": experts["e0"]}
+    doubled = base[NAME] + 2 * (experts["e0"][NAME] - base[NAME])
+    torch.testing.assert_close(merge_state_dicts(base, same, "consensus", tall_lambda=0.6)[NAME], doubled)
+    assert torch.equal(merge_state_dicts(base, same, "consensus", tall_lambda=1.0)[NAME], base[NAME])
+    # a zero task vector is never active, and adds nothing
+    zero = dict(experts, e2={k: v.clone() for k, v in base.items()})
+    out = merge_state_dicts(base, zero, "consensus", k=1)
+    vectors = [zero[e][NAME] - base[NAME] for e in zero]
+    torch.testing.assert_close(out[NAME], _consensus_oracle(base[NAME], vectors, [0.6] * 3, 1))
+
+
+def test_consensus_declarations():
+    spec = get_method("consensus")
+    assert spec.param("tall_lambda").scope == "expert" and spec.param("k").default == 2
+    assert spec.is_row_separable({}) and not spec.is_row_separable({"base_method": "ties"})
