@@ -36,7 +36,8 @@ def _cast(models, dtype):
 
 #: method → shared parameters that exercise it (defaults otherwise)
 NEW_METHODS = {"model_stock": [{}, {"filter_wise": True}],
-               "consensus": [{}, {"base_method": "ties", "k": 1}]}
+               "consensus": [{}, {"base_method": "ties", "k": 1}],
+               "pcb": [{}, {"drop_ratio": 0.5, "lambda": 0.8}]}
 
 
 def _new_cases():
@@ -261,3 +262,86 @@ def test_consensus_declarations():
     spec = get_method("consensus")
     assert spec.param("tall_lambda").scope == "expert" and spec.param("k").default == 2
     assert spec.is_row_separable({}) and not spec.is_row_separable({"base_method": "ties"})
+
+
+# ---------------------------------------------------------------- PCB
+
+
+def _pcb_oracle(base, vectors, drops, lam=1.0):
+    """Du et al. (NeurIPS 2024) with the reference PCB_merge's facts, in plain Python on flat lists:
+    |τ| clamped to its sorted values at int(d·1e-4) and int(d·(1 − 1e-4) − 1); intra exp(n·minmax(|τ̃|)²);
+    inter tanh(τ_i·Σ_j τ_j); score clamped below at its sorted value at int(d·drop), then min-max; merged
+    Σ s τ̃ / max(Σ s, 1e-12)."""
+    n = len(vectors)
+    flat = [[float(x) for x in v.reshape(-1)] for v in vectors]
+    d = len(flat[0])
+
+    def clip(row, low_ratio, high_ratio):
+        ordered = sorted(row)
+        low, high = ordered[int(d * low_ratio)], ordered[max(int(d * (1 - high_ratio) - 1), 0)]
+        return [min(max(x, low), high) for x in row]
+
+    def mm(row):
+        low, high = min(row), max(row)
+        return [(x - low) / (high - low) if high > low else 0.0 for x in row]
+
+    totals = [sum(f[j] for f in flat) for j in range(d)]
+    clamped, scores = [], []
+    for i, row in enumerate(flat):
+        magnitude = clip([abs(x) for x in row], 1e-4, 1e-4)
+        clamped.append([math.copysign(m, x) if x != 0 else 0.0 for m, x in zip(magnitude, row)])
+        intra = [math.exp(n * m ** 2) for m in mm(magnitude)]
+        inter = [math.tanh(x * t) for x, t in zip(row, totals)]
+        scores.append(mm(clip([a * b for a, b in zip(intra, inter)], drops[i], 0.0)))
+    merged = [sum(scores[i][j] * clamped[i][j] for i in range(n)) / max(sum(scores[i][j] for i in range(n)), 1e-12)
+              for j in range(d)]
+    return base + lam * torch.tensor(merged).reshape(base.shape)
+
+
+@pytest.mark.parametrize("n, drops", [(2, (0.5, 0.5)), (3, (0.9, 0.9, 0.9)), (3, (0.2, 0.6, 0.8))])
+def test_pcb_formula(n, drops):
+    base, experts = _models(n, seed=10, shape=(40, 30), shared=0.5)  # 1200 entries: the 1e-4 clamp bites
+    out = merge_state_dicts(base, experts, "pcb", **{"lambda": 0.7},
+                            expert_params={e: {"drop_ratio": d} for e, d in zip(experts, drops)})
+    for name in (NAME, BIAS):
+        vectors = [e[name] - base[name] for e in experts.values()]
+        torch.testing.assert_close(out[name], _pcb_oracle(base[name], vectors, drops, 0.7), rtol=1e-5, atol=1e-6)
+    norm_mean = base[NORM] + 0.7 * sum(e[NORM] - base[NORM] for e in experts.values()) / n
+    torch.testing.assert_close(out[NORM], norm_mean, rtol=1e-5, atol=1e-6)  # norms: never dropped, the mean
+
+
+def test_pcb_drops_the_low_scores():
+    base, experts = _models(3, seed=11, shape=(20, 10), shared=0.3)
+    out = merge_state_dicts(base, experts, "pcb", drop_ratio=0.9)[NAME] - base[NAME]
+    changed = int((out != 0).sum())
+    assert 0 < changed <= 3 * 20  # at most each task's top 10% (20 of 200) carry weight
+    keep_more = merge_state_dicts(base, experts, "pcb", drop_ratio=0.3)[NAME] - base[NAME]
+    assert int((keep_more != 0).sum()) > changed
+
+
+def test_pcb_edge_cases():
+    base, experts = _models(3, seed=12)
+    # one expert: the score-weighted mean of one task is its own clamped vector where its score is above the cut
+    one = merge_state_dicts(base, {"e0": experts["e0"]}, "pcb", drop_ratio=0.5)
+    vector = experts["e0"][NAME] - base[NAME]
+    torch.testing.assert_close(one[NAME], _pcb_oracle(base[NAME], [vector], [0.5]), rtol=1e-5, atol=1e-6)
+    # a zero task vector scores 0 everywhere (constant min-max → 0), so the others decide
+    zero = dict(experts, e2={k: v.clone() for k, v in base.items()})
+    out = merge_state_dicts(base, zero, "pcb", drop_ratio=0.5)
+    vectors = [zero[e][NAME] - base[NAME] for e in zero]
+    torch.testing.assert_close(out[NAME], _pcb_oracle(base[NAME], vectors, [0.5] * 3), rtol=1e-5, atol=1e-6)
+    # identical experts: the clamped vector itself on the kept entries (30 entries: int(30·0.9999 − 1) = 28,
+    # so the largest magnitude is clipped to the second largest)
+    same = {f"e{i}": experts["e0"] for i in range(3)}
+    out = merge_state_dicts(base, same, "pcb", drop_ratio=0.5)[NAME] - base[NAME]
+    kept = out != 0
+    assert 0 < int(kept.sum()) <= 15
+    clipped = vector.sign() * vector.abs().clamp(max=float(vector.abs().reshape(-1).sort().values[28]))
+    torch.testing.assert_close(out[kept], clipped[kept], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(clipped, vector)
+
+
+def test_pcb_is_per_tensor_and_merged_whole():
+    spec = get_method("pcb")
+    assert not spec.is_row_separable({})
+    assert "flattens the whole model" in " ".join(spec.param("drop_ratio").help.split())
