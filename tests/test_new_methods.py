@@ -37,7 +37,8 @@ def _cast(models, dtype):
 #: method → shared parameters that exercise it (defaults otherwise)
 NEW_METHODS = {"model_stock": [{}, {"filter_wise": True}],
                "consensus": [{}, {"base_method": "ties", "k": 1}],
-               "pcb": [{}, {"drop_ratio": 0.5, "lambda": 0.8}]}
+               "pcb": [{}, {"drop_ratio": 0.5, "lambda": 0.8}],
+               "tsv": [{}, {"lambda": 0.5}]}
 
 
 def _new_cases():
@@ -345,3 +346,73 @@ def test_pcb_is_per_tensor_and_merged_whole():
     spec = get_method("pcb")
     assert not spec.is_row_separable({})
     assert "flattens the whole model" in " ".join(spec.param("drop_ratio").help.split())
+
+
+# ---------------------------------------------------------------- TSV-M
+
+
+def _polar(matrix):
+    """The nearest matrix with orthonormal columns, A (AᵀA)^{-1/2}, by an eigendecomposition in float64 (A of
+    full column rank): the Procrustes solution, computed another way than the method's SVD."""
+    a = matrix.double()
+    values, vectors = torch.linalg.eigh(a.T @ a)
+    return a @ vectors @ torch.diag(values.rsqrt()) @ vectors.T
+
+
+def _tsv_oracle(base, vectors, lam=1.0):
+    """Gargiulo et al. (CVPR 2025) TSV-M: each task's top r = ⌊k/T⌋ triplets; U = [U_1,r … U_T,r] and
+    V = [V_1,r … V_T,r] replaced by their nearest orthonormal sets; Θ = Θ_0 + λ U⊥ diag(σ) V⊥ᵀ."""
+    k = min(base.shape)
+    r = k // len(vectors)
+    us, ss, vs = [], [], []
+    for v in vectors:
+        u, s, vh = torch.linalg.svd(v.double())
+        us.append(u[:, :r])
+        ss.append(s[:r])
+        vs.append(vh[:r].T)
+    left, right = _polar(torch.cat(us, 1)), _polar(torch.cat(vs, 1))
+    return (base.double() + lam * left @ torch.diag(torch.cat(ss)) @ right.T).float()
+
+
+@pytest.mark.parametrize("n, shape", [(2, (8, 6)), (3, (7, 5)), (3, (5, 9)), (2, (6, 6))])
+def test_tsv_formula(n, shape):
+    base, experts = _models(n, seed=13, shape=shape, shared=0.5)
+    out = merge_state_dicts(base, experts, "tsv", **{"lambda": 0.8})
+    vectors = [e[NAME] - base[NAME] for e in experts.values()]
+    torch.testing.assert_close(out[NAME], _tsv_oracle(base[NAME], vectors, 0.8), rtol=1e-4, atol=1e-5)
+    for name in (BIAS, NORM):  # not 2-D: the mean task vector
+        mean = sum(e[name] - base[name] for e in experts.values()) / n
+        torch.testing.assert_close(out[name], base[name] + 0.8 * mean, rtol=1e-5, atol=1e-6)
+
+
+def test_tsv_keeps_rank_and_orthogonal_directions():
+    base, experts = _models(2, seed=14, shape=(10, 8))
+    merged = merge_state_dicts(base, experts, "tsv")[NAME] - base[NAME]
+    assert int(torch.linalg.matrix_rank(merged)) == 2 * (8 // 2)  # T·⌊k/T⌋ = 8 directions
+    # the singular values of the merge are the tasks' kept ones: its factors are orthonormal
+    kept = torch.cat([torch.linalg.svdvals(e[NAME] - base[NAME])[:4] for e in experts.values()])
+    torch.testing.assert_close(torch.linalg.svdvals(merged), kept.sort(descending=True).values, rtol=1e-4, atol=1e-5)
+
+
+def test_tsv_edge_cases():
+    base, experts = _models(3, seed=15, shape=(6, 4))
+    # one expert: ⌊k/1⌋ = k triplets, its own SVD, orthonormal already: the expert itself
+    one = merge_state_dicts(base, {"e0": experts["e0"]}, "tsv")
+    torch.testing.assert_close(one[NAME], experts["e0"][NAME], rtol=1e-4, atol=1e-5)
+    # more experts than the smaller dimension: no triplet kept (r = 0), the base, as the reference
+    many = {f"e{i}": experts[f"e{i % 3}"] for i in range(5)}
+    assert torch.equal(merge_state_dicts(base, many, "tsv")[NAME], base[NAME])
+    # a zero task vector contributes zero singular values
+    zero = {"e0": experts["e0"], "e1": {k: v.clone() for k, v in base.items()}}
+    out = merge_state_dicts(base, zero, "tsv")[NAME]
+    u, s, vh = torch.linalg.svd(experts["e0"][NAME] - base[NAME])
+    torch.testing.assert_close(torch.linalg.svdvals(out - base[NAME])[:2], s[:2], rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(out).all()
+    # identical experts: finite, and no larger than the expert's own leading singular value
+    same = {"a": experts["e0"], "b": experts["e0"]}
+    doubled = merge_state_dicts(base, same, "tsv")[NAME] - base[NAME]
+    assert torch.isfinite(doubled).all() and float(torch.linalg.svdvals(doubled)[0]) <= float(s[0]) * (1 + 1e-4)
+
+
+def test_tsv_is_merged_whole():
+    assert not get_method("tsv").is_row_separable({})
