@@ -110,7 +110,25 @@ def _expert_params(spec, expert_set):
     return out
 
 
-FABRICATED_INPUTS = {"fisher": _fisher_extras, "apl": _apl_extras}
+def _regmean_extras(expert_set, generator):
+    """Fabricated Gram matrices (symmetric positive definite, [in, in]) for the linear weights (not the embeddings)."""
+    from merging.methods.regmean import REGMEAN_GRAMS, REGMEAN_INPUT_AXIS
+
+    grams, axes = {}, {}
+    for name, info in expert_set.layout.tensors.items():
+        if len(info.shape) != 2 or "embeddings" in name:
+            continue
+        axis = 0 if info.unit_axis == 1 else 1  # Conv1D [in, out] / Linear [out, in]
+        size = info.shape[axis]
+        grams[name] = {}
+        for e in expert_set.experts:
+            x = torch.randn(3 * size, size, generator=generator)
+            grams[name][e] = x.T @ x / (3 * size)
+        axes[name] = torch.tensor(axis)
+    return {REGMEAN_GRAMS: PerTensor(grams, row_axis=None), REGMEAN_INPUT_AXIS: PerTensor(axes, row_axis=None)}
+
+
+FABRICATED_INPUTS = {"fisher": _fisher_extras, "apl": _apl_extras, "regmean": _regmean_extras}
 
 
 def _cases():

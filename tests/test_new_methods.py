@@ -39,10 +39,37 @@ NEW_METHODS = {"model_stock": [{}, {"filter_wise": True}],
                "consensus": [{}, {"base_method": "ties", "k": 1}],
                "pcb": [{}, {"drop_ratio": 0.5, "lambda": 0.8}],
                "tsv": [{}, {"lambda": 0.5}]}
+#: data-aware methods: the inputs their prepare would compute, fabricated for the shared property tests
+DATA_AWARE = {"regmean"}
 
 
 def _new_cases():
-    return [pytest.param(m, p, id=f"{m}-{i}") for m, variants in NEW_METHODS.items() for i, p in enumerate(variants)]
+    cases = dict(NEW_METHODS, regmean=[{}, {"alpha": 0.5, "lambda": 0.8}])
+    return [pytest.param(m, p, id=f"{m}-{i}") for m, variants in cases.items() for i, p in enumerate(variants)]
+
+
+def _merge(models, method, seed=0, **params):
+    """merge_state_dicts, with fabricated Gram matrices for RegMean (every 2-D weight a Linear [out, in])."""
+    base, experts = models
+    extras = _fabricated_grams(base, experts) if method in DATA_AWARE else None
+    return merge_state_dicts(base, experts, method, seed=seed, extras=extras, **params)
+
+
+def _fabricated_grams(base, experts, seed=0, axis=1):
+    from merging.methods import PerTensor
+    from merging.methods.regmean import REGMEAN_GRAMS, REGMEAN_INPUT_AXIS
+
+    generator = torch.Generator().manual_seed(seed)
+    grams, axes = {}, {}
+    for name, tensor in base.items():
+        if tensor.dim() == 2:
+            size = tensor.shape[axis]
+            grams[name] = {}
+            for e in experts:
+                x = torch.randn(2 * size, size, generator=generator)
+                grams[name][e] = x.T @ x / (2 * size)
+            axes[name] = torch.tensor(axis)
+    return {REGMEAN_GRAMS: PerTensor(grams, row_axis=None), REGMEAN_INPUT_AXIS: PerTensor(axes, row_axis=None)}
 
 
 # ---------------------------------------------------------------- shared properties
@@ -63,8 +90,8 @@ def test_declared_for_the_cli_recipes_and_page(method, params):
 @pytest.mark.parametrize("method, params", _new_cases())
 def test_deterministic_under_a_seed(method, params):
     models = _models(3, seed=1, shared=0.5)
-    a = merge_state_dicts(*models, method, seed=4, **params)
-    b = merge_state_dicts(*models, method, seed=4, **params)
+    a = _merge(models, method, seed=4, **params)
+    b = _merge(models, method, seed=4, **params)
     for name in a:
         assert torch.equal(a[name], b[name]), name
 
@@ -72,7 +99,7 @@ def test_deterministic_under_a_seed(method, params):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("method, params", _new_cases())
 def test_low_precision_inputs_stay_finite(method, params, dtype):
-    out = merge_state_dicts(*_cast(_models(3, seed=2, shared=0.5), dtype), method, **params)
+    out = _merge(_cast(_models(3, seed=2, shared=0.5), dtype), method, **params)
     assert all(torch.isfinite(t).all() and torch.isfinite(t.to(dtype)).all() for t in out.values())
 
 
@@ -80,7 +107,7 @@ def test_low_precision_inputs_stay_finite(method, params, dtype):
 def test_experts_equal_to_the_base_give_the_base(method, params):
     base, _ = _models(3)
     experts = {f"e{i}": {k: v.clone() for k, v in base.items()} for i in range(3)}
-    out = merge_state_dicts(base, experts, method, **params)
+    out = _merge((base, experts), method, **params)
     for name in base:
         assert torch.allclose(out[name], base[name], atol=1e-6), name
         assert torch.isfinite(out[name]).all()
@@ -416,3 +443,145 @@ def test_tsv_edge_cases():
 
 def test_tsv_is_merged_whole():
     assert not get_method("tsv").is_row_separable({})
+
+
+# ---------------------------------------------------------------- RegMean
+
+
+def _regmean_oracle(base, weights, grams, alpha, lam=1.0, axis=1):
+    """Jin et al. (ICLR 2023): W* = (Σ G̃_t)⁻¹ Σ G̃_t W_t with W oriented [in, out] and G̃ = αG + (1 − α)diag(G),
+    in numpy float64 on the weights themselves; Θ = Θ_0 + λ (W* − Θ_0)."""
+    import numpy as np
+
+    def orient(w):
+        w = w.double().numpy()
+        return w if axis == 0 else w.T
+
+    reduced = []
+    for g in grams:
+        g = g.double().numpy()
+        reduced.append(alpha * g + (1 - alpha) * np.diag(np.diag(g)))
+    w_star = np.linalg.inv(sum(reduced)) @ sum(g @ orient(w) for g, w in zip(reduced, weights))
+    w_star = torch.from_numpy(w_star if axis == 0 else w_star.T)
+    return (base.double() + lam * (w_star - base.double())).float()
+
+
+@pytest.mark.parametrize("axis", [1, 0], ids=["linear-out-in", "conv1d-in-out"])
+@pytest.mark.parametrize("alpha, lam", [(0.9, 1.0), (1.0, 0.7), (0.3, 1.2)])
+def test_regmean_formula(axis, alpha, lam):
+    base, experts = _models(3, seed=16, shape=(7, 5))
+    extras = _fabricated_grams(base, experts, seed=1, axis=axis)
+    out = merge_state_dicts(base, experts, "regmean", alpha=alpha, extras=extras, **{"lambda": lam})
+    grams = [extras["regmean_grams"].values[NAME][e] for e in experts]
+    expected = _regmean_oracle(base[NAME], [e[NAME] for e in experts.values()], grams, alpha, lam, axis)
+    torch.testing.assert_close(out[NAME], expected, rtol=1e-5, atol=1e-5)
+    for name in (BIAS, NORM):  # not linear weights: the mean task vector
+        mean = sum(e[name] - base[name] for e in experts.values()) / 3
+        torch.testing.assert_close(out[name], base[name] + lam * mean, rtol=1e-5, atol=1e-6)
+
+
+def test_regmean_alpha_zero_is_a_per_input_weighted_average():
+    """α = 0 keeps only diag(G): each input row of W* = Σ_t g_t,ii W_t[i, :] / Σ_t g_t,ii (W as [in, out])."""
+    base, experts = _models(2, seed=17, shape=(4, 6))
+    extras = _fabricated_grams(base, experts, seed=2, axis=1)
+    out = merge_state_dicts(base, experts, "regmean", alpha=0.0, extras=extras)[NAME]
+    grams = extras["regmean_grams"].values[NAME]
+    expected = torch.zeros(6, 4)
+    for i in range(6):
+        total = sum(float(grams[e][i, i]) for e in experts)
+        for j in range(4):
+            expected[i, j] = sum(float(grams[e][i, i]) * float(experts[e][NAME][j, i]) for e in experts) / total
+    torch.testing.assert_close(out, expected.T, rtol=1e-5, atol=1e-6)
+
+
+def test_regmean_edge_cases():
+    base, experts = _models(3, seed=18, shape=(6, 4))
+    one = {"e0": experts["e0"]}
+    out = merge_state_dicts(base, one, "regmean", extras=_fabricated_grams(base, one))
+    torch.testing.assert_close(out[NAME], experts["e0"][NAME], rtol=1e-5, atol=1e-5)  # G⁻¹ G W = W
+    same = {f"e{i}": experts["e0"] for i in range(3)}
+    out = merge_state_dicts(base, same, "regmean", extras=_fabricated_grams(base, same))
+    torch.testing.assert_close(out[NAME], experts["e0"][NAME], rtol=1e-5, atol=1e-5)  # (ΣG)⁻¹ ΣG W = W
+    # a zero task vector pulls the solution towards the base, by its Gram matrix
+    zero = dict(experts, e2={k: v.clone() for k, v in base.items()})
+    extras = _fabricated_grams(base, zero, seed=3)
+    out = merge_state_dicts(base, zero, "regmean", extras=extras)
+    grams = [extras["regmean_grams"].values[NAME][e] for e in zero]
+    expected = _regmean_oracle(base[NAME], [e[NAME] for e in zero.values()], grams, 0.9)
+    torch.testing.assert_close(out[NAME], expected, rtol=1e-5, atol=1e-5)
+    # a singular Gram sum (an input feature never active): the least-squares solution, finite
+    singular = _fabricated_grams(base, experts, seed=4)
+    for g in singular["regmean_grams"].values[NAME].values():
+        g[0, :] = 0
+        g[:, 0] = 0
+    assert torch.isfinite(merge_state_dicts(base, experts, "regmean", extras=singular)[NAME]).all()
+    # without its Gram matrices RegMean refuses, rather than silently averaging
+    with pytest.raises(MergeLabError, match="no Gram matrices"):
+        merge_state_dicts(base, experts, "regmean")
+
+
+def test_regmean_prepare_measures_the_inputs_of_every_linear_layer(tmp_path):
+    """On a tiny BERT: the Gram matrix of layer 0's query is the mean outer product of the embedding output
+    over the real (unpadded) tokens, computed here through the embeddings module itself."""
+    import apl_fixtures as fx
+    from transformers import BertForSequenceClassification
+
+    from merging import MergeEngine, MergeSettings
+    from merging.apl.regmean import prepare_regmean
+    from merging.apl.taskloss import encode_examples
+
+    with fx.one_thread():
+        expert_set = fx.expert_set(2)
+        tokenizer = fx.tokenizer(tmp_path)
+        examples = {e: fx.examples(6, seed=i) for i, e in enumerate(expert_set.experts)}
+        prepared = prepare_regmean(expert_set, examples, tokenizer)
+        grams = prepared["grams"]
+        linear = [n for n in expert_set.layout.merged_names()
+                  if n.endswith(".weight") and len(expert_set.layout[n].shape) == 2 and "embeddings" not in n]
+        assert set(grams.grams["task0"]) == set(linear) and grams.input_axis[linear[0]] == 1
+        query = "encoder.layer.0.attention.self.query.weight"
+        full_states = fx.states(2)[1]  # the same experts, as full classifier state dicts
+        for expert in expert_set.experts:
+            model = BertForSequenceClassification(fx.config()).eval()
+            missing, unexpected = model.load_state_dict(full_states[expert], strict=False)
+            assert not unexpected and all("position_ids" in k for k in missing)
+            batch = encode_examples(tokenizer, examples[expert])
+            with torch.no_grad():
+                hidden = model.bert.embeddings(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
+            x = hidden[batch["attention_mask"].bool()].double()
+            expected = (x.T @ x / x.shape[0]).float()
+            torch.testing.assert_close(grams.grams[expert][query], expected, rtol=1e-4, atol=1e-6)
+        settings = MergeSettings.build(expert_set, "regmean", {"alpha": 0.9}, extras=prepared["extras"])
+        merged = MergeEngine(expert_set, cache=False).merge(settings).tensors
+        assert all(torch.isfinite(t).all() for t in merged.values())
+        grams_q = [grams.grams[e][query] for e in expert_set.experts]
+        weights = [expert_set.experts[e].get(query) for e in expert_set.experts]
+        torch.testing.assert_close(merged[query], _regmean_oracle(expert_set.base.get(query), weights, grams_q, 0.9),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_regmean_declarations():
+    spec = get_method("regmean")
+    assert spec.prepare is not None and "few_shot" in spec.needs and not spec.is_row_separable({})
+    assert spec.param("alpha").default == 0.9
+
+
+def test_regmean_finds_gpt2_conv1d_weights_stored_in_out():
+    """GPT-2's Conv1D weights are [in, out]: their input axis is 0, nn.Linear's ([out, in]) 1."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from merging.apl.regmean import linear_layers
+    from merging.io.experts import check_homology
+    from merging.io.sources import ModelSource
+
+    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=1, n_head=2, num_labels=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(config)
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    body = {k[len("transformer."):]: v for k, v in full.items() if k.startswith("transformer.")}
+    cfg = config.to_dict()
+    expert_set = check_homology(ModelSource.from_state_dict("base", body, cfg),
+                                {"t": ModelSource.from_state_dict("t", full, cfg)})
+    found = {name: axis for name, (_, axis) in linear_layers(model, expert_set, "t").items()}
+    assert found["h.0.attn.c_attn.weight"] == 0 and found["h.0.mlp.c_proj.weight"] == 0
+    assert not any("wte" in n or "wpe" in n for n in found)  # embeddings are not linear layers
