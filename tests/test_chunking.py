@@ -85,6 +85,11 @@ def _variants(spec):
         shared["epsilon"] = 0.3
     if spec.trim_scope_param:
         return [dict(shared, **{spec.trim_scope_param: scope}) for scope in spec.param(spec.trim_scope_param).choices]
+    if spec.name == "model_stock":  # per tensor (merged whole) and per row (in chunks)
+        return [dict(shared, filter_wise=False), dict(shared, filter_wise=True)]
+    if spec.name == "consensus":  # over task arithmetic (in chunks) and over TIES (merged whole)
+        return [dict(shared, base_method=base, k=k) for base, k in (("task_arithmetic", 2), ("ties", 2),
+                                                                    ("task_arithmetic", 1))]
     if spec.name == "apl":
         return [dict(shared, drop=drop, within_layer=within, sign_election=sign)
                 for drop, within, sign in (("random", "uniform", False), ("random", "hidden", True),
@@ -105,7 +110,25 @@ def _expert_params(spec, expert_set):
     return out
 
 
-FABRICATED_INPUTS = {"fisher": _fisher_extras, "apl": _apl_extras}
+def _regmean_extras(expert_set, generator):
+    """Fabricated Gram matrices (symmetric positive definite, [in, in]) for the linear weights (not the embeddings)."""
+    from merging.methods.regmean import REGMEAN_GRAMS, REGMEAN_INPUT_AXIS
+
+    grams, axes = {}, {}
+    for name, info in expert_set.layout.tensors.items():
+        if len(info.shape) != 2 or "embeddings" in name:
+            continue
+        axis = 0 if info.unit_axis == 1 else 1  # Conv1D [in, out] / Linear [out, in]
+        size = info.shape[axis]
+        grams[name] = {}
+        for e in expert_set.experts:
+            x = torch.randn(3 * size, size, generator=generator)
+            grams[name][e] = x.T @ x / (3 * size)
+        axes[name] = torch.tensor(axis)
+    return {REGMEAN_GRAMS: PerTensor(grams, row_axis=None), REGMEAN_INPUT_AXIS: PerTensor(axes, row_axis=None)}
+
+
+FABRICATED_INPUTS = {"fisher": _fisher_extras, "apl": _apl_extras, "regmean": _regmean_extras}
 
 
 def _cases():

@@ -122,6 +122,17 @@ def gpt2_family(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def llama_correlated(tmp_path_factory):
+    """Experts sharing most of their task vector (cosines near 0.8), so Model Stock's t is far from 0."""
+    root = tmp_path_factory.mktemp("llama-correlated")
+    tm.save(tm.build("llama"), root / "base")
+    for i in range(3):
+        shared = tm.perturbed(tm.build("llama"), seed=100)
+        tm.save(tm.perturbed(shared, seed=200 + i, scale=0.01), root / f"expert{i}")
+    return root
+
+
 def _write_recipe(root: Path, method: str, n_experts: int, parameters: dict, expert_params=None) -> Path:
     expert_params = expert_params or {}
     data = {"method": method, "base": "base",
@@ -129,7 +140,7 @@ def _write_recipe(root: Path, method: str, n_experts: int, parameters: dict, exp
                          **({"parameters": expert_params[f"e{i}"]} if f"e{i}" in expert_params else {})}
                         for i in range(n_experts)],
             "parameters": parameters, "seed": 3}
-    path = root / f"recipe-{method}-{abs(hash(repr((parameters, expert_params)))) % 10**8}.yaml"
+    path = root / f"recipe-{method}-{abs(hash(repr((n_experts, parameters, expert_params)))) % 10**8}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -167,6 +178,9 @@ CASES = [
     ("breadcrumbs", 2, {"drop_ratio": {"head": 0.75, "default": 0.5}, "gamma": 0.0625, "lambda": 0.8}, {}),
     ("slerp", 2, {"t": 0.3}, {}),
     ("slerp", 2, {"t": {"embeddings": 0.1, "0": 0.8, "default": 0.4}}, {}),
+    ("model_stock", 3, {}, {}),
+    ("model_stock", 2, {"filter_wise": True}, {}),
+    ("model_stock", 3, {"filter_wise": {"0": True, "default": False}}, {}),
 ]
 
 
@@ -211,8 +225,25 @@ def _ties_without_trim(expert_set, recipe, name: str) -> torch.Tensor:
     return base + float(resolver.value("lambda", None, layer)) * mixed
 
 
+@pytest.mark.parametrize("n_experts, parameters", [(3, {}), (2, {"filter_wise": True}), (3, {"filter_wise": True})])
+def test_model_stock_matches_mergekit_on_aligned_experts(mergekit_cli, llama_correlated, n_experts, parameters):
+    """Where the task vectors agree, t is near 1 and the merge moves far from the base: still mergekit's tensors."""
+    recipe_path = _write_recipe(llama_correlated, "model_stock", n_experts, parameters)
+    theirs, _ = _run_mergekit(mergekit_cli, llama_correlated, recipe_path)
+    recipe = load_recipe(recipe_path)
+    ours = merge_recipe(recipe).tensors
+    expert_set = expert_set_from_recipe(recipe)
+    name = next(n for n in ours if expert_set.layout[n].droppable)
+    base = expert_set.base.get(name).float()
+    mean_delta = sum(e.source.get(name).float() - base for e in expert_set.experts.values()) / n_experts
+    moved = float((ours[name] - base).norm() / mean_delta.norm())
+    assert 0.5 < moved < 1.0  # t well away from 0 (the base) and below 1 (the average)
+    print(f"aligned model_stock {parameters}: t≈{moved:.2f}, max |Δ| {_compare(ours, theirs):.3g}")
+
+
 @pytest.mark.parametrize("method, parameters", [("ties", {"drop_ratio": 0.5}), ("slerp", {"t": 0.6}),
-                                                ("linear", {})])
+                                                ("linear", {}), ("model_stock", {}),
+                                                ("model_stock", {"filter_wise": True})])
 def test_gpt2_matches_mergekit(mergekit_cli, gpt2_family, method, parameters):
     recipe_path = _write_recipe(gpt2_family, method, 2, parameters)
     theirs, _ = _run_mergekit(mergekit_cli, gpt2_family, recipe_path)

@@ -55,13 +55,14 @@ _METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "dare_ties": ("dare_ties", {}),
     "della": ("della", {"rescale": True}),
     "slerp": ("slerp", {}),
+    "model_stock": ("model_stock", {}),
 }
 _SPARSIFYING = {"ties", "magnitude", "breadcrumbs", "dare_linear", "dare_ties", "della"}
 _CONSENSUS = {"ties", "dare_ties", "della"}
 _RANDOM = {"dare_linear", "dare_ties", "della"}
 # Merge Lab parameters set per model in mergekit (its NON_BASE scope), and shared ones (under parameters).
 _PER_MODEL = ("weight", "drop_ratio", "gamma", "epsilon")
-_SHARED = ("lambda", "normalize", "rescale")
+_SHARED = ("lambda", "normalize", "rescale", "filter_wise")
 
 
 def to_mergekit(recipe, layers: Sequence[str] | Layout | None = None) -> dict[str, Any]:

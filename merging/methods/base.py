@@ -210,7 +210,7 @@ def all_specs() -> list[MethodSpec]:
 
 
 #: modules that register methods on import, in the order the methods are listed
-METHOD_MODULES = ("classic", "fisher", "apl")
+METHOD_MODULES = ("classic", "fisher", "apl", "model_stock", "consensus", "pcb", "tsv", "regmean")
 
 
 def _ensure_loaded() -> None:
