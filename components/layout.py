@@ -384,7 +384,7 @@ def wire_startup(demo, page) -> None:
             return (status.line, gr.update(choices=status.zoo.tasks, value=status.zoo.tasks), base,
                     gr.update(interactive=True), gr.Timer(active=False))
         building = status.state == "building"
-        return ("⏳ " + status.line if building else status.line, gr.update(), gr.update(),
+        return (status.line, gr.update(), gr.update(),
                 gr.update(interactive=False), gr.Timer(active=building))
 
     @h.safe

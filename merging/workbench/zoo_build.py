@@ -115,8 +115,7 @@ class ZooBuild:
         total = self._total or _default_experts()
         found = _STEP.match(message or "")
         index = (tasks.index(found["task"]) + 1) if found else max(1, len(tasks))
-        parts = [f"Building the demo zoo '{self.name}' (once per server: one short fine-tune per task)",
-                 f"expert {index} of {total}" if total else f"expert {index}"]
+        parts = [f"expert {index} of {total}" if total else f"expert {index}"]
         if found:
             parts += [found["task"], f"step {found['step']}/{found['steps']}"]
         left = None
@@ -125,7 +124,9 @@ class ZooBuild:
             parts.append(f"{_eta_words(left)} left")
         else:
             parts.append("starting…")
-        return ZooStatus("building", " · ".join(parts), expert=index, experts=total or 0, seconds_left=left)
+        line = (f"**Building the demo zoo '{self.name}'** (once per server, one short fine-tune per task; "
+                f"the zoo buttons wait for it): {' · '.join(parts)}")
+        return ZooStatus("building", line, expert=index, experts=total or 0, seconds_left=left)
 
 
 def _default_experts() -> int:
