@@ -228,7 +228,9 @@ def test_buttons_work_again_after_an_error(app_url, real_zoo):
             merge = _button(page, "Merge")
             merge.scroll_into_view_if_needed()
             merge.click()
-            expect(page.locator("[data-testid=toast-body]").first).to_be_visible(timeout=30_000)
+            # the first thing missing, in words, and what to do
+            expect(page.locator("[data-testid=toast-body]").first).to_contain_text("press Load experts",
+                                                                                   timeout=30_000)
             expect(merge).to_be_enabled(timeout=30_000)
             merge.click()  # the same error again: one message, not two
             page.wait_for_timeout(1500)

@@ -217,3 +217,9 @@ def test_zoo_build_can_be_turned_off(monkeypatch, app_zoo):
         assert wb.zoo_status().ready
     finally:
         zoo_build.forget_zoo_builds()
+
+
+def test_merge_before_load_says_load_experts_first():
+    """Not "APL needs importance": with nothing loaded, the first missing step is Load experts."""
+    with pytest.raises(wb.MergeLabError, match="press Load experts"):
+        wb.merge(wb.Session(), "apl", wb.check_shared("apl", {}), 0)
