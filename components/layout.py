@@ -392,7 +392,7 @@ def wire_startup(demo, page) -> None:
         return show(wb.zoo_status())
 
     demo.load(startup, None, outputs, api_visibility="private", show_progress="hidden")
-    intro.zoo_timer.tick(startup, None, outputs, api_visibility="private", show_progress="hidden")
+    intro.zoo_timer.tick(startup, None, outputs, api_visibility="private", show_progress="hidden", queue=False)
 
 
 def wire_experts(page) -> None:

@@ -13,13 +13,13 @@ pytestmark = pytest.mark.browser
 
 
 @pytest.fixture()
-def blocked_zoo(app_zoo, monkeypatch):
+def blocked_zoo(merge_lab_cache, monkeypatch):
     """(release event, zoo name): a zoo build that reports progress, then waits until the test releases it."""
     from fake_zoo import build_tiny_zoo
 
     from merging.workbench import zoo_build
 
-    _, cache = app_zoo
+    cache = merge_lab_cache  # not app_zoo: it would point MERGE_LAB_ZOO at the fake zoo for the session
     name = "blocked-zoo"
     release = threading.Event()
 

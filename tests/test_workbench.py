@@ -223,3 +223,22 @@ def test_merge_before_load_says_load_experts_first():
     """Not "APL needs importance": with nothing loaded, the first missing step is Load experts."""
     with pytest.raises(wb.MergeLabError, match="press Load experts"):
         wb.merge(wb.Session(), "apl", wb.check_shared("apl", {}), 0)
+
+
+def test_a_failed_zoo_build_says_what_to_do(monkeypatch):
+    from merging.workbench import zoo_build
+
+    def broken(name, progress=None):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(zoo_build, "BUILDER", broken)
+    monkeypatch.setenv("MERGE_LAB_ZOO", "never-built-broken")
+    zoo_build.forget_zoo_builds()
+    try:
+        assert wb.start_zoo_build().wait(30)
+        status = wb.zoo_status()
+        assert status.state == "failed" and "no space left on device" in status.line
+        assert status.not_ready_message().startswith("the demo zoo 'never-built-broken' could not be built")
+        assert "folders or paths" in status.not_ready_message()
+    finally:
+        zoo_build.forget_zoo_builds()

@@ -41,7 +41,7 @@ class ZooStatus:
             where = f" (expert {self.expert} of {self.experts})" if self.experts else ""
             return f"the demo zoo is still being built{where}: try again in {_eta_words(self.seconds_left)}"
         if self.state == "failed":
-            return f"the demo zoo could not be built ({self.line}): give experts as folders or paths instead"
+            return self.line[0].lower() + self.line[1:]
         return ("the demo zoo is not built on this server: give experts as folders or paths, or build it with "
                 "`python -m merging zoo build`")
 
@@ -108,7 +108,8 @@ class ZooBuild:
         if self.zoo is not None:
             return ready_status(self.zoo)
         if self.error is not None:
-            return ZooStatus("failed", self.error)
+            return ZooStatus("failed", f"The demo zoo '{self.name}' could not be built ({self.error}): give "
+                             "experts as folders or paths; the server log has the details.")
         with self._lock:
             fraction, message, tasks = self._fraction, self._message, list(self._tasks)
             elapsed = (self._fraction_at or time.monotonic()) - self._started
