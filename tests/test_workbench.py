@@ -195,6 +195,12 @@ def test_zoo_build_runs_once_and_reports_one_progress_line(app_zoo, monkeypatch)
         assert "expert 1 of" in status.line and "topic · step 10/40" in status.line and "left" in status.line
         message = status.not_ready_message()
         assert message.startswith("the demo zoo is still being built (expert 1 of") and "try again in" in message
+        # an expert's place in the zoo, even when an interrupted build already finished the ones before it
+        from merging.zoo.tasks import default_task_names
+
+        order = default_task_names()
+        first._progress(0.6, f"{order[-1]}: step 5/40, loss 1.0")
+        assert f"expert {len(order)} of {len(order)} · {order[-1]} · step 5/40" in wb.zoo_status().line
         release.set()
         assert first.wait(30)
         assert wb.zoo_status().ready and calls == ["never-built"]

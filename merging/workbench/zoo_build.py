@@ -113,9 +113,13 @@ class ZooBuild:
         with self._lock:
             fraction, message, tasks = self._fraction, self._message, list(self._tasks)
             elapsed = (self._fraction_at or time.monotonic()) - self._started
-        total = self._total or _default_experts()
+        order = _default_tasks()
+        total = self._total or len(order)
         found = _STEP.match(message or "")
-        index = (tasks.index(found["task"]) + 1) if found else max(1, len(tasks))
+        if found and found["task"] in order:  # its place in the zoo (experts an earlier build finished are skipped)
+            index = order.index(found["task"]) + 1
+        else:
+            index = (tasks.index(found["task"]) + 1) if found else max(1, len(tasks))
         parts = [f"expert {index} of {total}" if total else f"expert {index}"]
         if found:
             parts += [found["task"], f"step {found['step']}/{found['steps']}"]
@@ -130,13 +134,13 @@ class ZooBuild:
         return ZooStatus("building", line, expert=index, experts=total or 0, seconds_left=left)
 
 
-def _default_experts() -> int:
+def _default_tasks() -> list[str]:
     try:
         from ..zoo.tasks import default_task_names
 
-        return len(default_task_names())
-    except Exception:  # noqa: BLE001 - only the progress line's "of N" needs it
-        return 0
+        return default_task_names()
+    except Exception:  # noqa: BLE001 - only the progress line's "expert i of N" needs it
+        return []
 
 
 def ready_status(zoo) -> ZooStatus:
