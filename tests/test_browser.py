@@ -138,7 +138,7 @@ def _recipe_value(recipe: dict, expert: str, key: str, layer: str) -> float:
 
 
 def test_every_slider_input_reaches_the_plan_and_the_merge(app_url, real_zoo):
-    """Arrow keys on a layer slider, a number typed into its box + Enter, and a table edit each reach the
+    """Arrow keys and End on a layer slider, a number typed into its box + Enter, and a table edit each reach the
     overrides, the tables and the next merge's recipe; switching the expert shown records nothing."""
     _browser_or_skip()
     from playwright.sync_api import expect, sync_playwright
@@ -164,6 +164,15 @@ def test_every_slider_input_reaches_the_plan_and_the_merge(app_url, real_zoo):
             expect(page.locator("body")).to_contain_text(f"layer {drop_layer} drop ratio: {moved:.3f}",
                                                          timeout=30_000)
             expect(page.locator("#drop-table")).to_contain_text(f"{moved:g}", timeout=30_000)
+            # End (like Home and PageUp) is a key of the range input too
+            end_track = page.locator("#weight-1 input[type=range]")
+            end_track.focus()
+            page.keyboard.press("End")
+            top = float(end_track.get_attribute("max"))
+            end_layer = _layer_of(page, "weight-1")
+            expect(page.locator("#weight-1")).to_contain_text("✎", timeout=30_000)
+            expect(page.locator("#overrides")).to_contain_text(f"layer {end_layer} weight: {top:.3f}",
+                                                              timeout=30_000)
             # 2. a number typed into the slider's box, then Enter
             box = page.locator("#weight-2 input[type=number]")
             box.scroll_into_view_if_needed()
@@ -204,9 +213,10 @@ def test_every_slider_input_reaches_the_plan_and_the_merge(app_url, real_zoo):
             assert _recipe_value(recipe, first, "drop_ratio", drop_layer) == pytest.approx(moved, abs=1e-6)
             assert _recipe_value(recipe, first, "weight", weight_layer) == pytest.approx(0.7, abs=1e-6)
             assert _recipe_value(recipe, first, "drop_ratio", table_layer) == pytest.approx(0.25, abs=1e-6)
+            assert _recipe_value(recipe, first, "weight", end_layer) == pytest.approx(top, abs=1e-6)
             recorded = {(o["expert"], o["key"], o["layer"]) for o in recipe["suggested"]["overrides"]}
             assert recorded == {(first, "drop_ratio", drop_layer), (first, "weight", weight_layer),
-                                (first, "drop_ratio", table_layer)}
+                                (first, "drop_ratio", table_layer), (first, "weight", end_layer)}
         except Exception:
             page.screenshot(path=str(SHOTS / "sliders-failure.png"), full_page=True)
             raise
