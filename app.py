@@ -15,11 +15,12 @@ import warnings
 from typing import Any
 
 from components import handlers as h
-from components.layout import build_demo, load_css
+from components.layout import build_demo, load_css, load_head
 from merging.io.access import public_host_warning
-from merging.workbench import exports_root, retention_sweep
+from merging.workbench import exports_root, retention_sweep, start_zoo_build
 
 CSS = load_css()
+HEAD = load_head()
 retention_sweep(startup=True)  # what a killed process left (export staging, old exports and uploads) goes first
 
 demo = build_demo()
@@ -48,11 +49,19 @@ def launch_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     warning = public_host_warning(args.host)
     if warning:
         warnings.warn(warning, stacklevel=2)
-    return dict(server_name=args.host, server_port=args.port, css=CSS, allowed_paths=[str(exports_root())],
-                max_file_size=h.launch_max_file_size())
+    return dict(server_name=args.host, server_port=args.port, css=CSS, head=HEAD,
+                allowed_paths=[str(exports_root())], max_file_size=h.launch_max_file_size())
+
+
+def start_background_work() -> None:
+    """What the server starts with, once per process: building the demo zoo (``MERGE_LAB_ZOO``, minutes of
+    training the first time) in a background thread, so it is under way before anyone opens the page.
+    ``MERGE_LAB_ZOO_BUILD=off`` turns it off. (A page that loads first would start it too, once.)"""
+    start_zoo_build()
 
 
 if __name__ == "__main__":
     args = parse_args()
     os.environ["MERGE_LAB_ZOO"] = args.zoo
+    start_background_work()
     demo.launch(**launch_kwargs(args))

@@ -279,8 +279,14 @@ def upload_refs(uploads) -> dict[str, str]:
     return refs
 
 
-def load(state, base_ref: str, zoo_tasks: Sequence[str] | None, extra: str, uploads, zoo, progress=None):
+def load(state, base_ref: str, zoo_tasks: Sequence[str] | None, extra: str, uploads, zoo, progress=None,
+         zoo_waiting: str | None = None):
+    """``zoo_waiting``: why the demo zoo cannot be used yet (it is still being built), said when the
+    request needs it (zoo picks, or nothing given at all)."""
     session = session_of(state)
+    if zoo is None and zoo_waiting and (zoo_tasks or not ((base_ref or "").strip() or (extra or "").strip()
+                                                        or uploads)):
+        raise MergeLabError(zoo_waiting)
     refs: dict[str, str] = {}
     if zoo is not None:
         for task in zoo_tasks or []:

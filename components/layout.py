@@ -67,7 +67,7 @@ def explained_plot(what: str, label: str, **plot_kwargs) -> tuple[gr.Plot, gr.Ma
 
 def long_step(button: gr.Button, stop: gr.Button, fn, inputs, outputs, api_name: str):
     """Wire one of the page's long steps: ``button`` is disabled while ``fn`` runs in the model-work queue
-    (``api_name`` is its HTTP endpoint) and enabled again after; ``stop`` cancels it and re-enables the
+    (``api_name`` is its HTTP endpoint) and enabled again after, success or failure; ``stop`` cancels it and re-enables the
     button. Returns the re-enabling event, for follow-ups that should run after the step."""
     def enable():
         return gr.update(interactive=True)
@@ -75,8 +75,17 @@ def long_step(button: gr.Button, stop: gr.Button, fn, inputs, outputs, api_name:
     start = button.click(lambda: gr.update(interactive=False), None, button, queue=False, api_visibility="private")
     event = start.then(h.heavy(fn), inputs, outputs, api_name=api_name, **h.HEAVY)
     done = event.then(enable, None, button, api_visibility="private")
+    # gradio runs .then() follow-ups only after a success: a failed step (its message is the toast) must
+    # leave its button usable too, or the page is stuck until someone presses Stop
+    event.failure(enable, None, button, api_visibility="private")
     stop.click(enable, None, button, cancels=[event], api_visibility="private")
     return done
+
+
+def load_head() -> str:
+    """Extra <head> HTML of the page (the toast de-duplication)."""
+    path = ASSETS / "head.html"
+    return path.read_text(encoding="utf-8") if path.is_file() else ""
 
 
 def load_css() -> str:
@@ -119,11 +128,13 @@ def intro_section() -> SimpleNamespace:
     with gr.Column(elem_classes=["ml-intro"]):
         gr.Markdown(_intro())
         with gr.Row():
-            guided_btn = gr.Button("Guided first merge", variant="secondary", scale=0)
+            guided_btn = gr.Button("Guided first merge", variant="secondary", scale=0, elem_id="btn-guided")
             gr.Markdown("Fills every step with a good first setting: all zoo experts, gradient importance, "
                         "APL at drop ratio 0.5. Then press the five buttons in order.")
         zoo_md = gr.Markdown("Looking for the demo zoo…", elem_id="zoo-status")
-    return SimpleNamespace(guided_btn=guided_btn, zoo_md=zoo_md)
+        # while the zoo builds (from server start-up), the one progress line above is refreshed from here
+        zoo_timer = gr.Timer(2.0, active=False)
+    return SimpleNamespace(guided_btn=guided_btn, zoo_md=zoo_md, zoo_timer=zoo_timer)
 
 
 def experts_section() -> SimpleNamespace:
@@ -236,7 +247,8 @@ def merge_section() -> SimpleNamespace:
         gr.Markdown("### Per-layer plan\nDrop ratio and weight of the selected expert at every layer. Moving a "
                     "slider overrides that cell (✎); the table below holds every expert × layer cell.")
         with gr.Row():
-            plan_expert = ui.Dropdown([], label="Expert shown on the sliders", allow_custom_value=True, scale=3)
+            plan_expert = ui.Dropdown([], label="Expert shown on the sliders", allow_custom_value=True, scale=3,
+                                      elem_id="plan-expert")
             reset_btn = gr.Button("Reset to suggestion", variant="secondary", size="sm", scale=0,
                                   min_width=190, elem_classes=["ml-btn"])
             uniform_btn = gr.Button("Uniform", variant="secondary", size="sm", scale=0, min_width=100,
@@ -248,7 +260,7 @@ def merge_section() -> SimpleNamespace:
             with gr.Column(scale=3):
                 profile_plot, profile_md = explained_plot(WHAT_PROFILE, label="Per-layer profile")
             with gr.Column(scale=2):
-                overrides_md = gr.Markdown()
+                overrides_md = gr.Markdown(elem_id="overrides")
         with gr.Tabs():
             with gr.Tab("Drop ratio table"):
                 drop_table = gr.Dataframe(label="drop ratio: expert × layer (editable: an edit applies at once)",
@@ -342,6 +354,7 @@ def api_inputs() -> SimpleNamespace:
 @h.safe
 def refresh_plan(session, expert, method_value, *values):
     """Plan views and the selected expert's sliders, for the method's current shared values."""
+    session = h.session_of(session)  # a tab that has loaded nothing yet (or whose state gradio dropped)
     shared = h.shared_values(method_value, values)
     return (*h.plan_views(session, method_value, shared),
             *h.slider_updates(session, expert, method_value, shared))
@@ -360,22 +373,26 @@ def on_method(session, expert, method_value):
 
 
 def wire_startup(demo, page) -> None:
-    """Open (or build) the demo zoo when a page loads."""
-    @h.safe
-    def startup(progress=gr.Progress()):
-        zoo = wb.open_default_zoo()
-        if zoo is None:
-            name = wb.default_zoo_name_safe()
-            progress(0, desc=f"Building the demo zoo '{name}': one short fine-tune per task "
-                             "(about 1–3 minutes per expert on 2 CPU cores)…")
-            zoo = wb.ensure_zoo(name, progress=h.progress_sink(progress))
-        base, refs = wb.zoo_refs(zoo)
-        text = (f"Demo zoo **{zoo.name}** is ready: {len(zoo.tasks)} experts ({', '.join(zoo.tasks)}) "
-                f"fine-tuned from `{Path(zoo.base_path).name}`.")
-        return text, gr.update(choices=zoo.tasks, value=zoo.tasks), base
+    """Show where the demo zoo stands when a page loads; while it builds (the server started that), refresh
+    the one progress line every two seconds and keep Guided first merge off until it is ready."""
+    intro, ex = page.intro, page.experts
+    outputs = [intro.zoo_md, ex.zoo_pick, ex.base_box, intro.guided_btn, intro.zoo_timer]
 
-    demo.load(startup, None, [page.intro.zoo_md, page.experts.zoo_pick, page.experts.base_box],
-              api_visibility="private")
+    def show(status):
+        if status.ready:
+            base, _ = wb.zoo_refs(status.zoo)
+            return (status.line, gr.update(choices=status.zoo.tasks, value=status.zoo.tasks), base,
+                    gr.update(interactive=True), gr.Timer(active=False))
+        building = status.state == "building"
+        return (status.line, gr.update(), gr.update(),
+                gr.update(interactive=False), gr.Timer(active=building))
+
+    @h.safe
+    def startup():
+        return show(wb.zoo_status())
+
+    demo.load(startup, None, outputs, api_visibility="private", show_progress="hidden")
+    intro.zoo_timer.tick(startup, None, outputs, api_visibility="private", show_progress="hidden", queue=False)
 
 
 def wire_experts(page) -> None:
@@ -384,8 +401,9 @@ def wire_experts(page) -> None:
     @h.safe
     def on_load(session, base, tasks, extra, files, method_value, request: gr.Request = None,
                 progress=gr.Progress()):
-        zoo = wb.open_default_zoo()
-        session, rows, note, data = h.load(session, base, tasks, extra, files, zoo, progress)
+        status = wb.zoo_status()
+        session, rows, note, data = h.load(session, base, tasks, extra, files, status.zoo, progress,
+                                           zoo_waiting=None if status.ready else status.not_ready_message())
         h.register_client(request, session)
         experts = session.experts
         return (session, rows, note, data, gr.update(choices=experts, value=experts[0]),
@@ -453,16 +471,20 @@ def wire_importance(page) -> None:
 
 
 def _slider_handler(index: int, key: str, unchanged: int):
-    """Handler of one per-layer slider; ``unchanged`` outputs (the plan views and the slider) are left
-    as they are when no expert is loaded."""
+    """Handler of one per-layer slider (every user change: drag, keys, its number box, its reset); the
+    ``unchanged`` outputs (the plan views and the slider) are left as they are when no expert is loaded or
+    the value is the plan's already (a release or blur that changed nothing records no override)."""
     @h.safe
     def on_slider(session, expert, value, method_value, *values):
         session = h.session_of(session)
-        if not session.refs or index >= len(session.layers) or expert not in session.refs:
+        if not session.refs or index >= len(session.layers) or expert not in session.refs or value is None:
             return (session, *[gr.update()] * unchanged)
         layer = session.layers[index]
-        wb.set_cell(session, expert, layer, key, value, method_value)
         shared = h.shared_values(method_value, values)
+        current = wb.plan(session, method_value, shared)[expert][key][layer]
+        if abs(float(value) - current) <= 5e-5:  # the sliders show the plan rounded to 4 decimals
+            return (session, *[gr.update()] * unchanged)
+        wb.set_cell(session, expert, layer, key, value, method_value)
         label = f"layer {layer} · {key.replace('_', ' ')} ✎"
         return (session, *h.plan_views(session, method_value, shared), gr.update(label=label))
     return on_slider
@@ -508,10 +530,14 @@ def wire_plan(page) -> None:
 
     for i in range(h.MAX_LAYER_ROWS):
         for key, slider in ((wb.DROP, merge.drop_sliders[i]), (wb.WEIGHT, merge.weight_sliders[i])):
-            slider.release(_slider_handler(i, key, len(page.plan_outputs) + 1),
-                           [page.state, merge.plan_expert, slider, merge.method, *merge.param_boxes],
-                           [page.state, *page.plan_outputs, slider], api_visibility="private",
-                           trigger_mode="always_last")
+            # .input: every user change (drag, arrow/Home/End/PageUp keys, typing into the number box);
+            # .release: the ↺ reset (and pointer-up / blur, which change nothing more). Neither fires on our
+            # own updates (expert shown, presets, APL prefill), so those never become overrides.
+            handler = _slider_handler(i, key, len(page.plan_outputs) + 1)
+            for event in (slider.input, slider.release):
+                event(handler, [page.state, merge.plan_expert, slider, merge.method, *merge.param_boxes],
+                      [page.state, *page.plan_outputs, slider], api_visibility="private",
+                      trigger_mode="always_last", show_progress="hidden")
 
     @h.safe
     def on_api_set(session, expert, layer, key, value, method_value, *values):
@@ -629,10 +655,13 @@ def wire_guided(page) -> None:
     """Guided first merge: fill every step with a good first setting on the demo zoo."""
     ex, imp, merge = page.experts, page.importance, page.merge
 
+    @h.safe
     def guided():
-        zoo = wb.open_default_zoo()
-        tasks = zoo.tasks if zoo is not None else []
-        base = wb.zoo_refs(zoo)[0] if zoo is not None else ""
+        status = wb.zoo_status()
+        if not status.ready:  # the button is off while the zoo builds; an API caller is told why
+            raise wb.MergeLabError(status.not_ready_message())
+        zoo = status.zoo
+        tasks, base = zoo.tasks, wb.zoo_refs(zoo)[0]
         return (gr.update(value=tasks), base, wb.DEFAULT_FEWSHOT, "gradient", "restore", wb.DEFAULT_METHOD,
                 "Guided setup done: press **Load experts**, then **Compute importance**, **Merge**, "
                 "**Run probe** and **Export**, in that order.")

@@ -39,6 +39,7 @@ def launched_app(cache_outside_tmp: Path | None = None):
         patch.setenv("MERGE_LAB_CACHE", str(outside))
     port = free_port()
     kwargs = app_module.launch_kwargs(app_module.parse_args(["--host", "127.0.0.1", "--port", str(port)]))
+    app_module.start_background_work()
     app_module.demo.launch(**kwargs, prevent_thread_lock=True, quiet=True)
     try:
         yield f"http://127.0.0.1:{port}/"

@@ -164,3 +164,27 @@ def test_page_has_each_main_label_exactly_once():
     labels = [b.value for b in app.demo.blocks.values() if b.__class__.__name__ == "Button"]
     for label in ("Load experts", "Compute importance", "Merge", "Run probe", "Export"):
         assert labels.count(label) == 1, label
+
+
+def test_plan_handlers_tolerate_a_tab_with_no_session():
+    """A tab that loaded nothing (state None) redraws its empty plan instead of failing on `None.refs`."""
+    from components import layout
+
+    out = layout.refresh_plan(None, None, wb.DEFAULT_METHOD, *[None] * len(h.PARAM_NAMES))
+    assert len(out) == 7 + 3 * h.MAX_LAYER_ROWS
+    assert out[0] is None and "Load experts first" in str(out[2].layout.annotations[0].text)
+
+
+def test_slider_handler_records_changes_only(session):
+    """A slider event whose value is the plan's (a release or blur after a programmatic update) records no
+    override; a changed value does, with the ✎ label."""
+    from components import layout
+
+    expert, layer = session.experts[0], session.layers[1]
+    values = [None] * len(h.PARAM_NAMES)
+    handler = layout._slider_handler(1, wb.DROP, 8)
+    current = wb.plan(session, "apl", h.shared_values("apl", values))[expert][wb.DROP][layer]
+    out = handler(session, expert, round(current, 4), "apl", *values)
+    assert not session.overrides and out[-1] == {"__type__": "update"}
+    out = handler(session, expert, round(current, 4) + 0.003, "apl", *values)
+    assert wb.is_overridden(session, expert, wb.DROP, layer) and "✎" in out[-1]["label"]

@@ -163,3 +163,88 @@ def test_old_exports_are_deleted(app_zoo):
     old.write_bytes(b"x")
     os.utime(old, (1, 1))
     assert wb.clean_old_exports() >= 1 and not old.exists()
+
+
+def test_zoo_build_runs_once_and_reports_one_progress_line(app_zoo, monkeypatch):
+    """The background zoo build: started once per zoo, its progress as one line (expert i of n, task,
+    step, time left from the measured rate), the not-ready message, then ready."""
+    import threading
+
+    from merging.workbench import zoo_build
+
+    release, calls = threading.Event(), []
+
+    def slowed(name, progress=None):
+        calls.append(name)
+        progress(0.25, "topic: step 10/40, loss 0.9")
+        release.wait(30)
+        return app_zoo[0]
+
+    monkeypatch.setattr(zoo_build, "BUILDER", slowed)
+    monkeypatch.setenv("MERGE_LAB_ZOO", "never-built")
+    zoo_build.forget_zoo_builds()
+    try:
+        first = wb.start_zoo_build()
+        assert wb.start_zoo_build() is first
+        for _ in range(100):
+            status = wb.zoo_status()
+            if "step 10/40" in status.line:
+                break
+            threading.Event().wait(0.02)
+        assert status.state == "building" and not status.ready
+        assert "expert 1 of" in status.line and "topic · step 10/40" in status.line and "left" in status.line
+        message = status.not_ready_message()
+        assert message.startswith("the demo zoo is still being built (expert 1 of") and "try again in" in message
+        # an expert's place in the zoo, even when an interrupted build already finished the ones before it
+        from merging.zoo.tasks import default_task_names
+
+        order = default_task_names()
+        first._progress(0.6, f"{order[-1]}: step 5/40, loss 1.0")
+        assert f"expert {len(order)} of {len(order)} · {order[-1]} · step 5/40" in wb.zoo_status().line
+        release.set()
+        assert first.wait(30)
+        assert wb.zoo_status().ready and calls == ["never-built"]
+    finally:
+        release.set()
+        zoo_build.forget_zoo_builds()
+
+
+def test_zoo_build_can_be_turned_off(monkeypatch, app_zoo):
+    from merging.workbench import zoo_build
+
+    monkeypatch.setenv("MERGE_LAB_ZOO", "never-built-either")
+    monkeypatch.setenv("MERGE_LAB_ZOO_BUILD", "off")
+    zoo_build.forget_zoo_builds()
+    try:
+        assert wb.start_zoo_build() is None
+        status = wb.zoo_status()
+        assert status.state == "off" and "folders or paths" in status.not_ready_message()
+        monkeypatch.setenv("MERGE_LAB_ZOO", app_zoo[0].name)  # a built zoo still opens with building off
+        assert wb.zoo_status().ready
+    finally:
+        zoo_build.forget_zoo_builds()
+
+
+def test_merge_before_load_says_load_experts_first():
+    """Not "APL needs importance": with nothing loaded, the first missing step is Load experts."""
+    with pytest.raises(wb.MergeLabError, match="press Load experts"):
+        wb.merge(wb.Session(), "apl", wb.check_shared("apl", {}), 0)
+
+
+def test_a_failed_zoo_build_says_what_to_do(monkeypatch):
+    from merging.workbench import zoo_build
+
+    def broken(name, progress=None):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(zoo_build, "BUILDER", broken)
+    monkeypatch.setenv("MERGE_LAB_ZOO", "never-built-broken")
+    zoo_build.forget_zoo_builds()
+    try:
+        assert wb.start_zoo_build().wait(30)
+        status = wb.zoo_status()
+        assert status.state == "failed" and "no space left on device" in status.line
+        assert status.not_ready_message().startswith("the demo zoo 'never-built-broken' could not be built")
+        assert "folders or paths" in status.not_ready_message()
+    finally:
+        zoo_build.forget_zoo_builds()

@@ -147,3 +147,4 @@ from .views import (  # noqa: F401
     magnitude_data,
     unit_module_choices,
 )
+from .zoo_build import ZooStatus, forget_zoo_builds, start_zoo_build, zoo_status  # noqa: F401

@@ -206,6 +206,8 @@ def merge(session: Session, method: str, shared: Mapping[str, Any], seed: int = 
     method = check_method(method)
     shared = check_shared(method, shared)
     seed = check_seed(seed)
+    if not session.refs:  # the first thing missing, before what the method needs of loaded experts
+        models_for(session)
     why = method_available(session, method)
     if why:
         raise MergeLabError(why)

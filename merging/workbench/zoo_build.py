@@ -1,0 +1,202 @@
+"""The demo zoo built in the background from server start-up, and what the page says while it builds.
+
+Building the default zoo trains one short fine-tune per task (minutes on a CPU). The server starts it once
+per process and per zoo name (:func:`start_zoo_build`), in a daemon thread, so the first visitor does not
+wait for it and every tab reads the same progress (:func:`zoo_status`). ``MERGE_LAB_ZOO_BUILD=off``
+turns the build off (a zoo that is already built is still opened); ``MERGE_LAB_ZOO`` names the zoo.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .session import ensure_zoo, open_default_zoo
+
+_STEP = re.compile(r"^(?P<task>[\w.-]+): step (?P<step>\d+)/(?P<steps>\d+)")
+
+
+@dataclass(frozen=True)
+class ZooStatus:
+    """What the page shows about the demo zoo: ``state`` is ready / building / failed / off."""
+
+    state: str
+    line: str  # the one progress line ("expert 2 of 4 · topic · step 15/40 · about 1 min left")
+    zoo: object | None = None
+    expert: int = 0
+    experts: int = 0
+    seconds_left: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def not_ready_message(self) -> str:
+        """Why a zoo-dependent button cannot act yet, and what to do."""
+        if self.state == "building":
+            where = f" (expert {self.expert} of {self.experts})" if self.experts else ""
+            return f"the demo zoo is still being built{where}: try again in {_eta_words(self.seconds_left)}"
+        if self.state == "failed":
+            return self.line[0].lower() + self.line[1:]
+        return ("the demo zoo is not built on this server: give experts as folders or paths, or build it with "
+                "`python -m merging zoo build`")
+
+
+def _eta_words(seconds: float | None) -> str:
+    if seconds is None:
+        return "a minute or two"
+    if seconds < 45:
+        return "a few seconds" if seconds < 15 else "less than a minute"
+    if seconds < 90:
+        return "about a minute"
+    return f"about {round(seconds / 60)} minutes"
+
+
+class ZooBuild:
+    """One background build of one zoo, with its progress as the page reports it."""
+
+    def __init__(self, name: str, build: Callable | None = None, total_experts: int | None = None):
+        self.name = name
+        self._build = build or ensure_zoo
+        self._total = total_experts
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.zoo = None
+        self.error: str | None = None
+        self._started = 0.0
+        self._fraction = 0.0
+        self._fraction_at = 0.0
+        self._message = ""
+        self._tasks: list[str] = []
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._started = time.monotonic()
+            self._thread = threading.Thread(target=self._run, name=f"zoo-build-{self.name}", daemon=True)
+            self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the build to end (tests); True when it did."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return thread is None or not thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            self.zoo = self._build(self.name, progress=self._progress)
+        except Exception as exc:  # noqa: BLE001 - the page says what went wrong; the log keeps the rest
+            import logging
+
+            logging.getLogger("merge_lab.app").exception("building the demo zoo %r failed", self.name)
+            self.error = str(exc)[:300] or type(exc).__name__
+
+    def _progress(self, fraction: float, message: str) -> None:
+        with self._lock:
+            self._fraction, self._fraction_at, self._message = float(fraction), time.monotonic(), message
+            found = _STEP.match(message or "")
+            if found and found["task"] not in self._tasks:
+                self._tasks.append(found["task"])
+
+    def status(self) -> ZooStatus:
+        if self.zoo is not None:
+            return ready_status(self.zoo)
+        if self.error is not None:
+            return ZooStatus("failed", f"The demo zoo '{self.name}' could not be built ({self.error}): give "
+                             "experts as folders or paths; the server log has the details.")
+        with self._lock:
+            fraction, message, tasks = self._fraction, self._message, list(self._tasks)
+            elapsed = (self._fraction_at or time.monotonic()) - self._started
+        order = _default_tasks()
+        total = self._total or len(order)
+        found = _STEP.match(message or "")
+        if found and found["task"] in order:  # its place in the zoo (experts an earlier build finished are skipped)
+            index = order.index(found["task"]) + 1
+        else:
+            index = (tasks.index(found["task"]) + 1) if found else max(1, len(tasks))
+        parts = [f"expert {index} of {total}" if total else f"expert {index}"]
+        if found:
+            parts += [found["task"], f"step {found['step']}/{found['steps']}"]
+        left = None
+        if fraction > 0.01 and elapsed > 0:  # from the measured rate (training steps dominate)
+            left = elapsed * (1.0 - fraction) / fraction
+            parts.append(f"{_eta_words(left)} left")
+        else:
+            parts.append("starting…")
+        line = (f"**Building the demo zoo '{self.name}'** (once per server, one short fine-tune per task; "
+                f"the zoo buttons wait for it): {' · '.join(parts)}")
+        return ZooStatus("building", line, expert=index, experts=total or 0, seconds_left=left)
+
+
+def _default_tasks() -> list[str]:
+    try:
+        from ..zoo.tasks import default_task_names
+
+        return default_task_names()
+    except Exception:  # noqa: BLE001 - only the progress line's "expert i of N" needs it
+        return []
+
+
+def ready_status(zoo) -> ZooStatus:
+    from pathlib import Path
+
+    line = (f"Demo zoo **{zoo.name}** is ready: {len(zoo.tasks)} experts ({', '.join(zoo.tasks)}) "
+            f"fine-tuned from `{Path(zoo.base_path).name}`.")
+    return ZooStatus("ready", line, zoo=zoo)
+
+
+_BUILDS: dict[str, ZooBuild] = {}
+_BUILDS_LOCK = threading.Lock()
+BUILDER: Callable | None = None  # what builds a zoo (None: ensure_zoo); tests put a slowed one here
+
+
+def build_enabled() -> bool:
+    return os.environ.get("MERGE_LAB_ZOO_BUILD", "on").strip().lower() not in ("0", "off", "false", "no")
+
+
+def _zoo_name(name: str | None) -> str:
+    from ..zoo.zoo import default_zoo_name
+
+    return name or default_zoo_name()
+
+
+def start_zoo_build(name: str | None = None) -> ZooBuild | None:
+    """Start building zoo ``name`` (default: MERGE_LAB_ZOO or ``default``) in the background, once per process;
+    None when building is turned off. A zoo already built is opened at once, without a thread."""
+    name = _zoo_name(name)
+    with _BUILDS_LOCK:
+        build = _BUILDS.get(name)
+        if build is not None:
+            return build
+        zoo = open_default_zoo(name)
+        if zoo is None and not build_enabled():
+            return None
+        build = _BUILDS[name] = ZooBuild(name, BUILDER)
+        if zoo is not None:
+            build.zoo = zoo
+            return build
+    build.start()
+    return build
+
+
+def zoo_status(name: str | None = None) -> ZooStatus:
+    """Where the demo zoo stands, in the page's words (starts the build if the server did not)."""
+    name = _zoo_name(name)
+    build = _BUILDS.get(name) or start_zoo_build(name)
+    if build is None:
+        zoo = open_default_zoo(name)
+        return ready_status(zoo) if zoo is not None else ZooStatus(
+            "off", f"The demo zoo '{name}' is not built on this server: give experts as folders or paths.")
+    return build.status()
+
+
+def forget_zoo_builds() -> None:
+    """Drop the record of started builds (tests; running threads finish on their own)."""
+    with _BUILDS_LOCK:
+        _BUILDS.clear()
