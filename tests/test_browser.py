@@ -3,53 +3,26 @@ and the heatmap, the probe table and the download appear. Saves tests/screenshot
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
 import pytest
+from browser import SHOTS, browser_or_skip, button, launch
 
-CHROMIUM = os.environ.get("MERGE_LAB_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
-SHOTS = Path(__file__).resolve().parent / "screenshots"
 pytestmark = pytest.mark.browser
 
 
-def _browser_or_skip():
-    found = Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        found = False
-    if not found:
-        message = (f"Chromium not found at {CHROMIUM} (or playwright missing): install it with "
-                   "`apt-get install chromium` (playwright cannot download browsers here)")
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 def test_browser_flow(app_url, real_zoo):
-    _browser_or_skip()
+    browser_or_skip()
     from playwright.sync_api import expect, sync_playwright
 
     SHOTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        browser, page = launch(pw)
         try:
             page.goto(app_url)
             expect(page.locator("#zoo-status")).to_contain_text("ready", timeout=60_000)
 
-            def button(label: str):
-                loc = page.get_by_role("button", name=label, exact=True)
-                expect(loc).to_have_count(1)
-                return loc
-
-            button("Load experts").click()
+            button(page, "Load experts").click()
             expect(page.locator("#experts-table")).to_contain_text("few-shot", timeout=120_000)
-            button("Compute importance").click()
+            button(page, "Compute importance").click()
             expect(page.locator("#heatmap .js-plotly-plot")).to_be_visible(timeout=180_000)
             # move one per-layer slider (layer index 1) with the mouse: input + release
             track = page.locator("#drop-1 input[type=range]")
@@ -59,7 +32,7 @@ def test_browser_flow(app_url, real_zoo):
             page.mouse.click(box["x"] + box["width"] * 0.9, box["y"] + box["height"] / 2)
             expect(page.locator("#drop-1")).to_contain_text("✎", timeout=30_000)
             # the preset buttons look like buttons: an outline that differs from their fill
-            uniform = button("Uniform")
+            uniform = button(page, "Uniform")
             border, fill = uniform.evaluate("e => { const c = getComputedStyle(e); "
                                             "return [c.borderTopColor, c.backgroundColor]; }")
             assert border != fill, (border, fill)
@@ -75,11 +48,11 @@ def test_browser_flow(app_url, real_zoo):
             page.keyboard.press("Enter")
             expect(page.get_by_text("Your overrides")).to_be_visible(timeout=30_000)
             expect(page.locator("body")).to_contain_text("weight: 0.250", timeout=30_000)
-            button("Merge").click()
+            button(page, "Merge").click()
             expect(page.locator("#merge-status")).to_contain_text("done", timeout=180_000)
-            button("Run probe").click()
+            button(page, "Run probe").click()
             expect(page.locator("#probe-table")).to_contain_text("base", timeout=180_000)
-            button("Export").click()
+            button(page, "Export").click()
             expect(page.locator("#export-file a").first).to_be_visible(timeout=300_000)
             page.get_by_role("button", name="Download history (JSON)").click()
             expect(page.locator("#history-file a").first).to_be_visible(timeout=60_000)
@@ -94,24 +67,11 @@ def test_browser_flow(app_url, real_zoo):
             browser.close()
 
 
-def _launch(pw):
-    browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-    return browser, browser.new_page(viewport={"width": 1400, "height": 1000})
-
-
-def _button(page, label: str):
-    from playwright.sync_api import expect
-
-    loc = page.get_by_role("button", name=label, exact=True)
-    expect(loc).to_have_count(1)
-    return loc
-
-
 def _load_and_importance(page, expect):
     expect(page.locator("#zoo-status")).to_contain_text("ready", timeout=60_000)
-    _button(page, "Load experts").click()
+    button(page, "Load experts").click()
     expect(page.locator("#experts-table")).to_contain_text("few-shot", timeout=120_000)
-    _button(page, "Compute importance").click()
+    button(page, "Compute importance").click()
     expect(page.locator("#heatmap .js-plotly-plot")).to_be_visible(timeout=180_000)
     expect(page.locator("#drop-1 input[type=range]")).to_be_visible(timeout=30_000)
 
@@ -140,13 +100,13 @@ def _recipe_value(recipe: dict, expert: str, key: str, layer: str) -> float:
 def test_every_slider_input_reaches_the_plan_and_the_merge(app_url, real_zoo):
     """Arrow keys and End on a layer slider, a number typed into its box + Enter, and a table edit each reach the
     overrides, the tables and the next merge's recipe; switching the expert shown records nothing."""
-    _browser_or_skip()
+    browser_or_skip()
     from playwright.sync_api import expect, sync_playwright
 
     zoo = real_zoo[0]
     first, second = zoo.tasks[0], zoo.tasks[1]
     with sync_playwright() as pw:
-        browser, page = _launch(pw)
+        browser, page = launch(pw)
         try:
             page.goto(app_url)
             _load_and_importance(page, expect)
@@ -207,7 +167,7 @@ def test_every_slider_input_reaches_the_plan_and_the_merge(app_url, real_zoo):
             page.get_by_role("option", name=first, exact=True).click()
             expect(page.locator("#drop-1")).to_contain_text("✎", timeout=30_000)
             # the next merge uses all three
-            _button(page, "Merge").click()
+            button(page, "Merge").click()
             expect(page.locator("#merge-status")).to_contain_text("done", timeout=180_000)
             recipe = _merged_recipe(page, expect)
             assert _recipe_value(recipe, first, "drop_ratio", drop_layer) == pytest.approx(moved, abs=1e-6)
@@ -227,15 +187,15 @@ def test_every_slider_input_reaches_the_plan_and_the_merge(app_url, real_zoo):
 def test_buttons_work_again_after_an_error(app_url, real_zoo):
     """Merge before Load experts fails with a toast; Merge and Compute importance are usable again after
     a successful load, and no output is left with a bare red "Error" pill."""
-    _browser_or_skip()
+    browser_or_skip()
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as pw:
-        browser, page = _launch(pw)
+        browser, page = launch(pw)
         try:
             page.goto(app_url)
             expect(page.locator("#zoo-status")).to_contain_text("ready", timeout=60_000)
-            merge = _button(page, "Merge")
+            merge = button(page, "Merge")
             merge.scroll_into_view_if_needed()
             merge.click()
             # the first thing missing, in words, and what to do
@@ -248,7 +208,7 @@ def test_buttons_work_again_after_an_error(app_url, real_zoo):
             assert len(texts) == len(set(texts)) >= 1, texts
             assert page.locator("[data-testid=status-tracker] span.error:visible").count() == 0
             _load_and_importance(page, expect)
-            expect(_button(page, "Compute importance")).to_be_enabled(timeout=30_000)
+            expect(button(page, "Compute importance")).to_be_enabled(timeout=30_000)
             expect(merge).to_be_enabled(timeout=30_000)
             merge.click()
             expect(page.locator("#merge-status")).to_contain_text("done", timeout=180_000)

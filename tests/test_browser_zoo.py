@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from test_browser import SHOTS, _browser_or_skip, _button, _launch
+from browser import SHOTS, browser_or_skip, button, launch
 
 pytestmark = pytest.mark.browser
 
@@ -39,7 +39,7 @@ def blocked_zoo(merge_lab_cache, monkeypatch):
 
 
 def test_page_while_the_zoo_builds(blocked_zoo):
-    _browser_or_skip()
+    browser_or_skip()
     from playwright.sync_api import expect, sync_playwright
     from served_app import launched_app
 
@@ -48,7 +48,7 @@ def test_page_while_the_zoo_builds(blocked_zoo):
     release, name = blocked_zoo
     with launched_app() as url, sync_playwright() as pw:
         assert name in zoo_build._BUILDS  # started with the server, before any tab opened
-        browser, page = _launch(pw)
+        browser, page = launch(pw)
         try:
             page.goto(url)
             status = page.locator("#zoo-status")
@@ -62,7 +62,7 @@ def test_page_while_the_zoo_builds(blocked_zoo):
             pick.click()
             pick.type("topic")
             pick.press("Enter")
-            _button(page, "Load experts").click()
+            button(page, "Load experts").click()
             toast = page.locator("[data-testid=toast-body]").first
             expect(toast).to_contain_text("the demo zoo is still being built (expert 1 of", timeout=30_000)
             expect(toast).to_contain_text("try again in", timeout=30_000)
@@ -73,7 +73,7 @@ def test_page_while_the_zoo_builds(blocked_zoo):
             expect(guided).to_be_enabled(timeout=30_000)
             guided.click()
             expect(page.locator("#load-status")).to_contain_text("Guided setup done", timeout=30_000)
-            _button(page, "Load experts").click()
+            button(page, "Load experts").click()
             expect(page.locator("#experts-table")).to_contain_text("few-shot", timeout=120_000)
         except Exception:
             page.screenshot(path=str(SHOTS / "zoo-build-failure.png"), full_page=True)
