@@ -32,6 +32,9 @@ from merging.io.replay import expert_set_from_recipe, merge_recipe
 from merging.methods import get_method
 from merging.params import ParamResolver
 
+# runs mergekit itself in another interpreter (about 30 s): part of the full run, not the fast inner loop
+pytestmark = pytest.mark.slow
+
 DEFAULT_PYTHON = Path("/work/venvs/mergekit/bin/python")
 FP32_TOL = 2e-6  # a few ulps of weights of magnitude ~1 (different summation order / fused ops)
 
@@ -53,6 +56,7 @@ def _mergekit_python() -> Path:
 _DRIVER = r"""
 import json, os, sys, traceback
 from mergekit.scripts.run_yaml import main
+
 for line in sys.stdin:
     request = json.loads(line)
     os.chdir(request["cwd"])
