@@ -9,8 +9,6 @@ per-layer slider re-merges only that layer and reuses the rest.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -21,7 +19,9 @@ import torch
 
 from .cancel import checkpoint
 from .errors import MergeLabError
+from .hashing import content_hash
 from .io.experts import ExpertSet
+from .io.integrity import all_finite
 from .io.layout import ROLE_COPY, ROLE_MERGE, TensorInfo
 from .methods import MethodSpec, PerTensor, TensorJob, Threshold, get_method, kernels
 from .params import ParamResolver, validate_params
@@ -205,7 +205,7 @@ class MergeEngine:
             self._check_finite(name, base, experts)
         job = TensorJob(name, info, base, experts, params, shared, settings.seed, numel, start, thresholds, extras)
         merged = settings.method.kernel(job)
-        if not _all_finite(merged):
+        if not all_finite(merged):
             raise MergeLabError(f"merging '{name}' produced NaN or Inf: check the parameters "
                                 "(a weight sum of zero with normalize, or extreme λ)")
         return merged
@@ -214,7 +214,7 @@ class MergeEngine:
         for model, tensor in [("base", base), *experts.items()]:
             if (model, name) in self._checked:
                 continue
-            if tensor.is_floating_point() and not _all_finite(tensor):
+            if tensor.is_floating_point() and not all_finite(tensor):
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise MergeLabError(
                     f"model '{model}' has {bad} NaN/Inf value(s) in tensor '{name}': the checkpoint is broken; "
@@ -276,14 +276,6 @@ def _to_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf in ``tensor``: one min/max pass (NaN propagates, ±Inf shows), not an isfinite mask."""
-    if tensor.numel() == 0:
-        return True
-    low, high = torch.aminmax(tensor)
-    return math.isfinite(float(low)) and math.isfinite(float(high))
-
-
 def _is_chunked(info: TensorInfo) -> bool:
     return len(info.shape) >= 2 and 4 * math.prod(info.shape) > CHUNK_BYTES
 
@@ -324,26 +316,10 @@ def _chunk_extras(extras: dict[str, Any], rows: tuple[int, int, int] | None, nam
 
 
 def _fingerprint(settings: MergeSettings, name: str, params, shared, thresholds, extras) -> str:
-    digest = hashlib.sha256()
-    digest.update(json.dumps([settings.method.name, name, params, shared, settings.seed, thresholds],
-                             sort_keys=True, default=str).encode())
-    for key in sorted(extras):
-        value = extras[key]
-        if isinstance(value, _Entry):
-            value = [value.declared.row_axis, value.value]  # this tensor's entry and how it is cut
-        digest.update(key.encode())
-        digest.update(_hash_value(value).encode())
-    return digest.hexdigest()
-
-
-def _hash_value(value: Any) -> str:
-    if torch.is_tensor(value):
-        return hashlib.sha256(value.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
-    if isinstance(value, Mapping):
-        return json.dumps({str(k): _hash_value(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))})
-    if isinstance(value, (list, tuple)):
-        return json.dumps([_hash_value(v) for v in value])
-    return json.dumps(value, sort_keys=True, default=str)
+    """The cache key of one merged tensor: everything that determines it (the one content hasher)."""
+    inputs = {key: [value.declared.row_axis, value.value] if isinstance(value, _Entry) else value  # entry + cut
+              for key, value in extras.items()}
+    return content_hash(settings.method.name, name, params, shared, settings.seed, thresholds, inputs)
 
 
 def merge_state_dicts(base: Mapping[str, torch.Tensor], experts, method: str, *, seed: int = 0,

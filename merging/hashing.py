@@ -47,9 +47,10 @@ def _feed(digest, value: Any) -> None:
         digest.update(json.dumps(value, sort_keys=True, default=str).encode())
 
 
-def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
-    """A hash of a file's bytes, read in 1 MiB chunks (a model file never sits in memory at once)."""
-    digest = hashlib.blake2b(digest_size=16)
+def file_digest(path: str | Path, chunk: int = 1 << 20, algorithm: str = "blake2b") -> str:
+    """A hash of a file's bytes, read in 1 MiB chunks (a model file never sits in memory at once).
+    ``algorithm``: blake2b (16 bytes, for cache keys) or sha256 (the zoo's recorded checksums)."""
+    digest = hashlib.blake2b(digest_size=16) if algorithm == "blake2b" else hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for piece in iter(lambda: handle.read(chunk), b""):
             digest.update(piece)

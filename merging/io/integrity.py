@@ -70,6 +70,17 @@ def check_safetensors(path: str | os.PathLike, shown: str | None = None) -> None
                 f"{data_bytes} bytes of data (an interrupted download or copy?): download or export it again")
 
 
+def all_finite(tensor) -> bool:
+    """No NaN or Inf in ``tensor``: one min/max pass (NaN propagates, ±Inf shows), not an isfinite mask. The
+    one NaN/Inf test: the engine checks its inputs and outputs with it, the load check counts with it."""
+    import torch
+
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
 def count_nonfinite(source, name: str, chunk_bytes: int = 16 * 1024 * 1024) -> int:
     """NaN/Inf values in one tensor of a model source: one min/max pass per row chunk (large tensors are
     read ``chunk_bytes`` at a time), an exact count only where a chunk is not finite."""
@@ -82,10 +93,8 @@ def count_nonfinite(source, name: str, chunk_bytes: int = 16 * 1024 * 1024) -> i
     bad = 0
     for r0 in range(0, rows, step):
         piece = source.get(name) if step >= rows else source.get_rows(name, r0, min(rows, r0 + step))
-        if piece.numel():
-            low, high = torch.aminmax(piece.float())
-            if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-                bad += int((~torch.isfinite(piece)).sum())
+        if not all_finite(piece.float()):
+            bad += int((~torch.isfinite(piece)).sum())
         if step >= rows:
             break
     return bad

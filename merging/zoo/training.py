@@ -212,17 +212,13 @@ _DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) → sha
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file, remembered by path, size and modification time (opening a zoo re-checks every
     expert; a file that changed on disk gets hashed again)."""
-    import hashlib
+    from ..hashing import file_digest
 
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     digest = _DIGESTS.get(key)
     if digest is None:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        digest = _DIGESTS[key] = h.hexdigest()
+        digest = _DIGESTS[key] = file_digest(path, algorithm="sha256")
     return digest
 
 
