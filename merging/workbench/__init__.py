@@ -106,7 +106,6 @@ from .limits import (  # noqa: F401
 from .merge import (  # noqa: F401
     MergeSummary,
     build_recipe,
-    build_settings,
     clean_shared,
     expert_parameters,
     key_settings,
@@ -140,7 +139,6 @@ from .session import MergeInputs, Session, TaskData, ensure_zoo, open_default_zo
 from .views import (  # noqa: F401
     conflict_data,
     cosine_data,
-    default_zoo_name_safe,
     fidelity_data,
     hidden_view,
     importance_maps,

@@ -103,7 +103,6 @@ class Models:
     lock: threading.RLock = field(default_factory=threading.RLock)
     fingerprint: str = ""  # content identity of the selection's files (path, size, mtime)
     stats: Any = None  # TaskVectorStats (computed on first use)
-    support: Any = None  # calibration.DeltaSupport
     tokenizer: Any = None
     prober: Any = None
     prober_key: str | None = None
@@ -114,8 +113,8 @@ class Models:
 
     def nbytes(self) -> int:
         """Tensors this entry holds: merged results and the engine's tensor cache (shared storages counted
-        once), the prober (its model, base copy and hidden-state cache), the predictor, delta support."""
-        return estimate_bytes(self.engine, self.results, self.prober, self.predictor, self.support, self.stats,
+        once), the prober (its model, base copy and hidden-state cache), the predictor, statistics."""
+        return estimate_bytes(self.engine, self.results, self.prober, self.predictor, self.stats,
                               self.expert_set)
 
     def drop_result(self, key: str) -> None:

@@ -109,15 +109,6 @@ def _recipe(session: Session, snap: MergeInputs, prepared_result: Mapping | None
                   calibrated=calibrated, notes="made with the Merge Lab app")
 
 
-def build_settings(session: Session, method: str, shared: Mapping[str, Any], seed: int = 0,
-                   progress: Progress | None = None):
-    """(engine settings, recipe) for the page's values (data-aware methods get their inputs prepared)."""
-    why = method_available(session, method)
-    if why:
-        raise MergeLabError(why)
-    return settings_for(session, snapshot(session, method, shared, seed), progress)
-
-
 def settings_for(session: Session, snap: MergeInputs, progress: Progress | None = None):
     """(engine settings, recipe) of a frozen snapshot: the one place a merge's settings are built."""
     from ..engine import MergeSettings

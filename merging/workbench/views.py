@@ -111,9 +111,3 @@ def conflict_data(session: Session, method: str | None = None, shared: Mapping[s
 def cosine_data(session: Session) -> tuple[list[str], list[list[float]]]:
     stats = task_vector_stats(models_for(session))
     return list(stats.experts), stats.cosine_matrix("model")
-
-
-def default_zoo_name_safe() -> str:
-    from ..zoo.zoo import default_zoo_name
-
-    return default_zoo_name()
