@@ -10,6 +10,13 @@ expert's maskable tensors (the droppable merged tensors, model-wide, in layout o
   Fisher and the probe use): its gradient in θ is taken at the relaxed point, and the chain rule gives
   ``∂/∂S = (∇_θL ⊙ τ + l1 / k) · σ'(S)`` — APL's gradient-mode product ∇L ⊙ Δ, times σ'.
 
+Adam normalises each logit's step, so an entry moves by about the learning rate per step whatever its
+gradient's size; the L1 term ``l1 / k`` then works as a threshold: an entry rises only while its loss
+benefit −∇L·τ exceeds it. Measured on all-MiniLM-L6-v2 with one expert fine-tuned 15 steps on a toy
+sentiment task (64 examples, 1 % kept): few-shot loss 0.656 with the magnitude mask, 0.594 trained with the
+defaults (40 steps, lr 0.5, l1 0.1; 0.287 for the whole expert, 0.693 for the base), about 3 s a step on
+one CPU thread; l1 = 0 or 1 did worse (0.653, 0.651), the relaxed mask then keeping too much or too little.
+
 Ties in a top-k are kept lowest flat index first in layout order, so a mask never depends on how a
 sort breaks them. No random choice is made: the batch is the whole few-shot draw and the start is the
 magnitude mask, so the same inputs give the same mask. Masks are bools (one byte an entry) and are
@@ -194,7 +201,7 @@ def _task(expert_set, expert, state, examples, tokenizer, device, max_length, ex
 # ---- the mask cache: per expert set (dropped with it), expert, few-shot draw and mask parameters --------
 
 _CACHE: dict[int, dict[str, tuple[dict[str, torch.Tensor], list[float]]]] = {}
-_PER_SET = 32  # masks kept per expert set (a bool per entry each); the oldest go first
+_PER_SET = 8  # masks kept per expert set (one byte an entry each: 23 MB for MiniLM); the oldest go first
 
 
 def _cache_key(expert: str, examples, values: Mapping, device: str, max_length: int) -> str:

@@ -50,9 +50,10 @@ LOCALIZE = ParamSpec("localize", "choice", "trained",
 STEPS = ParamSpec("steps", "int", 40,
                   "Adam steps of mask training (each one forward and backward pass over the few-shot batch); "
                   "0 gives the magnitude mask.", SHARED, 0, 1000)
-LEARNING_RATE = ParamSpec("mask_lr", "float", 0.25,
-                          "Adam learning rate on the mask logits: about how far a logit moves per step; 40 steps "
-                          "of 0.25 let an entry travel from −5 to +5.", SHARED, 1e-4, 10.0)
+LEARNING_RATE = ParamSpec("mask_lr", "float", 0.5,
+                          "Adam learning rate on the mask logits: about how far a logit moves per step (an entry "
+                          "starting off at −5 can overtake one starting on at +5 after 10 steps of 0.5).",
+                          SHARED, 1e-4, 10.0)
 L1 = ParamSpec("l1", "float", 0.1,
                "Strength of the L1 penalty l1 · Σ σ(S) / k (k the kept count) that pushes entries the task "
                "loss does not need out of the mask.", SHARED, 0.0, 100.0)
