@@ -15,7 +15,8 @@ gradient's size; the L1 term ``l1 / k`` then works as a threshold: an entry rise
 benefit −∇L·τ exceeds it. Measured on all-MiniLM-L6-v2 with one expert fine-tuned 15 steps on a toy
 sentiment task (64 examples, 1 % kept): few-shot loss 0.656 with the magnitude mask, 0.594 trained with the
 defaults (40 steps, lr 0.5, l1 0.1; 0.287 for the whole expert, 0.693 for the base), about 3 s a step on
-one CPU thread; l1 = 0 or 1 did worse (0.653, 0.651), the relaxed mask then keeping too much or too little.
+one CPU thread; at 20 steps l1 = 0 or 1 did worse than 0.1 (0.653, 0.651 against 0.637), the relaxed mask
+then keeping too much or too little.
 
 Ties in a top-k are kept lowest flat index first in layout order, so a mask never depends on how a
 sort breaks them. No random choice is made: the batch is the whole few-shot draw and the start is the
