@@ -128,7 +128,17 @@ def _regmean_extras(expert_set, generator):
     return {REGMEAN_GRAMS: PerTensor(grams, row_axis=None), REGMEAN_INPUT_AXIS: PerTensor(axes, row_axis=None)}
 
 
-FABRICATED_INPUTS = {"fisher": _fisher_extras, "apl": _apl_extras, "regmean": _regmean_extras}
+def _localize_stitch_extras(expert_set, generator):
+    """Fabricated bool masks (about 30 % kept, overlapping) for every droppable merged tensor."""
+    from merging.methods.localize_stitch import MASKS_EXTRAS
+
+    values = {name: {e: torch.rand(info.shape, generator=generator) < 0.3 for e in expert_set.experts}
+              for name, info in expert_set.layout.tensors.items() if info.droppable}
+    return {MASKS_EXTRAS: PerTensor(values, row_axis=0)}
+
+
+FABRICATED_INPUTS = {"fisher": _fisher_extras, "apl": _apl_extras, "regmean": _regmean_extras,
+                     "localize_stitch": _localize_stitch_extras}
 
 
 def _cases():

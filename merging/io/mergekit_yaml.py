@@ -57,6 +57,9 @@ _METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "slerp": ("slerp", {}),
     "model_stock": ("model_stock", {}),
 }
+# Methods mergekit lacks, with why (said in the refusal).
+_ABSENT = {"localize_stitch": " (no Localize-and-Stitch: its per-expert masks, trained on few-shot data or "
+                              "taken model-wide by magnitude, cannot be written in a mergekit config)"}
 _SPARSIFYING = {"ties", "magnitude", "breadcrumbs", "dare_linear", "dare_ties", "della"}
 _CONSENSUS = {"ties", "dare_ties", "della"}
 _RANDOM = {"dare_linear", "dare_ties", "della"}
@@ -74,7 +77,8 @@ def to_mergekit(recipe, layers: Sequence[str] | Layout | None = None) -> dict[st
     """
     spec = get_method(recipe.method)
     if recipe.method not in _METHODS:
-        raise MergeLabError(f"mergekit has no '{recipe.method}' method: export the Merge Lab recipe instead "
+        why = _ABSENT.get(recipe.method, "")
+        raise MergeLabError(f"mergekit has no '{recipe.method}' method{why}: export the Merge Lab recipe instead "
                             "(python -m merging merge recipe.yaml --out DIR replays it)", field="method")
     layout = layers if isinstance(layers, Layout) else None
     layer_names = list(layout.layers if layout else layers) if layers is not None else None

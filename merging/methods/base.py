@@ -210,7 +210,8 @@ def all_specs() -> list[MethodSpec]:
 
 
 #: modules that register methods on import, in the order the methods are listed
-METHOD_MODULES = ("classic", "fisher", "apl", "model_stock", "consensus", "pcb", "tsv", "regmean")
+METHOD_MODULES = ("classic", "fisher", "apl", "model_stock", "consensus", "pcb", "tsv", "regmean",
+                  "localize_stitch")
 
 
 def _ensure_loaded() -> None:
