@@ -22,6 +22,8 @@ from ..params import ParamSpec
 NEEDS_BASE = "base"
 NEEDS_FEW_SHOT = "few_shot"  # task examples for each expert (Fisher, APL)
 NEEDS_IMPORTANCE = "importance"  # prepare takes importance= (an ImportanceMap the caller already computed)
+#: what a per-task-body merge's label says wherever it is listed beside single-model merges
+PER_TASK_LABEL = "one body per task"
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,6 @@ RESCALERS = ParamSpec(
     "How each task's rescaler λ_t = Σ|τ_t| / Σ|M_t ⊙ τ_uni| is summed: 'model' over every entry of the model "
     "(the paper), 'tensor_means' over the tensors' mean magnitudes (the authors' released code: each tensor "
     "counts the same), 'none' for λ_t = 1.", SHARED, choices=("model", "tensor_means", "none"))
-#: the label a merge of one body per task carries wherever it is listed beside single-model merges
-PER_TASK_LABEL = "one body per task"
 
 
 def emr_elect(deltas: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
