@@ -335,6 +335,9 @@ def test_workbench_merge_probe_export_label_and_score_per_task(loaded):
         assert row.metrics[task] == pytest.approx(own.metrics[task], rel=1e-6)
     headers, rows = wb.history_rows(session)
     assert rows[-1][0] == summary.label
+    # Try a sentence: each task's "merged" prediction comes from that task's own body
+    preds = wb.predict(session, "w1 w2 w3")
+    assert {r[1] for r in preds} == {"base", "expert", "merged"}
     names = wb.read_zip_names(wb.export(session))
     for task in session.refs:
         assert f"{task}/model.safetensors" in names
