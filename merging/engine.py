@@ -114,7 +114,7 @@ class MergeEngine:
         self.experts = expert_set
         self.use_cache = cache
         self.check_finite = check_finite
-        self._cache: dict[str, tuple[str, torch.Tensor]] = {}
+        self._cache: dict[tuple[str, str | None], tuple[str, torch.Tensor]] = {}  # (tensor, task) → (key, merged)
         self._thresholds: dict[tuple, tuple[float, dict[str, list[int]]]] = {}
         self._checked: set[tuple[str, str]] = set()
         self._model_stats: dict[str, Any] = {}  # settings key → the method's ModelStat total
@@ -126,6 +126,7 @@ class MergeEngine:
         A per-task-body method is merged once per expert too (``task_bodies``), after its unified body."""
         start = time.perf_counter()
         recomputed: list[str] = []
+        seen: set[str] = set()
         changed: set[str] = set()
         tasks: list[str | None] = [None]
         if settings.method.per_task_bodies:
@@ -137,7 +138,8 @@ class MergeEngine:
             for index, (name, tensor, fresh) in enumerate(self.iter_merged(settings, task=task)):
                 body[name] = tensor
                 if fresh:
-                    if name not in recomputed:
+                    if name not in seen:  # a tensor recomputed for several bodies is listed once
+                        seen.add(name)
                         recomputed.append(name)
                     changed.add(self.experts.layout[name].layer)
                 if progress and index % 16 == 0:
