@@ -81,13 +81,24 @@ class MergeSettings:
 
 @dataclass
 class MergeResult:
-    """Merged body tensors (base names), per-expert task heads, and what was recomputed."""
+    """Merged body tensors (base names), per-expert task heads, and what was recomputed.
+
+    A method with ``per_task_bodies`` (EMR) makes one body per expert: ``task_bodies[expert]`` (full bodies,
+    base names; ``{}`` for every other method). Its ``tensors`` are then a labelled stand-in —
+    ``tensors_label`` says what they are (EMR: θ_0 + τ_uni, the unified vector) — never a task's model:
+    use :meth:`body_for` wherever a task is scored or written."""
 
     tensors: dict[str, torch.Tensor]
     heads: dict[str, dict[str, torch.Tensor]]
     recomputed: list[str]
     changed_layers: list[str]
     seconds: float
+    task_bodies: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    tensors_label: str = "merged body"
+
+    def body_for(self, task: str) -> dict[str, torch.Tensor]:
+        """The body task ``task`` runs on: its own body for a per-task-body method, else the merged one."""
+        return self.task_bodies[task] if self.task_bodies else self.tensors
 
     def first_changed_layer(self, layers: list[str]) -> str | None:
         for layer in layers:
@@ -103,43 +114,69 @@ class MergeEngine:
         self.experts = expert_set
         self.use_cache = cache
         self.check_finite = check_finite
-        self._cache: dict[str, tuple[str, torch.Tensor]] = {}
+        self._cache: dict[tuple[str, str | None], tuple[str, torch.Tensor]] = {}  # (tensor, task) → (key, merged)
         self._thresholds: dict[tuple, tuple[float, dict[str, list[int]]]] = {}
         self._checked: set[tuple[str, str]] = set()
+        self._model_stats: dict[str, Any] = {}  # settings key → the method's ModelStat total
 
     # ---- public -------------------------------------------------------------
     def merge(self, settings: MergeSettings, progress: Progress | None = None) -> MergeResult:
-        """Merge every body tensor in memory (re-using cached tensors whose inputs did not change)."""
+        """Merge every body tensor in memory (re-using cached tensors whose inputs did not change).
+
+        A per-task-body method is merged once per expert too (``task_bodies``), after its unified body."""
         start = time.perf_counter()
-        out: dict[str, torch.Tensor] = {}
         recomputed: list[str] = []
+        seen: set[str] = set()
         changed: set[str] = set()
-        for index, (name, tensor, fresh) in enumerate(self.iter_merged(settings)):
-            out[name] = tensor
-            if fresh:
-                recomputed.append(name)
-                changed.add(self.experts.layout[name].layer)
-            if progress and index % 16 == 0:
-                progress(index / max(1, len(self.experts.layout.tensors)), f"merging {name}")
+        tasks: list[str | None] = [None]
+        if settings.method.per_task_bodies:
+            tasks += list(self.experts.experts)
+        total = max(1, len(self.experts.layout.tensors) * len(tasks))
+        bodies: dict[str | None, dict[str, torch.Tensor]] = {}
+        for step, task in enumerate(tasks):
+            body = bodies.setdefault(task, {})
+            for index, (name, tensor, fresh) in enumerate(self.iter_merged(settings, task=task)):
+                body[name] = tensor
+                if fresh:
+                    if name not in seen:  # a tensor recomputed for several bodies is listed once
+                        seen.add(name)
+                        recomputed.append(name)
+                    changed.add(self.experts.layout[name].layer)
+                if progress and index % 16 == 0:
+                    done = step * len(self.experts.layout.tensors) + index
+                    progress(done / total, f"merging {name}" + (f" for {task}" if task else ""))
         heads = {name: expert.head() for name, expert in self.experts.experts.items()}
         layers = [layer for layer in self.experts.layout.layers if layer in changed]
-        return MergeResult(out, heads, recomputed, layers, time.perf_counter() - start)
+        result = MergeResult(bodies.pop(None), heads, recomputed, layers, time.perf_counter() - start)
+        if settings.method.per_task_bodies:
+            result.task_bodies = {task: body for task, body in bodies.items() if task is not None}
+            result.tensors_label = (f"{settings.method.pretty_name}: the unified body shared by the tasks, not a "
+                                    "task's model (each task's model is task_bodies[task])")
+        return result
 
-    def iter_merged(self, settings: MergeSettings,
-                    dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    def iter_merged(self, settings: MergeSettings, dtype: torch.dtype | None = None,
+                    task: str | None = None) -> Iterator[tuple[str, torch.Tensor, bool]]:
         """Yield (name, merged tensor, recomputed?) for every body tensor, in the base's order.
 
         ``dtype`` (export): merged tensors come out in that dtype, converted chunk by chunk for
         tensors merged in row chunks, so no whole float32 copy of them is held (the cache, if on,
-        keeps float32). Copied tensors come as stored."""
+        keeps float32). Copied tensors come as stored. ``task``: the expert whose body to merge, for a
+        method with ``per_task_bodies`` (None: its labelled unified body)."""
+        if task is not None and not settings.method.per_task_bodies:
+            raise MergeLabError(f"{settings.method.pretty_name} makes one body for every task: merge it without "
+                                "a task", field="task")
+        if task is not None and task not in self.experts.experts:
+            raise MergeLabError(f"no expert named '{task}' to merge a body for (experts: "
+                                f"{', '.join(self.experts.experts)})", field="task")
         resolver = settings.resolver(self.experts)
         layout = self.experts.layout
+        stat = self._model_stat_for(settings, resolver)
         for name, info in layout.tensors.items():
             checkpoint()  # Stop ends the merge here, not after the last tensor
             if info.role == ROLE_COPY:
                 yield name, self.experts.base.get(name), False
             elif info.role == ROLE_MERGE:
-                merged, fresh = self._merge_one(name, info, settings, resolver, dtype)
+                merged, fresh = self._merge_one(name, info, settings, resolver, dtype, task, stat)
                 yield name, merged, fresh
                 del merged
         # tied lm_head aliases are written by the exporter from the embeddings
@@ -156,24 +193,27 @@ class MergeEngine:
         return sum(t.numel() * t.element_size() for _, t in self._cache.values())
 
     # ---- one tensor -----------------------------------------------------------
-    def _merge_one(self, name: str, info: TensorInfo, settings: MergeSettings,
-                   resolver: ParamResolver, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, bool]:
+    def _merge_one(self, name: str, info: TensorInfo, settings: MergeSettings, resolver: ParamResolver,
+                   dtype: torch.dtype | None = None, task: str | None = None,
+                   stat: Any = None) -> tuple[torch.Tensor, bool]:
         params = {e: resolver.for_layer(e, info.layer) for e in self.experts.experts}
         shared = resolver.for_layer(None, info.layer)
         thresholds = self._thresholds_for(name, info, settings, resolver, params)
         extras = _tensor_extras(settings.extras, name)
-        key = _fingerprint(settings, name, params, shared, thresholds, extras)
-        cached = self._cache.get(name)
+        key = _fingerprint(settings, name, params, shared, thresholds, extras, task, stat)
+        cached = self._cache.get((name, task))
         if self.use_cache and cached is not None and cached[0] == key:
             return _to_dtype(cached[1], dtype), False
-        merged = self._compute(name, info, settings, params, shared, thresholds, extras,
-                               None if self.use_cache else dtype)
+        jobs = self._jobs(name, info, settings, params, shared, thresholds, extras, task, stat)
+        merged = self._compute(info, settings, jobs, None if self.use_cache else dtype)
         if self.use_cache:
-            self._cache[name] = (key, merged)
+            self._cache[(name, task)] = (key, merged)
         return _to_dtype(merged, dtype), True
 
-    def _compute(self, name, info, settings, params, shared, thresholds, extras, dtype=None) -> torch.Tensor:
-        """Merge one tensor, in row chunks when it is large and the method is row-separable.
+    def _jobs(self, name, info, settings, params, shared, thresholds, extras, task=None,
+              stat=None) -> Iterator[tuple[tuple[int, int] | None, TensorJob]]:
+        """The jobs merging one tensor: ``(None, job)`` for the whole tensor, or ``((r0, r1), job)`` per row
+        chunk when it is large and the method is row-separable (the merge and a ModelStat pre-pass alike).
 
         ``thresholds[expert]`` is (cut, tie quota per row chunk); each chunk gets its own quota."""
         base_entry_shape = info.shape
@@ -182,33 +222,71 @@ class MergeEngine:
         chunk_rows = _chunk_rows(info)
         if not _is_chunked(info) or not settings.method.is_row_separable(shared):
             whole = {e: Threshold(cut, sum(quota)) for e, (cut, quota) in thresholds.items()}
-            return _to_dtype(self._run(name, info, settings, params, shared, whole, _chunk_extras(extras, None),
-                                       self.experts.base.get(name),
-                                       {e: x.get(name) for e, x in self.experts.experts.items()}, numel, 0), dtype)
-        out = None  # filled chunk by chunk (no list of pieces plus a concatenated copy)
+            yield None, self._job(name, info, settings, params, shared, whole, _chunk_extras(extras, None),
+                                  self.experts.base.get(name), {e: x.get(name) for e, x in self.experts.experts.items()},
+                                  numel, 0, task, stat)
+            return
         for index, r0 in enumerate(range(0, rows, chunk_rows)):
             r1 = min(rows, r0 + chunk_rows)
             base = self.experts.base.get_rows(name, r0, r1)
             experts = {e: x.source.get_rows(x.body_key(name), r0, r1) for e, x in self.experts.experts.items()}
             chunk_thresholds = {e: Threshold(cut, quota[index]) for e, (cut, quota) in thresholds.items()}
-            piece = self._run(name, info, settings, params, shared, chunk_thresholds,
-                              _chunk_extras(extras, (r0, r1, rows), name), base, experts, numel, r0 * (numel // rows))
-            piece = _to_dtype(piece, dtype)
+            yield (r0, r1), self._job(name, info, settings, params, shared, chunk_thresholds,
+                                      _chunk_extras(extras, (r0, r1, rows), name), base, experts, numel,
+                                      r0 * (numel // rows), task, stat)
+            del base, experts
+
+    def _compute(self, info, settings, jobs, dtype=None) -> torch.Tensor:
+        """Merge one tensor from its jobs, chunk by chunk into one output (no list of pieces plus a copy)."""
+        out = None
+        for rows, job in jobs:
+            piece = _to_dtype(self._run(settings, job), dtype)
+            if rows is None:
+                return piece
             if out is None:
-                out = torch.empty((rows, *piece.shape[1:]), dtype=piece.dtype)
-            out[r0:r1] = piece
-            del base, experts, piece
+                out = torch.empty((info.shape[0], *piece.shape[1:]), dtype=piece.dtype)
+            out[rows[0]:rows[1]] = piece
+            del piece
         return out
 
-    def _run(self, name, info, settings, params, shared, thresholds, extras, base, experts, numel, start):
+    def _job(self, name, info, settings, params, shared, thresholds, extras, base, experts, numel, start,
+             task=None, stat=None) -> TensorJob:
         if self.check_finite:
             self._check_finite(name, base, experts)
-        job = TensorJob(name, info, base, experts, params, shared, settings.seed, numel, start, thresholds, extras)
+        return TensorJob(name, info, base, experts, params, shared, settings.seed, numel, start, thresholds, extras,
+                         task, stat)
+
+    def _run(self, settings, job: TensorJob) -> torch.Tensor:
         merged = settings.method.kernel(job)
         if not all_finite(merged):
-            raise MergeLabError(f"merging '{name}' produced NaN or Inf: check the parameters "
+            raise MergeLabError(f"merging '{job.name}' produced NaN or Inf: check the parameters "
                                 "(a weight sum of zero with normalize, or extreme λ)")
         return merged
+
+    # ---- a model-wide statistic (EMR's rescalers), one pre-pass per settings ------------------
+    def _model_stat_for(self, settings: MergeSettings, resolver: ParamResolver) -> Any:
+        """The method's :class:`~merging.methods.base.ModelStat` total (None without one), computed once per
+        settings over every merged tensor, in layout order and row chunks where the merge chunks."""
+        declared = settings.method.model_stat
+        if declared is None:
+            return None
+        key = content_hash(settings.method.name, settings.shared, settings.per_expert, settings.seed,
+                           {k: [v.row_axis, dict(v.values)] if isinstance(v, PerTensor) else v
+                            for k, v in settings.extras.items()})
+        if key not in self._model_stats:
+            partials = []
+            for name, info in self.experts.layout.tensors.items():
+                if info.role != ROLE_MERGE:
+                    continue
+                checkpoint()
+                params = {e: resolver.for_layer(e, info.layer) for e in self.experts.experts}
+                shared = resolver.for_layer(None, info.layer)
+                thresholds = self._thresholds_for(name, info, settings, resolver, params)
+                extras = _tensor_extras(settings.extras, name)
+                for _, job in self._jobs(name, info, settings, params, shared, thresholds, extras):
+                    partials.append((name, declared.partial(job)))
+            self._model_stats[key] = declared.total(partials, settings.shared)
+        return self._model_stats[key]
 
     def _check_finite(self, name: str, base: torch.Tensor, experts: dict[str, torch.Tensor]) -> None:
         for model, tensor in [("base", base), *experts.items()]:
@@ -315,11 +393,14 @@ def _chunk_extras(extras: dict[str, Any], rows: tuple[int, int, int] | None, nam
     return out
 
 
-def _fingerprint(settings: MergeSettings, name: str, params, shared, thresholds, extras) -> str:
-    """The cache key of one merged tensor: everything that determines it (the one content hasher)."""
+def _fingerprint(settings: MergeSettings, name: str, params, shared, thresholds, extras, task=None,
+                 stat=None) -> str:
+    """The cache key of one merged tensor: everything that determines it (the one content hasher), with
+    the task whose body it belongs to and the model-wide statistic for a method that has them."""
     inputs = {key: [value.declared.row_axis, value.value] if isinstance(value, _Entry) else value  # entry + cut
               for key, value in extras.items()}
-    return content_hash(settings.method.name, name, params, shared, settings.seed, thresholds, inputs)
+    extra = [] if task is None and stat is None else [task, stat]  # single-body keys unchanged
+    return content_hash(settings.method.name, name, params, shared, settings.seed, thresholds, inputs, *extra)
 
 
 def merge_state_dicts(base: Mapping[str, torch.Tensor], experts, method: str, *, seed: int = 0,
@@ -328,7 +409,8 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor], experts, method: str, *,
     """Merge in-memory state dicts (tests, small models). ``experts``: list or ``{name: state dict}``.
 
     Returns the merged body keyed by the base's names; task heads are not merged (they stay with
-    each expert). Per-expert parameters go in ``expert_params``.
+    each expert). Per-expert parameters go in ``expert_params``. A per-task-body method (EMR) has no
+    one merged body: this refuses it; use ``MergeEngine(...).merge(settings).task_bodies``.
     """
     from .io.experts import check_homology
     from .io.sources import ModelSource
@@ -337,4 +419,7 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor], experts, method: str, *,
     sources = {name: ModelSource.from_state_dict(name, dict(sd)) for name, sd in items}
     expert_set = check_homology(ModelSource.from_state_dict("base", dict(base)), sources)
     settings = MergeSettings.build(expert_set, method, params, expert_params, seed, extras)
+    if settings.method.per_task_bodies:
+        raise MergeLabError(f"{settings.method.pretty_name} makes one body per task, not one merged body: read "
+                            "MergeEngine(expert_set).merge(settings).task_bodies[expert] instead", field="method")
     return MergeEngine(expert_set, cache=False).merge(settings).tensors

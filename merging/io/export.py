@@ -2,7 +2,8 @@
 
 Classifier experts carry task heads, so the export writes one folder per task (merged body
 + that task's head), each loadable with the expert's own transformers class. Without task
-heads it writes a single folder. Everything goes to a temporary sibling folder moved into place at
+heads it writes a single folder — except for a method of one body per task (EMR-Merging), where
+every expert's folder holds that expert's own body (and head, if it has one). Everything goes to a temporary sibling folder moved into place at
 the end: a failed export (full disk, killed process, bad input) leaves the previous export,
 if any, intact and nothing half-written.
 
@@ -123,7 +124,7 @@ def export_recipe(recipe, out_dir: str | Path, *, expert_set: ExpertSet | None =
     dtype = dtype or recipe.dtype
     if dtype not in TORCH_DTYPES:
         raise MergeLabError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}", field="dtype")
-    targets = _targets(expert_set, tasks)
+    targets = _targets(expert_set, tasks, settings.method.per_task_bodies)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_staging(out_dir)
@@ -184,9 +185,11 @@ def _check_free_space(expert_set: ExpertSet, targets, dtype: str, out_dir: Path)
                             "smaller dtype (fp16)", kind=DISK_FULL)
 
 
-def _targets(expert_set: ExpertSet, tasks: Iterable[str] | None) -> dict[str, str | None]:
-    """Folder name → expert whose head (and config) it uses; ``{"": None}`` for a single headless folder."""
-    with_heads = [n for n, e in expert_set.experts.items() if e.head_names]
+def _targets(expert_set: ExpertSet, tasks: Iterable[str] | None,
+             per_task: bool = False) -> dict[str, str | None]:
+    """Folder name → expert whose head (and config, and for ``per_task`` body) it uses; ``{"": None}`` for a
+    single headless folder. ``per_task`` (one body per task): a folder for every expert, heads or not."""
+    with_heads = [n for n, e in expert_set.experts.items() if e.head_names or per_task]
     if not with_heads:
         return {"": None}
     chosen = list(tasks) if tasks is not None else with_heads
@@ -208,16 +211,14 @@ def _write(recipe, expert_set, engine, settings, targets, staging, dtype, shard_
         folder.mkdir(parents=True, exist_ok=True)
         folders[folder_name or "merged"] = folder
         writers[folder_name] = ShardWriter(folder, shard_bytes)
-    total = len(expert_set.layout.tensors)
-    for index, (name, tensor, _) in enumerate(engine.iter_merged(settings, dtype=torch_dtype)):
-        value = tensor.to(torch_dtype) if tensor.is_floating_point() else tensor  # one copy shared by all folders
-        del tensor  # (merged tensors already come in torch_dtype, row chunk by row chunk)
-        for folder_name, expert in targets.items():
-            prefix = expert_set.experts[expert].prefix if expert else _headless_prefix(expert_set)
-            writers[folder_name].add(prefix + name, value)
-        del value
-        if progress and index % 8 == 0:
-            progress(0.9 * index / max(total, 1), f"writing {name}")
+    if settings.method.per_task_bodies:
+        for step, (folder_name, expert) in enumerate(targets.items()):
+            _write_bodies(expert_set, engine.iter_merged(settings, dtype=torch_dtype, task=expert),
+                          {folder_name: writers[folder_name]}, {folder_name: expert}, torch_dtype, progress,
+                          step / len(targets), 1 / len(targets))
+    else:
+        _write_bodies(expert_set, engine.iter_merged(settings, dtype=torch_dtype), writers, targets, torch_dtype,
+                      progress)
     files: list[Path] = []
     for folder_name, expert in targets.items():
         writer = writers[folder_name]
@@ -225,18 +226,34 @@ def _write(recipe, expert_set, engine, settings, targets, staging, dtype, shard_
             for head_name, head in expert_set.experts[expert].head().items():
                 writer.add(head_name, head.to(torch_dtype) if head.is_floating_point() else head)
         files += writer.close()
-        files += _write_folder_files(expert_set, expert, writer.folder, recipe, dtype, warnings)
+        files += _write_folder_files(expert_set, expert, writer.folder, recipe, dtype, warnings,
+                                     settings.method.per_task_bodies)
     files += _write_top_files(recipe, expert_set, staging, importance_json)
     if progress:
         progress(1.0, "export written")
     return ExportReport(staging, folders, files, warnings)
 
 
+def _write_bodies(expert_set, merged, writers, targets, torch_dtype, progress, start=0.0, span=1.0) -> None:
+    """Add each tensor of ``merged`` (iter_merged's stream) to the writers of ``targets`` (one converted copy
+    shared by all of them), reporting progress over ``start`` … ``start + span`` of the writing."""
+    total = len(expert_set.layout.tensors)
+    for index, (name, tensor, _) in enumerate(merged):
+        value = tensor.to(torch_dtype) if tensor.is_floating_point() else tensor  # one copy shared by all folders
+        del tensor  # (merged tensors already come in torch_dtype, row chunk by row chunk)
+        for folder_name, expert in targets.items():
+            prefix = expert_set.experts[expert].prefix if expert else _headless_prefix(expert_set)
+            writers[folder_name].add(prefix + name, value)
+        del value
+        if progress and index % 8 == 0:
+            progress(0.9 * (start + span * index / max(total, 1)), f"writing {name}")
+
+
 def _headless_prefix(expert_set: ExpertSet) -> str:
     return next(iter(expert_set.experts.values())).prefix
 
 
-def _write_folder_files(expert_set, expert, folder, recipe, dtype, warnings) -> list[Path]:
+def _write_folder_files(expert_set, expert, folder, recipe, dtype, warnings, per_task=False) -> list[Path]:
     source = expert_set.experts[expert].source if expert else next(iter(expert_set.experts.values())).source
     config = dict(source.config or expert_set.base.config or {})
     files = []
@@ -255,7 +272,7 @@ def _write_folder_files(expert_set, expert, folder, recipe, dtype, warnings) -> 
     for file in tokenizer:
         files.append(Path(shutil.copy2(file, folder / file.name)))
     card = folder / "README.md"
-    card.write_text(model_card(recipe, expert))
+    card.write_text(model_card(recipe, expert, per_task))
     files.append(card)
     recipe_path = folder / "recipe.yaml"
     recipe_path.write_text(recipe.to_yaml())
@@ -284,10 +301,14 @@ def _write_top_files(recipe, expert_set, staging, importance_json) -> list[Path]
     return files
 
 
-def model_card(recipe, task: str | None) -> str:
+def model_card(recipe, task: str | None, per_task: bool = False) -> str:
     """A README model card that says what was merged, how, and how to replay it."""
     experts = "\n".join(f"- `{e.name}`: `{e.model}`" for e in recipe.experts)
     head = f"This folder holds the merged body with the **{task}** expert's task head.\n\n" if task else ""
+    if per_task and task:
+        head = (f"This folder holds the **{task}** task's own body (the method makes one body per task, not one "
+                "merged model: every task's folder differs), with that expert's task head if it has one. Its "
+                "scores are not those of a single merged model.\n\n")
     return (
         f"---\nlibrary_name: transformers\ntags:\n- merge\n- merge-lab\n- {recipe.method}\n---\n"
         f"# Merged model ({recipe.method})\n\n"

@@ -76,6 +76,10 @@ def to_mergekit(recipe, layers: Sequence[str] | Layout | None = None) -> dict[st
     blocks). MergeLabError if mergekit has no such method or cannot run the values given.
     """
     spec = get_method(recipe.method)
+    if spec.per_task_bodies:  # no mergekit config can say "a different body per task"
+        raise MergeLabError(f"mergekit has no {spec.pretty_name} ('{recipe.method}'): it makes one body per task "
+                            "and a mergekit config makes one model. Export the Merge Lab recipe instead (python -m "
+                            "merging merge recipe.yaml --out DIR writes one folder per task)", field="method")
     if recipe.method not in _METHODS:
         why = _ABSENT.get(recipe.method, "")
         raise MergeLabError(f"mergekit has no '{recipe.method}' method{why}: export the Merge Lab recipe instead "

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..engine import MergeEngine, MergeResult, MergeSettings, Progress
+from ..errors import MergeLabError
 from ..methods import get_method
 from .experts import ExpertSet
 
@@ -54,5 +55,19 @@ def merge_recipe(recipe, *, expert_set: ExpertSet | None = None, engine: MergeEn
 
 
 def merge_recipe_body(recipe) -> dict[str, torch.Tensor]:
-    """Merged body tensors (base names) of a recipe, in memory."""
+    """Merged body tensors (base names) of a recipe, in memory. A method of one body per task (EMR) has no
+    one body: refused, so its unified vector is never taken for its model (use :func:`merge_recipe_task_bodies`)."""
+    if get_method(recipe.method).per_task_bodies:
+        raise MergeLabError(f"{get_method(recipe.method).pretty_name} makes one body per task, not one merged "
+                            "body: score or export each task's own body (merge_recipe(recipe).task_bodies, or "
+                            "python -m merging merge recipe.yaml --out DIR for one folder per task)", field="method")
     return merge_recipe(recipe).tensors
+
+
+def merge_recipe_task_bodies(recipe) -> dict[str, dict[str, torch.Tensor]]:
+    """expert → that expert's body (base names) of a recipe whose method makes one body per task."""
+    result = merge_recipe(recipe)
+    if not result.task_bodies:
+        raise MergeLabError(f"{get_method(recipe.method).pretty_name} makes one merged body for every task: use "
+                            "merge_recipe_body", field="method")
+    return result.task_bodies

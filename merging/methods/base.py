@@ -22,6 +22,8 @@ from ..params import ParamSpec
 NEEDS_BASE = "base"
 NEEDS_FEW_SHOT = "few_shot"  # task examples for each expert (Fisher, APL)
 NEEDS_IMPORTANCE = "importance"  # prepare takes importance= (an ImportanceMap the caller already computed)
+#: what a per-task-body merge's label says wherever it is listed beside single-model merges
+PER_TASK_LABEL = "one body per task"
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,11 @@ class TensorJob:
     start: int = 0
     thresholds: dict[str, Threshold] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    #: the expert whose body this job merges, for a method with ``per_task_bodies`` (None: the one
+    #: merged body, or for such a method its labelled single-body stand-in, e.g. EMR's unified vector)
+    task: str | None = None
+    #: the method's :class:`ModelStat` total over every merged tensor (None for methods without one)
+    model_stat: Any = None
 
     def deltas(self) -> dict[str, torch.Tensor]:
         base = self.base.float()
@@ -112,6 +119,22 @@ class TensorJob:
 
 
 Kernel = Callable[[TensorJob], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelStat:
+    """A model-wide statistic a kernel needs before it can merge any one tensor (EMR's per-task
+    rescalers are sums over the whole model), computed by the engine in one pre-pass per settings.
+
+    ``partial(job)`` runs on every merged tensor (on each row chunk where the method is row-separable and
+    the tensor large; ``job.task`` is None); ``total([(tensor name, partial), ...], shared)`` — in layout
+    order, chunks in row order, with the validated shared parameters — returns the value every job then
+    sees as ``job.model_stat``. Return per-row
+    pieces from ``partial`` when ``total`` sums them, so a chunked pre-pass adds in the same order as a
+    whole one (chunked == whole, bit for bit)."""
+
+    partial: Callable[[TensorJob], Any]
+    total: Callable[[list[tuple[str, Any]], Mapping[str, Any]], Any]
 
 
 @dataclass(frozen=True)
@@ -144,6 +167,12 @@ class MethodSpec:
     #: memory on large tensors but never correctness; a function of the shared parameters where it
     #: depends on a choice. False by default, so a new method is correct before it is fast.
     row_separable: bool | Callable[[Mapping[str, Any]], bool] = False
+    #: the method's result is not one model but one body per expert (EMR-Merging): the engine merges
+    #: each tensor once per expert (``job.task``), ``MergeResult.task_bodies`` holds the bodies, exports
+    #: write each expert's folder with its own body and the probe scores each task on its own body.
+    per_task_bodies: bool = False
+    #: a model-wide statistic the kernel reads as ``job.model_stat`` (see :class:`ModelStat`)
+    model_stat: ModelStat | None = None
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:
@@ -173,7 +202,7 @@ class MethodSpec:
             "name": self.name, "pretty_name": self.pretty_name, "paper": self.paper_url,
             "summary": self.summary, "needs": sorted(self.needs),
             "min_experts": self.min_experts, "max_experts": self.max_experts,
-            "mergekit": self.mergekit_name,
+            "mergekit": self.mergekit_name, "per_task_bodies": self.per_task_bodies,
             "params": [
                 {"name": p.name, "type": p.kind, "default": p.default, "scope": p.scope, "help": p.help,
                  "min": p.low, "max": p.high, "choices": list(p.choices) or None}
@@ -211,7 +240,7 @@ def all_specs() -> list[MethodSpec]:
 
 #: modules that register methods on import, in the order the methods are listed
 METHOD_MODULES = ("classic", "fisher", "apl", "model_stock", "consensus", "pcb", "tsv", "regmean",
-                  "localize_stitch")
+                  "emr", "localize_stitch")
 
 
 def _ensure_loaded() -> None:

@@ -211,6 +211,10 @@ def merge(session: Session, method: str, shared: Mapping[str, Any], seed: int = 
     session.method, session.shared, session.seed = method, dict(shared), int(seed)
     session.merges += 1
     label = f"#{session.merges} {method}"
+    if method_spec(method).per_task_bodies:  # never listed beside single-model merges without saying so
+        from ..methods.base import PER_TASK_LABEL
+
+        label += f" ({PER_TASK_LABEL})"
     session.last_recipe, session.last_label = recipe, label
     seconds = 0.0 if reused else result.seconds
     summary = MergeSummary(label, method, seconds, 0 if reused else len(result.recomputed),
@@ -223,15 +227,21 @@ def merge(session: Session, method: str, shared: Mapping[str, Any], seed: int = 
 
 
 def merged_tensors(session: Session) -> dict[str, torch.Tensor]:
-    """The session's last merged body; rebuilt from its frozen inputs if memory pressure evicted it."""
+    """The session's last merged body; rebuilt from its frozen inputs if memory pressure evicted it. (For a
+    method of one body per task, its labelled unified body: score tasks on ``merged_result().body_for``.)"""
+    return merged_result(session).tensors
+
+
+def merged_result(session: Session):
+    """The session's last MergeResult (bodies per task included); rebuilt if memory pressure evicted it."""
     models = models_for(session)
     result = models.results.get(session.merge_key) if session.merge_key else None
     if result is not None:
         if session.id not in models.owners.get(session.merge_key, set()):
             _own(session, models, session.merge_key)
-        return result.tensors
+        return result
     if session.merge_inputs is None:
         raise MergeLabError("no merge yet in this session: press Merge first")
     key, _, result, _ = _merge_result(session, models, session.merge_inputs, no_progress)
     _own(session, models, key)
-    return result.tensors
+    return result

@@ -13,7 +13,7 @@ from .budget import check_memory
 from .cache import CACHE, RESULTS, Models, content_hash
 from .experts import models_for, tokenizer_for
 from .limits import DROP, MAX_SENTENCE_CHARS, SWEEP_METHODS, Progress, no_progress
-from .merge import merged_tensors, method_available, settings_for
+from .merge import merged_result, method_available, settings_for
 from .prepare import snapshot
 from .session import Session
 
@@ -72,10 +72,13 @@ def run_probe(session: Session, progress: Progress | None = None):
     progress(0.1, "base and experts (computed once, then cached)")
 
     def probe_merge():
-        body = merged_tensors(session)
+        result = merged_result(session)
+        name = session.last_label or "merged"
         with models.lock:
             progress(0.6, "the merged model")
-            return dict(prober.probe_body(body, name=session.last_label or "merged").metrics)
+            if result.task_bodies:  # one body per task (EMR): each task scored on its own body
+                return dict(prober.probe_task_bodies(result.task_bodies, name=name).metrics)
+            return dict(prober.probe_body(result.tensors, name=name).metrics)
 
     with models.lock:
         reference = prober.reference()
@@ -157,7 +160,7 @@ def predict(session: Session, text: str, expert: str | None = None) -> list[list
     base_root = getattr(models.expert_set.base, "root", None)
     if base_root is None:
         raise MergeLabError("predictions need the base as a model folder")
-    merged = merged_tensors(session)
+    result = merged_result(session)
     tasks = [expert] if expert else list(session.refs)
     rows = []
     with models.lock:
@@ -178,8 +181,10 @@ def predict(session: Session, text: str, expert: str | None = None) -> list[list
                     else out.last_hidden_state[:, 0]
 
         base_state = {n: models.expert_set.base.get(n) for n in names if n in models.expert_set.base.tensors}
-        bodies = {"base": base_state, "merged": merged}
-        pools = {"base": pooled(base_state), "merged": pooled(merged)}
+        bodies = {"base": base_state, "merged": result.tensors}
+        pools = {"base": pooled(base_state)}
+        if not result.task_bodies:
+            pools["merged"] = pooled(result.tensors)
         for task in tasks:
             expert_obj = models.expert_set.experts[task]
             head = expert_obj.head()
@@ -190,6 +195,8 @@ def predict(session: Session, text: str, expert: str | None = None) -> list[list
                 continue
             own = {n: expert_obj.get(n) for n in names if n in models.expert_set.layout.tensors}
             pools[task] = pooled(own)
+            if result.task_bodies:  # one body per task: the task's "merged" prediction is its own body's
+                pools["merged"] = pooled(result.body_for(task))
             labels = session.data[task].labels if task in session.data else []
             for which in ("base", task, "merged"):
                 logits = pools[which] @ weight.float().T + (bias.float() if bias is not None else 0)

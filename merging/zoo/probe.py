@@ -377,6 +377,19 @@ class Prober:
         """
         return self._eval_body(name, body, self._stages(changed_layers))
 
+    def probe_task_bodies(self, bodies: Mapping[str, dict[str, torch.Tensor]], name: str = "merged") -> ProbeRow:
+        """Evaluate a method of one body per task (EMR-Merging): task t scored on ``bodies[t]`` with t's head.
+
+        Never one body for all tasks: a per-task-body merge is a different model per task, and scoring every
+        task on one of them (or on the unified vector) measures something else. Costs a probe per task (each
+        body runs over every probe text; the cache still skips layers equal to the body probed before)."""
+        missing = [t for t in self.tasks if t not in bodies]
+        if missing:
+            raise MergeLabError(f"no body for task {missing[0]!r}: a merge of one body per task needs a body for "
+                                f"every probed task ({', '.join(self.tasks)})")
+        metrics = {t: self._eval_body(name, bodies[t]).metrics[t] for t in self.tasks}
+        return ProbeRow(name=name, metrics=metrics)
+
     def _stages(self, layers: Iterable | None) -> set[int] | None:
         if layers is None:
             return None
