@@ -144,6 +144,9 @@ class MethodSpec:
     #: memory on large tensors but never correctness; a function of the shared parameters where it
     #: depends on a choice. False by default, so a new method is correct before it is fast.
     row_separable: bool | Callable[[Mapping[str, Any]], bool] = False
+    #: one paragraph in plain words of what the method does to the task vectors (the page, `merge-lab
+    #: methods` and the README show it beside the paper link); ``summary`` stays the one-line version
+    explanation: str = ""
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:
@@ -171,7 +174,7 @@ class MethodSpec:
         """JSON-ready declaration (CLI `methods --json`, the app)."""
         return {
             "name": self.name, "pretty_name": self.pretty_name, "paper": self.paper_url,
-            "summary": self.summary, "needs": sorted(self.needs),
+            "summary": self.summary, "explanation": self.explanation, "needs": sorted(self.needs),
             "min_experts": self.min_experts, "max_experts": self.max_experts,
             "mergekit": self.mergekit_name,
             "params": [
