@@ -74,8 +74,7 @@ def to_mergekit(recipe, layers: Sequence[str] | Layout | None = None) -> dict[st
     """
     spec = get_method(recipe.method)
     if recipe.method not in _METHODS:
-        raise MergeLabError(f"mergekit has no '{recipe.method}' method: export the Merge Lab recipe instead "
-                            "(python -m merging merge recipe.yaml --out DIR replays it)", field="method")
+        raise MergeLabError(no_mergekit_note(spec), field="method")
     layout = layers if isinstance(layers, Layout) else None
     layer_names = list(layout.layers if layout else layers) if layers is not None else None
     ctx = _Context(layout, layer_names)
@@ -148,6 +147,18 @@ def to_mergekit(recipe, layers: Sequence[str] | Layout | None = None) -> dict[st
     if notes:
         config["# notes"] = notes
     return config
+
+
+def no_mergekit_note(spec) -> str:
+    """Why a method has no mergekit export, naming it (every method outside ``_METHODS``, registered
+    later ones included): mergekit 0.1.5 lacks it, and for a data-aware method a config could not carry
+    what ``prepare`` measured on the experts' few-shot data anyway."""
+    why = ("it merges with inputs measured on each expert's few-shot data (its prepare step), which a mergekit "
+           "config cannot carry" if spec.prepare is not None else "mergekit implements no such merge")
+    if getattr(spec, "per_task_bodies", False):
+        why += "; it also writes one body per task, where mergekit writes one model"
+    return (f"mergekit has no '{spec.name}' method ({spec.pretty_name}): {why}. Export the Merge Lab recipe "
+            "instead (python -m merging merge recipe.yaml --out DIR replays it)")
 
 
 def to_mergekit_yaml(recipe, layers: Sequence[str] | Layout | None = None) -> str:
