@@ -233,6 +233,7 @@ def speed(args) -> dict:
             t = time.perf_counter()
             job()
             times[key].append(time.perf_counter() - t)
+            print(f"     {key} {times[key][-1]:.2f}s (1-min load {os.getloadavg()[0]:.1f})", flush=True)
         print(f"   round {round_index + 1}/{args.repeats}: " +
               ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items() if len(v) == round_index + 1))
     med = {k: statistics.median(v) for k, v in times.items()}

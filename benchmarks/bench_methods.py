@@ -1,7 +1,8 @@
 """Merge quality against the baselines on the demo zoo (a script, not part of the test suite).
 
-    python benchmarks/bench_methods.py                 # full run (≈30-40 min on 2 shared cores); writes RESULTS-methods.md
-    python benchmarks/bench_methods.py --quick         # ≈5 min smoke run (1 seed, tiny grids, 100 probe examples); no file
+    python benchmarks/bench_methods.py                 # full run (≈45 min on 2 cores at load ≈2, estimated); writes RESULTS-methods.md
+    python benchmarks/bench_methods.py --quick         # smoke run (2 seeds, tiny grids, 100 probe examples); no file
+                                                       # (27.6 min at mean load 8.2, ≈7 min at load 2)
     python benchmarks/bench_methods.py --pair sentiment,subjectivity --settings pair --no-ablation
     python benchmarks/bench_methods.py --out /tmp/r.md # write the results elsewhere (also with --quick)
     python benchmarks/bench_methods.py --methods pcb,tsv,apl   # a subset of the rows (APL is needed for the verdict)
