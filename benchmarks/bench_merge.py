@@ -7,11 +7,15 @@
     python benchmarks/bench_merge.py --threads 1     # single-threaded torch (steadier on a busy machine)
     python benchmarks/bench_merge.py --skip-speed --skip-stream --vs-mergekit VENV/bin/python   # vs mergekit 0.1.5
 
-Speed: every classic method (``merging.methods.available()`` minus the data-aware ``fisher`` and
-``apl``; slerp with 2 experts) merges base + 3 experts of a synthetic BERT-base-like model
-(random float32, in memory) through ``MergeEngine(cache=False)``, next to two references timed
-in the same run and interleaved with the methods, round by round, so that the load from other
-jobs on the machine hits all of them alike:
+Speed: every registered method (``merging.methods.available()``; slerp with 2 experts) merges base +
+3 experts of a synthetic BERT-base-like model (random float32, in memory) through
+``MergeEngine(cache=False)``, next to two references timed in the same run and interleaved with the
+methods, round by round, so that the load from other jobs on the machine hits all of them alike.
+Data-aware methods get synthetic inputs of the real shapes in place of what ``prepare`` measures
+(built once, outside the timing; the merge time is what is measured): Fisher random positive
+diagonals, RegMean one random Gram matrix XᵀX/n per expert and input width, shared by every linear
+weight of that width (the solve costs the same as with measured Grams). A data-aware method without
+such synthetic inputs here (APL: its calibration table; later ones) is skipped with a printed line.
 
 - ``bandwidth``: base + Σ experts, tensor by tensor, float32 (a pure memory pass);
 - ``rng``: only the uniforms DARE draws (``kernels.uniforms`` for every tensor of every expert);
@@ -47,16 +51,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from merging.apl.defaults import FISHER_EXTRAS  # noqa: E402
 from merging.engine import MergeEngine, MergeSettings  # noqa: E402
 from merging.io.experts import check_homology  # noqa: E402
+from merging.io.layout import EMBEDDINGS, ROLE_MERGE  # noqa: E402
 from merging.io.sources import ModelSource  # noqa: E402
-from merging.methods import (
-    available,  # noqa: E402
-    kernels,  # noqa: E402
+from merging.methods import (  # noqa: E402
+    available,
+    get_method,
+    kernels,
 )
+from merging.methods.base import PerTensor  # noqa: E402
+from merging.methods.regmean import REGMEAN_GRAMS, REGMEAN_INPUT_AXIS  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS-merge.md")
-DATA_AWARE = {"fisher", "apl"}
 SEED = 1234
 # issue targets: method → (reference, max ratio)
 TARGETS = {"task_arithmetic": ("bandwidth", 2.0), "ties": ("bandwidth", 6.0), "dare_linear": ("rng", 1.5)}
@@ -150,6 +158,34 @@ def raw_rand_pass(shapes: dict, expert_names: list[str]) -> None:
             torch.rand(torch.Size(shape).numel())
 
 
+def synthetic_extras(method: str, expert_set) -> dict | None:
+    """Inputs of the shapes a data-aware method's ``prepare`` returns, random (seeded), or None where this
+    benchmark has none for ``method``."""
+    gen = torch.Generator().manual_seed(SEED)
+    layout = expert_set.layout
+    merged = [n for n, i in layout.tensors.items() if i.role == ROLE_MERGE]
+    if method == "fisher":
+        values = {n: {e: torch.rand(layout[n].shape, generator=gen) + 1e-3 for e in expert_set.experts}
+                  for n in merged}
+        return {FISHER_EXTRAS: PerTensor(values, row_axis=0)}
+    if method == "regmean":
+        grams: dict[str, dict] = {}
+        by_width: dict[tuple[str, int], torch.Tensor] = {}
+        for name in merged:
+            shape = layout[name].shape
+            if len(shape) != 2 or layout[name].layer in (EMBEDDINGS,):  # nn.Linear weights [out, in] only
+                continue
+            for expert in expert_set.experts:
+                key = (expert, shape[1])
+                if key not in by_width:
+                    x = torch.randn(256, shape[1], generator=gen)
+                    by_width[key] = x.T @ x / 256
+                grams.setdefault(name, {})[expert] = by_width[key]
+        axes = {name: torch.tensor(1) for name in grams}
+        return {REGMEAN_GRAMS: PerTensor(grams, row_axis=None), REGMEAN_INPUT_AXIS: PerTensor(axes, row_axis=None)}
+    return None
+
+
 def speed(args) -> dict:
     shapes = bert_shapes(layers=4, hidden=512, inter=2048, vocab=30522) if args.quick else bert_shapes()
     count = n_params(shapes)
@@ -161,14 +197,24 @@ def speed(args) -> dict:
     base_src = ModelSource.from_state_dict("base", base)
     set3 = check_homology(base_src, {n: ModelSource.from_state_dict(n, sd) for n, sd in experts.items()})
     set2 = check_homology(base_src, {n: ModelSource.from_state_dict(n, experts[n]) for n in ("e1", "e2")})
-    methods = [m for m in available() if m not in DATA_AWARE]
+    methods = list(available())
     if args.methods:
         methods = [m for m in methods if m in args.methods.split(",")]
+    extras: dict[str, dict] = {}
+    for method in list(methods):
+        if get_method(method).prepare is None:
+            continue
+        made = synthetic_extras(method, set3)
+        if made is None:
+            print(f"   (skipping {method}: data-aware, no synthetic inputs for it in this benchmark)")
+            methods.remove(method)
+        else:
+            extras[method] = made
     expert_list = list(experts.values())
 
     def run_method(method):
-        expert_set = set2 if method == "slerp" else set3
-        settings = MergeSettings.build(expert_set, method, {}, None, SEED)
+        expert_set = set2 if get_method(method).max_experts == 2 else set3
+        settings = MergeSettings.build(expert_set, method, {}, None, SEED, extras=extras.get(method))
         result = MergeEngine(expert_set, cache=False).merge(settings)
         assert len(result.tensors) == len(shapes)
         del result
@@ -187,6 +233,7 @@ def speed(args) -> dict:
             t = time.perf_counter()
             job()
             times[key].append(time.perf_counter() - t)
+            print(f"     {key} {times[key][-1]:.2f}s (1-min load {os.getloadavg()[0]:.1f})", flush=True)
         print(f"   round {round_index + 1}/{args.repeats}: " +
               ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items() if len(v) == round_index + 1))
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -1,17 +1,28 @@
 """Merge quality against the baselines on the demo zoo (a script, not part of the test suite).
 
-    python benchmarks/bench_methods.py                 # full run (≈30-40 min on 2 shared cores); writes RESULTS-methods.md
-    python benchmarks/bench_methods.py --quick         # ≈5 min smoke run (1 seed, tiny grids, 100 probe examples); no file
+    python benchmarks/bench_methods.py                 # full run (≈45 min on 2 cores at load ≈2, estimated); writes RESULTS-methods.md
+    python benchmarks/bench_methods.py --quick         # smoke run (2 seeds, tiny grids, 100 probe examples); no file
+                                                       # (27.6 min at mean load 8.2, ≈7 min at load 2)
     python benchmarks/bench_methods.py --pair sentiment,subjectivity --settings pair --no-ablation
     python benchmarks/bench_methods.py --out /tmp/r.md # write the results elsewhere (also with --quick)
+    python benchmarks/bench_methods.py --methods pcb,tsv,apl   # a subset of the rows (APL is needed for the verdict)
 
 Protocol (printed and written with the results):
 
 - Settings: all experts of the zoo, and one pair (default: the interfering sentiment + subjectivity,
   the same tweets labelled two ways; ``--pair`` picks another).
-- Methods: task arithmetic, TIES, DARE (dare_linear, dare_ties), magnitude, Fisher and APL. Each gets
-  a small grid of at most ``BUDGET`` = 24 configurations (λ, drop ratio; for APL also p̄, τ1, τ2,
-  within-layer).
+- Methods: task arithmetic, TIES, DARE (dare_linear, dare_ties), magnitude, Fisher, Model Stock,
+  Consensus (TALL masks), PCB, TSV-M, RegMean, EMR, Localize-and-Stitch and APL. Each gets a small grid
+  of at most ``BUDGET`` = 24 configurations (λ, drop ratio…; for APL also p̄, τ1, τ2, within-layer),
+  built from the method's declaration: a parameter it does not declare is left out (printed), values
+  are clipped to the declared range, λ values only where the method declares λ (else λ = 1), and a
+  method id that is not registered is skipped with a printed line.
+- Data-aware methods (Fisher, RegMean, Localize-and-Stitch…) get their inputs from each seed's few-shot
+  draw through the method's declared ``prepare`` (the call the app and recipe replay make).
+- Methods with one body per task (``MethodSpec.per_task_bodies``, EMR): each task is scored and probed
+  on its own body with its own head; the configuration's few-shot loss is the mean over tasks of each
+  task's loss on its own body. Such a row is labelled "(one body per task)", is not a single merged
+  model, and is therefore never the "best baseline" nor ranked against single-model merges.
 - Selection: the configuration with the lowest few-shot LOSS = the mean over the setting's tasks of the
   mean cross-entropy of the merged body + that task's own head on that task's few-shot set. Probe data
   is never used to choose anything.
@@ -24,7 +35,8 @@ Protocol (printed and written with the results):
 - Probe: 400 held-out examples per task (the zoo's split with its seed, as in bench_zoo.py), accuracy
   of the merged body + each task's own head; per task and the mean, mean ± std over seeds.
 - Paired differences: APL − baseline per seed (same few-shot draw, same merge seed), against the best
-  baseline (highest mean over seeds) and every other baseline.
+  baseline (highest mean over seeds) and every other baseline; APL's rank among the single-model
+  merges by mean probe accuracy.
 - Ablation (same protocol, 4 λ values, p̄ = 0.8): APL at the design defaults τ1 = τ2 = 2, uniform
   within layers, gradient importance, random drop; then one factor changed at a time: unit weights
   (τ2 = ∞), uniform drops (τ1 = ∞), within-layer hidden, exact (layer-level, restore) importance,
@@ -104,6 +116,7 @@ class MethodRun:
     deterministic: bool = False  # merge does not depend on the seed nor on the few-shot draw
     importance: str = "gradient"  # apl only: gradient | exact
     baseline: bool = True
+    per_task: bool = False  # one body per task (MethodSpec.per_task_bodies): never a single-model baseline
 
     @property
     def size(self) -> int:
@@ -143,6 +156,119 @@ def apl_wide_lambda() -> MethodRun:
     ], baseline=False)
 
 
+def _declared(method: str):
+    """The method's declaration, or None (with a printed line) when this checkout does not register it."""
+    from merging.methods import available, get_method
+
+    if method not in available():
+        print(f"  (skipping '{method}': not registered in this checkout; registered: {', '.join(available())})")
+        return None
+    return get_method(method)
+
+
+def _fit(spec, cfg: dict) -> dict | None:
+    """``cfg`` restricted to the parameters ``spec`` declares, each value clipped to its declared range or
+    checked against its declared choices; None when a choice value is not declared (the config is dropped)."""
+    out = {}
+    for key, value in cfg.items():
+        try:
+            param = spec.param(key)
+        except KeyError:
+            print(f"  ({spec.name}: no declared parameter '{key}'; its grid axis is left out)")
+            continue
+        if param.choices and value not in param.choices:
+            print(f"  ({spec.name}: '{key}' = {value!r} is not among {list(param.choices)}; configuration left out)")
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if param.low is not None:
+                value = max(value, param.low)
+            if param.high is not None:
+                value = min(value, param.high)
+        out[key] = value
+    return out
+
+
+def declared_run(label: str, method: str, blocks: list[tuple[list[dict], list[float]]], **kw) -> MethodRun | None:
+    """A row driven by the method's declaration (see the protocol): unknown method → None; undeclared
+    parameters dropped, values clipped to the declared ranges, λ values only where λ is declared."""
+    spec = _declared(method)
+    if spec is None:
+        return None
+    has_lambda = "lambda" in spec.param_names()
+    fitted = []
+    for configs, lambdas in blocks:
+        kept: list[dict] = []
+        for cfg in configs:
+            fit = _fit(spec, cfg)
+            if fit is not None and fit not in kept:
+                kept.append(fit)
+        if kept:
+            fitted.append((kept, list(lambdas) if has_lambda else [1.0]))
+    if not fitted:
+        fitted = [([{}], [1.0])]
+    seen: list[dict] = []  # a configuration in two blocks (λ dropped, axes clipped) is tried once
+    blocks_out = []
+    for configs, lambdas in fitted:
+        configs = [c for c in configs if c not in seen]
+        seen.extend(configs)
+        if configs:
+            blocks_out.append((configs, lambdas))
+    per_task = bool(getattr(spec, "per_task_bodies", False))
+    if per_task:
+        kw["baseline"] = False
+        label = f"{label} (one body per task)"
+    return MethodRun(label, method, blocks_out, per_task=per_task, **kw)
+
+
+def new_methods(n_experts: int, quick: bool) -> list[MethodRun]:
+    """The methods the field compares against beyond the classic ones (each ≤ BUDGET configurations).
+
+    Grids follow each paper's recommended values (no exploration draw was run for these): where a
+    method has no tunable parameter besides λ, λ gets the task-arithmetic range (or the sparse range
+    where the method keeps a fraction of each task vector without rescaling it).
+    """
+    t = n_experts
+    sparse = [1.0, 2.0] if quick else [0.7, 1.0, 1.5, 2.0, 2.5, 3.0]
+    dense = [0.6, 1.0] if quick else [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.7, 2.0]
+    runs = [
+        # Model Stock (Jang et al. 2024) has no hyperparameter: t comes from the task vectors' angle; the only
+        # declared switch is mergekit's filter_wise (one angle per row). No λ is declared: λ = 1.
+        declared_run("Model Stock", "model_stock", [(_grid(filter_wise=[False, True]), [1.0])], deterministic=True),
+        # Consensus / TALL masks (Wang et al. 2024): k = 2 is the paper's choice; λ_t is tuned per task in
+        # 0.2–2.0 there (FusionBench fixes 0.6): here {0.4, 0.6, 1.0} shared by the tasks. Over task arithmetic
+        # λ takes TA's peak region; over TIES (top 20 %) the sparse range. 3·4 + 2·4 = 20.
+        declared_run("Consensus (TALL masks)", "consensus", [
+            (_grid(base_method=["task_arithmetic"], k=[2], tall_lambda=[0.6] if quick else [0.4, 0.6, 1.0]),
+             [0.6, 1.0] if quick else [0.5, 0.7, 1.0, 1.3]),
+            (_grid(base_method=["ties"], k=[2], tall_lambda=[0.6], drop_ratio=[0.8] if quick else [0.8, 0.9]),
+             [1.0, 2.0] if quick else [1.0, 1.5, 2.0, 2.5]),
+        ], deterministic=True),
+        # PCB (Du et al. 2024): the reference keeps pcb_ratio = 10 % (5 % and 20 % in its searches), i.e.
+        # drop 0.9 / 0.95 / 0.8; the score-weighted mean over kept entries behaves like TIES' disjoint mean,
+        # so λ takes the sparse range. 3·6 = 18.
+        declared_run("PCB", "pcb", [(_grid(drop_ratio=[0.9] if quick else [0.8, 0.9, 0.95]), sparse)],
+                     deterministic=True),
+        # TSV-M (Gargiulo et al. 2025): no parameter but α (= λ, 1 in the paper); it sums decorrelated
+        # low-rank task vectors like task arithmetic sums them, so TA's λ range. 12.
+        declared_run("TSV-M", "tsv", [([{}], dense)], deterministic=True),
+        # RegMean (Jin et al. 2023): α, the off-diagonal scale, is tuned in the paper; the authors' configs and
+        # FusionBench use 0.6–0.95, with 1 the exact regression. λ = 1 is the exact solution; a small range
+        # around it. 5·4 = 20. Grams from each seed's few-shot draw via the declared prepare.
+        declared_run("RegMean", "regmean", [
+            (_grid(alpha=[0.9] if quick else [0.5, 0.7, 0.9, 0.95, 1.0]), [1.0] if quick else [0.7, 0.85, 1.0, 1.2])]),
+        # EMR-Merging (Huang et al. 2024) is tuning-free: elect a unified task vector, then a mask and a rescaler
+        # per task. Declaration defaults; λ only if the declaration has it.
+        declared_run("EMR", "emr", [([{}], [1.0] if quick else [0.8, 1.0, 1.2])]),
+        # Localize-and-Stitch (He et al. 2024): trained masks at ~1 % sparsity in the paper, the dataless variant
+        # (magnitude top-k) at larger k; stitching has no λ in the paper (λ only if declared). 2·3 (·λ).
+        declared_run("Localize-and-Stitch", "localize_stitch", [
+            (_grid(localize=["magnitude"] if quick else ["trained", "magnitude"],
+                   sparsity=[0.05] if quick else [0.01, 0.05, 0.1]), [1.0] if quick else [1.0, 1.5])]),
+    ]
+    del t
+    return [r for r in runs if r is not None]
+
+
 def main_methods(n_experts: int, quick: bool) -> list[MethodRun]:
     """The main table's methods and grids (each ≤ BUDGET configurations, λ values included).
 
@@ -161,6 +287,7 @@ def main_methods(n_experts: int, quick: bool) -> list[MethodRun]:
             run_of("DARE TIES", "dare_ties", _grid(drop_ratio=[0.8]), [0.6, 1.0]),
             run_of("magnitude", "magnitude", _grid(drop_ratio=[0.8, 0.9]), [1.0, 2.0], deterministic=True),
             run_of("Fisher", "fisher", [{}], [0.4 * t, 0.6 * t]),
+            *new_methods(t, quick),
             MethodRun("APL", "apl", [
                 (_tau_pairs([(2.0, 2.0)], drop_ratio=0.8, **APL_RANDOM), [0.6, 1.0]),
                 (_tau_pairs([(2.0, 1.0)], drop_ratio=0.9, **APL_MAGNITUDE_SIGN), [1.0, 2.0]),
@@ -176,6 +303,7 @@ def main_methods(n_experts: int, quick: bool) -> list[MethodRun]:
         run_of("DARE TIES", "dare_ties", _grid(drop_ratio=[0.5, 0.8, 0.9]), dare_lambdas),
         run_of("magnitude", "magnitude", _grid(drop_ratio=[0.5, 0.8, 0.9, 0.95]), sparse_lambdas, deterministic=True),
         run_of("Fisher", "fisher", [{}], [round(f * t, 3) for f in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.25)]),
+        *new_methods(t, quick),
         MethodRun("APL", "apl", [
             # DARE-style random drop with rescale (the design's default drop)
             (_tau_pairs([(2.0, 2.0), (2.0, 1.0), (0.5, 1.0)], drop_ratio=0.8, **APL_RANDOM), [0.5, 0.7, 0.9, 1.2]),
@@ -301,6 +429,9 @@ class Setting:
     scorers: dict[int, Prober] = field(default_factory=dict)
     importance: dict[tuple[str, int], Any] = field(default_factory=dict)
     fisher: dict[int, dict] = field(default_factory=dict)
+    prepared: dict[tuple, dict] = field(default_factory=dict)  # (method, seed, prepare key) → prepare's output
+    zoo: Any = None
+    task_scorers: dict[tuple[int | None, str], Prober] = field(default_factory=dict)  # per-task-body methods
     loss_cache: dict[tuple, dict[str, float]] = field(default_factory=dict)
     scale_error: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -332,7 +463,7 @@ def build_setting(name: str, tasks: list[str], zoo, pools: dict, probes: dict, s
     base = {n: expert_set.base.get(n).float() for n in merged if n not in unchanged}
     prober = Prober.for_zoo(zoo, tasks=tasks, probe_sets={t: probes[t] for t in tasks}, disk_cache=False)
     setting = Setting(name, list(tasks), expert_set, SkipUnchangedEngine(expert_set, unchanged), base_full, base,
-                      DeltaSupport.of(expert_set), prober)
+                      DeltaSupport.of(expert_set), prober, zoo=zoo)
     for seed in seeds:
         drawn = {t: draw_fewshot(pools[t], n_fewshot, seed) for t in tasks}
         setting.examples[seed] = {t: d[0] for t, d in drawn.items()}
@@ -383,6 +514,22 @@ def fisher_extras(setting: Setting, seed: int, tokenizer) -> dict:
     return setting.fisher[seed]
 
 
+#: prepare depends on none of these methods' grid parameters: one prepare per (setting, seed) serves every
+#: configuration (RegMean's Gram matrices do not depend on α). Any other data-aware method is prepared
+#: again for each configuration (its parameters may shape what prepare measures, e.g. trained masks).
+PREPARE_INDEPENDENT = {"regmean"}
+
+
+def prepared_inputs(setting: Setting, spec, cfg: dict, seed: int, tokenizer) -> dict:
+    """The method's declared ``prepare`` on this seed's few-shot draw, as the app and replay call it."""
+    key = (spec.name, seed, () if spec.name in PREPARE_INDEPENDENT else tuple(sorted(cfg.items())))
+    if key not in setting.prepared:
+        with Clock(setting, f"prepare {spec.name}"):
+            out = spec.prepare(setting.expert_set, setting.examples[seed], tokenizer, params=dict(cfg), progress=None)
+        setting.prepared[key] = {"expert_params": out.get("expert_params") or {}, "extras": out.get("extras") or {}}
+    return setting.prepared[key]
+
+
 # ---- merging and scoring ------------------------------------------------------------------
 
 def merge_settings(setting: Setting, run: MethodRun, cfg: dict, lam: float, seed: int, tokenizer) -> MergeSettings:
@@ -390,6 +537,18 @@ def merge_settings(setting: Setting, run: MethodRun, cfg: dict, lam: float, seed
     if run.method == "fisher":
         return MergeSettings.build(es, "fisher", {**cfg, "lambda": lam}, seed=seed,
                                    extras=fisher_extras(setting, seed, tokenizer))
+    if run.method not in ("apl",):
+        from merging.methods import get_method
+
+        spec = get_method(run.method)
+        params = {**cfg, "lambda": lam} if "lambda" in spec.param_names() else dict(cfg)
+        if "lambda" not in params and lam != 1.0:
+            raise ValueError(f"{run.label}: λ = {lam} for a method that declares no λ")
+        if spec.prepare is not None:
+            inputs = prepared_inputs(setting, spec, cfg, seed, tokenizer)
+            return MergeSettings.build(es, spec, params, expert_params=inputs["expert_params"], seed=seed,
+                                       extras=inputs["extras"])
+        return MergeSettings.build(es, spec, params, seed=seed)
     if run.method == "apl":
         importance = importance_of(setting, seed, tokenizer, run.importance)
         with Clock(setting, "calibration"):
@@ -402,11 +561,29 @@ def merge_settings(setting: Setting, run: MethodRun, cfg: dict, lam: float, seed
     return MergeSettings.build(es, run.method, {**cfg, "lambda": lam}, seed=seed)
 
 
-def merged_delta(setting: Setting, settings: MergeSettings) -> dict[str, torch.Tensor]:
-    """(merged − base) of every changed tensor, merged at the settings' λ."""
+SINGLE = "*"  # the key of a single merged body (per-task-body methods key theirs by task)
+
+
+def engine_bodies(setting: Setting, settings: MergeSettings) -> dict[str, dict[str, torch.Tensor]]:
+    """The merged body tensors: ``{SINGLE: tensors}``, or ``{task: its body}`` for a method that declares
+    ``per_task_bodies`` (merged by the plain engine: the bench's skip of unchanged tensors is only checked
+    for single bodies)."""
+    if getattr(settings.method, "per_task_bodies", False):
+        with Clock(setting, "merge"):
+            result = MergeEngine(setting.expert_set, cache=False).merge(settings)
+        bodies = getattr(result, "task_bodies", None) or {}
+        missing = [t for t in setting.tasks if t not in bodies]
+        if missing:
+            raise MergeLabError(f"{settings.method.name} declares per_task_bodies but gave no body for {missing}")
+        return {t: {**result.tensors, **bodies[t]} for t in setting.tasks}
     with Clock(setting, "merge"):
-        result = setting.engine.merge(settings)
-    return {n: result.tensors[n].float() - b for n, b in setting.base.items()}
+        return {SINGLE: setting.engine.merge(settings).tensors}
+
+
+def merged_delta(setting: Setting, settings: MergeSettings) -> dict[str, dict[str, torch.Tensor]]:
+    """(merged − base) of every changed tensor, merged at the settings' λ, per body."""
+    return {key: {n: tensors[n].float() - b for n, b in setting.base.items()}
+            for key, tensors in engine_bodies(setting, settings).items()}
 
 
 def body_at(setting: Setting, delta: dict[str, torch.Tensor], lam: float) -> dict[str, torch.Tensor]:
@@ -416,10 +593,24 @@ def body_at(setting: Setting, delta: dict[str, torch.Tensor], lam: float) -> dic
     return body
 
 
-def fewshot_loss(setting: Setting, seed: int, body: dict) -> dict[str, float]:
+def task_scorer(setting: Setting, seed: int | None, task: str) -> Prober:
+    """A prober of one task: its few-shot draw of ``seed``, or (seed None) its probe set."""
+    key = (seed, task)
+    if key not in setting.task_scorers:
+        examples = setting.examples[seed][task] if seed is not None else setting.prober.sets[task]
+        setting.task_scorers[key] = Prober.for_zoo(setting.zoo, tasks=[task], probe_sets={task: examples},
+                                                   disk_cache=False)
+    return setting.task_scorers[key]
+
+
+def fewshot_loss(setting: Setting, seed: int, deltas: dict[str, dict], lam: float) -> dict[str, float]:
+    """Each task's few-shot loss: all on the single body, or each task on its own body."""
     with Clock(setting, "few-shot loss"):
-        row = setting.scorers[seed].probe_body(body, "candidate")
-    return {t: row.metrics[t]["loss"] for t in setting.tasks}
+        if SINGLE in deltas:
+            row = setting.scorers[seed].probe_body(body_at(setting, deltas[SINGLE], lam), "candidate")
+            return {t: row.metrics[t]["loss"] for t in setting.tasks}
+        return {t: task_scorer(setting, seed, t).probe_body(body_at(setting, deltas[t], lam), "candidate")
+                .metrics[t]["loss"] for t in setting.tasks}
 
 
 @dataclass
@@ -481,7 +672,7 @@ def run_method(setting: Setting, run: MethodRun, seeds: list[int], tokenizer, pr
                 for lam in lambdas:
                     key = keys[(seed, lam)]
                     if key not in setting.loss_cache:
-                        setting.loss_cache[key] = fewshot_loss(setting, seed, body_at(setting, delta, lam))
+                        setting.loss_cache[key] = fewshot_loss(setting, seed, delta, lam)
                     losses = setting.loss_cache[key]
                     trial = Trial(cfg, lam, statistics.fmean(losses.values()), losses)
                     if not trials[seed] or trial.loss < min(t.loss for t in trials[seed]):
@@ -494,21 +685,28 @@ def run_method(setting: Setting, run: MethodRun, seeds: list[int], tokenizer, pr
         probe_seed = None if run.deterministic else seed
         key = (run.method, run.importance, tuple(sorted(best.cfg.items())), best.lam, probe_seed)
         if key not in probe_cache:
-            settings = merge_settings(setting, run, best.cfg, best.lam, seed, tokenizer)
-            with Clock(setting, "merge"):
-                merged = setting.engine.merge(settings).tensors
+            bodies = engine_bodies(setting, merge_settings(setting, run, best.cfg, best.lam, seed, tokenizer))
             unit = best_delta.get(seed)
             if unit is None:  # the loss came from the cache: merge at λ = 1 again for the check
                 unit = merged_delta(setting, merge_settings(setting, run, best.cfg, 1.0, seed, tokenizer))
-            scaled = body_at(setting, unit, best.lam)
-            error = max(float((merged[n].float() - scaled[n]).abs().max()) for n in setting.base)
-            body = dict(setting.base_full)
-            body.update({n: merged[n] for n in setting.base})
+            error = 0.0
+            for which, merged in bodies.items():
+                scaled = body_at(setting, unit[which], best.lam)
+                error = max([error, *(float((merged[n].float() - scaled[n]).abs().max()) for n in setting.base)])
+            accuracy, probe_loss = {}, {}
             with Clock(setting, "probe"):
-                row = setting.prober.probe_body(body, run.label)
-            probe_cache[key] = ({t: row.metrics[t]["accuracy"] for t in setting.tasks},
-                                {t: row.metrics[t]["loss"] for t in setting.tasks}, error)
-            del merged, unit, scaled, body
+                for which, merged in bodies.items():
+                    body = dict(setting.base_full)
+                    body.update({n: merged[n] for n in setting.base})
+                    if which == SINGLE:
+                        row, tasks = setting.prober.probe_body(body, run.label), setting.tasks
+                    else:  # this task on its own body
+                        row, tasks = task_scorer(setting, None, which).probe_body(body, run.label), [which]
+                    accuracy.update({t: row.metrics[t]["accuracy"] for t in tasks})
+                    probe_loss.update({t: row.metrics[t]["loss"] for t in tasks})
+            probe_cache[key] = ({t: accuracy[t] for t in setting.tasks}, {t: probe_loss[t] for t in setting.tasks},
+                                error)
+            del bodies, unit
         accuracy, probe_loss, error = probe_cache[key]
         setting.scale_error = max(setting.scale_error, error)
         out[seed] = SeedResult(trials[seed], best, accuracy, probe_loss, error)
@@ -612,6 +810,30 @@ def paired_report(runs: list[MethodRun], results: dict[str, dict[int, SeedResult
     return lines
 
 
+def verdict_lines(d: dict, seeds: list[int]) -> list[str]:
+    """Where APL stands in one setting: against the best baseline, and its rank among single-model merges."""
+    res, runs, setting = d["results"], d["runs"], d["setting"]
+    head = f"- {setting.name} ({', '.join(setting.tasks)}): "
+    if "APL" not in res or not any(r.baseline for r in runs):
+        return [head + "no verdict (APL or every baseline was left out by --methods)."]
+    best = best_baseline(runs, res)
+    apl = statistics.fmean(mean_acc(r) for r in res["APL"].values())
+    base = statistics.fmean(mean_acc(r) for r in res[best].values())
+    diffs = [100 * (mean_acc(res["APL"][s]) - mean_acc(res[best][s])) for s in seeds]
+    met = "met" if apl >= base else "NOT met"
+    single = sorted((r.label for r in runs if not r.per_task),
+                    key=lambda lbl: -statistics.fmean(mean_acc(v) for v in res[lbl].values()))
+    ranked = ", ".join(f"{lbl} {100 * statistics.fmean(mean_acc(v) for v in res[lbl].values()):.1f}" for lbl in single)
+    lines = [head + f"APL {100 * apl:.1f} vs best baseline {best} {100 * base:.1f} — paired difference {paired(diffs)} "
+             f"points over {len(seeds)} seeds; target 'APL ≥ best baseline' {met}. APL ranks "
+             f"**{single.index('APL') + 1} of {len(single)}** single-model merges by mean probe accuracy ({ranked})."]
+    for run in runs:
+        if run.per_task:
+            other = statistics.fmean(mean_acc(v) for v in res[run.label].values())
+            lines.append(f"  - {run.label}: {100 * other:.1f}, reported beside the ranking, not in it (one body per task).")
+    return lines
+
+
 def best_baseline(runs: list[MethodRun], results: dict[str, dict[int, SeedResult]]) -> str:
     baselines = [r.label for r in runs if r.baseline]
     return max(baselines, key=lambda lbl: statistics.fmean(mean_acc(v) for v in results[lbl].values()))
@@ -689,6 +911,10 @@ def run_setting(name: str, tasks: list[str], zoo, pools, probes, seeds, args, to
     runs = main_methods(len(tasks), args.quick)
     if args.apl_grid == "wide-lambda":
         runs = [run if run.method != "apl" else apl_wide_lambda() for run in runs]
+    if args.methods:
+        wanted = {m.strip() for m in args.methods.split(",") if m.strip()}
+        runs = [run for run in runs if run.method in wanted]
+        log(f"  --methods: running {', '.join(r.label for r in runs) or 'nothing'}")
     probe_cache: dict = {}
     results = {}
     for run in runs:
@@ -696,7 +922,7 @@ def run_setting(name: str, tasks: list[str], zoo, pools, probes, seeds, args, to
         results[run.label] = run_method(setting, run, seeds, tokenizer, probe_cache, log)
         log(f"  ({run.label}: {time.perf_counter() - started:.0f} s)")
     ablation_runs, ablation = [], {}
-    if not args.no_ablation:
+    if not args.no_ablation and (not args.methods or "apl" in args.methods.split(",")):
         ablation_runs = ablation_methods(args.quick)
         for run in ablation_runs:
             started = time.perf_counter()
@@ -717,25 +943,25 @@ def render(zoo, done: list[dict], reference, seeds, args, pool_info, probe_note,
             f"Runtime **{total / 60:.1f} min**; {load}.", ""]
     verdict = ["## Verdict (from the numbers below)", ""]
     for d in done:
-        res, runs = d["results"], d["runs"]
-        best = best_baseline(runs, res)
-        apl = statistics.fmean(mean_acc(r) for r in res["APL"].values())
-        base = statistics.fmean(mean_acc(r) for r in res[best].values())
-        diffs = [100 * (mean_acc(res["APL"][s]) - mean_acc(res[best][s])) for s in seeds]
-        met = "met" if apl >= base else "NOT met"
-        verdict.append(f"- {d['setting'].name} ({', '.join(d['setting'].tasks)}): APL {100 * apl:.1f} vs best baseline "
-                       f"{best} {100 * base:.1f} — paired difference {paired(diffs)} points over {len(seeds)} seeds; "
-                       f"target 'APL ≥ best baseline' {met}.")
+        verdict += verdict_lines(d, seeds)
     out += verdict + [""]
     for d in done:
         setting, runs, res = d["setting"], d["runs"], d["results"]
         out += [f"## Setting '{setting.name}': {', '.join(setting.tasks)}", ""]
         out += setting_report(setting, reference, runs, res, "Probe accuracy (points)", args.n_probe)
-        best = best_baseline(runs, res)
-        out += ["### APL − baselines, paired by seed (mean probe accuracy, points)", ""]
-        out += paired_report(runs, res, "APL", [r.label for r in runs if r.baseline], best)
-        out += ["", (f"Best baseline = highest mean over seeds: **{best}**. SE = std of the paired differences / √{len(seeds)}; "
-                f"with {len(seeds)} seeds t must exceed {_t_crit(len(seeds)):.1f} for p < 0.05 (two-sided)."), ""]
+        if "APL" in res and any(r.baseline for r in runs):
+            best = best_baseline(runs, res)
+            out += ["### APL − baselines, paired by seed (mean probe accuracy, points)", ""]
+            out += paired_report(runs, res, "APL", [r.label for r in runs if r.baseline], best)
+            out += ["", (f"Best baseline = highest mean over seeds: **{best}**. SE = std of the paired differences / "
+                    f"√{len(seeds)}; with {len(seeds)} seeds t must exceed {_t_crit(len(seeds)):.1f} for p < 0.05 "
+                    "(two-sided)."), ""]
+            per_task = [r.label for r in runs if r.per_task]
+            if per_task:
+                out += ["APL (one model) − methods with one body per task (not head-to-head: those keep "
+                        f"{len(setting.tasks)} bodies, one per task, so they are no single merged model):", ""]
+                out += paired_report(runs, res, "APL", per_task, header="APL − (one body per task)")
+                out += [""]
         out += ["### Selected configurations (by few-shot loss)", ""]
         out += [f"- {run.label}: {selected_line(run, res[run.label])}" for run in runs] + [""]
         if d["ablation"]:
@@ -795,6 +1021,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", type=int, default=256, help="few-shot pool size per task")
     parser.add_argument("--n-probe", type=int, default=None, help="probe examples per task (default 400; quick 100)")
     parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument("--methods", default="",
+                        help="comma-separated method ids to run (default: all); the verdict needs apl, the ablation "
+                             "runs only with apl")
     parser.add_argument("--apl-grid", choices=("design", "wide-lambda"), default="design",
                         help="APL's configurations: the design grid, or the post-hoc grid with λ up to 3 "
                              "for the magnitude-drop block (see apl_wide_lambda)")

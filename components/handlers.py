@@ -255,6 +255,8 @@ def method_info(session: wb.Session, method: str) -> str:
     spec = wb.method_spec(method)
     why = wb.method_available(session, method) if session.refs else None
     text = f"**{spec.pretty_name}** — {spec.summary} [paper]({spec.paper_url})"
+    if spec.explanation:
+        text += f"\n\n{spec.explanation}"
     if why:
         text += f"\n\n⚠️ Not available now: {why}."
     layer_keys = [k for k in wb.PER_LAYER_KEYS if k in {p.name for p in spec.params}]

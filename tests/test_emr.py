@@ -294,7 +294,7 @@ def test_headless_causal_lms_get_one_folder_per_expert_via_the_cli(tmp_path):
 
 def test_mergekit_export_refuses_emr_by_name(tmp_path):
     recipe = Recipe.from_dict({"method": "emr", "base": "b", "experts": [{"model": "x"}, {"model": "y"}]})
-    with pytest.raises(MergeLabError, match="mergekit has no EMR-Merging.*one body per task"):
+    with pytest.raises(MergeLabError, match="mergekit has no .emr. method .EMR-Merging.*one body per task"):
         to_mergekit_yaml(recipe)
 
 

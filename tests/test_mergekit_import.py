@@ -16,6 +16,7 @@ from merging.io.mergekit_import import from_mergekit_yaml, is_mergekit_yaml
 from merging.io.mergekit_yaml import to_mergekit_yaml
 from merging.io.recipe import load_recipe
 from merging.io.replay import expert_set_from_recipe, merge_recipe
+from merging.methods import all_specs
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ ROUND_TRIPS = [
     ("dare_ties", 3, {"drop_ratio": [0.2, 0.8], "lambda": 1.3}, {}),
     ("della", 2, {"drop_ratio": 0.5, "epsilon": 0.3}, {"expert0": {"epsilon": 0.1}}),
     ("slerp", 2, {"t": {"head": 0.9, "default": 0.35}}, {}),
+    ("model_stock", 3, {"filter_wise": True}, {}),
 ]
 
 
@@ -167,6 +169,13 @@ HOSTILE = [
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: [1]}]\n", "mapping"),
     ("x" * (1 << 21), "larger than"),
     ("merge_method: slerp\nbase_model: b\nmodels: [{model: b}, {model: a, parameters: {t: 0.5}}]\n", "shared scope"),
+    ("merge_method: model_stock\nbase_model: b\nmodels: [{model: b}, {model: a}]\n", "at least two models"),
+    ("merge_method: model_stock\nbase_model: b\nmodels: [{model: a}, {model: c}]\nparameters: {filter_wise: 1}\n",
+     "true or false"),
+    ("merge_method: model_stock\nbase_model: b\nmodels: [{model: a, parameters: {filter_wise: true}}, {model: c}]\n",
+     "shared scope"),
+    ("merge_method: model_stock\nbase_model: b\nmodels: [{model: a, parameters: {weight: 2}}, {model: c}]\n",
+     "does not take"),
 ]
 
 
@@ -174,3 +183,61 @@ HOSTILE = [
 def test_hostile_configs_are_merge_lab_errors(text, message):
     with pytest.raises(MergeLabError, match=message):
         from_mergekit_yaml(text, layers=["embeddings", "0", "1", "head"])
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_mergekit_model_stock_imports_as_our_model_stock(family, filter_wise):
+    """mergekit's model_stock (base_model + models, one global filter_wise) is our model_stock with the same
+    switch; its merge equals ours, and both equal t·mean Θ_t + (1 − t)·Θ_base with t from the angle."""
+    text = f"""
+merge_method: model_stock
+base_model: base
+models:
+  - model: base
+  - model: expert0
+  - model: expert1
+  - model: expert2
+parameters: {{filter_wise: {str(filter_wise).lower()}}}
+dtype: float32
+"""
+    recipe = from_mergekit_yaml(text, source=family / "stock.mergekit.yml")
+    assert recipe.method == "model_stock" and [e.model for e in recipe.experts] == ["expert0", "expert1", "expert2"]
+    assert recipe.parameters == {"filter_wise": filter_wise}
+    ours = _recipe(family, "model_stock", 3, {"filter_wise": filter_wise}, name="stock.yaml")
+    imported, direct = merge_recipe(recipe).tensors, merge_recipe(ours).tensors
+    assert set(imported) == set(direct)
+    expert_set = expert_set_from_recipe(ours)
+    for name, tensor in direct.items():
+        assert torch.equal(imported[name], tensor), name
+        # the oracle, written from the paper's formula: cosθ the mean pairwise cosine of the task vectors
+        base = expert_set.base.get(name).float()
+        weights = [expert_set.experts[e].get(name).float() for e in ("expert0", "expert1", "expert2")]
+        rows = (lambda w: w.reshape(1, -1) if w.dim() <= 1 else w) if filter_wise else (lambda w: w.reshape(-1))
+        deltas = [rows(w) - rows(base) for w in weights]
+        cos = [(a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-6) for i, a in enumerate(deltas)
+               for b in deltas[i + 1:]]
+        mean_cos = (sum(cos) / 3).unsqueeze(-1)
+        t = 3 * mean_cos / (1 + 2 * mean_cos)
+        expected = (t * sum(rows(w) for w in weights) / 3 + (1 - t) * rows(base)).reshape(base.shape)
+        assert torch.allclose(tensor, expected, atol=1e-5, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("spec", all_specs(), ids=lambda spec: spec.name)
+def test_every_method_exports_to_mergekit_or_refuses_by_name(family, spec):
+    """Over the whole registry: a method mergekit has exports as its declared mergekit_name; every other
+    one (PCB, consensus, TSV-M, RegMean, Fisher, APL, and whatever registers later) is refused with a
+    message naming it, never a traceback."""
+    n = max(spec.min_experts, 2) if spec.max_experts is None else spec.max_experts
+    recipe = _recipe(family, spec.name, n, {}, name=f"export-{spec.name}.yaml")
+    layout = expert_set_from_recipe(recipe).layout
+    if spec.mergekit_name is not None:
+        config = yaml.safe_load(to_mergekit_yaml(recipe, layout))
+        assert config["merge_method"] == spec.mergekit_name
+        return
+    with pytest.raises(MergeLabError) as caught:
+        to_mergekit_yaml(recipe, layout)
+    message = str(caught.value)
+    assert f"mergekit has no '{spec.name}'" in message and spec.pretty_name in message
+    assert "python -m merging merge" in message  # what to do instead
+    if spec.prepare is not None:
+        assert "few-shot" in message

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,8 @@ def _run_methods(args) -> int:
     for s in specs:
         params = ", ".join(f"{p['name']}={p['default']}" for p in s["params"])
         lines.append(f"{s['name']:<16} {s['pretty_name']:<20} {params}\n{'':<16} {s['summary']}")
+        lines += [f"{'':<16} {line}" for line in textwrap.wrap(s["explanation"], 84)]
+        lines.append(f"{'':<16} paper: {s['paper']}")
     _print(specs, args.json, "\n".join(lines))
     return 0
 

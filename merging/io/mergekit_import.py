@@ -45,7 +45,10 @@ _METHODS: dict[str, tuple[str, set[str]]] = {
     "breadcrumbs": ("breadcrumbs", {"weight", "lambda", "density", "gamma", "normalize", "rescale", "int8_mask"}),
     "della": ("della", {"weight", "lambda", "density", "epsilon", "normalize", "rescale", "int8_mask"}),
     "slerp": ("slerp", {"t"}),
+    # mergekit's model_stock reads one switch, filter_wise (global, default false), and no per-model value
+    "model_stock": ("model_stock", {"filter_wise"}),
 }
+_NO_SPARSIFY = ("linear", "slerp", "task_arithmetic", "model_stock")  # no density: no drop_ratio to default
 # mergekit's defaults (registry.py) for the switches Merge Lab fixes per method: (normalize, rescale)
 _MK_DEFAULTS = {"linear": (True, False), "task_arithmetic": (False, False), "ties": (True, False),
                 "dare_linear": (False, True), "dare_ties": (False, True), "breadcrumbs": (False, False),
@@ -163,6 +166,9 @@ def from_mergekit(data: Any, layers: Layers = None, source: Path | None = None, 
         experts = [(ref, params) for ref, params in entries if ref != base]
         if not experts:
             raise MergeLabError(f"{mk_method} needs at least one model besides base_model", field="models")
+        if mk_method == "model_stock" and len(experts) < 2:
+            raise MergeLabError("model_stock needs at least two models besides base_model (the angle between "
+                                "their task vectors sets the merge)", field="models")
 
     draft_layers: list[str] | None = None
 
@@ -189,7 +195,7 @@ def from_mergekit(data: Any, layers: Layers = None, source: Path | None = None, 
             per_expert[name] = _translate(method, mk_method, params, f"models.{ref}.parameters", need_layers,
                                           accepted, per_model=True)
     _check_switches(mk_method, method, shared_raw)
-    if mk_method not in ("linear", "slerp", "task_arithmetic"):
+    if mk_method not in _NO_SPARSIFY:
         # mergekit's density defaults to 1.0 (no drop); Merge Lab's drop_ratio to 0.5
         if "drop_ratio" not in shared and not all("drop_ratio" in per_expert.get(n, {}) for n in names):
             shared["drop_ratio"] = 0.0
@@ -369,7 +375,7 @@ def _translate(method: str, mk_method: str, params: dict, where: str, need_layer
         if key not in accepted:
             raise MergeLabError(f"{at}: mergekit's {mk_method} does not take '{key}' (it takes "
                                 f"{', '.join(sorted(accepted))})", field=at)
-        if per_model and key in ("normalize", "rescale", "int8_mask", "lambda", "t"):
+        if per_model and key in ("normalize", "rescale", "int8_mask", "lambda", "t", "filter_wise"):
             raise MergeLabError(f"{at}: mergekit reads '{key}' for all models together (its shared scope) and "
                                 "ignores it per model: give it under parameters", field=at)
         if key in ("normalize", "rescale", "int8_mask"):
@@ -380,6 +386,12 @@ def _translate(method: str, mk_method: str, params: dict, where: str, need_layer
             elif key == "rescale" and _OURS_FIXED[mk_method][1] is None:
                 out["rescale"] = value
             continue  # int8_mask changes memory, not values; fixed switches are checked in _check_switches
+        if key == "filter_wise":
+            if not isinstance(value, bool):
+                raise MergeLabError(f"{at} must be true or false, got {value!r} (Merge Lab reads one filter_wise "
+                                    "for the whole merge)", field=at)
+            out["filter_wise"] = value
+            continue
         if key == "density" and mk_method == "task_arithmetic":
             continue  # mergekit's task_arithmetic takes density and ignores it (no sparsification)
         resolved = _setting(value, at, need_layers, norm_ok=key == "density")
@@ -393,7 +405,7 @@ def _translate(method: str, mk_method: str, params: dict, where: str, need_layer
 
 
 def _check_switches(mk_method: str, method: str, shared_raw: dict) -> None:
-    if mk_method == "slerp":
+    if mk_method not in _OURS_FIXED:  # slerp, model_stock: no normalize / rescale switches
         return
     for index, key in enumerate(("normalize", "rescale")):
         ours = _OURS_FIXED[mk_method][index]

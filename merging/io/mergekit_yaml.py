@@ -58,7 +58,7 @@ _METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "model_stock": ("model_stock", {}),
 }
 # Methods mergekit lacks, with why (said in the refusal).
-_ABSENT = {"localize_stitch": " (no Localize-and-Stitch: its per-expert masks, trained on few-shot data or "
+_ABSENT = {"localize_stitch": " (its per-expert masks, trained on few-shot data or "
                               "taken model-wide by magnitude, cannot be written in a mergekit config)"}
 _SPARSIFYING = {"ties", "magnitude", "breadcrumbs", "dare_linear", "dare_ties", "della"}
 _CONSENSUS = {"ties", "dare_ties", "della"}
@@ -76,14 +76,8 @@ def to_mergekit(recipe, layers: Sequence[str] | Layout | None = None) -> dict[st
     blocks). MergeLabError if mergekit has no such method or cannot run the values given.
     """
     spec = get_method(recipe.method)
-    if spec.per_task_bodies:  # no mergekit config can say "a different body per task"
-        raise MergeLabError(f"mergekit has no {spec.pretty_name} ('{recipe.method}'): it makes one body per task "
-                            "and a mergekit config makes one model. Export the Merge Lab recipe instead (python -m "
-                            "merging merge recipe.yaml --out DIR writes one folder per task)", field="method")
     if recipe.method not in _METHODS:
-        why = _ABSENT.get(recipe.method, "")
-        raise MergeLabError(f"mergekit has no '{recipe.method}' method{why}: export the Merge Lab recipe instead "
-                            "(python -m merging merge recipe.yaml --out DIR replays it)", field="method")
+        raise MergeLabError(no_mergekit_note(spec), field="method")
     layout = layers if isinstance(layers, Layout) else None
     layer_names = list(layout.layers if layout else layers) if layers is not None else None
     ctx = _Context(layout, layer_names)
@@ -156,6 +150,20 @@ def to_mergekit(recipe, layers: Sequence[str] | Layout | None = None) -> dict[st
     if notes:
         config["# notes"] = notes
     return config
+
+
+def no_mergekit_note(spec) -> str:
+    """Why a method has no mergekit export, naming it (every method outside ``_METHODS``, registered
+    later ones included): mergekit 0.1.5 lacks it, and for a data-aware method a config could not carry
+    what ``prepare`` measured on the experts' few-shot data anyway."""
+    why = ("it merges with inputs measured on each expert's few-shot data (its prepare step), which a mergekit "
+           "config cannot carry" if spec.prepare is not None else "mergekit implements no such merge")
+    if getattr(spec, "per_task_bodies", False):
+        why += ("; it also makes one body per task, where a mergekit config makes one model (the Merge Lab "
+                "recipe writes one folder per task)")
+    why += _ABSENT.get(spec.name, "")
+    return (f"mergekit has no '{spec.name}' method ({spec.pretty_name}): {why}. Export the Merge Lab recipe "
+            "instead (python -m merging merge recipe.yaml --out DIR replays it)")
 
 
 def to_mergekit_yaml(recipe, layers: Sequence[str] | Layout | None = None) -> str:

@@ -153,4 +153,11 @@ register(MethodSpec(
     (WEIGHT, LAMBDA, MEAN_DROP, TAU1, TAU2, Q_MIN, WITHIN, DROP_KIND, SIGN), _apl_kernel,
     needs=frozenset({NEEDS_BASE, NEEDS_FEW_SHOT, NEEDS_IMPORTANCE}), prepare=prepare_apl,
     row_separable=_apl_row_separable,
+    explanation=(
+        'Measures, with a few examples of each task, how much each layer (and module, and hidden unit) of '
+        "each task vector matters: how much the task's loss rises when that part of the change is removed "
+        '(a causal intervention), or its gradient estimate. Important layers get a lower drop ratio (τ1 '
+        'sets how strongly) and a larger merge weight (τ2); each task vector is then sparsified '
+        'DARE-style (random drop and rescale, or a magnitude drop), optionally sign-elected, and the '
+        'weighted sum times λ is added to the base.'),
 ))

@@ -173,6 +173,9 @@ class MethodSpec:
     per_task_bodies: bool = False
     #: a model-wide statistic the kernel reads as ``job.model_stat`` (see :class:`ModelStat`)
     model_stat: ModelStat | None = None
+    #: one paragraph in plain words of what the method does to the task vectors (the page, `merge-lab
+    #: methods` and the README show it beside the paper link); ``summary`` stays the one-line version
+    explanation: str = ""
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:
@@ -200,7 +203,7 @@ class MethodSpec:
         """JSON-ready declaration (CLI `methods --json`, the app)."""
         return {
             "name": self.name, "pretty_name": self.pretty_name, "paper": self.paper_url,
-            "summary": self.summary, "needs": sorted(self.needs),
+            "summary": self.summary, "explanation": self.explanation, "needs": sorted(self.needs),
             "min_experts": self.min_experts, "max_experts": self.max_experts,
             "mergekit": self.mergekit_name, "per_task_bodies": self.per_task_bodies,
             "params": [

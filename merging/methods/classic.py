@@ -181,48 +181,93 @@ register(MethodSpec(
     "linear", "Linear average", "https://arxiv.org/abs/2203.05482",
     "Weighted average of the experts' weights (model soup).",
     (WEIGHT,), Pipeline("none", False, always_normalize=True), mergekit_name="linear", row_separable=True,
+    explanation=(
+        "Averages the experts' weights themselves, each weighted by its expert weight (a model soup). "
+        'Seen on the task vectors (each expert minus the base), it adds their weighted mean to the base: '
+        'every change is kept, but a change only one task made is divided by the number of experts; '
+        'nothing is dropped or rescaled.'),
 ))
 register(MethodSpec(
     "task_arithmetic", "Task arithmetic", "https://arxiv.org/abs/2212.04089",
     "Base plus λ times the weighted sum of task vectors.",
     (WEIGHT, LAMBDA), Pipeline("none", False), mergekit_name="task_arithmetic", row_separable=True,
+    explanation=(
+        'Adds λ times the weighted sum of the task vectors (each expert minus the base) to the base. '
+        'Every entry of every task vector is kept: where tasks changed a weight the same way the changes '
+        'add up, where they pulled in opposite directions they cancel; λ below 1 keeps the sum from '
+        'overshooting.'),
 ))
 register(MethodSpec(
     "ties", "TIES", "https://arxiv.org/abs/2306.01708",
     "Trim each delta to its largest entries, elect a sign per entry, average the agreeing entries.",
     (WEIGHT, LAMBDA, DROP, TRIM_SCOPE, _normalize(True)), Pipeline("magnitude", True),
     mergekit_name="ties", trim_scope_param="trim_scope", row_separable=True,
+    explanation=(
+        'Cleans each task vector before adding: trims it to its largest entries by magnitude (the drop '
+        'ratio is the fraction removed), elects for every entry the sign with the larger total mass '
+        'across the tasks, and keeps only the entries that agree with it, averaged (or summed without '
+        'normalisation). λ times the result is added to the base, so small entries and sign conflicts no '
+        'longer interfere.'),
 ))
 register(MethodSpec(
     "dare_linear", "DARE (linear)", "https://arxiv.org/abs/2311.03099",
     "Randomly drop delta entries and rescale the rest, then add like task arithmetic.",
     (WEIGHT, LAMBDA, DROP, RESCALE), Pipeline("random", False), mergekit_name="dare_linear", row_separable=True,
+    explanation=(
+        'Drops each entry of each task vector at random with probability p (the drop ratio) and '
+        'multiplies the survivors by 1/(1 − p), so every task vector keeps its expected value while most '
+        'of its entries become zero; the sparse task vectors are then added like task arithmetic, λ times '
+        'their weighted sum.'),
 ))
 register(MethodSpec(
     "dare_ties", "DARE + TIES", "https://arxiv.org/abs/2311.03099",
     "DARE's random drop and rescale, then TIES sign election.",
     (WEIGHT, LAMBDA, DROP, RESCALE, _normalize(False)), Pipeline("random", True), mergekit_name="dare_ties",
     row_separable=True,
+    explanation=(
+        "DARE's random drop with the 1/(1 − p) rescale on each task vector, then TIES' sign election: for "
+        'every entry the sign with the larger total wins and only the task vectors agreeing with it are '
+        'added (summed by default), times λ.'),
 ))
 register(MethodSpec(
     "magnitude", "Magnitude pruning", "https://arxiv.org/abs/2306.01708",
     "Keep each delta's largest entries (no rescale), then add like task arithmetic.",
     (WEIGHT, LAMBDA, DROP, TRIM_SCOPE), Pipeline("magnitude", False), trim_scope_param="trim_scope",
     row_separable=True, mergekit_name="breadcrumbs",  # mergekit's breadcrumbs with gamma 0 (no outliers removed)
+    explanation=(
+        'Keeps only the largest entries of each task vector by magnitude (the drop ratio is the fraction '
+        'zeroed, per tensor, layer or model) without rescaling them, and adds λ times their weighted sum '
+        'to the base: TIES without the sign election. The small changes are gone, so λ above 1 is often '
+        'needed to restore the size of the kept ones.'),
 ))
 register(MethodSpec(
     "breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795",
     "Drop both the largest outliers and the smallest entries of each delta, then add.",
     (WEIGHT, LAMBDA, DROP, GAMMA), Pipeline("breadcrumbs", False), mergekit_name="breadcrumbs", row_separable=False,
+    explanation=(
+        'Removes from each task vector both its smallest entries (the drop ratio) and its very largest '
+        'outliers (the top γ fraction), tensor by tensor, and adds λ times the weighted sum of what '
+        'remains to the base: the noise and the few extreme entries that dominate interference are both '
+        'left out.'),
 ))
 register(MethodSpec(
     "della", "DELLA", "https://arxiv.org/abs/2406.11617",
     "Drop entries with probability falling with their magnitude rank, rescale, elect signs, average.",
     (WEIGHT, LAMBDA, DROP, EPSILON, _normalize(True)), Pipeline("della", True), mergekit_name="della",
     row_separable=True,
+    explanation=(
+        "Drops entries of each task vector at random, with a probability that falls with the entry's "
+        'magnitude rank in its row (large entries are kept more often; ε sets how far the probabilities '
+        'spread around the drop ratio), rescales each kept entry by its keep probability, then elects '
+        'signs as TIES does and averages the agreeing entries, times λ.'),
 ))
 register(MethodSpec(
     "slerp", "SLERP", "https://en.wikipedia.org/wiki/Slerp",
     "Spherical interpolation between two experts' weights.",
     (T_PARAM,), _slerp_kernel, min_experts=2, max_experts=2, mergekit_name="slerp", row_separable=False,
+    explanation=(
+        'Interpolates between exactly two experts along the arc between their weight tensors instead of '
+        'the straight line, tensor by tensor, at position t (0: the first expert, 1: the second). It '
+        'works on the whole weights, not on task vectors, and keeps their norm from shrinking where the '
+        'two experts point different ways.'),
 ))

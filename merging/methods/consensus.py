@@ -94,4 +94,9 @@ register(MethodSpec(
     "add there (|τ_t| > λ_t·|τ_MTL − τ_t|), removes from the multi-task vector (task arithmetic or TIES) every "
     "entry active in fewer than k tasks, and adds λ times the rest to the base.",
     (WEIGHT, LAMBDA, TALL_LAMBDA, K, BASE_METHOD, TIES_DROP), _consensus_kernel, row_separable=_row_separable,
+    explanation=(
+        'Builds the multi-task vector (the task-arithmetic sum, or the TIES merge) and, for every task, a '
+        "TALL mask of the entries where that task's own change is larger than λ_t times what all the "
+        'other tasks add there. Entries that fewer than k masks mark, useful to a single task or to none, '
+        'are removed from the multi-task vector, and λ times what remains is added to the base.'),
 ))

@@ -111,11 +111,13 @@ def _emr_kernel(job: TensorJob) -> torch.Tensor:
 
 register(MethodSpec(
     "emr", "EMR-Merging (one body per task)", EMR_URL,
-    "Elects one unified task vector — in every entry the sign of the summed task vectors and the largest "
-    "magnitude that agrees with it — then gives each task its own body: the unified vector masked to the "
-    "entries where that task agrees with it, scaled by one factor per task so the task vector's total "
-    "magnitude is kept. Not one model but one body per task (each task's folder holds its own body); probe "
-    "rows say so, and its scores are not comparable head-to-head with single-model merges.",
+    "One elected task vector, masked and rescaled per task: one body per task, not one model.",
     (RESCALERS,), _emr_kernel, min_experts=2, row_separable=True, per_task_bodies=True,
     model_stat=ModelStat(_emr_partial, emr_rescalers),
+    explanation=(
+        "Elects one unified task vector — in every entry the sign of the summed task vectors and the largest "
+        "magnitude that agrees with it — then gives each task its own body: the unified vector masked to the "
+        "entries where that task agrees with it, scaled by one factor per task so the task vector's total "
+        "magnitude is kept. Not one model but one body per task (each task's folder holds its own body); probe "
+        "rows say so, and its scores are not comparable head-to-head with single-model merges."),
 ))

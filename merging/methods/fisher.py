@@ -54,4 +54,10 @@ register(MethodSpec(
     "Average the task vectors entry by entry, weighted by each expert's diagonal Fisher on its few-shot data.",
     (WEIGHT, LAMBDA, EPSILON), _fisher_kernel, needs=frozenset({NEEDS_BASE, NEEDS_FEW_SHOT}),
     prepare=_prepare_fisher, row_separable=True,  # entry by entry, with the diagonals cut to the chunk's rows
+    explanation=(
+        'Runs each expert on its few-shot texts to estimate its diagonal Fisher information (how '
+        'sensitive its loss is to each weight), then averages the task vectors entry by entry, each '
+        "expert's change weighted by its Fisher value there: an entry goes mostly to the task that "
+        'depends on it. λ scales the averaged change (an average, so λ near the number of experts gives '
+        'the size of a sum).'),
 ))

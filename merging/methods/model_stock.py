@@ -90,4 +90,9 @@ register(MethodSpec(
     "than two experts) and moves from the base towards the experts' average by t = N·cosθ / (1 + (N − 1)·cosθ): "
     "the more the task vectors agree, the closer to the average; where they are orthogonal, the base is kept.",
     (FILTER_WISE,), _model_stock_kernel, min_experts=2, mergekit_name="model_stock", row_separable=_row_separable,
+    explanation=(
+        "Looks at the angle between the experts' task vectors in each tensor (or in each row, with "
+        "filter_wise). Where they point the same way the merge moves all the way to the experts' average; "
+        'the more they disagree, the closer it stays to the base, going the fraction t = N·cosθ / (1 + (N '
+        '− 1)·cosθ) of the way. No entry is dropped and there is nothing to tune.'),
 ))

@@ -91,4 +91,10 @@ register(MethodSpec(
     "ratio's quantile of their task's score weight 0, and adds λ times the score-weighted mean of the "
     "outlier-clamped task vectors to the base, tensor by tensor.",
     (LAMBDA, PCB_DROP), _pcb_kernel, min_experts=1, row_separable=False,
+    explanation=(
+        'Scores every entry of each task vector: how large it is relative to the rest of its own task '
+        'vector (intra-balancing) times how much it agrees with the sum of all task vectors there '
+        '(inter-balancing). In each task the lowest-scoring entries (the drop ratio) get score 0, and the '
+        'merged change is the score-weighted average of the outlier-clamped task vectors, times λ, tensor '
+        'by tensor.'),
 ))

@@ -97,4 +97,10 @@ register(MethodSpec(
     "every other tensor; λ scales the result.",
     (LAMBDA, ALPHA), _regmean_kernel, needs=frozenset({NEEDS_BASE, NEEDS_FEW_SHOT}),
     prepare=_prepare_regmean, row_separable=False,
+    explanation=(
+        "Records, on each expert's few-shot texts, the Gram matrix of every linear layer's inputs, then "
+        "replaces that layer's task vectors by the single change that best reproduces every expert's "
+        'outputs on its own inputs (least squares, (Σ G_t)⁻¹ Σ G_t Δ_t, with the off-diagonal Gram '
+        "entries scaled by α): input directions one expert uses get that expert's change. Other tensors "
+        'get the mean task vector; λ scales the result.'),
 ))

@@ -73,4 +73,10 @@ register(MethodSpec(
     "orthonormal sets so the tasks stop interfering, and rebuilds the matrix with the kept singular values; "
     "other tensors get the mean task vector; λ scales the result.",
     (LAMBDA,), _tsv_kernel, row_separable=False,
+    explanation=(
+        "Treats each weight matrix's task vector as a sum of directions: keeps each task's top ⌊k/T⌋ "
+        "singular directions (the ones it changed most), puts all tasks' directions side by side and "
+        "replaces them by the nearest orthonormal set, so the tasks' changes stop overlapping. The matrix "
+        'rebuilt from them with the kept singular values, times λ, is added to the base; other tensors '
+        'get the mean task vector.'),
 ))
