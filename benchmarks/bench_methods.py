@@ -259,11 +259,14 @@ def new_methods(n_experts: int, quick: bool) -> list[MethodRun]:
         # EMR-Merging (Huang et al. 2024) is tuning-free: elect a unified task vector, then a mask and a rescaler
         # per task. Declaration defaults; λ only if the declaration has it.
         declared_run("EMR", "emr", [([{}], [1.0] if quick else [0.8, 1.0, 1.2])]),
-        # Localize-and-Stitch (He et al. 2024): trained masks at ~1 % sparsity in the paper, the dataless variant
-        # (magnitude top-k) at larger k; stitching has no λ in the paper (λ only if declared). 2·3 (·λ).
+        # Localize-and-Stitch (He et al. 2024): trained masks keep 1 % in the paper (drop 0.99, trained once
+        # per expert and draw: the mask cache makes λ free); the data-free variant (magnitude top-k) keeps
+        # more in its reference scripts (5 %), so 1/5/10 %. Stitching has no λ in the paper; λ ∈ {1, 1.5}.
+        # (1 + 3)·2 = 8.
         declared_run("Localize-and-Stitch", "localize_stitch", [
-            (_grid(localize=["magnitude"] if quick else ["trained", "magnitude"],
-                   sparsity=[0.05] if quick else [0.01, 0.05, 0.1]), [1.0] if quick else [1.0, 1.5])]),
+            (_grid(localize=["trained"], drop_ratio=[0.99]), [1.0] if quick else [1.0, 1.5]),
+            (_grid(localize=["magnitude"], drop_ratio=[0.95] if quick else [0.99, 0.95, 0.9]),
+             [1.0] if quick else [1.0, 1.5])]),
     ]
     del t
     return [r for r in runs if r is not None]
@@ -398,10 +401,10 @@ class SkipUnchangedEngine(MergeEngine):
         super().__init__(expert_set, cache=False)
         self.unchanged = unchanged
 
-    def _merge_one(self, name, info, settings, resolver, dtype=None):
+    def _merge_one(self, name, info, settings, resolver, dtype=None, task=None, stat=None):
         if name in self.unchanged:
             return self.experts.base.get(name).float(), False
-        return super()._merge_one(name, info, settings, resolver, dtype)
+        return super()._merge_one(name, info, settings, resolver, dtype, task, stat)
 
     def check(self, settings: MergeSettings) -> None:
         plain = MergeEngine(self.experts, cache=False)
