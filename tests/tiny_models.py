@@ -90,7 +90,9 @@ def lm_config(kind: str, tied: bool | None = None):
     extra = {} if tied is None else {"tie_word_embeddings": tied}
     if kind == "gpt2":
         return GPT2Config(vocab_size=64, n_positions=64, n_embd=16, n_layer=2, n_head=2, **LM_IDS, **extra)
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind]
+    from transformers import MistralConfig
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[kind]
     return cls(vocab_size=64, num_hidden_layers=2, num_key_value_heads=2, max_position_embeddings=64, **TINY,
                **LM_IDS, **extra)
 
