@@ -255,6 +255,31 @@ def test_lm_fisher_is_the_mean_squared_per_example_gradient(family):
     torch.testing.assert_close(result.diagonals["echo"][name], total / 3, rtol=1e-4, atol=1e-10)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_lm_regmean_grams_are_the_inputs_of_each_linear_layer(family, kind):
+    """Oracle: a transformers model loaded from the expert folder, run on each example unpadded, with a hook
+    collecting the inputs of one projection (Conv1D for GPT-2): G = XᵀX / tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from merging.apl.regmean import compute_grams
+
+    expert_set, examples, tokenizer = _open(family, kind)
+    rows = {t: examples[t][:4] for t in examples}
+    grams = compute_grams(expert_set, rows, tokenizer)
+    name, module_path = {"gpt2": ("transformer.h.1.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj"),
+                         "llama": ("model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.down_proj")}[kind]
+    model = AutoModelForCausalLM.from_pretrained(str(family(kind)[1]["count"])).eval()
+    seen = []
+    model.get_submodule(module_path).register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0][0].detach()))
+    with torch.no_grad():
+        for row in rows["count"]:
+            ids = tokenizer(row.prompt)["input_ids"] + tokenizer(row.completion, add_special_tokens=False)["input_ids"]
+            model(input_ids=torch.tensor([ids]))
+    x = torch.cat(seen).double()
+    torch.testing.assert_close(grams.grams["count"][name].double(), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+    assert ("lm_head.weight" in grams.grams["count"]) == (kind == "llama")  # an untied head is a linear layer
+
+
 def test_classifier_data_for_an_lm_is_refused_with_what_to_attach(family):
     expert_set, _, tokenizer = _open(family, "llama")
     with pytest.raises(MergeLabError, match="is a causal LM but its task data has labels"):
