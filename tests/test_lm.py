@@ -399,3 +399,28 @@ def test_workbench_lm_data_and_perplexity_rows(family, tmp_path):
         labelled = tmp_path / "l.jsonl"
         labelled.write_text('{"text": "w1", "label": 0}\n{"text": "w2", "label": 1}\n')
         attach_lm_data(session, "count", labelled)
+
+
+def test_lm_probe_scores_base_and_experts_once_and_caches_them_on_disk(family, tmp_path, monkeypatch):
+    from merging.lm import probe as probe_module
+    from merging.lm.probe import LMProber
+
+    expert_set, examples, tokenizer = _open(family, "gpt2")
+    sets = {t: rows[:6] for t, rows in examples.items()}
+    calls = []
+    real = probe_module.lm_loss_terms
+    monkeypatch.setattr(probe_module, "lm_loss_terms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prober = LMProber(expert_set, sets, tokenizer, cache_dir=tmp_path)
+    report = prober.report()
+    assert [r["name"] for r in report.rows] == ["base", "count", "echo"] and len(calls) == 3 * 2  # rows × tasks
+    echo_body = {n: expert_set.experts["echo"].get(n) for n in expert_set.layout.merged_names()}
+    again = prober.report({"same as echo": echo_body})
+    assert again.row("same as echo") == report.row("echo") and len(calls) == 3 * 2  # the loaded body: not rerun
+    count_body = {n: expert_set.experts["count"].get(n) for n in expert_set.layout.merged_names()}
+    assert prober.probe_body(count_body) == report.row("count") and len(calls) == 3 * 2 + 2
+    second = LMProber(expert_set, sets, tokenizer, cache_dir=tmp_path)
+    assert second.reference().rows == report.rows and len(calls) == 3 * 2 + 2  # read from the disk cache
+    # the oracle: loss by hand over the held-out rows, perplexity its exponential
+    parts = [_by_hand(prober.model, tokenizer, row) for row in sets["count"]]
+    assert report.row("count")["count"]["loss"] == pytest.approx(sum(s for s, _ in parts) / sum(n for _, n in parts),
+                                                                rel=1e-5)

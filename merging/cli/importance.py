@@ -252,8 +252,10 @@ def _probe_folders(args: argparse.Namespace) -> int:
         merged[args.label] = merge_recipe(recipe).tensors
     if kinds == {True}:
         from ..lm.probe import LMProber
+        from ..paths import cache_root
 
-        prober = LMProber(inputs.expert_set, held_out, inputs.tokenizer, max_length=args.max_length)
+        prober = LMProber(inputs.expert_set, held_out, inputs.tokenizer, max_length=args.max_length,
+                          cache_dir=cache_root() / "probe_cache")  # base and expert rows: once per content
         report = prober.report(merged)
     else:
         report = _classifier_probe(inputs, held_out, merged)
