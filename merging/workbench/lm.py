@@ -27,11 +27,23 @@ def attach_lm_data(session: Session, expert: str, path: str | os.PathLike, n_few
     row limit) its held-out probe text."""
     from ..io.taskdata import is_lm_data, read_examples
     from ..lm.model import is_causal_lm
+    from ..zoo.tasks import MAX_USER_ROWS, max_task_bytes
 
     if expert not in session.refs:
         raise MergeLabError(f"no expert named '{expert}' is loaded (experts: {', '.join(session.refs) or 'none'})")
-    rows = read_examples(path)
     name = Path(path).name[:80]
+    if Path(path).suffix.lower() not in (".txt", ".jsonl"):
+        raise MergeLabError(f"{name}: an LM task file is a .txt file (one text per line) or .jsonl rows")
+    try:
+        size = Path(path).stat().st_size
+    except OSError as exc:
+        raise MergeLabError(f"cannot read task file {name}: {exc.strerror or exc}") from None
+    if size > max_task_bytes():  # the same caps as a classifier's upload, checked before reading
+        raise MergeLabError(f"task file {name} is {size / 1024**2:.1f} MB, over the {max_task_bytes() / 1024**2:.3g} MB "
+                            "limit for task files (MERGE_LAB_MAX_TASK_MB): upload a sample")
+    rows = read_examples(path)
+    if len(rows) > MAX_USER_ROWS:
+        raise MergeLabError(f"task file {name} has {len(rows)} rows, over the limit of {MAX_USER_ROWS}: upload a sample")
     if not is_lm_data(rows):
         raise MergeLabError(f"{name} holds labelled rows: an LM expert's task data is text (a .txt file, or JSONL "
                             'rows {"text": …} or {"prompt": …, "completion": …})')
