@@ -354,7 +354,10 @@ def test_importance_calibrate_merge_probe_through_the_cli(family, tmp_path, caps
         assert loss["merged"][task] < loss["base"][task]  # and the merge kept some of it
         metrics = next(r for r in report["rows"] if r["name"] == "merged")["metrics"][task]
         assert metrics["perplexity"] == pytest.approx(np.exp(metrics["loss"]))
-        assert metrics["tokens"] > 0
+    # held out = the 16 rows outside the recipe's 8 few-shot indices: 8 target words per count text (after
+    # BOS), 4 completion words per echo row — the probe never scores a few-shot row or a prompt token
+    merged_row = next(r for r in report["rows"] if r["name"] == "merged")["metrics"]
+    assert {t: m["tokens"] for t, m in merged_row.items()} == {"count": 16 * 8, "echo": 16 * 4}
     record = json.loads(imp.read_text())["fewshot"]
     assert all(len(ix) == 8 for ix in record.values())
 

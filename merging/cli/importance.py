@@ -113,9 +113,16 @@ def folder_inputs(base: str, experts: dict[str, str], data: dict[str, str], *, t
     empty = [e for e, rows in pools.items() if not rows]
     if empty:
         raise MergeLabError(f"the task data of '{empty[0]}' ({files[empty[0]]}) has no examples", field="data")
-    return Inputs(expert_set, pools, tokenizer_of(expert_set) if tokenizer else None, str(Path(base).resolve()),
-                  {e: str(Path(r).resolve()) for e, r in experts.items()},
+    return Inputs(expert_set, pools, tokenizer_of(expert_set) if tokenizer else None, _recipe_ref(base),
+                  {e: _recipe_ref(r) for e, r in experts.items()},
                   {e: str(f.resolve()) for e, f in files.items()})
+
+
+def _recipe_ref(ref: str) -> str:
+    """A model ref as a recipe written anywhere can follow it: a local path made absolute, anything else
+    (``hf:…``, a registered scheme) as given."""
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else ref
 
 
 def _importance(args: argparse.Namespace) -> int:
