@@ -376,6 +376,10 @@ def test_cli_errors_are_one_clear_line(family, tmp_path, capsys):
         (["probe", "--base", str(base), *expert_args, "--data", f"count={data['count']}", "--data",
           f"echo={data['echo']}", "--n-fewshot", "64"], "every row of the task data of 'count' is few-shot data"),
     ]
+    # held-out files alone are enough for the probe (no few-shot data needed to score)
+    code, out, err = _run(["probe", "--base", str(base), *expert_args, *[a for t, f in data.items()
+                                                                      for a in ("--probe-data", f"{t}={f}")]], capsys)
+    assert code == 0 and "| count |" in out, err
     for argv, message in cases:
         code, _, err = _run(argv, capsys)
         assert code == 2 and message in err and "Traceback" not in err, (argv, err)

@@ -76,7 +76,7 @@ class Inputs:
     zoo: object = None
 
 
-def task_inputs(args: argparse.Namespace, *, tokenizer: bool = True) -> Inputs:
+def task_inputs(args: argparse.Namespace, *, tokenizer: bool = True, optional: frozenset = frozenset()) -> Inputs:
     """The inputs the options name: ``--zoo`` or ``--base DIR --expert NAME=DIR --data NAME=FILE``."""
     if getattr(args, "base", None) is None:
         if getattr(args, "expert", None) or getattr(args, "data", None):
@@ -89,11 +89,13 @@ def task_inputs(args: argparse.Namespace, *, tokenizer: bool = True) -> Inputs:
     if args.zoo is not None:
         raise MergeLabError("give either --zoo or --base with --expert, not both", field="zoo")
     return folder_inputs(args.base, parse_pairs(args.expert, "--expert"), parse_pairs(args.data, "--data"),
-                         tokenizer=tokenizer)
+                         tokenizer=tokenizer, optional=optional)
 
 
-def folder_inputs(base: str, experts: dict[str, str], data: dict[str, str], *, tokenizer: bool = True) -> Inputs:
-    """Open ``base`` and ``experts`` (folders), read each expert's task file (the one reader)."""
+def folder_inputs(base: str, experts: dict[str, str], data: dict[str, str], *, tokenizer: bool = True,
+                  optional: frozenset = frozenset()) -> Inputs:
+    """Open ``base`` and ``experts`` (folders), read each expert's task file (the one reader); experts in
+    ``optional`` may have none (the probe, given their held-out file)."""
     from ..io.experts import ExpertSet
     from ..io.taskdata import fewshot_file, read_examples, tokenizer_of
 
@@ -103,7 +105,7 @@ def folder_inputs(base: str, experts: dict[str, str], data: dict[str, str], *, t
     if unknown:
         raise MergeLabError(f"--data names '{unknown[0]}', which is not an --expert (experts: {', '.join(experts)})",
                             field="data")
-    lacking = [e for e in experts if e not in data]
+    lacking = [e for e in experts if e not in data and e not in optional]
     if lacking:
         raise MergeLabError(f"expert '{lacking[0]}' has no task data: give --data {lacking[0]}=FILE (.jsonl rows, "
                             "or a .txt file with one text per line)", field="data")
@@ -241,13 +243,14 @@ def _probe_folders(args: argparse.Namespace) -> int:
     recorded indices when it has them, else ``--n-fewshot`` drawn with ``--seed``, as importance does)."""
     from ..io.taskdata import is_lm_data, read_examples
 
-    inputs = task_inputs(args)
+    probe_files = parse_pairs(args.probe_data, "--probe-data")
+    inputs = task_inputs(args, optional=frozenset(probe_files))
     recipe = _recipe(args.recipe)
-    extra = {e: read_examples(_data_file(f)) for e, f in parse_pairs(args.probe_data, "--probe-data").items()}
+    extra = {e: read_examples(_data_file(f)) for e, f in probe_files.items()}
     unknown = sorted(set(extra) - set(inputs.expert_set.experts))
     if unknown:
         raise MergeLabError(f"--probe-data names '{unknown[0]}', which is not an --expert", field="probe_data")
-    held_out = {e: extra.get(e) or _held_out(inputs, e, recipe, args) for e in inputs.expert_set.experts}
+    held_out = {e: extra[e] if e in extra else _held_out(inputs, e, recipe, args) for e in inputs.expert_set.experts}
     kinds = {is_lm_data(rows) for rows in [*inputs.pools.values(), *held_out.values()] if rows}
     if len(kinds) > 1:
         raise MergeLabError("the task data mixes causal-LM text and labelled rows: a probe compares one kind of model",
