@@ -254,7 +254,7 @@ def task_loss(expert_set: ExpertSet, expert: str, examples, tokenizer, start, *,
     from ..io.taskdata import is_lm_data
     from ..lm.model import is_causal_lm
 
-    rows = (examples or {}).get(expert) if examples is not None else None
+    rows = (examples or {}).get(expert)
     spec = expert_set.experts[expert]
     if not rows or not is_lm_data(rows):
         if rows and is_causal_lm(spec.source.config) and not spec.head_names:
