@@ -431,3 +431,32 @@ def test_lm_probe_scores_base_and_experts_once_and_caches_them_on_disk(family, t
     parts = [_by_hand(prober.model, tokenizer, row) for row in sets["count"]]
     assert report.row("count")["count"]["loss"] == pytest.approx(sum(s for s, _ in parts) / sum(n for _, n in parts),
                                                                 rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_lm_probe_reruns_only_the_blocks_from_the_first_changed_one(family, kind):
+    """A body changed from block 1 on skips block 0 (its recorded output stands in) and scores exactly as a
+    fresh prober's full pass; a body changed in the embeddings runs every block."""
+    from merging.lm.probe import LMProber
+
+    expert_set, examples, tokenizer = _open(family, kind)
+    sets = {t: rows[:5] for t, rows in examples.items()}
+    prober = LMProber(expert_set, sets, tokenizer)
+    prober.reference()
+    calls = []
+    prober.blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    base = {n: expert_set.base.get(n) for n in expert_set.layout.merged_names()}
+    late = dict(base)
+    for name, info in expert_set.layout.tensors.items():
+        if info.layer in ("1", "head") and name in late:
+            late[name] = expert_set.experts["count"].get(name)
+    prober.probe_body(base)  # back to the base: every block differs from the last expert, all run
+    calls.clear()
+    got = prober.probe_body(late)
+    assert calls == [] and got != prober.reference().row("base")
+    assert got == LMProber(expert_set, sets, tokenizer).probe_body(late)  # identical to a full pass
+    early = dict(late)
+    embed = next(n for n, i in expert_set.layout.tensors.items() if i.layer == "embeddings")
+    early[embed] = expert_set.experts["echo"].get(embed)
+    prober.probe_body(early)
+    assert len(calls) == sum(len(b) for b in prober.batches.values())

@@ -146,7 +146,7 @@ def _pad_id(tokenizer) -> int:
 def lm_loss_terms(model, batch: Mapping[str, torch.Tensor], rows: slice | None = None) -> tuple[torch.Tensor, int]:
     """(summed next-token cross-entropy over the target tokens, their count) of some rows of a batch."""
     ids, mask, labels = (batch[k] if rows is None else batch[k][rows] for k in ("input_ids", "attention_mask", "labels"))
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
     targets = labels[:, 1:]
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                             ignore_index=IGNORE, reduction="sum")

@@ -7,19 +7,19 @@ completion tokens, pooled over the task's target tokens — and perplexity is ``
 Built for repetition like the classifier probe: the texts are tokenised once; one model, built from
 the experts' config, is loaded body by body in place; the rows of the base and of every expert are
 computed once per prober (and kept on disk under ``cache_dir``, keyed by a content hash of the
-weight files and the texts); a body equal to the one loaded is not run again.
-
-Hidden states below the first changed layer are *not* reused: a decoder layer's inputs (rotary
-position embeddings, the causal mask, cache objects) are built inside each family's ``forward`` with
-private signatures that differ between GPT-2, Llama and Qwen2 and between transformers versions, so a
-layer-by-layer restart would tie the probe to those internals. Every merged row runs one full forward
-over the probe texts instead (a tiny cost next to a merge at probe sizes).
+weight files and the texts); a body equal to the one loaded is not run again; and for a body whose
+first changed tensor sits in block k, blocks 0…k−1 are not run: each is swapped, for that forward,
+for a stand-in that returns the output it gave on the same batch last time (recorded by a forward
+hook). The model's own forward still builds embeddings, masks and rotary tables, so nothing depends
+on a family's private layer signature — only on the blocks being a ``ModuleList`` called in order,
+which holds for GPT-2, Llama, Qwen2 and Mistral. Where no such list is found, every row runs in full.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ from .model import bind_body, causal_lm_from_config, encode_lm_examples, has_own
 
 KIND = "causal_lm"
 CACHE_VERSION = 1
+_BLOCK_PATH = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|h|blocks|block))\.0\.")
 
 
 @dataclass
@@ -87,6 +88,33 @@ class LMProbeReport:
         return cls(**json.loads(text))
 
 
+class _Replay(torch.nn.Module):
+    """Stands in for an unchanged block for one forward: returns what the block returned on this batch."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+
+def _block_list(model, layout, key_of) -> torch.nn.ModuleList | None:
+    """The model's ``ModuleList`` of blocks (``transformer.h``, ``model.layers``), found from the module path
+    of block 0's tensors; None where the blocks are not one list in layer order."""
+    names = [n for n, i in layout.tensors.items() if i.layer == "0"]
+    if not names:
+        return None
+    match = _BLOCK_PATH.match(key_of(names[0]))
+    if match is None:
+        return None
+    try:
+        blocks = model.get_submodule(match.group(1))
+    except AttributeError:
+        return None
+    return blocks if isinstance(blocks, torch.nn.ModuleList) and len(blocks) == layout.n_blocks else None
+
+
 class LMProber:
     """Probe base, experts and merged bodies of a causal-LM expert set on held-out text per task.
 
@@ -115,19 +143,30 @@ class LMProber:
         self.params = bind_body(self.model, expert_set.layout, first.body_key, first.name)
         self.batches = {t: [encode_lm_examples(tokenizer, rows[i:i + batch_size], max_length)
                             for i in range(0, len(rows), batch_size)] for t, rows in self.sets.items()}
-        self._loaded: str | None = None  # what the live parameters hold ("base", an expert, or None: a merge)
+        self.blocks = _block_list(self.model, expert_set.layout, first.body_key)
+        self.n_blocks = len(self.blocks) if self.blocks is not None else 0
+        self._outputs: dict[tuple[str, int], dict[int, object]] = {}  # (task, batch) → block → its last output
+        self._current: tuple[str, int] | None = None
+        for index, block in enumerate(self.blocks or []):
+            block.register_forward_hook(self._recorder(index))
         self._last: dict[str, dict[str, float]] | None = None
         self._reference: LMProbeReport | None = None
 
     # ---- loading and scoring ----------------------------------------------------------------
+    def _stage(self, name: str) -> int:
+        """0 for embeddings, k + 1 for block k, n_blocks + 1 for the head (final norm, LM head)."""
+        layer = self.expert_set.layout[name].layer
+        return int(layer) + 1 if layer.isdigit() else 0 if layer == "embeddings" else self.n_blocks + 1
+
     @torch.no_grad()
-    def _load(self, body: Mapping[str, torch.Tensor]) -> bool:
-        """Copy a body (base names) into the model; whether any tensor changed."""
+    def _load(self, body: Mapping[str, torch.Tensor]) -> int:
+        """Copy a body (base names) into the model; the first stage whose tensors changed
+        (``n_blocks + 2`` when none did)."""
         missing = [n for n in self.params if n not in body]
         if missing:
             raise MergeLabError(f"the merged body lacks {len(missing)} tensor(s) of the base, e.g. '{missing[0]}': "
                                 "pass every merged body tensor, keyed by the base's names")
-        changed = False
+        first = self.n_blocks + 2
         for name, param in self.params.items():
             value = body[name]
             if tuple(value.shape) != tuple(param.shape):
@@ -136,28 +175,53 @@ class LMProber:
             value = value.to(param.dtype)
             if not torch.equal(value, param.data):
                 param.data.copy_(value)
-                changed = True
-        return changed
+                first = min(first, self._stage(name))
+        return first
+
+    def _recorder(self, index: int):
+        def record(_module, _inputs, output):
+            if self._current is not None:
+                self._outputs.setdefault(self._current, {})[index] = output
+        return record
 
     @torch.no_grad()
-    def _score(self) -> dict[str, dict[str, float]]:
+    def _score(self, start: int) -> dict[str, dict[str, float]]:
+        """Every task's loss; blocks before ``start - 1`` replay their recorded outputs."""
         metrics = {}
         for task, batches in self.batches.items():
             total, count = 0.0, 0
-            for batch in batches:
+            for index, batch in enumerate(batches):
                 checkpoint()  # Stop ends a probe between batches
-                loss_sum, n = lm_loss_terms(self.model, batch)
+                loss_sum, n = self._batch_terms((task, index), batch, start)
                 total, count = total + float(loss_sum), count + n
             loss = total / max(count, 1)
             metrics[task] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": float(count)}
         return metrics
 
+    def _batch_terms(self, key: tuple[str, int], batch, start: int):
+        recorded = self._outputs.get(key, {})
+        skip = min(max(start - 1, 0), self.n_blocks)  # blocks 0 … skip−1 are unchanged since they were recorded
+        if skip and any(i not in recorded for i in range(skip)):
+            skip = 0
+        originals = [self.blocks[i] for i in range(skip)]
+        for i in range(skip):
+            self.blocks[i] = _Replay(recorded[i])
+        self._current = key
+        try:
+            return lm_loss_terms(self.model, batch)
+        finally:
+            self._current = None
+            for i, block in enumerate(originals):
+                self.blocks[i] = block
+
     def _eval(self, body: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
         try:
-            if self._load(body) or self._last is None:
-                self._last = self._score()
+            start = self._load(body)
+            if start <= self.n_blocks + 1 or self._last is None:
+                self._last = self._score(start if self._last is not None else 0)
         except BaseException:
-            self._last = None  # weights and the remembered row may disagree now
+            self._last = None  # weights and the remembered outputs may disagree now: forget them
+            self._outputs.clear()
             raise
         return self._last
 
