@@ -454,7 +454,11 @@ def test_lm_probe_reruns_only_the_blocks_from_the_first_changed_one(family, kind
     calls.clear()
     got = prober.probe_body(late)
     assert calls == [] and got != prober.reference().row("base")
-    assert got == LMProber(expert_set, sets, tokenizer).probe_body(late)  # identical to a full pass
+    unbuffered = LMProber(expert_set, sets, tokenizer, reuse_bytes=0)  # nothing recorded: full passes
+    unbuffered.probe_body(base)
+    unbuffered.blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    assert got == unbuffered.probe_body(late) and calls  # identical to a full pass
+    calls.clear()
     early = dict(late)
     embed = next(n for n, i in expert_set.layout.tensors.items() if i.layer == "embeddings")
     early[embed] = expert_set.experts["echo"].get(embed)

@@ -35,6 +35,7 @@ from .model import bind_body, causal_lm_from_config, encode_lm_examples, has_own
 
 KIND = "causal_lm"
 CACHE_VERSION = 1
+REUSE_BYTES = 512 * 2**20  # recorded block outputs a prober keeps for reuse
 _BLOCK_PATH = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|h|blocks|block))\.0\.")
 
 
@@ -88,6 +89,11 @@ class LMProbeReport:
         return cls(**json.loads(text))
 
 
+def _nbytes(output) -> int:
+    tensors = output if isinstance(output, (tuple, list)) else (output,)
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 class _Replay(torch.nn.Module):
     """Stands in for an unchanged block for one forward: returns what the block returned on this batch."""
 
@@ -124,7 +130,7 @@ class LMProber:
 
     def __init__(self, expert_set: ExpertSet, probe_sets: Mapping[str, Sequence[LMExample]], tokenizer, *,
                  tasks: Iterable[str] | None = None, max_length: int = 64, batch_size: int = 16,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, reuse_bytes: int = REUSE_BYTES):
         self.expert_set = expert_set
         self.tasks = list(tasks or probe_sets)
         missing = [t for t in self.tasks if t not in probe_sets or not probe_sets[t]]
@@ -146,6 +152,8 @@ class LMProber:
         self.blocks = _block_list(self.model, expert_set.layout, first.body_key)
         self.n_blocks = len(self.blocks) if self.blocks is not None else 0
         self._outputs: dict[tuple[str, int], dict[int, object]] = {}  # (task, batch) → block → its last output
+        self._sizes: dict[tuple[str, int, int], int] = {}
+        self.reuse_bytes = reuse_bytes  # recorded outputs beyond this are not kept (those blocks rerun)
         self._current: tuple[str, int] | None = None
         for index, block in enumerate(self.blocks or []):
             block.register_forward_hook(self._recorder(index))
@@ -180,8 +188,17 @@ class LMProber:
 
     def _recorder(self, index: int):
         def record(_module, _inputs, output):
-            if self._current is not None:
+            if self._current is None:
+                return
+            where = (*self._current, index)
+            size = _nbytes(output)
+            held = sum(self._sizes.values()) - self._sizes.get(where, 0)
+            if held + size <= self.reuse_bytes:
                 self._outputs.setdefault(self._current, {})[index] = output
+                self._sizes[where] = size
+            else:  # over the budget: forget this block's output, so it and every later block rerun
+                self._outputs.get(self._current, {}).pop(index, None)
+                self._sizes.pop(where, None)
         return record
 
     @torch.no_grad()
@@ -201,8 +218,7 @@ class LMProber:
     def _batch_terms(self, key: tuple[str, int], batch, start: int):
         recorded = self._outputs.get(key, {})
         skip = min(max(start - 1, 0), self.n_blocks)  # blocks 0 … skip−1 are unchanged since they were recorded
-        if skip and any(i not in recorded for i in range(skip)):
-            skip = 0
+        skip = next((i for i in range(skip) if i not in recorded), skip)  # the recorded prefix only
         originals = [self.blocks[i] for i in range(skip)]
         for i in range(skip):
             self.blocks[i] = _Replay(recorded[i])
@@ -222,6 +238,7 @@ class LMProber:
         except BaseException:
             self._last = None  # weights and the remembered outputs may disagree now: forget them
             self._outputs.clear()
+            self._sizes.clear()
             raise
         return self._last
 
