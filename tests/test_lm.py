@@ -454,6 +454,10 @@ def test_lm_probe_reruns_only_the_blocks_from_the_first_changed_one(family, kind
     calls.clear()
     got = prober.probe_body(late)
     assert calls == [] and got != prober.reference().row("base")
+    listless = LMProber(expert_set, sets, tokenizer)
+    listless.blocks = None  # a family whose blocks are not one list: every row runs in full, never stale
+    listless.probe_body(base)
+    assert listless.probe_body(late) == got
     unbuffered = LMProber(expert_set, sets, tokenizer, reuse_bytes=0)  # nothing recorded: full passes
     unbuffered.probe_body(base)
     unbuffered.blocks[0].register_forward_hook(lambda *_: calls.append(1))

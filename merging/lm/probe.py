@@ -150,7 +150,7 @@ class LMProber:
         self.batches = {t: [encode_lm_examples(tokenizer, rows[i:i + batch_size], max_length)
                             for i in range(0, len(rows), batch_size)] for t, rows in self.sets.items()}
         self.blocks = _block_list(self.model, expert_set.layout, first.body_key)
-        self.n_blocks = len(self.blocks) if self.blocks is not None else 0
+        self.n_blocks = expert_set.layout.n_blocks
         self._outputs: dict[tuple[str, int], dict[int, object]] = {}  # (task, batch) → block → its last output
         self._sizes: dict[tuple[str, int, int], int] = {}
         self.reuse_bytes = reuse_bytes  # recorded outputs beyond this are not kept (those blocks rerun)
@@ -217,7 +217,8 @@ class LMProber:
 
     def _batch_terms(self, key: tuple[str, int], batch, start: int):
         recorded = self._outputs.get(key, {})
-        skip = min(max(start - 1, 0), self.n_blocks)  # blocks 0 … skip−1 are unchanged since they were recorded
+        # blocks 0 … skip−1 are unchanged since they were recorded (none without a block list)
+        skip = min(max(start - 1, 0), self.n_blocks) if self.blocks is not None else 0
         skip = next((i for i in range(skip) if i not in recorded), skip)  # the recorded prefix only
         originals = [self.blocks[i] for i in range(skip)]
         for i in range(skip):
