@@ -286,7 +286,7 @@ def test_recipe_fewshot_record_errors_say_what_to_fix(tmp_path):
     recipe.few_shot["x"] = {"file": "missing.jsonl"}
     with pytest.raises(MergeLabError, match="few-shot data 'missing.jsonl' not found"):
         recipe_examples(recipe)
-    data.write_text('{"text": "a b"}\n')
+    data.write_text('{"text": "a b", "label": "x"}\n')  # (a row of text alone is causal-LM data: tests/test_lm.py)
     with pytest.raises(MergeLabError, match="few.jsonl line 1 is not a JSON object with text and an integer label"):
         read_examples(data)
 

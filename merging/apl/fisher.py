@@ -27,7 +27,7 @@ from .taskloss import (
     FunctionLoss,
     TaskLoss,
     body_state,
-    classifier_task_loss,
+    task_loss,
 )
 
 Progress = Callable[[float, str], None]
@@ -105,7 +105,7 @@ def _task(expert_set, expert, state, examples, tokenizer, device, max_length, ex
         if not n_examples:
             raise MergeLabError("example_loss_fn needs n_examples (how many examples to average over)")
         return FunctionLoss(state, lambda s: torch.stack([fn(s, i) for i in range(n_examples)]).mean(), fn, n_examples)
-    return classifier_task_loss(expert_set, expert, examples, tokenizer, state, purpose="Fisher merging",
+    return task_loss(expert_set, expert, examples, tokenizer, state, purpose="Fisher merging",
                                 device=device, max_length=max_length)
 
 

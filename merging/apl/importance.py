@@ -32,7 +32,7 @@ from ..errors import MergeLabError
 from ..io.experts import ExpertSet
 from ..io.layout import MODULE_KINDS, ROLE_MERGE, Layout, unit_slice
 from ..io.taskdata import draw_fewshot  # noqa: F401  (re-exported: one few-shot draw)
-from .taskloss import MAX_LENGTH, Example, FunctionLoss, StateLoss, TaskLoss, body_state, classifier_task_loss
+from .taskloss import MAX_LENGTH, Example, FunctionLoss, StateLoss, TaskLoss, body_state, task_loss
 
 LEVELS = ("model", "layer", "module", "hidden")
 MODES = ("exact", "gradient")
@@ -369,7 +369,7 @@ def _task_loss(expert_set: ExpertSet, expert: str, examples, tokenizer, loss_fn,
     if loss_fn is not None:
         fn = loss_fn[expert] if isinstance(loss_fn, Mapping) else loss_fn
         return FunctionLoss(start, fn)
-    return classifier_task_loss(expert_set, expert, examples, tokenizer, start, purpose="APL importance",
+    return task_loss(expert_set, expert, examples, tokenizer, start, purpose="APL importance",
                                 device=device, max_length=max_length)
 
 

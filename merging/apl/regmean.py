@@ -20,7 +20,7 @@ import torch
 from ..io.experts import ExpertSet
 from ..methods.base import PerTensor
 from ..methods.regmean import REGMEAN_GRAMS, REGMEAN_INPUT_AXIS
-from .taskloss import MAX_LENGTH, Example, body_state, classifier_task_loss
+from .taskloss import MAX_LENGTH, Example, body_state, task_loss
 
 Progress = Callable[[float, str], None]
 
@@ -71,8 +71,8 @@ def compute_grams(expert_set: ExpertSet, examples: Mapping[str, Sequence[Example
     experts = list(expert_set.experts)
     for index, expert in enumerate(experts):
         clock = time.perf_counter()
-        task = classifier_task_loss(expert_set, expert, examples, tokenizer, body_state(expert_set, expert),
-                                    purpose="RegMean", device=device, max_length=max_length)
+        task = task_loss(expert_set, expert, examples, tokenizer, body_state(expert_set, expert),
+                         purpose="RegMean", device=device, max_length=max_length)
         mask = task.batch.get("attention_mask")
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}

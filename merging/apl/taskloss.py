@@ -9,8 +9,14 @@ implementations share that interface:
 - :class:`ClassifierLoss` — a transformers sequence classifier built from the expert's
   config (body + that expert's own task head), evaluated in eval mode (no dropout) on a
   batch tokenised once;
+- :class:`CausalLMLoss` — a transformers causal LM built from the expert's config, its LM head
+  (tied or untied) part of the body, scored by the mean next-token cross-entropy over the completion
+  tokens of :class:`~merging.io.taskdata.LMExample` rows (:mod:`merging.lm.model`);
 - :class:`FunctionLoss` — any ``loss_fn(state) -> scalar`` over a plain state dict (tests,
   non-transformers models).
+
+:func:`task_loss` picks the kind from the task data itself (labelled rows → classifier, text or
+prompt/completion rows → causal LM), so importance, calibration and Fisher have one code path.
 
 Patching goes through :meth:`TaskLoss.assign` under ``torch.no_grad`` — no model copies.
 """
@@ -203,6 +209,71 @@ def body_state(expert_set: ExpertSet, which: str) -> dict[str, torch.Tensor]:
     return {n: expert.get(n).float() for n in names}
 
 
+class CausalLMLoss(TaskLoss):
+    """Mean next-token cross-entropy of a causal LM on a tokenised batch of (prompt, completion) rows.
+
+    The model is built from the expert's config (never remote code) and every merged base tensor —
+    embeddings, blocks, the final norm and an untied LM head — is bound to its parameter, so assigning
+    a body is a ``copy_`` per tensor; a tied LM head *is* the embedding parameter (one tensor, whose
+    gradient sums both uses). ``loss`` pools the batch's target tokens; ``example_loss`` is one row's mean.
+    """
+
+    def __init__(self, expert_set: ExpertSet, expert: str, batch: Mapping[str, torch.Tensor],
+                 device: str = "cpu"):
+        from ..lm.model import bind_body, causal_lm_from_config, has_own_lm_head
+
+        spec = expert_set.experts[expert]
+        self.model = causal_lm_from_config(spec.source.config, expert,
+                                           untie=has_own_lm_head(expert_set.layout)).to(device)
+        self._params = bind_body(self.model, expert_set.layout, spec.body_key, expert)
+        self.live = {name: p.data for name, p in self._params.items()}
+        self.device = device
+        self.batch = {k: v.to(device) for k, v in batch.items()}
+        self.n_examples = int(self.batch["input_ids"].shape[0])
+
+    def parameter(self, name: str) -> torch.Tensor:
+        return self._params[name]
+
+    def loss(self) -> torch.Tensor:
+        from ..lm.model import lm_mean_loss
+
+        return lm_mean_loss(self.model, self.batch)
+
+    def example_loss(self, index: int) -> torch.Tensor:
+        from ..lm.model import lm_mean_loss
+
+        return lm_mean_loss(self.model, self.batch, slice(index, index + 1))
+
+
+def task_loss(expert_set: ExpertSet, expert: str, examples, tokenizer, start, *, purpose: str,
+              device: str = "cpu", max_length: int = MAX_LENGTH) -> TaskLoss:
+    """The few-shot loss of ``expert`` on its own task data, with parameters set to ``start``: the
+    classifier loss (its own head) for labelled rows, the causal-LM loss for text or prompt/completion
+    rows. The data decides; a mismatch with the model (LM text for a classifier, labels for an LM with
+    no task head) is refused with what to attach instead."""
+    from ..io.taskdata import is_lm_data
+    from ..lm.model import is_causal_lm
+
+    rows = (examples or {}).get(expert)
+    spec = expert_set.experts[expert]
+    if not rows or not is_lm_data(rows):
+        if rows and is_causal_lm(spec.source.config) and not spec.head_names:
+            raise MergeLabError(f"{purpose}: expert '{expert}' is a causal LM but its task data has labels: give it "
+                                'text instead (a .txt file, or JSONL rows {"text": …} or {"prompt": …, "completion": …})')
+        return classifier_task_loss(expert_set, expert, examples, tokenizer, start, purpose=purpose,
+                                    device=device, max_length=max_length)
+    if spec.head_names and not is_causal_lm(spec.source.config):
+        raise MergeLabError(f"{purpose}: expert '{expert}' has a task head ({', '.join(spec.head_names[:2])}) but its "
+                            "task data has no labels: attach its labelled data (JSONL rows with text and label)")
+    if tokenizer is None:
+        raise MergeLabError(f"{purpose} needs the LM's tokenizer: add tokenizer files to the base model folder")
+    from ..lm.model import encode_lm_examples
+
+    task = CausalLMLoss(expert_set, expert, encode_lm_examples(tokenizer, rows, max_length), device)
+    task.assign(start)
+    return task
+
+
 def classifier_task_loss(expert_set: ExpertSet, expert: str, examples, tokenizer, start, *, purpose: str,
                          device: str = "cpu", max_length: int = MAX_LENGTH) -> ClassifierLoss:
     """The few-shot classification loss of ``expert`` (its own head), with parameters set to ``start``.
@@ -210,7 +281,8 @@ def classifier_task_loss(expert_set: ExpertSet, expert: str, examples, tokenizer
     ``purpose`` names what needs it ("APL importance", "Fisher merging") in the error messages."""
     if examples is None or not examples.get(expert):
         raise MergeLabError(f"{purpose} needs few-shot examples for expert '{expert}': attach task data "
-                            "(a CSV/JSONL file with text and label) to it, or pick a weight-only method")
+                            "(a CSV/JSONL file with text and label; text or prompt/completion rows for a causal "
+                            "LM) to it, or pick a weight-only method")
     if tokenizer is None:
         raise MergeLabError(f"{purpose} needs a tokenizer: add tokenizer files to the base model folder")
     task = ClassifierLoss(expert_set, expert, encode_examples(tokenizer, examples[expert], max_length), device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Callable
@@ -33,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     except MergeLabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug, not a user error: one line still, the traceback on request
+        if os.environ.get("MERGE_LAB_DEBUG") == "1":
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {str(exc)[:300]} — this is a Merge Lab bug; rerun with "
+              "MERGE_LAB_DEBUG=1 for the traceback and report it", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,7 +38,11 @@ def _zoo_list(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    """Probe base and experts of a zoo, plus the merge of a recipe when given."""
+    """Probe base and experts of a zoo (or of folders given with --base), plus the merge of a recipe when given."""
+    if args.base is not None or args.expert:
+        from .importance import _probe_folders
+
+        return _probe_folders(args)
     from ..zoo.probe import Prober
     from ..zoo.zoo import open_zoo
 
@@ -68,8 +72,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     listing = zoo_sub.add_parser("list", help="list built zoos")
     listing.set_defaults(handler=_zoo_list)
 
-    probe = subparsers.add_parser("probe", help="accuracy/loss of base, experts and a recipe's merge on probe sets")
-    probe.add_argument("--zoo", default=None, help="zoo name (default: MERGE_LAB_ZOO or 'default')")
+    from .importance import add_model_arguments, add_probe_arguments
+
+    probe = subparsers.add_parser("probe", help="accuracy/loss (classifiers) or loss/perplexity (causal LMs) of base, "
+                                                "experts and a recipe's merge on probe sets")
+    add_model_arguments(probe)
+    add_probe_arguments(probe)
     probe.add_argument("--recipe", help="recipe YAML to merge and probe")
     probe.add_argument("--label", default="merged", help="row name of the merged model")
     probe.add_argument("--json", action="store_true", help="print the report as JSON")

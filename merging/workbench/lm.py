@@ -1,0 +1,93 @@
+"""Causal-LM experts in a session: attach an LM task file per expert, get perplexity rows.
+
+For the page to call (its UI is built elsewhere). An LM expert's task data is text — a ``.txt`` file
+(one example per line) or JSONL ``{"text"}`` / ``{"prompt", "completion"}`` rows — split with the
+session's seed into few-shot rows (APL importance, calibration, Fisher) and disjoint held-out rows
+(the probe). Stored as the session's :class:`TaskData` like a classifier's data, so importance and
+the data-aware methods' ``prepare`` read it with no LM-specific step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MergeLabError
+from .cache import content_hash
+from .experts import models_for, tokenizer_for
+from .limits import MAX_PROBE_ROWS, Progress, check_fewshot, no_progress
+from .session import Session, TaskData
+
+
+def attach_lm_data(session: Session, expert: str, path: str | os.PathLike, n_fewshot: int | None = None) -> Session:
+    """Attach a causal-LM task file to an LM expert: ``n_fewshot`` rows (default: the session's count, at
+    most half the file) drawn with the session's seed are its few-shot data, the rest (up to the probe's
+    row limit) its held-out probe text."""
+    from ..io.taskdata import is_lm_data, read_examples
+    from ..lm.model import is_causal_lm
+    from ..zoo.tasks import MAX_USER_ROWS, max_task_bytes
+
+    if expert not in session.refs:
+        raise MergeLabError(f"no expert named '{expert}' is loaded (experts: {', '.join(session.refs) or 'none'})")
+    name = Path(path).name[:80]
+    if Path(path).suffix.lower() not in (".txt", ".jsonl"):
+        raise MergeLabError(f"{name}: an LM task file is a .txt file (one text per line) or .jsonl rows")
+    try:
+        size = Path(path).stat().st_size
+    except OSError as exc:
+        raise MergeLabError(f"cannot read task file {name}: {exc.strerror or exc}") from None
+    if size > max_task_bytes():  # the same caps as a classifier's upload, checked before reading
+        raise MergeLabError(f"task file {name} is {size / 1024**2:.1f} MB, over the {max_task_bytes() / 1024**2:.3g} MB "
+                            "limit for task files (MERGE_LAB_MAX_TASK_MB): upload a sample")
+    rows = read_examples(path)
+    if len(rows) > MAX_USER_ROWS:
+        raise MergeLabError(f"task file {name} has {len(rows)} rows, over the limit of {MAX_USER_ROWS}: upload a sample")
+    if not is_lm_data(rows):
+        raise MergeLabError(f"{name} holds labelled rows: an LM expert's task data is text (a .txt file, or JSONL "
+                            'rows {"text": …} or {"prompt": …, "completion": …})')
+    if len(rows) < 2:
+        raise MergeLabError(f"{name} has {len(rows)} example(s): an LM task file needs at least two (few-shot and "
+                            "held-out rows are disjoint)")
+    spec = models_for(session).expert_set.experts[expert]
+    if not is_causal_lm(spec.source.config):
+        raise MergeLabError(f"expert '{expert}' is not a causal LM (its config.json names no *ForCausalLM "
+                            "architecture): attach its labelled task data instead")
+    n_few = int(check_fewshot(n_fewshot) if n_fewshot is not None else session.fewshot_n)
+    n_few = max(1, min(n_few, len(rows) // 2))
+    order = np.random.default_rng(session.seed).permutation(len(rows))
+    few = sorted(int(i) for i in order[:n_few])
+    held = sorted(int(i) for i in order[n_few:n_few + MAX_PROBE_ROWS])
+    session.data[expert] = TaskData([rows[i] for i in few], [rows[i] for i in held], [], Path(path).name)
+    return session
+
+
+def lm_probe_rows(session: Session, progress: Progress | None = None) -> tuple[list[str], list[list]]:
+    """(headers, rows) of loss and perplexity per task: base, each expert, and the session's latest merge
+    when there is one, each on the held-out text of every expert with LM data. The prober (reference
+    rows computed once) is shared by every session of the selection."""
+    from ..io.taskdata import is_lm_data
+    from ..lm.probe import LMProber
+
+    progress = progress or no_progress
+    models = models_for(session)
+    sets = {e: list(d.probe) for e, d in session.data.items() if e in session.refs and d.probe and is_lm_data(d.probe)}
+    if not sets:
+        raise MergeLabError("no expert has LM task data with held-out rows: attach a text file to each LM expert first")
+    key = content_hash("lm-probe", sets)
+    with models.lock:
+        if models.prober is None or models.prober_key != key:
+            progress(0.1, "building the LM prober (base and experts are scored once)")
+            models.prober = LMProber(models.expert_set, sets, tokenizer_for(models))
+            models.prober_key = key
+        prober = models.prober
+        progress(0.3, "base and experts")
+        report = prober.report()
+        if session.merge_key is not None:
+            from .merge import merged_tensors
+
+            progress(0.7, "the merged model")
+            report.add(session.last_label or "merged", prober.probe_body(merged_tensors(session)))
+    progress(1.0, "done")
+    return report.table()
