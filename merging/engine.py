@@ -203,7 +203,8 @@ class MergeEngine:
     def _run(self, name, info, settings, params, shared, thresholds, extras, base, experts, numel, start):
         if self.check_finite:
             self._check_finite(name, base, experts)
-        job = TensorJob(name, info, base, experts, params, shared, settings.seed, numel, start, thresholds, extras)
+        job = TensorJob(name, info, base, experts, params, shared, settings.seed, numel, start, thresholds, extras,
+                        n_blocks=self.experts.layout.n_blocks)
         merged = settings.method.kernel(job)
         if not all_finite(merged):
             raise MergeLabError(f"merging '{name}' produced NaN or Inf: check the parameters "

@@ -97,6 +97,9 @@ class TensorJob:
     start: int = 0
     thresholds: dict[str, Threshold] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    #: blocks of the model (``Layout.n_blocks``): a per-layer shape counted from the top (layer swapping's
+    #: top k layers) needs the depth, which one tensor's layer name does not tell
+    n_blocks: int = 0
 
     def deltas(self) -> dict[str, torch.Tensor]:
         base = self.base.float()
@@ -210,7 +213,7 @@ def all_specs() -> list[MethodSpec]:
 
 
 #: modules that register methods on import, in the order the methods are listed
-METHOD_MODULES = ("classic", "fisher", "apl", "model_stock", "consensus", "pcb", "tsv", "regmean")
+METHOD_MODULES = ("classic", "fisher", "apl", "model_stock", "consensus", "pcb", "tsv", "regmean", "layer_swap")
 
 
 def _ensure_loaded() -> None:
