@@ -1,0 +1,176 @@
+"""What a merged causal LM needs beside its weights: the export keeps generation_config.json (stop tokens,
+sampling defaults) and the chat template of the model the recipe's ``configs_from`` names (the base by
+default), the folder reloads with transformers, and replaying the exported recipe keeps the choice. An LM
+merge is one folder: the export offers task folders only for classifier experts with heads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import tiny_models as tm
+import torch
+import yaml
+
+from merging import workbench as wb
+from merging.cli.main import main
+from merging.errors import MergeLabError
+from merging.io.export import export_recipe
+from merging.io.recipe import ExpertRef, Recipe, load_recipe
+
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|eot|> {% endfor %}"
+OLD_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+GENERATION = {  # what a chat fine-tune ships: several stop ids, sampling on
+    "chat": dict(bos_token_id=1, eos_token_id=[2, 3], pad_token_id=0, do_sample=True, temperature=0.6, top_p=0.9),
+    "base": dict(bos_token_id=1, eos_token_id=2, do_sample=False),
+}
+
+
+def _tokenizer(template: str | None, template_in_config: bool = False):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<|eot|>"] + [f"w{i}" for i in range(60)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>")
+    if template and not template_in_config:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def _save_lm(folder: Path, seed: int | None, generation: dict | None, template: str | None,
+             template_in_config: bool = False) -> Path:
+    """A tiny Llama folder (weights, config, tokenizer) with the generation config and chat template given."""
+    from transformers import GenerationConfig
+
+    model = tm.build("llama")
+    if seed is not None:
+        tm.perturbed(model, seed=seed)
+    tm.save(model, folder)
+    (folder / "generation_config.json").unlink(missing_ok=True)  # save_pretrained writes a default one
+    _tokenizer(template, template_in_config).save_pretrained(str(folder))
+    if template and template_in_config:  # the older place: a key of tokenizer_config.json
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    if generation is not None:
+        GenerationConfig(**generation).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lm_family(tmp_path_factory):
+    """A base with its own generation config and no template, a chat expert with both (template as a .jinja
+    file), and a second expert whose tokenizer_config.json carries an older template and no generation config."""
+    root = tmp_path_factory.mktemp("lm")
+    _save_lm(root / "base", None, GENERATION["base"], None)
+    _save_lm(root / "chat", 100, GENERATION["chat"], CHAT_TEMPLATE)
+    _save_lm(root / "other", 101, None, OLD_TEMPLATE, template_in_config=True)
+    return root
+
+
+def _recipe(root: Path, **extra) -> Path:
+    data = {"method": "task_arithmetic", "base": "base",
+            "experts": [{"name": "other", "model": "other"}, {"name": "chat", "model": "chat"}],
+            "parameters": {"lambda": 0.5}, **extra}
+    path = root / f"recipe-{abs(hash(repr(extra))) % 10**8}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _reload(folder: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    has_generation = (folder / "generation_config.json").is_file()
+    return model, tokenizer, GenerationConfig.from_pretrained(str(folder)) if has_generation else None
+
+
+def test_export_keeps_the_chosen_experts_generation_config_and_template(lm_family, tmp_path):
+    out = tmp_path / "merged"
+    assert main(["merge", str(_recipe(lm_family)), "--out", str(out), "--configs-from", "chat"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == []  # an LM merge is one folder
+    assert _json(out / "generation_config.json") == _json(lm_family / "chat" / "generation_config.json")
+    assert (out / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    # the tokenizer files came from the first expert, whose tokenizer_config.json held another template:
+    # the export holds one template, the chosen model's
+    assert "chat_template" not in _json(out / "tokenizer_config.json")
+    model, tokenizer, generation = _reload(out)
+    assert generation.eos_token_id == [2, 3] and generation.do_sample is True and generation.temperature == 0.6
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "w1 w2"}], tokenize=False) == \
+        "<|user|> w1 w2 <|eot|> "
+    assert load_recipe(out / "recipe.yaml").configs_from == "chat"
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 6]])).logits
+    assert logits.shape == (1, 3, 64) and torch.isfinite(logits).all()
+
+
+def test_replaying_the_exported_recipe_keeps_the_choice(lm_family, tmp_path):
+    first = tmp_path / "first"
+    assert main(["merge", str(_recipe(lm_family)), "--out", str(first), "--configs-from", "chat"]) == 0
+    replayed_recipe = lm_family / "replayed.yaml"  # beside the models: its paths are relative to its folder
+    replayed_recipe.write_text((first / "recipe.yaml").read_text())
+    assert "configs_from: chat" in replayed_recipe.read_text()
+    again = tmp_path / "again"
+    assert main(["merge", str(replayed_recipe), "--out", str(again)]) == 0  # no option: the recipe's choice
+    for name in ("generation_config.json", "chat_template.jinja", "tokenizer_config.json"):
+        assert (again / name).read_bytes() == (first / name).read_bytes(), name
+
+
+def test_default_is_the_base(lm_family, tmp_path):
+    out = tmp_path / "base-configs"
+    report = export_recipe(load_recipe(_recipe(lm_family)), out)
+    assert _json(out / "generation_config.json") == _json(lm_family / "base" / "generation_config.json")
+    assert not (out / "chat_template.jinja").exists()  # the base has no template, so the export has none
+    assert "chat_template" not in _json(out / "tokenizer_config.json")
+    assert load_recipe(out / "recipe.yaml").configs_from == "base"
+    assert "configs_from" not in (out / "recipe.yaml").read_text()  # the default is not written
+    _, tokenizer, generation = _reload(out)
+    assert generation.eos_token_id == 2 and tokenizer.chat_template is None
+    assert not report.warnings or all("generation_config" not in w for w in report.warnings)
+
+
+def test_a_template_in_the_tokenizer_config_is_kept(lm_family, tmp_path):
+    out = tmp_path / "other-configs"
+    report = export_recipe(load_recipe(_recipe(lm_family, configs_from="other")), out)
+    assert _json(out / "tokenizer_config.json")["chat_template"] == OLD_TEMPLATE
+    assert not (out / "generation_config.json").exists()
+    assert any("no generation_config.json" in w and "base, chat" in w for w in report.warnings)
+    _, tokenizer, _ = _reload(out)
+    assert tokenizer.chat_template == OLD_TEMPLATE
+
+
+def test_configs_from_must_name_a_model(lm_family, tmp_path, capsys):
+    assert main(["merge", str(_recipe(lm_family)), "--out", str(tmp_path / "x"), "--configs-from", "nobody"]) == 2
+    err = capsys.readouterr().err
+    assert "configs_from must name" in err and "base, other, chat" in err
+    with pytest.raises(MergeLabError, match="configs_from") as caught:
+        load_recipe(_recipe(lm_family, configs_from="nobody"))
+    assert caught.value.line is not None  # named with its YAML line
+    recipe = Recipe(method="linear", base="base", experts=[ExpertRef("a", "a")], configs_from="b")
+    with pytest.raises(MergeLabError, match="one of base, a"):
+        recipe.validate()
+
+
+def test_an_lm_merge_has_no_task_folders_to_choose(lm_family):
+    session = wb.load_experts(wb.Session(), str(lm_family / "base"),
+                              {"other": str(lm_family / "other"), "chat": str(lm_family / "chat")})
+    assert wb.export_tasks(session) == []
+    wb.merge(session, "task_arithmetic", {"lambda": 0.5})
+    with pytest.raises(MergeLabError, match="one folder"):
+        wb.export(session, ["chat"])
+
+
+def test_classifier_experts_keep_a_folder_each(tmp_path):
+    root = tmp_path / "cls"
+    tm.family(root, "bert", 2, expert_kind="bert_cls")
+    session = wb.load_experts(wb.Session(), str(root / "base"), {"a": str(root / "expert0"), "b": str(root / "expert1")})
+    assert wb.export_tasks(session) == ["a", "b"]
