@@ -174,3 +174,111 @@ def test_classifier_experts_keep_a_folder_each(tmp_path):
     tm.family(root, "bert", 2, expert_kind="bert_cls")
     session = wb.load_experts(wb.Session(), str(root / "base"), {"a": str(root / "expert0"), "b": str(root / "expert1")})
     assert wb.export_tasks(session) == ["a", "b"]
+
+
+# ---- experts whose tokenizers add tokens ----------------------------------------------------------------
+
+ADDED = {"chat": ["<|im_start|>", "<|im_end|>"], "other": ["<|im_end|>"]}  # other's <|im_end|> has id 64
+
+
+def _save_added(folder: Path, seed: int, added: list[str]) -> Path:
+    """A fine-tune that added special tokens: tokenizer and embeddings / LM head grown by len(added) rows."""
+    model = tm.build("llama")
+    model.resize_token_embeddings(64 + len(added))
+    tm.perturbed(model, seed=seed)
+    tm.save(model, folder)
+    tokenizer = _tokenizer(None)
+    tokenizer.add_special_tokens({"additional_special_tokens": added})
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def added_family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("added")
+    _save_lm(root / "base", None, GENERATION["base"], None)
+    _save_added(root / "chat", 100, ADDED["chat"])
+    _save_added(root / "other", 101, ADDED["other"])
+    return root
+
+
+def _state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _token_ids(folder: Path) -> dict[str, int]:
+    return json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"] | {
+        t["content"]: t["id"] for t in json.loads((folder / "tokenizer.json").read_text())["added_tokens"]}
+
+
+def _expected_rows(root: Path, model: str, tensor: str, tokens: dict[str, int]) -> torch.Tensor:
+    """The oracle, from mergekit's documented rule: a model's own row for a token it has; for one it lacks, the
+    only other model's row that has it, else the base's, else the mean of those that have it."""
+    names = ("base", "other", "chat")
+    states = {m: _state(root / m) for m in names}
+    ids = {m: _token_ids(root / m) for m in names}
+    out = torch.zeros(max(tokens.values()) + 1, states[model][tensor].shape[1])
+    for token, row in tokens.items():
+        if token in ids[model]:
+            out[row] = states[model][tensor][ids[model][token]]
+            continue
+        donors = [m for m in names if token in ids[m]]
+        if len(donors) > 1 and "base" in donors:
+            donors = ["base"]
+        out[row] = sum(states[m][tensor][ids[m][token]] for m in donors) / len(donors)
+    return out
+
+
+def _refs(root: Path) -> dict[str, str]:
+    return {"other": str(root / "other"), "chat": str(root / "chat")}
+
+
+def test_different_vocabularies_need_a_tokenizer_choice(added_family):
+    from merging.io.experts import ExpertSet
+
+    with pytest.raises(MergeLabError, match="choose a tokenizer"):
+        ExpertSet.load(str(added_family / "base"), _refs(added_family))
+    with pytest.raises(MergeLabError, match="tokenizer must be one of base, union, other, chat"):
+        ExpertSet.load(str(added_family / "base"), _refs(added_family), tokenizer="mine")
+
+
+@pytest.mark.parametrize("choice", ["union", "base", "chat", "other"])
+def test_rows_are_aligned_by_token(added_family, choice):
+    from merging.io.experts import ExpertSet
+
+    expert_set = ExpertSet.load(str(added_family / "base"), _refs(added_family), tokenizer=choice)
+    base_ids = _token_ids(added_family / "base")
+    if choice == "union":
+        tokens = {**base_ids, "<|im_end|>": 64, "<|im_start|>": 65}  # additions in expert order: other's, then chat's
+    else:
+        tokens = _token_ids(added_family / choice)
+    for tensor in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert expert_set.layout[tensor].shape == (len(tokens), 16)
+        for model, source in [("base", expert_set.base), *((n, e.source) for n, e in expert_set.experts.items())]:
+            want = _expected_rows(added_family, model, tensor, tokens)
+            assert torch.equal(source.get(tensor), want), (choice, model, tensor)
+            assert torch.equal(source.get_rows(tensor, 10, 66), want[10:66]), (choice, model, tensor)
+
+
+def test_union_export_reloads_with_the_added_tokens(added_family, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = _recipe(added_family, tokenizer="union", configs_from="chat")
+    out = tmp_path / "union"
+    assert main(["merge", str(recipe), "--out", str(out)]) == 0
+    assert load_recipe(out / "recipe.yaml").tokenizer == "union"
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>", "w3"]) == [64, 65, 7]
+    assert _json(out / "config.json")["vocab_size"] == 66
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    merged = _state(out)["model.embed_tokens.weight"]
+    # task arithmetic, λ 0.5: base + 0.5·Σ(Θ_t − base) on the aligned rows (the oracle's)
+    rows = {m: _expected_rows(added_family, m, "model.embed_tokens.weight", {**_token_ids(added_family / "base"),
+                                                                              "<|im_end|>": 64, "<|im_start|>": 65})
+            for m in ("base", "other", "chat")}
+    want = rows["base"] + 0.5 * ((rows["other"] - rows["base"]) + (rows["chat"] - rows["base"]))
+    torch.testing.assert_close(merged, want, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        assert model(torch.tensor([[64, 65, 7]])).logits.shape == (1, 3, 66)

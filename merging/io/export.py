@@ -250,8 +250,10 @@ def _write_folder_files(expert_set, expert, folder, recipe, dtype, warnings) -> 
         files.append(path)
     else:
         warnings.append("no config.json in the base or expert: the export holds weights only")
-    tokenizer = source.tokenizer_files() or expert_set.base.tokenizer_files()
-    if not tokenizer:
+    made: list[Path] = []
+    tokenizer = _tokenizer_files(expert_set, source, folder, made)
+    files += made
+    if not tokenizer and not made:
         warnings.append(f"no tokenizer files found for '{expert or 'merged'}': the export has none; copy them "
                         "from the base model before loading it with a pipeline")
     for file in tokenizer:
@@ -338,6 +340,22 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _tokenizer_files(expert_set, source, folder: Path, written: list[Path]) -> list[Path]:
+    """The tokenizer files to copy: the source's (else the base's); where vocabularies were aligned, the chosen
+    vocabulary's model's — for the union, the base's with a tokenizer.json that adds the experts' tokens
+    (written here, into ``written``)."""
+    plan = expert_set.vocab
+    if plan is None:
+        return source.tokenizer_files() or expert_set.base.tokenizer_files()
+    files = plan.sources[plan.tokenizer_model].tokenizer_files()
+    if plan.choice == "union":
+        from .vocab import write_union_tokenizer
+
+        written.append(write_union_tokenizer(plan, folder))
+        files = [f for f in files if f.name != "tokenizer.json"]
+    return files
 
 
 def _write_top_files(recipe, expert_set, staging, importance_json) -> list[Path]:

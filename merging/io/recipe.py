@@ -37,7 +37,7 @@ from .names import check_name, derive_name
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16", "bfloat16")
 _TOP_KEYS = {"merge_lab", "method", "base", "experts", "parameters", "seed", "dtype", "importance",
-             "suggested", "notes", "few_shot", "calibrated", "configs_from"}
+             "suggested", "notes", "few_shot", "calibrated", "configs_from", "tokenizer"}
 CONFIGS_FROM_BASE = "base"
 _EXPERT_KEYS = {"name", "model", "parameters", "task"}
 
@@ -68,6 +68,9 @@ class Recipe:
     #: the model whose generation_config.json (stop tokens, sampling defaults) and chat template the export
     #: keeps: "base" or an expert's name (what makes a merged instruct model usable, not part of the weights)
     configs_from: str = CONFIGS_FROM_BASE
+    #: for experts whose vocabularies differ: whose vocabulary the merge uses (base, union or an expert's name;
+    #: embedding and LM-head rows aligned by token, see io/vocab.py); None: the vocabularies must be one
+    tokenizer: str | None = None
     notes: str = ""
     source: Path | None = None  # the file it was read from (resolves relative model paths)
 
@@ -92,6 +95,8 @@ class Recipe:
             out["calibrated"] = copy.deepcopy(self.calibrated) or True
         if self.configs_from != CONFIGS_FROM_BASE:
             out["configs_from"] = self.configs_from
+        if self.tokenizer is not None:
+            out["tokenizer"] = self.tokenizer
         return out
 
     def to_yaml(self) -> str:
@@ -129,6 +134,10 @@ class Recipe:
         spec = get_method(self.method)
         validate_params(spec.params, self.parameters, "parameters", layers)
         check_configs_from(self.configs_from, [e.name for e in self.experts])
+        if self.tokenizer is not None:
+            from .vocab import check_tokenizer_choice
+
+            check_tokenizer_choice(self.tokenizer, [e.name for e in self.experts])
         for index, expert in enumerate(self.experts):
             validate_params(spec.params, expert.parameters, f"experts[{index}].parameters", layers,
                             per_expert=True)
@@ -187,7 +196,7 @@ def _parse(data: Any, source: Path | None) -> Recipe:
         importance=_optional_str(data, "importance"),
         suggested=_mapping(data, "suggested"), few_shot=_mapping(data, "few_shot"),
         calibrated=_calibrated(data.get("calibrated")),
-        configs_from=data.get("configs_from", CONFIGS_FROM_BASE),
+        configs_from=data.get("configs_from", CONFIGS_FROM_BASE), tokenizer=data.get("tokenizer"),
         notes=str(data.get("notes") or ""), source=source,
     )
     recipe.validate()
