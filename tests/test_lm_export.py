@@ -167,6 +167,14 @@ def test_an_lm_merge_has_no_task_folders_to_choose(lm_family):
     wb.merge(session, "task_arithmetic", {"lambda": 0.5})
     with pytest.raises(MergeLabError, match="one folder"):
         wb.export(session, ["chat"])
+    import zipfile
+
+    with zipfile.ZipFile(wb.export(session, configs_from="chat")) as archive:
+        names = archive.namelist()
+        assert json.loads(archive.read("generation_config.json")) == _json(lm_family / "chat" / "generation_config.json")
+        assert archive.read("chat_template.jinja").decode() == CHAT_TEMPLATE
+        assert "configs_from: chat" in archive.read("recipe.yaml").decode()
+    assert not any("/" in n and n.split("/")[0] in ("chat", "other") for n in names)  # one folder, no task folders
 
 
 def test_classifier_experts_keep_a_folder_each(tmp_path):
@@ -282,3 +290,45 @@ def test_union_export_reloads_with_the_added_tokens(added_family, tmp_path):
     torch.testing.assert_close(merged, want, rtol=0, atol=1e-6)
     with torch.no_grad():
         assert model(torch.tensor([[64, 65, 7]])).logits.shape == (1, 3, 66)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("choice", ["chat", "base", "union"])
+def test_mergekit_aligns_the_same_rows(added_family, choice, tmp_path):
+    """The exported mergekit config (tokenizer_source) run by mergekit 0.1.5 gives every token the same rows (the
+    union's added tokens may sit at other ids: mergekit orders them by a set of models)."""
+    import os
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from merging.io.replay import merge_recipe
+
+    script = None
+    for python in filter(None, [os.environ.get("MERGE_LAB_MERGEKIT_PYTHON"), "/work/venvs/mergekit/bin/python",
+                                str(Path.home() / ".cache/merge-lab-ci/mergekit-0.1.5-torch-2.13.0/bin/python")]):
+        if (Path(python).parent / "mergekit-yaml").is_file():
+            script = Path(python).parent / "mergekit-yaml"
+            break
+    if script is None:
+        pytest.skip("mergekit reference not installed: set MERGE_LAB_MERGEKIT_PYTHON to a python with mergekit 0.1.5")
+    recipe = _recipe(added_family, tokenizer=choice)
+    config = recipe.with_suffix(".mergekit.yml")
+    assert main(["merge", str(recipe), "--format", "mergekit", "--out", str(config)]) == 0
+    out = tmp_path / "mergekit"
+    done = subprocess.run([str(script), config.name, str(out), "--quiet", "--no-write-model-card"], cwd=added_family,
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = load_file(str(out / "model.safetensors"))
+    ours = merge_recipe(load_recipe(recipe)).tensors
+    our_ids = _token_ids(added_family / ("base" if choice in ("base", "union") else choice))
+    if choice == "union":
+        our_ids = {**our_ids, "<|im_end|>": 64, "<|im_start|>": 65}
+    their_ids = _token_ids(out)
+    assert set(their_ids) == set(our_ids)
+    for name, tensor in ours.items():
+        other = theirs[name].float()
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            order = [their_ids[token] for token, _ in sorted(our_ids.items(), key=lambda item: item[1])]
+            other = other[order]
+        torch.testing.assert_close(other, tensor, rtol=0, atol=2e-6, msg=name)

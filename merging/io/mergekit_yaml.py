@@ -137,6 +137,16 @@ def to_mergekit(recipe, layers: Sequence[str] | Layout | None = None) -> dict[st
                 parameters[name] = value
         parameters.update(fixed)
         config["parameters"] = parameters
+    if recipe.tokenizer is not None:  # vocabularies aligned by token: mergekit's tokenizer_source, the same rule
+        refs = {e.name: e.model for e in recipe.experts}
+        named_base = "base_model" in config
+        config["tokenizer_source"] = (recipe.tokenizer if recipe.tokenizer == "union" or named_base and
+                                      recipe.tokenizer == "base" else
+                                      _model_ref(refs.get(recipe.tokenizer, recipe.base), notes))
+        if recipe.tokenizer == "union":
+            notes.append("tokenizer union: mergekit appends the models' added tokens in its own order of the models "
+                         "(a set, which varies between runs), Merge Lab in expert order: the added tokens' ids, and "
+                         "so their rows, may be permuted; each token's row is the same.")
     config["dtype"] = "float32"  # Merge Lab computes in float32 and writes recipe.dtype
     if recipe.dtype != "float32":
         config["out_dtype"] = recipe.dtype
