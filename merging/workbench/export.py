@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import DISK_FULL, MergeLabError, is_disk_full
 from .cache import Models, content_hash
 from .experts import models_for
-from .limits import EXPORT_MAX_AGE, UPLOAD_MAX_AGE, Progress, check_dtype, no_progress
+from .limits import EXPORT_MAX_AGE, UPLOAD_MAX_AGE, Progress, check_dtype, method_spec, no_progress
 from .merge import settings_for
 from .session import Session
 
@@ -78,11 +78,16 @@ def retention_sweep(now: float | None = None, startup: bool = False) -> dict[str
 
 
 def export_tasks(session: Session) -> list[str]:
-    """The experts whose task head gets a folder of its own (classifiers): the export's task choices. Empty when
-    no expert has a head (causal LMs): their merge is one folder, with no task to choose."""
+    """The experts that get a folder of their own: classifiers with a task head — and every expert when the last
+    merge's method makes one body per task (a ``per_task_bodies`` declaration, EMR's). Empty otherwise (causal
+    LMs): the merge is one folder, with no task to choose."""
     if not session.refs:
         return []
-    return [name for name, expert in models_for(session).expert_set.experts.items() if expert.head_names]
+    experts = models_for(session).expert_set.experts
+    method = session.last_recipe.method if session.last_recipe is not None else None
+    if method is not None and getattr(method_spec(method), "per_task_bodies", False):
+        return list(experts)
+    return [name for name, expert in experts.items() if expert.head_names]
 
 
 def _check_tasks(session: Session, chosen: Sequence[str] | None) -> None:
