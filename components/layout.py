@@ -326,8 +326,9 @@ def probe_section() -> SimpleNamespace:
 
 def export_section() -> SimpleNamespace:
     with gr.Group(elem_classes=["ml-section"]):
-        gr.Markdown("## 5 · Export\nA zip with a Hugging Face folder per chosen task (merged body + that task's "
-                    "head), recipe.yaml (replay: `python -m merging merge recipe.yaml --out DIR`), mergekit "
+        gr.Markdown("## 5 · Export\nA zip with a Hugging Face folder per chosen task for classifier experts (merged "
+                    "body + that task's head; a causal LM merge is one folder, with the base's generation config "
+                    "and chat template), recipe.yaml (replay: `python -m merging merge recipe.yaml --out DIR`), mergekit "
                     "YAML where the method exists there, a model card and the importance JSON.")
         with gr.Row():
             export_tasks = ui.Dropdown([], label="Tasks to export (a folder each)", multiselect=True,
@@ -406,9 +407,10 @@ def wire_experts(page) -> None:
                                            zoo_waiting=None if status.ready else status.not_ready_message())
         h.register_client(request, session)
         experts = session.experts
+        tasks = wb.export_tasks(session)  # classifier heads get a folder each; an LM merge is one folder
         return (session, rows, note, data, gr.update(choices=experts, value=experts[0]),
                 gr.update(choices=experts, value=experts[0]), gr.update(choices=experts, value=experts[0]),
-                gr.update(choices=experts, value=experts), h.method_info(session, method_value))
+                gr.update(choices=tasks, value=tasks, visible=bool(tasks)), h.method_info(session, method_value))
 
     load_event = ex.load_btn.click(
         h.heavy(on_load), [page.state, ex.base_box, ex.zoo_pick, ex.extra_box, ex.upload, merge.method],

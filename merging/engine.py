@@ -254,7 +254,7 @@ class MergeEngine:
         if self.check_finite:
             self._check_finite(name, base, experts)
         return TensorJob(name, info, base, experts, params, shared, settings.seed, numel, start, thresholds, extras,
-                         task, stat)
+                         task, stat, n_blocks=self.experts.layout.n_blocks)
 
     def _run(self, settings, job: TensorJob) -> torch.Tensor:
         merged = settings.method.kernel(job)

@@ -112,6 +112,14 @@ def _add_merge(sub) -> None:
     parser.add_argument("--force", action="store_true",
                         help="write into a non-empty --out folder that is not a previous export (your files there "
                              "are never deleted or overwritten)")
+    parser.add_argument("--configs-from", metavar="NAME",
+                        help="the model whose generation_config.json (stop tokens, sampling defaults) and chat "
+                             "template the export keeps: base, or an expert's name (default: the recipe's "
+                             "configs_from, else base); recorded in the exported recipe")
+    parser.add_argument("--tokenizer", metavar="CHOICE",
+                        help="for experts whose tokenizers differ (added tokens): whose vocabulary the merge uses — "
+                             "base, union or an expert's name; embedding and LM-head rows are aligned by token "
+                             "(default: the recipe's tokenizer; recorded in the exported recipe)")
     parser.add_argument("--json", action="store_true")
 
 
@@ -135,6 +143,14 @@ def _load_recipe_or_mergekit(path_text: str, args):
 
 def _run_merge(args) -> int:
     recipe = _load_recipe_or_mergekit(args.recipe, args)
+    if args.configs_from is not None:
+        from ..io.recipe import check_configs_from
+
+        recipe.configs_from = check_configs_from(args.configs_from, [e.name for e in recipe.experts])
+    if args.tokenizer is not None:
+        from ..io.vocab import check_tokenizer_choice
+
+        recipe.tokenizer = check_tokenizer_choice(args.tokenizer, [e.name for e in recipe.experts])
     if args.format == "mergekit":
         from ..io.mergekit_yaml import to_mergekit_yaml
         from ..io.replay import expert_set_from_recipe

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,13 +58,17 @@ class ExpertSet:
     experts: dict[str, Expert]
     layout: Layout
     warnings: list[str] = field(default_factory=list)
+    #: set when the models' vocabularies differ and a tokenizer was chosen (:mod:`.vocab`): the chosen
+    #: vocabulary and where each aligned embedding / LM-head row comes from
+    vocab: Any = None
 
     @classmethod
     def load(cls, base: str | os.PathLike | ModelSource, experts: Iterable | Mapping,
-             *, allow_pickle: bool = False, base_dir: Path | None = None) -> ExpertSet:
+             *, allow_pickle: bool = False, base_dir: Path | None = None, tokenizer: str | None = None) -> ExpertSet:
         """Open base and experts (paths, hub ids, ``zoo:`` refs or sources) and check them.
 
-        ``experts`` is a list of refs (names derived from the path) or a mapping name → ref.
+        ``experts`` is a list of refs (names derived from the path) or a mapping name → ref. ``tokenizer``
+        (base, union or an expert's name) merges models whose vocabularies differ, rows aligned by token.
         """
         base_source = base if isinstance(base, ModelSource) else open_model(
             base, name="base", allow_pickle=allow_pickle, base_dir=base_dir)
@@ -79,7 +84,7 @@ class ExpertSet:
             if source.name in sources or source.name == "base":
                 source.name = _unique(source.name, sources)
             sources[source.name] = source
-        return check_homology(base_source, sources)
+        return check_homology(base_source, sources, tokenizer=tokenizer)
 
     # ---- conveniences -----------------------------------------------------
     @property
@@ -104,12 +109,18 @@ def _unique(name: str, taken: Mapping[str, object]) -> str:
     return f"{name}-{index}"
 
 
-def check_homology(base: ModelSource, experts: Mapping[str, ModelSource]) -> ExpertSet:
-    """Check that every expert can be merged with the base; raise one readable error if not."""
+def check_homology(base: ModelSource, experts: Mapping[str, ModelSource], tokenizer: str | None = None) -> ExpertSet:
+    """Check that every expert can be merged with the base; raise one readable error if not. With a
+    ``tokenizer`` choice, models whose vocabularies differ are first aligned by token (:mod:`.vocab`)."""
     if not experts:
         raise MergeLabError("no experts given: pick at least one fine-tuned expert of the base (two to merge)")
     for source in (base, *experts.values()):
         check_config_sizes(source)
+    plan = None
+    if tokenizer is not None:
+        from .vocab import align_vocabularies
+
+        base, experts, plan = align_vocabularies(base, experts, tokenizer)
     _check_configs(base, experts)
     tied = bool(base.config.get("tie_word_embeddings", False)) and not _has_distinct_lm_head(base)
     layout = Layout.from_shapes(base.shapes(), base.dtypes(), tied_embeddings=tied)
@@ -126,7 +137,7 @@ def check_homology(base: ModelSource, experts: Mapping[str, ModelSource]) -> Exp
     if not base.has_tokenizer() and not any(s.has_tokenizer() for s in experts.values()):
         warnings.append("no tokenizer found in the base or the experts: merging and export work, "
                         "but importance and probes need one (add tokenizer files to the base folder)")
-    return ExpertSet(base, aligned, layout, warnings)
+    return ExpertSet(base, aligned, layout, warnings, plan)
 
 
 def _has_distinct_lm_head(base: ModelSource) -> bool:
@@ -214,7 +225,8 @@ def _check_configs(base: ModelSource, experts: Mapping[str, ModelSource]) -> Non
             raise MergeLabError(
                 f"expert '{name}' has vocab size {source.config['vocab_size']} but the base has "
                 f"{base.config['vocab_size']}: models with different tokenizers cannot be merged tensor by tensor "
-                "(resize or pick an expert fine-tuned from this base)"
+                "as they are; choose a tokenizer (recipe 'tokenizer: base', 'union' or an expert's name) to align "
+                "their embedding and LM-head rows by token, or pick an expert fine-tuned from this base"
             )
 
 

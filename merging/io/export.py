@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from ..engine import MergeEngine, MergeSettings
 from ..errors import DISK_FULL, MergeLabError, is_disk_full
+from .access import check_file_inside
 from .experts import ExpertSet
 from .mergekit_yaml import to_mergekit_yaml
 from .names import check_name, safe_join
@@ -125,6 +126,7 @@ def export_recipe(recipe, out_dir: str | Path, *, expert_set: ExpertSet | None =
     if dtype not in TORCH_DTYPES:
         raise MergeLabError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}", field="dtype")
     targets = _targets(expert_set, tasks, settings.method.per_task_bodies)
+    configs_source(expert_set, recipe.configs_from)  # a wrong name fails before the merge, not after
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_staging(out_dir)
@@ -265,18 +267,111 @@ def _write_folder_files(expert_set, expert, folder, recipe, dtype, warnings, per
         files.append(path)
     else:
         warnings.append("no config.json in the base or expert: the export holds weights only")
-    tokenizer = source.tokenizer_files() or expert_set.base.tokenizer_files()
-    if not tokenizer:
+    made: list[Path] = []
+    tokenizer = _tokenizer_files(expert_set, source, folder, made)
+    files += made
+    if not tokenizer and not made:
         warnings.append(f"no tokenizer files found for '{expert or 'merged'}': the export has none; copy them "
                         "from the base model before loading it with a pipeline")
     for file in tokenizer:
         files.append(Path(shutil.copy2(file, folder / file.name)))
+    files += write_generation_files(expert_set, recipe.configs_from, folder, warnings)
     card = folder / "README.md"
     card.write_text(model_card(recipe, expert, per_task))
     files.append(card)
     recipe_path = folder / "recipe.yaml"
     recipe_path.write_text(recipe.to_yaml())
     files.append(recipe_path)
+    return files
+
+
+# ---- what a causal LM needs beside its weights ---------------------------------------------------------
+
+#: Files that make a merged (instruct) LM usable and are not weights or tokenizer: generation_config.json holds
+#: the stop tokens (eos_token_id lists of chat models) and sampling defaults (do_sample, temperature, top_p);
+#: chat_template.jinja (chat_template.json in older processors) the chat template.
+GENERATION_FILES = ("generation_config.json", "chat_template.jinja", "chat_template.json")
+MAX_GENERATION_FILE_BYTES = 4 * 1024 * 1024  # a generation config or template is a few KB; refuse anything huge
+
+
+def configs_source(expert_set: ExpertSet, name: str):
+    """The model a recipe's ``configs_from`` names: the base, or an expert."""
+    if name == "base":
+        return expert_set.base
+    if name not in expert_set.experts:
+        raise MergeLabError(f"configs_from '{name}' is neither the base nor an expert "
+                            f"({', '.join(['base', *expert_set.experts])})", field="configs_from")
+    return expert_set.experts[name].source
+
+
+def write_generation_files(expert_set: ExpertSet, configs_from: str, folder: Path, warnings: list[str]) -> list[Path]:
+    """Copy the generation config and chat template of ``configs_from`` into ``folder``, and make the folder's
+    tokenizer_config.json carry that model's template (or none), so the export holds exactly one chat
+    template — the chosen model's — even when the tokenizer files came from another model."""
+    source = configs_source(expert_set, configs_from)
+    root = source.root
+    files = []
+    for name in GENERATION_FILES:
+        path = root / name if root is not None else None
+        if path is None or not path.is_file():
+            continue
+        resolved = check_file_inside(path, source.name)
+        if resolved.stat().st_size > MAX_GENERATION_FILE_BYTES:
+            raise MergeLabError(f"model '{source.name}': {name} is {resolved.stat().st_size / 1e6:.1f} MB, not a "
+                                "generation config or chat template; remove it or pick another configs_from",
+                                field="configs_from")
+        files.append(Path(shutil.copyfile(resolved, folder / name)))
+    _align_chat_template(source, folder)
+    if not any(f.name == "generation_config.json" for f in files):
+        others = [n for n, m in [("base", expert_set.base), *((e, x.source) for e, x in expert_set.experts.items())]
+                  if n != configs_from and m.root is not None and (m.root / "generation_config.json").is_file()]
+        if others:
+            warnings.append(f"'{configs_from}' has no generation_config.json but {', '.join(others)} has: the export "
+                            f"keeps no stop tokens or sampling defaults; export with configs_from {others[0]} "
+                            "(--configs-from) to keep them")
+    return files
+
+
+def _align_chat_template(source, folder: Path) -> None:
+    """The exported tokenizer_config.json's ``chat_template`` becomes ``source``'s (removed if it has none)."""
+    exported = folder / "tokenizer_config.json"
+    if not exported.is_file():
+        return
+    own_path = source.root / "tokenizer_config.json" if source.root is not None else None
+    own = _read_json(check_file_inside(own_path, source.name)) if own_path and own_path.is_file() else None
+    template = (own or {}).get("chat_template")
+    data = _read_json(exported)
+    if data is None or data.get("chat_template") == template:
+        return
+    if template is None:
+        data.pop("chat_template", None)
+    else:
+        data["chat_template"] = template
+    exported.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON object file, or None where there is none (an unreadable tokenizer config is left as it is)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _tokenizer_files(expert_set, source, folder: Path, written: list[Path]) -> list[Path]:
+    """The tokenizer files to copy: the source's (else the base's); where vocabularies were aligned, the chosen
+    vocabulary's model's — for the union, the base's with a tokenizer.json that adds the experts' tokens
+    (written here, into ``written``)."""
+    plan = expert_set.vocab
+    if plan is None:
+        return source.tokenizer_files() or expert_set.base.tokenizer_files()
+    files = plan.sources[plan.tokenizer_model].tokenizer_files()
+    if plan.choice == "union":
+        from .vocab import write_union_tokenizer
+
+        written.append(write_union_tokenizer(plan, folder))
+        files = [f for f in files if f.name != "tokenizer.json"]
     return files
 
 

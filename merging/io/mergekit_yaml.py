@@ -56,6 +56,7 @@ _METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "della": ("della", {"rescale": True}),
     "slerp": ("slerp", {}),
     "model_stock": ("model_stock", {}),
+    "layer_swap": ("passthrough", {}),  # or linear with per-layer weights where slices cannot say it (_layer_swap)
 }
 # Methods mergekit lacks, with why (said in the refusal).
 _ABSENT = {"localize_stitch": " (its per-expert masks, trained on few-shot data or "
@@ -91,7 +92,9 @@ def to_mergekit(recipe, layers: Sequence[str] | Layout | None = None) -> dict[st
     declared = set(spec.param_names())
     notes: list[str] = []
 
-    if method == "slerp":
+    if method == "layer_swap":
+        config = _layer_swap(recipe, ctx, notes)
+    elif method == "slerp":
         first, second = recipe.experts
         t = ctx.setting({layer: resolver.value("t", first.name, layer) for layer in ctx.rows()})
         config = {"merge_method": "slerp", "base_model": _model_ref(first.model, notes),
@@ -136,6 +139,16 @@ def to_mergekit(recipe, layers: Sequence[str] | Layout | None = None) -> dict[st
                 parameters[name] = value
         parameters.update(fixed)
         config["parameters"] = parameters
+    if recipe.tokenizer is not None:  # vocabularies aligned by token: mergekit's tokenizer_source, the same rule
+        refs = {e.name: e.model for e in recipe.experts}
+        named_base = "base_model" in config
+        config["tokenizer_source"] = (recipe.tokenizer if recipe.tokenizer == "union" or named_base and
+                                      recipe.tokenizer == "base" else
+                                      _model_ref(refs.get(recipe.tokenizer, recipe.base), notes))
+        if recipe.tokenizer == "union":
+            notes.append("tokenizer union: mergekit appends the models' added tokens in its own order of the models "
+                         "(a set, which varies between runs), Merge Lab in expert order: the added tokens' ids, and "
+                         "so their rows, may be permuted; each token's row is the same.")
     config["dtype"] = "float32"  # Merge Lab computes in float32 and writes recipe.dtype
     if recipe.dtype != "float32":
         config["out_dtype"] = recipe.dtype
@@ -179,6 +192,58 @@ def to_mergekit_yaml(recipe, layers: Sequence[str] | Layout | None = None) -> st
                       "it does not reproduce Merge Lab's masks.")
     header += [f"# Note: {note}" for note in notes]
     return "\n".join(header) + "\n" + yaml.safe_dump(config, sort_keys=False)
+
+
+# ---- layer swapping ----------------------------------------------------------------------
+
+def _layer_swap(recipe, ctx: _Context, notes: list[str]) -> dict[str, Any]:
+    """Layer swapping as mergekit runs it: ``passthrough`` slices when every block is one model's and the
+    embeddings and head come from the first and last slice's model (where mergekit's slices take them,
+    ``plan.py``: pre-weights from the first slice, post-weights from the last); otherwise ``linear`` with
+    per-layer weight filters (1 for the source, 0 for the others, the blend shares for a blended layer),
+    which mergekit computes as Σ w·Θ / Σ w — the same copies and blends."""
+    from ..methods.layer_swap import BASE, BLEND, INNER, OUTER, layer_plan, outer_inner
+
+    if ctx.layers is None:
+        raise MergeLabError("layer swapping counts its top layers from the model's depth: export it to mergekit "
+                            "with the models at hand (python -m merging merge recipe.yaml --format mergekit)",
+                            field="method")
+    blocks = [layer for layer in ctx.layers if layer not in (EMBEDDINGS, HEAD)]
+    plan = layer_plan(ctx.layers, len(blocks), normalize_aliases(recipe.parameters))
+    outer, inner = outer_inner([e.name for e in recipe.experts], recipe.parameters.get("outer_expert", "first"))
+    refs = {e.name: e.model for e in recipe.experts}
+    models = {OUTER: _model_ref(refs[outer], notes), INNER: _model_ref(refs[inner], notes),
+              BASE: _model_ref(recipe.base, notes)}
+    sources = [plan[b][0] for b in blocks]
+    ends_agree = (plan.get(EMBEDDINGS, (sources[0],))[0] == sources[0]
+                  and plan.get(HEAD, (sources[-1],))[0] == sources[-1])
+    if blocks and BLEND not in sources and ends_agree:
+        slices, start = [], 0
+        for index in range(1, len(sources) + 1):
+            if index == len(sources) or sources[index] != sources[start]:
+                slices.append({"sources": [{"model": models[sources[start]], "layer_range": [start, index]}]})
+                start = index
+        return {"merge_method": "passthrough", "slices": slices}
+    if ctx.layer_filters is None:
+        raise MergeLabError("this layer swap blends layers (or takes the embeddings or head from another model than "
+                            "the first or last block's), which mergekit's passthrough slices cannot say; its linear "
+                            "form needs the tensor names: export with the models at hand", field="method")
+    used = [OUTER, INNER] + ([BASE] if any(source == BASE for source, _ in plan.values()) else [])
+    entries = []
+    for role in used:
+        weights = {layer: _swap_weight(role, source, share) for layer, (source, share) in plan.items()}
+        entries.append({"model": models[role], "parameters": {"weight": ctx.setting(weights)}})
+    notes.append("layer swapping as mergekit's linear merge with per-layer weights (1 for the layer's source, 0 "
+                 "for the others, blend shares where layers are blended): passthrough slices cannot blend layers "
+                 "or take the embeddings and head from another model than the first and last slice's.")
+    return {"merge_method": "linear", "models": entries, "parameters": {"normalize": True}}
+
+
+def _swap_weight(role: str, source: str, share: float) -> float:
+    """mergekit linear weight of the model in ``role`` for a layer whose source is ``source``."""
+    if source == "blend":
+        return _round(share) if role == "outer" else _round(1.0 - share) if role == "inner" else 0.0
+    return 1.0 if role == source else 0.0
 
 
 # ---- parameters -------------------------------------------------------------------------

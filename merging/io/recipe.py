@@ -11,6 +11,7 @@ experts:
 parameters: {lambda: 1.0, drop_ratio: 0.5}              # shared
 seed: 0
 dtype: float32
+configs_from: base               # whose generation_config.json and chat template the export keeps (or an expert)
 ```
 
 Invalid recipes get a :class:`MergeLabError` naming the field and, when read from YAML,
@@ -36,7 +37,8 @@ from .names import check_name, derive_name
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16", "bfloat16")
 _TOP_KEYS = {"merge_lab", "method", "base", "experts", "parameters", "seed", "dtype", "importance",
-             "suggested", "notes", "few_shot", "calibrated"}
+             "suggested", "notes", "few_shot", "calibrated", "configs_from", "tokenizer"}
+CONFIGS_FROM_BASE = "base"
 _EXPERT_KEYS = {"name", "model", "parameters", "task"}
 
 
@@ -63,6 +65,12 @@ class Recipe:
     #: set when the experts' parameters already hold what the method's ``prepare`` computed (and it needed
     #: nothing else): replay then merges from the recipe alone. Says what it was calibrated from.
     calibrated: dict[str, Any] | None = None
+    #: the model whose generation_config.json (stop tokens, sampling defaults) and chat template the export
+    #: keeps: "base" or an expert's name (what makes a merged instruct model usable, not part of the weights)
+    configs_from: str = CONFIGS_FROM_BASE
+    #: for experts whose vocabularies differ: whose vocabulary the merge uses (base, union or an expert's name;
+    #: embedding and LM-head rows aligned by token, see io/vocab.py); None: the vocabularies must be one
+    tokenizer: str | None = None
     notes: str = ""
     source: Path | None = None  # the file it was read from (resolves relative model paths)
 
@@ -85,6 +93,10 @@ class Recipe:
                 out[key] = copy.deepcopy(getattr(self, key))
         if self.calibrated is not None:
             out["calibrated"] = copy.deepcopy(self.calibrated) or True
+        if self.configs_from != CONFIGS_FROM_BASE:
+            out["configs_from"] = self.configs_from
+        if self.tokenizer is not None:
+            out["tokenizer"] = self.tokenizer
         return out
 
     def to_yaml(self) -> str:
@@ -121,6 +133,11 @@ class Recipe:
         """Check parameters against the method's declarations (and layer names, when known)."""
         spec = get_method(self.method)
         validate_params(spec.params, self.parameters, "parameters", layers)
+        check_configs_from(self.configs_from, [e.name for e in self.experts])
+        if self.tokenizer is not None:
+            from .vocab import check_tokenizer_choice
+
+            check_tokenizer_choice(self.tokenizer, [e.name for e in self.experts])
         for index, expert in enumerate(self.experts):
             validate_params(spec.params, expert.parameters, f"experts[{index}].parameters", layers,
                             per_expert=True)
@@ -179,6 +196,7 @@ def _parse(data: Any, source: Path | None) -> Recipe:
         importance=_optional_str(data, "importance"),
         suggested=_mapping(data, "suggested"), few_shot=_mapping(data, "few_shot"),
         calibrated=_calibrated(data.get("calibrated")),
+        configs_from=data.get("configs_from", CONFIGS_FROM_BASE), tokenizer=data.get("tokenizer"),
         notes=str(data.get("notes") or ""), source=source,
     )
     recipe.validate()
@@ -215,6 +233,15 @@ def _parse_experts(value: Any) -> list[ExpertRef]:
             raise MergeLabError(f"{where}.parameters must be a mapping", field=f"{where}.parameters")
         out.append(ExpertRef(name, model, dict(params)))
     return out
+
+
+def check_configs_from(value: Any, experts: list[str]) -> str:
+    """``configs_from`` names the base or one of the recipe's experts."""
+    choices = [CONFIGS_FROM_BASE, *experts]
+    if not isinstance(value, str) or value not in choices:
+        raise MergeLabError(f"configs_from must name the model whose generation config and chat template the export "
+                            f"keeps: one of {', '.join(choices)}; got {str(value)[:64]!r}", field="configs_from")
+    return value
 
 
 def _required_str(data: dict, key: str) -> str:

@@ -21,7 +21,7 @@ def expert_set_from_recipe(recipe, *, allow_pickle: bool = False) -> ExpertSet:
     """Open and check the base and experts a recipe names (paths resolve against the recipe's folder)."""
     base_dir = recipe.resolve_dir()
     return ExpertSet.load(recipe.base, {e.name: e.model for e in recipe.experts},
-                          allow_pickle=allow_pickle, base_dir=base_dir)
+                          allow_pickle=allow_pickle, base_dir=base_dir, tokenizer=recipe.tokenizer)
 
 
 def settings_from_recipe(recipe, expert_set: ExpertSet) -> MergeSettings:

@@ -104,6 +104,9 @@ class TensorJob:
     task: str | None = None
     #: the method's :class:`ModelStat` total over every merged tensor (None for methods without one)
     model_stat: Any = None
+    #: blocks of the model (``Layout.n_blocks``): a per-layer shape counted from the top (layer swapping's
+    #: top k layers) needs the depth, which one tensor's layer name does not tell
+    n_blocks: int = 0
 
     def deltas(self) -> dict[str, torch.Tensor]:
         base = self.base.float()
@@ -243,7 +246,7 @@ def all_specs() -> list[MethodSpec]:
 
 #: modules that register methods on import, in the order the methods are listed
 METHOD_MODULES = ("classic", "fisher", "apl", "model_stock", "consensus", "pcb", "tsv", "regmean",
-                  "emr", "localize_stitch")
+                  "emr", "localize_stitch", "layer_swap")
 
 
 def _ensure_loaded() -> None:

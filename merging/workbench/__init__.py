@@ -65,6 +65,7 @@ from .experts import (  # noqa: F401
 from .export import (  # noqa: F401
     clean_old_exports,
     export,
+    export_tasks,
     exports_root,
     read_zip_names,
     retention_sweep,

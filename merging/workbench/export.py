@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import DISK_FULL, MergeLabError, is_disk_full
 from .cache import Models, content_hash
 from .experts import models_for
-from .limits import EXPORT_MAX_AGE, UPLOAD_MAX_AGE, Progress, check_dtype, no_progress
+from .limits import EXPORT_MAX_AGE, UPLOAD_MAX_AGE, Progress, check_dtype, method_spec, no_progress
 from .merge import settings_for
 from .session import Session
 
@@ -77,12 +77,44 @@ def retention_sweep(now: float | None = None, startup: bool = False) -> dict[str
     return removed
 
 
+def export_tasks(session: Session) -> list[str]:
+    """The experts that get a folder of their own: classifiers with a task head — and every expert when the last
+    merge's method makes one body per task (a ``per_task_bodies`` declaration, EMR's). Empty otherwise (causal
+    LMs): the merge is one folder, with no task to choose."""
+    if not session.refs:
+        return []
+    experts = models_for(session).expert_set.experts
+    method = session.last_recipe.method if session.last_recipe is not None else None
+    if method is not None and getattr(method_spec(method), "per_task_bodies", False):
+        return list(experts)
+    return [name for name, expert in experts.items() if expert.head_names]
+
+
+def _check_tasks(session: Session, chosen: Sequence[str] | None) -> None:
+    unknown = [t for t in chosen or [] if t not in session.refs]
+    if unknown:
+        raise MergeLabError(f"Export tasks: no loaded expert named {', '.join(map(repr, unknown))} "
+                            f"(experts: {', '.join(session.refs)})", field="tasks")
+    with_heads = export_tasks(session)
+    headless = [t for t in chosen or [] if t not in with_heads]
+    if headless and not with_heads:
+        raise MergeLabError("Export tasks: these experts have no task heads, so the merge is exported as one folder; "
+                            "leave Tasks to export empty", field="tasks")
+    if headless:
+        raise MergeLabError(f"Export tasks: expert {headless[0]!r} has no task head to export a folder for "
+                            f"(experts with task heads: {', '.join(with_heads)})", field="tasks")
+
+
 EXPORTS: dict[str, Path] = {}  # export content hash → zip (identical exports are served from the same file)
 
 
 def export(session: Session, tasks: Sequence[str] | None = None, dtype: str = "float32",
-           progress: Progress | None = None) -> Path:
+           progress: Progress | None = None, configs_from: str | None = None) -> Path:
     """Write the last merge (HF folders, recipe, mergekit YAML, model card, importance) into a stored zip.
+
+    ``tasks``: the classifier experts to write a folder for (:func:`export_tasks`; an LM merge is one folder).
+    ``configs_from``: the model (base or an expert) whose generation config and chat template are kept,
+    recorded in the recipe (default: the recipe's, else the base).
 
     Atomic: on any failure (a full disk, a cancelled export) the half-written folder is removed and
     earlier zips are untouched; a full disk gets a readable message."""
@@ -91,14 +123,15 @@ def export(session: Session, tasks: Sequence[str] | None = None, dtype: str = "f
         raise MergeLabError("nothing to export yet: press Merge first")
     dtype = check_dtype(dtype)
     chosen = list(tasks) if tasks else None
-    unknown = [t for t in chosen or [] if t not in session.refs]
-    if unknown:
-        raise MergeLabError(f"Export tasks: no loaded expert named {', '.join(map(repr, unknown))} "
-                            f"(experts: {', '.join(session.refs)})", field="tasks")
+    _check_tasks(session, chosen)
     retention_sweep()
     models = models_for(session)
     recipe = session.last_recipe
     recipe.dtype = dtype
+    if configs_from is not None:
+        from ..io.recipe import check_configs_from
+
+        recipe.configs_from = check_configs_from(configs_from, list(session.refs))
     importance_json = session.importance.to_json() if session.importance is not None else None
     key = content_hash("export", session.merge_key, recipe.to_dict(), chosen, dtype, importance_json)
     previous = EXPORTS.get(key)
