@@ -150,4 +150,11 @@ register(MethodSpec(
     "from the outer expert, the middle blocks from the inner one, with optional blended transition blocks at the "
     "seams; any layer's source can be chosen explicitly.",
     PARAMS, _layer_swap_kernel, min_experts=2, max_experts=2, mergekit_name="passthrough", row_separable=True,
+    explanation=(
+        "Does not add task vectors at all: every layer of the result is copied whole from one of two experts. "
+        "The paper's observation is that a language expert changes mostly the bottom and top layers (reading "
+        "and writing the language) while a task expert changes mostly the middle ones (the skill), so taking "
+        "the outer layers from the first and the middle from the second composes the two with almost no "
+        "interference. Transition layers at the seams can be blended; the embeddings and the head are an "
+        "explicit choice. APL's layer importance is the evidence for where to cut."),
 ))
