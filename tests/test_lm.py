@@ -468,3 +468,23 @@ def test_lm_probe_reruns_only_the_blocks_from_the_first_changed_one(family, kind
     early[embed] = expert_set.experts["echo"].get(embed)
     prober.probe_body(early)
     assert len(calls) == sum(len(b) for b in prober.batches.values())
+
+
+def test_lm_probe_scores_a_merge_of_one_body_per_task_on_each_tasks_own_body(family, tmp_path):
+    """EMR-style results: task t's row comes from body t (here: each expert's own weights, so the row must equal
+    that expert's own-task score), never from one body for all tasks nor from the unified ``tensors``."""
+    from types import SimpleNamespace
+
+    from merging.lm.probe import LMProber
+
+    expert_set, examples, tokenizer = _open(family, "llama")
+    sets = {t: rows[:6] for t, rows in examples.items()}
+    prober = LMProber(expert_set, sets, tokenizer)
+    names = expert_set.layout.merged_names()
+    bodies = {e: {n: x.get(n) for n in names} for e, x in expert_set.experts.items()}
+    base = {n: expert_set.base.get(n) for n in names}
+    report = prober.report({"per task": SimpleNamespace(task_bodies=bodies, tensors=base)})
+    row = report.row("per task")
+    for task in sets:
+        assert row[task] == report.row(task)[task]  # the task's own expert, not the base in ``tensors``
+    assert row != report.row("base")

@@ -259,7 +259,7 @@ def _probe_folders(args: argparse.Namespace) -> int:
     if recipe is not None:
         from ..io.replay import merge_recipe
 
-        merged[args.label] = merge_recipe(recipe).tensors
+        merged[args.label] = merge_recipe(recipe)  # the probers score EMR's task bodies task by task
     if kinds == {True}:
         from ..lm.probe import LMProber
         from ..paths import cache_root

@@ -50,9 +50,9 @@ def _probe(args: argparse.Namespace) -> int:
     merged = {}
     if args.recipe:
         from ..io.recipe import load_recipe
-        from ..io.replay import merge_recipe_body
+        from ..io.replay import merge_recipe
 
-        merged[args.label] = merge_recipe_body(load_recipe(args.recipe))
+        merged[args.label] = merge_recipe(load_recipe(args.recipe))  # EMR: each task on its own body
     report = prober.report(merged)
     print(report.to_json() if args.json else report.markdown())
     return 0

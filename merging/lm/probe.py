@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -276,12 +277,24 @@ class LMProber:
         """``{task: {loss, perplexity, tokens}}`` of a merged body keyed by base names."""
         return self._eval(body)
 
-    def report(self, merged: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> LMProbeReport:
-        """Reference rows plus one row per ``{label: body}``."""
+    def probe_task_bodies(self, bodies: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, dict[str, float]]:
+        """A merge of one body per task (EMR-Merging): task t scored on ``bodies[t]`` alone — never one of the
+        bodies, or the unified vector, for every task."""
+        missing = [t for t in self.tasks if t not in bodies]
+        if missing:
+            raise MergeLabError(f"no body for task {missing[0]!r}: a merge of one body per task needs a body for "
+                                f"every probed task ({', '.join(self.tasks)})")
+        return {t: self._eval(bodies[t])[t] for t in self.tasks}
+
+    def report(self, merged: Mapping[str, Any] | None = None) -> LMProbeReport:
+        """Reference rows plus one row per ``{label: body}``; a value with ``task_bodies`` (a
+        :class:`~merging.engine.MergeResult`) is scored task by task on its own bodies when it has them."""
         ref = self.reference()
         out = LMProbeReport(list(ref.tasks), [dict(r) for r in ref.rows], meta=dict(ref.meta))
-        for label, body in (merged or {}).items():
-            out.add(label, self.probe_body(body))
+        for label, merge in (merged or {}).items():
+            bodies = getattr(merge, "task_bodies", None)
+            out.add(label, self.probe_task_bodies(bodies) if bodies else
+                    self.probe_body(getattr(merge, "tensors", merge)))
         return out
 
     def _cache_file(self) -> Path | None:

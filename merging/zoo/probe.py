@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -405,12 +406,15 @@ class Prober:
                 raise MergeLabError(f"Unknown layer {layer!r} in changed_layers: use 'embeddings', 0..{self.body.n_layers - 1} or 'head'.")
         return stages
 
-    def report(self, merged: dict[str, dict[str, torch.Tensor]] | None = None) -> ProbeReport:
-        """Reference rows plus one row per ``{label: body}`` in ``merged``."""
+    def report(self, merged: Mapping[str, Any] | None = None) -> ProbeReport:
+        """Reference rows plus one row per ``{label: body}`` in ``merged``; a value with ``task_bodies`` (a
+        :class:`~merging.engine.MergeResult`) is scored task by task on its own bodies when it has them."""
         ref = self.reference()
         report = ProbeReport(tasks=list(ref.tasks), rows=list(ref.rows), meta=dict(ref.meta))
-        for label, body in (merged or {}).items():
-            report.add(self.probe_body(body, name=label))
+        for label, merge in (merged or {}).items():
+            bodies = getattr(merge, "task_bodies", None)
+            report.add(self.probe_task_bodies(bodies, name=label) if bodies else
+                       self.probe_body(getattr(merge, "tensors", merge), name=label))
         return report
 
     @torch.no_grad()
