@@ -393,11 +393,13 @@ GUIDE_CLASSES = ["ml-next"]
 
 
 def guide_views(state, done: str | None) -> list:
-    """The guide's line after step ``done`` and the five buttons' highlight (the next one only)."""
+    """The guide's line after step ``done`` and the five buttons' highlight (the next one only). While the walk
+    runs the line floats at the bottom of the window, so "what you just saw" is read where the step was."""
     session = session_of(state)
     upcoming = wb.next_step(done)
     buttons = [gr.update(elem_classes=GUIDE_CLASSES if step == upcoming else []) for step in wb.GUIDE_STEPS]
-    return [wb.guide_line(session, done), *buttons]
+    line = gr.update(value=wb.guide_line(session, done), elem_classes=["ml-guide-on"] if upcoming else [])
+    return [line, *buttons]
 
 
 def hidden_choices(session: wb.Session):

@@ -196,6 +196,7 @@ def importance_section() -> SimpleNamespace:
             imp_btn = gr.Button("Compute importance", variant="primary", elem_id="btn-importance")
             imp_stop = gr.Button("Stop", variant="stop", scale=0)
         imp_eta = gr.Markdown(elem_id="importance-eta", elem_classes=["ml-eta"])
+        imp_progress = gr.Markdown(elem_id="importance-progress", elem_classes=["ml-progress"])
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=420):
                 heat_plot, heat_md = explained_plot(WHAT_HEATMAP, label="Importance: layer × module, per expert",
@@ -223,10 +224,12 @@ def importance_section() -> SimpleNamespace:
                                         elem_classes=["ml-btn"], elem_id="btn-compare")
                 compare_stop = gr.Button("Stop", variant="stop", size="sm", scale=0, elem_id="btn-compare-stop")
             compare_eta = gr.Markdown(elem_id="compare-eta", elem_classes=["ml-eta"])
+            compare_progress = gr.Markdown(elem_id="compare-progress", elem_classes=["ml-progress"])
             compare_plot = gr.Plot(label="Restore vs ablate, and stability over few-shot draws")
             compare_md = gr.Markdown(elem_id="compare-status")
     return SimpleNamespace(fewshot=fewshot, mode=mode, intervention=intervention, scope=scope, imp_btn=imp_btn,
-                           imp_stop=imp_stop, imp_eta=imp_eta, layer_plot=layer_plot, layer_md=layer_md,
+                           imp_stop=imp_stop, imp_eta=imp_eta, imp_progress=imp_progress,
+                           compare_progress=compare_progress, layer_plot=layer_plot, layer_md=layer_md,
                            compare_stop=compare_stop, compare_eta=compare_eta, heat_plot=heat_plot, heat_md=heat_md, hid_expert=hid_expert,
                            hid_layer=hid_layer, hid_module=hid_module, hid_plot=hid_plot, hid_md=hid_md,
                            fid_plot=fid_plot, fid_md=fid_md, mag_plot=mag_plot, mag_md=mag_md,
@@ -323,6 +326,7 @@ def probe_section() -> SimpleNamespace:
             probe_btn = gr.Button("Run probe", variant="primary", elem_id="btn-probe")
             probe_stop = gr.Button("Cancel probe", variant="stop", scale=0)
         probe_eta = gr.Markdown(elem_id="probe-eta", elem_classes=["ml-eta"])
+        probe_progress = gr.Markdown(elem_id="probe-progress", elem_classes=["ml-progress"])
         probe_df = gr.Dataframe(label="Probe results", interactive=False, elem_id="probe-table")
         probe_plot = gr.Plot(label="Probe accuracy")
         probe_md = gr.Markdown()
@@ -342,6 +346,7 @@ def probe_section() -> SimpleNamespace:
                 sweep_btn = gr.Button("Sweep drop ratios", elem_id="btn-sweep")
                 sweep_stop = gr.Button("Stop", variant="stop", scale=0, elem_id="btn-sweep-stop")
             sweep_eta = gr.Markdown(elem_id="sweep-eta", elem_classes=["ml-eta"])
+            sweep_progress = gr.Markdown(elem_id="sweep-progress", elem_classes=["ml-progress"])
             sweep_plot = gr.Plot(label="Accuracy vs drop ratio")
             sweep_md = gr.Markdown()
         predict_uses = gr.Markdown(h.merge_in_use(None), elem_id="predict-uses")
@@ -354,6 +359,7 @@ def probe_section() -> SimpleNamespace:
                            probe_md=probe_md, history_df=history_df, history_btn=history_btn,
                            restore_btn=restore_btn, history_file=history_file, history_md=history_md,
                            sweep_btn=sweep_btn, sweep_stop=sweep_stop, sweep_eta=sweep_eta, probe_eta=probe_eta,
+                           sweep_progress=sweep_progress, probe_progress=probe_progress,
                            predict_uses=predict_uses, sweep_plot=sweep_plot, sweep_md=sweep_md, sentence=sentence,
                            predict_btn=predict_btn, predict_df=predict_df)
 
@@ -372,7 +378,7 @@ def export_section() -> SimpleNamespace:
             export_btn = gr.Button("Export", variant="primary", elem_id="btn-export")
             export_stop = gr.Button("Cancel export", variant="stop", scale=0)
         export_file = gr.File(label="Download", elem_id="export-file")
-        export_md = gr.Markdown()
+        export_md = gr.Markdown(elem_id="export-status")
     return SimpleNamespace(export_tasks=export_tasks, dtype=dtype, export_uses=export_uses, export_btn=export_btn, export_stop=export_stop,
                            export_file=export_file, export_md=export_md)
 
@@ -484,7 +490,7 @@ def wire_importance(page) -> None:
     hidden_io = ([page.state, imp.hid_expert, imp.hid_module], [imp.hid_plot, imp.hid_md])
     done = long_step(imp.imp_btn, imp.imp_stop, on_importance,
                      [page.state, imp.fewshot, imp.mode, imp.intervention, merge.method, *merge.param_boxes, imp.scope],
-                     outputs, "compute_importance", progress_on=imp.imp_eta)
+                     outputs, "compute_importance", progress_on=imp.imp_progress)
     page.done["importance"] = done
     done.then(h.safe(h.layer_views), [page.state], [imp.layer_plot, imp.layer_md], api_visibility="private")
     done.then(refresh_plan, page.plan_inputs, page.plan_outputs + page.slider_outputs, api_visibility="private").then(
@@ -500,7 +506,7 @@ def wire_importance(page) -> None:
 
     page.done["compare"] = long_step(imp.compare_btn, imp.compare_stop, on_compare, [page.state, imp.fewshot],
                                      [page.state, imp.compare_plot, imp.compare_md], "compare_interventions",
-                                     progress_on=imp.compare_eta)
+                                     progress_on=imp.compare_progress)
 
     def on_hidden_layer(session, layer):
         modules = wb.unit_module_choices(h.session_of(session)).get(layer, [])
@@ -638,7 +644,7 @@ def wire_probe(page) -> None:
 
     page.done["probe"] = long_step(probe.probe_btn, probe.probe_stop, on_probe, [page.state],
                                    [page.state, probe.probe_df, probe.probe_plot, probe.probe_md, probe.history_df],
-                                   "run_probe", progress_on=probe.probe_eta)
+                                   "run_probe", progress_on=probe.probe_progress)
 
     @h.safe
     def on_sweep(session, progress=gr.Progress()):
@@ -650,7 +656,7 @@ def wire_probe(page) -> None:
         return fg.sweep_figure(ratios, results), fg.sweep_summary(ratios, results)
 
     page.done["sweep"] = long_step(probe.sweep_btn, probe.sweep_stop, on_sweep, [page.state],
-                                   [probe.sweep_plot, probe.sweep_md], "sweep", progress_on=probe.sweep_eta)
+                                   [probe.sweep_plot, probe.sweep_md], "sweep", progress_on=probe.sweep_progress)
 
     # nothing lost: the session's history as a file, and back
     @h.safe

@@ -206,7 +206,7 @@ def test_calibration_measures_before_any_run(loaded):
     wb.calibrate(session, 8)
     assert all(wb.rate_of(k) and "calibration" in wb.rate_of(k).source for k in ("forward", "gradient", "example"))
     lines = h.estimate_lines(session, "gradient", None)
-    assert "about" in lines[0] and "backward pass" in lines[0] and "first probe" in lines[2]
+    assert "on this machine" in lines[0] and "backward pass" in lines[0] and "first probe" in lines[2]
     wb.forget_rates()
 
 
@@ -253,6 +253,7 @@ def test_guide_walks_the_five_steps(loaded):
     assert line.startswith("✓ What you just saw: 2 experts") and "**Step 2 of 5**: press **Compute importance**" in line
     views = h.guide_views(session, "load")
     assert [u.get("elem_classes") for u in views[1:]] == [[], h.GUIDE_CLASSES, [], [], []]
+    assert views[0]["elem_classes"] == ["ml-guide-on"] and h.guide_views(session, "export")[0]["elem_classes"] == []
     wb.merge(session, "task_arithmetic", {"lambda": 1.0})
     wb.run_probe(session)
     assert "mean accuracy" in wb.guide_line(session, "probe")

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from .limits import DEFAULT_FEWSHOT
 from .session import Session
 
-UNITS = {"forward": "forward pass", "gradient": "backward pass", "example": "probe example",
-         "sweep": "merge + probe"}
+UNITS = {"forward": ("forward pass", "forward passes"), "gradient": ("backward pass", "backward passes"),
+         "example": ("probe example", "probe examples"), "sweep": ("merge and probe", "merges and probes")}
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,13 @@ class Estimate:
 
     def text(self) -> str:
         """"about 4 min on this machine (250 forward passes × 0.96 s, measured on the last exact run)"."""
-        noun = UNITS[self.kind]
-        plural = noun + ("es" if noun.endswith("ss") else "s")
-        count = f"{self.units:,.0f} {noun if round(self.units) == 1 else plural}"
+        one, many = UNITS[self.kind]
+        count = f"{self.units:,.0f} {one if round(self.units) == 1 else many}"
         if self.rate is None:
             return f"{count}; the time is measured on the first run"
-        return (f"about {duration_text(self.seconds)} on this machine ({count} × {self.rate.seconds:.3g} s, "
-                f"measured on {self.rate.source})")
+        took = duration_text(self.seconds)
+        took = took if took == "under a second" else f"about {took}"
+        return f"{took} on this machine ({count} × {self.rate.seconds:.3g} s, measured on {self.rate.source})"
 
 
 def estimate(kind: str, units: float) -> Estimate:
@@ -224,11 +224,11 @@ def step_estimates(session: Session, mode: str, scope: str | None, steps: int | 
     if not session.refs:
         return {k: "" for k in ("importance", "compare", "probe", "sweep")}
     what = f"{mode} importance" + (f", {scope or FULL_SCOPE}" if mode == "exact" else "")
-    lines = {"importance": f"⏱ {what}: {importance_estimate(session, mode, scope).text()}.",
-             "compare": f"⏱ restore and ablate on 3 draws: {compare_estimate(session).text()}.",
+    lines = {"importance": f"**Time** · {what}: {importance_estimate(session, mode, scope).text()}.",
+             "compare": f"**Time** · restore and ablate on 3 draws: {compare_estimate(session).text()}.",
              "probe": ""}
     if session.reference is None:  # later probes reuse base and experts: only the merge is new
-        lines["probe"] = f"⏱ first probe (base, experts and the merge): {probe_estimate(session).text()}."
+        lines["probe"] = f"**Time** · first probe (base, experts and the merge): {probe_estimate(session).text()}."
     steps = sweep_steps(session) if steps is None else steps
-    lines["sweep"] = f"⏱ sweep: {sweep_estimate(session, steps).text()}."
+    lines["sweep"] = f"**Time** · sweep: {sweep_estimate(session, steps).text()}."
     return lines
