@@ -628,7 +628,7 @@ def wire_merge(page) -> None:
 
     page.done["merge"] = long_step(merge.merge_btn, merge.merge_stop, on_merge,
                                    [page.state, merge.method, merge.seed, *merge.param_boxes],
-                                   [page.state, merge.merge_md], "merge")
+                                   [page.state, merge.merge_md], "merge", progress_on=merge.merge_md)
     page.done["merge"].then(lambda s: (h.merge_in_use(s),) * 2, [page.state],
                             [page.export.export_uses, page.probe.predict_uses], api_visibility="private")
 
@@ -702,7 +702,7 @@ def wire_export(page) -> None:
 
     page.done["export"] = long_step(exp.export_btn, exp.export_stop, on_export,
                                     [page.state, exp.export_tasks, exp.dtype], [exp.export_file, exp.export_md],
-                                    "export")
+                                    "export", progress_on=exp.export_md)
 
 
 def wire_guided(page) -> None:
@@ -720,10 +720,13 @@ def wire_guided(page) -> None:
         zoo = status.zoo
         tasks, base = zoo.tasks, wb.zoo_refs(zoo)[0]
         return (gr.update(value=tasks), base, wb.DEFAULT_FEWSHOT, "gradient", "restore", wb.DEFAULT_METHOD,
+                "Guided setup done: every step has a good first setting. Press the highlighted button; the line at "
+                "the bottom of the window says what each step showed and which button comes next.",
                 wb.next_step(None), *h.guide_views(session, None))
 
     intro.guided_btn.click(guided, [page.state], [ex.zoo_pick, ex.base_box, imp.fewshot, imp.mode, imp.intervention,
-                                                  merge.method, intro.guide_state, intro.guide_md, *buttons],
+                                                  merge.method, ex.load_md, intro.guide_state, intro.guide_md,
+                                                  *buttons],
                            api_visibility="private").then(
         on_method, [page.state, merge.plan_expert, merge.method],
         [merge.method_md, *merge.param_boxes, *page.plan_outputs, *page.slider_outputs], api_visibility="private")

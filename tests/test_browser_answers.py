@@ -150,7 +150,7 @@ def test_sweep_stop_stops_the_work(fake_app_url, monkeypatch):
             expect(page.locator("#experts-table")).to_contain_text("few-shot", timeout=120_000)
             page.get_by_text("Drop-ratio sweep").click()  # the accordion: the time it will take is said first
             expect(page.locator("#sweep-eta")).to_contain_text("merges and probes", timeout=60_000)
-            total = int(re.search(r"(\d+) merge \+ probes", page.locator("#sweep-eta").inner_text()).group(1))
+            total = int(re.search(r"(\d+) merges and probes", page.locator("#sweep-eta").inner_text()).group(1))
             sweep = page.locator("#btn-sweep")
             sweep.scroll_into_view_if_needed()
             sweep.click()
