@@ -114,6 +114,24 @@ def test_guided_walk_layer_chart_and_history(fake_app_url):
                     assert (f"⚠ {t} " in row[col["below base"]]) == (acc < base_acc), (t, acc, base_acc, row)
             page.locator("#history-table").scroll_into_view_if_needed()
             page.screenshot(path=str(SHOTS / "history.png"))
+            # exact mode: the time it will take is said before pressing (forward passes × a measured rate), and
+            # then the gradient-vs-exact agreement per expert at layer and module level
+            eta = page.locator("#importance-eta")
+            page.locator("#btn-importance").scroll_into_view_if_needed()
+            page.get_by_label("exact").check()
+            expect(eta).to_contain_text(re.compile(r"exact importance, layers and modules: .*forward passes × "),
+                                        timeout=30_000)
+            page.get_by_label("layers (quick)").check()
+            expect(eta).to_contain_text("exact importance, layers (quick)", timeout=30_000)
+            page.get_by_label("layers and modules").check()
+            button(page, "Compute importance").click()
+            fid = page.get_by_text("Spearman ρ per expert")
+            expect(fid).to_be_visible(timeout=120_000)
+            for expert in ("topic", "mood"):
+                expect(fid).to_contain_text(re.compile(rf"{expert}: module (-?[\d.]+|n/a), layer (-?[\d.]+|n/a)"))
+            expect(eta).to_contain_text("measured on the last exact run", timeout=30_000)
+            fid.scroll_into_view_if_needed()
+            page.screenshot(path=str(SHOTS / "fidelity.png"))
         except Exception:
             page.screenshot(path=str(SHOTS / "failure.png"), full_page=True)
             raise
