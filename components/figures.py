@@ -146,9 +146,10 @@ def heatmap_summary(maps: Mapping[str, tuple[list[str], list[str], np.ndarray]])
         layer_sums = np.nansum(values, axis=1)
         top_layer = rows[int(np.argmax(layer_sums))]
         parts.append(f"**{expert}**: most important module {rows[r]}/{cols[c]} ({values[r, c] / total:.0%} of the "
-                     f"total); layer {top_layer} carries {layer_sums.max() / total:.0%}")
+                     f"total); layer {top_layer}'s modules add up to {layer_sums.max() / total:.0%}")
     blank = any((np.asarray(v, float) == 0).any() for _, _, v in maps.values())
-    return "; ".join(parts) + "." + (" Blank cells: parts the expert did not change (zero importance)." if blank else "")
+    return ("; ".join(parts) + "." + (" Blank cells: parts the expert did not change (zero importance)." if blank else "")
+            + " Which layer matters most as a whole (what APL's drop ratios use) is the chart beside.")
 
 
 def layer_importance_figure(layers: Sequence[str], layer: Mapping[str, Sequence[float]],
