@@ -361,15 +361,16 @@ def layer_views(state):
     return fg.layer_importance_figure(layers, layer, modules), wb.layer_answer(session)
 
 
-def estimate_lines(state, mode: str, scope: str | None) -> tuple[str, str, str, str]:
+def estimate_lines(state, mode: str, scope: str | None, n_fewshot=None) -> tuple[str, str, str, str]:
     """(importance, compare, probe, sweep) time estimates for this machine, shown under their buttons.
 
     Measures a calibration pass first when this process has no rate yet (about a second of model work: call
     it from a model-work event)."""
     session = session_of(state)
+    n = wb.check_fewshot(n_fewshot if n_fewshot is not None else wb.DEFAULT_FEWSHOT)
     if session.refs and not session.missing_data():
-        wb.calibrate(session)
-    lines = wb.step_estimates(session, mode or "gradient", scope)
+        wb.calibrate(session, n)
+    lines = wb.step_estimates(session, mode or "gradient", scope, n=n)
     return lines["importance"], lines["compare"], lines["probe"], lines["sweep"]
 
 

@@ -749,15 +749,15 @@ def wire_estimates(page) -> None:
     """Before each long step, how long it takes on this machine (measured rate × units), refreshed after every
     step that changes the units or measures a rate, and when the mode or the exact scope changes."""
     imp = page.importance
-    inputs = [page.state, imp.mode, imp.scope]
+    inputs = [page.state, imp.mode, imp.scope, imp.fewshot]
     outputs = [imp.imp_eta, imp.compare_eta, page.probe.probe_eta, page.probe.sweep_eta]
     eta = h.safe(h.estimate_lines)
     for step in ("load", "importance", "compare", "merge", "probe", "sweep"):
         page.done[step].then(eta, inputs, outputs, api_visibility="private", show_progress="hidden",
                              concurrency_limit=1, concurrency_id=h.HEAVY["concurrency_id"])
-    for control in (imp.mode, imp.scope):
-        control.change(eta, inputs, outputs, api_visibility="private", show_progress="hidden",
-                       concurrency_limit=1, concurrency_id=h.HEAVY["concurrency_id"])
+    for event in (imp.mode.change, imp.scope.change, imp.fewshot.release):
+        event(eta, inputs, outputs, api_visibility="private", show_progress="hidden",
+              concurrency_limit=1, concurrency_id=h.HEAVY["concurrency_id"])
 
 
 @h.safe

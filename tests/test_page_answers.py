@@ -158,6 +158,11 @@ def test_estimate_is_measured_rate_times_units():
     assert est.seconds == pytest.approx(0.75 * 250)
     assert est.text() == "about 3 min on this machine (250 forward passes × 0.75 s, measured on a test)"
     assert wb.duration_text(40) == "40 s" and wb.duration_text(3900) == "1 h 5 min"
+    # a pass measured on 32 examples, estimated for 64: twice the time per pass (CPU time ~ batch size)
+    record("gradient", 2.0, 1, "a test", examples=32)
+    assert estimate("gradient", 10, examples=64).seconds == pytest.approx(40.0)
+    assert "scaled from 32 to 64 examples" in estimate("gradient", 10, examples=64).text()
+    assert estimate("gradient", 10, examples=32).seconds == pytest.approx(20.0)
     with pytest.raises(ValueError):
         record("coffee", 1, 1, "x")
     wb.forget_rates()
@@ -178,9 +183,9 @@ def test_exact_run_counts_and_measures_its_forward_passes(loaded, monkeypatch):
     assert sorted(session.importance.signed) == ["layer", "model"]  # the quick scope: no module level
     assert len(calls) == exact_forwards(session, ["model", "layer"])
     rate = wb.rate_of("forward")
-    assert rate is not None and rate.source == "the last exact run" and rate.seconds > 0
-    lines = wb.step_estimates(session, "exact", wb.QUICK_SCOPE)
-    assert f"{len(calls)} forward passes × " in lines["importance"] and "about" in lines["importance"]
+    assert rate is not None and rate.source == "the last exact run" and rate.seconds > 0 and rate.examples == 8
+    lines = wb.step_estimates(session, "exact", wb.QUICK_SCOPE, n=8)
+    assert f"{len(calls)} forward passes × " in lines["importance"] and "on this machine" in lines["importance"]
     with pytest.raises(MergeLabError, match="Exact scope"):
         wb.exact_levels("everything")
     wb.forget_rates()

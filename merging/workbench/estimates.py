@@ -28,20 +28,22 @@ UNITS = {"forward": ("forward pass", "forward passes"), "gradient": ("backward p
 class Rate:
     seconds: float  # per unit
     source: str  # where it was measured, in words
+    examples: int | None = None  # few-shot examples per forward pass when it was measured (None: not per example)
 
 
 _RATES: dict[str, Rate] = {}
 _LOCK = threading.Lock()
 
 
-def record(kind: str, seconds: float, units: float, source: str) -> Rate | None:
+def record(kind: str, seconds: float, units: float, source: str, examples: int | None = None) -> Rate | None:
     """Remember ``seconds / units`` as the rate of ``kind`` on this machine (the newest measurement wins:
-    the machine's load changes, and the last run is the best guess of the next)."""
+    the machine's load changes, and the last run is the best guess of the next). ``examples``: the few-shot
+    examples each pass carried, so an estimate for another few-shot size scales the pass time."""
     if kind not in UNITS:
         raise ValueError(f"unknown unit of work {kind!r} (known: {', '.join(UNITS)})")
     if units <= 0 or seconds <= 0:
         return None
-    rate = Rate(float(seconds) / float(units), source)
+    rate = Rate(float(seconds) / float(units), source, int(examples) if examples else None)
     with _LOCK:
         _RATES[kind] = rate
     return rate
@@ -63,10 +65,21 @@ class Estimate:
     kind: str
     units: float
     rate: Rate | None
+    examples: int | None = None  # few-shot examples per pass of the step estimated
+
+    @property
+    def per_unit(self) -> float | None:
+        """The measured seconds per unit, scaled to this step's few-shot size (a pass over 64 examples takes
+        about twice one over 32 on a CPU)."""
+        if self.rate is None:
+            return None
+        if self.rate.examples and self.examples:
+            return self.rate.seconds * self.examples / self.rate.examples
+        return self.rate.seconds
 
     @property
     def seconds(self) -> float | None:
-        return None if self.rate is None else self.rate.seconds * self.units
+        return None if self.rate is None else self.per_unit * self.units
 
     def text(self) -> str:
         """"about 4 min on this machine (250 forward passes × 0.96 s, measured on the last exact run)"."""
@@ -76,11 +89,14 @@ class Estimate:
             return f"{count}; the time is measured on the first run"
         took = duration_text(self.seconds)
         took = took if took == "under a second" else f"about {took}"
-        return f"{took} on this machine ({count} × {self.rate.seconds:.3g} s, measured on {self.rate.source})"
+        scaled = (f", scaled from {self.rate.examples} to {self.examples} examples"
+                  if self.rate.examples and self.examples and self.examples != self.rate.examples else "")
+        return (f"{took} on this machine ({count} × {self.per_unit:.3g} s, measured on {self.rate.source}"
+                f"{scaled})")
 
 
-def estimate(kind: str, units: float) -> Estimate:
-    return Estimate(kind, float(units), rate_of(kind))
+def estimate(kind: str, units: float, examples: int | None = None) -> Estimate:
+    return Estimate(kind, float(units), rate_of(kind), int(examples) if examples else None)
 
 
 def duration_text(seconds: float | None) -> str:
@@ -154,11 +170,11 @@ def calibrate(session: Session, n_fewshot: int = DEFAULT_FEWSHOT) -> None:
         clock = time.perf_counter()
         gradient_scores(task, models.expert_set.layout, base, own)
         backward = time.perf_counter() - clock
-    source = f"a calibration pass of {expert} on {len(examples)} examples"
+    source = f"a calibration pass of {expert}"
     if not rate_of("forward"):
-        record("forward", forward, 1, source)
+        record("forward", forward, 1, source, len(examples))
     if not rate_of("gradient"):
-        record("gradient", backward, 1, source)
+        record("gradient", backward, 1, source, len(examples))
     if not rate_of("example"):
         record("example", forward, max(1, len(examples)), source)
 
@@ -180,15 +196,27 @@ def exact_levels(scope: str | None) -> list[str]:
     return list(EXACT_SCOPES[scope])
 
 
-def importance_estimate(session: Session, mode: str, scope: str | None = None) -> Estimate:
+def fewshot_size(session: Session, n: int) -> int:
+    """Examples a pass carries for a request of ``n``: no expert's pool gives more than it holds."""
+    pools = [len(d.fewshot) for e, d in session.data.items() if e in session.refs and d.fewshot]
+    return min([int(n), *pools]) if pools else int(n)
+
+
+def importance_estimate(session: Session, mode: str, scope: str | None = None, n: int = DEFAULT_FEWSHOT
+                        ) -> Estimate:
+    size = fewshot_size(session, n)
     if mode == "exact":
-        return estimate("forward", exact_forwards(session, exact_levels(scope)))
-    return estimate("gradient", len(session.refs))
+        return estimate("forward", exact_forwards(session, exact_levels(scope)), size)
+    return estimate("gradient", len(session.refs), size)
 
 
-def compare_estimate(session: Session, draws: int = 3) -> Estimate:
-    """Restore and ablate on ``draws`` draws: 2 × draws gradient runs of every expert."""
-    return estimate("gradient", 2 * draws * len(session.refs))
+def compare_estimate(session: Session, n: int = DEFAULT_FEWSHOT, draws: int = 3) -> Estimate:
+    """Restore and ablate on ``draws`` draws: 2 × draws gradient runs of every expert, each on a draw of at most
+    half the smallest pool (so the draws differ; see compare_interventions)."""
+    pools = [len(d.fewshot) for e, d in session.data.items() if e in session.refs and d.fewshot]
+    smallest = min(pools) if pools else int(n)
+    size = max(2, min(int(n), smallest // 2)) if smallest >= 4 else smallest
+    return estimate("gradient", 2 * draws * len(session.refs), size)
 
 
 def probe_estimate(session: Session) -> Estimate:
@@ -219,13 +247,15 @@ def sweep_steps(session: Session, ratios=SWEEP_RATIOS) -> int:
     return sum(1 for m in SWEEP_METHODS if method_available(session, m) is None) * len(ratios)
 
 
-def step_estimates(session: Session, mode: str, scope: str | None, steps: int | None = None) -> dict[str, str]:
-    """step → the line the page shows under its button, before it is pressed (``steps``: of the sweep)."""
+def step_estimates(session: Session, mode: str, scope: str | None, steps: int | None = None,
+                   n: int = DEFAULT_FEWSHOT) -> dict[str, str]:
+    """step → the line the page shows under its button, before it is pressed (``steps``: of the sweep; ``n``:
+    the few-shot examples per expert asked for)."""
     if not session.refs:
         return {k: "" for k in ("importance", "compare", "probe", "sweep")}
     what = f"{mode} importance" + (f", {scope or FULL_SCOPE}" if mode == "exact" else "")
-    lines = {"importance": f"**Time** · {what}: {importance_estimate(session, mode, scope).text()}.",
-             "compare": f"**Time** · restore and ablate on 3 draws: {compare_estimate(session).text()}.",
+    lines = {"importance": f"**Time** · {what}: {importance_estimate(session, mode, scope, n).text()}.",
+             "compare": f"**Time** · restore and ablate on 3 draws: {compare_estimate(session, n).text()}.",
              "probe": ""}
     if session.reference is None:  # later probes reuse base and experts: only the merge is new
         lines["probe"] = f"**Time** · first probe (base, experts and the merge): {probe_estimate(session).text()}."

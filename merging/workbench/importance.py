@@ -79,15 +79,18 @@ def worded_progress(progress: Progress, mode: str, partitions: dict[str, list[st
 
 
 def _record_rate(result) -> None:
-    """The measured pace of a finished run: seconds per forward pass (exact) or per backward pass (gradient)."""
+    """The measured pace of a finished run: seconds per forward pass (exact) or per backward pass (gradient),
+    with the few-shot size each pass carried."""
     timings = getattr(result, "timings", {}) or {}
+    sizes = [len(ix) for ix in (result.fewshot or {}).values() if ix]
+    examples = round(sum(sizes) / len(sizes)) if sizes else None
     if result.mode == "exact":
         seconds = sum(t.get(lv, 0.0) for t in timings.values() for lv in result.partitions)
         units = sum(len(parts) for parts in result.partitions.values()) * len(timings)
-        record("forward", seconds, units, "the last exact run")
+        record("forward", seconds, units, "the last exact run", examples)
     else:
         seconds = sum(t.get("gradient", 0.0) for t in timings.values())
-        record("gradient", seconds, len(timings), "the last gradient run")
+        record("gradient", seconds, len(timings), "the last gradient run", examples)
 
 
 def _models_with_task_data(session: Session, what: str) -> Models:
