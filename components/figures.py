@@ -25,6 +25,20 @@ DIVERGING_ALT = "PuOr"
 # Okabe–Ito: distinguishable under the common colour-vision deficiencies
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
 FONT = dict(size=12)
+GREYS = ["#444444", "#8C8C8C", "#C4C4C4"]  # series that are not experts (metrics, before/after): never an expert's
+BASE_COLOUR = "#7F7F7F"  # the base model: neutral grey in every chart
+MERGE_COLOURS = ["#332288", "#882255", "#44AA99", "#999933", "#AA4499", "#117733", "#88CCEE", "#DDCC77"]  # Tol
+
+
+def colour_map(experts: Sequence[str], merges: Sequence[str] = ()) -> dict[str, str]:
+    """One colour per expert, the same in every chart: the expert's place in the session's expert list picks
+    it from the Okabe–Ito palette (so "topic" keeps its colour whether a chart shows it alone or beside
+    merges); the base is grey and merges take Tol's colours, never an expert's."""
+    colours = {e: PALETTE[i % len(PALETTE)] for i, e in enumerate(experts)}
+    colours["base"] = BASE_COLOUR
+    for i, name in enumerate(m for m in merges if m not in colours):
+        colours[name] = MERGE_COLOURS[i % len(MERGE_COLOURS)]
+    return colours
 
 
 def _style(fig: go.Figure, height: int, title: str | None = None) -> go.Figure:
@@ -132,13 +146,55 @@ def heatmap_summary(maps: Mapping[str, tuple[list[str], list[str], np.ndarray]])
         layer_sums = np.nansum(values, axis=1)
         top_layer = rows[int(np.argmax(layer_sums))]
         parts.append(f"**{expert}**: most important module {rows[r]}/{cols[c]} ({values[r, c] / total:.0%} of the "
-                     f"total); layer {top_layer} carries {layer_sums.max() / total:.0%}")
+                     f"total); layer {top_layer}'s modules add up to {layer_sums.max() / total:.0%}")
     blank = any((np.asarray(v, float) == 0).any() for _, _, v in maps.values())
-    return "; ".join(parts) + "." + (" Blank cells: parts the expert did not change (zero importance)." if blank else "")
+    return ("; ".join(parts) + "." + (" Blank cells: parts the expert did not change (zero importance)." if blank else "")
+            + " Which layer matters most as a whole (what APL's drop ratios use) is the chart beside.")
+
+
+def layer_importance_figure(layers: Sequence[str], layer: Mapping[str, Sequence[float]],
+                            modules: Mapping[str, Sequence[float]]) -> go.Figure:
+    """Per expert (its own colour), the layer-level intervention's share of each layer (bars: what APL's drop
+    ratios use) and the heatmap's summed module scores per layer (dotted line, same colour): where they part,
+    modules' effects inside the layer cancel."""
+    if not layers:
+        return empty_figure("Compute importance to see which layer matters most.")
+    colours = colour_map(list(layer))
+    fig = go.Figure()
+    for expert, shares in layer.items():
+        fig.add_trace(go.Bar(x=list(layers), y=list(shares), name=f"{expert} · layer", legendgroup=expert,
+                             marker_color=colours[expert],
+                             hovertemplate=f"{expert}<br>layer %{{x}}: %{{y:.0%}} (whole layer switched)"
+                                           "<extra></extra>"))
+        if expert in modules:
+            fig.add_trace(go.Scatter(x=list(layers), y=list(modules[expert]), name=f"{expert} · Σ modules",
+                                     legendgroup=expert, mode="lines+markers",
+                                     line=dict(color=colours[expert], dash="dot", width=2),
+                                     marker=dict(symbol="diamond", size=7),
+                                     hovertemplate=f"{expert}<br>layer %{{x}}: %{{y:.0%}} (modules summed)"
+                                                   "<extra></extra>"))
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(title_text="share of the expert's total", tickformat=".0%", rangemode="tozero")
+    fig.update_xaxes(title_text="layer", type="category")
+    _style(fig, 380)
+    fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.25, x=0), margin=dict(t=20, b=110))
+    return fig
+
+
+def fidelity_by_expert_text(intervention: str, table: Mapping[str, Mapping[str, float]]) -> str:
+    """"Gradient vs exact (restore), Spearman ρ per expert — topic: module 0.81, layer 0.60; …"."""
+    def rho(value) -> str:
+        return "n/a" if value is None or not np.isfinite(value) else f"{value:.2f}"
+
+    names = list(dict.fromkeys(e for values in table.values() for e in values))
+    parts = [f"**{e}**: " + ", ".join(f"{lv} {rho(table[lv].get(e))}" for lv in ("module", "layer") if lv in table)
+             for e in names]
+    return (f"Gradient vs exact ({intervention}), Spearman ρ per expert — " + "; ".join(parts)
+            + ". (n/a: fewer than 3 changed parts, or all scores equal.)")
 
 
 def hidden_state_figure(unit_scores: np.ndarray, binned: np.ndarray, layers: Sequence[str], title: str,
-                        top: int = 10) -> go.Figure:
+                        top: int = 10, colour: str = GREYS[0]) -> go.Figure:
     """Left: one module's unit scores sorted (largest first). Right: layer × unit-bin heatmap of the
     same module kind across layers (bins keep it under the cell budget)."""
     scores = np.asarray(unit_scores, float)
@@ -147,13 +203,13 @@ def hidden_state_figure(unit_scores: np.ndarray, binned: np.ndarray, layers: Seq
     fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55],
                         subplot_titles=[f"{title}: units sorted", "layer × unit bins (same module kind)"])
     fig.add_trace(go.Scatter(x=np.arange(1, len(sorted_scores) + 1), y=sorted_scores, mode="lines",
-                             line=dict(color=PALETTE[0]), customdata=order,
+                             line=dict(color=colour), customdata=order,
                              hovertemplate="rank %{x}<br>unit %{customdata}<br>importance %{y:.3g}<extra></extra>",
                              name="units"), row=1, col=1)
     k = min(top, len(order))
     fig.add_trace(go.Scatter(x=np.arange(1, k + 1), y=sorted_scores[:k], mode="markers",  # ids: hover + list below
                              text=[str(u) for u in order[:k]],
-                             marker=dict(color=PALETTE[1], size=7), name=f"top {k} units",
+                             marker=dict(color="black", size=7, symbol="circle-open"), name=f"top {k} units",
                              hovertemplate="unit %{text}: %{y:.3g}<extra></extra>"), row=1, col=1)
     binned = np.asarray(binned, float)
     assert binned.size < MAX_CELLS
@@ -196,9 +252,14 @@ def fidelity_figure(exact: Sequence[float], gradient: Sequence[float], labels: S
     """Exact vs gradient importance of the same partitions, log–log, with the diagonal."""
     x, y = np.abs(np.asarray(exact, float)), np.abs(np.asarray(gradient, float))
     rho = spearman(x, y)
-    fig = go.Figure(go.Scatter(x=x, y=y, mode="markers", text=list(labels), marker=dict(color=PALETTE[0], size=7),
-                               hovertemplate="%{text}<br>exact %{x:.3g}<br>gradient %{y:.3g}<extra></extra>",
-                               name=level))
+    owners = [str(label).split(": ", 1)[0] for label in labels]  # "expert: partition"
+    colours = colour_map(list(dict.fromkeys(owners)))
+    fig = go.Figure()
+    for expert in dict.fromkeys(owners):
+        mine = [i for i, o in enumerate(owners) if o == expert]
+        fig.add_trace(go.Scatter(x=x[mine], y=y[mine], mode="markers", text=[labels[i] for i in mine],
+                                 marker=dict(color=colours[expert], size=7), name=expert,
+                                 hovertemplate="%{text}<br>exact %{x:.3g}<br>gradient %{y:.3g}<extra></extra>"))
     pos = np.concatenate([x[x > 0], y[y > 0]])
     if pos.size:
         lo, hi = float(pos.min()), float(pos.max())
@@ -215,14 +276,15 @@ def magnitude_figure(layers: Sequence[str], importance: Mapping[str, Sequence[fl
                      norms: Mapping[str, Sequence[float]]) -> go.Figure:
     """Importance vs delta norm per layer, one marker series per expert (labels = layers)."""
     fig = go.Figure()
-    for i, expert in enumerate(importance):
+    colours = colour_map(list(importance))
+    for expert in importance:
         # layers the expert (almost) did not change pile up at 0: labelled on hover only
         biggest = max((abs(n) for n in norms[expert]), default=0.0)
         labels = [layer if abs(norm) > 0.05 * biggest else "" for layer, norm in zip(layers, norms[expert])]
         fig.add_trace(go.Scatter(x=list(norms[expert]), y=list(importance[expert]), mode="markers+text",
                                  text=labels, customdata=list(layers), textposition="top center", name=expert,
                                  cliponaxis=False,
-                                 marker=dict(color=PALETTE[i % len(PALETTE)], size=8),
+                                 marker=dict(color=colours[expert], size=8),
                                  hovertemplate=f"{expert}<br>layer %{{customdata}}<br>‖Δ‖ %{{x:.3g}}<br>"
                                                "importance %{y:.3g}<extra></extra>"))
     fig.update_xaxes(title_text="delta norm ‖Δ‖ of the layer")
@@ -244,8 +306,9 @@ def comparison_figure(layers: Sequence[str], restore: Mapping[str, Sequence[floa
     fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], horizontal_spacing=0.1,
                         subplot_titles=["layer importance (share of the expert's total)",
                                         "rank agreement and stability (Spearman ρ)"])
-    for i, expert in enumerate(restore):
-        color = PALETTE[i % len(PALETTE)]
+    colours = colour_map(list(restore))
+    for expert in restore:
+        color = colours[expert]
         for name, values, dash in (("restore", restore[expert], "solid"), ("ablate", ablate[expert], "dot")):
             v = np.abs(np.asarray(values, float))
             share = v / v.sum() if np.nansum(v) > 0 else v
@@ -254,9 +317,9 @@ def comparison_figure(layers: Sequence[str], restore: Mapping[str, Sequence[floa
                                      hovertemplate=f"{expert} ({name})<br>layer %{{x}}: %{{y:.1%}}<extra></extra>"),
                           row=1, col=1)
     experts = list(restore)
-    bars = [("restore vs ablate", [agreement.get(e) for e in experts], PALETTE[0]),
-            ("stability: restore", [stability.get("restore", {}).get(e) for e in experts], PALETTE[2]),
-            ("stability: ablate", [stability.get("ablate", {}).get(e) for e in experts], PALETTE[1])]
+    bars = [("restore vs ablate", [agreement.get(e) for e in experts], GREYS[0]),
+            ("stability: restore", [stability.get("restore", {}).get(e) for e in experts], GREYS[1]),
+            ("stability: ablate", [stability.get("ablate", {}).get(e) for e in experts], GREYS[2])]
     for name, ys, color in bars:
         fig.add_trace(go.Bar(x=experts, y=[None if y is None or not np.isfinite(y) else y for y in ys], name=name,
                              marker_color=color, hovertemplate=f"{name}<br>%{{x}}: ρ = %{{y:.2f}}<extra></extra>"),
@@ -305,7 +368,7 @@ def layer_profile_figure(layers: Sequence[str], values: Mapping[str, Mapping[str
             marks = overridden.get(expert, {}).get(key, set())
             fig.add_trace(go.Scatter(
                 x=list(layers), y=ys, mode="lines+markers", name=expert, legendgroup=expert, showlegend=r == 0,
-                line=dict(color=PALETTE[i % len(PALETTE)], dash="solid" if i % 2 == 0 else "dash"),
+                line=dict(color=colour_map(list(values))[expert], dash="solid" if i % 2 == 0 else "dash"),
                 marker=dict(size=[13 if k in marks else 6 for k in layers],
                             symbol=["diamond" if k in marks else "circle" for k in layers],
                             line=dict(width=[2 if k in marks else 0 for k in layers], color="black")),
@@ -331,8 +394,8 @@ def profile_summary(layers: Sequence[str], values: Mapping[str, Mapping[str, Map
 def conflict_figure(layers: Sequence[str], before: Sequence[float], after: Sequence[float]) -> go.Figure:
     """Sign-conflict rate per layer before and (expected) after dropping."""
     fig = go.Figure([
-        go.Bar(x=list(layers), y=list(before), name="before dropping", marker_color=PALETTE[0]),
-        go.Bar(x=list(layers), y=list(after), name="after dropping (expected)", marker_color=PALETTE[1]),
+        go.Bar(x=list(layers), y=list(before), name="before dropping", marker_color=GREYS[0]),
+        go.Bar(x=list(layers), y=list(after), name="after dropping (expected)", marker_color=GREYS[2]),
     ])
     fig.update_layout(barmode="group")
     fig.update_yaxes(title_text="sign conflict", tickformat=".0%")
@@ -355,13 +418,15 @@ def cosine_figure(experts: Sequence[str], matrix: Sequence[Sequence[float]]) -> 
 # ============================================================================ probe
 
 
-def probe_bars(tasks: Sequence[str], rows: Sequence[tuple[str, Mapping[str, float]]], metric: str = "accuracy"
-               ) -> go.Figure:
-    """Grouped bars: x = task, one bar per evaluated model (base, experts, each merge)."""
+def probe_bars(tasks: Sequence[str], rows: Sequence[tuple[str, Mapping[str, float]]], metric: str = "accuracy",
+               experts: Sequence[str] | None = None) -> go.Figure:
+    """Grouped bars: x = task, one bar per evaluated model (base, experts, each merge), each expert in its
+    colour of every other chart (``experts``: the session's order; the tasks by default)."""
     fig = go.Figure()
-    for i, (name, values) in enumerate(rows):
+    colours = colour_map(list(experts if experts is not None else tasks), [name for name, _ in rows])
+    for name, values in rows:
         fig.add_trace(go.Bar(x=list(tasks), y=[values.get(t) for t in tasks], name=name,
-                             marker_color=PALETTE[i % len(PALETTE)],
+                             marker_color=colours[name],
                              hovertemplate=f"{name}<br>%{{x}}: %{{y:.3f}}<extra></extra>"))
     fig.update_layout(barmode="group")
     fig.update_yaxes(title_text=metric, range=[0, 1] if metric == "accuracy" else None)
@@ -384,7 +449,7 @@ def sweep_figure(ratios: Sequence[float], results: Mapping[str, Sequence[float]]
     fig = go.Figure()
     for i, (method, ys) in enumerate(results.items()):
         fig.add_trace(go.Scatter(x=list(ratios), y=list(ys), mode="lines+markers", name=method,
-                                 line=dict(color=PALETTE[i % len(PALETTE)])))
+                                 line=dict(color=MERGE_COLOURS[i % len(MERGE_COLOURS)])))
     fig.update_xaxes(title_text="drop ratio (mean)")
     fig.update_yaxes(title_text="mean probe accuracy")
     return _style(fig, 320)

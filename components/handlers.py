@@ -341,6 +341,9 @@ def importance_views(session: wb.Session, method: str, values: Sequence[Any]):
         fid_fig = fg.fidelity_figure(fid[0], fid[1], fid[2], level)
         fid_md = (f"Gradient vs exact at {level} level: Spearman ρ = {fg.spearman(fid[0], fid[1]):.2f} over "
                   f"{len(fid[0])} {level}s (1 = the cheap gradient ranks parts exactly like the intervention).")
+        per_expert = wb.fidelity_by_expert(session)
+        if per_expert:
+            fid_md += "\n\n" + fg.fidelity_by_expert_text(*per_expert)
     else:
         fid_fig = fg.empty_figure("Compute importance in both modes (gradient and exact, same intervention) "
                                   "to compare them.")
@@ -351,6 +354,55 @@ def importance_views(session: wb.Session, method: str, values: Sequence[Any]):
     else:
         mag_fig, mag_md = fg.empty_figure("No importance yet."), ""
     return heat, heat_md, fid_fig, fid_md, mag_fig, mag_md
+
+
+def layer_views(state):
+    """(per-expert layer chart, its answer in words) beside the heatmap: which layer matters most."""
+    session = session_of(state)
+    layers, layer, modules = wb.layer_importance(session)
+    return fg.layer_importance_figure(layers, layer, modules), wb.layer_answer(session)
+
+
+def estimate_lines(state, mode: str, scope: str | None, n_fewshot=None) -> tuple[str, str, str, str]:
+    """(importance, compare, probe, sweep) time estimates for this machine, shown under their buttons.
+
+    Measures a calibration pass first when this process has no rate yet (about a second of model work: call
+    it from a model-work event)."""
+    session = session_of(state)
+    n = wb.check_fewshot(n_fewshot if n_fewshot is not None else wb.DEFAULT_FEWSHOT)
+    if session.refs and not session.missing_data():
+        wb.calibrate(session, n)
+    lines = wb.step_estimates(session, mode or "gradient", scope, n=n)
+    return lines["importance"], lines["compare"], lines["probe"], lines["sweep"]
+
+
+def merge_in_use(state) -> str:
+    """Which merge Export and Try a sentence use (the last one), with its settings."""
+    session = session_of(state)
+    if not session.last_label:
+        return "Export and **Try a sentence** use the last merge: none yet (press **Merge**)."
+    settings = session.history[-1]["settings"] if session.history else ""
+    return f"Export and **Try a sentence** use **{session.last_label}**, the last merge ({settings})."
+
+
+def export_note(session: wb.Session, path) -> str:
+    """The export line: which merge, and the size the download box shows for the same file."""
+    size = wb.size_text(Path(path).stat().st_size)
+    return (f"Exported **{session.last_label}** as `{Path(path).name}` ({size}, stored zip). "
+            "Old exports are deleted after an hour.")
+
+
+GUIDE_CLASSES = ["ml-next"]
+
+
+def guide_views(state, done: str | None) -> list:
+    """The guide's line after step ``done`` and the five buttons' highlight (the next one only). While the walk
+    runs the line floats at the bottom of the window, so "what you just saw" is read where the step was."""
+    session = session_of(state)
+    upcoming = wb.next_step(done)
+    buttons = [gr.update(elem_classes=GUIDE_CLASSES if step == upcoming else []) for step in wb.GUIDE_STEPS]
+    line = gr.update(value=wb.guide_line(session, done), elem_classes=["ml-guide-on"] if upcoming else [])
+    return [line, *buttons]
 
 
 def hidden_choices(session: wb.Session):
@@ -369,7 +421,8 @@ def hidden_figure(state, expert: str | None, module: str | None):
         raise MergeLabError(f"Expert: no importance for {expert!r} (experts: {', '.join(session.importance.experts)})")
     scores, layers, rows = wb.hidden_view(session, expert, module)
     binned = fg.bin_units(rows)
-    return (fg.hidden_state_figure(np.abs(scores), binned, layers, module),
+    colour = fg.colour_map(session.experts or list(session.importance.experts)).get(expert, fg.GREYS[0])
+    return (fg.hidden_state_figure(np.abs(scores), binned, layers, module, colour=colour),
             fg.hidden_summary(scores, f"{expert} · {module}"))
 
 
@@ -434,6 +487,10 @@ def plan_views(session: wb.Session, method: str, shared: dict):
 # ---------------------------------------------------------------- probe views
 
 
+def _base_metrics(report) -> dict | None:
+    return next((dict(r.metrics) for r in report.rows if r.name == "base"), None)
+
+
 def comparison_views(result: wb.Comparison):
     """(figure, one-line summary) of a :func:`wb.compare_interventions` result."""
     fig = fg.comparison_figure(result.layers, result.restore, result.ablate, result.agreement, result.stability)
@@ -446,8 +503,13 @@ def probe_views(session: wb.Session, report):
     headers, rows = report.table()
     tasks = list(report.tasks)
     bars_rows = [(r.name, {t: r.metrics.get(t, {}).get("accuracy") for t in tasks}) for r in report.rows]
-    fig = fg.probe_bars(tasks, bars_rows)
+    fig = fg.probe_bars(tasks, bars_rows, experts=session.experts or tasks)
     summary = fg.probe_summary(tasks, bars_rows)
+    last = session.history[-1] if session.history else None
+    flags = wb.below_base(last.get("metrics"), _base_metrics(report)) if last else []
+    if flags:
+        summary += " " + "; ".join(f"⚠ **{t}** {acc:.3f} is below the base {b:.3f}" for t, acc, b in flags) + \
+            " (a mean over tasks hides this)."
     if report.meta.get("unavailable"):
         summary += f" Not probed (no folder or task data): {', '.join(report.meta['unavailable'])}."
     h_headers, h_rows = wb.history_rows(session)

@@ -43,6 +43,12 @@ WHAT_COMPARE = (
     "every layer with the gradient approximation for both interventions on three seeded few-shot draws (each "
     "half the size of the smallest pool, so the draws differ) and reports Spearman ρ: between the interventions "
     "on the first draw, and between draws for each intervention (mean over pairs).")
+WHAT_LAYERS = (
+    "APL's drop ratios come from switching a whole layer's fine-tuning at once (bars: each layer's share of the "
+    "expert's total |ΔL|). The dotted line adds up the heatmap's row instead: each module switched alone. The two "
+    "can disagree, because modules inside a layer act together: one module's change may raise the loss and "
+    "another's lower it, so they cancel when the layer is switched as a whole, while the sum counts both. Each "
+    "expert keeps its colour in every chart of the page.")
 WHAT_PROFILE = (
     "The merge plan over depth: for each expert, the fraction of its change dropped at each layer (top) and the "
     "weight of what is kept (bottom). Diamonds are cells you overrode; circles follow the suggestion.")
@@ -65,15 +71,17 @@ def explained_plot(what: str, label: str, **plot_kwargs) -> tuple[gr.Plot, gr.Ma
     return plot, summary
 
 
-def long_step(button: gr.Button, stop: gr.Button, fn, inputs, outputs, api_name: str):
+def long_step(button: gr.Button, stop: gr.Button, fn, inputs, outputs, api_name: str, progress_on=None):
     """Wire one of the page's long steps: ``button`` is disabled while ``fn`` runs in the model-work queue
     (``api_name`` is its HTTP endpoint) and enabled again after, success or failure; ``stop`` cancels it and re-enables the
-    button. Returns the re-enabling event, for follow-ups that should run after the step."""
+    button. ``progress_on``: the one component that shows the progress in words (else every output does).
+    Returns the re-enabling event, for follow-ups that should run after the step."""
     def enable():
         return gr.update(interactive=True)
 
     start = button.click(lambda: gr.update(interactive=False), None, button, queue=False, api_visibility="private")
-    event = start.then(h.heavy(fn), inputs, outputs, api_name=api_name, **h.HEAVY)
+    shown = dict(show_progress_on=[progress_on]) if progress_on is not None else {}
+    event = start.then(h.heavy(fn), inputs, outputs, api_name=api_name, **h.HEAVY, **shown)
     done = event.then(enable, None, button, api_visibility="private")
     # gradio runs .then() follow-ups only after a success: a failed step (its message is the toast) must
     # leave its button usable too, or the page is stuck until someone presses Stop
@@ -101,7 +109,7 @@ def build_demo() -> gr.Blocks:
         # Per-tab state (small, no tensors). When gradio drops it (an hour after the tab closed, or after
         # STATE_TTL seconds without use), whatever the session kept in the shared caches is released too.
         state = gr.State(None, delete_callback=h.release_state, time_to_live=h.STATE_TTL)
-        page = SimpleNamespace(state=state, intro=intro_section(), experts=experts_section(),
+        page = SimpleNamespace(state=state, done={}, intro=intro_section(), experts=experts_section(),
                                importance=importance_section(), merge=merge_section(), probe=probe_section(),
                                export=export_section(), api=api_inputs())
         page.plan_inputs = [state, page.merge.plan_expert, page.merge.method, *page.merge.param_boxes]
@@ -117,6 +125,7 @@ def build_demo() -> gr.Blocks:
         wire_probe(page)
         wire_export(page)
         wire_guided(page)
+        wire_estimates(page)
         # a closed tab frees its merged bodies at once (gradio drops the small State an hour later)
         demo.unload(h.on_unload)
     return demo
@@ -129,12 +138,16 @@ def intro_section() -> SimpleNamespace:
         gr.Markdown(_intro())
         with gr.Row():
             guided_btn = gr.Button("Guided first merge", variant="secondary", scale=0, elem_id="btn-guided")
-            gr.Markdown("Fills every step with a good first setting: all zoo experts, gradient importance, "
-                        "APL at drop ratio 0.5. Then press the five buttons in order.")
+            gr.Markdown("Walks you through the five steps on the demo zoo: every step gets a good first setting "
+                        "(all zoo experts, gradient importance, APL at drop ratio 0.5), the next button is "
+                        "highlighted, and after each step one line says what you just saw.")
+        guide_md = gr.Markdown(elem_id="guide")
+        guide_state = gr.State(None)  # the step the guide waits for (None: the guide is off)
         zoo_md = gr.Markdown("Looking for the demo zoo…", elem_id="zoo-status")
         # while the zoo builds (from server start-up), the one progress line above is refreshed from here
         zoo_timer = gr.Timer(2.0, active=False)
-    return SimpleNamespace(guided_btn=guided_btn, zoo_md=zoo_md, zoo_timer=zoo_timer)
+    return SimpleNamespace(guided_btn=guided_btn, guide_md=guide_md, guide_state=guide_state, zoo_md=zoo_md,
+                           zoo_timer=zoo_timer)
 
 
 def experts_section() -> SimpleNamespace:
@@ -177,11 +190,23 @@ def importance_section() -> SimpleNamespace:
                             info="gradient: one backward pass (fast, every unit); exact: one forward per part")
             intervention = ui.Radio(list(wb.INTERVENTIONS), value="restore", label="Intervention",
                                     info="restore: base + this part alone; ablate: expert minus this part")
+            scope = ui.Radio(list(wb.EXACT_SCOPES), value=wb.FULL_SCOPE, label="Exact: what to measure",
+                             info="layers (quick): one forward pass per layer; with modules: one per module too")
         with gr.Row():
             imp_btn = gr.Button("Compute importance", variant="primary", elem_id="btn-importance")
             imp_stop = gr.Button("Stop", variant="stop", scale=0)
-        heat_plot, heat_md = explained_plot(WHAT_HEATMAP, label="Importance: layer × module, per expert",
-                                            elem_id="heatmap")
+        imp_eta = gr.Markdown(elem_id="importance-eta", elem_classes=["ml-eta"])
+        imp_progress = gr.Markdown(elem_id="importance-progress", elem_classes=["ml-progress"])
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=420):
+                heat_plot, heat_md = explained_plot(WHAT_HEATMAP, label="Importance: layer × module, per expert",
+                                                    elem_id="heatmap")
+            with gr.Column(scale=2, min_width=320):
+                layer_plot = gr.Plot(label="Which layer matters most: the whole-layer intervention, per expert",
+                                     elem_id="layer-chart")
+                layer_md = gr.Markdown(elem_id="layer-answer")
+                with gr.Accordion("What am I looking at?", open=False):
+                    gr.Markdown(WHAT_LAYERS)
         with gr.Row():
             hid_expert = ui.Dropdown(label="Expert", choices=[], allow_custom_value=True)
             hid_layer = ui.Dropdown(label="Layer", choices=[], allow_custom_value=True)
@@ -194,12 +219,18 @@ def importance_section() -> SimpleNamespace:
                 mag_plot, mag_md = explained_plot(WHAT_MAGNITUDE, label="Importance vs delta magnitude")
         with gr.Accordion("Compare interventions and draws", open=False, elem_id="compare"):
             gr.Markdown(WHAT_COMPARE)
-            compare_btn = gr.Button("Compare restore and ablate", variant="secondary", size="sm",
-                                    elem_classes=["ml-btn"], elem_id="btn-compare")
+            with gr.Row():
+                compare_btn = gr.Button("Compare restore and ablate", variant="secondary", size="sm",
+                                        elem_classes=["ml-btn"], elem_id="btn-compare")
+                compare_stop = gr.Button("Stop", variant="stop", size="sm", scale=0, elem_id="btn-compare-stop")
+            compare_eta = gr.Markdown(elem_id="compare-eta", elem_classes=["ml-eta"])
+            compare_progress = gr.Markdown(elem_id="compare-progress", elem_classes=["ml-progress"])
             compare_plot = gr.Plot(label="Restore vs ablate, and stability over few-shot draws")
             compare_md = gr.Markdown(elem_id="compare-status")
-    return SimpleNamespace(fewshot=fewshot, mode=mode, intervention=intervention, imp_btn=imp_btn,
-                           imp_stop=imp_stop, heat_plot=heat_plot, heat_md=heat_md, hid_expert=hid_expert,
+    return SimpleNamespace(fewshot=fewshot, mode=mode, intervention=intervention, scope=scope, imp_btn=imp_btn,
+                           imp_stop=imp_stop, imp_eta=imp_eta, imp_progress=imp_progress,
+                           compare_progress=compare_progress, layer_plot=layer_plot, layer_md=layer_md,
+                           compare_stop=compare_stop, compare_eta=compare_eta, heat_plot=heat_plot, heat_md=heat_md, hid_expert=hid_expert,
                            hid_layer=hid_layer, hid_module=hid_module, hid_plot=hid_plot, hid_md=hid_md,
                            fid_plot=fid_plot, fid_md=fid_md, mag_plot=mag_plot, mag_md=mag_md,
                            compare_btn=compare_btn, compare_plot=compare_plot, compare_md=compare_md)
@@ -294,6 +325,8 @@ def probe_section() -> SimpleNamespace:
         with gr.Row():
             probe_btn = gr.Button("Run probe", variant="primary", elem_id="btn-probe")
             probe_stop = gr.Button("Cancel probe", variant="stop", scale=0)
+        probe_eta = gr.Markdown(elem_id="probe-eta", elem_classes=["ml-eta"])
+        probe_progress = gr.Markdown(elem_id="probe-progress", elem_classes=["ml-progress"])
         probe_df = gr.Dataframe(label="Probe results", interactive=False, elem_id="probe-table")
         probe_plot = gr.Plot(label="Probe accuracy")
         probe_md = gr.Markdown()
@@ -309,9 +342,14 @@ def probe_section() -> SimpleNamespace:
                                visible=False)
         history_md = gr.Markdown(elem_id="history-status")
         with gr.Accordion("Drop-ratio sweep (APL vs DARE vs magnitude)", open=False):
-            sweep_btn = gr.Button("Sweep drop ratios")
+            with gr.Row():
+                sweep_btn = gr.Button("Sweep drop ratios", elem_id="btn-sweep")
+                sweep_stop = gr.Button("Stop", variant="stop", scale=0, elem_id="btn-sweep-stop")
+            sweep_eta = gr.Markdown(elem_id="sweep-eta", elem_classes=["ml-eta"])
+            sweep_progress = gr.Markdown(elem_id="sweep-progress", elem_classes=["ml-progress"])
             sweep_plot = gr.Plot(label="Accuracy vs drop ratio")
             sweep_md = gr.Markdown()
+        predict_uses = gr.Markdown(h.merge_in_use(None), elem_id="predict-uses")
         with gr.Row():
             sentence = gr.Textbox(label="Try a sentence", placeholder="Type a sentence…", scale=4)
             predict_btn = gr.Button("Predict", variant="secondary", scale=0, min_width=120, elem_classes=["ml-btn"])
@@ -320,7 +358,9 @@ def probe_section() -> SimpleNamespace:
     return SimpleNamespace(probe_btn=probe_btn, probe_stop=probe_stop, probe_df=probe_df, probe_plot=probe_plot,
                            probe_md=probe_md, history_df=history_df, history_btn=history_btn,
                            restore_btn=restore_btn, history_file=history_file, history_md=history_md,
-                           sweep_btn=sweep_btn, sweep_plot=sweep_plot, sweep_md=sweep_md, sentence=sentence,
+                           sweep_btn=sweep_btn, sweep_stop=sweep_stop, sweep_eta=sweep_eta, probe_eta=probe_eta,
+                           sweep_progress=sweep_progress, probe_progress=probe_progress,
+                           predict_uses=predict_uses, sweep_plot=sweep_plot, sweep_md=sweep_md, sentence=sentence,
                            predict_btn=predict_btn, predict_df=predict_df)
 
 
@@ -334,12 +374,13 @@ def export_section() -> SimpleNamespace:
             export_tasks = ui.Dropdown([], label="Tasks to export (a folder each)", multiselect=True,
                                        allow_custom_value=True)
             dtype = ui.Radio(list(h.DTYPES), value="fp32", label="dtype")
+        export_uses = gr.Markdown(h.merge_in_use(None), elem_id="export-uses")
         with gr.Row():
             export_btn = gr.Button("Export", variant="primary", elem_id="btn-export")
             export_stop = gr.Button("Cancel export", variant="stop", scale=0)
         export_file = gr.File(label="Download", elem_id="export-file")
-        export_md = gr.Markdown()
-    return SimpleNamespace(export_tasks=export_tasks, dtype=dtype, export_btn=export_btn, export_stop=export_stop,
+        export_md = gr.Markdown(elem_id="export-status")
+    return SimpleNamespace(export_tasks=export_tasks, dtype=dtype, export_uses=export_uses, export_btn=export_btn, export_stop=export_stop,
                            export_file=export_file, export_md=export_md)
 
 
@@ -417,6 +458,7 @@ def wire_experts(page) -> None:
         [page.state, ex.experts_df, ex.load_md, ex.data_md, ex.attach_expert, merge.plan_expert, imp.hid_expert,
          exp.export_tasks, merge.method_md],
         api_name="load_experts", **h.HEAVY)
+    page.done["load"] = load_event
     load_event.then(refresh_plan, page.plan_inputs, page.plan_outputs + page.slider_outputs,
                     api_visibility="private").then(
         _cosine_view, [page.state], [merge.cosine_plot, merge.cosine_md], api_visibility="private")
@@ -437,19 +479,23 @@ def wire_importance(page) -> None:
                imp.hid_layer, imp.hid_module, merge.method_md]
 
     @h.safe
-    def on_importance(session, n, mode_value, intervention_value, method_value, *values, progress=gr.Progress()):
+    def on_importance(session, n, mode_value, intervention_value, method_value, *rest, progress=gr.Progress()):
         session = h.session_of(session)
-        wb.compute_importance(session, n, mode_value, intervention_value, progress=h.progress_sink(progress))
+        values, scope = rest[:len(h.PARAM_NAMES)], (rest[len(h.PARAM_NAMES):] or (None,))[0]
+        wb.compute_importance(session, n, mode_value, intervention_value, progress=h.progress_sink(progress),
+                              scope=scope)
         views = h.importance_views(session, method_value, values)
         layers, layer, modules, module = h.hidden_choices(session)
         return (session, *views, gr.update(choices=layers, value=layer), gr.update(choices=modules, value=module),
                 h.method_info(session, method_value))
 
     hidden_io = ([page.state, imp.hid_expert, imp.hid_module], [imp.hid_plot, imp.hid_md])
-    long_step(imp.imp_btn, imp.imp_stop, on_importance,
-              [page.state, imp.fewshot, imp.mode, imp.intervention, merge.method, *merge.param_boxes],
-              outputs, "compute_importance").then(
-        refresh_plan, page.plan_inputs, page.plan_outputs + page.slider_outputs, api_visibility="private").then(
+    done = long_step(imp.imp_btn, imp.imp_stop, on_importance,
+                     [page.state, imp.fewshot, imp.mode, imp.intervention, merge.method, *merge.param_boxes, imp.scope],
+                     outputs, "compute_importance", progress_on=imp.imp_progress)
+    page.done["importance"] = done
+    done.then(h.safe(h.layer_views), [page.state], [imp.layer_plot, imp.layer_md], api_visibility="private")
+    done.then(refresh_plan, page.plan_inputs, page.plan_outputs + page.slider_outputs, api_visibility="private").then(
         h.safe(h.hidden_figure), *hidden_io, api_visibility="private")
 
     @h.safe
@@ -460,8 +506,9 @@ def wire_importance(page) -> None:
         result = wb.compare_interventions(session, n, progress=h.progress_sink(progress))
         return (session, *h.comparison_views(result))
 
-    imp.compare_btn.click(h.heavy(on_compare), [page.state, imp.fewshot], [page.state, imp.compare_plot, imp.compare_md],
-                          api_name="compare_interventions", **h.HEAVY)
+    page.done["compare"] = long_step(imp.compare_btn, imp.compare_stop, on_compare, [page.state, imp.fewshot],
+                                     [page.state, imp.compare_plot, imp.compare_md], "compare_interventions",
+                                     progress_on=imp.compare_progress)
 
     def on_hidden_layer(session, layer):
         modules = wb.unit_module_choices(h.session_of(session)).get(layer, [])
@@ -581,8 +628,11 @@ def wire_merge(page) -> None:
                     f"recomputed; layers re-merged: {changed}. Settings: {summary.settings}. Next: **Run probe**.")
         return session, text
 
-    long_step(merge.merge_btn, merge.merge_stop, on_merge, [page.state, merge.method, merge.seed, *merge.param_boxes],
-              [page.state, merge.merge_md], "merge")
+    page.done["merge"] = long_step(merge.merge_btn, merge.merge_stop, on_merge,
+                                   [page.state, merge.method, merge.seed, *merge.param_boxes],
+                                   [page.state, merge.merge_md], "merge", progress_on=merge.merge_md)
+    page.done["merge"].then(lambda s: (h.merge_in_use(s),) * 2, [page.state],
+                            [page.export.export_uses, page.probe.predict_uses], api_visibility="private")
 
 
 def wire_probe(page) -> None:
@@ -594,17 +644,21 @@ def wire_probe(page) -> None:
         report = wb.run_probe(session, progress=h.progress_sink(progress))
         return (session, *h.probe_views(session, report))
 
-    long_step(probe.probe_btn, probe.probe_stop, on_probe, [page.state],
-              [page.state, probe.probe_df, probe.probe_plot, probe.probe_md, probe.history_df], "run_probe")
+    page.done["probe"] = long_step(probe.probe_btn, probe.probe_stop, on_probe, [page.state],
+                                   [page.state, probe.probe_df, probe.probe_plot, probe.probe_md, probe.history_df],
+                                   "run_probe", progress_on=probe.probe_progress)
 
     @h.safe
     def on_sweep(session, progress=gr.Progress()):
         session = h.session_of(session)
-        ratios = (0.1, 0.3, 0.5, 0.7, 0.9)
+        if not session.refs:
+            raise wb.MergeLabError("load experts first, then sweep the drop ratios")
+        ratios = wb.SWEEP_RATIOS
         results = wb.drop_sweep(session, ratios, progress=h.progress_sink(progress))
         return fg.sweep_figure(ratios, results), fg.sweep_summary(ratios, results)
 
-    probe.sweep_btn.click(h.heavy(on_sweep), [page.state], [probe.sweep_plot, probe.sweep_md], api_name="sweep", **h.HEAVY)
+    page.done["sweep"] = long_step(probe.sweep_btn, probe.sweep_stop, on_sweep, [page.state],
+                                   [probe.sweep_plot, probe.sweep_md], "sweep", progress_on=probe.sweep_progress)
 
     # nothing lost: the session's history as a file, and back
     @h.safe
@@ -646,32 +700,66 @@ def wire_export(page) -> None:
     def on_export(session, tasks, dtype_value, progress=gr.Progress()):
         session = h.session_of(session)
         path = wb.export(session, tasks or None, h.dtype_of(dtype_value), progress=h.progress_sink(progress))
-        size = path.stat().st_size / 1e6
-        return str(path), f"Exported `{path.name}` ({size:.1f} MB, stored zip). Old exports are deleted after an hour."
+        return str(path), h.export_note(session, path)
 
-    long_step(exp.export_btn, exp.export_stop, on_export, [page.state, exp.export_tasks, exp.dtype],
-              [exp.export_file, exp.export_md], "export")
+    page.done["export"] = long_step(exp.export_btn, exp.export_stop, on_export,
+                                    [page.state, exp.export_tasks, exp.dtype], [exp.export_file, exp.export_md],
+                                    "export", progress_on=exp.export_md)
 
 
 def wire_guided(page) -> None:
     """Guided first merge: fill every step with a good first setting on the demo zoo."""
     ex, imp, merge = page.experts, page.importance, page.merge
 
+    intro = page.intro
+    buttons = [ex.load_btn, imp.imp_btn, merge.merge_btn, page.probe.probe_btn, page.export.export_btn]
+
     @h.safe
-    def guided():
+    def guided(session):
         status = wb.zoo_status()
         if not status.ready:  # the button is off while the zoo builds; an API caller is told why
             raise wb.MergeLabError(status.not_ready_message())
         zoo = status.zoo
         tasks, base = zoo.tasks, wb.zoo_refs(zoo)[0]
         return (gr.update(value=tasks), base, wb.DEFAULT_FEWSHOT, "gradient", "restore", wb.DEFAULT_METHOD,
-                "Guided setup done: press **Load experts**, then **Compute importance**, **Merge**, "
-                "**Run probe** and **Export**, in that order.")
+                "Guided setup done: every step has a good first setting. Press the highlighted button; the line at "
+                "the bottom of the window says what each step showed and which button comes next.",
+                wb.next_step(None), *h.guide_views(session, None))
 
-    page.intro.guided_btn.click(guided, None, [ex.zoo_pick, ex.base_box, imp.fewshot, imp.mode, imp.intervention,
-                                               merge.method, ex.load_md], api_visibility="private").then(
+    intro.guided_btn.click(guided, [page.state], [ex.zoo_pick, ex.base_box, imp.fewshot, imp.mode, imp.intervention,
+                                                  merge.method, ex.load_md, intro.guide_state, intro.guide_md,
+                                                  *buttons],
+                           api_visibility="private").then(
         on_method, [page.state, merge.plan_expert, merge.method],
         [merge.method_md, *merge.param_boxes, *page.plan_outputs, *page.slider_outputs], api_visibility="private")
+
+    def advance(step: str):
+        @h.safe
+        def after(session, waiting):
+            if waiting != step:  # the guide is off, or waits for another step: leave the page as it is
+                return (waiting, gr.update(), *[gr.update()] * len(buttons))
+            return (wb.next_step(step), *h.guide_views(session, step))
+        return after
+
+    for step in wb.GUIDE_STEPS:
+        page.done[step].then(advance(step), [page.state, intro.guide_state],
+                             [intro.guide_state, intro.guide_md, *buttons], api_visibility="private",
+                             show_progress="hidden")
+
+
+def wire_estimates(page) -> None:
+    """Before each long step, how long it takes on this machine (measured rate × units), refreshed after every
+    step that changes the units or measures a rate, and when the mode or the exact scope changes."""
+    imp = page.importance
+    inputs = [page.state, imp.mode, imp.scope, imp.fewshot]
+    outputs = [imp.imp_eta, imp.compare_eta, page.probe.probe_eta, page.probe.sweep_eta]
+    eta = h.safe(h.estimate_lines)
+    for step in ("load", "importance", "compare", "merge", "probe", "sweep"):
+        page.done[step].then(eta, inputs, outputs, api_visibility="private", show_progress="hidden",
+                             concurrency_limit=1, concurrency_id=h.HEAVY["concurrency_id"])
+    for event in (imp.mode.change, imp.scope.change, imp.fewshot.release):
+        event(eta, inputs, outputs, api_visibility="private", show_progress="hidden",
+              concurrency_limit=1, concurrency_id=h.HEAVY["concurrency_id"])
 
 
 @h.safe

@@ -23,7 +23,8 @@ The package is one module per step of the page, in the order the page runs them:
 - ``experts`` — loading and checking a selection; ``importance`` — APL importance;
 - ``prepare`` — data-aware methods' inputs through their declared ``prepare`` (snapshot, cache);
 - ``plan`` — per-layer drop ratios and weights with overrides and presets; ``merge``; ``probe``;
-- ``export``; ``history`` — the session's merges as JSON; ``views`` — numbers behind each chart.
+- ``export``; ``history`` — the session's merges as JSON; ``views`` — numbers behind each chart;
+- ``estimates`` — how long a long step takes here (measured rate × units); ``guide`` — the guided walk.
 
 Everything is re-exported here, so ``from merging import workbench as wb; wb.merge(...)`` is the API.
 """
@@ -49,6 +50,19 @@ from .cache import (  # noqa: F401
     release_session,
     selection_key,
 )
+from .estimates import (  # noqa: F401
+    EXACT_SCOPES,
+    FULL_SCOPE,
+    QUICK_SCOPE,
+    SWEEP_RATIOS,
+    calibrate,
+    duration_text,
+    exact_levels,
+    forget_rates,
+    rate_of,
+    step_estimates,
+    sweep_steps,
+)
 from .experts import (  # noqa: F401
     EXPERT_HEADERS,
     attach_task_data,
@@ -69,9 +83,21 @@ from .export import (  # noqa: F401
     exports_root,
     read_zip_names,
     retention_sweep,
+    size_text,
     zip_is_stored,
 )
-from .history import HISTORY_FORMAT, history_json, restore_history, save_history  # noqa: F401
+from .guide import STEPS as GUIDE_STEPS  # noqa: F401
+from .guide import guide_line, next_step  # noqa: F401
+from .history import (  # noqa: F401
+    HISTORY_FORMAT,
+    accuracy_changes,
+    below_base,
+    history_json,
+    history_table,
+    merge_changes,
+    restore_history,
+    save_history,
+)
 from .importance import Comparison, compare_interventions, compute_importance  # noqa: F401
 from .limits import (  # noqa: F401
     DEFAULT_FEWSHOT,
@@ -140,9 +166,12 @@ from .session import MergeInputs, Session, TaskData, ensure_zoo, open_default_zo
 from .views import (  # noqa: F401
     conflict_data,
     cosine_data,
+    fidelity_by_expert,
     fidelity_data,
     hidden_view,
     importance_maps,
+    layer_answer,
+    layer_importance,
     magnitude_data,
     unit_module_choices,
 )

@@ -196,3 +196,14 @@ def zip_is_stored(path: str | Path) -> bool:
         return all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist())
 
 
+
+
+def size_text(size: int) -> str:
+    """A file size the way the page's download box writes it (steps of 1024, labelled KB / MB / GB, one
+    decimal), so the status line and the box show one number for one file."""
+    value, units = float(size), ["B", "KB", "MB", "GB", "PB"]
+    index = 0
+    while value > 1024 and index < len(units) - 1:
+        value /= 1024
+        index += 1
+    return f"{value:.1f} {units[index]}"

@@ -111,3 +111,143 @@ def _clean_metrics(raw) -> dict[str, dict[str, float]] | None:
             if numbers:
                 clean[task] = numbers
     return clean or None
+
+
+# ---------------------------------------------------------------- what changed from one merge to the next
+
+SHORT_KEYS = {"drop_ratio": "drop", "weight": "weight"}
+
+
+def _layer(layer: str) -> str:
+    return f"L{layer}" if str(layer).isdigit() else str(layer)
+
+
+def recipe_values(recipe: dict | None) -> dict[str, object]:
+    """A recipe's settings flattened to "what" → value: the method, each shared parameter and every
+    expert's value at every layer ("topic L5 drop"), so two merges compare cell by cell."""
+    if not isinstance(recipe, dict):
+        return {}
+    out: dict[str, object] = {"method": recipe.get("method")}
+    for key, value in (recipe.get("parameters") or {}).items():
+        if isinstance(value, dict):
+            for layer, v in value.items():
+                out[f"{key} {_layer(layer)}"] = v
+        else:
+            out[key] = value
+    for entry in recipe.get("experts") or []:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        for key, value in ((entry.get("parameters") or {}) if name else {}).items():
+            short = SHORT_KEYS.get(key, key)
+            if isinstance(value, dict):
+                for layer, v in value.items():
+                    out[f"{name} {_layer(layer)} {short}" if layer != "default" else f"{name} {short}"] = v
+            else:
+                out[f"{name} {short}"] = value
+    return out
+
+
+def _unset(recipe: dict | None, what: str):
+    """The value a recipe gives ``what`` without naming it: an expert's cell falls back to the expert's own
+    value, then the shared parameter, then the method's declared default (so a first override reads
+    "weight 1.00 → 0.40", not "— → 0.40" for every layer the recipe now lists)."""
+    values = recipe_values(recipe)
+    words = what.split(" ")
+    long = {v: k for k, v in SHORT_KEYS.items()}
+    key = long.get(words[-1], words[-1])
+    if len(words) == 3 and f"{words[0]} {words[2]}" in values:
+        return values[f"{words[0]} {words[2]}"]
+    if len(words) >= 2 and key in values and key != "method":
+        return values[key]
+    try:
+        from .limits import method_spec
+
+        spec = {p.name: p for p in method_spec(str((recipe or {}).get("method"))).params}
+    except Exception:  # noqa: BLE001 - an unknown or restored method: no default to show
+        return None
+    return spec[key].default if key in spec else None
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return "—" if value is None else str(value)
+
+
+def merge_changes(previous: dict | None, recipe: dict | None, limit: int = 4) -> str:
+    """What changed from the previous merge's recipe: the method and shared parameters first, then the
+    per-layer cells, largest move first — "method apl → ties; topic L5 drop 0.30 → 0.91; …"."""
+    if previous is None:
+        return "first merge"
+    before, after = recipe_values(previous), recipe_values(recipe)
+    shared = {k for r in (previous, recipe) for k in ((r or {}).get("parameters") or {})}
+    changes = []
+    for what in dict.fromkeys([*before, *after]):
+        a = before[what] if what in before else _unset(previous, what)
+        b = after[what] if what in after else _unset(recipe, what)
+        numbers = isinstance(a, (int, float)) and isinstance(b, (int, float))
+        if a == b or (numbers and abs(a - b) < 5e-4):
+            continue
+        group = 0 if what == "method" else 1 if what in shared or what.split(" L")[0] in shared else 2
+        changes.append(((group, -abs(b - a) if numbers else 0.0), f"{what} {_fmt(a)} → {_fmt(b)}"))
+    if not changes:
+        return "same settings"
+    changes.sort(key=lambda c: c[0])
+    text = "; ".join(c for _, c in changes[:limit])
+    return text + (f"; and {len(changes) - limit} more" if len(changes) > limit else "")
+
+
+def accuracy(metrics: dict | None) -> dict[str, float]:
+    return {t: float(m["accuracy"]) for t, m in (metrics or {}).items()
+            if isinstance(m, dict) and isinstance(m.get("accuracy"), (int, float))}
+
+
+def accuracy_changes(previous: dict | None, metrics: dict | None) -> str:
+    """Per-task change in probe accuracy from the previous probed merge: "topic +0.031, mood −0.012"."""
+    before, after = accuracy(previous), accuracy(metrics)
+    common = [t for t in after if t in before]
+    if not common:
+        return ""
+    return ", ".join(f"{t} {after[t] - before[t]:+.3f}".replace("-", "−") for t in common)
+
+
+def below_base(metrics: dict | None, base: dict | None) -> list[tuple[str, float, float]]:
+    """(task, merge accuracy, base accuracy) for every task the merge leaves below the base: the number a
+    mean over tasks hides."""
+    mine, ref = accuracy(metrics), accuracy(base)
+    return [(t, mine[t], ref[t]) for t in mine if t in ref and mine[t] < ref[t]]
+
+
+def below_base_text(rows: list[tuple[str, float, float]]) -> str:
+    return "; ".join(f"⚠ {t} {acc:.3f} < base {b:.3f}" for t, acc, b in rows)
+
+
+def base_metrics(session: Session) -> dict | None:
+    """The base model's probe metrics, once a probe ran."""
+    reference = session.reference
+    for row in getattr(reference, "rows", None) or []:
+        if row.name == "base":
+            return dict(row.metrics)
+    return None
+
+
+def history_table(session: Session) -> tuple[list[str], list[list]]:
+    """The session's merges side by side: label, method, mean and per-task accuracy, what changed from the
+    previous merge, the per-task accuracy change from the previous probed merge, tasks below the base,
+    merge seconds, then the settings (last: the longest column)."""
+    tasks = list(dict.fromkeys(t for item in session.history for t in (item.get("metrics") or {})))
+    headers = ["merge", "method", "mean accuracy", *(f"{t} acc" for t in tasks), "changed from previous",
+               "Δ accuracy vs previous", "below base", "seconds", "settings"]
+    base = base_metrics(session)
+    rows, previous_recipe, previous_metrics = [], None, None
+    for item in session.history:
+        metrics = item.get("metrics") or {}
+        accs = accuracy(metrics)
+        per_task = [None if t not in accs else round(accs[t], 4) for t in tasks]
+        mean = round(sum(accs.values()) / len(accs), 4) if accs else None
+        rows.append([item["label"], item["method"], mean, *per_task,
+                     merge_changes(previous_recipe, item.get("recipe")) if item.get("recipe") else "",
+                     accuracy_changes(previous_metrics, metrics), below_base_text(below_base(metrics, base)),
+                     item.get("seconds"), item["settings"]])
+        previous_recipe = item.get("recipe") or previous_recipe
+        previous_metrics = metrics or previous_metrics
+    return headers, rows

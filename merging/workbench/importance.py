@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..errors import MergeLabError
 from .budget import check_memory
 from .cache import CACHE, RESULTS, Models, content_hash
+from .estimates import exact_levels, record, time_left
 from .experts import models_for, tokenizer_for
 from .limits import (
     DEFAULT_FEWSHOT,
@@ -25,12 +26,16 @@ from .session import Session
 
 def compute_importance(session: Session, n_fewshot: int = DEFAULT_FEWSHOT, mode: str = "gradient",
                        intervention: str = "restore", level: str = "all", sample: int | None = None,
-                       progress: Progress | None = None) -> Session:
+                       progress: Progress | None = None, scope: str | None = None) -> Session:
     """APL importance of every expert on its own few-shot data: an input of every method that ``needs``
     importance, whose ``prepare`` then calibrates from it (see :mod:`.prepare`).
 
     The map is a pure function of (models, few-shot examples, mode, intervention, levels, sample, seed), so it
-    is cached across sessions by a hash of those: a second identical request is a cache hit."""
+    is cached across sessions by a hash of those: a second identical request is a cache hit.
+
+    ``scope`` (exact mode): ``"layers (quick)"`` measures the layer level only, ``"layers and modules"`` (the
+    default) both. Progress is said in words ("exact · topic · module 12 of 53, about 2 min left") and the
+    run's measured pace becomes the rate the next estimate uses (:mod:`.estimates`)."""
     progress = progress or no_progress
     n_fewshot = check_fewshot(n_fewshot)
     mode = check_choice("Mode", mode, MODES)
@@ -38,14 +43,54 @@ def compute_importance(session: Session, n_fewshot: int = DEFAULT_FEWSHOT, mode:
     models = _models_with_task_data(session, "importance needs")
     levels = ["model", "layer", "module", "hidden"] if level == "all" else [level] if isinstance(level, str) else level
     if mode == "exact" and level == "all":  # one forward pass per unit is far too slow for a page: no units
-        levels = ["model", "layer", "module"]
-    result, _ = _importance(session, models, n_fewshot, mode, intervention, list(levels), session.seed,
-                            sample if mode == "exact" else None, progress)
+        levels = exact_levels(scope)
+    worded = worded_progress(progress, mode, {lv: list(models.expert_set.layout.partitions(lv))
+                                              for lv in levels if lv != "hidden"}, len(session.refs))
+    result, hit = _importance(session, models, n_fewshot, mode, intervention, list(levels), session.seed,
+                              sample if mode == "exact" else None, worded)
+    if not hit:
+        _record_rate(result)
     session.importance = result
     session.importance_runs[f"{mode}/{intervention}"] = result
     session.fewshot_n = int(n_fewshot)
     CACHE.trim()
     return session
+
+
+def worded_progress(progress: Progress, mode: str, partitions: dict[str, list[str]], experts: int) -> Progress:
+    """The library's progress ("topic: module: encoder.layer.3.output.dense") in the page's words:
+    "exact · topic · module 12 of 53, about 2 min left" (the time left from this run's own pace; the bar
+    counts every partition of every expert, so it never runs backwards between levels)."""
+    started = time.perf_counter()
+    total = max(1, experts * sum(len(p) for p in partitions.values()))
+    done = [0]
+
+    def sink(fraction: float, message: str) -> None:
+        parts = [p.strip() for p in str(message).split(":", 2)]
+        if len(parts) == 3 and parts[1] in partitions and parts[2] in partitions[parts[1]]:
+            expert, level, key = parts
+            done[0] += 1
+            index = partitions[level].index(key) + 1
+            progress(done[0] / total, f"{mode} · {expert} · {level} {index} of {len(partitions[level])}"
+                     + time_left(started, done[0], total))
+        else:
+            progress(fraction, f"{mode} · {message}")
+    return sink
+
+
+def _record_rate(result) -> None:
+    """The measured pace of a finished run: seconds per forward pass (exact) or per backward pass (gradient),
+    with the few-shot size each pass carried."""
+    timings = getattr(result, "timings", {}) or {}
+    sizes = [len(ix) for ix in (result.fewshot or {}).values() if ix]
+    examples = round(sum(sizes) / len(sizes)) if sizes else None
+    if result.mode == "exact":
+        seconds = sum(t.get(lv, 0.0) for t in timings.values() for lv in result.partitions)
+        units = sum(len(parts) for parts in result.partitions.values()) * len(timings)
+        record("forward", seconds, units, "the last exact run", examples)
+    else:
+        seconds = sum(t.get("gradient", 0.0) for t in timings.values())
+        record("gradient", seconds, len(timings), "the last gradient run", examples)
 
 
 def _models_with_task_data(session: Session, what: str) -> Models:
@@ -125,15 +170,19 @@ def compare_interventions(session: Session, n_fewshot: int | None = None, draws:
     hits = 0
     total = 2 * draws
     done = 0
+    started = time.perf_counter()
     for intervention in INTERVENTIONS:
         maps[intervention] = []
         for d in range(draws):
             def step(f, m, done=done, iv=intervention, d=d):
-                progress((done + f) / total, f"{iv}, draw {d + 1}/{draws}: {m}")
+                progress((done + f) / total, f"compare · {iv} · draw {d + 1} of {draws} · {m}"
+                         + time_left(started, done, total))
             result, hit = _importance(session, models, size, "gradient", intervention, ["layer"], session.seed,
                                       None, step, draw_seed=session.seed + d)
             maps[intervention].append(result)
             hits += int(hit)
+            if not hit:
+                _record_rate(result)
             done += 1
     first = maps["restore"][0]
     layers = list(first.partitions["layer"])

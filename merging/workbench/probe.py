@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from ..errors import MergeLabError
 from .budget import check_memory
 from .cache import CACHE, RESULTS, Models, content_hash
+from .estimates import record, time_left
 from .experts import models_for, tokenizer_for
 from .limits import DROP, MAX_SENTENCE_CHARS, SWEEP_METHODS, Progress, no_progress
 from .merge import merged_result, method_available, settings_for
@@ -80,8 +82,12 @@ def run_probe(session: Session, progress: Progress | None = None):
                 return dict(prober.probe_task_bodies(result.task_bodies, name=name).metrics)
             return dict(prober.probe_body(result.tensors, name=name).metrics)
 
+    clock = time.perf_counter()
     with models.lock:
         reference = prober.reference()
+    if session.reference is None:  # base and experts on every probe set: this machine's probe rate
+        record("example", time.perf_counter() - clock, sum(len(s) for s in sets.values()) * (1 + len(experts)),
+               "the last first probe")
     metrics, _ = RESULTS.get_or_compute("probe", probe_key, probe_merge)
     session.reference = reference
     for item in reversed(session.history):
@@ -99,19 +105,10 @@ def run_probe(session: Session, progress: Progress | None = None):
 
 
 def history_rows(session: Session) -> tuple[list[str], list[list]]:
-    """The session's merges side by side: label, method, mean and per-task probe accuracy (empty until
-    probed), merge seconds, then the settings (last: the longest column)."""
-    tasks = list(dict.fromkeys(t for item in session.history for t in (item.get("metrics") or {})))
-    headers = ["merge", "method", "mean accuracy", *(f"{t} acc" for t in tasks), "seconds", "settings"]
-    rows = []
-    for item in session.history:
-        metrics = item.get("metrics") or {}
-        accs = [m.get("accuracy") for m in metrics.values() if m.get("accuracy") is not None]
-        per_task = [None if metrics.get(t, {}).get("accuracy") is None else round(metrics[t]["accuracy"], 4)
-                    for t in tasks]
-        rows.append([item["label"], item["method"], round(sum(accs) / len(accs), 4) if accs else None,
-                     *per_task, item.get("seconds"), item["settings"]])
-    return headers, rows
+    """The session's merges side by side (see :func:`.history.history_table`)."""
+    from .history import history_table
+
+    return history_table(session)
 
 
 def drop_sweep(session: Session, ratios: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
@@ -128,10 +125,12 @@ def drop_sweep(session: Session, ratios: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 
     from ..engine import MergeEngine
 
     engine = MergeEngine(models.expert_set, cache=False)
+    started = time.perf_counter()
     for method in methods:
         out[method] = []
         for ratio in ratios:
-            progress(done / total, f"{method} at drop ratio {ratio}")
+            progress(done / total, f"sweep · {method} at drop ratio {ratio} ({done + 1} of {total})"
+                     + time_left(started, done, total))
             # no overrides; a method with a prepare (APL) prepares again at this drop ratio
             snap = snapshot(session, method, {DROP: float(ratio)}, session.seed, overrides={})
             settings, _ = settings_for(session, snap)
@@ -140,6 +139,7 @@ def drop_sweep(session: Session, ratios: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 
                 row = prober.probe_body(result.tensors, name=f"sweep {method} {ratio}")
             out[method].append(row.mean("accuracy"))
             done += 1
+    record("sweep", time.perf_counter() - started, done, "the last sweep")
     progress(1.0, "sweep done")
     return out
 

@@ -111,3 +111,80 @@ def conflict_data(session: Session, method: str | None = None, shared: Mapping[s
 def cosine_data(session: Session) -> tuple[list[str], list[list[float]]]:
     stats = task_vector_stats(models_for(session))
     return list(stats.experts), stats.cosine_matrix("model")
+
+
+# ---------------------------------------------------------------- "which layer matters most?": one answer
+
+
+def layer_importance(session: Session) -> tuple[list[str], dict[str, list[float]], dict[str, list[float]]]:
+    """(layers, layer-level intervention share per expert, summed module-score share per expert).
+
+    The first is what APL's drop ratios are calibrated from: |ΔL| of switching the whole layer at once,
+    as a share of the expert's total over layers. The second is what the heatmap's rows add up to: the
+    modules' |ΔL| summed per layer, as a share of the expert's total. Empty lists where a level is missing."""
+    imp = session.importance
+    if imp is None or "layer" not in imp.signed:
+        return [], {}, {}
+    layers = [k for k in imp.partitions["layer"]]
+    layer = {e: _shares([imp.scores(e, "layer")[k] for k in layers]) for e in imp.experts}
+    modules: dict[str, list[float]] = {}
+    if "module" in imp.signed:
+        for e in imp.experts:
+            sums = dict.fromkeys(layers, 0.0)
+            for module, value in imp.scores(e, "module").items():
+                owner = imp.modules.get(module, (None,))[0]
+                if owner in sums and math.isfinite(value):
+                    sums[owner] += value
+            modules[e] = _shares([sums[k] for k in layers])
+    return layers, layer, modules
+
+
+def _shares(values: list[float]) -> list[float]:
+    finite = [v if math.isfinite(v) else 0.0 for v in values]
+    total = sum(finite)
+    return [v / total if total > 0 else 0.0 for v in finite]
+
+
+def layer_answer(session: Session) -> str:
+    """One sentence per expert: the layer that matters most by the layer intervention (what APL uses), and
+    where the summed module scores disagree, why."""
+    layers, layer, modules = layer_importance(session)
+    if not layers:
+        return ""
+    parts, disagree = [], False
+    for e, shares in layer.items():
+        top = layers[max(range(len(layers)), key=shares.__getitem__)]
+        text = f"**{e}**: layer {top} ({shares[layers.index(top)]:.0%} of the layer-level total)"
+        if e in modules and any(modules[e]):
+            msum = modules[e]
+            mtop = layers[max(range(len(layers)), key=msum.__getitem__)]
+            if mtop != top:
+                disagree = True
+                text += (f"; summed module scores point to layer {mtop} ({msum[layers.index(mtop)]:.0%}), where "
+                         f"the layer intervention gives {shares[layers.index(mtop)]:.0%}")
+        parts.append(text)
+    line = "Which layer matters most (switching the whole layer, as APL's drop ratios do): " + "; ".join(parts) + "."
+    if disagree:
+        line += (" The two differ because a layer's modules act together: one module's change can raise the loss "
+                 "and another's lower it, so their effects cancel when the whole layer is switched, while the "
+                 "heatmap adds each module's effect measured alone.")
+    return line
+
+
+def fidelity_by_expert(session: Session) -> tuple[str, dict[str, dict[str, float]]] | None:
+    """(intervention, level → expert → Spearman ρ of exact vs gradient) for the first intervention run in
+    both modes, with ``"all experts"`` pooled as well (the one Spearman, merging.apl.fidelity)."""
+    from ..apl.fidelity import compare_maps, rank_correlation
+
+    for intervention in ("restore", "ablate"):
+        exact = session.importance_runs.get(f"exact/{intervention}")
+        grad = session.importance_runs.get(f"gradient/{intervention}")
+        if exact is None or grad is None or list(exact.experts) != list(grad.experts):
+            continue
+        table = {lv: v for lv, v in compare_maps(exact, grad).items() if lv in ("layer", "module")}
+        if not table:
+            continue
+        for lv in table:
+            table[lv]["all experts"] = rank_correlation(exact.matrix(lv).ravel(), grad.matrix(lv).ravel())
+        return intervention, table
+    return None
