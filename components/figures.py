@@ -378,9 +378,7 @@ def profile_summary(layers: Sequence[str], values: Mapping[str, Mapping[str, Map
         else:
             parts.append(f"{expert} drops most at layer {hi} ({drops[hi]:.2f}) and least at layer {lo} "
                          f"({drops[lo]:.2f})")
-    overridden = {0: "no cell overridden by you yet", 1: "1 cell overridden by you (a diamond)"}.get(
-        n_overrides, f"{n_overrides} cells overridden by you (diamonds)")
-    return "; ".join(parts) + f". {overridden[0].upper()}{overridden[1:]}."
+    return "; ".join(parts) + f". {n_overrides} cell(s) overridden by you (diamonds)."
 
 
 def conflict_figure(layers: Sequence[str], before: Sequence[float], after: Sequence[float]) -> go.Figure:

@@ -502,13 +502,13 @@ def parse_recipe(text: str, zoo=None):
     return Recipe.from_yaml(text)
 
 
-def recipe_error(exc: MergeLabError, kind: str = "recipe") -> MergeLabError:
-    """The library's message with where it is: "line 4, field experts[1].parameters: …"."""
-    where = ", ".join(part for part in (f"line {exc.line}" if exc.line else "",
-                                        f"field {exc.field}" if exc.field else "") if part)
+def recipe_error(exc: MergeLabError) -> MergeLabError:
+    """The library's message with where it is: "The recipe cannot be used (field experts[1].parameters): …
+    (line 4)" — the field named once, the YAML line last (MergeLabError's own form)."""
     message = super(MergeLabError, exc).__str__()
-    return MergeLabError(f"The {kind} cannot be used ({where}): {message}" if where else
-                         f"The {kind} cannot be used: {message}", field=exc.field, line=exc.line, kind=exc.kind)
+    field = f" (field {exc.field})" if exc.field and exc.field not in message else ""
+    return MergeLabError(f"The recipe cannot be used{field}: {message}", field=exc.field, line=exc.line,
+                         kind=exc.kind)
 
 
 def recipe_page_values(recipe) -> dict[str, Any]:
@@ -570,9 +570,10 @@ def import_recipe(state, text: str, zoo=None, progress=None):
     try:
         session = wb.load_experts(session_of(state), recipe.base, refs, zoo=zoo, progress=progress_sink(progress))
     except MergeLabError as exc:
-        named = ", ".join(f"{name}: {ref}" for name, ref in [("base", recipe.base), *refs.items()])
-        raise MergeLabError(f"The models this recipe names could not all be opened — {exc}. The recipe names "
-                            f"{named}; each must be a demo zoo model (zoo:NAME/TASK), a folder or a .safetensors "
+        named = ", ".join(f"{name} = {ref}" for name, ref in [("base", recipe.base), *refs.items()])
+        ours = f"this server's are zoo:{zoo.name}/TASK" if zoo is not None else "zoo:NAME/TASK"
+        raise MergeLabError(f"The models this recipe names could not all be opened: {str(exc).rstrip('.')}. It "
+                            f"names {named}; each must be a demo zoo model ({ours}), a folder or a .safetensors "
                             "file this server can read.", field=exc.field) from None
     return apply_recipe(session, recipe, shared), recipe, shared
 
