@@ -43,44 +43,63 @@ NARROW_PANEL_GAP = 95  # px between stacked panels: the upper panel's slanted ti
 
 
 def stack_when_narrow(fig: go.Figure, panel_heights: Sequence[int], top: int = 45, bottom: int = 95,
-                      colorbar: str | None = None) -> go.Figure:
+                      colorbar: str | None = None, narrow_extra: Mapping[str, object] | None = None,
+                      category_ticks: bool = False) -> go.Figure:
     """Give a one-row subplot figure a second, stacked layout for narrow screens (a phone): each panel the
     full width, one under the other, its own y tick labels and title. Side by side, four panels on a
     390-px screen are four 25-px slivers; stacked, each keeps the screen's width.
 
-    Both layouts travel in ``layout.meta.ml_layouts`` as flat relayout updates ({"wide": …, "narrow": …});
-    the page's script (assets/head.html) applies the one that fits the chart's width. ``colorbar`` names a
-    layout colour axis whose bar moves beside the first panel when stacked."""
+    Both layouts travel in ``layout.meta.ml_layouts`` as flat updates ({"wide": …, "narrow": …}, plotly's
+    attribute paths); the page's script (assets/head.html) applies the one that fits the chart's width.
+    ``colorbar`` names a layout colour axis whose bar, stacked, shrinks to a thin one beside the first panel
+    (full height it would take a quarter of a phone's width); ``narrow_extra`` are more narrow-only settings;
+    ``category_ticks``: the x axes name categories (module kinds), each of which must stay labelled."""
     n = len(panel_heights)
     paper = sum(panel_heights) + NARROW_PANEL_GAP * (n - 1)
-    wide: dict = {"height": fig.layout.height, "margin.t": fig.layout.margin.t, "margin.b": fig.layout.margin.b}
-    narrow: dict = {"height": top + paper + bottom, "margin.t": top, "margin.b": bottom}
+    narrow: dict = {"height": top + paper + bottom, "margin.t": top, "margin.b": bottom, "margin.r": 12}
     titles = [a for a in fig.layout.annotations if a.yref == "paper" and a.xref == "paper"]
+    shared_y = n > 1 and fig.layout.yaxis2.matches == "y"
     y_top = paper
     for i, height in enumerate(panel_heights):
         suffix = "" if i == 0 else str(i + 1)
-        xaxis, yaxis = fig.layout[f"xaxis{suffix}"], fig.layout[f"yaxis{suffix}"]
-        wide[f"xaxis{suffix}.domain"] = list(xaxis.domain)
-        wide[f"yaxis{suffix}.domain"] = list(yaxis.domain)
-        wide[f"yaxis{suffix}.showticklabels"] = yaxis.showticklabels
-        wide[f"yaxis{suffix}.title.text"] = yaxis.title.text
         domain = [round((y_top - height) / paper, 4), round(y_top / paper, 4)]
         narrow[f"xaxis{suffix}.domain"] = [0.0, 1.0]
         narrow[f"yaxis{suffix}.domain"] = domain
         narrow[f"yaxis{suffix}.showticklabels"] = True
-        narrow[f"yaxis{suffix}.title.text"] = yaxis.title.text or fig.layout.yaxis.title.text
+        if shared_y:  # the heatmaps' layers: the tick labels say it, and a phone's width goes to the cells
+            narrow[f"yaxis{suffix}.title.text"] = None
+        if category_ticks:  # every column named, upright and small, so none is skipped for lack of room
+            narrow[f"xaxis{suffix}.tickangle"] = -90
+            narrow[f"xaxis{suffix}.tickfont.size"] = 10
         if i < len(titles):
-            wide[f"annotations[{i}].x"], wide[f"annotations[{i}].y"] = titles[i].x, titles[i].y
             narrow[f"annotations[{i}].x"], narrow[f"annotations[{i}].y"] = 0.5, domain[1]
         y_top -= height + NARROW_PANEL_GAP
     if colorbar:
-        bar = fig.layout[colorbar].colorbar
-        wide.update({f"{colorbar}.colorbar.len": bar.len, f"{colorbar}.colorbar.y": bar.y,
-                     f"{colorbar}.colorbar.yanchor": bar.yanchor})
-        narrow.update({f"{colorbar}.colorbar.len": round(panel_heights[0] / paper, 4),
-                       f"{colorbar}.colorbar.y": 1.0, f"{colorbar}.colorbar.yanchor": "top"})
+        bar = f"{colorbar}.colorbar"
+        narrow.update({f"{bar}.len": round(panel_heights[0] / paper, 4), f"{bar}.y": 1.0, f"{bar}.yanchor": "top",
+                       f"{bar}.thickness": 8, f"{bar}.xpad": 4, f"{bar}.title.side": "top",
+                       f"{bar}.tickfont.size": 10})
+    narrow.update(narrow_extra or {})
+    current = fig.layout.to_plotly_json()
+    wide = {path: _layout_value(current, path) for path in narrow}
     fig.update_layout(meta={"ml_layouts": {"wide": wide, "narrow": narrow}})
     return fig
+
+
+def _layout_value(layout: Mapping, path: str):
+    """The value at a plotly attribute path ("annotations[1].y", "yaxis2.title.text") of a layout dict; None
+    where it is unset (plotly then takes its default, as the figure did)."""
+    node: object = layout
+    for part in path.replace("[", ".").replace("]", "").split("."):
+        if isinstance(node, Mapping):
+            node = node.get(part)
+        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+        if node is None:
+            return None
+    return node.to_plotly_json() if hasattr(node, "to_plotly_json") else node
 
 
 def empty_figure(message: str, height: int = 260) -> go.Figure:
@@ -155,7 +174,7 @@ def importance_heatmaps(maps: Mapping[str, tuple[list[str], list[str], np.ndarra
             row=1, col=i + 1)
     decades = list(range(math.ceil(zmin), math.floor(zmax) + 1)) or [round(zmin)]
     fig.update_layout(coloraxis=dict(colorscale=SEQUENTIAL, cmin=zmin, cmax=zmax,
-                                     colorbar=dict(title="|ΔL|<br>(log)", thickness=12, tickvals=decades,
+                                     colorbar=dict(title="|ΔL| (log)", thickness=12, tickvals=decades,
                                                    ticktext=[f"1e{d}" for d in decades])))
     fig.update_yaxes(autorange="reversed")
     fig.update_yaxes(title_text="layer", row=1, col=1)
@@ -163,7 +182,7 @@ def importance_heatmaps(maps: Mapping[str, tuple[list[str], list[str], np.ndarra
     n_rows = max(len(m[0]) for m in maps.values())
     fig = _style(fig, max(380, 120 + 34 * n_rows))
     fig.update_layout(margin=dict(l=70, r=20, t=50, b=90))
-    return stack_when_narrow(fig, [max(150, 26 * n_rows)] * len(experts), colorbar="coloraxis")
+    return stack_when_narrow(fig, [max(150, 26 * n_rows)] * len(experts), colorbar="coloraxis", category_ticks=True)
 
 
 def heatmap_summary(maps: Mapping[str, tuple[list[str], list[str], np.ndarray]]) -> str:
@@ -216,7 +235,11 @@ def hidden_state_figure(unit_scores: np.ndarray, binned: np.ndarray, layers: Seq
     fig.update_yaxes(autorange="reversed", row=1, col=2)
     _style(fig, 360)
     fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.2, x=0), margin=dict(t=60, b=80))
-    return stack_when_narrow(fig, [220, max(150, 24 * len(layers))], bottom=110, colorbar="coloraxis")
+    # stacked, the legend sits in the sorted curve's empty top-right corner (under the chart: the colour bar)
+    inside = {"legend.x": 0.99, "legend.xanchor": "right", "legend.y": 0.99, "legend.yanchor": "top",
+              "legend.orientation": "v", "legend.bgcolor": "rgba(255,255,255,0.7)"}
+    return stack_when_narrow(fig, [220, max(150, 24 * len(layers))], bottom=80, colorbar="coloraxis",
+                             narrow_extra=inside)
 
 
 def bin_units(rows: Sequence[np.ndarray], max_bins: int = 64) -> np.ndarray:

@@ -267,7 +267,7 @@ def importance_section() -> SimpleNamespace:
             hid_layer = ui.Dropdown(label="Layer", choices=[], allow_custom_value=True)
             hid_module = ui.Dropdown(label="Module", choices=[], allow_custom_value=True)
         hid_plot, hid_md = explained_plot(WHAT_HIDDEN, label="Hidden states",
-                                          empty="Press Compute importance to fill this.")
+                                          empty="Press Compute importance to fill this.", elem_id="hidden-plot")
         with gr.Row():
             with gr.Column():
                 fid_plot, fid_md = explained_plot(WHAT_FIDELITY, label="Exact vs gradient",
