@@ -809,18 +809,23 @@ def wire_recipe(page) -> None:
         note = (f"Imported a **{wb.method_spec(method).pretty_name}** recipe: base `{recipe.base}`, experts "
                 f"{', '.join(f'`{e}`' for e in experts)}, seed {recipe.seed}; {n_cells} per-layer cell(s) set from "
                 f"it (the sliders and tables below show them). {merged}")
-        choice = gr.update(choices=experts, value=experts[0])
-        return (session, experts_table(session.summary), f"Loaded from the recipe: {len(experts)} experts of base "
-                f"`{session.base_ref}`, homology check passed.", wb.data_status(session), choice, choice, choice,
-                gr.update(choices=experts, value=experts), h.method_info(session, method), method, recipe.seed,
-                h.dtype_label(recipe.dtype), *h.recipe_param_updates(method, shared),
+        # one update per output: gradio consumes an update dict as it applies it
+        choices = [gr.update(choices=experts, value=experts[0]) for _ in range(3)]
+        return (method, recipe.seed, h.dtype_label(recipe.dtype), *h.recipe_param_updates(method, shared),
+                session, experts_table(session.summary), f"Loaded from the recipe: {len(experts)} experts of base "
+                f"`{session.base_ref}`, homology check passed.", wb.data_status(session), *choices,
+                gr.update(choices=experts, value=experts), h.method_info(session, method),
                 *h.plan_views(session, method, shared), *h.slider_updates(session, experts[0], method, shared),
                 merge_md, note)
 
-    outputs = [page.state, ex.experts_df, ex.load_md, ex.data_md, ex.attach_expert, merge.plan_expert,
-               imp.hid_expert, exp.export_tasks, merge.method_md, merge.method, merge.seed, exp.dtype,
-               *merge.param_boxes, *page.plan_outputs, *page.slider_outputs, merge.merge_md, rec.recipe_md]
+    # the method's controls first: the expert shown on the sliders changes too, and its change event reads them
+    outputs = [merge.method, merge.seed, exp.dtype, *merge.param_boxes,
+               page.state, ex.experts_df, ex.load_md, ex.data_md, ex.attach_expert, merge.plan_expert,
+               imp.hid_expert, exp.export_tasks, merge.method_md, *page.plan_outputs, *page.slider_outputs,
+               merge.merge_md, rec.recipe_md]
     event = rec.import_btn.click(h.heavy(on_import), [page.state, rec.recipe_text], outputs, api_name="import_recipe",
                                  **h.HEAVY)
-    announce(event.then(_cosine_view, [page.state], [merge.cosine_plot, merge.cosine_md], api_visibility="private"),
-             "recipe-status")
+    # the plan once more from the controls as they now are (whatever order the browser applied the updates in)
+    announce(event.then(refresh_plan, page.plan_inputs, page.plan_outputs + page.slider_outputs,
+                        api_visibility="private").then(
+        _cosine_view, [page.state], [merge.cosine_plot, merge.cosine_md], api_visibility="private"), "recipe-status")

@@ -27,9 +27,12 @@ def _import(page, expect, text: str | None = None) -> None:
 
 
 def _history_recipe(page, expect) -> dict:
-    page.get_by_role("button", name="Download history (JSON)").click()
+    """The recipe of the session's last merge, from a freshly downloaded history file."""
     link = page.locator("#history-file a").first
+    before = link.get_attribute("href") if link.count() else None
+    page.get_by_role("button", name="Download history (JSON)").click()
     expect(link).to_be_visible(timeout=60_000)
+    expect(link).not_to_have_attribute("href", before or "-", timeout=60_000)
     return page.request.get(link.get_attribute("href")).json()["merges"][-1]["recipe"]
 
 
@@ -62,6 +65,7 @@ def test_pasted_recipe_and_uploaded_mergekit_config_fill_the_page_and_merge(fake
             expect(page.locator("#experts-table")).to_contain_text("mood")
             expect(page.locator("#merge-status")).to_contain_text("lambda=0.9")
             settle(page)
+            expect(page.locator("#plan-expert input")).to_have_value("topic")  # the expert the sliders show
             layers = ["embeddings", "0", "1", "head"]  # the fake zoo's, in slider order
             for i, layer in enumerate(layers):  # the expert shown first is topic
                 assert _slider(page, "weight", i) == pytest.approx(0.4 if layer == "0" else 1.0)
