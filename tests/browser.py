@@ -76,7 +76,7 @@ def load_and_compute(page, expect) -> None:
     button(page, "Load experts").click()
     expect(page.locator("#experts-table")).to_contain_text("few-shot", timeout=120_000)
     button(page, "Compute importance").click()
-    expect(page.locator("#heatmap .js-plotly-plot")).to_be_visible(timeout=180_000)
+    expect(page.locator("#heatmap-status")).to_contain_text("most important", timeout=180_000)  # done, not the placeholder
     expect(page.locator("#drop-1 input[type=range]")).to_be_visible(timeout=30_000)
     settle(page)
 
