@@ -25,10 +25,11 @@ WHAT_HEATMAP = (
     "(*restore*) or removed alone (*ablate*). All experts share one colour range, so colours compare across "
     "experts. Hover shows the value, its rank within the expert, and the drop ratio APL gives the layer.\n\n"
     "The columns are the parts of a layer: **embed1…embed3** the embedding tables (word, position, segment) of "
-    "the *embeddings* row; **q**, **k**, **v** the attention's query, key and value matrices and **attn_out** "
-    "its output; **norm1**, **norm2** the two normalisations; **ffn_in**, **ffn_out** the feed-forward "
+    "the *embeddings* row; **q**, **k**, **v** the attention's query, key and value matrices (**qkv** when "
+    "they are one matrix, as in GPT-2) and **o** its output; **norm1**, **norm2** the two normalisations; **ffn_in**, **ffn_out** the feed-forward "
     "network's two matrices; **pooler** the layer that sums a sentence up into one vector for the task's "
-    "classifier. A blank cell is a part the expert did not change.")
+    "classifier (**lm_head**, in a language model, the layer that picks the next word). A blank cell is a part "
+    "the expert did not change.")
 WHAT_HIDDEN = (
     "A hidden state (unit) is one output row of a matrix: its weights plus its bias. Left: this module's units "
     "sorted by importance — a steep start means a few units carry the task. Right: the same kind of module in "
