@@ -390,7 +390,7 @@ def probe_section() -> SimpleNamespace:
                                 interactive=False, elem_id="probe-table", elem_classes=["ml-wide-table"])
         probe_plot = gr.Plot(fg.empty_figure("Press Run probe to fill this."), label="Probe accuracy")
         probe_md = gr.Markdown(elem_id="probe-status")
-        history_df = gr.Dataframe(value=h.placeholder_table("Every merge of this session appears here."),
+        history_df = gr.Dataframe(value=h.placeholder_table("Press Merge, then Run probe."),
                                   label="Session history: every merge so far", interactive=False,
                                   elem_id="history-table", elem_classes=["ml-wide-table"])
         with gr.Row():
@@ -410,7 +410,7 @@ def probe_section() -> SimpleNamespace:
         with gr.Row():
             sentence = gr.Textbox(label="Try a sentence", placeholder="Type a sentence…", scale=4)
             predict_btn = gr.Button("Predict", variant="secondary", scale=0, min_width=120, elem_classes=["ml-btn"])
-        predict_df = gr.Dataframe(value=h.placeholder_table("Type a sentence and press Predict to fill this."),
+        predict_df = gr.Dataframe(value=h.placeholder_table("Press Predict to fill this."),
                                   interactive=False, label="Base, expert and merged predictions",
                                   elem_classes=["ml-wide-table"])
     return SimpleNamespace(probe_btn=probe_btn, probe_stop=probe_stop, probe_df=probe_df, probe_plot=probe_plot,
