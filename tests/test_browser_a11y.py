@@ -63,6 +63,10 @@ def test_no_serious_violations_and_a_readable_phone_layout(fake_app_url, width):
                 assert "swipe sideways" in hint
             else:
                 assert all(p["width"] >= 150 for p in panels), panels
+            # every chart has an accessible name (its label), as a figure whose own buttons stay reachable
+            names = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')].map(g => "
+                                  "[g.getAttribute('role'), g.getAttribute('aria-label')])")
+            assert names and all(role == "figure" and name for role, name in names), names
             titles = page.evaluate(TITLES_JS, "#hidden-plot")
             assert len(titles) == 2 and not _overlap(*titles), titles
             page.screenshot(path=str(SHOTS / f"a11y-{width}.png"), full_page=True)
