@@ -53,9 +53,73 @@ def _style(fig: go.Figure, height: int, title: str | None = None) -> go.Figure:
     return fig
 
 
+NARROW_PANEL_GAP = 95  # px between stacked panels: the upper panel's slanted tick labels and the next title
+
+
+def stack_when_narrow(fig: go.Figure, panel_heights: Sequence[int], top: int = 45, bottom: int = 95,
+                      colorbar: str | None = None, narrow_extra: Mapping[str, object] | None = None,
+                      category_ticks: bool = False) -> go.Figure:
+    """Give a one-row subplot figure a second, stacked layout for narrow screens (a phone): each panel the
+    full width, one under the other, its own y tick labels and title. Side by side, four panels on a
+    390-px screen are four 25-px slivers; stacked, each keeps the screen's width.
+
+    Both layouts travel in ``layout.meta.ml_layouts`` as flat updates ({"wide": …, "narrow": …}, plotly's
+    attribute paths); the page's script (assets/head.html) applies the one that fits the chart's width.
+    ``colorbar`` names a layout colour axis whose bar, stacked, shrinks to a thin one beside the first panel
+    (full height it would take a quarter of a phone's width); ``narrow_extra`` are more narrow-only settings;
+    ``category_ticks``: the x axes name categories (module kinds), each of which must stay labelled."""
+    n = len(panel_heights)
+    paper = sum(panel_heights) + NARROW_PANEL_GAP * (n - 1)
+    narrow: dict = {"height": top + paper + bottom, "margin.t": top, "margin.b": bottom, "margin.r": 12}
+    titles = [a for a in fig.layout.annotations if a.yref == "paper" and a.xref == "paper"]
+    shared_y = n > 1 and fig.layout.yaxis2.matches == "y"
+    y_top = paper
+    for i, height in enumerate(panel_heights):
+        suffix = "" if i == 0 else str(i + 1)
+        domain = [round((y_top - height) / paper, 4), round(y_top / paper, 4)]
+        narrow[f"xaxis{suffix}.domain"] = [0.0, 1.0]
+        narrow[f"yaxis{suffix}.domain"] = domain
+        narrow[f"yaxis{suffix}.showticklabels"] = True
+        if shared_y:  # the heatmaps' layers: the tick labels say it, and a phone's width goes to the cells
+            narrow[f"yaxis{suffix}.title.text"] = None
+        if category_ticks:  # every column named, upright and small, so none is skipped for lack of room
+            narrow[f"xaxis{suffix}.tickangle"] = -90
+            narrow[f"xaxis{suffix}.tickfont.size"] = 10
+        if i < len(titles):
+            narrow[f"annotations[{i}].x"], narrow[f"annotations[{i}].y"] = 0.5, domain[1]
+        y_top -= height + NARROW_PANEL_GAP
+    if colorbar:
+        bar = f"{colorbar}.colorbar"
+        narrow.update({f"{bar}.len": round(panel_heights[0] / paper, 4), f"{bar}.y": 1.0, f"{bar}.yanchor": "top",
+                       f"{bar}.thickness": 8, f"{bar}.xpad": 4, f"{bar}.title.side": "top",
+                       f"{bar}.tickfont.size": 10})
+    narrow.update(narrow_extra or {})
+    current = fig.layout.to_plotly_json()
+    wide = {path: _layout_value(current, path) for path in narrow}
+    fig.update_layout(meta={"ml_layouts": {"wide": wide, "narrow": narrow}})
+    return fig
+
+
+def _layout_value(layout: Mapping, path: str):
+    """The value at a plotly attribute path ("annotations[1].y", "yaxis2.title.text") of a layout dict; None
+    where it is unset (plotly then takes its default, as the figure did)."""
+    node: object = layout
+    for part in path.replace("[", ".").replace("]", "").split("."):
+        if isinstance(node, Mapping):
+            node = node.get(part)
+        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+        if node is None:
+            return None
+    return node.to_plotly_json() if hasattr(node, "to_plotly_json") else node
+
+
 def empty_figure(message: str, height: int = 260) -> go.Figure:
+    """A chart's placeholder: says what fills it (wrapped short enough for a phone's width)."""
     fig = go.Figure()
-    message = "<br>".join(textwrap.wrap(message, 70)) or message  # plotly does not wrap annotations
+    message = "<br>".join(textwrap.wrap(message, 40)) or message  # plotly does not wrap annotations
     fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font=dict(size=14))
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
@@ -124,14 +188,15 @@ def importance_heatmaps(maps: Mapping[str, tuple[list[str], list[str], np.ndarra
             row=1, col=i + 1)
     decades = list(range(math.ceil(zmin), math.floor(zmax) + 1)) or [round(zmin)]
     fig.update_layout(coloraxis=dict(colorscale=SEQUENTIAL, cmin=zmin, cmax=zmax,
-                                     colorbar=dict(title="|ΔL|<br>(log)", thickness=12, tickvals=decades,
+                                     colorbar=dict(title="|ΔL| (log)", thickness=12, tickvals=decades,
                                                    ticktext=[f"1e{d}" for d in decades])))
-    fig.update_yaxes(autorange="reversed", title_text="layer", row=1, col=1)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(title_text="layer", row=1, col=1)
     fig.update_xaxes(tickangle=-45)
     n_rows = max(len(m[0]) for m in maps.values())
     fig = _style(fig, max(380, 120 + 34 * n_rows))
     fig.update_layout(margin=dict(l=70, r=20, t=50, b=90))
-    return fig
+    return stack_when_narrow(fig, [max(150, 26 * n_rows)] * len(experts), colorbar="coloraxis", category_ticks=True)
 
 
 def heatmap_summary(maps: Mapping[str, tuple[list[str], list[str], np.ndarray]]) -> str:
@@ -200,8 +265,10 @@ def hidden_state_figure(unit_scores: np.ndarray, binned: np.ndarray, layers: Seq
     scores = np.asarray(unit_scores, float)
     order = np.argsort(-np.nan_to_num(scores, nan=-np.inf))
     sorted_scores = scores[order]
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55],
-                        subplot_titles=[f"{title}: units sorted", "layer × unit bins (same module kind)"])
+    # short titles (the module's full name is in the summary under the chart): long ones ran into each other
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55], horizontal_spacing=0.12,
+                        subplot_titles=["this module's units, most important first",
+                                        "same module in every layer"])
     fig.add_trace(go.Scatter(x=np.arange(1, len(sorted_scores) + 1), y=sorted_scores, mode="lines",
                              line=dict(color=colour), customdata=order,
                              hovertemplate="rank %{x}<br>unit %{customdata}<br>importance %{y:.3g}<extra></extra>",
@@ -214,8 +281,9 @@ def hidden_state_figure(unit_scores: np.ndarray, binned: np.ndarray, layers: Seq
     binned = np.asarray(binned, float)
     assert binned.size < MAX_CELLS
     fig.add_trace(go.Heatmap(z=binned, y=list(layers), x=np.arange(binned.shape[1]) if binned.ndim == 2 else None,
-                             colorscale=SEQUENTIAL_ALT, colorbar=dict(title="mean |ΔL|", thickness=12),
+                             coloraxis="coloraxis",
                              hovertemplate="layer %{y}, bin %{x}<br>mean %{z:.3g}<extra></extra>"), row=1, col=2)
+    fig.update_layout(coloraxis=dict(colorscale=SEQUENTIAL_ALT, colorbar=dict(title="mean |ΔL|", thickness=12)))
     fig.update_xaxes(title_text="rank", row=1, col=1)
     fig.update_yaxes(title_text="importance", type="log" if np.nanmin(sorted_scores[sorted_scores > 0], initial=1) > 0
                      and np.nanmax(sorted_scores, initial=0) > 0 else "linear", row=1, col=1)
@@ -223,7 +291,11 @@ def hidden_state_figure(unit_scores: np.ndarray, binned: np.ndarray, layers: Seq
     fig.update_yaxes(autorange="reversed", row=1, col=2)
     _style(fig, 360)
     fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.2, x=0), margin=dict(t=60, b=80))
-    return fig
+    # stacked, the legend sits in the sorted curve's empty top-right corner (under the chart: the colour bar)
+    inside = {"legend.x": 0.99, "legend.xanchor": "right", "legend.y": 0.99, "legend.yanchor": "top",
+              "legend.orientation": "v", "legend.bgcolor": "rgba(255,255,255,0.7)"}
+    return stack_when_narrow(fig, [220, max(150, 24 * len(layers))], bottom=80, colorbar="coloraxis",
+                             narrow_extra=inside)
 
 
 def bin_units(rows: Sequence[np.ndarray], max_bins: int = 64) -> np.ndarray:
@@ -330,7 +402,7 @@ def comparison_figure(layers: Sequence[str], restore: Mapping[str, Sequence[floa
     fig.update_xaxes(title_text="layer", row=1, col=1)
     _style(fig, 380)
     fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.22, x=0), margin=dict(t=50, b=110))
-    return fig
+    return stack_when_narrow(fig, [220, 200], bottom=160)
 
 
 def comparison_summary(agreement: Mapping[str, float], stability: Mapping[str, Mapping[str, float]],
@@ -387,7 +459,11 @@ def profile_summary(layers: Sequence[str], values: Mapping[str, Mapping[str, Map
         drops = keys["drop_ratio"]
         hi = max(layers, key=lambda k: drops[k])
         lo = min(layers, key=lambda k: drops[k])
-        parts.append(f"{expert} drops most at layer {hi} ({drops[hi]:.2f}) and least at {lo} ({drops[lo]:.2f})")
+        if math.isclose(drops[hi], drops[lo], abs_tol=5e-3):  # "most at X (0.50) and least at X (0.50)" says nothing
+            parts.append(f"{expert} drops {drops[hi]:.2f} of its change at every layer")
+        else:
+            parts.append(f"{expert} drops most at layer {hi} ({drops[hi]:.2f}) and least at layer {lo} "
+                         f"({drops[lo]:.2f})")
     return "; ".join(parts) + f". {n_overrides} cell(s) overridden by you (diamonds)."
 
 

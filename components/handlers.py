@@ -76,6 +76,14 @@ def dtype_of(value) -> str:
     raise MergeLabError(f"dtype must be one of {', '.join(DTYPES)}, got {value!r}", field="dtype")
 
 
+def placeholder_table(text: str) -> dict:
+    """An empty table's value: one cell saying what fills it (an empty Dataframe shows "1 2 3" headers)."""
+    return {"headers": ["nothing here yet"], "data": [[text]]}
+
+
+PREDICT_HEADERS = ["task", "model", "prediction", "confidence"]
+
+
 def table_rows(table) -> list:
     """Rows of a Dataframe value (pandas frame, {"data": rows} or a list of rows)."""
     if table is None:
@@ -454,8 +462,9 @@ def slider_updates(session: wb.Session, expert: str | None, method: str, shared:
 def plan_views(session: wb.Session, method: str, shared: dict):
     """(drop table, weight table, profile figure, profile summary, overrides markdown, conflict fig, conflict md)."""
     if not session.refs:
-        empty = fg.empty_figure("Load experts first.")
-        return None, None, empty, "", "", empty, ""
+        empty = fg.empty_figure("Press Load experts to fill this.")
+        table = placeholder_table("Press Load experts to fill this.")
+        return table, table, empty, "", "", empty, ""
     _, drop_rows = wb.table_rows(session, wb.DROP, method, shared)
     _, weight_rows = wb.table_rows(session, wb.WEIGHT, method, shared)
     values = wb.plan(session, method, shared)
@@ -514,3 +523,133 @@ def probe_views(session: wb.Session, report):
         summary += f" Not probed (no folder or task data): {', '.join(report.meta['unavailable'])}."
     h_headers, h_rows = wb.history_rows(session)
     return {"headers": headers, "data": rows}, fig, summary, {"headers": h_headers, "data": h_rows}
+
+
+# ---------------------------------------------------------------- recipe import (ours or a mergekit config)
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything larger is the wrong file
+
+
+def recipe_file_text(upload) -> str:
+    """The text of an uploaded recipe file (.yaml / .yml), checked for size before it is read."""
+    from merging.io.recipe import read_recipe_text
+
+    if not upload:
+        return ""
+    path = Path(getattr(upload, "name", None) or getattr(upload, "path", None) or upload)
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise MergeLabError(f"recipe file {path.name} is larger than {MAX_RECIPE_BYTES // 1024} KB: a recipe is a "
+                            "short YAML file (recipe.yaml from an export, or a mergekit config)", field="recipe")
+    return read_recipe_text(path)
+
+
+def parse_recipe(text: str, zoo=None):
+    """A pasted recipe — Merge Lab's own (``method:``) or a mergekit config (``merge_method:``) — as a Recipe.
+
+    A mergekit gradient needs the model's layers: the base and experts it names are opened (and homology
+    checked) to find them. Errors keep the field and YAML line the library found."""
+    from merging.io.mergekit_import import from_mergekit_yaml, is_mergekit_yaml
+    from merging.io.recipe import Recipe
+
+    text = text or ""
+    if not text.strip():
+        raise MergeLabError("paste a recipe into the box (or upload recipe.yaml / a mergekit config) first",
+                            field="recipe")
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
+        raise MergeLabError(f"the recipe is larger than {MAX_RECIPE_BYTES // 1024} KB: is this the right text?",
+                            field="recipe")
+    if is_mergekit_yaml(text):
+        def layers(draft):
+            opened = wb.load_experts(wb.Session(), draft.base, {e.name: e.model for e in draft.experts}, zoo=zoo)
+            return opened.layers
+        return from_mergekit_yaml(text, layers=layers)
+    return Recipe.from_yaml(text)
+
+
+def recipe_error(exc: MergeLabError) -> MergeLabError:
+    """The library's message with where it is: "The recipe cannot be used (field experts[1].parameters): …
+    (line 4)" — the field named once, the YAML line last (MergeLabError's own form)."""
+    message = super(MergeLabError, exc).__str__()
+    field = f" (field {exc.field})" if exc.field and exc.field not in message else ""
+    return MergeLabError(f"The recipe cannot be used{field}: {message}", field=exc.field, line=exc.line,
+                         kind=exc.kind)
+
+
+def recipe_page_values(recipe) -> dict[str, Any]:
+    """The page's shared controls for a recipe: one value per declared parameter (per-layer drop ratio and
+    weight go to the cells instead). A value the page can only show as one number, given per layer or per
+    expert, is refused with the field and the way to merge it anyway (the command line)."""
+    spec = wb.method_spec(recipe.method)
+    cli = "merge it with `python -m merging merge recipe.yaml --out DIR`, which takes every form"
+    shared: dict[str, Any] = {}
+    for p in spec.params:
+        if p.name not in recipe.parameters or p.name == wb.WEIGHT:
+            continue
+        value = recipe.parameters[p.name]
+        if isinstance(value, (dict, list)):
+            if p.name not in wb.PER_LAYER_KEYS:
+                raise MergeLabError(f"the page sets {p.name.replace('_', ' ')} as one value for every layer; this "
+                                    f"recipe gives it per layer: {cli}", field=f"parameters.{p.name}")
+            value = value.get("default", p.default) if isinstance(value, dict) else p.default
+        shared[p.name] = value
+    for index, expert in enumerate(recipe.experts):
+        for key in expert.parameters:
+            if key not in wb.PER_LAYER_KEYS:
+                raise MergeLabError(f"the page sets {key.replace('_', ' ')} once for all experts; this recipe gives "
+                                    f"expert {expert.name!r} its own: {cli}", field=f"experts[{index}].parameters.{key}")
+    return wb.check_shared(recipe.method, shared)
+
+
+def apply_recipe(session: wb.Session, recipe, shared: dict[str, Any]) -> wb.Session:
+    """Lay the recipe's per-layer drop ratios and weights over the page's suggestion as cell overrides, so
+    every slider and table shows the recipe's value and the plan equals the recipe's."""
+    spec = wb.method_spec(recipe.method)
+    declared = {p.name for p in spec.params}
+    wanted = wb.layer_values(recipe.method, session.experts, session.layers,
+                             {k: v for k, v in recipe.parameters.items() if k in declared}, recipe.expert_params())
+    shown = wb.suggestion(session, recipe.method, shared)
+    session.overrides = {}
+    for expert in session.experts:
+        for key in wb.PER_LAYER_KEYS:
+            if key not in declared:
+                continue
+            for layer in session.layers:
+                value = wanted[expert][key][layer]
+                if abs(value - shown[expert][key][layer]) > 1e-9:
+                    wb.set_cell(session, expert, layer, key, value, recipe.method)
+    session.method, session.shared, session.seed = recipe.method, dict(shared), recipe.seed
+    return session
+
+
+def import_recipe(state, text: str, zoo=None, progress=None):
+    """Paste → page: parse the recipe, open the models it names (every one must resolve: ``zoo:``, a folder,
+    a .safetensors file), and fill the session with its method, values and seed.
+    Returns (session, recipe, shared values for the page's controls)."""
+    try:
+        recipe = parse_recipe(text, zoo)
+        shared = recipe_page_values(recipe)
+    except MergeLabError as exc:
+        raise recipe_error(exc) from None
+    refs = {e.name: e.model for e in recipe.experts}
+    try:
+        session = wb.load_experts(session_of(state), recipe.base, refs, zoo=zoo, progress=progress_sink(progress))
+    except MergeLabError as exc:
+        named = ", ".join(f"{name} = {ref}" for name, ref in [("base", recipe.base), *refs.items()])
+        ours = f"this server's are zoo:{zoo.name}/TASK" if zoo is not None else "zoo:NAME/TASK"
+        raise MergeLabError(f"The models this recipe names could not all be opened: {str(exc).rstrip('.')}. It "
+                            f"names {named}; each must be a demo zoo model ({ours}), a folder or a .safetensors "
+                            "file this server can read.", field=exc.field) from None
+    return apply_recipe(session, recipe, shared), recipe, shared
+
+
+def recipe_param_updates(method: str, shared: dict[str, Any]) -> list[dict]:
+    """The method's controls (visible, with its ranges) showing the recipe's values."""
+    updates = param_updates(method)
+    for update, name in zip(updates, PARAM_NAMES):
+        if name in shared:
+            update["value"] = shared[name]
+    return updates
+
+
+def dtype_label(dtype: str) -> str:
+    return next((label for label, name in DTYPES.items() if name == dtype), "fp32")

@@ -23,7 +23,13 @@ WHAT_HEATMAP = (
     "Each cell is one module (a weight matrix with its bias, or a norm) of one layer. Its colour is how much the "
     "few-shot loss of the expert's own task changes when that module's fine-tuning is switched on alone "
     "(*restore*) or removed alone (*ablate*). All experts share one colour range, so colours compare across "
-    "experts. Hover shows the value, its rank within the expert, and the drop ratio APL gives the layer.")
+    "experts. Hover shows the value, its rank within the expert, and the drop ratio APL gives the layer.\n\n"
+    "The columns are the parts of a layer: **embed1…embed3** the embedding tables (word, position, segment) of "
+    "the *embeddings* row; **q**, **k**, **v** the attention's query, key and value matrices (**qkv** when "
+    "they are one matrix, as in GPT-2) and **o** its output; **norm1**, **norm2** the two normalisations; **ffn_in**, **ffn_out** the feed-forward "
+    "network's two matrices; **pooler** the layer that sums a sentence up into one vector for the task's "
+    "classifier (**lm_head**, in a language model, the layer that picks the next word). A blank cell is a part "
+    "the expert did not change.")
 WHAT_HIDDEN = (
     "A hidden state (unit) is one output row of a matrix: its weights plus its bias. Left: this module's units "
     "sorted by importance — a steep start means a few units carry the task. Right: the same kind of module in "
@@ -34,8 +40,9 @@ WHAT_FIDELITY = (
     "estimate is right; the Spearman ρ says whether it at least ranks modules the same way.")
 WHAT_MAGNITUDE = (
     "Is a layer important just because its weights moved a lot? Each dot is a layer: how far its weights moved "
-    "(delta norm) against its measured importance. Dots far from a rising line are where the data tells you "
-    "something the weights alone cannot.")
+    "during fine-tuning (the *delta norm*: the size of the change, expert minus base, as one number) against its "
+    "measured importance. Dots far from a rising line are where the data tells you something the weights alone "
+    "cannot.")
 WHAT_COMPARE = (
     "Two questions are worth asking of any importance ranking. Do the two interventions agree? *restore* asks what a "
     "part's fine-tuning does on its own, *ablate* what the expert loses without it — they can rank layers "
@@ -57,25 +64,58 @@ WHAT_CONFLICT = (
     "of entries with a sign disagreement, and the share expected to remain after the planned random drop.")
 
 
+GLOSSARY = (
+    "- **Expert**: a copy of the base model fine-tuned on one task (here: topic, sentiment, …).\n"
+    "- **Task vector / delta**: what fine-tuning changed — the expert's weights minus the base's.\n"
+    "- **Homology check**: before merging, the page checks that every expert has exactly the base's layers and "
+    "tensor shapes; only then can their changes be added.\n"
+    "- **Delta norm**: the size of that change as one number (0 = the expert did not change it).\n"
+    "- **Importance**: how much the expert's own task gets worse or better when one part of its change is "
+    "switched on or off, measured on a few labelled examples.\n"
+    "- **Restore / ablate**: the two ways to switch a part. *Restore* puts only that part of the change onto "
+    "the base (what does it do alone?); *ablate* removes only that part from the expert (what is lost without "
+    "it?).\n"
+    "- **Drop ratio**: the share of a change's numbers set to zero before adding (the rest are scaled up so the "
+    "total stays about the same). **Weight**: how strongly an expert's kept change counts.\n"
+    "- **DARE**: drop a random share of each change and rescale the rest. **TIES**: keep only the largest "
+    "numbers and, where experts disagree in sign, only the side with more weight.\n"
+    "- **τ1, τ2** (tau): how sharply APL follows importance — small: important layers keep much more (τ1) or get "
+    "much more weight (τ2); very large: every layer the same (plain DARE / averaging).\n"
+    "- **p̄** (p-bar): the average drop ratio over all numbers; **q_min**: the smallest share any layer or unit "
+    "may keep.\n"
+    "- **Probe**: a test on held-out examples of every task, for the base, each expert and each merge.")
+
+
 def _intro() -> str:
     return (ASSETS / "intro.md").read_text(encoding="utf-8")
 
 
-def explained_plot(what: str, label: str, **plot_kwargs) -> tuple[gr.Plot, gr.Markdown]:
+def explained_plot(what: str, label: str, empty: str | None = None, summary_id: str | None = None,
+                   **plot_kwargs) -> tuple[gr.Plot, gr.Markdown]:
     """A chart, its one-line summary (written from the numbers by the handlers) and a folded
-    "What am I looking at?" with the lesson ``what``: every chart of the page teaches the same way."""
-    plot = gr.Plot(label=label, **plot_kwargs)
-    summary = gr.Markdown()
+    "What am I looking at?" with the lesson ``what``: every chart of the page teaches the same way.
+    ``empty`` is what the chart says before anything fills it (which button does), instead of an icon."""
+    plot = gr.Plot(value=fg.empty_figure(empty) if empty else None, label=label, **plot_kwargs)
+    summary = gr.Markdown(elem_id=summary_id)
     with gr.Accordion("What am I looking at?", open=False):
         gr.Markdown(what)
     return plot, summary
 
 
-def long_step(button: gr.Button, stop: gr.Button, fn, inputs, outputs, api_name: str, progress_on=None):
+def announce(event, elem_id: str):
+    """After ``event``, the keyboard focus moves to the step's result ``elem_id`` and a screen reader reads it
+    (``mlAnnounce`` in assets/head.html): someone who cannot see the page hears that the step is done."""
+    return event.then(None, None, None, js=f"() => {{ if (window.mlAnnounce) window.mlAnnounce({elem_id!r}); }}",
+                      api_visibility="private")
+
+
+def long_step(button: gr.Button, stop: gr.Button, fn, inputs, outputs, api_name: str, progress_on=None,
+              announce_id: str | None = None):
     """Wire one of the page's long steps: ``button`` is disabled while ``fn`` runs in the model-work queue
     (``api_name`` is its HTTP endpoint) and enabled again after, success or failure; ``stop`` cancels it and re-enables the
-    button. ``progress_on``: the one component that shows the progress in words (else every output does).
-    Returns the re-enabling event, for follow-ups that should run after the step."""
+    button. ``progress_on``: the one component that shows the progress in words (else every output
+    does); ``announce_id`` is the result that gets the focus when it succeeded. Returns the re-enabling event, for
+    follow-ups that should run after the step."""
     def enable():
         return gr.update(interactive=True)
 
@@ -87,6 +127,8 @@ def long_step(button: gr.Button, stop: gr.Button, fn, inputs, outputs, api_name:
     # leave its button usable too, or the page is stuck until someone presses Stop
     event.failure(enable, None, button, api_visibility="private")
     stop.click(enable, None, button, cancels=[event], api_visibility="private")
+    if announce_id:
+        announce(done, announce_id)
     return done
 
 
@@ -109,7 +151,8 @@ def build_demo() -> gr.Blocks:
         # Per-tab state (small, no tensors). When gradio drops it (an hour after the tab closed, or after
         # STATE_TTL seconds without use), whatever the session kept in the shared caches is released too.
         state = gr.State(None, delete_callback=h.release_state, time_to_live=h.STATE_TTL)
-        page = SimpleNamespace(state=state, done={}, intro=intro_section(), experts=experts_section(),
+        page = SimpleNamespace(state=state, done={}, intro=intro_section(), recipe=recipe_section(),
+                               experts=experts_section(),
                                importance=importance_section(), merge=merge_section(), probe=probe_section(),
                                export=export_section(), api=api_inputs())
         page.plan_inputs = [state, page.merge.plan_expert, page.merge.method, *page.merge.param_boxes]
@@ -126,6 +169,7 @@ def build_demo() -> gr.Blocks:
         wire_export(page)
         wire_guided(page)
         wire_estimates(page)
+        wire_recipe(page)
         # a closed tab frees its merged bodies at once (gradio drops the small State an hour later)
         demo.unload(h.on_unload)
     return demo
@@ -144,15 +188,49 @@ def intro_section() -> SimpleNamespace:
         guide_md = gr.Markdown(elem_id="guide")
         guide_state = gr.State(None)  # the step the guide waits for (None: the guide is off)
         zoo_md = gr.Markdown("Looking for the demo zoo…", elem_id="zoo-status")
+        with gr.Accordion("Words used on this page, in plain words", open=False, elem_id="glossary"):
+            gr.Markdown(GLOSSARY)
         # while the zoo builds (from server start-up), the one progress line above is refreshed from here
         zoo_timer = gr.Timer(2.0, active=False)
     return SimpleNamespace(guided_btn=guided_btn, guide_md=guide_md, guide_state=guide_state, zoo_md=zoo_md,
                            zoo_timer=zoo_timer)
 
 
+RECIPE_PLACEHOLDER = """method: ties
+base: zoo:default/base
+experts:
+  - {name: topic, model: zoo:default/topic}
+  - {name: sentiment, model: zoo:default/sentiment}
+parameters: {drop_ratio: 0.7, lambda: 1.0}
+seed: 0"""
+
+
+def recipe_section() -> SimpleNamespace:
+    """Paste or upload a recipe — recipe.yaml from an export, or a mergekit config — and merge it: the page
+    fills the experts, the method, its settings and every per-layer cell from it, then merges."""
+    with gr.Group(elem_classes=["ml-section"], elem_id="recipe-import"):
+        with gr.Accordion("Import a recipe (Merge Lab recipe.yaml or a mergekit config) and merge it", open=False,
+                          elem_id="recipe-accordion"):
+            gr.Markdown("A recipe names the base, the experts, the method and its settings. Every model it names "
+                        "must be one this server can open: a demo zoo model (`zoo:NAME/TASK`), a folder or a "
+                        ".safetensors file. Importing fills steps 1 and 3 below with the recipe's values (every "
+                        "slider shows them) and merges; then **Run probe** as usual.")
+            recipe_text = gr.Textbox(label="Recipe (YAML)", lines=8, max_lines=30, elem_id="recipe-text",
+                                     placeholder=RECIPE_PLACEHOLDER)
+            with gr.Row():
+                recipe_file = gr.File(label="…or upload a recipe file (.yaml, .yml): its text appears above",
+                                      file_types=[".yaml", ".yml"], height=100, elem_id="recipe-file", scale=2)
+                import_btn = gr.Button("Import recipe and merge", variant="primary", elem_id="btn-import", scale=1)
+            recipe_md = gr.Markdown(elem_id="recipe-status")
+    return SimpleNamespace(recipe_text=recipe_text, recipe_file=recipe_file, import_btn=import_btn,
+                           recipe_md=recipe_md)
+
+
 def experts_section() -> SimpleNamespace:
     with gr.Group(elem_classes=["ml-section"]):
-        gr.Markdown("## 1 · Experts\nPick the base model and two or more experts fine-tuned from it.")
+        gr.Markdown("## 1 · Experts\nPick the base model and two or more experts fine-tuned from it. Loading "
+                    "runs the *homology check*: every expert must have exactly the base's layers and tensor "
+                    "shapes, or their changes cannot be added.")
         with gr.Row():
             base_box = gr.Textbox(label="Base model", placeholder="zoo:default/base, a folder, or hf:org/name@rev",
                                   scale=2)
@@ -166,8 +244,9 @@ def experts_section() -> SimpleNamespace:
                              elem_id="upload")
         load_btn = gr.Button("Load experts", variant="primary", elem_id="btn-load")
         load_md = gr.Markdown(elem_id="load-status")
-        experts_df = gr.Dataframe(headers=wb.EXPERT_HEADERS, label="Experts (homology check passed)",
-                                  interactive=False, elem_id="experts-table")
+        experts_df = gr.Dataframe(value=h.placeholder_table("Press Load experts to fill this."),
+                                  label="Experts", interactive=False, elem_id="experts-table",
+                                  elem_classes=["ml-wide-table"])
         data_md = gr.Markdown()
         with gr.Accordion("Attach task data to an expert (CSV/JSONL with text and label)", open=False):
             with gr.Row():
@@ -187,9 +266,11 @@ def importance_section() -> SimpleNamespace:
             fewshot = ui.Slider(wb.MIN_FEWSHOT, wb.MAX_FEWSHOT, value=wb.DEFAULT_FEWSHOT, step=4,
                             label="Few-shot examples per expert")
             mode = ui.Radio(list(wb.MODES), value="gradient", label="Mode",
-                            info="gradient: one backward pass (fast, every unit); exact: one forward per part")
+                            info="gradient: a fast estimate from one backward pass (scores every unit); exact: "
+                                 "really switches each part and re-runs the examples (slower)")
             intervention = ui.Radio(list(wb.INTERVENTIONS), value="restore", label="Intervention",
-                                    info="restore: base + this part alone; ablate: expert minus this part")
+                                    info="restore: the base plus only this part's change (what does it do alone?); "
+                                         "ablate: the expert without this part's change (what is lost?)")
             scope = ui.Radio(list(wb.EXACT_SCOPES), value=wb.FULL_SCOPE, label="Exact: what to measure",
                              info="layers (quick): one forward pass per layer; with modules: one per module too")
         with gr.Row():
@@ -200,7 +281,8 @@ def importance_section() -> SimpleNamespace:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=420):
                 heat_plot, heat_md = explained_plot(WHAT_HEATMAP, label="Importance: layer × module, per expert",
-                                                    elem_id="heatmap")
+                                                    empty="Press Compute importance to fill this.",
+                                                    summary_id="heatmap-status", elem_id="heatmap")
             with gr.Column(scale=2, min_width=320):
                 layer_plot = gr.Plot(label="Which layer matters most: the whole-layer intervention, per expert",
                                      elem_id="layer-chart")
@@ -211,12 +293,15 @@ def importance_section() -> SimpleNamespace:
             hid_expert = ui.Dropdown(label="Expert", choices=[], allow_custom_value=True)
             hid_layer = ui.Dropdown(label="Layer", choices=[], allow_custom_value=True)
             hid_module = ui.Dropdown(label="Module", choices=[], allow_custom_value=True)
-        hid_plot, hid_md = explained_plot(WHAT_HIDDEN, label="Hidden states")
+        hid_plot, hid_md = explained_plot(WHAT_HIDDEN, label="Hidden states",
+                                          empty="Press Compute importance to fill this.", elem_id="hidden-plot")
         with gr.Row():
             with gr.Column():
-                fid_plot, fid_md = explained_plot(WHAT_FIDELITY, label="Exact vs gradient")
+                fid_plot, fid_md = explained_plot(WHAT_FIDELITY, label="Exact vs gradient",
+                                                  empty="Compute importance in both modes to fill this.")
             with gr.Column():
-                mag_plot, mag_md = explained_plot(WHAT_MAGNITUDE, label="Importance vs delta magnitude")
+                mag_plot, mag_md = explained_plot(WHAT_MAGNITUDE, label="Importance vs delta magnitude",
+                                                  empty="Press Compute importance to fill this.")
         with gr.Accordion("Compare interventions and draws", open=False, elem_id="compare"):
             gr.Markdown(WHAT_COMPARE)
             with gr.Row():
@@ -225,7 +310,8 @@ def importance_section() -> SimpleNamespace:
                 compare_stop = gr.Button("Stop", variant="stop", size="sm", scale=0, elem_id="btn-compare-stop")
             compare_eta = gr.Markdown(elem_id="compare-eta", elem_classes=["ml-eta"])
             compare_progress = gr.Markdown(elem_id="compare-progress", elem_classes=["ml-progress"])
-            compare_plot = gr.Plot(label="Restore vs ablate, and stability over few-shot draws")
+            compare_plot = gr.Plot(fg.empty_figure("Press Compare restore and ablate to fill this."),
+                                   label="Restore vs ablate, and stability over few-shot draws")
             compare_md = gr.Markdown(elem_id="compare-status")
     return SimpleNamespace(fewshot=fewshot, mode=mode, intervention=intervention, scope=scope, imp_btn=imp_btn,
                            imp_stop=imp_stop, imp_eta=imp_eta, imp_progress=imp_progress,
@@ -272,6 +358,8 @@ def merge_section() -> SimpleNamespace:
             method = ui.Dropdown(h.method_choices(), value=wb.DEFAULT_METHOD, label="Method", scale=2)
             seed = ui.Number(value=0, precision=0, label="Seed", scale=0, min_width=100)
         method_md = gr.Markdown(h.method_info(wb.Session(), wb.DEFAULT_METHOD))
+        with gr.Accordion("What do these settings mean?", open=False):
+            gr.Markdown(GLOSSARY)
         with gr.Row(elem_classes=["ml-params"]):
             first = {p.name: p for p in wb.method_spec(wb.DEFAULT_METHOD).params}
             param_boxes = [_param_box(p, first.get(p.name, p), p.name in first) for p in h.PARAMS]
@@ -289,21 +377,26 @@ def merge_section() -> SimpleNamespace:
         layer_rows, drop_sliders, weight_sliders = _layer_sliders()
         with gr.Row():
             with gr.Column(scale=3):
-                profile_plot, profile_md = explained_plot(WHAT_PROFILE, label="Per-layer profile")
+                profile_plot, profile_md = explained_plot(WHAT_PROFILE, label="Per-layer profile",
+                                                          empty="Press Load experts to fill this.")
             with gr.Column(scale=2):
                 overrides_md = gr.Markdown(elem_id="overrides")
         with gr.Tabs():
             with gr.Tab("Drop ratio table"):
-                drop_table = gr.Dataframe(label="drop ratio: expert × layer (editable: an edit applies at once)",
-                                          interactive=True, elem_id="drop-table")
+                drop_table = gr.Dataframe(value=h.placeholder_table("Press Load experts to fill this."),
+                                          label="drop ratio: expert × layer (editable: an edit applies at once)",
+                                          interactive=True, elem_id="drop-table", elem_classes=["ml-wide-table"])
             with gr.Tab("Weight table"):
-                weight_table = gr.Dataframe(label="weight: expert × layer (editable: an edit applies at once)",
-                                            interactive=True, elem_id="weight-table")
+                weight_table = gr.Dataframe(value=h.placeholder_table("Press Load experts to fill this."),
+                                            label="weight: expert × layer (editable: an edit applies at once)",
+                                            interactive=True, elem_id="weight-table",
+                                            elem_classes=["ml-wide-table"])
         with gr.Row():
             with gr.Column():
-                conflict_plot, conflict_md = explained_plot(WHAT_CONFLICT, label="Sign conflict per layer")
+                conflict_plot, conflict_md = explained_plot(WHAT_CONFLICT, label="Sign conflict per layer",
+                                                            empty="Press Load experts to fill this.")
             with gr.Column():
-                cosine_plot = gr.Plot(label="Task-vector cosine")
+                cosine_plot = gr.Plot(fg.empty_figure("Press Load experts to fill this."), label="Task-vector cosine")
                 cosine_md = gr.Markdown()
         with gr.Row():
             merge_btn = gr.Button("Merge", variant="primary", elem_id="btn-merge")
@@ -327,11 +420,13 @@ def probe_section() -> SimpleNamespace:
             probe_stop = gr.Button("Cancel probe", variant="stop", scale=0)
         probe_eta = gr.Markdown(elem_id="probe-eta", elem_classes=["ml-eta"])
         probe_progress = gr.Markdown(elem_id="probe-progress", elem_classes=["ml-progress"])
-        probe_df = gr.Dataframe(label="Probe results", interactive=False, elem_id="probe-table")
-        probe_plot = gr.Plot(label="Probe accuracy")
-        probe_md = gr.Markdown()
-        history_df = gr.Dataframe(label="Session history: every merge so far", interactive=False,
-                                  elem_id="history-table")
+        probe_df = gr.Dataframe(value=h.placeholder_table("Press Run probe to fill this."), label="Probe results",
+                                interactive=False, elem_id="probe-table", elem_classes=["ml-wide-table"])
+        probe_plot = gr.Plot(fg.empty_figure("Press Run probe to fill this."), label="Probe accuracy")
+        probe_md = gr.Markdown(elem_id="probe-status")
+        history_df = gr.Dataframe(value=h.placeholder_table("Press Merge, then Run probe."),
+                                  label="Session history: every merge so far", interactive=False,
+                                  elem_id="history-table", elem_classes=["ml-wide-table"])
         with gr.Row():
             history_btn = gr.Button("Download history (JSON)", variant="secondary", size="sm", scale=0,
                                     min_width=220, elem_classes=["ml-btn"], elem_id="btn-history")
@@ -347,14 +442,16 @@ def probe_section() -> SimpleNamespace:
                 sweep_stop = gr.Button("Stop", variant="stop", scale=0, elem_id="btn-sweep-stop")
             sweep_eta = gr.Markdown(elem_id="sweep-eta", elem_classes=["ml-eta"])
             sweep_progress = gr.Markdown(elem_id="sweep-progress", elem_classes=["ml-progress"])
-            sweep_plot = gr.Plot(label="Accuracy vs drop ratio")
+            sweep_plot = gr.Plot(fg.empty_figure("Press Sweep drop ratios to fill this."),
+                                 label="Accuracy vs drop ratio")
             sweep_md = gr.Markdown()
         predict_uses = gr.Markdown(h.merge_in_use(None), elem_id="predict-uses")
         with gr.Row():
             sentence = gr.Textbox(label="Try a sentence", placeholder="Type a sentence…", scale=4)
             predict_btn = gr.Button("Predict", variant="secondary", scale=0, min_width=120, elem_classes=["ml-btn"])
-        predict_df = gr.Dataframe(headers=["task", "model", "prediction", "confidence"], interactive=False,
-                                  label="Base, expert and merged predictions")
+        predict_df = gr.Dataframe(value=h.placeholder_table("Press Predict to fill this."),
+                                  interactive=False, label="Base, expert and merged predictions",
+                                  elem_classes=["ml-wide-table"])
     return SimpleNamespace(probe_btn=probe_btn, probe_stop=probe_stop, probe_df=probe_df, probe_plot=probe_plot,
                            probe_md=probe_md, history_df=history_df, history_btn=history_btn,
                            restore_btn=restore_btn, history_file=history_file, history_md=history_md,
@@ -378,7 +475,7 @@ def export_section() -> SimpleNamespace:
         with gr.Row():
             export_btn = gr.Button("Export", variant="primary", elem_id="btn-export")
             export_stop = gr.Button("Cancel export", variant="stop", scale=0)
-        export_file = gr.File(label="Download", elem_id="export-file")
+        export_file = gr.File(label="Download (press Export to fill this)", elem_id="export-file")
         export_md = gr.Markdown(elem_id="export-status")
     return SimpleNamespace(export_tasks=export_tasks, dtype=dtype, export_uses=export_uses, export_btn=export_btn, export_stop=export_stop,
                            export_file=export_file, export_md=export_md)
@@ -437,6 +534,12 @@ def wire_startup(demo, page) -> None:
     intro.zoo_timer.tick(startup, None, outputs, api_visibility="private", show_progress="hidden", queue=False)
 
 
+def experts_table(rows) -> dict:
+    """The experts table once loaded (its label stays "Experts": the status line above it says the homology
+    check passed, once it has; an update of the label would change what the API returns)."""
+    return {"headers": wb.EXPERT_HEADERS, "data": rows}
+
+
 def wire_experts(page) -> None:
     ex, merge, imp, exp = page.experts, page.merge, page.importance, page.export
 
@@ -449,7 +552,7 @@ def wire_experts(page) -> None:
         h.register_client(request, session)
         experts = session.experts
         tasks = wb.export_tasks(session)  # classifier heads get a folder each; an LM merge is one folder
-        return (session, rows, note, data, gr.update(choices=experts, value=experts[0]),
+        return (session, experts_table(rows), note, data, gr.update(choices=experts, value=experts[0]),
                 gr.update(choices=experts, value=experts[0]), gr.update(choices=experts, value=experts[0]),
                 gr.update(choices=tasks, value=tasks, visible=bool(tasks)), h.method_info(session, method_value))
 
@@ -459,14 +562,14 @@ def wire_experts(page) -> None:
          exp.export_tasks, merge.method_md],
         api_name="load_experts", **h.HEAVY)
     page.done["load"] = load_event
-    load_event.then(refresh_plan, page.plan_inputs, page.plan_outputs + page.slider_outputs,
-                    api_visibility="private").then(
-        _cosine_view, [page.state], [merge.cosine_plot, merge.cosine_md], api_visibility="private")
+    announce(load_event.then(refresh_plan, page.plan_inputs, page.plan_outputs + page.slider_outputs,
+                             api_visibility="private").then(
+        _cosine_view, [page.state], [merge.cosine_plot, merge.cosine_md], api_visibility="private"), "load-status")
 
     @h.safe
     def on_attach(session, expert, file, n, method_value):
         session, rows, data = h.attach(session, expert, file, n)
-        return session, rows, data, h.method_info(session, method_value)
+        return session, experts_table(rows), data, h.method_info(session, method_value)
 
     ex.attach_btn.click(h.heavy(on_attach), [page.state, ex.attach_expert, ex.attach_file, imp.fewshot, merge.method],
                         [page.state, ex.experts_df, ex.data_md, merge.method_md], api_name="attach_task_data",
@@ -492,7 +595,8 @@ def wire_importance(page) -> None:
     hidden_io = ([page.state, imp.hid_expert, imp.hid_module], [imp.hid_plot, imp.hid_md])
     done = long_step(imp.imp_btn, imp.imp_stop, on_importance,
                      [page.state, imp.fewshot, imp.mode, imp.intervention, merge.method, *merge.param_boxes, imp.scope],
-                     outputs, "compute_importance", progress_on=imp.imp_progress)
+                     outputs, "compute_importance", progress_on=imp.imp_progress,
+                     announce_id="heatmap-status")
     page.done["importance"] = done
     done.then(h.safe(h.layer_views), [page.state], [imp.layer_plot, imp.layer_md], api_visibility="private")
     done.then(refresh_plan, page.plan_inputs, page.plan_outputs + page.slider_outputs, api_visibility="private").then(
@@ -619,20 +723,24 @@ def wire_merge(page) -> None:
         session = h.session_of(session)
         shared = h.shared_values(method_value, values)
         summary = wb.merge(session, method_value, shared, seed_value, progress=h.progress_sink(progress))
-        if summary.reused:
-            text = (f"**{summary.label}** done at once: an identical merge was already in memory (same experts, "
-                    f"settings and seed). Settings: {summary.settings}. Next: **Run probe**.")
-        else:
-            changed = ", ".join(summary.changed_layers) or "none (all reused)"
-            text = (f"**{summary.label}** done in {summary.seconds:.2f} s — {summary.recomputed} tensors "
-                    f"recomputed; layers re-merged: {changed}. Settings: {summary.settings}. Next: **Run probe**.")
-        return session, text
+        return session, merge_text(summary)
 
     page.done["merge"] = long_step(merge.merge_btn, merge.merge_stop, on_merge,
                                    [page.state, merge.method, merge.seed, *merge.param_boxes],
-                                   [page.state, merge.merge_md], "merge", progress_on=merge.merge_md)
+                                   [page.state, merge.merge_md], "merge", progress_on=merge.merge_md,
+                                   announce_id="merge-status")
     page.done["merge"].then(lambda s: (h.merge_in_use(s),) * 2, [page.state],
                             [page.export.export_uses, page.probe.predict_uses], api_visibility="private")
+
+
+def merge_text(summary) -> str:
+    """The merge status line: what was merged, how long it took, what was recomputed, what to do next."""
+    if summary.reused:
+        return (f"**{summary.label}** done at once: an identical merge was already in memory (same experts, "
+                f"settings and seed). Settings: {summary.settings}. Next: **Run probe**.")
+    changed = ", ".join(summary.changed_layers) or "none (all reused)"
+    return (f"**{summary.label}** done in {summary.seconds:.2f} s — {summary.recomputed} tensors "
+            f"recomputed; layers re-merged: {changed}. Settings: {summary.settings}. Next: **Run probe**.")
 
 
 def wire_probe(page) -> None:
@@ -646,7 +754,8 @@ def wire_probe(page) -> None:
 
     page.done["probe"] = long_step(probe.probe_btn, probe.probe_stop, on_probe, [page.state],
                                    [page.state, probe.probe_df, probe.probe_plot, probe.probe_md, probe.history_df],
-                                   "run_probe", progress_on=probe.probe_progress)
+                                   "run_probe", progress_on=probe.probe_progress,
+                                   announce_id="probe-status")
 
     @h.safe
     def on_sweep(session, progress=gr.Progress()):
@@ -686,7 +795,7 @@ def wire_probe(page) -> None:
 
     @h.safe
     def on_predict(session, text):
-        return wb.predict(h.session_of(session), text)
+        return {"headers": h.PREDICT_HEADERS, "data": wb.predict(h.session_of(session), text)}
 
     probe.predict_btn.click(h.heavy(on_predict), [page.state, probe.sentence], probe.predict_df, api_name="predict",
                             **h.HEAVY)
@@ -704,7 +813,8 @@ def wire_export(page) -> None:
 
     page.done["export"] = long_step(exp.export_btn, exp.export_stop, on_export,
                                     [page.state, exp.export_tasks, exp.dtype], [exp.export_file, exp.export_md],
-                                    "export", progress_on=exp.export_md)
+                                    "export", progress_on=exp.export_md,
+                                    announce_id="export-status")
 
 
 def wire_guided(page) -> None:
@@ -770,3 +880,48 @@ def _cosine_view(session):
     text = (f"Task vectors: mean pairwise cosine {sum(off) / len(off):.3f} over {len(off)} pair(s) "
             "(0 = orthogonal: little interference; near 1 = the experts changed the same things).") if off else ""
     return fg.cosine_figure(experts, matrix), text
+
+
+def wire_recipe(page) -> None:
+    """Recipe import: an uploaded file's text goes into the box; Import fills the page from the box and merges."""
+    rec, ex, imp, merge, exp = page.recipe, page.experts, page.importance, page.merge, page.export
+    rec.recipe_file.upload(h.safe(h.recipe_file_text), [rec.recipe_file], [rec.recipe_text], api_visibility="private")
+
+    @h.safe
+    def on_import(session, text, request: gr.Request = None, progress=gr.Progress()):
+        status = wb.zoo_status()
+        session, recipe, shared = h.import_recipe(session, text, zoo=status.zoo if status.ready else None,
+                                                  progress=progress)
+        h.register_client(request, session)
+        experts, method = session.experts, recipe.method
+        why = wb.method_available(session, method)
+        if why:
+            merged = f"Not merged yet: {why}."
+            merge_md = ""
+        else:
+            merge_md = merge_text(wb.merge(session, method, shared, recipe.seed, progress=h.progress_sink(progress)))
+            merged = "Merged: " + merge_md
+        n_cells = sum(len(layers) for keys in session.overrides.values() for layers in keys.values())
+        note = (f"Imported a **{wb.method_spec(method).pretty_name}** recipe: base `{recipe.base}`, experts "
+                f"{', '.join(f'`{e}`' for e in experts)}, seed {recipe.seed}; {n_cells} per-layer cell(s) set from "
+                f"it (the sliders and tables below show them). {merged}")
+        # one update per output: gradio consumes an update dict as it applies it
+        choices = [gr.update(choices=experts, value=experts[0]) for _ in range(3)]
+        return (method, recipe.seed, h.dtype_label(recipe.dtype), *h.recipe_param_updates(method, shared),
+                session, experts_table(session.summary), f"Loaded from the recipe: {len(experts)} experts of base "
+                f"`{session.base_ref}`, homology check passed.", wb.data_status(session), *choices,
+                gr.update(choices=experts, value=experts), h.method_info(session, method),
+                *h.plan_views(session, method, shared), *h.slider_updates(session, experts[0], method, shared),
+                merge_md, note)
+
+    # the method's controls first: the expert shown on the sliders changes too, and its change event reads them
+    outputs = [merge.method, merge.seed, exp.dtype, *merge.param_boxes,
+               page.state, ex.experts_df, ex.load_md, ex.data_md, ex.attach_expert, merge.plan_expert,
+               imp.hid_expert, exp.export_tasks, merge.method_md, *page.plan_outputs, *page.slider_outputs,
+               merge.merge_md, rec.recipe_md]
+    event = rec.import_btn.click(h.heavy(on_import), [page.state, rec.recipe_text], outputs, api_name="import_recipe",
+                                 **h.HEAVY)
+    # the plan once more from the controls as they now are (whatever order the browser applied the updates in)
+    announce(event.then(refresh_plan, page.plan_inputs, page.plan_outputs + page.slider_outputs,
+                        api_visibility="private").then(
+        _cosine_view, [page.state], [merge.cosine_plot, merge.cosine_md], api_visibility="private"), "recipe-status")

@@ -23,7 +23,7 @@ def test_browser_flow(app_url, real_zoo):
             button(page, "Load experts").click()
             expect(page.locator("#experts-table")).to_contain_text("few-shot", timeout=120_000)
             button(page, "Compute importance").click()
-            expect(page.locator("#heatmap .js-plotly-plot")).to_be_visible(timeout=180_000)
+            expect(page.locator("#heatmap-status")).to_contain_text("most important", timeout=180_000)  # done, not the placeholder
             # move one per-layer slider (layer index 1) with the mouse: input + release
             track = page.locator("#drop-1 input[type=range]")
             expect(track).to_be_visible(timeout=30_000)
@@ -72,7 +72,7 @@ def _load_and_importance(page, expect):
     button(page, "Load experts").click()
     expect(page.locator("#experts-table")).to_contain_text("few-shot", timeout=120_000)
     button(page, "Compute importance").click()
-    expect(page.locator("#heatmap .js-plotly-plot")).to_be_visible(timeout=180_000)
+    expect(page.locator("#heatmap-status")).to_contain_text("most important", timeout=180_000)  # done, not the placeholder
     expect(page.locator("#drop-1 input[type=range]")).to_be_visible(timeout=30_000)
 
 

@@ -188,3 +188,25 @@ def fidelity_by_expert(session: Session) -> tuple[str, dict[str, dict[str, float
             table[lv]["all experts"] = rank_correlation(exact.matrix(lv).ravel(), grad.matrix(lv).ravel())
         return intervention, table
     return None
+
+
+GENERIC_FOLDER_NAMES = {"model", "models", "checkpoint", "weights", "snapshot"}
+
+
+def base_model_name(path) -> str:
+    """A base model's name for the page: "all-MiniLM-L6-v2" rather than the folder it sits in ("model", which
+    is what the packaged base's folder is called). The packaged base is named by what it is; another folder
+    with a generic name by its parent (where a hub snapshot or a package keeps the real name)."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        from ..paths import packaged_base_path
+
+        if path.resolve() == packaged_base_path().resolve():
+            return "all-MiniLM-L6-v2"
+    except Exception:  # noqa: BLE001 - the package may be absent (a zoo built elsewhere): fall back to the folder
+        pass
+    if path.name.lower() in GENERIC_FOLDER_NAMES and path.parent.name:
+        return path.parent.name
+    return path.name

@@ -144,10 +144,10 @@ def _default_tasks() -> list[str]:
 
 
 def ready_status(zoo) -> ZooStatus:
-    from pathlib import Path
+    from .views import base_model_name
 
     line = (f"Demo zoo **{zoo.name}** is ready: {len(zoo.tasks)} experts ({', '.join(zoo.tasks)}) "
-            f"fine-tuned from `{Path(zoo.base_path).name}`.")
+            f"fine-tuned from the base model `{base_model_name(zoo.base_path)}`.")
     return ZooStatus("ready", line, zoo=zoo)
 
 
