@@ -114,7 +114,7 @@ def app_url(real_zoo):
         yield url
 
 
-TRAINING_FIXTURES = {"tiny_zoo", "real_zoo"}
+TRAINING_FIXTURES = {"tiny_zoo", "real_zoo", "lm_zoo"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -124,3 +124,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+#: A tiny LM zoo (merging/zoo/lm_zoo.py): 2 layers, 64 wide, vocabulary 512, 20 steps, 2 experts (~20 s).
+TINY_LM_SPEC = {
+    "model": {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+              "num_key_value_heads": 2},
+    "vocab_size": 512, "max_items": 600, "n_probe": 60, "n_fewshot": 16, "pretrain_texts": ["de", "computers"],
+    "pretrain": {"steps": 20, "lr": 3e-3}, "finetune": {"lr": 3e-3},
+}
+TINY_LM_TASKS = ("de", "computers")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_spec():
+    """(spec overrides, expert tasks) of the tiny LM zoo, for tests that rebuild it."""
+    import copy
+
+    return copy.deepcopy(TINY_LM_SPEC), list(TINY_LM_TASKS)
+
+
+@pytest.fixture(scope="session")
+def lm_zoo(merge_lab_cache):
+    """The tiny LM zoo ``lm-tiny`` (base pretrained 20 steps, German and computers experts 20 steps each).
+    Shared by the session: tests must not modify it."""
+    from merging.zoo.lm_zoo import build_lm_zoo
+
+    return build_lm_zoo("lm-tiny", tasks=list(TINY_LM_TASKS), steps=20, seed=0, spec=TINY_LM_SPEC)

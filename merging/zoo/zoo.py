@@ -55,6 +55,7 @@ class Zoo:
     steps: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     damaged: dict[str, str] = field(default_factory=dict)  # task → what is wrong with its expert (left out)
+    kind: str = "classifier"  # or "causal_lm": an LM zoo (merging/zoo/lm_zoo.py), its base inside the zoo
 
     @property
     def tasks(self) -> list[str]:
@@ -176,12 +177,13 @@ def _open_root(root: Path, name: str) -> Zoo:
     return Zoo(
         name=name,
         root=root,
-        base_path=_base_from(meta, name),
+        base_path=safe_join(root, meta["base"]) if meta.get("kind") == "causal_lm" else _base_from(meta, name),
         experts=experts,
         seed=int(meta.get("seed", 0)),
         steps={k: int(v) for k, v in meta.get("steps", {}).items()},
         skipped=dict(meta.get("skipped", {})),
         damaged=damaged,
+        kind=str(meta.get("kind", "classifier")),
     )
 
 
