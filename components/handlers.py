@@ -316,9 +316,10 @@ def load(state, base_ref: str, zoo_tasks: Sequence[str] | None, extra: str, uplo
 def attach(state, expert: str, upload, n_fewshot: int):
     session = session_of(state)
     if not upload:
-        raise MergeLabError("choose a CSV or JSONL file with `text` and `label` columns first")
+        raise MergeLabError("choose a task file first: CSV or JSONL with `text` and `label` for a classifier, "
+                            ".txt or JSONL text for a causal LM")
     path = getattr(upload, "name", upload)
-    wb.attach_task_data(session, expert, path, n_fewshot=wb.check_fewshot(n_fewshot))
+    wb.attach_data(session, expert, path, n_fewshot=wb.check_fewshot(n_fewshot))  # text for LMs, labels otherwise
     models = wb.models_for(session)
     session.summary = wb.expert_rows(session, models, wb.task_vector_stats(models))
     return session, session.summary, wb.data_status(session)
