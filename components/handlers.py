@@ -383,7 +383,8 @@ def merge_in_use(state) -> str:
     if not session.last_label:
         return "Export and **Try a sentence** use the last merge: none yet (press **Merge**)."
     settings = session.history[-1]["settings"] if session.history else ""
-    return f"Export and **Try a sentence** use **{session.last_label}**, the last merge ({settings})."
+    tries = "Try a prompt" if wb.is_lm_session(session) else "Try a sentence"
+    return f"Export and **{tries}** use **{session.last_label}**, the last merge ({settings})."
 
 
 def export_note(session: wb.Session, path) -> str:
@@ -500,15 +501,36 @@ def comparison_views(result: wb.Comparison):
     return fig, text
 
 
+PROBE_LABELS = {"accuracy": ("Probe results", "Probe accuracy"),
+                "perplexity": ("Probe results: loss and perplexity per task on its held-out text — lower is better",
+                               "Probe perplexity per task (lower is better)")}
+
+
+def try_area(state):
+    """After a load: Try a prompt for causal-LM experts, Try a sentence for classifiers (visibility of each,
+    the prompt's expert choices), and the probe table's and chart's labels for the metric those experts get."""
+    session = session_of(state)
+    lm = bool(session.refs) and wb.is_lm_session(session)
+    experts = session.experts
+    table, chart = PROBE_LABELS["perplexity" if lm else "accuracy"]
+    return (gr.update(visible=not lm), gr.update(visible=lm),
+            gr.update(choices=experts, value=experts[0] if experts else None),
+            gr.update(label=table), gr.update(label=chart))
+
+
 def probe_views(session: wb.Session, report):
     headers, rows = report.table()
     tasks = list(report.tasks)
-    bars_rows = [(r.name, {t: r.metrics.get(t, {}).get("accuracy") for t in tasks}) for r in report.rows]
-    fig = fg.probe_bars(tasks, bars_rows, experts=session.experts or tasks)
-    summary = fg.probe_summary(tasks, bars_rows)
+    metric = "perplexity" if report.kind == "causal_lm" else "accuracy"
+    bars_rows = [(r.name, {t: r.metrics.get(t, {}).get(metric) for t in tasks}) for r in report.rows]
+    fig = fg.probe_bars(tasks, bars_rows, metric=metric, experts=session.experts or tasks)
+    summary = fg.probe_summary(tasks, bars_rows, metric=metric)
     last = session.history[-1] if session.history else None
     flags = wb.below_base(last.get("metrics"), _base_metrics(report)) if last else []
-    if flags:
+    if flags and metric == "perplexity":
+        summary += " " + "; ".join(f"⚠ **{t}** perplexity {v:.3f} is above the base {b:.3f}" for t, v, b in flags) + \
+            " (a mean over tasks hides this)."
+    elif flags:
         summary += " " + "; ".join(f"⚠ **{t}** {acc:.3f} is below the base {b:.3f}" for t, acc, b in flags) + \
             " (a mean over tasks hides this)."
     if report.meta.get("unavailable"):
