@@ -506,6 +506,7 @@ PROBE_LABELS = {"accuracy": ("Probe results", "Probe accuracy"),
                                "Probe perplexity per task (lower is better)")}
 
 
+@safe
 def try_area(state):
     """After a load: Try a prompt for causal-LM experts, Try a sentence for classifiers (visibility of each,
     the prompt's expert choices), and the probe table's and chart's labels for the metric those experts get."""

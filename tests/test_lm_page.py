@@ -219,3 +219,8 @@ def test_wrong_kind_of_task_data_says_what_to_attach(llama, tmp_path):
         h.safe(h.attach)(classifier, "e0", str(text), 8)
     with pytest.raises(MergeLabError, match="classifiers"):
         wb.generate_side_by_side(classifier, "w1", "e0")
+
+
+def test_drop_sweep_refuses_lm_sessions_in_words(llama):
+    with pytest.raises(MergeLabError, match="perplexity in the session history"):
+        wb.drop_sweep(_session(llama))

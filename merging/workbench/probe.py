@@ -120,6 +120,11 @@ def drop_sweep(session: Session, ratios: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 
                methods: Sequence[str] = SWEEP_METHODS, progress: Progress | None = None) -> dict[str, list[float]]:
     """Mean probe accuracy vs drop ratio for a few sparsifying methods (no overrides; methods with a
     ``prepare`` prepared again at each ratio)."""
+    from .lm import is_lm_session
+
+    if is_lm_session(session):
+        raise MergeLabError("the drop sweep plots probe accuracy of classifier experts; for causal-LM experts, merge "
+                            "at a few drop ratios and compare their perplexity in the session history")
     progress = progress or no_progress
     models = models_for(session)
     prober, _ = prober_for(session, models)
