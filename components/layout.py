@@ -743,11 +743,18 @@ def wire_prompt(page) -> None:
     @h.safe
     def on_generate(session, text, expert, new_tokens, sample, seed):
         rows = wb.generate_side_by_side(h.session_of(session), text, expert, new_tokens, seed, bool(sample))
-        return [gr.update(value=continuation, label=name) for name, continuation in rows]
+        return [continuation for _, continuation in rows]  # plain strings: what /generate returns to API callers
+
+    @h.safe
+    def name_outputs(session, expert):
+        """The three boxes' labels: base, the expert compared and the merge they show."""
+        session = h.session_of(session)
+        return [gr.update(label=name) for name in ("base", expert or "expert", session.last_label or "merge")]
 
     long_step(prompt.button, prompt.stop, on_generate,
               [page.state, prompt.text, prompt.expert, prompt.new_tokens, prompt.sample, prompt.seed],
-              prompt.outputs, "generate")
+              prompt.outputs, "generate").then(name_outputs, [page.state, prompt.expert], prompt.outputs,
+                                               api_visibility="private")
     page.done["load"].then(h.try_area, [page.state],
                            [probe.sentence_box, prompt.box, prompt.expert, probe.probe_df, probe.probe_plot],
                            api_visibility="private")

@@ -78,6 +78,7 @@ def test_lm_experts_text_probe_and_prompt(fake_app_url, tmp_path):
             button(page, "Continue the prompt").click()
             for i in range(3):
                 expect(page.locator(f"#continuation-{i} textarea")).not_to_have_value("", timeout=60_000)
+            expect(page.locator("#continuation-2")).to_contain_text("#1 apl", timeout=30_000)  # the merge it shows
             words = page.locator("#continuation-1 textarea").input_value().split()
             assert words and all(w.startswith("w") for w in words)
             expect(page.locator("#predict-uses")).to_contain_text("Try a prompt")
