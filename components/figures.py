@@ -509,16 +509,21 @@ def probe_bars(tasks: Sequence[str], rows: Sequence[tuple[str, Mapping[str, floa
     return _style(fig, 340)
 
 
-def probe_summary(tasks: Sequence[str], rows: Sequence[tuple[str, Mapping[str, float]]]) -> str:
+def probe_summary(tasks: Sequence[str], rows: Sequence[tuple[str, Mapping[str, float]]],
+                  metric: str = "accuracy") -> str:
+    """The last merge's mean against the base and the best single expert; for perplexity (causal-LM experts)
+    lower is better, so the best expert is the lowest."""
     if not rows:
         return ""
-    means = {name: float(np.mean([v.get(t, np.nan) for t in tasks])) for name, v in rows}
+    means = {name: float(np.mean([np.nan if v.get(t) is None else v[t] for t in tasks])) for name, v in rows}
     last = rows[-1][0]
     base = means.get("base", float("nan"))
     experts = [n for n, _ in rows if n in tasks]
-    best_expert = max((means[n] for n in experts), default=float("nan"))
-    return (f"{last}: mean accuracy {means[last]:.3f} (base {base:.3f}, best single expert {best_expert:.3f}, "
-            f"each on every task).")
+    best = min if metric == "perplexity" else max
+    best_expert = best((means[n] for n in experts), default=float("nan"))
+    text = (f"{last}: mean {metric} {means[last]:.3f} (base {base:.3f}, best single expert {best_expert:.3f}, "
+            f"each on every task)")
+    return text + (": lower is better." if metric == "perplexity" else ".")
 
 
 def sweep_figure(ratios: Sequence[float], results: Mapping[str, Sequence[float]]) -> go.Figure:

@@ -324,9 +324,10 @@ def load(state, base_ref: str, zoo_tasks: Sequence[str] | None, extra: str, uplo
 def attach(state, expert: str, upload, n_fewshot: int):
     session = session_of(state)
     if not upload:
-        raise MergeLabError("choose a CSV or JSONL file with `text` and `label` columns first")
+        raise MergeLabError("choose a task file first: CSV or JSONL with `text` and `label` for a classifier, "
+                            ".txt or JSONL text for a causal LM")
     path = getattr(upload, "name", upload)
-    wb.attach_task_data(session, expert, path, n_fewshot=wb.check_fewshot(n_fewshot))
+    wb.attach_data(session, expert, path, n_fewshot=wb.check_fewshot(n_fewshot))  # text for LMs, labels otherwise
     models = wb.models_for(session)
     session.summary = wb.expert_rows(session, models, wb.task_vector_stats(models))
     return session, session.summary, wb.data_status(session)
@@ -390,7 +391,8 @@ def merge_in_use(state) -> str:
     if not session.last_label:
         return "Export and **Try a sentence** use the last merge: none yet (press **Merge**)."
     settings = session.history[-1]["settings"] if session.history else ""
-    return f"Export and **Try a sentence** use **{session.last_label}**, the last merge ({settings})."
+    tries = "Try a prompt" if wb.is_lm_session(session) else "Try a sentence"
+    return f"Export and **{tries}** use **{session.last_label}**, the last merge ({settings})."
 
 
 def export_note(session: wb.Session, path) -> str:
@@ -508,15 +510,37 @@ def comparison_views(result: wb.Comparison):
     return fig, text
 
 
+PROBE_LABELS = {"accuracy": ("Probe results", "Probe accuracy"),
+                "perplexity": ("Probe results: loss and perplexity per task on its held-out text — lower is better",
+                               "Probe perplexity per task (lower is better)")}
+
+
+@safe
+def try_area(state):
+    """After a load: Try a prompt for causal-LM experts, Try a sentence for classifiers (visibility of each,
+    the prompt's expert choices), and the probe table's and chart's labels for the metric those experts get."""
+    session = session_of(state)
+    lm = bool(session.refs) and wb.is_lm_session(session)
+    experts = session.experts
+    table, chart = PROBE_LABELS["perplexity" if lm else "accuracy"]
+    return (gr.update(visible=not lm), gr.update(visible=lm),
+            gr.update(choices=experts, value=experts[0] if experts else None),
+            gr.update(label=table), gr.update(label=chart))
+
+
 def probe_views(session: wb.Session, report):
     headers, rows = report.table()
     tasks = list(report.tasks)
-    bars_rows = [(r.name, {t: r.metrics.get(t, {}).get("accuracy") for t in tasks}) for r in report.rows]
-    fig = fg.probe_bars(tasks, bars_rows, experts=session.experts or tasks)
-    summary = fg.probe_summary(tasks, bars_rows)
+    metric = "perplexity" if report.kind == "causal_lm" else "accuracy"
+    bars_rows = [(r.name, {t: r.metrics.get(t, {}).get(metric) for t in tasks}) for r in report.rows]
+    fig = fg.probe_bars(tasks, bars_rows, metric=metric, experts=session.experts or tasks)
+    summary = fg.probe_summary(tasks, bars_rows, metric=metric)
     last = session.history[-1] if session.history else None
     flags = wb.below_base(last.get("metrics"), _base_metrics(report)) if last else []
-    if flags:
+    if flags and metric == "perplexity":
+        summary += " " + "; ".join(f"⚠ **{t}** perplexity {v:.3f} is above the base {b:.3f}" for t, v, b in flags) + \
+            " (a mean over tasks hides this)."
+    elif flags:
         summary += " " + "; ".join(f"⚠ **{t}** {acc:.3f} is below the base {b:.3f}" for t, acc, b in flags) + \
             " (a mean over tasks hides this)."
     if report.meta.get("unavailable"):

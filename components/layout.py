@@ -226,6 +226,15 @@ def recipe_section() -> SimpleNamespace:
                            recipe_md=recipe_md)
 
 
+TASK_FILE_FORMATS = (
+    "**Classifier experts**: a CSV or JSONL file with a `text` and a `label` column.  \n"
+    "**Causal language models** (GPT-2, Llama, Qwen2, Mistral experts): plain text, in one of three shapes — "
+    "a `.txt` file with one example per line; JSONL rows `{\"text\": \"…\"}` (every token is scored); or JSONL "
+    "rows `{\"prompt\": \"…\", \"completion\": \"…\"}` (only the completion's tokens are scored). "
+    "A few rows (the few-shot count, drawn with the seed) feed importance; the rest are held out for the "
+    "perplexity probe.")
+
+
 def experts_section() -> SimpleNamespace:
     with gr.Group(elem_classes=["ml-section"]):
         gr.Markdown("## 1 · Experts\nPick the base model and two or more experts fine-tuned from it. Loading "
@@ -248,10 +257,14 @@ def experts_section() -> SimpleNamespace:
                                   label="Experts", interactive=False, elem_id="experts-table",
                                   elem_classes=["ml-wide-table"])
         data_md = gr.Markdown()
-        with gr.Accordion("Attach task data to an expert (CSV/JSONL with text and label)", open=False):
+        with gr.Accordion("Attach task data to an expert (CSV/JSONL with text and label; .txt/JSONL text for "
+                          "causal LMs)", open=False):
+            gr.Markdown(TASK_FILE_FORMATS, elem_id="task-file-formats")
             with gr.Row():
-                attach_expert = ui.Dropdown(label="Expert", choices=[], allow_custom_value=True, scale=1)
-                attach_file = gr.File(label="Task file", file_types=[".csv", ".jsonl"], scale=2, height=110)
+                attach_expert = ui.Dropdown(label="Expert", choices=[], allow_custom_value=True, scale=1,
+                                            elem_id="attach-expert")
+                attach_file = gr.File(label="Task file", file_types=[".csv", ".jsonl", ".txt"], scale=2, height=110,
+                                      elem_id="attach-file")
                 attach_btn = gr.Button("Attach task data", scale=0)
     return SimpleNamespace(base_box=base_box, zoo_pick=zoo_pick, extra_box=extra_box, upload=upload,
                            load_btn=load_btn, load_md=load_md, experts_df=experts_df, data_md=data_md,
@@ -414,7 +427,8 @@ def merge_section() -> SimpleNamespace:
 def probe_section() -> SimpleNamespace:
     with gr.Group(elem_classes=["ml-section"]):
         gr.Markdown("## 4 · Probe\nAccuracy of base, each expert and every merge of this session on held-out "
-                    "examples of each task (each model with every task's own head).")
+                    "examples of each task (each model with every task's own head); for causal-LM experts, loss and perplexity "
+                    "on each task's held-out text (lower is better).")
         with gr.Row():
             probe_btn = gr.Button("Run probe", variant="primary", elem_id="btn-probe")
             probe_stop = gr.Button("Cancel probe", variant="stop", scale=0)
@@ -446,19 +460,46 @@ def probe_section() -> SimpleNamespace:
                                  label="Accuracy vs drop ratio")
             sweep_md = gr.Markdown()
         predict_uses = gr.Markdown(h.merge_in_use(None), elem_id="predict-uses")
-        with gr.Row():
-            sentence = gr.Textbox(label="Try a sentence", placeholder="Type a sentence…", scale=4)
-            predict_btn = gr.Button("Predict", variant="secondary", scale=0, min_width=120, elem_classes=["ml-btn"])
-        predict_df = gr.Dataframe(value=h.placeholder_table("Press Predict to fill this."),
-                                  interactive=False, label="Base, expert and merged predictions",
-                                  elem_classes=["ml-wide-table"])
+        with gr.Column(elem_id="try-sentence") as sentence_box:
+            with gr.Row():
+                sentence = gr.Textbox(label="Try a sentence", placeholder="Type a sentence…", scale=4)
+                predict_btn = gr.Button("Predict", variant="secondary", scale=0, min_width=120,
+                                        elem_classes=["ml-btn"])
+            predict_df = gr.Dataframe(value=h.placeholder_table("Press Predict to fill this."),
+                                      interactive=False, label="Base, expert and merged predictions",
+                                      elem_classes=["ml-wide-table"])
+        prompt = prompt_area()
     return SimpleNamespace(probe_btn=probe_btn, probe_stop=probe_stop, probe_df=probe_df, probe_plot=probe_plot,
                            probe_md=probe_md, history_df=history_df, history_btn=history_btn,
                            restore_btn=restore_btn, history_file=history_file, history_md=history_md,
                            sweep_btn=sweep_btn, sweep_stop=sweep_stop, sweep_eta=sweep_eta, probe_eta=probe_eta,
                            sweep_progress=sweep_progress, probe_progress=probe_progress,
                            predict_uses=predict_uses, sweep_plot=sweep_plot, sweep_md=sweep_md, sentence=sentence,
-                           predict_btn=predict_btn, predict_df=predict_df)
+                           predict_btn=predict_btn, predict_df=predict_df, sentence_box=sentence_box, prompt=prompt)
+
+
+def prompt_area() -> SimpleNamespace:
+    """Try a prompt (causal-LM experts; shown instead of Try a sentence once LM experts are loaded): the base,
+    a chosen expert and the last merge continue the same prompt, side by side."""
+    with gr.Column(visible=False, elem_id="try-prompt") as box:
+        gr.Markdown("**Try a prompt**: the base, the chosen expert and the last merge each continue your text "
+                    f"(greedy: always the most likely next token; or sampled from the seed). At most "
+                    f"{wb.MAX_NEW_TOKENS} new tokens; **Stop** ends it between tokens.")
+        with gr.Row():
+            text = gr.Textbox(label="Prompt", placeholder="Type the start of a text…", scale=4, elem_id="prompt-text")
+            expert = ui.Dropdown(label="Expert to compare", choices=[], allow_custom_value=True, scale=1)
+        with gr.Row():
+            new_tokens = ui.Slider(1, wb.MAX_NEW_TOKENS, value=wb.DEFAULT_NEW_TOKENS, step=1, label="New tokens")
+            sample = gr.Checkbox(label="Sample instead of greedy", value=False)
+            seed = ui.Number(label="Sampling seed", value=0, precision=0, minimum=0, maximum=wb.MAX_SEED)
+        with gr.Row():
+            button = gr.Button("Continue the prompt", variant="secondary", elem_id="btn-generate")
+            stop = gr.Button("Stop", variant="stop", scale=0, elem_id="btn-generate-stop")
+        with gr.Row(elem_id="prompt-outputs"):
+            outputs = [gr.Textbox(label=name, interactive=False, lines=3, elem_id=f"continuation-{i}")
+                       for i, name in enumerate(("base", "expert", "merge"))]
+    return SimpleNamespace(box=box, text=text, expert=expert, new_tokens=new_tokens, sample=sample, seed=seed,
+                           button=button, stop=stop, outputs=outputs)
 
 
 def export_section() -> SimpleNamespace:
@@ -800,6 +841,32 @@ def wire_probe(page) -> None:
     probe.predict_btn.click(h.heavy(on_predict), [page.state, probe.sentence], probe.predict_df, api_name="predict",
                             **h.HEAVY)
     probe.sentence.submit(on_predict, [page.state, probe.sentence], probe.predict_df, api_visibility="private")
+    wire_prompt(page)
+
+
+def wire_prompt(page) -> None:
+    """Try a prompt for causal-LM experts; after each load the page shows it or Try a sentence, and names the
+    probe table and chart after the metric the experts get (perplexity or accuracy)."""
+    probe, prompt = page.probe, page.probe.prompt
+
+    @h.safe
+    def on_generate(session, text, expert, new_tokens, sample, seed):
+        rows = wb.generate_side_by_side(h.session_of(session), text, expert, new_tokens, seed, bool(sample))
+        return [continuation for _, continuation in rows]  # plain strings: what /generate returns to API callers
+
+    @h.safe
+    def name_outputs(session, expert):
+        """The three boxes' labels: base, the expert compared and the merge they show."""
+        session = h.session_of(session)
+        return [gr.update(label=name) for name in ("base", expert or "expert", session.last_label or "merge")]
+
+    long_step(prompt.button, prompt.stop, on_generate,
+              [page.state, prompt.text, prompt.expert, prompt.new_tokens, prompt.sample, prompt.seed],
+              prompt.outputs, "generate").then(name_outputs, [page.state, prompt.expert], prompt.outputs,
+                                               api_visibility="private")
+    page.done["load"].then(h.try_area, [page.state],
+                           [probe.sentence_box, prompt.box, prompt.expert, probe.probe_df, probe.probe_plot],
+                           api_visibility="private")
 
 
 def wire_export(page) -> None:

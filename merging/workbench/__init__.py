@@ -86,6 +86,7 @@ from .export import (  # noqa: F401
     size_text,
     zip_is_stored,
 )
+from .generate import DEFAULT_NEW_TOKENS, MAX_NEW_TOKENS, generate_side_by_side  # noqa: F401
 from .guide import STEPS as GUIDE_STEPS  # noqa: F401
 from .guide import guide_line, next_step  # noqa: F401
 from .history import (  # noqa: F401
@@ -130,6 +131,7 @@ from .limits import (  # noqa: F401
     method_spec,
     no_progress,
 )
+from .lm import attach_data, attach_lm_data, is_lm_session, lm_probe_rows, run_lm_probe  # noqa: F401
 from .merge import (  # noqa: F401
     MergeSummary,
     build_recipe,

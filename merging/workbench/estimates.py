@@ -150,7 +150,7 @@ def calibrate(session: Session, n_fewshot: int = DEFAULT_FEWSHOT) -> None:
     if rate_of("forward") and rate_of("gradient") and rate_of("example"):
         return
     from ..apl.importance import draw_fewshot, gradient_scores
-    from ..apl.taskloss import body_state, classifier_task_loss
+    from ..apl.taskloss import body_state, task_loss
     from .experts import models_for, tokenizer_for
 
     expert = next((e for e in session.refs if e in session.data and session.data[e].fewshot), None)
@@ -161,8 +161,8 @@ def calibrate(session: Session, n_fewshot: int = DEFAULT_FEWSHOT) -> None:
     examples, _ = draw_fewshot(session.data[expert].fewshot, int(n_fewshot), session.seed)
     with models.lock:
         base, own = body_state(models.expert_set, "base"), body_state(models.expert_set, expert)
-        task = classifier_task_loss(models.expert_set, expert, {expert: examples}, tokenizer, base,
-                                    purpose="the time estimate")
+        task = task_loss(models.expert_set, expert, {expert: examples}, tokenizer, base,  # LM text or labels
+                         purpose="the time estimate")
         task.loss()  # the first pass pays one-off costs (allocations, kernels): not a unit of work
         clock = time.perf_counter()
         task.loss()

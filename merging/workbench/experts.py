@@ -199,12 +199,18 @@ def data_status(session: Session) -> str:
     """Markdown: which experts have task data, and what is unavailable without it."""
     if not session.refs:
         return "No experts loaded yet."
-    lines = []
+    from .lm import is_lm_session
+
+    lines, lm = [], is_lm_session(session)
     for name in session.refs:
         data = session.data.get(name)
         if data is not None:
             lines.append(f"- **{name}**: {len(data.fewshot)} few-shot + {len(data.probe)} probe examples "
                          f"({data.source})")
+        elif lm:
+            lines.append(f"- **{name}**: no task text — APL, Fisher and the perplexity probe are unavailable for "
+                         "it until you attach a .txt file (one example per line) or JSONL rows of `text` or "
+                         "`prompt`/`completion`")
         else:
             lines.append(f"- **{name}**: no task data — APL, Fisher and the probe are unavailable for it until you "
                          "attach a CSV/JSONL file with `text` and `label` columns")

@@ -38,16 +38,17 @@ def what_you_saw(session: Session, step: str) -> str:
         item = session.history[-1] if session.history else {}
         return f"{item.get('label', 'the merge')} is built ({item.get('settings', '')})."
     if step == "probe":
-        from .history import accuracy, base_metrics, below_base, below_base_text
+        from .history import base_metrics, below_base, below_base_text, metric_of, scores
 
         item = session.history[-1] if session.history else {}
-        accs = accuracy(item.get("metrics"))
-        if not accs:
+        metric = metric_of(item.get("metrics"))
+        values = scores(item.get("metrics"), metric)
+        if not values:
             return "base, experts and the merge are probed."
         flags = below_base(item.get("metrics"), base_metrics(session))
-        text = (f"{item['label']} reaches mean accuracy {sum(accs.values()) / len(accs):.3f} over "
-                f"{len(accs)} tasks")
-        return text + (f"; {below_base_text(flags)}." if flags else "; no task is below the base.")
+        text = (f"{item['label']} reaches mean {metric} {sum(values.values()) / len(values):.3f} over "
+                f"{len(values)} tasks")
+        return text + (f"; {below_base_text(flags, metric)}." if flags else "; no task is below the base.")
     if step == "export":
         return f"the zip holds {session.last_label or 'the last merge'}, its recipe and model card."
     raise ValueError(f"unknown step {step!r}")

@@ -197,13 +197,26 @@ def merge_changes(previous: dict | None, recipe: dict | None, limit: int = 4) ->
 
 
 def accuracy(metrics: dict | None) -> dict[str, float]:
-    return {t: float(m["accuracy"]) for t, m in (metrics or {}).items()
-            if isinstance(m, dict) and isinstance(m.get("accuracy"), (int, float))}
+    return scores(metrics, "accuracy")
+
+
+def scores(metrics: dict | None, metric: str) -> dict[str, float]:
+    """``{task: value}`` of one probe metric (accuracy, perplexity) from ``{task: {metric: value}}``."""
+    return {t: float(m[metric]) for t, m in (metrics or {}).items()
+            if isinstance(m, dict) and isinstance(m.get(metric), (int, float))}
+
+
+def metric_of(*metrics: dict | None) -> str:
+    """The metric a probe reports: perplexity for causal-LM experts (lower is better), accuracy otherwise."""
+    lm = any(isinstance(m, dict) and "perplexity" in m for item in metrics for m in (item or {}).values())
+    return "perplexity" if lm else "accuracy"
 
 
 def accuracy_changes(previous: dict | None, metrics: dict | None) -> str:
-    """Per-task change in probe accuracy from the previous probed merge: "topic +0.031, mood −0.012"."""
-    before, after = accuracy(previous), accuracy(metrics)
+    """Per-task change in the probe metric from the previous probed merge: "topic +0.031, mood −0.012"
+    (accuracy; perplexity for LM experts)."""
+    metric = metric_of(previous, metrics)
+    before, after = scores(previous, metric), scores(metrics, metric)
     common = [t for t in after if t in before]
     if not common:
         return ""
@@ -211,13 +224,17 @@ def accuracy_changes(previous: dict | None, metrics: dict | None) -> str:
 
 
 def below_base(metrics: dict | None, base: dict | None) -> list[tuple[str, float, float]]:
-    """(task, merge accuracy, base accuracy) for every task the merge leaves below the base: the number a
-    mean over tasks hides."""
-    mine, ref = accuracy(metrics), accuracy(base)
-    return [(t, mine[t], ref[t]) for t in mine if t in ref and mine[t] < ref[t]]
+    """(task, merge value, base value) for every task the merge leaves worse than the base: the number a
+    mean over tasks hides. Worse is a lower accuracy, or for LM experts a perplexity above the base's."""
+    metric = metric_of(metrics, base)
+    mine, ref = scores(metrics, metric), scores(base, metric)
+    worse = (lambda a, b: a > b) if metric == "perplexity" else (lambda a, b: a < b)
+    return [(t, mine[t], ref[t]) for t in mine if t in ref and worse(mine[t], ref[t])]
 
 
-def below_base_text(rows: list[tuple[str, float, float]]) -> str:
+def below_base_text(rows: list[tuple[str, float, float]], metric: str = "accuracy") -> str:
+    if metric == "perplexity":
+        return "; ".join(f"⚠ {t} perplexity {v:.3f} above the base {b:.3f}" for t, v, b in rows)
     return "; ".join(f"⚠ {t} {acc:.3f} < base {b:.3f}" for t, acc, b in rows)
 
 
@@ -231,22 +248,24 @@ def base_metrics(session: Session) -> dict | None:
 
 
 def history_table(session: Session) -> tuple[list[str], list[list]]:
-    """The session's merges side by side: label, method, mean and per-task accuracy, what changed from the
-    previous merge, the per-task accuracy change from the previous probed merge, tasks below the base,
-    merge seconds, then the settings (last: the longest column)."""
+    """The session's merges side by side: label, method, mean and per-task accuracy (perplexity for LM
+    experts), what changed from the previous merge, the per-task change from the previous probed merge,
+    tasks below the base, merge seconds, then the settings (last: the longest column)."""
     tasks = list(dict.fromkeys(t for item in session.history for t in (item.get("metrics") or {})))
-    headers = ["merge", "method", "mean accuracy", *(f"{t} acc" for t in tasks), "changed from previous",
-               "Δ accuracy vs previous", "below base", "seconds", "settings"]
+    metric = metric_of(*(item.get("metrics") for item in session.history))
+    short = "ppl" if metric == "perplexity" else "acc"
+    headers = ["merge", "method", f"mean {metric}", *(f"{t} {short}" for t in tasks), "changed from previous",
+               f"Δ {metric} vs previous", "below base", "seconds", "settings"]
     base = base_metrics(session)
     rows, previous_recipe, previous_metrics = [], None, None
     for item in session.history:
         metrics = item.get("metrics") or {}
-        accs = accuracy(metrics)
-        per_task = [None if t not in accs else round(accs[t], 4) for t in tasks]
-        mean = round(sum(accs.values()) / len(accs), 4) if accs else None
+        values = scores(metrics, metric)
+        per_task = [None if t not in values else round(values[t], 4) for t in tasks]
+        mean = round(sum(values.values()) / len(values), 4) if values else None
         rows.append([item["label"], item["method"], mean, *per_task,
                      merge_changes(previous_recipe, item.get("recipe")) if item.get("recipe") else "",
-                     accuracy_changes(previous_metrics, metrics), below_base_text(below_base(metrics, base)),
+                     accuracy_changes(previous_metrics, metrics), below_base_text(below_base(metrics, base), metric),
                      item.get("seconds"), item["settings"]])
         previous_recipe = item.get("recipe") or previous_recipe
         previous_metrics = metrics or previous_metrics

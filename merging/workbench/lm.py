@@ -10,6 +10,7 @@ the data-aware methods' ``prepare`` read it with no LM-specific step.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -63,31 +64,111 @@ def attach_lm_data(session: Session, expert: str, path: str | os.PathLike, n_few
     return session
 
 
-def lm_probe_rows(session: Session, progress: Progress | None = None) -> tuple[list[str], list[list]]:
-    """(headers, rows) of loss and perplexity per task: base, each expert, and the session's latest merge
-    when there is one, each on the held-out text of every expert with LM data. The prober (reference
-    rows computed once) is shared by every session of the selection."""
+def is_lm_session(session: Session) -> bool:
+    """Whether the session's experts are causal LMs (their config.json names a *ForCausalLM architecture):
+    their data is text, their probe reports perplexity and their page tries a prompt, not a sentence."""
+    from ..lm.model import is_causal_lm
+
+    if not session.refs:
+        return False
+    experts = models_for(session).expert_set.experts
+    return any(is_causal_lm(e.source.config) for e in experts.values())
+
+
+def attach_data(session: Session, expert: str, path: str | os.PathLike, n_fewshot: int | None = None) -> Session:
+    """Attach a task file to an expert, as text for a causal LM and as labelled rows for a classifier —
+    the upload on the page is one, whichever kind of experts is loaded."""
+    from ..lm.model import is_causal_lm
+    from .experts import attach_task_data
+
+    if expert not in session.refs:
+        raise MergeLabError(f"no expert named '{expert}' is loaded (experts: {', '.join(session.refs) or 'none'})")
+    spec = models_for(session).expert_set.experts[expert]
+    if is_causal_lm(spec.source.config):
+        return attach_lm_data(session, expert, path, n_fewshot)
+    if Path(path).suffix.lower() == ".txt":
+        raise MergeLabError(f"{Path(path).name[:80]} is plain text, but expert '{expert}' is a classifier: its "
+                            "task data is a CSV or JSONL file with `text` and `label` columns")
+    return attach_task_data(session, expert, path, n_fewshot)
+
+
+def _lm_prober(session: Session, models):
+    """(prober, held-out sets, experts left out) for the session's LM experts; the prober (base and
+    experts scored once) is shared by every session of the selection with the same held-out text."""
     from ..io.taskdata import is_lm_data
     from ..lm.probe import LMProber
 
-    progress = progress or no_progress
-    models = models_for(session)
     sets = {e: list(d.probe) for e, d in session.data.items() if e in session.refs and d.probe and is_lm_data(d.probe)}
     if not sets:
         raise MergeLabError("no expert has LM task data with held-out rows: attach a text file to each LM expert first")
     key = content_hash("lm-probe", sets)
     with models.lock:
         if models.prober is None or models.prober_key != key:
-            progress(0.1, "building the LM prober (base and experts are scored once)")
-            models.prober = LMProber(models.expert_set, sets, tokenizer_for(models))
+            cache_dir = Path(tempfile.gettempdir()) / "merge-lab-probe" / "probe_cache"
+            models.prober = LMProber(models.expert_set, sets, tokenizer_for(models), cache_dir=cache_dir)
             models.prober_key = key
-        prober = models.prober
+    return models.prober, sets, [e for e in session.refs if e not in sets]
+
+
+def run_lm_probe(session: Session, progress: Progress | None = None):
+    """The Probe step for causal-LM experts: loss and perplexity per task (lower is better) of base, each
+    expert and every probed merge of the session, as a ``causal_lm`` :class:`~merging.zoo.probe.ProbeReport`
+    (so the page, the history and every caller read one report type). A merge of one body per task (EMR)
+    is scored task by task on its own body. The merged row is cached across sessions by content hash."""
+    from ..zoo.probe import CAUSAL_LM, ProbeReport, ProbeRow
+    from .cache import CACHE, RESULTS
+    from .merge import merged_result
+
+    progress = progress or no_progress
+    models = models_for(session)
+    if session.merge_key is None:
+        raise MergeLabError("no merge yet in this session: press Merge first")
+    prober, sets, unavailable = _lm_prober(session, models)
+    progress(0.1, "base and experts (computed once, then cached)")
+    with models.lock:
+        reference = prober.reference()
+
+    def probe_merge():
+        result = merged_result(session)
+        with models.lock:
+            progress(0.6, "the merged model")
+            if result.task_bodies:
+                return prober.probe_task_bodies(result.task_bodies)
+            return prober.probe_body(result.tensors)
+
+    metrics, _ = RESULTS.get_or_compute("probe", content_hash("lm-probe", session.merge_key, sets), probe_merge)
+    metrics = {t: dict(m) for t, m in metrics.items()}
+    rows = [ProbeRow(r["name"], r["metrics"], CAUSAL_LM) for r in reference.rows]
+    session.reference = ProbeReport(list(reference.tasks), rows, CAUSAL_LM, dict(reference.meta))
+    for item in reversed(session.history):
+        if item.get("key") == session.merge_key or "key" not in item:
+            item["metrics"] = metrics
+            break
+    report = ProbeReport(list(reference.tasks), list(rows), CAUSAL_LM, dict(reference.meta))
+    for item in session.history:
+        if item.get("metrics") and set(item["metrics"]) <= set(reference.tasks):
+            report.add(ProbeRow(item["label"], item["metrics"], CAUSAL_LM))
+    report.meta["unavailable"] = unavailable
+    CACHE.trim()
+    progress(1.0, "probe done")
+    return report
+
+
+def lm_probe_rows(session: Session, progress: Progress | None = None) -> tuple[list[str], list[list]]:
+    """(headers, rows) of loss and perplexity per task: base, each expert, and the session's latest merge
+    when there is one, each on the held-out text of every expert with LM data. The prober (reference
+    rows computed once) is shared by every session of the selection."""
+    progress = progress or no_progress
+    models = models_for(session)
+    prober, _, _ = _lm_prober(session, models)
+    with models.lock:
         progress(0.3, "base and experts")
-        report = prober.report()
+        merged = {}
         if session.merge_key is not None:
-            from .merge import merged_tensors
+            from .merge import merged_result
 
             progress(0.7, "the merged model")
-            report.add(session.last_label or "merged", prober.probe_body(merged_tensors(session)))
+            merged = {session.last_label or "merged": merged_result(session)}
+        report = prober.report(merged)  # a merge of one body per task is scored on each task's own body
     progress(1.0, "done")
     return report.table()

@@ -60,9 +60,14 @@ def prober_for(session: Session, models: Models):
 def run_probe(session: Session, progress: Progress | None = None):
     """Probe base, experts and the latest merge; returns the report with every merge of the session.
 
-    The merged row is a pure function of (merge, probe sets): cached across sessions by content hash."""
+    The merged row is a pure function of (merge, probe sets): cached across sessions by content hash.
+    Causal-LM experts get loss and perplexity per task instead (:func:`.lm.run_lm_probe`), so the page,
+    the history and every caller of this one step see perplexity rows for an LM session."""
     from ..zoo.probe import ProbeReport, ProbeRow
+    from .lm import is_lm_session, run_lm_probe
 
+    if is_lm_session(session):
+        return run_lm_probe(session, progress)
     progress = progress or no_progress
     models = models_for(session)
     if session.merge_key is None:
@@ -115,6 +120,11 @@ def drop_sweep(session: Session, ratios: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 
                methods: Sequence[str] = SWEEP_METHODS, progress: Progress | None = None) -> dict[str, list[float]]:
     """Mean probe accuracy vs drop ratio for a few sparsifying methods (no overrides; methods with a
     ``prepare`` prepared again at each ratio)."""
+    from .lm import is_lm_session
+
+    if is_lm_session(session):
+        raise MergeLabError("the drop sweep plots probe accuracy of classifier experts; for causal-LM experts, merge "
+                            "at a few drop ratios and compare their perplexity in the session history")
     progress = progress or no_progress
     models = models_for(session)
     prober, _ = prober_for(session, models)
@@ -155,6 +165,11 @@ def predict(session: Session, text: str, expert: str | None = None) -> list[list
         raise MergeLabError("type a sentence first")
     if len(text) > MAX_SENTENCE_CHARS:
         raise MergeLabError(f"Try a sentence: at most {MAX_SENTENCE_CHARS} characters, got {len(text)}")
+    from .lm import is_lm_session
+
+    if is_lm_session(session):
+        raise MergeLabError("these experts are causal LMs: they continue text, they do not label it — use "
+                            "Try a prompt")
     models = models_for(session)
     tokenizer = tokenizer_for(models)
     base_root = getattr(models.expert_set.base, "root", None)
