@@ -21,15 +21,19 @@ FISHER_EXTRAS = "fisher"
 # APL's calibration parameters, declared once: the method's declaration, the calibration's checks, the
 # app's controls and the CLI all read these (ranges are never typed twice).
 MEAN_DROP = ParamSpec("drop_ratio", "float", DEFAULTS["drop_ratio"],
-                      "Mean drop ratio p̄ (weighted by parameter count); APL's per-layer suggestions — or your "
-                      "per-layer overrides — replace it layer by layer.", PER_LAYER, 0.0, 0.999)
+                      "Mean drop ratio p̄: on average, the share of each expert's change that is thrown away (weighted by "
+                      "parameter count; with random dropping what is kept is scaled up to make up for it). APL's per-layer suggestions "
+                      "— or your per-layer overrides — spread it over the layers, less dropped where it matters.", PER_LAYER, 0.0, 0.999)
 TAU1 = ParamSpec("tau1", "float", DEFAULTS["tau1"],
-                 "Temperature τ1 of the drop-ratio softmax: small = important layers keep much more; "
-                 "very large = uniform drop ratios (DARE).", SHARED, 1e-3, 1e12)
+                 "Temperature τ1: how strongly importance shapes the per-layer drop ratios. Small = important "
+                 "layers keep much more of their change; very large = every layer drops the same share (plain "
+                 "DARE, random dropping).", SHARED, 1e-3, 1e12)
 TAU2 = ParamSpec("tau2", "float", DEFAULTS["tau2"],
-                 "Temperature τ2 of the merge-weight softmax across experts: very large = unit weights.",
+                 "Temperature τ2: how strongly importance shapes each expert's merge weight in a layer. Small = "
+                 "the expert whose change matters most there dominates; very large = every expert weighs the same.",
                  SHARED, 1e-3, 1e12)
-Q_MIN = ParamSpec("q_min", "float", DEFAULTS["q_min"], "Smallest keep rate any layer or unit may get.",
+Q_MIN = ParamSpec("q_min", "float", DEFAULTS["q_min"], "q_min: the smallest share of its change any layer or unit keeps, so "
+                  "no part is dropped entirely.",
                   SHARED, 0.0, 0.5)
 WITHIN = ParamSpec("within_layer", "choice", "uniform",
                    "Inside a layer: one drop ratio for every entry, or per hidden-state unit by importance rank.",
