@@ -118,7 +118,7 @@ def test_guided_walk_layer_chart_and_history(fake_app_url):
             # then the gradient-vs-exact agreement per expert at layer and module level
             eta = page.locator("#importance-eta")
             page.locator("#btn-importance").scroll_into_view_if_needed()
-            page.get_by_label("exact").check()
+            page.get_by_role("radio", name="exact").check()
             expect(eta).to_contain_text(re.compile(r"exact importance, layers and modules: .*forward passes × "),
                                         timeout=30_000)
             page.get_by_label("layers (quick)").check()

@@ -56,9 +56,7 @@ def test_lm_experts_text_probe_and_prompt(fake_app_url, tmp_path):
                 clear = page.locator("#attach-file button[aria-label*='lear']")
                 if clear.count():  # the previous file is still shown: remove it first
                     clear.first.click()
-                with page.expect_file_chooser() as chooser:
-                    page.locator("#attach-file button[aria-label='Click to upload or drop files']").click()
-                chooser.value.set_files(str(file))
+                page.locator("#attach-file input[type=file]").set_input_files(str(file))
                 expect(page.locator("#attach-file")).to_contain_text(file.name, timeout=30_000)
                 button(page, "Attach task data").click()
                 expect(page.locator("body")).to_contain_text(f"probe examples ({file.name})", timeout=60_000)
