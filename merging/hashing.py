@@ -55,3 +55,24 @@ def file_digest(path: str | Path, chunk: int = 1 << 20, algorithm: str = "blake2
         for piece in iter(lambda: handle.read(chunk), b""):
             digest.update(piece)
     return digest.hexdigest()
+
+
+def cached_text(path, compute, parse, render):
+    """``parse(text of path)`` when that file exists and parses; else ``compute()``, written to ``path``
+    with ``render`` (a folder that cannot be written keeps the result in memory only). The probes' disk
+    cache of reference rows, keyed by a content hash in the file name: one copy of its read-or-recompute rule."""
+    from pathlib import Path
+
+    if path is not None and Path(path).is_file():
+        try:
+            return parse(Path(path).read_text(encoding="utf-8"))
+        except (ValueError, TypeError, KeyError):
+            pass  # unreadable cache: recompute and overwrite
+    value = compute()
+    if path is not None:
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(render(value), encoding="utf-8")
+        except OSError:
+            pass  # a read-only folder still works, without the disk cache
+    return value

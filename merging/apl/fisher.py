@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import MergeLabError
 from ..io.experts import ExpertSet
 from ..methods.base import PerTensor
 from .defaults import FISHER_EXTRAS
@@ -24,10 +23,9 @@ from .taskloss import (
     MAX_LENGTH,
     Example,
     ExampleLoss,
-    FunctionLoss,
     TaskLoss,
     body_state,
-    task_loss,
+    expert_task_loss,
 )
 
 Progress = Callable[[float, str], None]
@@ -90,23 +88,14 @@ def compute_fisher(expert_set: ExpertSet, examples: Mapping[str, Sequence[Exampl
     for index, expert in enumerate(experts):
         clock = time.perf_counter()
         state = body_state(expert_set, expert)
-        task = _task(expert_set, expert, state, examples, tokenizer, device, max_length, example_loss_fn, n_examples)
+        task = expert_task_loss(expert_set, expert, state, examples, tokenizer, purpose="Fisher merging",
+                                device=device, max_length=max_length, example_loss_fn=example_loss_fn, n_examples=n_examples)
         step = None if progress is None else (
             lambda f, m, i=index, e=expert: progress((i + f) / len(experts), f"Fisher {e}: {m}"))
         result.diagonals[expert] = fisher_diagonal(task, names, step)
         result.n_examples[expert] = task.n_examples
         result.seconds[expert] = time.perf_counter() - clock
     return result
-
-
-def _task(expert_set, expert, state, examples, tokenizer, device, max_length, example_loss_fn, n_examples) -> TaskLoss:
-    if example_loss_fn is not None:
-        fn = example_loss_fn[expert] if isinstance(example_loss_fn, Mapping) else example_loss_fn
-        if not n_examples:
-            raise MergeLabError("example_loss_fn needs n_examples (how many examples to average over)")
-        return FunctionLoss(state, lambda s: torch.stack([fn(s, i) for i in range(n_examples)]).mean(), fn, n_examples)
-    return task_loss(expert_set, expert, examples, tokenizer, state, purpose="Fisher merging",
-                                device=device, max_length=max_length)
 
 
 def prepare_fisher(expert_set: ExpertSet, examples: Mapping[str, Sequence[Example]] | None = None, tokenizer=None,

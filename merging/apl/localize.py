@@ -40,7 +40,15 @@ from ..io.experts import ExpertSet
 from ..io.layout import ROLE_MERGE
 from ..methods.base import PerTensor
 from ..methods.localize_stitch import MASK_PARAMS, MASKS_EXTRAS
-from .taskloss import MAX_LENGTH, Example, ExampleLoss, FunctionLoss, TaskLoss, body_state, classifier_task_loss
+from .taskloss import (
+    MAX_LENGTH,
+    Example,
+    ExampleLoss,
+    TaskLoss,
+    body_state,
+    classifier_task_loss,
+    expert_task_loss,
+)
 
 Progress = Callable[[float, str], None]
 Tensors = dict[str, torch.Tensor]
@@ -175,7 +183,9 @@ def compute_masks(expert_set: ExpertSet, examples: Mapping[str, Sequence[Example
             lambda f, m, i=index, e=expert: progress((i + f) / len(experts), f"localize {e}: {m}"))
 
         def task_for(state, e=expert):
-            return _task(expert_set, e, state, examples, tokenizer, device, max_length, example_loss_fn, n_examples)
+            return expert_task_loss(expert_set, e, state, examples, tokenizer, device=device,
+                                    purpose="Localize-and-Stitch's trained masks", max_length=max_length,
+                                    example_loss_fn=example_loss_fn, n_examples=n_examples, build=classifier_task_loss)
 
         key = _cache_key(expert, examples, values, device, max_length) if cache and example_loss_fn is None else None
         found = _cached(expert_set, key)
@@ -187,16 +197,6 @@ def compute_masks(expert_set: ExpertSet, examples: Mapping[str, Sequence[Example
         result.kept[expert] = sum(int(m.sum()) for m in found[0].values()) / max(total, 1)
         result.seconds[expert] = time.perf_counter() - clock
     return result
-
-
-def _task(expert_set, expert, state, examples, tokenizer, device, max_length, example_loss_fn, n_examples) -> TaskLoss:
-    if example_loss_fn is not None:
-        fn = example_loss_fn[expert] if isinstance(example_loss_fn, Mapping) else example_loss_fn
-        if not n_examples:
-            raise MergeLabError("example_loss_fn needs n_examples (how many examples to average over)")
-        return FunctionLoss(state, lambda s: torch.stack([fn(s, i) for i in range(n_examples)]).mean(), fn, n_examples)
-    return classifier_task_loss(expert_set, expert, examples, tokenizer, state, purpose="Localize-and-Stitch's trained masks",
-                                device=device, max_length=max_length)
 
 
 # ---- the mask cache: per expert set (dropped with it), expert, few-shot draw and mask parameters --------

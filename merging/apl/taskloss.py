@@ -288,3 +288,18 @@ def classifier_task_loss(expert_set: ExpertSet, expert: str, examples, tokenizer
     task = ClassifierLoss(expert_set, expert, encode_examples(tokenizer, examples[expert], max_length), device)
     task.assign(start)
     return task
+
+
+def expert_task_loss(expert_set: ExpertSet, expert: str, state, examples, tokenizer, *, purpose: str, device: str,
+                     max_length: int, example_loss_fn=None, n_examples: int | None = None,
+                     build: Callable[..., TaskLoss] | None = None) -> TaskLoss:
+    """The loss a data-aware method measures ``expert`` on: a caller's ``example_loss_fn(state, i)`` (one
+    function, or one per expert) averaged over ``n_examples``, else ``build`` (default :func:`task_loss`) on
+    the expert's few-shot ``examples``. One place for Fisher, Localize-and-Stitch and whatever comes next."""
+    if example_loss_fn is not None:
+        fn = example_loss_fn[expert] if isinstance(example_loss_fn, Mapping) else example_loss_fn
+        if not n_examples:
+            raise MergeLabError("example_loss_fn needs n_examples (how many examples to average over)")
+        return FunctionLoss(state, lambda s: torch.stack([fn(s, i) for i in range(n_examples)]).mean(), fn, n_examples)
+    return (build or task_loss)(expert_set, expert, examples, tokenizer, state, purpose=purpose, device=device,
+                                max_length=max_length)

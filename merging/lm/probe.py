@@ -29,7 +29,7 @@ import torch
 
 from ..cancel import checkpoint
 from ..errors import MergeLabError
-from ..hashing import content_hash, file_digest
+from ..hashing import cached_text, content_hash, file_digest
 from ..io.experts import ExpertSet
 from ..io.taskdata import LMExample
 from .model import bind_body, causal_lm_from_config, encode_lm_examples, has_own_lm_head, lm_loss_terms
@@ -253,24 +253,15 @@ class LMProber:
         """Rows ``base`` and one per expert; computed once (and read from the disk cache when present)."""
         if self._reference is not None:
             return self._reference
-        cache = self._cache_file()
-        if cache is not None and cache.is_file():
-            try:
-                self._reference = LMProbeReport.from_json(cache.read_text(encoding="utf-8"))
-                return self._reference
-            except (ValueError, TypeError, KeyError):
-                pass  # unreadable cache: recompute and overwrite
+        self._reference = cached_text(self._cache_file(), self._compute_reference, LMProbeReport.from_json,
+                                      LMProbeReport.to_json)
+        return self._reference
+
+    def _compute_reference(self) -> LMProbeReport:
         report = LMProbeReport(list(self.tasks), meta={"n_probe": {t: len(s) for t, s in self.sets.items()},
                                                        "max_length": self.max_length})
         for which in ["base", *self.expert_set.experts]:
             report.add(which, self._eval(self._body(which)))
-        self._reference = report
-        if cache is not None:
-            try:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                cache.write_text(report.to_json(), encoding="utf-8")
-            except OSError:
-                pass  # a read-only folder still probes, without the disk cache
         return report
 
     def probe_body(self, body: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..cancel import checkpoint
 from ..errors import MergeLabError
-from ..hashing import content_hash, file_digest
+from ..hashing import cached_text, content_hash, file_digest
 from .tasks import Example
 
 CLASSIFIER = "classifier"
@@ -347,26 +347,17 @@ class Prober:
         """Rows ``base`` and one per expert (body of the expert with every task's own head); computed once."""
         if self._reference is not None:
             return self._reference
-        cache = self._cache_file()
-        if cache is not None and cache.is_file():
-            try:
-                self._reference = ProbeReport.from_json(cache.read_text(encoding="utf-8"))
-                return self._reference
-            except (ValueError, TypeError, KeyError):
-                pass  # unreadable cache: recompute and overwrite
+        self._reference = cached_text(self._cache_file(), self._compute_reference, ProbeReport.from_json,
+                                      ProbeReport.to_json)
+        return self._reference
+
+    def _compute_reference(self) -> ProbeReport:
         report = ProbeReport(tasks=list(self.tasks), meta={"n_probe": {t: len(s) for t, s in self.sets.items()}})
         for t in self.tasks:
             body, _ = body_from_expert(load_safetensors(self.experts[t] / "model.safetensors"), self.body.prefix)
             report.add(self._eval_body(t, body))
         base_row = self._eval_body("base", self._base_state)  # leaves the base loaded and its hidden states cached
         report.rows.insert(0, base_row)
-        self._reference = report
-        if cache is not None:
-            try:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                cache.write_text(report.to_json(), encoding="utf-8")
-            except OSError:
-                pass  # a read-only zoo still probes, just without the disk cache
         return report
 
     def probe_body(self, body: dict[str, torch.Tensor], name: str = "merged", changed_layers: Iterable | None = None) -> ProbeRow:
