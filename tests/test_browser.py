@@ -4,7 +4,7 @@ and the heatmap, the probe table and the download appear. Saves tests/screenshot
 from __future__ import annotations
 
 import pytest
-from browser import SHOTS, browser_or_skip, button, launch
+from browser import SHOTS, browser_or_skip, button, launch, load_and_compute
 
 pytestmark = pytest.mark.browser
 
@@ -72,15 +72,6 @@ def test_browser_flow(app_url, real_zoo):
             browser.close()
 
 
-def _load_and_importance(page, expect):
-    expect(page.locator("#zoo-status")).to_contain_text("ready", timeout=60_000)
-    button(page, "Load experts").click()
-    expect(page.locator("#experts-table")).to_contain_text("few-shot", timeout=120_000)
-    button(page, "Compute importance").click()
-    expect(page.locator("#heatmap-status")).to_contain_text("most important", timeout=180_000)  # done, not the placeholder
-    expect(page.locator("#drop-1 input[type=range]")).to_be_visible(timeout=30_000)
-
-
 def _layer_of(page, elem: str) -> str:
     import re
 
@@ -114,7 +105,7 @@ def test_every_slider_input_reaches_the_plan_and_the_merge(app_url, real_zoo):
         browser, page = launch(pw)
         try:
             page.goto(app_url)
-            _load_and_importance(page, expect)
+            load_and_compute(page, expect)
             expect(page.locator("#overrides")).to_contain_text("No overrides", timeout=30_000)  # the APL prefill moved the sliders: no override
             # 1. arrow keys (the range input's own step, 0.001)
             track = page.locator("#drop-1 input[type=range]")
@@ -212,7 +203,7 @@ def test_buttons_work_again_after_an_error(app_url, real_zoo):
             texts = [t.strip() for t in page.locator("[data-testid=toast-text]:visible").all_inner_texts()]
             assert len(texts) == len(set(texts)) >= 1, texts
             assert page.locator("[data-testid=status-tracker] span.error:visible").count() == 0
-            _load_and_importance(page, expect)
+            load_and_compute(page, expect)
             expect(button(page, "Compute importance")).to_be_enabled(timeout=30_000)
             expect(merge).to_be_enabled(timeout=30_000)
             merge.click()

@@ -7,6 +7,7 @@ own text, so deltas are real and each expert beats the base on its task.
 
 import json
 
+import apl_fixtures as fx
 import numpy as np
 import pytest
 import tiny_models as tm
@@ -24,10 +25,8 @@ FAMILIES = {"gpt2": ("gpt2", None), "llama": ("llama", None), "qwen2_tied": ("qw
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with fx.one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

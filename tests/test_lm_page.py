@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import apl_fixtures as fx
 import pytest
 import tiny_models as tm
 import torch
@@ -19,10 +20,8 @@ from merging.workbench.merge import merged_result
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with fx.one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
