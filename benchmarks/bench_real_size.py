@@ -4,7 +4,8 @@
     nice -n 19 python benchmarks/bench_real_size.py --write    # also rewrite benchmarks/RESULTS-real-size.md
     python benchmarks/bench_real_size.py --small               # the same pipeline on a tiny model (a smoke run)
     python benchmarks/bench_real_size.py --steps inspect,ties  # only some steps (models written first)
-    python benchmarks/bench_real_size.py --root DIR --keep     # keep the models (a rerun reuses them)
+    python benchmarks/bench_real_size.py --root DIR --keep     # keep the models (a rerun reuses them, and
+                                                               # --write tables every step recorded in DIR)
 
 Why: a CPU Space has 16 GB; every step a user runs on a 0.5B model (inspect, gradient importance on a short
 few-shot set, calibrate, TIES / DARE-TIES / APL merges exported to disk, the perplexity probe) must fit in
@@ -283,11 +284,11 @@ def machine() -> str:
 
 
 def table(results: list[dict]) -> list[str]:
-    lines = ["| step | wall (s) | CPU (s) | peak RssAnon (GB) | peak RssFile (GB) | ru_maxrss (GB) | ≤ 16 GB |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| step | wall (s) | CPU (s) | load | peak RssAnon (GB) | peak RssFile (GB) | ru_maxrss (GB) | ≤ 16 GB |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         ok = "yes" if r["ru_maxrss"] <= BUDGET_GB * 1e9 else "NO"
-        lines.append(f"| {r['step']} | {r['seconds']:.1f} | {r['cpu']:.1f} | {r['anon'] / 1e9:.2f} | {r['file'] / 1e9:.2f} | "
+        lines.append(f"| {r['step']} | {r['seconds']:.1f} | {r['cpu']:.1f} | {r['load']:.1f} | {r['anon'] / 1e9:.2f} | {r['file'] / 1e9:.2f} | "
                      f"{r['ru_maxrss'] / 1e9:.2f} | {ok} |")
     return lines
 
@@ -306,7 +307,7 @@ def write_results(info: dict, results: list[dict], probe: str, args) -> None:
              "RssAnon is the process's own memory (tensors, heap); RssFile the memory-mapped weight pages it touched, "
              "which are page cache the kernel drops under pressure; ru_maxrss is their peak sum as the kernel saw it. "
              "CPU is the child's user + system time (all its threads): on a shared machine wall time is mostly "
-             "waiting for a core.",
+             "waiting for a core; load is the 1-minute load average when the step ended.",
              "", f"Probe (perplexity per task, de/es): {probe}", "", "Commands (ROOT is the models' folder):", ""]
     lines += [f"- {r['step']}: `{r['command'].replace(str(args.root_path), 'ROOT')}`" for r in results]
     kept = RESULTS.read_text(encoding="utf-8").partition(NOTES)[2] if RESULTS.is_file() else "\n"
@@ -321,7 +322,7 @@ def main() -> None:
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
     parser.add_argument("--write", action="store_true", help="rewrite benchmarks/RESULTS-real-size.md")
     args = parser.parse_args()
-    steps = args.steps.split(",")
+    steps = [s for s in args.steps.split(",") if s]  # --steps "": no step, the table of those recorded
     unknown = sorted(set(steps) - set(STEPS))
     if unknown:
         raise SystemExit(f"unknown step(s) {unknown}: choose from {', '.join(STEPS)}")
@@ -335,19 +336,23 @@ def main() -> None:
         write_recipes(root)
         print(f"== {info['params'] / 1e6:.0f}M-parameter Qwen2 shape, base + 2 experts, "
               f"{info['disk_bytes'] / 1e9:.2f} GB bf16 on disk (written in {info['seconds']}s) ==", flush=True)
-        commands, results, probe = step_commands(root), [], "-"
+        commands, record = step_commands(root), root / "results.json"
+        done = json.loads(record.read_text()) if record.is_file() else {}  # earlier runs' steps (--steps)
         for name in steps:
             log = root / f"{name}.log"
             result = run_step(name, commands[name], env, log)
-            results.append(result)
-            print(table([result])[-1], flush=True)
+            result["load"] = os.getloadavg()[0]
             if name == "probe":
-                probe = probe_summary(log)
-                print(f"   probe perplexity: {probe}", flush=True)
+                result["perplexity"] = probe_summary(log)
+                print(f"   probe perplexity: {result['perplexity']}", flush=True)
+            done[name] = result
+            record.write_text(json.dumps(done, indent=1))
+            print(table([result])[-1], flush=True)
+        results = [done[n] for n in STEPS if n in done]
         print("\n".join(table(results)))
         args.load_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         if args.write:
-            write_results(info, results, probe, args)
+            write_results(info, results, done.get("probe", {}).get("perplexity", "-"), args)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
