@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -288,7 +289,8 @@ def table(results: list[dict]) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         ok = "yes" if r["ru_maxrss"] <= BUDGET_GB * 1e9 else "NO"
-        lines.append(f"| {r['step']} | {r['seconds']:.1f} | {r['cpu']:.1f} | {r['load']:.1f} | {r['anon'] / 1e9:.2f} | {r['file'] / 1e9:.2f} | "
+        cpu = "–" if r.get("cpu") is None or math.isnan(r["cpu"]) else f"{r['cpu']:.1f}"  # – : not recorded
+        lines.append(f"| {r['step']} | {r['seconds']:.1f} | {cpu} | {r['load']:.1f} | {r['anon'] / 1e9:.2f} | {r['file'] / 1e9:.2f} | "
                      f"{r['ru_maxrss'] / 1e9:.2f} | {ok} |")
     return lines
 
@@ -298,7 +300,8 @@ def write_results(info: dict, results: list[dict], probe: str, args) -> None:
              "Written by `nice -n 19 python benchmarks/bench_real_size.py --write` (see its docstring for how the "
              "models are made and measured). Every step is the command line, in a fresh process.", "",
              f"- Machine: {machine()}",
-             f"- Load: `uptime` before the run: {args.load_before}; after: {args.load_after}",
+             "- Load: the 1-minute load average as each step ended is in the table (a shared machine); every step "
+             "ran under `nice -n 19`",
              f"- Model: Qwen2 shape {info['dims']}, tied embeddings, {info['params'] / 1e6:.0f}M parameters, bf16 "
              f"safetensors; base + 2 experts = {info['disk_bytes'] / 1e9:.2f} GB on disk",
              f"- Task data: {N_FEWSHOT} few-shot texts per expert (gradient importance, all levels), {N_PROBE} held out "
@@ -308,7 +311,8 @@ def write_results(info: dict, results: list[dict], probe: str, args) -> None:
              "which are page cache the kernel drops under pressure; ru_maxrss is their peak sum as the kernel saw it. "
              "CPU is the child's user + system time (all its threads): on a shared machine wall time is mostly "
              "waiting for a core; load is the 1-minute load average when the step ended.",
-             "", f"Probe (perplexity per task, de/es): {probe}", "", "Commands (ROOT is the models' folder):", ""]
+             "", f"Probe (perplexity per task, de/es; random weights, so about the vocabulary size — the probe is timed, "
+             f"not judged): {probe}", "", "Commands (ROOT is the models' folder):", ""]
     lines += [f"- {r['step']}: `{r['command'].replace(str(args.root_path), 'ROOT')}`" for r in results]
     kept = RESULTS.read_text(encoding="utf-8").partition(NOTES)[2] if RESULTS.is_file() else "\n"
     RESULTS.write_text("\n".join(lines) + "\n\n" + NOTES + kept, encoding="utf-8")
@@ -329,7 +333,6 @@ def main() -> None:
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="bench_real_size_", dir="/tmp"))
     root.mkdir(parents=True, exist_ok=True)
     args.root_path = root
-    args.load_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     env = {**os.environ, "MERGE_LAB_CACHE": str(root / "cache"), "PYTHONPATH": str(ROOT)}
     try:
         info = write_models(root, SMALL if args.small else QWEN2_05B)
@@ -350,7 +353,6 @@ def main() -> None:
             print(table([result])[-1], flush=True)
         results = [done[n] for n in STEPS if n in done]
         print("\n".join(table(results)))
-        args.load_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         if args.write:
             write_results(info, results, done.get("probe", {}).get("perplexity", "-"), args)
     finally:
