@@ -141,3 +141,16 @@ def test_nonfinite_scan_reads_large_tensors_in_chunks(models, monkeypatch):
     seen = _guard_whole_reads(monkeypatch, 4096)
     assert integrity.nonfinite_tensors(expert_set) == {}
     assert len(seen) == 3 * len(row_slices((VOCAB, HIDDEN), itemsize=2))  # bf16 on disk: chunks of its own bytes
+
+
+def test_nonfinite_count_is_exact_across_chunks(tmp_path, monkeypatch):
+    """NaN/Inf in two different row chunks of a large tensor: each counted once, the tensor named."""
+    state = {"model.embed_tokens.weight": torch.zeros(VOCAB, HIDDEN, dtype=torch.bfloat16)}
+    state["model.embed_tokens.weight"][5, 3] = float("nan")
+    state["model.embed_tokens.weight"][300, :2] = float("inf")
+    save_file(state, str(tmp_path / "m.safetensors"))
+    source = sources.open_model(tmp_path / "m.safetensors", name="m")
+    monkeypatch.setattr(sources, "ROW_CHUNK_BYTES", 4096)
+    seen = _guard_whole_reads(monkeypatch, 4096)
+    assert integrity.count_nonfinite(source, "model.embed_tokens.weight") == 3
+    assert len(seen) > 2
