@@ -16,6 +16,7 @@ import torch
 
 from .io.experts import ExpertSet
 from .io.layout import MODULE_KINDS as _KIND_ORDER
+from .io.sources import row_slices
 
 
 @dataclass
@@ -71,8 +72,16 @@ class TaskVectors:
             self._deltas[key] = value
         return value
 
+    def _part(self, expert: str, name: str, rows: slice) -> torch.Tensor:
+        """The delta's ``rows``: the (cached) whole delta for ``slice(None)``, else read row by row, never cached —
+        what keeps the statistics pass at one chunk per expert for tensors of any size."""
+        if rows == slice(None):
+            return self.delta(expert, name)
+        cached = self._deltas.get((expert, name))
+        return cached[rows] if cached is not None else self.expert_set.delta(expert, name, rows)
+
     def stats(self) -> TaskVectorStats:
-        """One streaming pass over the merged tensors."""
+        """One streaming pass over the merged tensors, tensors over ``ROW_CHUNK_BYTES`` in row chunks."""
         layout = self.expert_set.layout
         experts = list(self.expert_set.experts)
         kinds: list[str] = []
@@ -83,15 +92,17 @@ class TaskVectors:
             info = layout[name]
             if info.kind not in kinds:
                 kinds.append(info.kind)
-            deltas = {e: self.delta(e, name) for e in experts}
-            for e, d in deltas.items():
-                _add(sq[e].setdefault(info.layer, {}), info.kind, float((d * d).sum()))
-            stacked = torch.stack([d.reshape(-1) for d in deltas.values()])
             bucket = conflicts.setdefault(info.layer, {}).setdefault(info.kind, [0, 0])
-            bucket[0] += int(((stacked > 0).any(0) & (stacked < 0).any(0)).sum())
-            bucket[1] += stacked.shape[1]
-            for a, b in itertools.combinations(experts, 2):
-                _add(dots[_pair(a, b)], info.layer, float((deltas[a] * deltas[b]).sum()))
+            for rows in row_slices(info.shape):  # a large tensor (a 0.5B model's embedding) in row chunks
+                deltas = {e: self._part(e, name, rows) for e in experts}
+                for e, d in deltas.items():
+                    _add(sq[e].setdefault(info.layer, {}), info.kind, float((d * d).sum()))
+                stacked = torch.stack([d.reshape(-1) for d in deltas.values()])
+                bucket[0] += int(((stacked > 0).any(0) & (stacked < 0).any(0)).sum())
+                bucket[1] += stacked.shape[1]
+                for a, b in itertools.combinations(experts, 2):
+                    _add(dots[_pair(a, b)], info.layer, float((deltas[a] * deltas[b]).sum()))
+                del deltas, stacked
         norm = {e: {layer: {k: math.sqrt(v) for k, v in ks.items()} for layer, ks in sq[e].items()} for e in experts}
         conflict = {layer: {k: c / max(n, 1) for k, (c, n) in ks.items()} for layer, ks in conflicts.items()}
         cosine = _cosines(experts, sq, dots)

@@ -24,7 +24,7 @@ Patching goes through :meth:`TaskLoss.assign` under ``torch.no_grad`` — no mod
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 
 import torch
 
@@ -199,14 +199,57 @@ class ClassifierLoss(TaskLoss):
         return self._forward(slice(index, index + 1))
 
 
-def body_state(expert_set: ExpertSet, which: str) -> dict[str, torch.Tensor]:
-    """Float32 merged body tensors of the base (``which == "base"``) or of an expert, by base name."""
+class Body(MutableMapping):
+    """A model's merged body tensors by base name, each read from its source (memory-mapped) and made float32
+    on access, never held: importance keeps the base's and an expert's bodies beside the live model, and two
+    float32 copies of a 0.5B model are 4 GB that a CPU Space does not have. Reading again costs a copy per
+    access, which the forward and backward passes that follow dwarf. A tensor assigned (a caller's edited
+    body) is held and returned from then on, as a dict would."""
+
+    def __init__(self, read: Callable[[str], torch.Tensor], names: Sequence[str]):
+        self._read = read
+        self._names = list(names)
+        self._known = set(self._names)
+        self._assigned: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._assigned:
+            return self._assigned[name]
+        if name not in self._known:
+            raise KeyError(name)
+        return self._read(name).float()
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        if name not in self._known:
+            self._known.add(name)
+            self._names.append(name)
+        self._assigned[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self._known:
+            raise KeyError(name)
+        self._known.discard(name)
+        self._names.remove(name)
+        self._assigned.pop(name, None)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._known
+
+
+def body_state(expert_set: ExpertSet, which: str) -> Body:
+    """Float32 merged body tensors of the base (``which == "base"``) or of an expert, by base name (read on
+    access: see :class:`Body`)."""
     layout = expert_set.layout
     names = [n for n, i in layout.tensors.items() if i.role == ROLE_MERGE]
     if which == "base":
-        return {n: expert_set.base.get(n).float() for n in names}
-    expert = expert_set.experts[which]
-    return {n: expert.get(n).float() for n in names}
+        return Body(expert_set.base.get, names)
+    return Body(expert_set.experts[which].get, names)
 
 
 class CausalLMLoss(TaskLoss):

@@ -94,9 +94,12 @@ class ExpertSet:
     def merged_names(self) -> list[str]:
         return self.layout.merged_names()
 
-    def delta(self, expert: str, name: str) -> torch.Tensor:
-        """Δ = Θ_expert − Θ_base for one tensor, in float32."""
-        return self.experts[expert].get(name).float() - self.base.get(name).float()
+    def delta(self, expert: str, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Δ = Θ_expert − Θ_base for one tensor (or its ``rows``, read without the rest), in float32."""
+        if rows is None or rows == slice(None):
+            return self.experts[expert].get(name).float() - self.base.get(name).float()
+        spec = self.experts[expert]
+        return spec.source.read(spec.body_key(name), rows).float() - self.base.read(name, rows).float()
 
     def has_tokenizer(self) -> bool:
         return self.base.has_tokenizer() or any(e.source.has_tokenizer() for e in self.experts.values())

@@ -18,6 +18,7 @@ from ..errors import MergeLabError
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_ITEMSIZE_OF = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}  # by ModelSource's dtype names
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -81,22 +82,20 @@ def all_finite(tensor) -> bool:
     return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
-def count_nonfinite(source, name: str, chunk_bytes: int = 16 * 1024 * 1024) -> int:
+def count_nonfinite(source, name: str, chunk_bytes: int | None = None) -> int:
     """NaN/Inf values in one tensor of a model source: one min/max pass per row chunk (large tensors are
-    read ``chunk_bytes`` at a time), an exact count only where a chunk is not finite."""
+    read ``chunk_bytes`` at a time, default ``sources.ROW_CHUNK_BYTES``), an exact count only where a chunk
+    is not finite."""
     import torch
 
-    shape = source.tensors[name].shape
-    rows = shape[0] if shape else 1
-    numel = math.prod(shape) if shape else 1
-    step = max(1, rows * chunk_bytes // max(numel, 1)) if len(shape) >= 2 else rows
+    from .sources import row_slices
+
     bad = 0
-    for r0 in range(0, rows, step):
-        piece = source.get(name) if step >= rows else source.get_rows(name, r0, min(rows, r0 + step))
+    entry = source.tensors[name]
+    for rows in row_slices(entry.shape, chunk_bytes, itemsize=_ITEMSIZE_OF.get(entry.dtype, 4)):
+        piece = source.read(name, rows)
         if not all_finite(piece.float()):
             bad += int((~torch.isfinite(piece)).sum())
-        if step >= rows:
-            break
     return bad
 
 
