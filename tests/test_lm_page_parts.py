@@ -170,3 +170,45 @@ def test_a_tokenizer_choice_reaches_the_recipe_and_the_export(lm_fake):
     assert yaml.safe_load(_zip_json(path, "recipe.yaml"))["tokenizer"] == "union"
     exported = json.loads(_zip_json(path, "tokenizer.json"))["model"]["vocab"]
     assert exported == json.loads((lm_fake.base_path / "tokenizer.json").read_text())["model"]["vocab"]
+
+
+# ---------------------------------------------------------------- the device
+
+def test_the_device_reaches_importance_and_the_probe(lm_fake, monkeypatch, tmp_path):
+    import merging.apl.importance as importance
+    from merging.cli.main import main
+    from merging.lm.model import resolve_device
+    from merging.lm.probe import LMProber
+
+    seen = []
+    real = importance.compute_importance
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("device"))
+        return real(*args, **{**kwargs, "device": "cpu"})  # no GPU here: record it, then run on the CPU
+
+    monkeypatch.setattr(importance, "compute_importance", spy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    out = tmp_path / "imp.json"
+    assert main(["importance", "--zoo", lm_fake.name, "--device", "cuda", "--n-fewshot", "4", "--out", str(out)]) == 0
+    assert main(["importance", "--zoo", lm_fake.name, "--n-fewshot", "4", "--out", str(out)]) == 0
+    assert seen == ["cuda", "cuda"]  # asked for, and auto where a CUDA device is present
+    with pytest.raises(MergeLabError, match="only 1 CUDA device"):
+        resolve_device("cuda:3")
+    monkeypatch.undo()
+    assert resolve_device() == resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(MergeLabError, match="no CUDA device is available here"):
+            resolve_device("cuda")
+    with pytest.raises(MergeLabError, match="device must be auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+    # the LM probe's model and batches are put on the device it is given (meta: no memory, no values)
+    from merging.io.experts import ExpertSet
+    from merging.io.taskdata import tokenizer_of
+
+    expert_set = ExpertSet.load(lm_fake.base_path, dict(lm_fake.experts))
+    prober = LMProber(expert_set, {t: lm_fake.probe(t) for t in lm_fake.experts}, tokenizer_of(expert_set),
+                      device="meta")
+    assert {p.device.type for p in prober.model.parameters()} == {"meta"}
+    assert {v.device.type for batches in prober.batches.values() for b in batches for v in b.values()} == {"meta"}
