@@ -151,7 +151,7 @@ class ZooBuild:
                 f"pretrained on fortunes and {len(tasks)} experts; the zoo buttons wait for it): running for "
                 f"{_minutes(elapsed)} · {_eta_words(left)} left (a build measured about "
                 f"{round(LM_BUILD_SECONDS / 60)} min on two shared cores)")
-        return ZooStatus("building", line, experts=len(tasks), seconds_left=left)
+        return ZooStatus("building", line, seconds_left=left)  # no "expert i of N": the build does not say
 
 
 CLASSIFIER, LM = "classifier", "causal_lm"
