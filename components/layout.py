@@ -910,12 +910,13 @@ def wire_guided(page) -> None:
             raise wb.MergeLabError(status.not_ready_message())
         zoo = status.zoo
         tasks, base = zoo.tasks, wb.zoo_refs(zoo)[0]
-        return (gr.update(value=tasks), base, wb.DEFAULT_FEWSHOT, "gradient", "restore", wb.DEFAULT_METHOD,
+        classifiers = ex.zoo_kind.choices[0][1]  # the guide walks the classifier zoo: the switch says so too
+        return (classifiers, gr.update(value=tasks), base, wb.DEFAULT_FEWSHOT, "gradient", "restore", wb.DEFAULT_METHOD,
                 "Guided setup done: every step has a good first setting. Press the highlighted button; the line at "
                 "the bottom of the window says what each step showed and which button comes next.",
                 wb.next_step(None), *h.guide_views(session, None))
 
-    intro.guided_btn.click(guided, [page.state], [ex.zoo_pick, ex.base_box, imp.fewshot, imp.mode, imp.intervention,
+    intro.guided_btn.click(guided, [page.state], [ex.zoo_kind, ex.zoo_pick, ex.base_box, imp.fewshot, imp.mode, imp.intervention,
                                                   merge.method, ex.load_md, intro.guide_state, intro.guide_md,
                                                   *buttons],
                            api_visibility="private").then(
