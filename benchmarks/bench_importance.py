@@ -1,6 +1,7 @@
 """APL importance on a zoo: gradient cost against a plain forward+backward, exact cost, fidelity.
 
     python benchmarks/bench_importance.py [--zoo NAME] [--n-fewshot 64] [--skip-fidelity] [--out RESULTS.md]
+    python benchmarks/bench_importance.py --zoo lm --interventions restore --hidden-sample 64 --out RESULTS.md
 
 Per expert it prints the gradient-importance time (all levels from one backward pass at the
 base) against a plain forward+backward over the same batch measured in the same run (target:
@@ -9,6 +10,9 @@ module / layer / sampled hidden units for restore and ablate, stability over few
 and the cost ratio exact / gradient. Timings are medians of ``--repeats`` runs: the machine is
 shared, so single timings swing. ``--out`` also writes everything printed (with the command, the
 machine and its load average) to a markdown file, e.g. ``benchmarks/RESULTS-importance.md``.
+
+An LM zoo (``--zoo lm``) is measured the same way on its causal-LM loss (each expert's few-shot text);
+its report replaces only the file's "LM demo zoo" section, so the classifier figures stay beside it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from merging.apl.importance import draw_fewshot, exact_partition_scores, gradient_scores  # noqa: E402
-from merging.apl.taskloss import ClassifierLoss, body_state, encode_examples  # noqa: E402
+from merging.apl.taskloss import body_state, task_loss  # noqa: E402
 from merging.errors import MergeLabError  # noqa: E402
 
 
@@ -48,7 +52,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
-def plain_forward_backward(task: ClassifierLoss) -> None:
+def plain_forward_backward(task) -> None:
     """The reference: every parameter tracked, one forward and one backward over the batch."""
     for p in task.model.parameters():
         p.requires_grad_(True)
@@ -67,8 +71,7 @@ def bench_costs(expert_set, examples, tokenizer, repeats: int) -> None:
     ratios = []
     for expert in expert_set.experts:
         own = body_state(expert_set, expert)
-        task = ClassifierLoss(expert_set, expert, encode_examples(tokenizer, examples[expert]))
-        task.assign(base)
+        task = task_loss(expert_set, expert, examples, tokenizer, base, purpose="the benchmark")  # LM or classifier
         reference, gradient = _paired_medians(lambda task=task: plain_forward_backward(task),
                                               lambda task=task, own=own: gradient_scores(task, layout, base, own), repeats)
         parts = layout.partitions("module")
@@ -87,7 +90,8 @@ def bench_fidelity(expert_set, pools, tokenizer, args) -> None:
         print(f"\r{100 * fraction:5.1f}% {message[:60]:<60}", end="", file=sys.stderr, flush=True)
 
     report = measure_fidelity(expert_set, pools, tokenizer, n_fewshot=args.n_fewshot, hidden_sample=args.hidden_sample,
-                              draws=args.draws, seed=args.seed, progress=progress)
+                              draws=args.draws, seed=args.seed, progress=progress,
+                              interventions=tuple(args.interventions.split(",")))
     print(file=sys.stderr)
     print(f"\nfidelity (few-shot {report.settings['n_fewshot']}, {args.hidden_sample} sampled units, "
           f"stability over {args.draws} draws of {report.settings['draw_size']})")
@@ -128,16 +132,33 @@ def _machine() -> str:
     return f"{machine()}; load average at the end {load}"
 
 
-def write_results(path: Path, argv: list[str], printed: str, seconds: float) -> None:
-    path.write_text(
-        "# APL importance: cost and fidelity on the demo zoo\n\n"
-        f"`python benchmarks/bench_importance.py {' '.join(argv)}` — {datetime.date.today()}, "
-        f"{seconds / 60:.1f} min; {_machine()}.\n\n"
-        "Cost: gradient importance (all levels from one backward pass at the base) against a plain forward+backward "
-        "over the same batch, medians of interleaved repeats; exact module level = one forward per module "
-        "partition. Fidelity: Spearman between exact and gradient rankings, like with like (restore ↔ gradient "
-        "at the base, ablate ↔ gradient at the expert); stability: mean pairwise Spearman over few-shot draws.\n\n"
-        f"```\n{printed.rstrip()}\n```\n", encoding="utf-8")
+LM_SECTION = "## LM demo zoo"
+
+
+def write_results(path: Path, argv: list[str], printed: str, seconds: float, lm: bool = False) -> None:
+    """The report as markdown; an LM zoo's replaces only the file's LM section (appended when there is none)."""
+    run = (f"`python benchmarks/bench_importance.py {' '.join(argv)}` — {datetime.date.today()}, "
+           f"{seconds / 60:.1f} min; {_machine()}.\n\n")
+    block = f"```\n{printed.rstrip()}\n```\n"
+    if lm:
+        section = (f"{LM_SECTION}\n\n{run}Causal-LM loss (mean next-token cross-entropy over each expert's few-shot "
+                   f"text), otherwise as above.\n\n{block}")
+        text = path.read_text(encoding="utf-8") if path.is_file() else "# APL importance: cost and fidelity\n"
+        start = text.find(LM_SECTION)
+        if start >= 0:
+            end = text.find("\n## ", start + len(LM_SECTION))
+            text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+        else:
+            text = text.rstrip() + "\n\n" + section
+        path.write_text(text, encoding="utf-8")
+    else:
+        path.write_text(
+            "# APL importance: cost and fidelity on the demo zoo\n\n" + run +
+            "Cost: gradient importance (all levels from one backward pass at the base) against a plain "
+            "forward+backward over the same batch, medians of interleaved repeats; exact module level = one forward "
+            "per module partition. Fidelity: Spearman between exact and gradient rankings, like with like (restore ↔ "
+            "gradient at the base, ablate ↔ gradient at the expert); stability: mean pairwise Spearman over few-shot "
+            "draws.\n\n" + block, encoding="utf-8")
     print(f"wrote {path}")
 
 
@@ -151,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip-fidelity", action="store_true")
+    parser.add_argument("--interventions", default="restore,ablate",
+                        help="comma-separated: restore (exact vs gradient at the base) and/or ablate")
     parser.add_argument("--out", default=None, help="also write the report to this markdown file")
     parser.add_argument("--pool", type=int, default=None,
                         help="few-shot pool per task beyond the zoo's 32: its few-shot set plus training examples the "
@@ -173,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.redirect_stdout(tee):
         run(args, zoo, expert_set, pools, tokenizer)
     if args.out:
-        write_results(Path(args.out), argv, tee.kept.getvalue(), time.perf_counter() - started)
+        write_results(Path(args.out), argv, tee.kept.getvalue(), time.perf_counter() - started,
+                      lm=getattr(zoo, "kind", "") == "causal_lm")
     return 0
 
 

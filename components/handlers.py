@@ -290,9 +290,9 @@ def upload_refs(uploads) -> dict[str, str]:
 
 
 def load(state, base_ref: str, zoo_tasks: Sequence[str] | None, extra: str, uploads, zoo, progress=None,
-         zoo_waiting: str | None = None):
+         zoo_waiting: str | None = None, tokenizer: str | None = None):
     """``zoo_waiting``: why the demo zoo cannot be used yet (it is still being built), said when the
-    request needs it (zoo picks, or nothing given at all)."""
+    request needs it (zoo picks, or nothing given at all). ``tokenizer``: see ``wb.load_experts``."""
     session = session_of(state)
     if zoo is None and zoo_waiting and (zoo_tasks or not ((base_ref or "").strip() or (extra or "").strip()
                                                         or uploads)):
@@ -312,7 +312,8 @@ def load(state, base_ref: str, zoo_tasks: Sequence[str] | None, extra: str, uplo
         raise MergeLabError("the demo zoo is not ready yet: wait for it, or give experts as paths")
     refs.update(wb.parse_extra_refs(extra))
     refs.update(upload_refs(uploads))
-    session = wb.load_experts(session, (base_ref or "").strip(), refs, zoo=zoo, progress=progress_sink(progress))
+    session = wb.load_experts(session, (base_ref or "").strip(), refs, zoo=zoo, progress=progress_sink(progress),
+                              tokenizer=tokenizer)
     note = f"Loaded {len(session.refs)} experts of base `{session.base_ref}`: homology check passed " \
            f"({len(session.layers)} layers: {', '.join(session.layers)})."
     warnings = wb.load_warnings(session)

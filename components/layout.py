@@ -15,6 +15,7 @@ import gradio as gr
 from components import controls as ui
 from components import figures as fg
 from components import handlers as h
+from components import lm_panels as lmp
 from merging import workbench as wb
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -170,6 +171,7 @@ def build_demo() -> gr.Blocks:
         wire_guided(page)
         wire_estimates(page)
         wire_recipe(page)
+        lmp.wire_lm(page)
         # a closed tab frees its merged bodies at once (gradio drops the small State an hour later)
         demo.unload(h.on_unload)
     return demo
@@ -240,6 +242,7 @@ def experts_section() -> SimpleNamespace:
         gr.Markdown("## 1 · Experts\nPick the base model and two or more experts fine-tuned from it. Loading "
                     "runs the *homology check*: every expert must have exactly the base's layers and tensor "
                     "shapes, or their changes cannot be added.")
+        zoo_kind = lmp.zoo_switch()
         with gr.Row():
             base_box = gr.Textbox(label="Base model", placeholder="zoo:default/base, a folder, or hf:org/name@rev",
                                   scale=2)
@@ -251,6 +254,7 @@ def experts_section() -> SimpleNamespace:
             upload = gr.File(label=f"…or upload .safetensors experts (up to {h.upload_limit_text()} each)",
                              file_count="multiple", file_types=[".safetensors"], scale=2, height=110,
                              elem_id="upload")
+        tokenizer = lmp.tokenizer_choice()
         load_btn = gr.Button("Load experts", variant="primary", elem_id="btn-load")
         load_md = gr.Markdown(elem_id="load-status")
         experts_df = gr.Dataframe(value=h.placeholder_table("Press Load experts to fill this."),
@@ -266,7 +270,8 @@ def experts_section() -> SimpleNamespace:
                 attach_file = gr.File(label="Task file", file_types=[".csv", ".jsonl", ".txt"], scale=2, height=110,
                                       elem_id="attach-file")
                 attach_btn = gr.Button("Attach task data", scale=0)
-    return SimpleNamespace(base_box=base_box, zoo_pick=zoo_pick, extra_box=extra_box, upload=upload,
+    return SimpleNamespace(zoo_kind=zoo_kind, tokenizer=tokenizer, base_box=base_box, zoo_pick=zoo_pick,
+                           extra_box=extra_box, upload=upload,
                            load_btn=load_btn, load_md=load_md, experts_df=experts_df, data_md=data_md,
                            attach_expert=attach_expert, attach_file=attach_file, attach_btn=attach_btn)
 
@@ -411,6 +416,7 @@ def merge_section() -> SimpleNamespace:
             with gr.Column():
                 cosine_plot = gr.Plot(fg.empty_figure("Press Load experts to fill this."), label="Task-vector cosine")
                 cosine_md = gr.Markdown()
+        swap_panel = lmp.layer_swap_panel()
         with gr.Row():
             merge_btn = gr.Button("Merge", variant="primary", elem_id="btn-merge")
             merge_stop = gr.Button("Cancel", variant="stop", scale=0)
@@ -421,7 +427,7 @@ def merge_section() -> SimpleNamespace:
                            profile_plot=profile_plot, profile_md=profile_md, overrides_md=overrides_md,
                            drop_table=drop_table, weight_table=weight_table, conflict_plot=conflict_plot,
                            conflict_md=conflict_md, cosine_plot=cosine_plot, cosine_md=cosine_md,
-                           merge_btn=merge_btn, merge_stop=merge_stop, merge_md=merge_md)
+                           merge_btn=merge_btn, merge_stop=merge_stop, merge_md=merge_md, swap_panel=swap_panel)
 
 
 def probe_section() -> SimpleNamespace:
@@ -512,13 +518,14 @@ def export_section() -> SimpleNamespace:
             export_tasks = ui.Dropdown([], label="Tasks to export (a folder each)", multiselect=True,
                                        allow_custom_value=True)
             dtype = ui.Radio(list(h.DTYPES), value="fp32", label="dtype")
+            configs_from = lmp.configs_from_choice()
         export_uses = gr.Markdown(h.merge_in_use(None), elem_id="export-uses")
         with gr.Row():
             export_btn = gr.Button("Export", variant="primary", elem_id="btn-export")
             export_stop = gr.Button("Cancel export", variant="stop", scale=0)
         export_file = gr.File(label="Download (press Export to fill this)", elem_id="export-file")
         export_md = gr.Markdown(elem_id="export-status")
-    return SimpleNamespace(export_tasks=export_tasks, dtype=dtype, export_uses=export_uses, export_btn=export_btn, export_stop=export_stop,
+    return SimpleNamespace(export_tasks=export_tasks, dtype=dtype, configs_from=configs_from, export_uses=export_uses, export_btn=export_btn, export_stop=export_stop,
                            export_file=export_file, export_md=export_md)
 
 
@@ -568,11 +575,13 @@ def wire_startup(demo, page) -> None:
                 gr.update(interactive=False), gr.Timer(active=building))
 
     @h.safe
-    def startup():
-        return show(wb.zoo_status())
+    def startup(zoo_name=None):  # the zoo the switch names (the LM zoo is built when a tab first switches to it)
+        return show(lmp.demo_zoo_status(zoo_name))
 
-    demo.load(startup, None, outputs, api_visibility="private", show_progress="hidden")
-    intro.zoo_timer.tick(startup, None, outputs, api_visibility="private", show_progress="hidden", queue=False)
+    demo.load(startup, [ex.zoo_kind], outputs, api_visibility="private", show_progress="hidden")
+    intro.zoo_timer.tick(startup, [ex.zoo_kind], outputs, api_visibility="private", show_progress="hidden",
+                         queue=False)
+    ex.zoo_kind.input(startup, [ex.zoo_kind], outputs, api_visibility="private", show_progress="hidden")
 
 
 def experts_table(rows) -> dict:
@@ -585,11 +594,12 @@ def wire_experts(page) -> None:
     ex, merge, imp, exp = page.experts, page.merge, page.importance, page.export
 
     @h.safe
-    def on_load(session, base, tasks, extra, files, method_value, request: gr.Request = None,
+    def on_load(session, base, tasks, extra, files, method_value, tokenizer=None, request: gr.Request = None,
                 progress=gr.Progress()):
-        status = wb.zoo_status()
+        status = lmp.demo_zoo_status(lmp.zoo_of_ref(base))  # the zoo the base names (classifier or LM)
         session, rows, note, data = h.load(session, base, tasks, extra, files, status.zoo, progress,
-                                           zoo_waiting=None if status.ready else status.not_ready_message())
+                                           zoo_waiting=None if status.ready else status.not_ready_message(),
+                                           tokenizer=lmp.tokenizer_of(tokenizer))
         h.register_client(request, session)
         experts = session.experts
         tasks = wb.export_tasks(session)  # classifier heads get a folder each; an LM merge is one folder
@@ -598,7 +608,7 @@ def wire_experts(page) -> None:
                 gr.update(choices=tasks, value=tasks, visible=bool(tasks)), h.method_info(session, method_value))
 
     load_event = ex.load_btn.click(
-        h.heavy(on_load), [page.state, ex.base_box, ex.zoo_pick, ex.extra_box, ex.upload, merge.method],
+        h.heavy(on_load), [page.state, ex.base_box, ex.zoo_pick, ex.extra_box, ex.upload, merge.method, ex.tokenizer],
         [page.state, ex.experts_df, ex.load_md, ex.data_md, ex.attach_expert, merge.plan_expert, imp.hid_expert,
          exp.export_tasks, merge.method_md],
         api_name="load_experts", **h.HEAVY)
@@ -762,7 +772,7 @@ def wire_merge(page) -> None:
     @h.safe
     def on_merge(session, method_value, seed_value, *values, progress=gr.Progress()):
         session = h.session_of(session)
-        shared = h.shared_values(method_value, values)
+        shared = wb.layer_swap_shared(session, method_value, h.shared_values(method_value, values))  # the panel's
         summary = wb.merge(session, method_value, shared, seed_value, progress=h.progress_sink(progress))
         return session, merge_text(summary)
 
@@ -873,13 +883,15 @@ def wire_export(page) -> None:
     exp = page.export
 
     @h.safe
-    def on_export(session, tasks, dtype_value, progress=gr.Progress()):
+    def on_export(session, tasks, dtype_value, configs_from=None, progress=gr.Progress()):
         session = h.session_of(session)
-        path = wb.export(session, tasks or None, h.dtype_of(dtype_value), progress=h.progress_sink(progress))
+        path = wb.export(session, tasks or None, h.dtype_of(dtype_value), progress=h.progress_sink(progress),
+                         configs_from=configs_from or None)
         return str(path), h.export_note(session, path)
 
     page.done["export"] = long_step(exp.export_btn, exp.export_stop, on_export,
-                                    [page.state, exp.export_tasks, exp.dtype], [exp.export_file, exp.export_md],
+                                    [page.state, exp.export_tasks, exp.dtype, exp.configs_from],
+                                    [exp.export_file, exp.export_md],
                                     "export", progress_on=exp.export_md,
                                     announce_id="export-status")
 
@@ -898,12 +910,13 @@ def wire_guided(page) -> None:
             raise wb.MergeLabError(status.not_ready_message())
         zoo = status.zoo
         tasks, base = zoo.tasks, wb.zoo_refs(zoo)[0]
-        return (gr.update(value=tasks), base, wb.DEFAULT_FEWSHOT, "gradient", "restore", wb.DEFAULT_METHOD,
+        classifiers = ex.zoo_kind.choices[0][1]  # the guide walks the classifier zoo: the switch says so too
+        return (classifiers, gr.update(value=tasks), base, wb.DEFAULT_FEWSHOT, "gradient", "restore", wb.DEFAULT_METHOD,
                 "Guided setup done: every step has a good first setting. Press the highlighted button; the line at "
                 "the bottom of the window says what each step showed and which button comes next.",
                 wb.next_step(None), *h.guide_views(session, None))
 
-    intro.guided_btn.click(guided, [page.state], [ex.zoo_pick, ex.base_box, imp.fewshot, imp.mode, imp.intervention,
+    intro.guided_btn.click(guided, [page.state], [ex.zoo_kind, ex.zoo_pick, ex.base_box, imp.fewshot, imp.mode, imp.intervention,
                                                   merge.method, ex.load_md, intro.guide_state, intro.guide_md,
                                                   *buttons],
                            api_visibility="private").then(

@@ -94,3 +94,16 @@ def settle(page) -> None:
 SETTLED_JS = """() => !document.querySelector('.pending, .generating, button[id^=btn-][disabled]')
   && [...document.querySelectorAll('.js-plotly-plot')].every(gd => !gd._fullLayout || !gd.offsetWidth
        || Math.abs(gd._fullLayout.width - gd.offsetWidth) <= 2)"""
+
+
+def table_values(page, elem: str) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of a gradio Dataframe as the page shows it (gradio 6 draws the body rows as
+    ``div.virtual-row``; the header table's own tbody is a hidden measuring row)."""
+    return page.locator(f"#{elem}").evaluate("""el => {
+        const text = c => c.textContent.replace('⋮', '').trim();
+        const head = Array.from(el.querySelectorAll('thead th')).map(text);
+        const rows = Array.from(el.querySelectorAll('.virtual-row[role=row]'))
+            .sort((a, b) => a.dataset.index - b.dataset.index)
+            .map(r => Array.from(r.querySelectorAll('[role=gridcell]')).map(text));
+        return [head, rows];
+    }""")

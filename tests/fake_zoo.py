@@ -75,3 +75,41 @@ def build_tiny_zoo(cache: Path, name: str = TINY_ZOO, layers: int = 2):
     from merging.zoo.zoo import open_zoo
 
     return open_zoo(name)
+
+
+FAKE_LM_TASKS = ("count", "echo")
+
+
+def build_fake_lm_zoo(cache: Path, name: str = "fake-lm"):
+    """An LM zoo in the LM zoo's on-disk layout (``kind: causal_lm``, ``base/`` inside the zoo) with two tiny
+    Llama experts a few Adam steps from the base on their own toy text, in a few seconds: what the page's
+    zoo switch opens or, through ``zoo_build.BUILDER``, "builds". Each model ships its own
+    generation_config.json (the base's ``max_new_tokens`` is 16, expert i's 17 + i), so an export shows whose
+    it kept."""
+    import tiny_models as tm
+
+    root = cache / "zoo" / name
+    if (root / "zoo.json").is_file():
+        from merging.zoo.zoo import open_zoo
+
+        return open_zoo(name)
+    staging = cache / "zoo" / f".{name}.fake"
+    tokenizer = tm.lm_tokenizer()
+    folders = {"base": staging / "base"}
+    tm.save(tm.build_lm("llama"), folders["base"])
+    for index, task in enumerate(FAKE_LM_TASKS):
+        texts = tm.lm_task_texts(task, 40, seed=10 + index)
+        model = tm.fine_tune_lm(tm.build_lm("llama"), tokenizer, texts[:24], steps=3, seed=index)
+        folder = folders[task] = tm.save(model, staging / "experts" / task)
+        for file, rows in (("fewshot.jsonl", texts[:16]), ("probe.jsonl", texts[16:])):
+            (folder / file).write_text("".join(json.dumps({"text": t}) + "\n" for t in rows), encoding="utf-8")
+        (folder / "merge_lab_task.json").write_text(json.dumps({"task": task, "label_names": []}))
+    for index, folder in enumerate(folders.values()):
+        tokenizer.save_pretrained(str(folder))
+        (folder / "generation_config.json").write_text(json.dumps({"max_new_tokens": 16 + index, "eos_token_id": 1}))
+    (staging / "zoo.json").write_text(json.dumps({"name": name, "kind": "causal_lm", "base": "base", "seed": 0,
+                                                  "tasks": list(FAKE_LM_TASKS), "skipped": {}, "format": 1}))
+    staging.rename(root)
+    from merging.zoo.zoo import open_zoo
+
+    return open_zoo(name)

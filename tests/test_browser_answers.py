@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from browser import ARGS, CHROMIUM, browser_or_skip, button
+from browser import ARGS, CHROMIUM, browser_or_skip, button, table_values
 
 pytestmark = pytest.mark.browser
 SHOTS = Path("/tmp/merge-lab-answers")
@@ -27,16 +27,7 @@ def _highlighted(page) -> list[str]:
 
 
 def _table(page, elem: str) -> tuple[list[str], list[list[str]]]:
-    """(headers, rows) of a gradio Dataframe as the page shows it (gradio 6 draws the body rows as
-    ``div.virtual-row``; the header table's own tbody is a hidden measuring row)."""
-    return page.locator(f"#{elem}").evaluate("""el => {
-        const text = c => c.textContent.replace('⋮', '').trim();
-        const head = Array.from(el.querySelectorAll('thead th')).map(text);
-        const rows = Array.from(el.querySelectorAll('.virtual-row[role=row]'))
-            .sort((a, b) => a.dataset.index - b.dataset.index)
-            .map(r => Array.from(r.querySelectorAll('[role=gridcell]')).map(text));
-        return [head, rows];
-    }""")
+    return table_values(page, elem)
 
 
 def test_guided_walk_layer_chart_and_history(fake_app_url):

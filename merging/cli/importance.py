@@ -131,6 +131,7 @@ def _importance(args: argparse.Namespace) -> int:
     """Compute importance for every expert (of a zoo, or of folders with their task data) and write it
     as JSON or .npz."""
     from ..apl.importance import compute_importance, draw_fewshot
+    from ..lm.model import resolve_device
 
     inputs = task_inputs(args)
     expert_set, pools, tokenizer = inputs.expert_set, inputs.pools, inputs.tokenizer
@@ -150,7 +151,7 @@ def _importance(args: argparse.Namespace) -> int:
     result = compute_importance(expert_set, examples, tokenizer, mode=args.mode, level=args.level,
                                 intervention=args.intervention, sample=args.sample, seed=args.seed,
                                 progress=progress, fewshot_indices={t: d[1] for t, d in drawn.items()},
-                                max_length=args.max_length)
+                                max_length=args.max_length, device=resolve_device(args.device))
     seconds = time.perf_counter() - clock
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -261,11 +262,12 @@ def _probe_folders(args: argparse.Namespace) -> int:
 
         merged[args.label] = merge_recipe(recipe)  # the probers score EMR's task bodies task by task
     if kinds == {True}:
+        from ..lm.model import resolve_device
         from ..lm.probe import LMProber
         from ..paths import cache_root
 
         prober = LMProber(inputs.expert_set, held_out, inputs.tokenizer, max_length=args.max_length,
-                          cache_dir=cache_root() / "probe_cache")  # base and expert rows: once per content
+                          cache_dir=cache_root() / "probe_cache", device=resolve_device(args.device))  # base and expert rows: once per content
         report = prober.report(merged)
     else:
         report = _classifier_probe(inputs, held_out, merged)
@@ -333,6 +335,12 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="few-shot rows drawn from each --data file and kept out of the probe (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of that few-shot draw (as in importance)")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per probe text (default 64)")
+    add_device_argument(parser)
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="where models and batches run: auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -360,6 +368,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                         help=f"tokens per example (default {MAX_LENGTH}; an LM prompt loses its oldest tokens first)")
     parser.add_argument("--out", required=True, help="output file: .json or .npz")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    add_device_argument(parser)
     parser.set_defaults(handler=_importance)
 
     parser = subparsers.add_parser("calibrate", help="turn an importance file into a calibrated APL recipe",

@@ -83,11 +83,13 @@ def _lm_prober(zoo, args: argparse.Namespace):
     under the zoo."""
     from ..io.experts import ExpertSet
     from ..io.taskdata import tokenizer_of
+    from ..lm.model import resolve_device
     from ..lm.probe import LMProber
 
     expert_set = ExpertSet.load(zoo.base_path, dict(zoo.experts))
     return LMProber(expert_set, {t: zoo.probe(t) for t in zoo.experts}, tokenizer_of(expert_set),
-                    max_length=args.max_length, cache_dir=zoo.root / "probe_cache")
+                    max_length=args.max_length, cache_dir=zoo.root / "probe_cache",
+                    device=resolve_device(args.device))
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

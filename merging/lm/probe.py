@@ -131,8 +131,9 @@ class LMProber:
 
     def __init__(self, expert_set: ExpertSet, probe_sets: Mapping[str, Sequence[LMExample]], tokenizer, *,
                  tasks: Iterable[str] | None = None, max_length: int = 64, batch_size: int = 16,
-                 cache_dir: str | Path | None = None, reuse_bytes: int = REUSE_BYTES):
+                 cache_dir: str | Path | None = None, reuse_bytes: int = REUSE_BYTES, device: str = "cpu"):
         self.expert_set = expert_set
+        self.device = device  # the model and every batch live there; bodies are copied in
         self.tasks = list(tasks or probe_sets)
         missing = [t for t in self.tasks if t not in probe_sets or not probe_sets[t]]
         if missing:
@@ -146,9 +147,10 @@ class LMProber:
         self.max_length, self.cache_dir = max_length, Path(cache_dir) if cache_dir is not None else None
         first = next(iter(expert_set.experts.values()))
         self.model = causal_lm_from_config(first.source.config or expert_set.base.config, first.name,
-                                           untie=has_own_lm_head(expert_set.layout))
+                                           untie=has_own_lm_head(expert_set.layout)).to(device)
         self.params = bind_body(self.model, expert_set.layout, first.body_key, first.name)
-        self.batches = {t: [encode_lm_examples(tokenizer, rows[i:i + batch_size], max_length)
+        self.batches = {t: [{k: v.to(device) for k, v in encode_lm_examples(tokenizer, rows[i:i + batch_size],
+                                                                           max_length).items()}
                             for i in range(0, len(rows), batch_size)] for t, rows in self.sets.items()}
         self.blocks = _block_list(self.model, expert_set.layout, first.body_key)
         self.n_blocks = expert_set.layout.n_blocks
@@ -181,7 +183,7 @@ class LMProber:
             if tuple(value.shape) != tuple(param.shape):
                 raise MergeLabError(f"tensor '{name}' of the merged body has shape {tuple(value.shape)}, the base "
                                     f"has {tuple(param.shape)}")
-            value = value.to(param.dtype)
+            value = value.to(param.device, param.dtype)
             if not torch.equal(value, param.data):
                 param.data.copy_(value)
                 first = min(first, self._stage(name))

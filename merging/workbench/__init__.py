@@ -131,7 +131,17 @@ from .limits import (  # noqa: F401
     method_spec,
     no_progress,
 )
-from .lm import attach_data, attach_lm_data, is_lm_session, lm_probe_rows, run_lm_probe  # noqa: F401
+from .lm import (  # noqa: F401
+    attach_data,
+    attach_lm_data,
+    is_lm_session,
+    layer_swap_rows,
+    layer_swap_shared,
+    lm_probe_rows,
+    run_lm_probe,
+    set_layer_swap,
+    suggest_layer_swap,
+)
 from .merge import (  # noqa: F401
     MergeSummary,
     build_recipe,
@@ -177,4 +187,4 @@ from .views import (  # noqa: F401
     magnitude_data,
     unit_module_choices,
 )
-from .zoo_build import ZooStatus, forget_zoo_builds, start_zoo_build, zoo_status  # noqa: F401
+from .zoo_build import ZooStatus, demo_zoos, forget_zoo_builds, is_lm_zoo_name, lm_zoo_name, start_zoo_build, zoo_status  # noqa: F401

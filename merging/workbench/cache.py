@@ -313,7 +313,8 @@ def files_fingerprint(expert_set) -> str:
                 parts.append([name, file, st.st_size, st.st_mtime_ns])
             except OSError:
                 parts.append([name, file, None, None])
-    return content_hash(parts)
+    vocab = getattr(expert_set, "vocab", None)  # the same files aligned to another vocabulary are other tensors
+    return content_hash(parts) if vocab is None else content_hash(parts, vocab.choice)
 
 
 # Sessions of connected browser tabs: gradio session hash → Session.id (to free a closed tab's merges at once).

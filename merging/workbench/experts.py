@@ -51,14 +51,15 @@ def models_for(session: Session, progress: Progress | None = None) -> Models:
     from ..io.experts import ExpertSet
 
     (progress or no_progress)(0.05, "checking the experts against the base (homology check)")
-    expert_set = ExpertSet.load(session.base_ref, dict(session.refs))
+    expert_set = ExpertSet.load(session.base_ref, dict(session.refs), tokenizer=session.tokenizer)
     return CACHE.put(Models(key, expert_set, MergeEngine(expert_set), fingerprint=files_fingerprint(expert_set)))
 
 
 def load_experts(session: Session, base_ref: str, refs: Mapping[str, str], zoo=None,
-                 progress: Progress | None = None) -> Session:
+                 progress: Progress | None = None, tokenizer: str | None = None) -> Session:
     """Run the homology check and open the experts; returns a fresh session for this selection (keeping the
-    session's merge history, which is the user's record)."""
+    session's merge history, which is the user's record). ``tokenizer`` (base, union or an expert's name):
+    experts whose vocabularies differ are aligned by token to that vocabulary (:mod:`merging.io.vocab`)."""
     progress = progress or no_progress
     refs = {str(k): str(v) for k, v in refs.items() if str(v).strip()}
     if not base_ref:
@@ -70,7 +71,12 @@ def load_experts(session: Session, base_ref: str, refs: Mapping[str, str], zoo=N
         check_name(name)
     for name, ref in [("base", base_ref), *refs.items()]:
         preflight_ref(ref, name)
-    new = Session(id=session.id if session else uuid.uuid4().hex[:12], base_ref=str(base_ref), refs=dict(refs))
+    if tokenizer is not None:
+        from ..io.vocab import check_tokenizer_choice
+
+        tokenizer = check_tokenizer_choice(tokenizer, list(refs))
+    new = Session(id=session.id if session else uuid.uuid4().hex[:12], base_ref=str(base_ref), refs=dict(refs),
+                  tokenizer=tokenizer)
     if session is not None:
         new.history, new.merges = list(session.history), session.merges
     cached = CACHE.get(new.key)

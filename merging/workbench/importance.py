@@ -118,6 +118,7 @@ def _importance(session: Session, models: Models, n: int, mode: str, interventio
     """(ImportanceMap, cache hit?) for the session's experts on a seeded few-shot draw."""
     from ..apl.importance import compute_importance as _compute
     from ..apl.importance import draw_fewshot
+    from ..lm.model import resolve_device
 
     tokenizer = tokenizer_for(models)
     examples, indices = {}, {}
@@ -131,7 +132,7 @@ def _importance(session: Session, models: Models, n: int, mode: str, interventio
         with models.lock:
             return _compute(models.expert_set, examples, tokenizer, mode=mode, level=levels,
                             intervention=intervention, sample=sample, seed=seed, progress=progress,
-                            fewshot_indices=indices)
+                            fewshot_indices=indices, device=resolve_device())  # CUDA when present
 
     return RESULTS.get_or_compute("importance", key, compute)
 

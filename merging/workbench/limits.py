@@ -124,6 +124,8 @@ def method_spec(method: str):
 
 def check_shared(method: str, shared: Mapping[str, Any]) -> dict[str, Any]:
     """The method's declared global parameters, each checked against its declared kind and range."""
+    from ..params import PER_LAYER
+
     spec = method_spec(check_method(method))
     by_name = {p.name: p for p in spec.params}
     out = {}
@@ -131,16 +133,23 @@ def check_shared(method: str, shared: Mapping[str, Any]) -> dict[str, Any]:
         p = by_name.get(name)
         if p is None or value is None:
             continue
-        label = name.replace("_", " ")
-        if p.kind in ("int", "float"):
-            value = check_number(label, value, p.low, p.high, integer=p.kind == "int")
-        elif p.kind == "bool":
-            if not isinstance(value, bool):
-                raise MergeLabError(f"{label} must be true or false, got {value!r}", field=name)
-        elif p.kind == "choice":
-            value = check_choice(label, value, p.choices)
-        out[name] = value
+        if p.scope == PER_LAYER and isinstance(value, Mapping):  # {layer: value, "default": value} (layer swap's take)
+            out[name] = {str(layer): _checked(p, v) for layer, v in value.items()}
+        else:
+            out[name] = _checked(p, value)
     return out
+
+
+def _checked(p, value: Any) -> Any:
+    """One value of declared parameter ``p``, checked against its kind, range or choices."""
+    label = p.name.replace("_", " ")
+    if p.kind in ("int", "float"):
+        return check_number(label, value, p.low, p.high, integer=p.kind == "int")
+    if p.kind == "bool" and not isinstance(value, bool):
+        raise MergeLabError(f"{label} must be true or false, got {value!r}", field=p.name)
+    if p.kind == "choice":
+        return check_choice(label, value, p.choices)
+    return value
 
 
 def cell_param(key: str, method: str | None = None):

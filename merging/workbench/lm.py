@@ -172,3 +172,97 @@ def lm_probe_rows(session: Session, progress: Progress | None = None) -> tuple[l
         report = prober.report(merged)  # a merge of one body per task is scored on each task's own body
     progress(1.0, "done")
     return report.table()
+
+
+# ---------------------------------------------------------------- layer swapping beside APL's layer importance
+
+LAYER_SWAP = "layer_swap"
+#: what a layer can take besides one of the two experts (layer_swap's declared sources; "shape" follows its
+#: bottom / top / transition shape)
+OTHER_TAKES = ("blend", "base", "shape")
+
+
+def swap_experts(session: Session) -> list[str]:
+    """The two experts layer swapping composes (it takes exactly two), in the order the page lists them."""
+    if len(session.refs) != 2:
+        raise MergeLabError(f"layer swapping composes exactly two experts; {len(session.refs)} are loaded: load two "
+                            "(the two whose layers you want to combine) and compute importance")
+    return list(session.refs)
+
+
+def layer_swap_rows(session: Session) -> tuple[list[str], list[list]]:
+    """(headers, rows): per layer, each expert's share of its own layer-level APL importance (the whole-layer
+    intervention, as a share of that expert's total, so experts with different loss scales compare) and the
+    layer's layer-swap choice (an expert's name, blend, base, or shape: the method's bottom/top shape)."""
+    from .views import layer_importance
+
+    layers, shares, _ = layer_importance(session)
+    experts = list(session.refs)
+    headers = ["layer", *(f"{e} importance" for e in experts), "take"]
+    if not layers:
+        layers = list(session.layers)
+    rows = []
+    for index, layer in enumerate(layers):
+        row = [layer]
+        for e in experts:
+            values = shares.get(e)
+            row.append(round(100.0 * values[index], 1) if values else None)
+        rows.append([*row, session.layer_take.get(layer, "shape")])
+    return headers, rows
+
+
+def suggest_layer_swap(session: Session) -> str:
+    """Fill layer swapping's per-layer choice from APL's layer importance: each layer from the expert to whom it
+    matters most (the larger share of its own importance). Returns, in words, what was chosen and why."""
+    from .views import layer_importance
+
+    experts = swap_experts(session)
+    layers, shares, _ = layer_importance(session)
+    if not layers or any(e not in shares for e in experts):
+        raise MergeLabError("no layer-level importance yet: press Compute importance (gradient or exact; the layer "
+                            "level is always computed), then suggest")
+    take = {}
+    for index, layer in enumerate(layers):
+        take[layer] = max(experts, key=lambda e: shares[e][index])
+    session.layer_take = take
+    counts = {e: [k for k, v in take.items() if v == e] for e in experts}
+    said = "; ".join(f"**{e}**: {', '.join(ls) or 'no layer'}" for e, ls in counts.items())
+    return (f"Suggested from importance — {said}. Each layer is taken from the expert whose own loss depends on that "
+            "layer's change most (its larger share of APL's layer-level importance): swapping in the other "
+            "expert's copy would lose more there than it gains. Edit any cell of the take column to override.")
+
+
+def set_layer_swap(session: Session, rows) -> Session:
+    """Record the take column of the panel's table (an expert's name, blend, base or shape per layer)."""
+    experts = list(session.refs)
+    allowed = [*experts, *OTHER_TAKES]
+    known = set(session.layers)
+    take = {}
+    for row in rows or []:
+        if not row or len(row) < 2:
+            continue
+        layer, choice = str(row[0]).strip(), str(row[-1]).strip()
+        if layer not in known:
+            raise MergeLabError(f"layer swap table: no layer {layer[:40]!r} in this model (layers: "
+                                f"{', '.join(session.layers)})", field="take")
+        if choice not in allowed:
+            raise MergeLabError(f"layer swap table, layer {layer}: take must be one of {', '.join(allowed)}, got "
+                                f"{choice[:40]!r}", field="take")
+        if choice != "shape":
+            take[layer] = choice
+    session.layer_take = take
+    return session
+
+
+def layer_swap_shared(session: Session, method: str, shared: dict) -> dict:
+    """The shared parameters with the panel's per-layer choice as layer_swap's ``take`` map (expert names
+    turned into outer / inner by ``outer_expert``); other methods' parameters are returned as they are."""
+    if method != LAYER_SWAP or not session.layer_take:
+        return shared
+    from ..methods.layer_swap import OUTER_EXPERT, SHAPE, outer_inner
+
+    outer, inner = outer_inner(swap_experts(session), shared.get("outer_expert", OUTER_EXPERT.default))
+    names = {outer: "outer", inner: "inner"}
+    default = shared.get("take", SHAPE)
+    take = {layer: names.get(choice, choice) for layer, choice in session.layer_take.items()}
+    return {**shared, "take": {**take, "default": default if isinstance(default, str) else SHAPE}}

@@ -106,7 +106,7 @@ def _recipe(session: Session, snap: MergeInputs, prepared_result: Mapping | None
             calibrated["importance"] = {"mode": imp.mode, "intervention": imp.intervention, "seed": imp.seed}
     return Recipe(method=snap.method, base=str(session.base_ref), experts=experts, parameters=dict(snap.shared),
                   seed=snap.seed, suggested=suggested, few_shot=copy.deepcopy(snap.fewshot) if snap.examples else {},
-                  calibrated=calibrated, notes="made with the Merge Lab app")
+                  calibrated=calibrated, notes="made with the Merge Lab app", tokenizer=session.tokenizer)
 
 
 def settings_for(session: Session, snap: MergeInputs, progress: Progress | None = None):

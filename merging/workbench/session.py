@@ -83,10 +83,13 @@ class Session:
     merge_key: str | None = None  # content hash of the last merge (its body lives in the shared cache)
     merge_inputs: MergeInputs | None = None  # what that merge was built from: Export and a rebuild read it
     comparison: Any = None  # the last "compare interventions and draws" result
+    layer_take: dict[str, str] = field(default_factory=dict)  # layer swap: layer → expert, blend, base or shape
+    tokenizer: str | None = None  # LM experts whose vocabularies differ: base, union or an expert (io.vocab)
 
     @property
     def key(self) -> str:
-        return selection_key(self.base_ref or "", self.refs)
+        key = selection_key(self.base_ref or "", self.refs)
+        return key if self.tokenizer is None else f"{key}|tokenizer={self.tokenizer}"  # other tensors: other models
 
     @property
     def experts(self) -> list[str]:

@@ -4,6 +4,11 @@ Building the default zoo trains one short fine-tune per task (minutes on a CPU).
 per process and per zoo name (:func:`start_zoo_build`), in a daemon thread, so the first visitor does not
 wait for it and every tab reads the same progress (:func:`zoo_status`). ``MERGE_LAB_ZOO_BUILD=off``
 turns the build off (a zoo that is already built is still opened); ``MERGE_LAB_ZOO`` names the zoo.
+
+The page can switch to the LM demo zoo (``MERGE_LAB_LM_ZOO``, default ``lm``: a tokenizer, a pretrained
+base and four experts, about 15 minutes on two shared cores). That one is never started with the server:
+it is built on first use, when a tab switches to it (:func:`demo_zoos` names both, in the page's words),
+with the same one progress line; its build reports no steps, so the line says how long it has run.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .limits import Progress
 from .session import ensure_zoo, open_default_zoo
 
 _STEP = re.compile(r"^(?P<task>[\w.-]+): step (?P<step>\d+)/(?P<steps>\d+)")
@@ -61,7 +67,8 @@ class ZooBuild:
 
     def __init__(self, name: str, build: Callable | None = None, total_experts: int | None = None):
         self.name = name
-        self._build = build or ensure_zoo
+        self.kind = LM if is_lm_zoo_name(name) else CLASSIFIER
+        self._build = build or (ensure_lm_zoo if self.kind == LM else ensure_zoo)
         self._total = total_experts
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -110,10 +117,12 @@ class ZooBuild:
         if self.error is not None:
             return ZooStatus("failed", f"The demo zoo '{self.name}' could not be built ({self.error}): give "
                              "experts as folders or paths; the server log has the details.")
+        if self.kind == LM and not self._message:
+            return self._lm_status()
         with self._lock:
             fraction, message, tasks = self._fraction, self._message, list(self._tasks)
             elapsed = (self._fraction_at or time.monotonic()) - self._started
-        order = _default_tasks()
+        order = _default_tasks() if self.kind == CLASSIFIER else lm_zoo_tasks(self.name)
         total = self._total or len(order)
         found = _STEP.match(message or "")
         if found and found["task"] in order:  # its place in the zoo (experts an earlier build finished are skipped)
@@ -132,6 +141,72 @@ class ZooBuild:
         line = (f"**Building the demo zoo '{self.name}'** (once per server, one short fine-tune per task; "
                 f"the zoo buttons wait for it): {' · '.join(parts)}")
         return ZooStatus("building", line, expert=index, experts=total or 0, seconds_left=left)
+
+    def _lm_status(self) -> ZooStatus:
+        """The LM build reports no steps: its line says how long it has run against the measured build time."""
+        elapsed = time.monotonic() - self._started
+        left = max(LM_BUILD_SECONDS - elapsed, 30.0)
+        tasks = lm_zoo_tasks(self.name)
+        line = (f"**Building the LM demo zoo '{self.name}'** (on first use, once per server: a tokenizer, a base "
+                f"pretrained on fortunes and {len(tasks)} experts; the zoo buttons wait for it): running for "
+                f"{_minutes(elapsed)} · {_eta_words(left)} left (a build measured about "
+                f"{round(LM_BUILD_SECONDS / 60)} min on two shared cores)")
+        return ZooStatus("building", line, seconds_left=left)  # no "expert i of N": the build does not say
+
+
+CLASSIFIER, LM = "classifier", "causal_lm"
+LM_BUILD_SECONDS = 15 * 60  # measured: 15.6 min wall at load 6-7 on 2 cores (README, "The LM demo zoo")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds)} s" if seconds < 90 else f"{round(seconds / 60)} min"
+
+
+def lm_zoo_name() -> str:
+    """The LM demo zoo the page switches to: ``MERGE_LAB_LM_ZOO`` or ``lm``."""
+    return os.environ.get("MERGE_LAB_LM_ZOO") or "lm"
+
+
+def is_lm_zoo_name(name: str) -> bool:
+    """Whether ``name`` is an LM demo zoo (the page's LM zoo, or one ``tasks.yaml`` describes)."""
+    if name == lm_zoo_name():
+        return True
+    try:
+        from ..zoo.lm_zoo import lm_zoo_names
+
+        return name in lm_zoo_names()
+    except Exception:  # noqa: BLE001 - a broken manifest makes it a classifier zoo name, said when it is opened
+        return False
+
+
+def lm_zoo_tasks(name: str) -> list[str]:
+    """The experts an LM zoo is built with (its ``tasks.yaml`` entry), for the progress line and the switch."""
+    try:
+        from ..zoo.lm_zoo import lm_zoo_spec
+
+        return list(lm_zoo_spec(name)["experts"])
+    except Exception:  # noqa: BLE001 - a zoo tasks.yaml does not describe (a test's): its count is unknown
+        return []
+
+
+def ensure_lm_zoo(name: str, progress: Progress | None = None):
+    """Open LM zoo ``name``, building it first (about 15 minutes on a CPU) if it is missing."""
+    zoo = open_default_zoo(name)
+    if zoo is not None:
+        return zoo
+    from ..zoo.lm_zoo import build_lm_zoo
+
+    return build_lm_zoo(name)
+
+
+def demo_zoos() -> list[tuple[str, str]]:
+    """(label, zoo name) of the page's two demo zoos: the classifier zoo first (the default at start-up),
+    then the LM zoo, each label saying what its experts are."""
+    classifier = _zoo_name(None)
+    n_tasks = len(_default_tasks())
+    n_lm = len(lm_zoo_tasks(lm_zoo_name()))
+    return [(f"classifiers ({n_tasks} tasks)" if n_tasks else "classifiers", classifier),
+            (f"language models ({n_lm} languages/domains)" if n_lm else "language models", lm_zoo_name())]
 
 
 def _default_tasks() -> list[str]:
