@@ -50,6 +50,22 @@ def _style(fig: go.Figure, height: int, title: str | None = None) -> go.Figure:
                       legend=dict(orientation="h", yanchor="bottom", y=1.09 if titled else 1.02, x=0))
     fig.update_xaxes(gridcolor="rgba(127,127,127,0.25)", zerolinecolor="rgba(127,127,127,0.4)")
     fig.update_yaxes(gridcolor="rgba(127,127,127,0.25)", zerolinecolor="rgba(127,127,127,0.4)")
+    return _category_axes(fig)
+
+
+def _category_axes(fig: go.Figure) -> go.Figure:
+    """Axes that name things (layers "embeddings", "0" … "5", "head") are category axes, said explicitly:
+    plotly guesses an axis's type from its values, and with more numeric-looking names than words it picks
+    a linear axis, on which the words have no place — "embeddings" and "head" vanish, and re-laying the
+    chart out for a phone fails ("Something went wrong with axis scaling")."""
+    for trace in fig.data:
+        for letter in ("x", "y"):
+            values = getattr(trace, letter, None)
+            if values is None or not any(isinstance(v, str) for v in values):
+                continue
+            ref = getattr(trace, f"{letter}axis", None) or letter
+            axis = f"{letter}axis{ref[1:]}"
+            fig.layout[axis].type = "category"
     return fig
 
 
