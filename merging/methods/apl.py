@@ -23,7 +23,7 @@ from ..apl.defaults import DEFAULTS, IMPORTANCE_AT, MEAN_DROP, Q_MIN, SALIENCY_E
 from ..errors import MergeLabError
 from ..params import SHARED, ParamSpec
 from . import kernels
-from .base import NEEDS_BASE, NEEDS_FEW_SHOT, NEEDS_IMPORTANCE, MethodSpec, TensorJob, register
+from .base import NEEDS_BASE, NEEDS_FEW_SHOT, NEEDS_IMPORTANCE, MethodSpec, PerTensor, TensorJob, register
 from .classic import LAMBDA, WEIGHT
 
 APL_URL = "https://arxiv.org/abs/2408.09485"
@@ -210,14 +210,20 @@ def prepare_apl(expert_set, examples: Mapping[str, Sequence] | None = None, toke
         raise MergeLabError("drop='locate' keeps whole hidden units by their importance, so it needs "
                             "within_layer='hidden': set within_layer to hidden, or pick another drop",
                             field="parameters.within_layer")
-    if importance is None:
-        if not examples:
-            raise MergeLabError("APL needs few-shot examples of every expert's task (or an importance map "
-                                "computed from them): attach task data, or pick a weight-only method",
-                                field="few_shot")
+    point = params.get("importance_at", IMPORTANCE_AT.default)
+    IMPORTANCE_AT.check_scalar(point, "parameters.importance_at")
+    lam = _merge_lambda(params) if point == "merged" else 1.0
+    level = "all" if within == "hidden" else "layer"
+    if point == "merged":  # the app's map is measured at the base: this one is APL's own, at θ_TA
+        from ..apl.importance import cached_importance_at_merge
+
+        _need_examples(examples, kwargs)
+        importance = cached_importance_at_merge(expert_set, examples, tokenizer, lam=lam, level=level,
+                                                progress=progress, **kwargs)
+    elif importance is None:
+        _need_examples(examples, kwargs)
         from ..apl.importance import compute_importance
 
-        level = "all" if within == "hidden" else "layer"
         importance = compute_importance(expert_set, examples, tokenizer, mode="gradient", level=level,
                                         progress=progress, **kwargs)
     mean_drop = params.get("drop_ratio", DEFAULTS["drop_ratio"])
@@ -228,8 +234,41 @@ def prepare_apl(expert_set, examples: Mapping[str, Sequence] | None = None, toke
                       tau1=float(params.get("tau1", DEFAULTS["tau1"])), tau2=float(params.get("tau2", DEFAULTS["tau2"])),
                       q_min=float(params.get("q_min", DEFAULTS["q_min"])), within_layer=within,
                       support=DeltaSupport.cached(expert_set))
-    return {"expert_params": table.to_expert_params(), "extras": table.extras(),
+    extras = table.extras()
+    if params.get("drop") == "saliency":
+        from ..apl.importance import cached_element_saliency
+
+        _need_examples(examples, kwargs)
+        saliency = cached_element_saliency(expert_set, examples, tokenizer, point=point, lam=lam, **kwargs)
+        extras[SALIENCY_EXTRAS] = PerTensor(saliency, row_axis=0)
+    return {"expert_params": table.to_expert_params(), "extras": extras,
             "suggestion": table.recipe_suggestion(), "table": table, "importance": importance}
+
+
+def _need_examples(examples, kwargs: Mapping[str, Any]) -> None:
+    if not examples and kwargs.get("loss_fn") is None:
+        raise MergeLabError("APL needs few-shot examples of every expert's task (or an importance map "
+                            "computed from them): attach task data, or pick a weight-only method",
+                            field="few_shot")
+
+
+def _merge_lambda(params: Mapping[str, Any]) -> float:
+    """λ of the task-arithmetic point θ_TA = θ0 + λ Σ Δ that importance_at='merged' measures at."""
+    lam = params.get("lambda", DEFAULTS["lambda"])
+    if not isinstance(lam, (int, float)):
+        raise MergeLabError("importance_at='merged' measures at the task-arithmetic merge θ0 + λ·ΣΔ, which needs "
+                            "one λ (a number), not per-layer values: give lambda one value, or measure at the base",
+                            field="parameters.lambda")
+    return float(lam)
+
+
+def _prepare_is_heavy(params: Mapping[str, Any]) -> bool:
+    """Whether preparing takes gradient passes even with an importance map given (the page then prepares
+    on Merge only, not at every change of a control)."""
+    return params.get("importance_at") == "merged" or params.get("drop") == "saliency"
+
+
+prepare_apl.heavy = _prepare_is_heavy
 
 
 register(MethodSpec(
