@@ -283,6 +283,8 @@ register(MethodSpec(
         "each task vector matters: how much the task's loss rises when that part of the change is removed "
         '(a causal intervention), or its gradient estimate. Important layers get a lower drop ratio (τ1 '
         'sets how strongly) and a larger merge weight (τ2); each task vector is then sparsified '
-        'DARE-style (random drop and rescale, or a magnitude drop), optionally sign-elected, and the '
-        'weighted sum times λ is added to the base.'),
+        'DARE-style (random drop and rescale, a magnitude drop, whole hidden units located by importance, '
+        'or the entries whose gradient × change is largest), optionally sign-elected, and the '
+        'weighted sum times λ is added to the base. Importance can also be measured at the plain '
+        'task arithmetic merge instead of the base, where the experts\' changes meet.'),
 ))
