@@ -10,7 +10,8 @@ from __future__ import annotations
 from ..params import PER_LAYER, SHARED, ParamSpec
 
 #: APL's calibration defaults (mean drop ratio p̄, temperatures τ1/τ2, smallest keep rate, λ)
-DEFAULTS = {"drop_ratio": 0.5, "tau1": 2.0, "tau2": 2.0, "q_min": 0.01, "lambda": 1.0}
+DEFAULTS = {"drop_ratio": 0.5, "tau1": 2.0, "tau2": 2.0, "q_min": 0.01, "lambda": 1.0,
+            "drop": "random", "saliency_rescale": False, "importance_at": "base"}
 #: how APL drops inside a layer: one rate for every entry, or per hidden-state unit
 WITHIN_LAYER = ("uniform", "hidden")
 #: engine extras key of APL's per-unit percentile profiles (a PerTensor input)
@@ -42,7 +43,7 @@ Q_MIN = ParamSpec("q_min", "float", DEFAULTS["q_min"], "q_min: the smallest shar
 WITHIN = ParamSpec("within_layer", "choice", "uniform",
                    "Inside a layer: one drop ratio for every entry, or per hidden-state unit by importance rank.",
                    SHARED, choices=WITHIN_LAYER)
-IMPORTANCE_AT = ParamSpec("importance_at", "choice", "base",
+IMPORTANCE_AT = ParamSpec("importance_at", "choice", DEFAULTS["importance_at"],
                           "Where importance is measured. base: each part of an expert's change is switched on alone "
                           "at the base model (the paper's test). merged: each part is switched off at the plain "
                           "task-arithmetic merge (base + λ × every expert's change), so a part that clashes with "

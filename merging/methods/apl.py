@@ -30,7 +30,7 @@ APL_URL = "https://arxiv.org/abs/2408.09485"
 
 #: how APL drops inside a tensor (the ``drop`` parameter's choices)
 DROP_CHOICES = ("random", "magnitude", "locate", "saliency")
-DROP_KIND = ParamSpec("drop", "choice", "random",
+DROP_KIND = ParamSpec("drop", "choice", DEFAULTS["drop"],
                       "How entries are dropped. random: seeded random drop, what is kept scaled by 1/keep "
                       "(DARE-style). magnitude: keep the largest changes, no rescale. locate: keep whole hidden "
                       "units, the most important first (needs within_layer = hidden), and scale them so the "
@@ -38,7 +38,7 @@ DROP_KIND = ParamSpec("drop", "choice", "random",
                       "moves the task's loss most (|gradient × change|, one extra gradient pass per expert).",
                       SHARED, choices=DROP_CHOICES)
 SIGN = ParamSpec("sign_election", "bool", False, "Elect a sign per entry (TIES) and add only agreeing deltas.")
-SALIENCY_RESCALE = ParamSpec("saliency_rescale", "bool", False,
+SALIENCY_RESCALE = ParamSpec("saliency_rescale", "bool", DEFAULTS["saliency_rescale"],
                              "With drop = saliency: scale what is kept by 1/keep like DARE (on), or keep the "
                              "kept changes as they are (off).", SHARED)
 
@@ -265,7 +265,8 @@ def _merge_lambda(params: Mapping[str, Any]) -> float:
 def _prepare_is_heavy(params: Mapping[str, Any]) -> bool:
     """Whether preparing takes gradient passes even with an importance map given (the page then prepares
     on Merge only, not at every change of a control)."""
-    return params.get("importance_at") == "merged" or params.get("drop") == "saliency"
+    return (params.get("importance_at", IMPORTANCE_AT.default) == "merged"
+            or params.get("drop", DROP_KIND.default) == "saliency")
 
 
 prepare_apl.heavy = _prepare_is_heavy
