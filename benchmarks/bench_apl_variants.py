@@ -98,6 +98,8 @@ def variant_settings(setting, run, cfg: dict, lam: float, seed: int, tokenizer) 
         with bm.Clock(setting, f"prepare apl ({params.get('drop')}, at {params.get('importance_at')})"):
             out = get_method("apl").prepare(setting.expert_set, setting.examples[seed], tokenizer,
                                             params={**params, "lambda": point_lambda}, importance=importance)
+        while len(setting.prepared) >= len(setting.examples):  # a row's seeds at most: saliency extras are a
+            setting.prepared.pop(next(iter(setting.prepared)))  # copy of the deltas (a first run was OOM-killed)
         setting.prepared[key] = {"expert_params": out["expert_params"], "extras": out["extras"]}
     inputs = setting.prepared[key]
     return MergeSettings.build(setting.expert_set, "apl", {**params, "lambda": lam},
@@ -158,14 +160,17 @@ def render(done: list[dict], reference, seeds, args, load: str, total: float, st
             f"{os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads. Runtime "
             f"**{total / 60:.1f} min**; {load}."), ""]
     labels = {r.label for r in done[0]["ablation_runs"]}
-    out += ["## Decision (few-shot loss only)", ""] + (decide(done) if len(labels) > 2 else combined_lines(done))
+    whole = DEFAULT_ROW in labels and len(labels) == len(variant_runs(args.quick))
+    out += ["## Decision (few-shot loss only)", ""] + (decide(done) if whole else combined_lines(done))
     for d in done:
         setting, runs, res = d["setting"], d["ablation_runs"], d["ablation"]
         out += [f"## Setting '{setting.name}': {', '.join(setting.tasks)}", ""]
         out += bm.setting_report(setting, reference, runs, res, "Probe accuracy (points), beside — not used to choose",
                                  args.n_probe)
-        out += ["Paired differences, variant − defaults (mean probe accuracy, points; reported, not used):", ""]
-        out += bm.paired_report(runs, res, DEFAULT_ROW, [r.label for r in runs[1:]], header="variant − defaults", sign=-1)
+        if DEFAULT_ROW in res:
+            out += ["Paired differences, variant − defaults (mean probe accuracy, points; reported, not used):", ""]
+            out += bm.paired_report(runs, res, DEFAULT_ROW, [r.label for r in runs if r.label != DEFAULT_ROW],
+                                    header="variant − defaults", sign=-1)
         out += ["", "Selected configurations (by few-shot loss):", ""]
         out += [f"- {run.label}: {bm.selected_line(run, res[run.label])}" for run in runs] + [""]
         out += ["Few-shot loss of every configuration (mean over seeds):", ""]
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-probe", type=int, default=None, help="default 100")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
-    parser.add_argument("--rows", default="", help="'|'-separated row labels to run (default: every row)")
+    parser.add_argument("--rows", default="", help="';'-separated row labels to run (default: every row)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     args.n_probe = args.n_probe or 100
@@ -219,12 +224,13 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         print(f"\n== setting '{name}': {', '.join(tasks)}", flush=True)
         setting = bm.build_setting(name, tasks, zoo, pools, probes, seeds, args.n_fewshot, tokenizer)
-        only = {r.strip() for r in args.rows.split("|") if r.strip()} or None
+        only = {r.strip() for r in args.rows.split(";") if r.strip()} or None
         runs, results, probe_cache = variant_runs(args.quick, only), {}, {}
         for run in runs:
             started_run = time.perf_counter()
             results[run.label] = bm.run_method(setting, run, seeds, tokenizer, probe_cache, print)
             print(f"  ({run.label}: {time.perf_counter() - started_run:.0f} s)", flush=True)
+        setting.prepared.clear()
         done.append({"setting": setting, "ablation_runs": runs, "ablation": results,
                      "seconds": time.perf_counter() - t0})
     text = render(done, reference, seeds, args, sampler.stop(), time.perf_counter() - clock, started)

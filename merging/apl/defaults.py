@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from ..params import PER_LAYER, SHARED, ParamSpec
 
-#: APL's calibration defaults (mean drop ratio p̄, temperatures τ1/τ2, smallest keep rate, λ)
+#: APL's calibration defaults (mean drop ratio p̄, temperatures τ1/τ2, smallest keep rate, λ) and its
+#: variants' options (issue #14), measured by benchmarks/bench_apl_variants.py (RESULTS-apl-variants.md:
+#: both zoo settings, seeds 0–2, each row's λ chosen by few-shot loss). By the selected few-shot loss
+#: alone: importance_at = merged won on four experts (0.814 vs 0.843) but lost on the pair (0.751 vs
+#: 0.739), so it stays "base"; locate lost (1.019, 0.742); saliency with 1/keep was far worse than
+#: without (1.195 vs 0.802 on four experts), so saliency_rescale stays off; drop = saliency (no rescale)
+#: won in both settings (0.802 vs 0.843, 0.650 vs 0.739) — the protocol picks it — but "random" stays
+#: the default here, for the reasons the results file gives: saliency chooses its entries with the
+#: gradient of the very few-shot loss it is then scored on (in-sample entry by entry, where the other
+#: rows fit a few numbers per layer), and a saliency default also needs recipes calibrated by the CLI
+#: (which skip prepare) to carry its scores. A flip waits for the same comparison on a held-out draw.
 DEFAULTS = {"drop_ratio": 0.5, "tau1": 2.0, "tau2": 2.0, "q_min": 0.01, "lambda": 1.0,
             "drop": "random", "saliency_rescale": False, "importance_at": "base"}
 #: how APL drops inside a layer: one rate for every entry, or per hidden-state unit
