@@ -9,12 +9,27 @@ from __future__ import annotations
 
 from ..params import PER_LAYER, SHARED, ParamSpec
 
-#: APL's calibration defaults (mean drop ratio p̄, temperatures τ1/τ2, smallest keep rate, λ)
-DEFAULTS = {"drop_ratio": 0.5, "tau1": 2.0, "tau2": 2.0, "q_min": 0.01, "lambda": 1.0}
+#: APL's calibration defaults (mean drop ratio p̄, temperatures τ1/τ2, smallest keep rate, λ) and its
+#: variants' options (issue #14), measured by benchmarks/bench_apl_variants.py (RESULTS-apl-variants.md:
+#: both zoo settings, seeds 0–2, each row's λ chosen by few-shot loss). By the selected few-shot loss
+#: alone: importance_at = merged won on four experts (0.814 vs 0.843) but lost on the pair (0.751 vs
+#: 0.739), so it stays "base"; locate lost (1.019, 0.742); saliency with 1/keep was far worse than
+#: without (1.195 vs 0.802 on four experts), so saliency_rescale stays off; drop = saliency (no rescale)
+#: won in both settings (0.802 vs 0.843, 0.650 vs 0.739) — the protocol picks it — but "random" stays
+#: the default here, for the reasons the results file gives: saliency chooses its entries with the
+#: gradient of the very few-shot loss it is then scored on (in-sample entry by entry, where the other
+#: rows fit a few numbers per layer), and a saliency default also needs recipes calibrated by the CLI
+#: (which skip prepare) to carry its scores. A flip waits for the same comparison on a held-out draw.
+DEFAULTS = {"drop_ratio": 0.5, "tau1": 2.0, "tau2": 2.0, "q_min": 0.01, "lambda": 1.0,
+            "drop": "random", "saliency_rescale": False, "importance_at": "base"}
 #: how APL drops inside a layer: one rate for every entry, or per hidden-state unit
 WITHIN_LAYER = ("uniform", "hidden")
 #: engine extras key of APL's per-unit percentile profiles (a PerTensor input)
 UNIT_EXTRAS = "apl_unit_percentiles"
+#: engine extras key of APL's element saliency |g ⊙ Δ| per droppable tensor and expert (drop = "saliency")
+SALIENCY_EXTRAS = "apl_saliency"
+#: where APL measures importance: at the base (the paper's intervention) or at the task-arithmetic merge
+IMPORTANCE_POINTS = ("base", "merged")
 #: engine extras key of the Fisher diagonals (a PerTensor input, split along rows)
 FISHER_EXTRAS = "fisher"
 
@@ -38,3 +53,9 @@ Q_MIN = ParamSpec("q_min", "float", DEFAULTS["q_min"], "q_min: the smallest shar
 WITHIN = ParamSpec("within_layer", "choice", "uniform",
                    "Inside a layer: one drop ratio for every entry, or per hidden-state unit by importance rank.",
                    SHARED, choices=WITHIN_LAYER)
+IMPORTANCE_AT = ParamSpec("importance_at", "choice", DEFAULTS["importance_at"],
+                          "Where importance is measured. base: each part of an expert's change is switched on alone "
+                          "at the base model (the paper's test). merged: each part is switched off at the plain "
+                          "task-arithmetic merge (base + λ × every expert's change), so a part that clashes with "
+                          "the other experts' changes shows it. Merged costs one extra gradient pass per expert.",
+                          SHARED, choices=IMPORTANCE_POINTS)

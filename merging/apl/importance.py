@@ -475,3 +475,159 @@ def _expert_progress(progress: Progress | None, index: int, total: int, expert: 
     return lambda fraction, message: progress((index + fraction) / total, f"{expert}: {message}")
 
 
+
+
+# ---- measuring at the task-arithmetic merge, and element saliency (issue #14) ------------------
+#
+# A separate addition on top of the scoring functions above (score_expert, gradient passes): the
+# paper measures each expert alone, at the base; measuring at the merge sees the other experts' changes.
+
+#: ImportanceMap.intervention of a map measured at the merge point
+MERGED_INTERVENTION = "ablate_at_merge"
+
+
+def merge_point(expert_set: ExpertSet, lam: float) -> dict[str, torch.Tensor]:
+    """θ_TA = θ0 + λ Σ_t Δ_t over the merged body tensors (float32): plain task arithmetic, no drop."""
+    base = body_state(expert_set, "base")  # may be the source's own tensors: never written to
+    theta = {n: t.clone() for n, t in base.items()}
+    for expert in expert_set.experts:
+        for name, value in body_state(expert_set, expert).items():
+            theta[name] += lam * (value - base[name])
+    return theta
+
+
+def compute_importance_at_merge(expert_set: ExpertSet, examples: Mapping[str, Sequence[Example]] | None,
+                                tokenizer, *, lam: float = 1.0, mode: str = "gradient",
+                                level: str | Sequence[str] = "layer", sample: int | None = None, seed: int = 0,
+                                device: str = "cpu", progress: Progress | None = None,
+                                loss_fn: StateLoss | Mapping[str, StateLoss] | None = None,
+                                fewshot_indices: Mapping[str, Sequence[int]] | None = None,
+                                max_length: int = MAX_LENGTH) -> ImportanceMap:
+    """APL importance at the merge: I_t^k = |L_t(θ_TA − λΔ_t^k) − L_t(θ_TA)|, gradient ⟨∇L_t(θ_TA), −λΔ_t^k⟩.
+
+    The paper (Kong et al., arXiv 2408.09485) locates a partition by a causal intervention on the
+    *fine-tuned* model: set the partition's parameters back to the pre-trained values and measure how
+    much the task loss changes. Here the same intervention — remove this part of expert t's own change
+    — starts at the point the merge actually uses, θ_TA, rather than at θ_t: that is the model the
+    merged parts must work in, so a part whose effect the other experts' changes cancel (or amplify)
+    scores by its effect there. (Restoring into θ_TA − λΔ_t would start from a model with expert t's
+    change absent altogether, which is not a point the merge ever visits.) With one expert and λ = 1
+    this is the paper's ablate at θ_t exactly. Same levels and modes as :func:`compute_importance`.
+    """
+    _check_choices(mode, "ablate")
+    levels = _levels(level)
+    layout = expert_set.layout
+    units = sample_units(layout, sample if mode == "exact" else None, seed) if "hidden" in levels else {}
+    base, theta = body_state(expert_set, "base"), merge_point(expert_set, lam)
+    result = _empty_map(expert_set, mode, MERGED_INTERVENTION, seed, levels, sample)
+    collected: dict[str, list] = {lv: [] for lv in levels if lv != "hidden"}
+    unit_rows: dict[str, list[np.ndarray]] = {m: [] for m in units}
+    for index, expert in enumerate(expert_set.experts):
+        checkpoint()
+        own = body_state(expert_set, expert)
+        target = {n: theta[n] - lam * (own[n] - base[n]) for n in theta}
+        task = _task_loss(expert_set, expert, examples, tokenizer, loss_fn, device, max_length, theta)
+        step = _expert_progress(progress, index, len(expert_set.experts), expert)
+        scores, vectors, timings, start_loss = score_expert(task, layout, theta, target, mode=mode,
+                                                            levels=levels, units=units, progress=step)
+        for lv in collected:
+            collected[lv].append([scores[lv][k] for k in result.partitions[lv]])
+        for module in unit_rows:
+            unit_rows[module].append(vectors[module])
+        result.timings[expert], result.start_loss[expert] = timings, start_loss
+        n = len(examples[expert]) if examples is not None and expert in examples else 0
+        result.fewshot[expert] = list(fewshot_indices[expert]) if fewshot_indices and expert in fewshot_indices \
+            else list(range(n))
+        del task, own, target
+    result.signed = {lv: np.array(rows, dtype=float) for lv, rows in collected.items()}
+    result.units = {m: np.stack(rows).astype(float) for m, rows in unit_rows.items()}
+    return result
+
+
+def element_saliency(expert_set: ExpertSet, examples: Mapping[str, Sequence[Example]] | None, tokenizer, *,
+                     point: str = "base", lam: float = 1.0, device: str = "cpu",
+                     loss_fn: StateLoss | Mapping[str, StateLoss] | None = None,
+                     max_length: int = MAX_LENGTH, **_ignored) -> dict[str, dict[str, torch.Tensor]]:
+    """Per droppable tensor and expert, the element saliency |g ⊙ Δ_t| (float32, the tensor's shape):
+    g = ∇L_t at the base (``point="base"``, where gradient importance takes it for ``restore``) or at
+    θ_TA (``"merged"``). One backward pass per expert; each entry is that entry's own first-order term
+    of the gradient score, so summing it inside a partition gives the partition's |score| bound.
+    Memory: one float32 copy of each expert's droppable tensors."""
+    if point not in ("base", "merged"):
+        raise MergeLabError(f"unknown importance point '{point}': use 'base' or 'merged'", field="parameters.importance_at")
+    layout = expert_set.layout
+    base = body_state(expert_set, "base")
+    start = base if point == "base" else merge_point(expert_set, lam)
+    droppable = [n for n in base if layout[n].droppable]
+    out: dict[str, dict[str, torch.Tensor]] = {n: {} for n in droppable}
+    for expert in expert_set.experts:
+        checkpoint()
+        own = body_state(expert_set, expert)
+        moving = [n for n in droppable if not torch.equal(own[n], base[n])]
+        task = _task_loss(expert_set, expert, examples, tokenizer, loss_fn, device, max_length, start)
+        _, grads = task.gradient(moving) if moving else (0.0, {})
+        for name in droppable:
+            if name in grads:
+                out[name][expert] = (grads[name].cpu() * (own[name] - base[name])).abs().float()
+            else:
+                out[name][expert] = torch.zeros(base[name].shape)
+        del task, own, grads
+    return out
+
+
+def _draw_key(examples, tokenizer, max_length: int, device: str) -> str | None:
+    """What a measurement on these examples depends on besides the weights (None: not cacheable —
+    a custom loss function has no content to hash)."""
+    if examples is None:
+        return None
+    from ..hashing import content_hash
+
+    vocab = getattr(tokenizer, "vocab_size", None)
+    return content_hash({e: [list(map(str, x)) for x in rows] for e, rows in examples.items()},
+                        type(tokenizer).__name__, vocab, max_length, device)
+
+
+class _MeasureCache:
+    """Per expert set (dropped when the set is collected), the latest measurement of each kind and point:
+    a new few-shot draw replaces the old one, so saliency holds one copy of the droppable tensors."""
+
+    def __init__(self):
+        self._sets: dict[int, dict[tuple, tuple[str, object]]] = {}
+
+    def get_or_compute(self, expert_set: ExpertSet, slot: tuple, key: str | None, compute: Callable[[], object]):
+        if key is None:
+            return compute()
+        import weakref
+
+        sid = id(expert_set)
+        if sid not in self._sets:
+            self._sets[sid] = {}
+            weakref.finalize(expert_set, self._sets.pop, sid, None)
+        found = self._sets[sid].get(slot)
+        if found is not None and found[0] == key:
+            return found[1]
+        value = compute()
+        self._sets[sid][slot] = (key, value)
+        return value
+
+
+MEASURED = _MeasureCache()
+
+
+def cached_importance_at_merge(expert_set: ExpertSet, examples, tokenizer, *, lam: float, level="layer",
+                               mode: str = "gradient", **kwargs) -> ImportanceMap:
+    """:func:`compute_importance_at_merge`, cached per (expert set, few-shot draw, λ, level, mode)."""
+    draw = _draw_key(examples, tokenizer, kwargs.get("max_length", MAX_LENGTH), kwargs.get("device", "cpu"))
+    key = None if draw is None or kwargs.get("loss_fn") is not None else f"{draw}:{lam!r}:{level}:{mode}"
+    return MEASURED.get_or_compute(expert_set, ("importance", "merged"), key, lambda: compute_importance_at_merge(
+        expert_set, examples, tokenizer, lam=lam, level=level, mode=mode, **kwargs))
+
+
+def cached_element_saliency(expert_set: ExpertSet, examples, tokenizer, *, point: str, lam: float,
+                            **kwargs) -> dict[str, dict[str, torch.Tensor]]:
+    """:func:`element_saliency`, cached per (expert set, few-shot draw, point; λ at the merged point)."""
+    draw = _draw_key(examples, tokenizer, kwargs.get("max_length", MAX_LENGTH), kwargs.get("device", "cpu"))
+    key = None if draw is None or kwargs.get("loss_fn") is not None else \
+        f"{draw}:{lam!r}" if point == "merged" else draw
+    return MEASURED.get_or_compute(expert_set, ("saliency", point), key, lambda: element_saliency(
+        expert_set, examples, tokenizer, point=point, lam=lam, **kwargs))

@@ -140,7 +140,8 @@ def prepared(models: Models, snap: MergeInputs, progress: Progress | None = None
 def view_prepared(session: Session, method: str, shared: Mapping[str, Any]) -> dict[str, Any] | None:
     """The prepared result the plan shows for the page's values: computed when the method's heavy input
     is already there (a method that ``needs`` importance, once Compute importance ran: preparing is then
-    calibration, arithmetic on a few numbers per layer), else only what an earlier Merge prepared."""
+    calibration, arithmetic on a few numbers per layer — unless ``prepare.heavy(params)`` says these
+    settings measure more, e.g. APL at the merged point), else only what an earlier Merge prepared."""
     from .experts import models_for
     from .merge import method_available
 
@@ -148,5 +149,6 @@ def view_prepared(session: Session, method: str, shared: Mapping[str, Any]) -> d
     if spec.prepare is None or not session.refs or method_available(session, method) is not None:
         return None
     snap = snapshot(session, method, shared, session.seed, overrides={})
-    cheap = NEEDS_IMPORTANCE in spec.needs and snap.importance is not None
+    heavy = getattr(spec.prepare, "heavy", None)  # a prepare may declare settings that take gradient passes
+    cheap = NEEDS_IMPORTANCE in spec.needs and snap.importance is not None and not (heavy and heavy(snap.shared))
     return prepared(models_for(session), snap, compute=cheap)
