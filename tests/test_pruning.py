@@ -145,6 +145,7 @@ def test_workbench_pruning_curve(loaded):
         pruning_curve(session, "nobody")
 
 
+@pytest.mark.slow  # every analysis on the fake zoo: ≈ 15 s of CPU, over a minute of wall time on a loaded machine
 def test_bench_quick_writes_both_files(app_zoo, tmp_path):
     import sys
     from pathlib import Path
