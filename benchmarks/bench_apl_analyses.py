@@ -506,6 +506,26 @@ def pruning_separation(curves: list[dict]) -> list[tuple[str, float, str, float]
     return found
 
 
+def pruning_against_dare(curves: list[dict]) -> tuple[int, int, int]:
+    """(cells where both APL rate strategies are within 1 point of DARE's mean, cells where APL locate is below
+    DARE's worst seed, cells with DARE measured)."""
+    ties = below = cells = 0
+    for d in curves:
+        c = P.PruningCurve.from_json(d)
+        have = set(c.strategies())
+        if "dare" not in have:
+            continue
+        for p in c.fractions:
+            cells += 1
+            dare_mean, dare_lo, _ = c.at("dare", p)
+            rates = [c.at(s, p)[0] for s in ("apl_layer", "apl_hidden") if s in have]
+            if rates and all(abs(r - dare_mean) <= 0.01 for r in rates):
+                ties += 1
+            if "apl_locate" in have and c.at("apl_locate", p)[0] < dare_lo:
+                below += 1
+    return ties, below, cells
+
+
 def pruning_verdict(curves: list[dict]) -> list[str]:
     cells = sum(len(P.PruningCurve.from_json(d).fractions) for d in curves)
     sep = pruning_separation(curves)
@@ -513,11 +533,24 @@ def pruning_verdict(curves: list[dict]) -> list[str]:
         return [f"No (expert, p) cell of {cells} where an APL strategy's worst seed beats the best seed of both "
                 "DARE and magnitude."]
     listed = "; ".join(f"{e} p={p:g} ({sid}, +{m:.1f})" for e, p, sid, m in sep)
+    ties, below, n = pruning_against_dare(curves)
+    against = (f" APL's per-layer and hidden-unit rates are both within 1 point of DARE's mean in {ties} of {n} cells; "
+               f"APL locate is below DARE's worst seed in {below} of {n}.") if n else ""
     return [f"An APL strategy's worst seed beats the best seed of both DARE and magnitude in {len(sep)} of {cells} "
-            f"(expert, p) cells: {listed} (margin over the better baseline's best seed, points)."]
+            f"(expert, p) cells: {listed} (margin over the better baseline's best seed, points)." + against]
 
 
-def render_drop_range(rows: list[dict]) -> list[str]:
+def edge_note(rows: list[dict], grid: list[float] | None) -> str:
+    """How many of the rows' selected λ sit at an end of the λ grid (the optimum may lie beyond it)."""
+    if not grid or len(grid) < 2:
+        return ""
+    lams = [float(label.split()[0][2:]) for r in rows for label in r["selected"].values() if label.startswith("λ=")]
+    at_edge = sum(1 for lam in lams if lam in (min(grid), max(grid)))
+    return (f" {at_edge} of {len(lams)} selections sit at an end of the λ grid {{{', '.join(f'{v:g}' for v in grid)}}}"
+            " (the few-shot-loss optimum may lie beyond it)." if lams else "")
+
+
+def render_drop_range(rows: list[dict], grid: list[float] | None = None) -> list[str]:
     out = ["## 2. Merging across the drop range", "",
            "Mean probe accuracy over the setting's tasks (points), mean ± std over seeds; each method's λ chosen per "
            "seed on few-shot loss. APL − best baseline (the baseline with the highest mean at that p̄), paired by "
@@ -540,7 +573,8 @@ def render_drop_range(rows: list[dict]) -> list[str]:
                 out.append(f"| {p:g} | " + " | ".join(cells) + " | – | – |")
         out += ["", "Selected λ per seed: " + "; ".join(
             f"{r['method']} p̄={r['fraction']:g}: " + ", ".join(f"s{k} {v}" for k, v in r["selected"].items())
-            for r in mine if r["method"] in ("APL", "DARE linear")) + ".", ""]
+            for r in mine if r["method"] in ("APL", "DARE linear")) + "."
+                + edge_note([r for r in mine if r["method"] in ("APL", "DARE linear")], grid), ""]
     return out
 
 
@@ -678,12 +712,19 @@ def summary(data: dict) -> str:
                  f"APL − best baseline's 95 % interval above zero, and no (expert, p) cell of {n_prune} separates "
                  "an importance-guided pruning strategy from both random and magnitude dropping.")
     spans = len(cells) - len(wins) - len(losses)
+    n_seeds = len((data.get("meta") or {}).get("seeds") or []) or "the"
+    ties, below, n_cells = pruning_against_dare(data.get("pruning") or [])
+    pruning_part = (f"; pruning one expert, APL's per-layer and hidden-unit rates stay within 1 point of DARE in "
+                    f"{ties} of {n_cells} (expert, p) cells and APL locate falls below DARE's worst seed in {below} of "
+                    f"{n_cells}" if n_cells else "")
     if losses:
-        second = (f"It does not help at {where(losses)}, where the best baseline is ahead with the interval below "
-                  f"zero, and at {spans} further cell(s) the interval spans zero (no detectable difference).")
+        second = (f"It does not help at {where(losses)}, where the best baseline is ahead with the 95 % interval below "
+                  f"zero, and at {spans} further (setting, p̄) cell(s) the interval over {n_seeds} seeds spans zero"
+                  f"{pruning_part}.")
     else:
-        second = (f"It is never significantly behind the best baseline, but at {spans} of {len(cells)} (setting, p̄) "
-                  "cells the interval spans zero (no detectable difference).")
+        second = (f"It does not help detectably when merging: at {spans} of {len(cells)} (setting, p̄) cells the 95 % "
+                  f"interval over {n_seeds} seeds spans zero and at none is APL ahead or behind with confidence"
+                  f"{pruning_part}.")
     return first + " " + second
 
 
@@ -705,7 +746,7 @@ def render(data: dict) -> str:
     if data.get("pruning"):
         out += render_pruning(data["pruning"])
     if data.get("drop_range"):
-        out += render_drop_range(data["drop_range"])
+        out += render_drop_range(data["drop_range"], (meta.get("grids") or {}).get("lam_rescaled"))
     out += render_fewshot(data.get("fewshot_size") or [])
     out += render_taus(data.get("taus") or [])
     out += render_ablation(data.get("ablation") or [])
