@@ -43,6 +43,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -623,13 +624,15 @@ def render_taus(rows: list[dict]) -> list[str]:
             mine = [r for r in rows if r["setting"] == setting and r["vary"] == vary]
             values = list(dict.fromkeys(r["value"] for r in mine))
             out += [f"### {setting}: {'τ1' if vary == 'tau1' else 'τ2'} varied ({'τ2' if vary == 'tau1' else 'τ1'} = 2)",
-                    "", "| intervention | " + " | ".join(_tau_label(v) for v in values) + " | best |",
-                    "|---|" + "---|" * (len(values) + 1)]
+                    "", "| intervention | " + " | ".join(_tau_label(v) for v in values)
+                    + " | lowest few-shot loss (what selection would pick) | highest probe accuracy (reported only) |",
+                    "|---|" + "---|" * (len(values) + 2)]
             for iv in dict.fromkeys(r["intervention"] for r in mine):
                 cells = {r["value"]: r for r in mine if r["intervention"] == iv}
                 best = max(values, key=lambda v: statistics.fmean(per_seed(cells[v])))
+                chosen = min(values, key=lambda v: statistics.fmean(cells[v]["fewshot_loss"].values()))
                 out.append(f"| {iv} | " + " | ".join(pm(per_seed(cells[v])) for v in values)
-                           + f" | {_tau_label(best)} |")
+                           + f" | {_tau_label(chosen)} | {_tau_label(best)} |")
             out.append("")
     return out
 
@@ -816,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--combine", nargs="+", default=None, help="render these parts' JSON together")
     parser.add_argument("--reduced", default="", help="a note on what this run reduced for time (written)")
     args = parser.parse_args(argv)
-    command = " ".join(["python benchmarks/bench_apl_analyses.py", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "benchmarks/bench_apl_analyses.py", *(argv if argv is not None else sys.argv[1:])])
     out_dir = Path(args.out_dir)
     if args.combine:
         data = combine([json.loads(Path(p).read_text(encoding="utf-8")) for p in args.combine], command)
