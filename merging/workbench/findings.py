@@ -208,3 +208,36 @@ def probe_findings(session, folder: Path | None = None) -> str:
     except MergeLabError as exc:
         return f"The benchmark results could not be read: {exc}"
     return findings_text(findings, loaded_zoo(session))
+
+
+# ---------------------------------------------------------------- the APL analyses' stored results
+
+def read_analyses(folder: Path | None = None) -> dict | None:
+    """``RESULTS-apl-analyses.json`` (written by benchmarks/bench_apl_analyses.py), or None if absent."""
+    path = (Path(folder) if folder is not None else BENCH_DIR) / ANALYSES_JSON
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise MergeLabError(f"{ANALYSES_JSON} is not valid JSON: regenerate it with "
+                            "python benchmarks/bench_apl_analyses.py", field="results") from None
+    if not isinstance(data, dict):
+        raise MergeLabError(f"{ANALYSES_JSON} is not a JSON object", field="results")
+    return data
+
+
+def analyses_for(zoo, folder: Path | None = None) -> tuple[dict | None, str]:
+    """(the stored analyses of ``zoo``, or None; a sentence saying why there are none)."""
+    name = getattr(zoo, "name", None)
+    command = f"`python benchmarks/bench_apl_analyses.py --zoo {name or 'NAME'}`"
+    data = read_analyses(folder)
+    if data is None:
+        return None, f"No stored APL analyses yet: run {command} to measure them (minutes on a CPU)."
+    if name is None:
+        return None, (f"The stored APL analyses are of the demo zoo '{data.get('zoo')}'; these experts are not a zoo, "
+                      "so only the quick pruning curve below applies to them.")
+    if data.get("zoo") != name:
+        return None, (f"The stored APL analyses are of the zoo '{data.get('zoo')}', not this one ('{name}'): run "
+                      f"{command} to measure them here.")
+    return data, ""
