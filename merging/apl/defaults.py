@@ -15,6 +15,10 @@ DEFAULTS = {"drop_ratio": 0.5, "tau1": 2.0, "tau2": 2.0, "q_min": 0.01, "lambda"
 WITHIN_LAYER = ("uniform", "hidden")
 #: engine extras key of APL's per-unit percentile profiles (a PerTensor input)
 UNIT_EXTRAS = "apl_unit_percentiles"
+#: engine extras key of APL's element saliency |g ⊙ Δ| per droppable tensor and expert (drop = "saliency")
+SALIENCY_EXTRAS = "apl_saliency"
+#: where APL measures importance: at the base (the paper's intervention) or at the task-arithmetic merge
+IMPORTANCE_POINTS = ("base", "merged")
 #: engine extras key of the Fisher diagonals (a PerTensor input, split along rows)
 FISHER_EXTRAS = "fisher"
 
@@ -38,3 +42,9 @@ Q_MIN = ParamSpec("q_min", "float", DEFAULTS["q_min"], "q_min: the smallest shar
 WITHIN = ParamSpec("within_layer", "choice", "uniform",
                    "Inside a layer: one drop ratio for every entry, or per hidden-state unit by importance rank.",
                    SHARED, choices=WITHIN_LAYER)
+IMPORTANCE_AT = ParamSpec("importance_at", "choice", "base",
+                          "Where importance is measured. base: each part of an expert's change is switched on alone "
+                          "at the base model (the paper's test). merged: each part is switched off at the plain "
+                          "task-arithmetic merge (base + λ × every expert's change), so a part that clashes with "
+                          "the other experts' changes shows it. Merged costs one extra gradient pass per expert.",
+                          SHARED, choices=IMPORTANCE_POINTS)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..apl.defaults import DEFAULTS, MEAN_DROP, Q_MIN, TAU1, TAU2, UNIT_EXTRAS, WITHIN
+from ..apl.defaults import DEFAULTS, IMPORTANCE_AT, MEAN_DROP, Q_MIN, SALIENCY_EXTRAS, TAU1, TAU2, UNIT_EXTRAS, WITHIN
 from ..errors import MergeLabError
 from ..params import SHARED, ParamSpec
 from . import kernels
@@ -28,11 +28,19 @@ from .classic import LAMBDA, WEIGHT
 
 APL_URL = "https://arxiv.org/abs/2408.09485"
 
+#: how APL drops inside a tensor (the ``drop`` parameter's choices)
+DROP_CHOICES = ("random", "magnitude", "locate", "saliency")
 DROP_KIND = ParamSpec("drop", "choice", "random",
-                      "How entries are dropped: seeded random with rescale 1/keep (DARE-style) or magnitude "
-                      "top-k (no rescale).", SHARED, choices=("random", "magnitude"))
+                      "How entries are dropped. random: seeded random drop, what is kept scaled by 1/keep "
+                      "(DARE-style). magnitude: keep the largest changes, no rescale. locate: keep whole hidden "
+                      "units, the most important first (needs within_layer = hidden), and scale them so the "
+                      "tensor's total absolute change stays the same. saliency: keep the entries whose change "
+                      "moves the task's loss most (|gradient × change|, one extra gradient pass per expert).",
+                      SHARED, choices=DROP_CHOICES)
 SIGN = ParamSpec("sign_election", "bool", False, "Elect a sign per entry (TIES) and add only agreeing deltas.")
-
+SALIENCY_RESCALE = ParamSpec("saliency_rescale", "bool", False,
+                             "With drop = saliency: scale what is kept by 1/keep like DARE (on), or keep the "
+                             "kept changes as they are (off).", SHARED)
 
 
 # ---- APL kernel ----------------------------------------------------------------------------
@@ -58,9 +66,14 @@ def _apl_kernel(job: TensorJob) -> torch.Tensor:
 def _apl_drop(delta: torch.Tensor, expert: str, p: Mapping[str, Any], job: TensorJob,
               profile: torch.Tensor | None) -> torch.Tensor:
     drop_ratio = float(p["drop_ratio"])
+    kind = job.shared.get("drop", "random")
+    if kind == "locate":
+        return _locate(delta, expert, 1.0 - drop_ratio, job, profile)
     keep = _unit_keep(profile, 1.0 - drop_ratio, job, expert) if job.shared.get("within_layer") == "hidden" \
         and job.info.unit_axis is not None else None
-    if job.shared.get("drop") == "magnitude":
+    if kind == "saliency":
+        return _saliency_drop(delta, expert, 1.0 - drop_ratio, keep, job)
+    if kind == "magnitude":
         if keep is None:
             return delta * kernels.magnitude_mask(delta, 1.0 - drop_ratio)
         return delta * unit_magnitude_mask(delta, keep, job.info.unit_axis)
@@ -70,6 +83,74 @@ def _apl_drop(delta: torch.Tensor, expert: str, p: Mapping[str, Any], job: Tenso
     mask = kernels.random_keep_mask(delta.shape, keep, seed=job.seed, expert=expert, name=job.name,
                                     numel=job.numel, start=job.start)
     return delta * mask / keep.clamp_min(1e-12)
+
+
+# ---- drop = "locate": whole hidden units by importance, mass preserved ------------------------
+
+def _locate(delta: torch.Tensor, expert: str, keep_rate: float, job: TensorJob,
+            profile: torch.Tensor | None) -> torch.Tensor:
+    """Deterministic locating: keep the layer's share of hidden units, most important first, zero the
+    others and scale the kept ones so the tensor's L1 mass Σ|Δ| is what it was. A tensor without hidden
+    units (the embeddings) has nothing to locate and gets the seeded random drop at its layer's rate."""
+    if job.shared.get("within_layer") != "hidden":
+        raise MergeLabError("drop='locate' keeps whole hidden units by their importance, so it needs "
+                            "within_layer='hidden' (per-unit importance profiles): set within_layer to hidden, "
+                            "or pick drop random, magnitude or saliency", field="parameters.drop")
+    axis = job.info.unit_axis
+    if axis is None:
+        return kernels.dare(delta, 1.0 - keep_rate, seed=job.seed, expert=expert, name=job.name, rescale=True,
+                            numel=job.numel, start=job.start)
+    if profile is None:
+        _unit_keep(None, keep_rate, job, expert)  # raises the missing-profile error
+    units = locate_units(profile.reshape(-1), keep_rate)
+    shape = [1] * delta.dim()
+    shape[axis] = units.numel()
+    return mass_preserving(delta, units.reshape(shape))
+
+
+def locate_units(scores: torch.Tensor, keep_rate: float) -> torch.Tensor:
+    """Bool mask of the units kept: exactly k = round(keep_rate · units) of them (at least one while
+    keep_rate > 0, so q_min's "nothing is dropped entirely" holds), the highest scores first, ties
+    broken by the lower unit index (a stable sort)."""
+    n = scores.numel()
+    k = min(n, int(round(keep_rate * n)))
+    if keep_rate > 0:
+        k = max(k, 1)
+    order = torch.sort(scores.double(), descending=True, stable=True).indices
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def mass_preserving(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``delta`` where ``mask`` holds, scaled by Σ|Δ| / Σ_kept|Δ| (0 if the kept part is all zero): the
+    kept units carry the tensor's whole L1 mass, as DARE's 1/keep does in expectation."""
+    kept = delta * mask
+    kept_mass = float(kept.abs().sum(dtype=torch.float64))
+    if kept_mass == 0.0:
+        return kept
+    return kept * (float(delta.abs().sum(dtype=torch.float64)) / kept_mass)
+
+
+# ---- drop = "saliency": element-level |g ⊙ Δ| --------------------------------------------------
+
+def _saliency_drop(delta: torch.Tensor, expert: str, keep_rate: float, unit_keep: torch.Tensor | None,
+                   job: TensorJob) -> torch.Tensor:
+    """Keep the entries with the largest saliency |g ⊙ Δ| (exact count round(q · n), ties lowest flat index
+    first), per tensor — or per hidden unit at its own keep rate with within_layer='hidden'; scaled by
+    1/keep when ``saliency_rescale`` is on."""
+    scores = (job.extras.get(SALIENCY_EXTRAS) or {}).get(expert)
+    if scores is None:
+        raise MergeLabError(f"drop='saliency' needs the saliency |g ⊙ Δ| of expert '{expert}' for tensor "
+                            f"'{job.name}': prepare APL with drop='saliency' (it takes one gradient pass per "
+                            "expert on the few-shot data), or pick another drop", field="parameters.drop")
+    scores = scores.to(delta.dtype)
+    rescale = bool(job.shared.get("saliency_rescale", SALIENCY_RESCALE.default))
+    if unit_keep is None:
+        kept = delta * kernels.magnitude_mask(scores, keep_rate)
+        return kept / keep_rate if rescale and keep_rate > 0 else kept
+    kept = delta * unit_magnitude_mask(scores, unit_keep, job.info.unit_axis)
+    return kept / unit_keep.clamp_min(1e-12) if rescale else kept
 
 
 def _unit_keep(profile: torch.Tensor | None, layer_keep: float, job: TensorJob, expert: str) -> torch.Tensor:
@@ -105,9 +186,10 @@ def unit_magnitude_mask(delta: torch.Tensor, keep: torch.Tensor, unit_axis: int)
 
 def _apl_row_separable(shared: Mapping[str, Any]) -> bool:
     """The random drop is located by flat index and the unit rates cut to a chunk's rows, so row chunks
-    merge exactly; a magnitude drop takes its top-k over the whole tensor (or over a unit's column when
-    units run along axis 1), so the engine merges those whole."""
-    return shared.get("drop", "random") != "magnitude"
+    merge exactly; a magnitude or saliency drop takes its top-k over the whole tensor (or over a unit's
+    column when units run along axis 1) and locate rescales by the whole tensor's mass, so the engine
+    merges those whole."""
+    return shared.get("drop", "random") == "random"
 
 
 def prepare_apl(expert_set, examples: Mapping[str, Sequence] | None = None, tokenizer=None, *,
@@ -124,6 +206,10 @@ def prepare_apl(expert_set, examples: Mapping[str, Sequence] | None = None, toke
 
     params = dict(params or {})
     within = params.get("within_layer", "uniform")
+    if params.get("drop") == "locate" and within != "hidden":
+        raise MergeLabError("drop='locate' keeps whole hidden units by their importance, so it needs "
+                            "within_layer='hidden': set within_layer to hidden, or pick another drop",
+                            field="parameters.within_layer")
     if importance is None:
         if not examples:
             raise MergeLabError("APL needs few-shot examples of every expert's task (or an importance map "
@@ -150,7 +236,7 @@ register(MethodSpec(
     "apl", "APL (Activated Parameter Locating)", APL_URL,
     "Few-shot importance per layer sets each expert's drop ratios (τ1) and merge weights (τ2), then a DARE-style "
     "drop and weighted sum.",
-    (WEIGHT, LAMBDA, MEAN_DROP, TAU1, TAU2, Q_MIN, WITHIN, DROP_KIND, SIGN), _apl_kernel,
+    (WEIGHT, LAMBDA, MEAN_DROP, TAU1, TAU2, Q_MIN, WITHIN, DROP_KIND, SIGN, SALIENCY_RESCALE, IMPORTANCE_AT), _apl_kernel,
     needs=frozenset({NEEDS_BASE, NEEDS_FEW_SHOT, NEEDS_IMPORTANCE}), prepare=prepare_apl,
     row_separable=_apl_row_separable, randomised=lambda shared: shared.get("drop", "random") == "random",
     explanation=(
