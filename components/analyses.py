@@ -143,8 +143,8 @@ def pruning_hint(state) -> str:
     steps = pruning_steps()
     estimate = est.sweep_estimate(session, steps).text()
     return (f"**Time** · quick pruning curve (p = {', '.join(f'{p:g}' for p in QUICK_FRACTIONS)}, "
-            f"{len(QUICK_SEEDS)} seeds for the random strategies): at most {estimate}, plus the expert's APL "
-            "importance once (each merge here probes one task, so it is quicker than a sweep step).")
+            f"{len(QUICK_SEEDS)} seeds for the random strategies): {estimate} — an upper bound, since each merge "
+            "here probes one task only; plus the expert's APL importance, once.")
 
 
 def run_pruning(session: wb.Session, expert: str, progress=None):
@@ -153,6 +153,7 @@ def run_pruning(session: wb.Session, expert: str, progress=None):
 
     if importlib.util.find_spec("merging.workbench.analyses") is None:
         raise wb.MergeLabError("the pruning analysis (merging.workbench.analyses) is not part of this build")
+    from merging.cancel import current_token
     from merging.workbench import analyses as wa
 
     if not session.refs:
@@ -161,7 +162,8 @@ def run_pruning(session: wb.Session, expert: str, progress=None):
         raise wb.MergeLabError(f"pick one of the loaded experts to prune ({', '.join(session.refs)}), not {expert!r}",
                                field="expert")
     started = time.perf_counter()
-    curve = wa.pruning_curve(session, expert, fractions=QUICK_FRACTIONS, seeds=QUICK_SEEDS, progress=progress)
+    curve = wa.pruning_curve(session, expert, fractions=QUICK_FRACTIONS, seeds=QUICK_SEEDS, progress=progress,
+                             cancel=current_token())  # the page's Stop reaches it
     est.record("sweep", time.perf_counter() - started, len(curve.points), "the last pruning curve")
     return curve
 

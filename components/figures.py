@@ -567,7 +567,15 @@ def seed_band_figure(band, experts: Sequence[str] | None = None) -> go.Figure:
                                  hovertemplate=f"seed {seed}<br>%{{x}}: %{{y:.3f}}<extra></extra>"))
     fig.update_yaxes(title_text=band.metric, range=[0, 1] if band.metric == "accuracy" else None)
     fig.update_xaxes(title_text="task")
-    return _style(fig, 340)
+    return _legend_below_when_narrow(_style(fig, 340), plot=240, legend_rows=len(band.seeds) + 1)
+
+
+def _legend_below_when_narrow(fig: go.Figure, plot: int, legend_rows: int) -> go.Figure:
+    """On a phone a horizontal legend above the plot wraps into a column that covers it: there it moves
+    under the x axis title, one entry a row, and the chart grows to hold it."""
+    bottom = 90 + 22 * legend_rows
+    return stack_when_narrow(fig, [plot], top=30, bottom=bottom,
+                             narrow_extra={"legend.y": round(-70 / plot, 3), "legend.yanchor": "top"})
 
 
 def strategy_colours(strategy_ids: Sequence[str]) -> dict[str, str]:
@@ -604,11 +612,12 @@ def pruning_figure(curve, expert_colour: str | None = None) -> go.Figure:
     as dashed reference lines (``curve``: a ``merging.apl.pruning.PruningCurve``)."""
     fig = go.Figure()
     fractions = list(curve.fractions)
+    place = {p: _kept_axis(p) for p in fractions}
     ids = list(curve.strategies())
     colours = strategy_colours(ids)
     for sid in ids:
         points = [(p, curve.at(sid, p)) for p in fractions if curve.scores(sid, p)]
-        xs = [p for p, _ in points]
+        xs = [place[p] for p, _ in points]
         means, lows, highs = ([v[k] for _, v in points] for k in range(3))
         name = strategy_name(sid)
         if any(hi > lo for lo, hi in zip(lows, highs)):
@@ -617,20 +626,27 @@ def pruning_figure(curve, expert_colour: str | None = None) -> go.Figure:
                                      showlegend=False, legendgroup=sid, name=f"{name} range"))
         fig.add_trace(go.Scatter(x=xs, y=means, mode="lines+markers", name=name, legendgroup=sid,
                                  line=dict(color=colours[sid], width=2),
-                                 customdata=list(zip(lows, highs)),
-                                 hovertemplate=f"{name}<br>p = %{{x}}: %{{y:.3f}} (range %{{customdata[0]:.3f}}–"
-                                               f"%{{customdata[1]:.3f}})<extra></extra>"))
-    x0, x1 = (min(fractions), max(fractions)) if fractions else (0.0, 1.0)
+                                 customdata=[(p, lo, hi) for (p, _), lo, hi in zip(points, lows, highs)],
+                                 hovertemplate=f"{name}<br>p = %{{customdata[0]:g}}: %{{y:.3f}} (range "
+                                               f"%{{customdata[1]:.3f}}–%{{customdata[2]:.3f}})<extra></extra>"))
+    x0, x1 = (min(place.values()), max(place.values())) if fractions else (0.0, 1.0)
     for value, name, colour in ((curve.base_score, "base", BASE_COLOUR),
                                 (curve.expert_score, f"expert {curve.expert} (unpruned)", expert_colour or GREYS[0])):
         fig.add_trace(go.Scatter(x=[x0, x1], y=[value, value], mode="lines", name=name,
                                  line=dict(color=colour, dash="dash", width=1.5),
                                  hovertemplate=f"{name}: {value:.3f}<extra></extra>"))
     better = "higher is better" if curve.higher_is_better else "lower is better"
-    fig.update_xaxes(title_text="p, share of the expert's change dropped", tickvals=fractions)
+    fig.update_xaxes(title_text="p, share of the expert's change dropped (spaced by the share kept, 1 − p)",
+                     tickvals=[place[p] for p in fractions], ticktext=[f"{p:g}" for p in fractions])
     fig.update_yaxes(title_text=f"{curve.task} {curve.metric} ({better})",
                      range=[0, 1] if curve.metric == "accuracy" else None)
-    return _style(fig, 380)
+    return _legend_below_when_narrow(_style(fig, 380), plot=280, legend_rows=len(ids) + 2)
+
+
+def _kept_axis(p: float) -> float:
+    """Where drop fraction p sits on the pruning chart's x axis: −log10 of the share kept, so 0.9, 0.95 and
+    0.99 (a tenth, a twentieth, a hundredth kept) are as far apart as what they keep differs."""
+    return -math.log10(max(1.0 - float(p), 1e-6))
 
 
 def pruning_text_fraction(curve) -> float | None:
@@ -663,7 +679,7 @@ def pruning_summary(curve) -> str:
     for i, sid in enumerate(ids):
         mean, low, high = curve.at(sid, p)
         n = len(curve.scores(sid, p))
-        spread = f" ({n} seeds, range {low:.2f}–{high:.2f})" if n > 1 else ""
+        spread = "" if n < 2 else f" ({n} seeds, range {low:.2f}–{high:.2f})" if high > low else f" ({n} seeds, all equal)"
         head = f"{strategy_name(sid, short=True)} {verb} {mean:.2f} {curve.metric}" if i == 0 else \
             f"{strategy_name(sid, short=True)} {mean:.2f}"
         parts.append(head + spread)

@@ -52,6 +52,7 @@ def test_figure_lines_bands_and_references():
     assert {t.legendgroup for t in bands} == {"dare", "apl_layer"}  # magnitude has one seed: no band
     dare = next(t for t in bands if t.legendgroup == "dare")
     assert list(dare.y) == [0.82, 0.64, 0.60, 0.78]  # max at each p, then min back
+    assert list(fig.layout.xaxis.ticktext) == ["0.5", "0.95"]  # p named, placed by the share kept
     refs = {t.name: t for t in fig.data if t.mode == "lines"}
     assert list(refs["base"].y) == [0.25, 0.25] and list(refs["expert topic (unpruned)"].y) == [0.86, 0.86]
     assert fg.strategy_name("dare", short=True) == "DARE" and fg.strategy_name("magnitude", short=True) == "magnitude"
