@@ -47,9 +47,9 @@ def seed_band_area() -> SimpleNamespace:
     """Inside the Probe section: the benchmark's line for this zoo, then the seed band."""
     findings_md = gr.Markdown(elem_id="probe-findings")
     with gr.Row():
-        band_btn = gr.Button("Run over 3 seeds", variant="secondary", elem_id="btn-band", scale=0, min_width=200,
+        band_btn = gr.Button("Run over 3 seeds", variant="secondary", elem_id="btn-band", scale=0, min_width=220,
                              elem_classes=["ml-btn"])
-        band_stop = gr.Button("Stop seeds", variant="stop", scale=0, min_width=120, elem_id="btn-band-stop")
+        band_stop = gr.Button("Stop seeds", variant="stop", scale=0, min_width=160, elem_id="btn-band-stop")
     band_eta = gr.Markdown(elem_id="band-eta", elem_classes=["ml-eta"])
     band_progress = gr.Markdown(elem_id="band-progress", elem_classes=["ml-progress"])
     band_df = gr.Dataframe(value=h.placeholder_table(BAND_EMPTY), label="Seed band: each seed, mean and range",
@@ -70,19 +70,18 @@ def analyses_section() -> SimpleNamespace:
                     "version of the first analysis for one expert, here.")
         gr.Markdown("### Stored results")
         stored_md = gr.Markdown("Load experts to see the stored results of their zoo.", elem_id="analyses-stored")
-        stored_plot = gr.Plot(fg.empty_figure("Load experts from a benchmarked zoo to fill this."),
-                              label="Stored pruning curve")
+        stored_plot = gr.Plot(label="Stored pruning curve", visible=False)
         stored_plot_md = gr.Markdown(elem_id="analyses-stored-curve")
-        stored_pick = gr.Dropdown(choices=[], label="Stored table", elem_id="analyses-table-pick")
-        stored_table = gr.Dataframe(value=h.placeholder_table("Load experts from a benchmarked zoo to fill this."),
-                                    label="Stored analysis table", interactive=False, elem_id="analyses-table",
-                                    elem_classes=["ml-wide-table"])
+        stored_pick = gr.Dropdown(choices=[], label="Stored table", elem_id="analyses-table-pick", visible=False)
+        stored_table = gr.Dataframe(label="Stored analysis table", interactive=False, elem_id="analyses-table",
+                                    elem_classes=["ml-wide-table"], visible=False)
         gr.Markdown("### Pruning curve of the selected expert")
         expert = gr.Dropdown(choices=[], label="Expert to prune", elem_id="pruning-expert")
         with gr.Row():
             prune_btn = gr.Button("Pruning curve (quick)", elem_id="btn-pruning", scale=0, min_width=200,
                                   elem_classes=["ml-btn"])
-            prune_stop = gr.Button("Stop pruning", variant="stop", scale=0, min_width=120, elem_id="btn-pruning-stop")
+            prune_stop = gr.Button("Stop pruning", variant="stop", scale=0, min_width=170,
+                                   elem_id="btn-pruning-stop")
         prune_eta = gr.Markdown(elem_id="pruning-eta", elem_classes=["ml-eta"])
         prune_progress = gr.Markdown(elem_id="pruning-progress", elem_classes=["ml-progress"])
         prune_plot = gr.Plot(fg.empty_figure(PRUNING_EMPTY), label="Pruning curve: own-task score vs share dropped")
@@ -209,19 +208,17 @@ def stored_curve(data: dict, expert: str | None):
 
 
 def stored_views(state, expert: str | None = None, table: str | None = None):
-    """(text, curve chart, its twin, table choices, table) of the stored analyses of the loaded zoo."""
+    """(text, curve chart, its twin, table choices, table) of the stored analyses of the loaded zoo; the chart,
+    the choice and the table are hidden when there is nothing stored for these experts."""
     session = h.session_of(state)
-    empty = fg.empty_figure("No stored pruning curve for these experts.")
-    none = h.placeholder_table("No stored table for these experts.")
     if not session.refs:
-        return ("Load experts to see the stored results of their zoo.", empty, "", gr.update(choices=[], value=None),
-                none)
+        return _no_stored("Load experts to see the stored results of their zoo.")
     try:
         data, why = fd.analyses_for(fd.loaded_zoo(session))
     except wb.MergeLabError as exc:
         data, why = None, f"The stored APL analyses could not be read: {exc}"
     if data is None:
-        return why, empty, "", gr.update(choices=[], value=None), none
+        return _no_stored(why)
     names = [k for k in STORED_TABLES if records_table(data.get(k)) is not None]
     text = str(data.get("summary") or "The stored analyses have no summary.")
     commands = [c for c in data.get("commands") or [] if isinstance(c, str)]
@@ -231,12 +228,18 @@ def stored_views(state, expert: str | None = None, table: str | None = None):
         curve = stored_curve(data, expert)
     except wb.MergeLabError as exc:
         curve, text = None, text + f"\n\nThe stored pruning curves could not be read: {exc}"
-    fig, twin = (pruning_views(session, curve) if curve is not None else (empty, ""))
-    if curve is not None and curve.expert != expert and expert:
+    fig, twin = pruning_views(session, curve) if curve is not None else (None, "")
+    if curve is not None and expert and curve.expert != expert:
         twin = f"(No stored curve of {expert}; showing {curve.expert}'s.) " + twin
     pick = table if table in names else (names[0] if names else None)
-    return (text, fig, twin, gr.update(choices=names, value=pick),
-            records_table(data.get(pick)) if pick else none)
+    return (text, gr.update(value=fig, visible=fig is not None), twin,
+            gr.update(choices=names, value=pick, visible=bool(names)),
+            gr.update(value=records_table(data.get(pick)) if pick else None, visible=bool(pick)))
+
+
+def _no_stored(text: str) -> tuple:
+    return (text, gr.update(visible=False), "", gr.update(choices=[], value=None, visible=False),
+            gr.update(visible=False))
 
 
 # ====================================================================== wiring

@@ -79,3 +79,19 @@ def test_stored_analyses_only_for_their_zoo(tmp_path):
 def test_quick_pruning_counts_merges():
     # 5 strategies: 3 random ones over 3 seeds, 2 deterministic once, at 4 fractions
     assert an.pruning_steps() == (3 * 3 + 2) * 4
+
+
+def test_stored_views_show_the_file_or_hide_the_empty_parts(tmp_path, monkeypatch):
+    session = SimpleNamespace(refs={"topic": "zoo:default/topic"}, experts=["topic"], base_ref="zoo:default/base")
+    monkeypatch.setattr(fd, "BENCH_DIR", tmp_path)
+    monkeypatch.setattr(fd, "loaded_zoo", lambda s: SimpleNamespace(name="default"))
+    monkeypatch.setattr(an.h, "session_of", lambda s: s)
+    text, plot, twin, pick, table = an.stored_views(session, "topic")
+    assert "No stored APL analyses yet" in text and plot["visible"] is False and table["visible"] is False
+    record = {"zoo": "default", "pruning": [_curve().to_json()], "taus": [{"tau1": 2, "mean": 0.61}],
+              "summary": "APL keeps more at p = 0.95. Magnitude is close."}
+    (tmp_path / fd.ANALYSES_JSON).write_text(json.dumps(record), encoding="utf-8")
+    text, plot, twin, pick, table = an.stored_views(session, "topic")
+    assert text == record["summary"] and plot["visible"] is True
+    assert twin == fg.pruning_summary(_curve())
+    assert pick["choices"] == ["taus"] and table["value"] == {"headers": ["tau1", "mean"], "data": [[2, 0.61]]}
