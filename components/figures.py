@@ -636,7 +636,7 @@ def pruning_figure(curve, expert_colour: str | None = None) -> go.Figure:
                                  line=dict(color=colour, dash="dash", width=1.5),
                                  hovertemplate=f"{name}: {value:.3f}<extra></extra>"))
     better = "higher is better" if curve.higher_is_better else "lower is better"
-    fig.update_xaxes(title_text="p, share of the expert's change dropped (spaced by the share kept, 1 − p)",
+    fig.update_xaxes(title_text="p, share of the expert's change dropped",
                      tickvals=[place[p] for p in fractions], ticktext=[f"{p:g}" for p in fractions])
     fig.update_yaxes(title_text=f"{curve.task} {curve.metric} ({better})",
                      range=[0, 1] if curve.metric == "accuracy" else None)

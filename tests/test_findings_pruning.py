@@ -77,8 +77,9 @@ def test_stored_analyses_only_for_their_zoo(tmp_path):
 
 
 def test_quick_pruning_counts_merges():
-    # 5 strategies: 3 random ones over 3 seeds, 2 deterministic once, at 4 fractions
-    assert an.pruning_steps() == (3 * 3 + 2) * 4
+    # 5 strategies: 3 random ones over 2 seeds, 2 deterministic once, at 3 fractions
+    assert an.pruning_steps() == (3 * 2 + 2) * 3
+    assert an.pruning_steps((0.5, 0.9), (0, 1, 2)) == (3 * 3 + 2) * 2
 
 
 def test_stored_views_show_the_file_or_hide_the_empty_parts(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ keeps one row for the band: seed s's, with every seed and the band recorded in i
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 from ..cancel import checkpoint
 from ..errors import MergeLabError
 from ..methods.base import NEEDS_FEW_SHOT, NEEDS_IMPORTANCE
+from .estimates import record
 from .limits import MAX_SEED, Progress, check_method, check_seed, check_shared, method_spec, no_progress
 from .session import Session
 
@@ -118,6 +120,7 @@ def run_seed_band(session: Session, method: str, shared: Mapping[str, Any], seed
     seeds = band_seeds(seed, n)
     order = list(seeds[1:]) + [seeds[0]]  # seed s last: the merge the session keeps is seed s's
     saved = _saved(session)
+    started = time.perf_counter()
     metrics: dict[int, dict[str, dict[str, float]]] = {}
     report = None
     try:
@@ -142,6 +145,7 @@ def run_seed_band(session: Session, method: str, shared: Mapping[str, Any], seed
     scores = {t: tuple(float(metrics[s][t][metric]) for s in seeds) for t in tasks}
     band = SeedBand(method, session.last_label, seeds, tasks, metric, scores)
     _record(session, band)
+    record("sweep", time.perf_counter() - started, len(seeds), "the last seed band")  # a merge + a probe each
     progress(1.0, f"seed band done: {len(seeds)} seeds")
     return band, report
 
