@@ -559,3 +559,147 @@ def sweep_summary(ratios: Sequence[float], results: Mapping[str, Sequence[float]
         if ys:
             parts.append(f"{method} {ys[0]:.3f} → {ys[-1]:.3f}")
     return f"Mean accuracy from drop {ratios[0]} to {ratios[-1]}: " + ", ".join(parts) + "."
+
+
+# ---------------------------------------------------------------- seed band and pruning curves
+
+def seed_band_figure(band, experts: Sequence[str] | None = None) -> go.Figure:
+    """One bar per task at the mean over seeds with a min–max error bar, and each seed's score as a dot on
+    it: how far one run of a randomised merge can be from the next (``band``: a workbench SeedBand)."""
+    tasks = list(band.tasks)
+    colours = colour_map(list(experts if experts is not None else tasks))
+    means = [band.mean(t) for t in tasks]
+    fig = go.Figure(go.Bar(
+        x=tasks, y=means, name=f"mean of {len(band.seeds)} seeds",
+        marker_color=[colours.get(t, GREYS[1]) for t in tasks],
+        error_y=dict(type="data", symmetric=False, array=[band.high(t) - m for t, m in zip(tasks, means)],
+                     arrayminus=[m - band.low(t) for t, m in zip(tasks, means)], color="#444444", thickness=2),
+        hovertemplate="%{x}: mean %{y:.3f}<extra></extra>"))
+    for i, seed in enumerate(band.seeds):
+        fig.add_trace(go.Scatter(x=tasks, y=[band.scores[t][i] for t in tasks], mode="markers", name=f"seed {seed}",
+                                 marker=dict(color=GREYS[i % len(GREYS)], size=8, symbol=["circle", "diamond",
+                                                                                          "square"][i % 3],
+                                             line=dict(color="#000000", width=1)),
+                                 hovertemplate=f"seed {seed}<br>%{{x}}: %{{y:.3f}}<extra></extra>"))
+    fig.update_yaxes(title_text=band.metric, range=[0, 1] if band.metric == "accuracy" else None)
+    fig.update_xaxes(title_text="task")
+    return _legend_below_when_narrow(_style(fig, 340), plot=240, legend_rows=len(band.seeds) + 1)
+
+
+def _legend_below_when_narrow(fig: go.Figure, plot: int, legend_rows: int) -> go.Figure:
+    """On a phone a horizontal legend above the plot wraps into a column that covers it: there it moves
+    under the x axis title, one entry a row, and the chart grows to hold it."""
+    bottom = 90 + 22 * legend_rows
+    return stack_when_narrow(fig, [plot], top=30, bottom=bottom,
+                             narrow_extra={"legend.y": round(-70 / plot, 3), "legend.yanchor": "top"})
+
+
+def strategy_colours(strategy_ids: Sequence[str]) -> dict[str, str]:
+    """One colour per pruning strategy, by its place in ``merging.apl.pruning.STRATEGIES`` (Tol's colours,
+    never an expert's), so a strategy keeps its colour in every curve."""
+    from merging.apl.pruning import STRATEGIES
+
+    order = [s.id for s in STRATEGIES] + [s for s in strategy_ids if s not in {x.id for x in STRATEGIES}]
+    return {sid: MERGE_COLOURS[order.index(sid) % len(MERGE_COLOURS)] for sid in strategy_ids}
+
+
+def strategy_name(strategy_id: str, short: bool = False) -> str:
+    """The strategy's label for a chart; ``short``: the words a sentence uses ("DARE", "magnitude",
+    "APL per-layer rates")."""
+    from merging.apl.pruning import STRATEGIES
+
+    label = next((s.label for s in STRATEGIES if s.id == strategy_id), strategy_id)
+    if not short:
+        return label
+    if label.endswith(")") and " (" in label and label.rsplit(" (", 1)[1][:-1].isupper():
+        return label.rsplit(" (", 1)[1][:-1]  # "random drop + rescale (DARE)" → "DARE"
+    return label.split(" (", 1)[0]
+
+
+def _hex_rgba(colour: str, alpha: float) -> str:
+    colour = colour.lstrip("#")
+    r, g, b = (int(colour[i:i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def pruning_figure(curve, expert_colour: str | None = None) -> go.Figure:
+    """The pruning curve of one expert: its own-task score against the share p of its delta dropped, one line
+    per strategy (mean over seeds) in a min–max band of its colour, with the base and the unpruned expert
+    as dashed reference lines (``curve``: a ``merging.apl.pruning.PruningCurve``)."""
+    fig = go.Figure()
+    fractions = list(curve.fractions)
+    place = {p: _kept_axis(p) for p in fractions}
+    ids = list(curve.strategies())
+    colours = strategy_colours(ids)
+    for sid in ids:
+        points = [(p, curve.at(sid, p)) for p in fractions if curve.scores(sid, p)]
+        xs = [place[p] for p, _ in points]
+        means, lows, highs = ([v[k] for _, v in points] for k in range(3))
+        name = strategy_name(sid)
+        if any(hi > lo for lo, hi in zip(lows, highs)):
+            fig.add_trace(go.Scatter(x=xs + xs[::-1], y=highs + lows[::-1], fill="toself", mode="lines",
+                                     line=dict(width=0), fillcolor=_hex_rgba(colours[sid], 0.18), hoverinfo="skip",
+                                     showlegend=False, legendgroup=sid, name=f"{name} range"))
+        fig.add_trace(go.Scatter(x=xs, y=means, mode="lines+markers", name=name, legendgroup=sid,
+                                 line=dict(color=colours[sid], width=2),
+                                 customdata=[(p, lo, hi) for (p, _), lo, hi in zip(points, lows, highs)],
+                                 hovertemplate=f"{name}<br>p = %{{customdata[0]:g}}: %{{y:.3f}} (range "
+                                               f"%{{customdata[1]:.3f}}–%{{customdata[2]:.3f}})<extra></extra>"))
+    x0, x1 = (min(place.values()), max(place.values())) if fractions else (0.0, 1.0)
+    for value, name, colour in ((curve.base_score, "base", BASE_COLOUR),
+                                (curve.expert_score, f"expert {curve.expert} (unpruned)", expert_colour or GREYS[0])):
+        fig.add_trace(go.Scatter(x=[x0, x1], y=[value, value], mode="lines", name=name,
+                                 line=dict(color=colour, dash="dash", width=1.5),
+                                 hovertemplate=f"{name}: {value:.3f}<extra></extra>"))
+    better = "higher is better" if curve.higher_is_better else "lower is better"
+    fig.update_xaxes(title_text="p, share of the expert's change dropped",
+                     tickvals=[place[p] for p in fractions], ticktext=[f"{p:g}" for p in fractions])
+    fig.update_yaxes(title_text=f"{curve.task} {curve.metric} ({better})",
+                     range=[0, 1] if curve.metric == "accuracy" else None)
+    return _legend_below_when_narrow(_style(fig, 380), plot=280, legend_rows=len(ids) + 2)
+
+
+def _kept_axis(p: float) -> float:
+    """Where drop fraction p sits on the pruning chart's x axis: −log10 of the share kept, so 0.9, 0.95 and
+    0.99 (a tenth, a twentieth, a hundredth kept) are as far apart as what they keep differs."""
+    return -math.log10(max(1.0 - float(p), 1e-6))
+
+
+def pruning_text_fraction(curve) -> float | None:
+    """The p the text twin quotes: 0.95 when measured (the paper's headline), else the measured p where the
+    strategies' means lie furthest apart."""
+    fractions = list(curve.fractions)
+    if not fractions:
+        return None
+    if any(abs(p - 0.95) < 1e-9 for p in fractions):
+        return next(p for p in fractions if abs(p - 0.95) < 1e-9)
+
+    def spread(p):
+        means = [curve.at(s, p)[0] for s in curve.strategies() if curve.scores(s, p)]
+        return max(means) - min(means) if means else -1.0
+
+    return max(fractions, key=spread)
+
+
+def pruning_summary(curve) -> str:
+    """The pruning chart's text twin from the measured numbers: at one p, every strategy's mean score (best
+    first), the seeds and the range of the randomised ones, and the base and unpruned expert beside them."""
+    p = pruning_text_fraction(curve)
+    ids = [s for s in curve.strategies() if p is not None and curve.scores(s, p)]
+    if not ids:
+        return f"No pruning point was measured for expert {curve.expert}."
+    sign = 1 if curve.higher_is_better else -1
+    ids.sort(key=lambda s: -sign * curve.at(s, p)[0])
+    verb = "keep" if curve.higher_is_better else "reach"
+    parts = []
+    for i, sid in enumerate(ids):
+        mean, low, high = curve.at(sid, p)
+        n = len(curve.scores(sid, p))
+        spread = "" if n < 2 else f" ({n} seeds, range {low:.2f}–{high:.2f})" if high > low else f" ({n} seeds, all equal)"
+        head = f"{strategy_name(sid, short=True)} {verb} {mean:.2f} {curve.metric}" if i == 0 else \
+            f"{strategy_name(sid, short=True)} {mean:.2f}"
+        parts.append(head + spread)
+    better = "" if curve.higher_is_better else " (lower is better)"
+    return (f"Expert {curve.expert} on its task {curve.task}: at p = {p:g}, " + ", ".join(parts)
+            + f"{better}. For reference the unpruned expert scores {curve.expert_score:.2f} and the base "
+            f"{curve.base_score:.2f}.")

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from components import analyses as an
 from components import controls as ui
 from components import figures as fg
 from components import handlers as h
@@ -155,7 +156,7 @@ def build_demo() -> gr.Blocks:
         page = SimpleNamespace(state=state, done={}, intro=intro_section(), recipe=recipe_section(),
                                experts=experts_section(),
                                importance=importance_section(), merge=merge_section(), probe=probe_section(),
-                               export=export_section(), api=api_inputs())
+                               analyses=an.analyses_section(), export=export_section(), api=api_inputs())
         page.plan_inputs = [state, page.merge.plan_expert, page.merge.method, *page.merge.param_boxes]
         page.plan_outputs = [page.merge.drop_table, page.merge.weight_table, page.merge.profile_plot,
                              page.merge.profile_md, page.merge.overrides_md, page.merge.conflict_plot,
@@ -167,6 +168,7 @@ def build_demo() -> gr.Blocks:
         wire_plan(page)
         wire_merge(page)
         wire_probe(page)
+        an.wire_analyses(page)
         wire_export(page)
         wire_guided(page)
         wire_estimates(page)
@@ -444,6 +446,7 @@ def probe_section() -> SimpleNamespace:
                                 interactive=False, elem_id="probe-table", elem_classes=["ml-wide-table"])
         probe_plot = gr.Plot(fg.empty_figure("Press Run probe to fill this."), label="Probe accuracy")
         probe_md = gr.Markdown(elem_id="probe-status")
+        band = an.seed_band_area()  # the benchmark's verdict for this zoo, and Run over 3 seeds
         history_df = gr.Dataframe(value=h.placeholder_table("Press Merge, then Run probe."),
                                   label="Session history: every merge so far", interactive=False,
                                   elem_id="history-table", elem_classes=["ml-wide-table"])
@@ -481,7 +484,8 @@ def probe_section() -> SimpleNamespace:
                            sweep_btn=sweep_btn, sweep_stop=sweep_stop, sweep_eta=sweep_eta, probe_eta=probe_eta,
                            sweep_progress=sweep_progress, probe_progress=probe_progress,
                            predict_uses=predict_uses, sweep_plot=sweep_plot, sweep_md=sweep_md, sentence=sentence,
-                           predict_btn=predict_btn, predict_df=predict_df, sentence_box=sentence_box, prompt=prompt)
+                           predict_btn=predict_btn, predict_df=predict_df, sentence_box=sentence_box, prompt=prompt,
+                           band=band)
 
 
 def prompt_area() -> SimpleNamespace:

@@ -278,7 +278,7 @@ register(MethodSpec(
     "drop and weighted sum.",
     (WEIGHT, LAMBDA, MEAN_DROP, TAU1, TAU2, Q_MIN, WITHIN, DROP_KIND, SIGN, SALIENCY_RESCALE, IMPORTANCE_AT), _apl_kernel,
     needs=frozenset({NEEDS_BASE, NEEDS_FEW_SHOT, NEEDS_IMPORTANCE}), prepare=prepare_apl,
-    row_separable=_apl_row_separable,
+    row_separable=_apl_row_separable, randomised=lambda shared: shared.get("drop", "random") == "random",
     explanation=(
         'Measures, with a few examples of each task, how much each layer (and module, and hidden unit) of '
         "each task vector matters: how much the task's loss rises when that part of the change is removed "

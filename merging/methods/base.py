@@ -179,6 +179,15 @@ class MethodSpec:
     #: one paragraph in plain words of what the method does to the task vectors (the page, `merge-lab
     #: methods` and the README show it beside the paper link); ``summary`` stays the one-line version
     explanation: str = ""
+    #: the kernel draws random numbers from the merge's seed (DARE's random drop): another seed is another
+    #: merge, so the page offers to run it over several seeds and show the spread; a function of the shared
+    #: parameters where a choice decides (APL's drop: random or magnitude)
+    randomised: bool | Callable[[Mapping[str, Any]], bool] = False
+
+    def is_randomised(self, shared: Mapping[str, Any]) -> bool:
+        """:attr:`randomised` at these shared parameter values."""
+        declared = self.randomised
+        return bool(declared(shared) if callable(declared) else declared)
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:

@@ -213,6 +213,7 @@ register(MethodSpec(
     "dare_linear", "DARE (linear)", "https://arxiv.org/abs/2311.03099",
     "Randomly drop delta entries and rescale the rest, then add like task arithmetic.",
     (WEIGHT, LAMBDA, DROP, RESCALE), Pipeline("random", False), mergekit_name="dare_linear", row_separable=True,
+    randomised=True,
     explanation=(
         'Drops each entry of each task vector at random with probability p (the drop ratio) and '
         'multiplies the survivors by 1/(1 − p), so every task vector keeps its expected value while most '
@@ -223,7 +224,7 @@ register(MethodSpec(
     "dare_ties", "DARE + TIES", "https://arxiv.org/abs/2311.03099",
     "DARE's random drop and rescale, then TIES sign election.",
     (WEIGHT, LAMBDA, DROP, RESCALE, _normalize(False)), Pipeline("random", True), mergekit_name="dare_ties",
-    row_separable=True,
+    row_separable=True, randomised=True,
     explanation=(
         "DARE's random drop with the 1/(1 − p) rescale on each task vector, then TIES' sign election: for "
         'every entry the sign with the larger total wins and only the task vectors agreeing with it are '
@@ -254,7 +255,7 @@ register(MethodSpec(
     "della", "DELLA", "https://arxiv.org/abs/2406.11617",
     "Drop entries with probability falling with their magnitude rank, rescale, elect signs, average.",
     (WEIGHT, LAMBDA, DROP, EPSILON, _normalize(True)), Pipeline("della", True), mergekit_name="della",
-    row_separable=True,
+    row_separable=True, randomised=True,
     explanation=(
         "Drops entries of each task vector at random, with a probability that falls with the entry's "
         'magnitude rank in its row (large entries are kept more often; ε sets how far the probabilities '
