@@ -63,6 +63,21 @@ def prober_for(session: Session, models: Models):
     return models.prober, unavailable
 
 
+def reference_ready(session: Session) -> bool:
+    """Whether the first probe finds base and expert rows done (in this process, or on disk from the zoo's build
+    or an earlier run), so that only the merge runs."""
+    from .lm import is_lm_session
+
+    if not session.refs or is_lm_session(session):
+        return False
+    try:
+        models = models_for(session)
+        prober, _ = prober_for(session, models)
+    except MergeLabError:
+        return False
+    return prober._reference is not None or prober.reference_file() is not None
+
+
 def run_probe(session: Session, progress: Progress | None = None):
     """Probe base, experts and the latest merge; returns the report with every merge of the session.
 
@@ -95,11 +110,16 @@ def run_probe(session: Session, progress: Progress | None = None):
 
     clock = time.perf_counter()
     with models.lock:
+        computed_before = prober.reference_computed
         reference = prober.reference()
-    if session.reference is None:  # base and experts on every probe set: this machine's probe rate
+        computed = prober.reference_computed and not computed_before
+    if session.reference is None and computed:  # base and experts on every probe set: this machine's probe rate
         record("example", time.perf_counter() - clock, sum(len(s) for s in sets.values()) * (1 + len(experts)),
                "the last first probe")
-    metrics, _ = RESULTS.get_or_compute("probe", probe_key, probe_merge)
+    clock = time.perf_counter()
+    metrics, hit = RESULTS.get_or_compute("probe", probe_key, probe_merge)
+    if session.reference is None and not computed and not hit:  # the rows were read: the merge alone ran in full
+        record("example", time.perf_counter() - clock, sum(len(s) for s in sets.values()), "the last first probe")
     session.reference = reference
     for item in reversed(session.history):
         if item.get("key") == session.merge_key or "key" not in item:

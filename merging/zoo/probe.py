@@ -364,7 +364,16 @@ class Prober:
                                       ProbeReport.to_json)
         return self._reference
 
+    reference_computed = False  # True once this prober ran base and experts itself (not read from a file)
+
+    def reference_file(self) -> Path | None:
+        """The readable file holding this prober's reference rows, if one is on disk already."""
+        name = f"{self._cache_key()}.json"
+        dirs = self.read_dirs + ([self.cache_dir] if self.cache_dir is not None else [])
+        return next((folder / name for folder in dirs if (folder / name).is_file()), None)
+
     def _compute_reference(self) -> ProbeReport:
+        self.reference_computed = True
         report = ProbeReport(tasks=list(self.tasks), meta={"n_probe": {t: len(s) for t, s in self.sets.items()}})
         for t in self.tasks:
             body, _ = body_from_expert(load_safetensors(self.experts[t] / "model.safetensors"), self.body.prefix)
