@@ -82,3 +82,24 @@ def _inputs(session):
 
     base, experts, sets, _ = _probe_inputs(session, wb.models_for(session))
     return base, experts, sets
+
+
+def test_sweep_scores_every_point_on_one_seeded_probe_subset(loaded, monkeypatch):
+    session, _ = loaded
+    monkeypatch.setattr(wb_probe, "SWEEP_PROBE_ROWS", 10)
+    prober = wb_probe.sweep_prober(session, wb.models_for(session))
+    assert all(len(rows) == 10 for rows in prober.sets.values())
+    again = wb_probe.sweep_prober(session, wb.models_for(session))
+    assert again is prober  # built once per selection
+    full = {t: session.data[t].probe for t in session.experts}
+    assert all(set(rows) <= set(full[t]) for t, rows in prober.sets.items())
+    out = wb.drop_sweep(session, ratios=(0.2, 0.6), methods=("dare_linear",))
+    # the oracle: the same merge probed by a prober built here on the same subset
+    from merging.engine import MergeEngine, MergeSettings
+
+    models = wb.models_for(session)
+    settings = MergeSettings.build(models.expert_set, "dare_linear", {"drop_ratio": 0.6}, seed=session.seed)
+    body = MergeEngine(models.expert_set, cache=False).merge(settings).tensors
+    base, experts, _ = _inputs(session)
+    row = Prober(base, experts, prober.sets).probe_body(body)
+    assert out["dare_linear"][1] == pytest.approx(row.mean("accuracy"), abs=1e-9)
