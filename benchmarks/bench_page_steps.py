@@ -62,7 +62,7 @@ def main() -> int:
     from merging.zoo.zoo import open_zoo
 
     torch.set_num_threads(1)
-    shutil.rmtree(Path(tempfile.gettempdir()) / "merge-lab-probe", ignore_errors=True)  # a cold first probe
+    shutil.rmtree(Path(tempfile.gettempdir()) / "merge-lab-probe", ignore_errors=True)  # a fresh machine: only the zoo's rows
     zoo = open_zoo(args.zoo)
     base, refs = wb.zoo_refs(zoo)
     session = wb.load_experts(wb.Session(), base, refs, zoo=zoo)
@@ -70,7 +70,7 @@ def main() -> int:
     session = timed("gradient importance (32 examples)", est.importance_estimate(session, "gradient", n=32),
                     lambda: wb.compute_importance(session, 32, "gradient"))
     wb.merge(session, "apl", {})
-    timed("first probe (reference rows cold)", est.probe_estimate(session), lambda: wb.run_probe(session))
+    timed("first probe (machine-wide probe cache cleared; the zoo's rows written at build)", est.probe_estimate(session), lambda: wb.run_probe(session))
     wanted = set(args.only) if args.only is not None else {"slider", "layers", "modules", "compare", "sweep"}
     if args.skip_modules:
         wanted.discard("modules")
