@@ -1,9 +1,10 @@
 """The page's long steps, timed through the workbench (what each button calls), on a demo zoo:
-first probe of a process, exact importance at layer level (the quick choice) and with modules,
-the restore/ablate comparison and the drop-ratio sweep — each next to the page's own estimate
-of it, made before the step from this machine's measured rate.
+first probe of a process, Merge + Run probe after one per-layer slider change (at layer 0 and at the
+last layer, as the page's slider handler, Merge and Run probe do it), exact importance at layer level
+(the quick choice) and with modules, the restore/ablate comparison and the drop-ratio sweep — each next
+to the page's own estimate of it, made before the step from this machine's measured rate.
 
-    python benchmarks/bench_page_steps.py [--zoo NAME] [--skip-modules] [--skip-sweep]
+    python benchmarks/bench_page_steps.py [--zoo NAME] [--only STEP ...] [--skip-modules] [--skip-sweep]
 
 Prints the load average with each figure: on a shared 2-core machine timings swing 4–20×.
 """
@@ -35,11 +36,24 @@ def timed(label: str, estimate, fn):
     return out
 
 
+def slider_change(wb, session, layer: str, value: float):
+    """What the page does for one per-layer drop-ratio slider moved on the first expert, then Merge, then
+    Run probe (components/layout.py: on_slider → set_cell, on_merge → merge, on_probe → run_probe)."""
+    expert = session.experts[0]
+    wb.set_cell(session, expert, layer, wb.DROP, value, "apl")
+    summary = wb.merge(session, "apl", {}, 0)
+    wb.run_probe(session)
+    return summary
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--zoo", default=os.environ.get("MERGE_LAB_ZOO", "default"))
     parser.add_argument("--skip-modules", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="steps to time after the set-up (gradient, merge, first probe): slider, layers, "
+                             "modules, compare, sweep")
     args = parser.parse_args()
     import torch
 
@@ -48,7 +62,7 @@ def main() -> int:
     from merging.zoo.zoo import open_zoo
 
     torch.set_num_threads(1)
-    shutil.rmtree(Path(tempfile.gettempdir()) / "merge-lab-probe", ignore_errors=True)  # a cold first probe
+    shutil.rmtree(Path(tempfile.gettempdir()) / "merge-lab-probe", ignore_errors=True)  # a fresh machine: only the zoo's rows
     zoo = open_zoo(args.zoo)
     base, refs = wb.zoo_refs(zoo)
     session = wb.load_experts(wb.Session(), base, refs, zoo=zoo)
@@ -56,14 +70,26 @@ def main() -> int:
     session = timed("gradient importance (32 examples)", est.importance_estimate(session, "gradient", n=32),
                     lambda: wb.compute_importance(session, 32, "gradient"))
     wb.merge(session, "apl", {})
-    timed("first probe (reference rows cold)", est.probe_estimate(session), lambda: wb.run_probe(session))
-    timed("exact importance, layers (quick)", est.importance_estimate(session, "exact", wb.QUICK_SCOPE, 32),
+    timed("first probe (machine-wide probe cache cleared; the zoo's rows written at build)", est.probe_estimate(session), lambda: wb.run_probe(session))
+    wanted = set(args.only) if args.only is not None else {"slider", "layers", "modules", "compare", "sweep"}
+    if args.skip_modules:
+        wanted.discard("modules")
+    if args.skip_sweep:
+        wanted.discard("sweep")
+    if "slider" in wanted:
+        for layer in (session.layers[1], session.layers[-2]):  # block 0 and the last block
+            summary = timed(f"merge + probe after one slider change at layer {layer}", "none (a quick step)",
+                            lambda layer=layer: slider_change(wb, session, layer, 0.42))
+            print(f"  re-merged {summary.recomputed} tensors of layers {', '.join(summary.changed_layers)}")
+    if "layers" in wanted:
+        timed("exact importance, layers (quick)", est.importance_estimate(session, "exact", wb.QUICK_SCOPE, 32),
           lambda: wb.compute_importance(session, 32, "exact", scope=wb.QUICK_SCOPE))
-    if not args.skip_modules:
+    if "modules" in wanted:
         timed("exact importance, with modules", est.importance_estimate(session, "exact", wb.FULL_SCOPE, 32),
               lambda: wb.compute_importance(session, 32, "exact", scope=wb.FULL_SCOPE))
-    timed("compare restore and ablate", est.compare_estimate(session), lambda: wb.compare_interventions(session))
-    if not args.skip_sweep:
+    if "compare" in wanted:
+        timed("compare restore and ablate", est.compare_estimate(session), lambda: wb.compare_interventions(session))
+    if "sweep" in wanted:
         timed("drop-ratio sweep", est.sweep_estimate(session, wb.sweep_steps(session)), lambda: wb.drop_sweep(session))
     return 0
 

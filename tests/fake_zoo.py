@@ -72,9 +72,12 @@ def build_tiny_zoo(cache: Path, name: str = TINY_ZOO, layers: int = 2):
         _write_jsonl(folder / "probe.jsonl", _examples(24, 200 + i, len(labels)), labels)
     (root / "zoo.json").write_text(json.dumps({"name": name, "base": str(base_dir), "seed": 0,
                                                "tasks": list(tasks), "skipped": {}, "steps": {}, "format": 1}))
+    from merging.zoo.probe import write_zoo_reference
     from merging.zoo.zoo import open_zoo
 
-    return open_zoo(name)
+    zoo = open_zoo(name)
+    write_zoo_reference(zoo)  # like a built zoo: the probe's reference rows written once, at build
+    return zoo
 
 
 FAKE_LM_TASKS = ("count", "echo")

@@ -223,29 +223,110 @@ def _nonzero(start: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tenso
     return any(not torch.equal(start[n], target[n]) for n in names)
 
 
+class BlockReplay:
+    """Blocks below a patched one are not run again: each replays the output it gave at the start point.
+
+    An exact intervention patches one partition and restores the start values after its forward, so every
+    block *below* the partition's first block sees the start weights and the same batch on every pass: its
+    output is the one recorded on the start point's own forward (a forward hook per block). For a patch in
+    block k, blocks 0…k−1 are swapped for that forward for stand-ins returning their recorded outputs; the
+    model's own forward still runs embeddings, masks and heads, so nothing depends on a family's private
+    block signature — only on its blocks being one ``ModuleList`` called in order (BERT's ``encoder.layer``,
+    GPT-2's ``h``, Llama's ``layers``: the classifier and causal-LM losses; the causal-LM probe finds them the
+    same way). The blocks from k on run the very same modules on the very same tensors as a full pass, so a
+    score is the full pass's. A loss without such a list (a plain function of a state dict) runs in full.
+    """
+
+    def __init__(self, task: TaskLoss, layout: Layout, max_bytes: int = 512 * 2**20):
+        from ..lm.probe import _block_list
+
+        self.task, self.layout, self.max_bytes = task, layout, max_bytes
+        self.blocks = None
+        model = getattr(task, "model", None)
+        if isinstance(model, torch.nn.Module) and layout.n_blocks:
+            paths = {id(p): n for n, p in model.named_parameters()}
+            self.blocks = _block_list(model, layout, lambda name: paths.get(id(task.parameter(name)), ""))
+        self.outputs: list = []  # block i's output at the start point, for i < len(outputs)
+
+    def first_block(self, names: Sequence[str]) -> int:
+        """Blocks a patch of ``names`` leaves untouched below it: 0 for embeddings, k for block k, all of them
+        for the head (final norm, pooler, an untied LM head)."""
+        lowest = self.layout.n_blocks
+        for name in names:
+            layer = self.layout[name].layer
+            lowest = min(lowest, int(layer) if layer.isdigit() else 0 if layer == "embeddings" else lowest)
+        return lowest
+
+    def start_loss(self) -> float:
+        """L(start), recording every block's output on the way (within ``max_bytes``)."""
+        if self.blocks is None:
+            return float(self.task.loss())
+        self.outputs, held = [], [0]
+
+        def recorder(index):
+            def record(_module, _inputs, output):
+                parts = output if isinstance(output, (tuple, list)) else (output,)
+                held[0] += sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
+                if index == len(self.outputs) and held[0] <= self.max_bytes:
+                    self.outputs.append(output)
+            return record
+
+        hooks = [block.register_forward_hook(recorder(i)) for i, block in enumerate(self.blocks)]
+        try:
+            return float(self.task.loss())
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def loss(self, names: Sequence[str]) -> float:
+        """L with ``names`` patched (the caller patched them): blocks below the first patched one replay."""
+        from ..lm.probe import _Replay
+
+        skip = min(self.first_block(names), len(self.outputs)) if self.blocks is not None else 0
+        originals = [self.blocks[i] for i in range(skip)]
+        for i in range(skip):
+            self.blocks[i] = _Replay(self.outputs[i])
+        try:
+            return float(self.task.loss())
+        finally:
+            for i, block in enumerate(originals):
+                self.blocks[i] = block
+
+
 @torch.no_grad()
 def exact_partition_scores(task: TaskLoss, start: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
                            partitions: Mapping[str, Sequence[str]], progress: Progress | None = None,
-                           reference: float | None = None) -> dict[str, float]:
+                           reference: float | None = None, *, replay: BlockReplay | None = None,
+                           known: dict | None = None) -> dict[str, float]:
     """Signed L(start with partition k switched to target) − L(start), one forward per partition.
 
     The live tensors must hold ``start``; they hold it again afterwards (each patch is undone by
     copying the start values back, not by subtracting, so no rounding drift accumulates).
     Partitions whose delta is exactly zero score 0 without a forward pass. ``reference`` is
-    L(start) when already known.
+    L(start) when already known. ``replay`` (its :meth:`BlockReplay.start_loss` run at ``start``): blocks
+    below each patch replay their start outputs instead of running. ``known``: losses already measured, keyed
+    by the set of tensors whose delta is non-zero — a partition that patches exactly what another did (a layer
+    that is one module, the model when one layer holds the whole delta) is not run again; pass one dict to
+    several calls (the levels of one expert) to share them.
     """
     reference = float(task.loss()) if reference is None else reference
+    known = {} if known is None else known
     out = {}
     for index, (key, names) in enumerate(partitions.items()):
         checkpoint()  # Stop ends an exact run between partitions
-        if not _nonzero(start, target, names):
+        moving = frozenset(n for n in names if not torch.equal(start[n], target[n]))
+        if not moving:
             out[key] = 0.0
             continue
-        for name in names:
-            task.live[name].copy_(target[name])
-        out[key] = float(task.loss()) - reference
-        for name in names:
-            task.live[name].copy_(start[name])
+        if moving not in known:
+            for name in moving:
+                task.live[name].copy_(target[name])
+            try:
+                known[moving] = replay.loss(sorted(moving)) if replay is not None else float(task.loss())
+            finally:
+                for name in moving:
+                    task.live[name].copy_(start[name])
+        out[key] = known[moving] - reference
         if progress:
             progress((index + 1) / len(partitions), key)
     return out
@@ -254,9 +335,11 @@ def exact_partition_scores(task: TaskLoss, start: Mapping[str, torch.Tensor], ta
 @torch.no_grad()
 def exact_unit_scores(task: TaskLoss, layout: Layout, start: Mapping[str, torch.Tensor],
                       target: Mapping[str, torch.Tensor], units: Mapping[str, Sequence[int]],
-                      progress: Progress | None = None, reference: float | None = None) -> dict[str, dict[int, float]]:
+                      progress: Progress | None = None, reference: float | None = None,
+                      replay: BlockReplay | None = None) -> dict[str, dict[int, float]]:
     """Signed loss change of switching one hidden-state unit (its weight row/column and bias
-    entry) at a time; ``units`` maps module → unit indices to measure."""
+    entry) at a time; ``units`` maps module → unit indices to measure (``replay``: see
+    :func:`exact_partition_scores`)."""
     modules = layout.unit_modules()
     reference = float(task.loss()) if reference is None else reference
     total = sum(len(v) for v in units.values()) or 1
@@ -266,7 +349,7 @@ def exact_unit_scores(task: TaskLoss, layout: Layout, start: Mapping[str, torch.
         zero = not _nonzero(start, target, names)
         out[module] = {}
         for unit in indices:
-            out[module][int(unit)] = 0.0 if zero else _switch_unit(task, layout, names, unit, start, target) - reference
+            out[module][int(unit)] = 0.0 if zero else _switch_unit(task, layout, names, unit, start, target, replay) - reference
             done += 1
             if progress and done % 16 == 0:
                 progress(done / total, f"{module}[{unit}]")
@@ -274,11 +357,12 @@ def exact_unit_scores(task: TaskLoss, layout: Layout, start: Mapping[str, torch.
 
 
 def _switch_unit(task: TaskLoss, layout: Layout, names: Sequence[str], unit: int,
-                 start: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> float:
+                 start: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+                 replay: BlockReplay | None = None) -> float:
     slices = {n: unit_slice(layout[n], [unit]) for n in names}
     for name, where in slices.items():
         task.live[name][where] = target[name][where]
-    value = float(task.loss())
+    value = replay.loss(names) if replay is not None else float(task.loss())
     for name, where in slices.items():
         task.live[name][where] = start[name][where]
     return value
@@ -388,16 +472,19 @@ def score_expert(task: TaskLoss, layout: Layout, start, target, *, mode: str, le
             vectors = result.unit_vectors
         timings["gradient"] = time.perf_counter() - clock
         return scores, vectors, timings, result.loss
+    replay = BlockReplay(task, layout)
     with torch.no_grad():
-        start_loss = float(task.loss())
+        start_loss = replay.start_loss()
+    known: dict = {}  # patched tensors → loss, shared by the levels (a one-module layer is measured once)
     for lv, parts in partitions.items():
         clock = time.perf_counter()
         scores[lv] = exact_partition_scores(task, start, target, parts,
-                                            _sub(progress, lv) if progress else None, start_loss)
+                                            _sub(progress, lv) if progress else None, start_loss,
+                                            replay=replay, known=known)
         timings[lv] = time.perf_counter() - clock
     if "hidden" in levels:
         clock = time.perf_counter()
-        measured = exact_unit_scores(task, layout, start, target, units, progress, start_loss)
+        measured = exact_unit_scores(task, layout, start, target, units, progress, start_loss, replay)
         timings["hidden"] = time.perf_counter() - clock
         timings["hidden_units"] = float(sum(len(v) for v in units.values()))
         for module, found in measured.items():

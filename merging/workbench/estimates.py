@@ -136,9 +136,12 @@ def exact_forwards(session: Session, levels: list[str], experts: int | None = No
 
 
 def probe_examples(session: Session) -> int:
-    """Probe examples the first probe runs: base, each expert and the merge, each on every probe set."""
+    """Probe examples the first probe runs: the merge on every probe set, and base and each expert too unless
+    their rows are done already (the zoo wrote them when it was built, or an earlier probe did)."""
+    from .probe import reference_ready
+
     total = sum(len(d.probe) for e, d in session.data.items() if e in session.refs)
-    return total * (len(session.refs) + 2)
+    return total if reference_ready(session) else total * (len(session.refs) + 2)
 
 
 # ---------------------------------------------------------------- calibration
@@ -216,6 +219,10 @@ def compare_estimate(session: Session, n: int = DEFAULT_FEWSHOT, draws: int = 3)
     pools = [len(d.fewshot) for e, d in session.data.items() if e in session.refs and d.fewshot]
     smallest = min(pools) if pools else int(n)
     size = max(2, min(int(n), smallest // 2)) if smallest >= 4 else smallest
+    rate = rate_of("gradient")  # a pass on half the examples is not half the time: each run builds the model
+    if rate is not None and rate.examples and size < rate.examples:  # first, and small batches pay fixed costs
+        return Estimate("gradient", float(2 * draws * len(session.refs)),
+                        Rate(rate.seconds * (0.5 + 0.5 * size / rate.examples), rate.source))
     return estimate("gradient", 2 * draws * len(session.refs), size)
 
 
@@ -225,13 +232,16 @@ def probe_estimate(session: Session) -> Estimate:
 
 def sweep_estimate(session: Session, steps: int) -> Estimate:
     """``steps`` merges + probes: the last sweep's pace, else the last merge's seconds plus one merged body
-    through every probe set at the measured probe rate."""
+    through the sweep's probe examples (at most SWEEP_PROBE_ROWS per task) at the measured probe rate."""
+    from .probe import SWEEP_PROBE_ROWS
+
     measured = rate_of("sweep")
     if measured is None:
         merged = next((float(h["seconds"]) for h in reversed(session.history) if h.get("seconds")), None)
         example = rate_of("example")
         if merged is not None and example is not None:
-            probe = example.seconds * sum(len(d.probe) for e, d in session.data.items() if e in session.refs)
+            probe = example.seconds * sum(min(len(d.probe), SWEEP_PROBE_ROWS) for e, d in session.data.items()
+                                          if e in session.refs)
             measured = Rate(merged + probe, "the last merge and the probe rate")
     return Estimate("sweep", float(steps), measured)
 

@@ -45,16 +45,37 @@ def _probe_key(experts: dict[str, Path], sets: dict[str, list]) -> list:
 
 
 def prober_for(session: Session, models: Models):
-    from ..zoo.probe import Prober
+    """The selection's prober, built once: reference rows come from the experts' zoo when it wrote them at
+    build (:func:`merging.zoo.probe.write_zoo_reference`), else from this machine's probe cache, else are
+    computed (and cached there)."""
+    from ..zoo.probe import Prober, zoo_reference_dir
+    from ..zoo.zoo import zoo_root_of
 
     base, experts, sets, unavailable = _probe_inputs(session, models)
     key = content_hash(*_probe_key(experts, sets))
     with models.lock:
         if models.prober is None or models.prober_key != key:
             cache_dir = Path(tempfile.gettempdir()) / "merge-lab-probe" / "probe_cache"
-            models.prober = Prober(base, experts, sets, cache_dir=cache_dir)
+            zoos = {root for root in map(zoo_root_of, experts.values()) if root is not None}
+            models.prober = Prober(base, experts, sets, cache_dir=cache_dir,
+                                   read_dirs=sorted(map(zoo_reference_dir, zoos)))
             models.prober_key = key
     return models.prober, unavailable
+
+
+def reference_ready(session: Session) -> bool:
+    """Whether the first probe finds base and expert rows done (in this process, or on disk from the zoo's build
+    or an earlier run), so that only the merge runs."""
+    from .lm import is_lm_session
+
+    if not session.refs or is_lm_session(session):
+        return False
+    try:
+        models = models_for(session)
+        prober, _ = prober_for(session, models)
+    except MergeLabError:
+        return False
+    return prober._reference is not None or prober.reference_file() is not None
 
 
 def run_probe(session: Session, progress: Progress | None = None):
@@ -89,11 +110,16 @@ def run_probe(session: Session, progress: Progress | None = None):
 
     clock = time.perf_counter()
     with models.lock:
+        computed_before = prober.reference_computed
         reference = prober.reference()
-    if session.reference is None:  # base and experts on every probe set: this machine's probe rate
+        computed = prober.reference_computed and not computed_before
+    if session.reference is None and computed:  # base and experts on every probe set: this machine's probe rate
         record("example", time.perf_counter() - clock, sum(len(s) for s in sets.values()) * (1 + len(experts)),
                "the last first probe")
-    metrics, _ = RESULTS.get_or_compute("probe", probe_key, probe_merge)
+    clock = time.perf_counter()
+    metrics, hit = RESULTS.get_or_compute("probe", probe_key, probe_merge)
+    if session.reference is None and not computed and not hit:  # the rows were read: the merge alone ran in full
+        record("example", time.perf_counter() - clock, sum(len(s) for s in sets.values()), "the last first probe")
     session.reference = reference
     for item in reversed(session.history):
         if item.get("key") == session.merge_key or "key" not in item:
@@ -116,10 +142,32 @@ def history_rows(session: Session) -> tuple[list[str], list[list]]:
     return history_table(session)
 
 
+SWEEP_PROBE_ROWS = 64  # probe examples per task each sweep point is scored on (a seeded draw of the probe set)
+
+
+def sweep_prober(session: Session, models: Models):
+    """A prober of the session's experts on at most :data:`SWEEP_PROBE_ROWS` probe examples per task (drawn with
+    the session's seed), built once per selection: a sweep point changes every layer, so its probe is a full
+    forward over every text, and the sweep runs fifteen of them — on a third of the texts it is a curve in under
+    a minute instead of several, each point still scored on the same examples."""
+    from ..io.taskdata import draw_fewshot
+    from ..zoo.probe import Prober
+
+    base, experts, sets, _ = _probe_inputs(session, models)
+    subsets = {t: draw_fewshot(rows, SWEEP_PROBE_ROWS, session.seed)[0] for t, rows in sets.items()}
+    key = content_hash("sweep", *_probe_key(experts, subsets))
+    with models.lock:  # kept beside the selection's models (and gone with them when the cache drops them)
+        found = getattr(models, "sweep_prober", None)
+        if found is None or found[0] != key:
+            found = models.sweep_prober = (key, Prober(base, experts, subsets))
+    return found[1]
+
+
 def drop_sweep(session: Session, ratios: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
                methods: Sequence[str] = SWEEP_METHODS, progress: Progress | None = None) -> dict[str, list[float]]:
     """Mean probe accuracy vs drop ratio for a few sparsifying methods (no overrides; methods with a
-    ``prepare`` prepared again at each ratio)."""
+    ``prepare`` prepared again at each ratio), each point on the same :data:`SWEEP_PROBE_ROWS` probe examples
+    per task (:func:`sweep_prober`)."""
     from .lm import is_lm_session
 
     if is_lm_session(session):
@@ -127,7 +175,7 @@ def drop_sweep(session: Session, ratios: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 
                             "at a few drop ratios and compare their perplexity in the session history")
     progress = progress or no_progress
     models = models_for(session)
-    prober, _ = prober_for(session, models)
+    prober = sweep_prober(session, models)
     methods = [m for m in methods if method_available(session, m) is None]
     out: dict[str, list[float]] = {}
     total = max(1, len(methods) * len(ratios))

@@ -255,9 +255,24 @@ def start_zoo_build(name: str | None = None) -> ZooBuild | None:
         build = _BUILDS[name] = ZooBuild(name, BUILDER)
         if zoo is not None:
             build.zoo = zoo
+            if build_enabled() and zoo.kind == "classifier":  # a zoo built before it wrote reference rows
+                threading.Thread(target=_reference_rows, args=(zoo,), name=f"zoo-reference-{name}",
+                                 daemon=True).start()
             return build
     build.start()
     return build
+
+
+def _reference_rows(zoo) -> None:
+    """Write the zoo's probe reference rows if it has none yet (read at once when it has)."""
+    try:
+        from ..zoo.probe import write_zoo_reference
+
+        write_zoo_reference(zoo)
+    except Exception:  # noqa: BLE001 - only a first probe's speed depends on it; it computes them itself
+        import logging
+
+        logging.getLogger("merge_lab.app").exception("writing the probe reference rows of zoo %r failed", zoo.name)
 
 
 def zoo_status(name: str | None = None) -> ZooStatus:

@@ -217,12 +217,14 @@ class Prober:
     Takes models and probe sets, not a zoo: ``base_path`` is the base's folder, ``experts[task]`` the
     folder of the expert whose head scores ``task`` and ``probe_sets[task]`` its (text, label) examples
     — so the app probes any selection of folders the same way. :meth:`for_zoo` builds one from a zoo.
-    ``cache_dir`` (optional) stores base and expert rows as ``<content hash>.json``.
+    ``cache_dir`` (optional) stores base and expert rows as ``<content hash>.json``; ``read_dirs`` are
+    looked in first, never written (a zoo's own rows, written when it was built: :func:`write_zoo_reference`).
     """
 
     def __init__(self, base_path: str | Path, experts: Mapping[str, str | Path],
                  probe_sets: Mapping[str, Sequence[Example]], tasks: Iterable[str] | None = None,
-                 batch_size: int = 64, max_length: int = 32, cache_dir: str | Path | None = None):
+                 batch_size: int = 64, max_length: int = 32, cache_dir: str | Path | None = None,
+                 read_dirs: Iterable[str | Path] = ()):
         from transformers import AutoTokenizer
 
         self.base_path = Path(base_path)
@@ -233,6 +235,7 @@ class Prober:
         self.experts = {t: Path(experts[t]) for t in self.tasks}
         self.sets = {t: list(probe_sets[t]) for t in self.tasks}
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.read_dirs = [Path(d) for d in read_dirs]
         self.max_length, self.batch_size = max_length, batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.experts[self.tasks[0]]))
         self.body = _Body(self.base_path)
@@ -251,7 +254,7 @@ class Prober:
         tasks = list(tasks or zoo.tasks)
         sets = {t: list(probe_sets[t]) if probe_sets else zoo.probe(t) for t in tasks}
         return cls(zoo.base_path, {t: zoo.experts[t] for t in tasks}, sets, tasks=tasks, batch_size=batch_size,
-                   max_length=max_length, cache_dir=Path(zoo.root) / "probe_cache" if disk_cache else None)
+                   max_length=max_length, cache_dir=zoo_reference_dir(zoo) if disk_cache else None)
 
     # ----- setup
 
@@ -338,20 +341,39 @@ class Prober:
     def _cache_key(self) -> str:
         files = [self.base_path / "model.safetensors"] + [self.experts[t] / "model.safetensors" for t in self.tasks]
         return content_hash({"v": CACHE_VERSION, "tasks": self.tasks, "sets": self.sets, "max_length": self.max_length},
-                            [file_digest(path) for path in files])
+                            [_digest(path) for path in files])
 
     def _cache_file(self) -> Path | None:
         return None if self.cache_dir is None else self.cache_dir / f"{self._cache_key()}.json"
 
     def reference(self) -> ProbeReport:
-        """Rows ``base`` and one per expert (body of the expert with every task's own head); computed once."""
+        """Rows ``base`` and one per expert (body of the expert with every task's own head); computed once,
+        or read from ``read_dirs`` / ``cache_dir`` when a file of the same content key is there."""
         if self._reference is not None:
             return self._reference
+        if self.read_dirs or self.cache_dir is not None:
+            name = f"{self._cache_key()}.json"
+            for folder in self.read_dirs:
+                if (folder / name).is_file():
+                    try:
+                        self._reference = ProbeReport.from_json((folder / name).read_text(encoding="utf-8"))
+                        return self._reference
+                    except (OSError, ValueError, TypeError, KeyError):
+                        pass  # unreadable: the next place, or compute
         self._reference = cached_text(self._cache_file(), self._compute_reference, ProbeReport.from_json,
                                       ProbeReport.to_json)
         return self._reference
 
+    reference_computed = False  # True once this prober ran base and experts itself (not read from a file)
+
+    def reference_file(self) -> Path | None:
+        """The readable file holding this prober's reference rows, if one is on disk already."""
+        name = f"{self._cache_key()}.json"
+        dirs = self.read_dirs + ([self.cache_dir] if self.cache_dir is not None else [])
+        return next((folder / name for folder in dirs if (folder / name).is_file()), None)
+
     def _compute_reference(self) -> ProbeReport:
+        self.reference_computed = True
         report = ProbeReport(tasks=list(self.tasks), meta={"n_probe": {t: len(s) for t, s in self.sets.items()}})
         for t in self.tasks:
             body, _ = body_from_expert(load_safetensors(self.experts[t] / "model.safetensors"), self.body.prefix)
@@ -416,6 +438,32 @@ class Prober:
         for batch in self.batches:
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch.get("token_type_ids"))
         return time.perf_counter() - start
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) → file_digest: a weight file is read once
+
+
+def _digest(path: Path) -> str:
+    """``file_digest`` of a weight file, remembered while its size and modification time stay the same (each
+    prober of a process hashed the same 90 MB files again)."""
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_digest(path)
+    return _DIGESTS[key]
+
+
+def zoo_reference_dir(zoo) -> Path:
+    """Where a zoo (or the zoo folder ``zoo``) keeps its probe's reference rows (``<content key>.json``)."""
+    return Path(zoo if isinstance(zoo, (str, Path)) else zoo.root) / "probe_cache"
+
+
+def write_zoo_reference(zoo) -> ProbeReport:
+    """Compute and store the reference rows (base and every expert on every probe set) of a classifier zoo,
+    once, when it is built: the first probe of a session then reads them instead of running five models over
+    every probe set. Keyed like any prober's rows (tasks, probe sets, max length, the weight files' bytes), so
+    a selection of the zoo's experts in its order with its probe sets finds them; anything else computes."""
+    return Prober.for_zoo(zoo).reference()
 
 
 # --------------------------------------------------------------------------- causal LMs

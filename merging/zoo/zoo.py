@@ -85,6 +85,12 @@ class Zoo:
 # --------------------------------------------------------------------------- verification
 
 
+def zoo_root_of(folder: str | Path) -> Path | None:
+    """The zoo an expert folder belongs to (``<zoo>/experts/<task>`` beside a ``zoo.json``), or None."""
+    root = Path(folder).parent.parent
+    return root if Path(folder).parent.name == "experts" and (root / ZOO_FILE).is_file() else None
+
+
 def safetensors_problem(path: Path) -> str | None:
     """Why a safetensors file is unusable (missing, truncated, corrupt header), or None.
 
@@ -358,7 +364,7 @@ def build_zoo(
     final, tmp = root / name, root / f".{name}.building"
     with _BuildLock(root / f".{name}.lock"):
         if _zoo_matches(final, name, wanted, seed):
-            return open_zoo(name)
+            return _with_reference(open_zoo(name))
         try:
             tmp.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
@@ -371,6 +377,7 @@ def build_zoo(
             }
             (tmp / ZOO_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
             _swap_in(tmp, final)
+            _with_reference(open_zoo(name), progress)
         except Exception as exc:  # safetensors (save_pretrained) raises its own type for a full disk
             if not is_disk_full(exc):
                 raise
@@ -378,6 +385,17 @@ def build_zoo(
             raise MergeLabError(f"the disk is full while building zoo {name!r}: free some space and build again "
                                 "(any previous zoo is intact)", kind=DISK_FULL) from None
     return open_zoo(name)
+
+
+def _with_reference(zoo: Zoo, progress: Progress | None = None) -> Zoo:
+    """The zoo, with its probe's reference rows on disk (computed here when missing: five models over every
+    probe set, so that no session's first probe pays for them)."""
+    from .probe import write_zoo_reference
+
+    if progress:
+        progress(1.0, "probe reference rows (base and experts on every probe set)")
+    write_zoo_reference(zoo)
+    return zoo
 
 
 def _build_into(tmp: Path, final: Path, chosen: list[Task], wanted: dict, seed: int, n_probe: int, progress: Progress | None) -> None:
