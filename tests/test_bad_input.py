@@ -174,3 +174,16 @@ def test_hub_id_offline_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MergeLabError, match="could not fetch hub model 'no-such-org/no-such-model'"):
         ExpertSet.load("hf:no-such-org/no-such-model", ["hf:no-such-org/other"])
+
+
+@pytest.mark.parametrize("drop", ["locate", "saliency"])
+def test_calibrate_refuses_drops_its_recipe_cannot_replay(tmp_path, capsys, drop):
+    """A calibrated recipe holds per-layer drop ratios and weights only: APL's locate and saliency drops need
+    per-unit profiles or per-entry saliency from the few-shot data, so calibrate refuses them before writing
+    a recipe whose merge would fail."""
+    out = tmp_path / "apl.yaml"
+    assert main(["calibrate", "--zoo", "no-such-zoo", "--importance", str(tmp_path / "imp.json"),
+                 "--drop", drop, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--drop {drop}" in err and "--drop random" in err and "Traceback" not in err
+    assert not out.exists()

@@ -184,6 +184,13 @@ def load_importance(path: str | Path):
     return ImportanceMap.from_json(path.read_text(encoding="utf-8"))
 
 
+#: APL drops that need more than the per-layer table a calibration writes, and what they need
+CALIBRATION_FREE_DROPS = {
+    "locate": "per-unit importance profiles, measured with within_layer hidden",
+    "saliency": "each entry's |gradient × delta| from the few-shot gradients",
+}
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     """Calibrate APL from an importance file into a recipe: per-layer drop ratios and weights for every
     expert, the APL parameters, the few-shot indices and the importance file it came from. The recipe
@@ -191,6 +198,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     from ..apl.calibration import calibrate
     from ..io.recipe import ExpertRef, Recipe
 
+    if args.drop in CALIBRATION_FREE_DROPS:
+        raise MergeLabError(f"--drop {args.drop} chooses entries from data a calibrated recipe does not hold ("
+                            f"{CALIBRATION_FREE_DROPS[args.drop]}), so its merge could not replay: calibrate with "
+                            "--drop random or --drop magnitude, or merge method apl from a recipe that names the "
+                            "few-shot data (the page's Export writes one)", field="drop")
     inputs = task_inputs(args, tokenizer=False)
     importance = load_importance(args.importance)
     expert_set = inputs.expert_set

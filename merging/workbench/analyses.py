@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..apl.pruning import DEFAULT_FRACTIONS, PruningCurve, check_grid, measure_curve, needs_importance, one_expert_set
-from ..cancel import CancelToken, cancellable
+from ..cancel import CancelToken, cancellable, current_token
 from ..errors import MergeLabError
 from .cache import CACHE, RESULTS, Models, content_hash
 from .experts import models_for, tokenizer_for
@@ -43,7 +43,7 @@ def pruning_curve(session: Session, expert: str, fractions: Sequence[float] = DE
                             "curve: attach a task file to it first", field="expert")
     models = models_for(session)
     one = one_expert_set(models.expert_set, expert)
-    with cancellable(cancel or CancelToken()), models.lock:
+    with cancellable(cancel or current_token() or CancelToken()), models.lock:  # the page's Stop reaches it
         score, metric, higher, base_score, expert_score = _scorer(session, models, one, expert)
         importance = None
         if any(needs_importance(s) for s in chosen):
