@@ -6,7 +6,7 @@
     python benchmarks/bench_methods.py --pair sentiment,subjectivity --settings pair --no-ablation
     python benchmarks/bench_methods.py --out /tmp/r.md # write the results elsewhere (also with --quick)
     python benchmarks/bench_methods.py --methods pcb,tsv,apl   # a subset of the rows (APL is needed for the verdict)
-    python benchmarks/bench_methods.py --zoo lm --no-ablation --out benchmarks/RESULTS-methods-lm.md  # the LM zoo
+    python benchmarks/bench_methods.py --zoo lm --no-ablation --out /tmp/lm.md  # the LM zoo (RESULTS-methods.md, LM section)
     python benchmarks/bench_methods.py --zoo my-csv-zoo        # any zoo, e.g. one built from user CSV tasks
 
 Protocol (printed and written with the results):
