@@ -6,6 +6,8 @@
     python benchmarks/bench_methods.py --pair sentiment,subjectivity --settings pair --no-ablation
     python benchmarks/bench_methods.py --out /tmp/r.md # write the results elsewhere (also with --quick)
     python benchmarks/bench_methods.py --methods pcb,tsv,apl   # a subset of the rows (APL is needed for the verdict)
+    python benchmarks/bench_methods.py --zoo lm --no-ablation --out /tmp/lm.md  # the LM zoo (RESULTS-methods.md, LM section)
+    python benchmarks/bench_methods.py --zoo my-csv-zoo        # any zoo, e.g. one built from user CSV tasks
 
 Protocol (printed and written with the results):
 
@@ -28,12 +30,30 @@ Protocol (printed and written with the results):
   is never used to choose anything.
 - Seeds s = 0, 1, 2: each draws the few-shot sets (``draw_fewshot(pool, 32, s)``; they feed APL's
   importance, Fisher's diagonals and the selection loss alike) and is the merge seed (DARE/APL masks).
-  The few-shot pools are the zoo's shipped few-shot examples plus training-split examples the expert
-  never saw in training (its batches are replayed), minus every text of any task's probe set —
-  the zoo ships only 32 few-shot examples per task, and ``draw_fewshot`` of 32 from 32 is the whole
-  pool in order, i.e. no seed variation at all.
-- Probe: 400 held-out examples per task (the zoo's split with its seed, as in bench_zoo.py), accuracy
-  of the merged body + each task's own head; per task and the mean, mean ± std over seeds.
+  The few-shot pools come from each task's own data, on any zoo: the zoo's shipped few-shot examples
+  plus training-split examples no training batch drew (the expert's batches are replayed; on an LM
+  zoo the base's pretraining batches too), minus every text of any task's probe set. Built-in tasks
+  read their corpus; user CSV/JSONL tasks re-read the file their expert's record names (its split is
+  checked against the recorded few-shot indices); a task whose data is not readable keeps the shipped
+  set alone. The zoo ships 32 few-shot examples per task, and ``draw_fewshot`` of 32 from 32 is the
+  whole pool in order — no seed variation at all — so a pool whose seeds' draws coincide is refused
+  with what to change (a smaller --n-fewshot, fewer --seeds, more data); the header gives every task's
+  pool and probe sizes and how much two seeds' draws share.
+- Probe: 400 held-out examples per task (the zoo's split with its seed, as in bench_zoo.py; a user task
+  holds out at most a quarter of its rows), accuracy of the merged body + each task's own head; per
+  task and the mean, mean ± std over seeds.
+- LM zoo (``--zoo lm``; same grids, budget, seeds and selection): the few-shot loss is the mean over
+  tasks of the merged body's mean next-token cross-entropy on each task's few-shot texts (≤ 64 tokens);
+  the probe is each task's held-out text (the 200 the zoo holds out, never trained on by base or
+  expert): per-task perplexity (lower is better) and, to rank and pair, the mean over tasks of
+  perplexity / the base's perplexity (scale-free: German's high perplexity does not outweigh the rest);
+  paired differences are in percentage points of the base's perplexity (negative: APL lower). The
+  pair setting is the pair of experts that raise each other's perplexity most in the zoo's build
+  records (expert vs base perplexity on every task's held-out text) unless ``--pair`` names one. A
+  method that cannot run on the zoo is reported in one line and left out.
+- Grid edges: every selected configuration sitting on the smallest or largest value of a numeric axis
+  of its grid block (λ, drop ratio, …) is flagged in the selected-configuration lines and named in the
+  verdict: there the grid, not the method, decided.
 - Paired differences: APL − baseline per seed (same few-shot draw, same merge seed), against the best
   baseline (highest mean over seeds) and every other baseline; APL's rank among the single-model
   merges by mean probe accuracy.
@@ -339,53 +359,188 @@ def ablation_methods(quick: bool) -> list[MethodRun]:
 
 # ---- data ---------------------------------------------------------------------------------
 
+def is_lm_zoo(zoo) -> bool:
+    """A causal-LM zoo (merging/zoo/lm_zoo.py): perplexity on held-out text instead of accuracy."""
+    return getattr(zoo, "kind", "classifier") == "causal_lm"
+
+
+def task_of(zoo, task: str):
+    """A classifier task's own data: ``(Task, where it came from)``, or ``(None, why not)``.
+
+    A built-in task whose corpus is installed, else a user task re-read from the CSV/JSONL file its
+    expert's record names (``source``, written by ``load_user_task``) when that file is still readable
+    and gives the same labels."""
+    from merging.zoo.tasks import load_user_task
+
+    record = zoo.task_record(task)
+    source = Path(str(record.get("source", "")))
+    # load_user_task records the file's absolute path; a built-in task records its loader ("tweets loader over …")
+    if not (source.is_absolute() and source.suffix.lower() in (".csv", ".jsonl")):
+        available, _ = available_tasks()
+        if task in available:
+            return available[task], "its corpus"
+        return None, f"its corpus ({record.get('source', '?')}) is not installed"
+    if not source.is_file():
+        return None, f"its task file {source} is not readable here"
+    user = load_user_task(source, name=task)
+    if list(user.label_names) != list(record["label_names"]):
+        return None, f"its task file {source} now has labels {user.label_names}, the expert was trained on {record['label_names']}"
+    return user, f"its task file {source.name}"
+
+
 def probe_sets(zoo, n_probe: int) -> tuple[dict, str]:
-    """``n_probe`` probe examples per task with the zoo's seed (the zoo's split reserves 400)."""
-    available, _ = available_tasks()
+    """``n_probe`` probe examples per task from the task's own data with the zoo's seed (the split
+    reserves up to 400 ahead of training); an LM zoo's shipped held-out text; else (with a note) the
+    zoo's own probe set."""
     sets, notes = {}, []
     for task in zoo.tasks:
-        if task in available:
-            sets[task] = split_task(available[task], zoo.seed, n_probe=n_probe).probe_examples
+        if is_lm_zoo(zoo):
+            sets[task] = zoo.probe(task)[:n_probe]
+            if len(sets[task]) < n_probe:
+                notes.append(f"{task}: the LM zoo holds out {len(sets[task])} texts")
+            continue
+        source, why = task_of(zoo, task)
+        if source is not None:
+            sets[task] = split_task(source, zoo.seed, n_probe=n_probe).probe_examples
+            if len(sets[task]) < n_probe:
+                notes.append(f"{task}: {len(sets[task])} probe examples (a quarter of its {len(source.examples())})")
         else:
             sets[task] = zoo.probe(task)[:n_probe]
-            notes.append(f"{task}: corpus not installed, the zoo's own {len(sets[task])} probe examples")
+            notes.append(f"{task}: {why}, the zoo's own {len(sets[task])} probe examples")
     return sets, "; ".join(notes)
 
 
-def fewshot_pools(zoo, size: int, probe_texts: set[str]) -> tuple[dict, dict]:
-    """Per task: the zoo's few-shot examples plus unseen training-split examples, minus probe texts.
+def _unseen_classifier(zoo, task: str) -> tuple[list, str]:
+    """Training-split examples the expert never saw (its batches replayed), and where they came from."""
+    source, why = task_of(zoo, task)
+    if source is None:
+        return [], f"only the zoo's shipped few-shot set ({why})"
+    record = zoo.task_record(task)
+    split = split_task(source, zoo.seed, n_probe=record.get("n_probe_requested", 200))
+    if split.fewshot != record["fewshot_indices"]:
+        raise MergeLabError(f"{task}: the split of {why} no longer matches the zoo's few-shot indices (the data "
+                            "changed since the zoo was built); rebuild the zoo")
+    cfg = TrainConfig(**record["train_config"])
+    batches = _batches(list(range(len(split.train))), cfg)
+    seen: set[int] = set()
+    for _ in range(cfg.steps):
+        seen.update(int(i) for i in next(batches))
+    data = source.examples()
+    unseen = [data[split.train[i]] for i in range(len(split.train)) if i not in seen]
+    return unseen, f"{why}: shipped few-shot + {len(unseen)} training-split examples the expert never saw"
 
-    'Unseen' = never in a training batch: the expert's batches are replayed with its recorded
-    train config (``merging.zoo.training._batches``, the generator training used).
+
+def _lm_unseen(zoo, spec: dict | None = None) -> dict[str, list]:
+    """Per expert of an LM zoo: its training-split texts that neither its fine-tuning nor the base's
+    pretraining drew (both batch streams replayed with the zoo's seed), as ``LMExample("", text)``.
+
+    The split is recomputed from the packaged fortunes with the zoo's settings (``spec``: the
+    ``tasks.yaml`` entry, or the overrides a test built it with) and checked against the indices each
+    expert recorded, so a changed text source is refused rather than silently giving other texts."""
+    from merging.io.taskdata import LMExample
+    from merging.zoo import lm_zoo
+
+    spec = spec or lm_zoo.lm_zoo_spec(zoo.name)
+    seed = zoo.seed
+    texts = sorted({*spec["pretrain_texts"], *zoo.tasks})
+    items = {t: lm_zoo.read_texts(spec, t) for t in texts}
+    splits = {t: lm_zoo.split_texts(items[t], seed, int(spec["n_probe"]), int(spec["n_fewshot"]),
+                                    int(spec["max_items"])) for t in texts}
+    train = {t: [items[t][i] for i in splits[t]["train"]] for t in texts}
+    mix = [r for t in spec["pretrain_texts"] for r in train[t]]
+    pre = spec["pretrain"]
+    stream = lm_zoo._batches(list(range(len(mix))), int(pre["batch_size"]), seed)
+    seen_by_base = {mix[int(x.completion)] for _ in range(int(pre["steps"])) for x in next(stream)}
+    out = {}
+    for task in zoo.tasks:
+        record = zoo.task_record(task)
+        if splits[task]["fewshot"] != record["fewshot_indices"] or splits[task]["probe"] != record["probe_indices"]:
+            raise MergeLabError(f"LM zoo '{zoo.name}', expert {task}: the split of its fortunes no longer matches the "
+                                "indices it recorded (the installed text or tasks.yaml changed); rebuild the zoo")
+        cfg = record["train_config"]
+        stream = lm_zoo._batches(list(range(len(train[task]))), int(cfg["batch_size"]), seed)
+        seen = {int(x.completion) for _ in range(int(cfg["steps"])) for x in next(stream)}
+        out[task] = [LMExample("", text) for i, text in enumerate(train[task])
+                     if i not in seen and text not in seen_by_base]
+    return out
+
+
+def example_text(example) -> str:
+    """The text of a classifier ``(text, label)`` or an LM ``LMExample(prompt, completion)``."""
+    return example.prompt + example.completion if hasattr(example, "completion") else example[0]
+
+
+def fewshot_pools(zoo, size: int, probe_texts: set[str], *, lm_spec: dict | None = None) -> tuple[dict, dict]:
+    """Per task: the zoo's few-shot examples plus training-split examples never used to train, minus probe texts.
+
+    Classifier zoos (built-in corpora and user CSV/JSONL tasks alike): 'never used' = in no training
+    batch of the expert (its batches are replayed with its recorded train config,
+    ``merging.zoo.training._batches``). LM zoos: in no batch of the expert's fine-tuning nor of the
+    base's pretraining (:func:`_lm_unseen`). A task whose data is not readable keeps the shipped set
+    alone — usually too small for distinct draws, which :func:`check_draws` then refuses.
     """
-    available, _ = available_tasks()
+    lm_unseen = _lm_unseen(zoo, lm_spec) if is_lm_zoo(zoo) else {}
     pools, info = {}, {}
     for task in zoo.tasks:
         own = zoo.fewshot(task)
-        extra: list = []
-        if task in available:
-            record = zoo.task_record(task)
-            split = split_task(available[task], zoo.seed, n_probe=record.get("n_probe_requested", 200))
-            if split.fewshot != record["fewshot_indices"]:
-                raise MergeLabError(f"{task}: the split no longer matches the zoo's few-shot indices; rebuild the zoo")
-            cfg = TrainConfig(**record["train_config"])
-            batches = _batches(list(range(len(split.train))), cfg)
-            seen: set[int] = set()
-            for _ in range(cfg.steps):
-                seen.update(int(i) for i in next(batches))
-            data = available[task].examples()
-            extra = [data[split.train[i]] for i in range(len(split.train)) if i not in seen]
+        if is_lm_zoo(zoo):
+            extra = lm_unseen[task]
+            origin = (f"its fortunes: shipped few-shot + {len(extra)} training-split texts neither the expert nor the "
+                      "base trained on")
+        else:
+            extra, origin = _unseen_classifier(zoo, task)
         pool, texts = [], set()
-        for text, label in [*own, *extra]:
+        for example in [*own, *extra]:
+            text = example_text(example)
             if text in probe_texts or text in texts:
                 continue
             texts.add(text)
-            pool.append((text, label))
+            pool.append(example)
             if len(pool) >= size:
                 break
         pools[task] = pool
-        info[task] = {"pool": len(pool), "zoo_fewshot_kept": sum(1 for t, _ in own if t not in probe_texts)}
+        info[task] = {"pool": len(pool), "zoo_fewshot_kept": sum(1 for e in own if example_text(e) not in probe_texts),
+                      "candidates": len(own) + len(extra), "origin": origin}
     return pools, info
+
+
+def check_draws(pools: dict, n_fewshot: int, seeds: list[int]) -> dict[str, dict]:
+    """Refuse pools whose seeded draws cannot differ; else per task the largest overlap of two seeds' draws.
+
+    ``draw_fewshot(pool, n, seed)`` is the whole pool in order when ``n ≥ len(pool)``: every seed would then
+    feed APL's importance, Fisher and the selection loss the same examples and the '± over seeds' would
+    measure merge-seed noise only. Returns ``{task: {"pool", "max_overlap" (fraction of n), "pairs"}}``."""
+    out = {}
+    for task, pool in pools.items():
+        draws = {s: set(draw_fewshot(pool, n_fewshot, s)[1]) for s in seeds}
+        n = min(n_fewshot, len(pool))
+        same = [(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1:] if draws[a] == draws[b]]
+        if same:
+            why = (f"--n-fewshot {n_fewshot} takes the whole pool" if n_fewshot >= len(pool)
+                   else f"seeds {same[0][0]} and {same[0][1]} draw the same {n} examples")
+            raise MergeLabError(
+                f"few-shot pool of task '{task}' has {len(pool)} examples: {why}, so the seeds' few-shot sets do not "
+                f"differ (APL's importance, Fisher and the selection loss would not vary by seed). Use a smaller "
+                f"--n-fewshot (at most {max(1, len(pool) // 2)} for half-disjoint draws), fewer --seeds, or give the "
+                "task more data (a larger --pool, or more rows in its task file / its corpus installed).",
+                field="n_fewshot")
+        overlap = max((len(draws[a] & draws[b]) / max(n, 1) for i, a in enumerate(seeds) for b in seeds[i + 1:]),
+                      default=0.0)
+        out[task] = {"pool": len(pool), "max_overlap": overlap, "n": n}
+    return out
+
+
+def pool_header(pool_info: dict, draws: dict, probes: dict, n_fewshot: int, seeds: list[int]) -> str:
+    """One line per task: pool and probe sizes, where the pool came from, how much two seeds' draws share."""
+    lines = [f"Few-shot draws: {n_fewshot} per task and seed ({', '.join(map(str, seeds))}) from each task's pool; "
+             "probe sets disjoint from every pool:"]
+    for task, info in pool_info.items():
+        d = draws.get(task, {})
+        overlap = d.get("max_overlap", float("nan"))
+        lines.append(f"- {task}: pool {info['pool']} ({info['origin']}), probe {len(probes[task])}; two seeds' draws "
+                     f"share at most {100 * overlap:.0f} % of their examples"
+                     + (" — they overlap heavily" if overlap > 0.5 else " — they differ"))
+    return "\n".join(lines)
 
 
 # ---- the engine, skipping tensors no expert changed ---------------------------------------------
@@ -438,6 +593,14 @@ class Setting:
     loss_cache: dict[tuple, dict[str, float]] = field(default_factory=dict)
     scale_error: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    lm: bool = False  # a causal-LM zoo: perplexity on held-out text, few-shot LM loss
+    tokenizer: Any = None
+    base_metric: dict[str, float] = field(default_factory=dict)  # LM: the base's probe perplexity per task
+
+    @property
+    def metric(self) -> str:
+        """The probe's per-task measure: accuracy (higher is better) or perplexity (lower is better)."""
+        return "perplexity" if self.lm else "accuracy"
 
     def tick(self, key: str, seconds: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + seconds
@@ -455,8 +618,49 @@ class Clock:
         self.setting.tick(self.key, time.perf_counter() - self.start)
 
 
+LM_MAX_LENGTH = 64  # tokens: the LM zoo's training length and its probe's
+
+
+@dataclass
+class ScoreRow:
+    metrics: dict[str, dict[str, float]]
+
+
+class LMScorer:
+    """The LM probe behind the two things the bench uses of a classifier ``Prober``: ``sets`` and
+    ``probe_body(body, label).metrics[task]`` (here ``loss`` = mean next-token cross-entropy pooled over
+    the task's target tokens, and ``perplexity`` = exp(loss))."""
+
+    def __init__(self, expert_set: ExpertSet, sets: dict, tokenizer, tasks: list[str], cache_dir: Path | None = None):
+        from merging.lm.probe import LMProber
+
+        self.prober = LMProber(expert_set, sets, tokenizer, tasks=tasks, max_length=LM_MAX_LENGTH,
+                               cache_dir=cache_dir)
+        self.sets = self.prober.sets
+
+    def probe_body(self, body: dict, label: str = "") -> ScoreRow:
+        return ScoreRow(self.prober.probe_body(body))
+
+    def reference(self):
+        return self.prober.reference()
+
+
+def scorer_for(setting: Setting, sets: dict, tasks: list[str]):
+    """A scorer of ``tasks`` on ``sets`` (few-shot draws or probe sets): the zoo's kind decides which."""
+    if setting.lm:
+        return LMScorer(setting.expert_set, {t: sets[t] for t in tasks}, setting.tokenizer, tasks)
+    return Prober.for_zoo(setting.zoo, tasks=tasks, probe_sets={t: sets[t] for t in tasks}, disk_cache=False)
+
+
+def reference_metric(reference, name: str, task: str, metric: str) -> float:
+    """``metric`` of reference row ``name`` (base or an expert) on ``task``, for either probe report."""
+    row = reference.row(name)
+    return float((row.metrics if hasattr(row, "metrics") else row)[task][metric])
+
+
 def build_setting(name: str, tasks: list[str], zoo, pools: dict, probes: dict, seeds: list[int], n_fewshot: int,
-                  tokenizer) -> Setting:
+                  tokenizer, reference=None) -> Setting:
+    check_draws({t: pools[t] for t in tasks}, n_fewshot, seeds)  # refuses draws that cannot differ by seed
     expert_set = ExpertSet.load(zoo.base_path, {t: f"zoo:{zoo.name}/{t}" for t in tasks})
     layout = expert_set.layout
     merged = [n for n, i in layout.tensors.items() if i.role == ROLE_MERGE]
@@ -464,23 +668,35 @@ def build_setting(name: str, tasks: list[str], zoo, pools: dict, probes: dict, s
                  if all(torch.equal(expert_set.base.get(n), expert_set.experts[t].get(n)) for t in tasks)}
     base_full = {n: expert_set.base.get(n) for n, i in layout.tensors.items() if i.role in (ROLE_MERGE, "copy")}
     base = {n: expert_set.base.get(n).float() for n in merged if n not in unchanged}
-    prober = Prober.for_zoo(zoo, tasks=tasks, probe_sets={t: probes[t] for t in tasks}, disk_cache=False)
     setting = Setting(name, list(tasks), expert_set, SkipUnchangedEngine(expert_set, unchanged), base_full, base,
-                      DeltaSupport.of(expert_set), prober, zoo=zoo)
+                      DeltaSupport.of(expert_set), None, zoo=zoo, lm=is_lm_zoo(zoo), tokenizer=tokenizer)
+    setting.prober = scorer_for(setting, probes, list(tasks))
+    if setting.lm:
+        if reference is None:
+            reference = setting.prober.reference()
+        setting.base_metric = {t: reference_metric(reference, "base", t, "perplexity") for t in tasks}
     for seed in seeds:
         drawn = {t: draw_fewshot(pools[t], n_fewshot, seed) for t in tasks}
         setting.examples[seed] = {t: d[0] for t, d in drawn.items()}
         setting.indices[seed] = {t: d[1] for t, d in drawn.items()}
-        setting.scorers[seed] = Prober.for_zoo(zoo, tasks=tasks, probe_sets=setting.examples[seed], disk_cache=False)
+        setting.scorers[seed] = scorer_for(setting, setting.examples[seed], list(tasks))
     first = seeds[0]
     check_fewshot_loss(setting, first, tokenizer)
     return setting
 
 
 def check_fewshot_loss(setting: Setting, seed: int, tokenizer) -> None:
-    """The prober over a few-shot set gives taskloss's ClassifierLoss (expert body + its own head)."""
+    """The prober over a few-shot set gives taskloss's loss: ClassifierLoss (expert body + its own head),
+    or CausalLMLoss on an LM zoo."""
     task = setting.tasks[0]
-    loss = ClassifierLoss(setting.expert_set, task, encode_examples(tokenizer, setting.examples[seed][task]))
+    if setting.lm:
+        from merging.apl.taskloss import CausalLMLoss
+        from merging.lm.model import encode_lm_examples
+
+        loss = CausalLMLoss(setting.expert_set, task,
+                            encode_lm_examples(tokenizer, setting.examples[seed][task], LM_MAX_LENGTH))
+    else:
+        loss = ClassifierLoss(setting.expert_set, task, encode_examples(tokenizer, setting.examples[seed][task]))
     expert = {n: setting.expert_set.experts[task].get(n).float() for n in loss.live}
     loss.assign(expert)
     with torch.no_grad():
@@ -489,8 +705,8 @@ def check_fewshot_loss(setting: Setting, seed: int, tokenizer) -> None:
     body.update(expert)
     found = setting.scorers[seed].probe_body(body, "check").metrics[task]["loss"]
     if abs(found - reference) > 1e-4:
-        raise AssertionError(f"few-shot loss through the prober {found:.6f} ≠ ClassifierLoss {reference:.6f}")
-    print(f"  few-shot loss check ({task}, seed {seed}): prober {found:.6f} = ClassifierLoss {reference:.6f}")
+        raise AssertionError(f"few-shot loss through the prober {found:.6f} ≠ {type(loss).__name__} {reference:.6f}")
+    print(f"  few-shot loss check ({task}, seed {seed}): prober {found:.6f} = {type(loss).__name__} {reference:.6f}")
 
 
 # What each importance mode computes here: gradient gives every level from one backward pass; exact only
@@ -601,8 +817,7 @@ def task_scorer(setting: Setting, seed: int | None, task: str) -> Prober:
     key = (seed, task)
     if key not in setting.task_scorers:
         examples = setting.examples[seed][task] if seed is not None else setting.prober.sets[task]
-        setting.task_scorers[key] = Prober.for_zoo(setting.zoo, tasks=[task], probe_sets={task: examples},
-                                                   disk_cache=False)
+        setting.task_scorers[key] = scorer_for(setting, {task: examples}, [task])
     return setting.task_scorers[key]
 
 
@@ -628,9 +843,11 @@ class Trial:
 class SeedResult:
     trials: list[Trial]
     best: Trial
-    accuracy: dict[str, float]
+    accuracy: dict[str, float]  # the probe metric per task: accuracy, or perplexity on an LM zoo (``metric``)
     probe_loss: dict[str, float]
     scale_error: float  # max |engine merge at λ − scaled body| of the selected configuration
+    metric: str = "accuracy"
+    ratio: dict[str, float] = field(default_factory=dict)  # LM: perplexity / the base's perplexity, per task
 
 
 def cfg_label(cfg: dict, lam: float) -> str:
@@ -705,17 +922,21 @@ def run_method(setting: Setting, run: MethodRun, seeds: list[int], tokenizer, pr
                         row, tasks = setting.prober.probe_body(body, run.label), setting.tasks
                     else:  # this task on its own body
                         row, tasks = task_scorer(setting, None, which).probe_body(body, run.label), [which]
-                    accuracy.update({t: row.metrics[t]["accuracy"] for t in tasks})
+                    accuracy.update({t: row.metrics[t][setting.metric] for t in tasks})
                     probe_loss.update({t: row.metrics[t]["loss"] for t in tasks})
             probe_cache[key] = ({t: accuracy[t] for t in setting.tasks}, {t: probe_loss[t] for t in setting.tasks},
                                 error)
             del bodies, unit
         accuracy, probe_loss, error = probe_cache[key]
         setting.scale_error = max(setting.scale_error, error)
-        out[seed] = SeedResult(trials[seed], best, accuracy, probe_loss, error)
+        ratio = {t: accuracy[t] / setting.base_metric[t] for t in setting.tasks} if setting.lm else {}
+        out[seed] = SeedResult(trials[seed], best, accuracy, probe_loss, error, setting.metric, ratio)
+        edges = grid_edges(run, best.cfg, best.lam)
+        summary_text = (f"probe ppl/base {summary(out[seed]):.4f}" if setting.lm
+                        else f"probe mean acc {summary(out[seed]):.4f}")
         log(f"  {run.label[:40]:<40} seed {seed}: {cfg_label(best.cfg, best.lam):<40} few-shot loss {best.loss:.4f}  "
-            f"probe mean acc {statistics.fmean(accuracy.values()):.4f}  "
-            + " ".join(f"{t[:4]} {a:.3f}" for t, a in accuracy.items()) + f"  |scaled-engine| {error:.1e}")
+            f"{summary_text}  " + " ".join(f"{t[:4]} {a:.3f}" for t, a in accuracy.items())
+            + f"  |scaled-engine| {error:.1e}" + (f"  EDGE {', '.join(edges)}" if edges else ""))
     return out
 
 
@@ -742,58 +963,126 @@ def paired(diffs: list[float]) -> str:
     return f"{mean:+.1f} ± {se:.1f} (t = {mean / se:+.1f})"
 
 
-def mean_acc(result: SeedResult) -> float:
-    return statistics.fmean(result.accuracy.values())
+def summary(result: SeedResult) -> float:
+    """The number a row is ranked by: mean probe accuracy, or (LM) the mean over tasks of perplexity / the
+    base's perplexity — scale-free, so a high-perplexity language does not outweigh the others."""
+    return statistics.fmean((result.ratio or result.accuracy).values())
 
 
-def table_header(tasks: list[str], extra: list[str]) -> list[str]:
-    head = ["model", *tasks, "**mean**", *extra]
+mean_acc = summary  # the name bench_apl_analyses.py imports
+
+
+def better_sign(results: dict[int, SeedResult]) -> int:
+    """+1 where a higher summary is better (accuracy), −1 where lower is (perplexity ratio)."""
+    return -1 if next(iter(results.values())).metric == "perplexity" else 1
+
+
+def mean_summary(results: dict[int, SeedResult]) -> float:
+    return statistics.fmean(summary(r) for r in results.values())
+
+
+def grid_edges(run: MethodRun, cfg: dict, lam: float) -> list[str]:
+    """The numeric grid axes on whose edge (smallest or largest value tried) ``(cfg, λ)`` sits.
+
+    Axes are those of the configuration's own block (λ, and every numeric key whose value varies among
+    the block's configurations); an axis with one value is no axis. A selection on an edge means the
+    optimum may lie outside what was tried — the grid, not the method, decided."""
+    def numeric(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    block = next(((configs, lambdas) for configs, lambdas in run.blocks if cfg in configs), None)
+    if block is None:
+        return []
+    configs, lambdas = block
+    edges = []
+    if len(set(lambdas)) > 1 and lam in (min(lambdas), max(lambdas)):
+        edges.append(f"λ={lam:g} ({'max' if lam == max(lambdas) else 'min'})")
+    for key, value in cfg.items():
+        values = {c[key] for c in configs if key in c and numeric(c[key])}
+        if numeric(value) and len(values) > 1 and value in (min(values), max(values)):
+            shown = "∞" if value == INF else f"{value:g}"
+            edges.append(f"{key}={shown} ({'max' if value == max(values) else 'min'})")
+    return edges
+
+
+def table_header(tasks: list[str], extra: list[str], mean: str = "**mean**") -> list[str]:
+    head = ["model", *tasks, mean, *extra]
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
 
-def reference_lines(reference, tasks: list[str], extra: int) -> list[str]:
-    """Base and expert rows (deterministic: probed once), accuracy in points."""
+def reference_lines(reference, tasks: list[str], extra: int, lm: bool = False) -> list[str]:
+    """Base and expert rows (deterministic: probed once): accuracy in points, or (LM) perplexity and the mean
+    ratio to the base's perplexity."""
     lines = []
     for name in ["base", *tasks]:
-        row = reference.row(name)
-        accs = [100 * row.metrics[t]["accuracy"] for t in tasks]
-        label = "base (each task's head)" if name == "base" else f"expert: {name}"
-        lines.append("| " + " | ".join([label, *(f"{a:.1f}" for a in accs), f"**{statistics.fmean(accs):.1f}**",
-                                        *([""] * extra)]) + " |")
+        if lm:
+            values = [reference_metric(reference, name, t, "perplexity") for t in tasks]
+            ratio = statistics.fmean(v / reference_metric(reference, "base", t, "perplexity")
+                                     for v, t in zip(values, tasks))
+            cells, mean = [f"{v:.1f}" for v in values], f"**{ratio:.3f}**"
+            label = "base" if name == "base" else f"expert: {name}"
+        else:
+            accs = [100 * reference_metric(reference, name, t, "accuracy") for t in tasks]
+            cells, mean = [f"{a:.1f}" for a in accs], f"**{statistics.fmean(accs):.1f}**"
+            label = "base (each task's head)" if name == "base" else f"expert: {name}"
+        lines.append("| " + " | ".join([label, *cells, mean, *([""] * extra)]) + " |")
     return lines
 
 
 def method_line(label: str, results: dict[int, SeedResult], tasks: list[str], extra: list[str]) -> str:
     seeds = list(results)
-    cells = [pm([results[s].accuracy[t] for s in seeds]) for t in tasks]
-    mean = pm([mean_acc(results[s]) for s in seeds])
+    lm = better_sign(results) < 0
+    cells = [pm([results[s].accuracy[t] for s in seeds], scale=1.0 if lm else 100.0) for t in tasks]
+    mean = pm([summary(results[s]) for s in seeds], scale=1.0, digits=3) if lm else \
+        pm([summary(results[s]) for s in seeds])
     return "| " + " | ".join([label, *cells, f"**{mean}**", *extra]) + " |"
 
 
 def selected_line(run: MethodRun, results: dict[int, SeedResult]) -> str:
+    """Each seed's selected configuration, flagged where it sits on an edge of a grid axis."""
     parts = []
     for seed, r in results.items():
-        lams = run.lambdas_of(r.best.cfg)
-        edge = " (λ at grid edge)" if len(lams) > 1 and r.best.lam in (min(lams), max(lams)) else ""
-        parts.append(f"s{seed}: {cfg_label(r.best.cfg, r.best.lam)}{edge}")
+        edges = grid_edges(run, r.best.cfg, r.best.lam)
+        flag = f" **[edge: {', '.join(edges)}]**" if edges else ""
+        parts.append(f"s{seed}: {cfg_label(r.best.cfg, r.best.lam)}{flag}")
     return "; ".join(parts)
+
+
+def edge_sentence(runs: list[MethodRun], results: dict[str, dict[int, SeedResult]]) -> str:
+    """One verdict sentence: which rows were selected on a grid edge, on which seeds."""
+    hits = []
+    for run in runs:
+        seeds = [s for s, r in results[run.label].items() if grid_edges(run, r.best.cfg, r.best.lam)]
+        if seeds:
+            axes = sorted({e.split("=")[0] for s in seeds for e in grid_edges(run, results[run.label][s].best.cfg,
+                                                                           results[run.label][s].best.lam)})
+            hits.append(f"{run.label} ({'/'.join(axes)}; seed{'s' if len(seeds) > 1 else ''} "
+                        f"{', '.join(map(str, seeds))} of {len(results[run.label])})")
+    if not hits:
+        return "  - Grid edges: no selected configuration sits on an edge of its grid."
+    return ("  - Grid edges: selected on an edge of a grid axis — there the grid, not the method, decided (the "
+            "optimum may lie outside what was tried): " + "; ".join(hits) + ".")
 
 
 def setting_report(setting: Setting, reference, runs: list[MethodRun], results: dict[str, dict[int, SeedResult]],
                    title: str, n_probe: int, with_reference: bool = True) -> list[str]:
-    """Markdown for one setting: the accuracy table, then paired differences, then selections."""
+    """Markdown for one setting: the probe table (accuracy, or perplexity on an LM zoo)."""
     tasks = setting.tasks
     seeds = list(next(iter(results.values())))
     extra = ["few-shot loss (selected)", "configs"]
-    lines = [f"### {title}", "", *table_header(tasks, extra)]
+    mean = "**mean ppl / base ppl**" if setting.lm else "**mean**"
+    lines = [f"### {title}", "", *table_header(tasks, extra, mean)]
     if with_reference:
-        lines += reference_lines(reference, tasks, len(extra))
+        lines += reference_lines(reference, tasks, len(extra), lm=setting.lm)
     for run in runs:
         r = results[run.label]
         loss = pm([r[s].best.loss for s in seeds], scale=1.0, digits=3)
         lines.append(method_line(run.label, r, tasks, [loss, str(run.size)]))
     lines.append("")
-    lines.append(f"Probe accuracy in points ({n_probe} examples per task), mean ± std over seeds "
+    what = (f"Probe perplexity per task (lower is better; {n_probe} held-out texts per task, ≤ {LM_MAX_LENGTH} tokens "
+            "each) and the mean over tasks of perplexity / the base's perplexity"
+            if setting.lm else f"Probe accuracy in points ({n_probe} examples per task)")
+    lines.append(f"{what}, mean ± std over seeds "
                  f"{', '.join(map(str, seeds))}" + ("; reference rows are deterministic." if with_reference else "."))
     lines.append("")
     return lines
@@ -802,44 +1091,58 @@ def setting_report(setting: Setting, reference, runs: list[MethodRun], results: 
 def paired_report(runs: list[MethodRun], results: dict[str, dict[int, SeedResult]], target: str,
                   others: list[str], best_label: str | None = None, header: str | None = None,
                   sign: int = 1) -> list[str]:
-    """Per seed ``sign · (target − other)`` of the mean probe accuracy, in points."""
+    """Per seed ``sign · (target − other)`` of the summary (mean accuracy, or the LM's mean perplexity ratio),
+    × 100: points of accuracy, or percentage points of the base's perplexity (negative = lower perplexity)."""
     seeds = list(results[target])
     lines = ["| " + " | ".join([header or f"{target} − …", *(f"seed {s}" for s in seeds), "mean ± SE (t)"]) + " |",
              "|" + "---|" * (len(seeds) + 2)]
     for other in others:
-        diffs = [sign * 100 * (mean_acc(results[target][s]) - mean_acc(results[other][s])) for s in seeds]
+        diffs = [sign * 100 * (summary(results[target][s]) - summary(results[other][s])) for s in seeds]
         name = f"**{other}** (best baseline)" if other == best_label else other
         lines.append("| " + " | ".join([name, *(f"{d:+.1f}" for d in diffs), paired(diffs)]) + " |")
     return lines
 
 
 def verdict_lines(d: dict, seeds: list[int]) -> list[str]:
-    """Where APL stands in one setting: against the best baseline, and its rank among single-model merges."""
+    """Where APL stands in one setting: against the best baseline, its rank among single-model merges, and
+    which selections the grid's edge decided."""
     res, runs, setting = d["results"], d["runs"], d["setting"]
     head = f"- {setting.name} ({', '.join(setting.tasks)}): "
     if "APL" not in res or not any(r.baseline for r in runs):
-        return [head + "no verdict (APL or every baseline was left out by --methods)."]
+        return [head + "no verdict (APL or every baseline was left out by --methods).", edge_sentence(runs, res)]
+    sign = better_sign(res["APL"])
     best = best_baseline(runs, res)
-    apl = statistics.fmean(mean_acc(r) for r in res["APL"].values())
-    base = statistics.fmean(mean_acc(r) for r in res[best].values())
-    diffs = [100 * (mean_acc(res["APL"][s]) - mean_acc(res[best][s])) for s in seeds]
-    met = "met" if apl >= base else "NOT met"
-    single = sorted((r.label for r in runs if not r.per_task),
-                    key=lambda lbl: -statistics.fmean(mean_acc(v) for v in res[lbl].values()))
-    ranked = ", ".join(f"{lbl} {100 * statistics.fmean(mean_acc(v) for v in res[lbl].values()):.1f}" for lbl in single)
-    lines = [head + f"APL {100 * apl:.1f} vs best baseline {best} {100 * base:.1f} — paired difference {paired(diffs)} "
-             f"points over {len(seeds)} seeds; target 'APL ≥ best baseline' {met}. APL ranks "
-             f"**{single.index('APL') + 1} of {len(single)}** single-model merges by mean probe accuracy ({ranked})."]
+    apl, base = mean_summary(res["APL"]), mean_summary(res[best])
+    diffs = [100 * (summary(res["APL"][s]) - summary(res[best][s])) for s in seeds]
+    single = sorted((r.label for r in runs if not r.per_task), key=lambda lbl: -sign * mean_summary(res[lbl]))
+    if sign > 0:
+        ranked = ", ".join(f"{lbl} {100 * mean_summary(res[lbl]):.1f}" for lbl in single)
+        met = "met" if apl >= base else "NOT met"
+        lines = [head + f"APL {100 * apl:.1f} vs best baseline {best} {100 * base:.1f} — paired difference "
+                 f"{paired(diffs)} points over {len(seeds)} seeds; target 'APL ≥ best baseline' {met}. APL ranks "
+                 f"**{single.index('APL') + 1} of {len(single)}** single-model merges by mean probe accuracy ({ranked})."]
+    else:
+        ranked = ", ".join(f"{lbl} {mean_summary(res[lbl]):.3f}" for lbl in single)
+        met = "met" if apl <= base else "NOT met"
+        lines = [head + f"APL {apl:.3f} vs best baseline {best} {base:.3f} (mean perplexity / base perplexity, lower "
+                 f"is better) — paired difference APL − {best} {paired(diffs)} percentage points of the base's "
+                 f"perplexity over {len(seeds)} seeds (negative: APL lower); target 'APL ≤ best baseline' {met}. APL "
+                 f"ranks **{single.index('APL') + 1} of {len(single)}** single-model merges ({ranked})."]
     for run in runs:
         if run.per_task:
-            other = statistics.fmean(mean_acc(v) for v in res[run.label].values())
-            lines.append(f"  - {run.label}: {100 * other:.1f}, reported beside the ranking, not in it (one body per task).")
+            other = mean_summary(res[run.label])
+            shown = f"{100 * other:.1f}" if sign > 0 else f"{other:.3f}"
+            lines.append(f"  - {run.label}: {shown}, reported beside the ranking, not in it (one body per task).")
+    lines.append(edge_sentence(runs, res))
+    for label, reason in d.get("skipped", {}).items():
+        lines.append(f"  - {label}: not run here — {reason}")
     return lines
 
 
 def best_baseline(runs: list[MethodRun], results: dict[str, dict[int, SeedResult]]) -> str:
     baselines = [r.label for r in runs if r.baseline]
-    return max(baselines, key=lambda lbl: statistics.fmean(mean_acc(v) for v in results[lbl].values()))
+    sign = better_sign(results[baselines[0]])
+    return max(baselines, key=lambda lbl: sign * mean_summary(results[lbl]))
 
 
 def loss_landscape(run: MethodRun, results: dict[int, SeedResult]) -> list[str]:
@@ -907,7 +1210,7 @@ def run_setting(name: str, tasks: list[str], zoo, pools, probes, seeds, args, to
                 log: Callable[[str], None]) -> dict:
     clock = time.perf_counter()
     log(f"\n== setting '{name}': {', '.join(tasks)}")
-    setting = build_setting(name, tasks, zoo, pools, probes, seeds, args.n_fewshot, tokenizer)
+    setting = build_setting(name, tasks, zoo, pools, probes, seeds, args.n_fewshot, tokenizer, reference=reference)
     if not args.quick:
         with Clock(setting, "engine check"):
             setting.engine.check(MergeSettings.build(setting.expert_set, "ties", {"drop_ratio": 0.8}))
@@ -918,11 +1221,18 @@ def run_setting(name: str, tasks: list[str], zoo, pools, probes, seeds, args, to
         wanted = {m.strip() for m in args.methods.split(",") if m.strip()}
         runs = [run for run in runs if run.method in wanted]
         log(f"  --methods: running {', '.join(r.label for r in runs) or 'nothing'}")
+    skipped: dict[str, str] = {}
     probe_cache: dict = {}
     results = {}
-    for run in runs:
+    for run in list(runs):
         started = time.perf_counter()
-        results[run.label] = run_method(setting, run, seeds, tokenizer, probe_cache, log)
+        try:
+            results[run.label] = run_method(setting, run, seeds, tokenizer, probe_cache, log)
+        except MergeLabError as exc:  # a method that cannot run on this zoo says why, the others go on
+            skipped[run.label] = f"cannot run on this zoo: {exc}"
+            runs.remove(run)
+            log(f"  ({run.label}: skipped — {exc})")
+            continue
         log(f"  ({run.label}: {time.perf_counter() - started:.0f} s)")
     ablation_runs, ablation = [], {}
     if not args.no_ablation and (not args.methods or "apl" in args.methods.split(",")):
@@ -933,17 +1243,21 @@ def run_setting(name: str, tasks: list[str], zoo, pools, probes, seeds, args, to
             log(f"  ({run.label}: {time.perf_counter() - started:.0f} s)")
     seconds = time.perf_counter() - clock
     return {"setting": setting, "runs": runs, "results": results, "ablation_runs": ablation_runs,
-            "ablation": ablation, "seconds": seconds}
+            "ablation": ablation, "seconds": seconds, "skipped": skipped}
 
 
 def render(zoo, done: list[dict], reference, seeds, args, pool_info, probe_note, load: str, total: float,
-           started: datetime.datetime) -> str:
+           started: datetime.datetime, header: str = "", pair_note: str = "") -> str:
     out = ["# Merge methods against the baselines: measured results", ""]
     cmd = " ".join(["python benchmarks/bench_methods.py", *sys.argv[1:]])
     out += [(f"Generated by `{cmd}` on {started:%Y-%m-%d %H:%M} (local time); zoo '{zoo.name}' (seed {zoo.seed}, steps "
             f"{zoo.steps}); {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
             f"with {torch.get_num_threads()} threads."), "",
             f"Runtime **{total / 60:.1f} min**; {load}.", ""]
+    if header:
+        out += [header, ""]
+    if pair_note:
+        out += [pair_note, ""]
     verdict = ["## Verdict (from the numbers below)", ""]
     for d in done:
         verdict += verdict_lines(d, seeds)
@@ -951,12 +1265,15 @@ def render(zoo, done: list[dict], reference, seeds, args, pool_info, probe_note,
     for d in done:
         setting, runs, res = d["setting"], d["runs"], d["results"]
         out += [f"## Setting '{setting.name}': {', '.join(setting.tasks)}", ""]
-        out += setting_report(setting, reference, runs, res, "Probe accuracy (points)", args.n_probe)
+        out += setting_report(setting, reference, runs, res,
+                              "Probe perplexity" if setting.lm else "Probe accuracy (points)", args.n_probe)
         if "APL" in res and any(r.baseline for r in runs):
             best = best_baseline(runs, res)
-            out += ["### APL − baselines, paired by seed (mean probe accuracy, points)", ""]
+            out += ["### APL − baselines, paired by seed (" + (
+                "mean perplexity / base perplexity, percentage points; negative = APL lower)" if setting.lm
+                else "mean probe accuracy, points)"), ""]
             out += paired_report(runs, res, "APL", [r.label for r in runs if r.baseline], best)
-            out += ["", (f"Best baseline = highest mean over seeds: **{best}**. SE = std of the paired differences / "
+            out += ["", (f"Best baseline = {'lowest' if setting.lm else 'highest'} mean over seeds: **{best}**. SE = std of the paired differences / "
                     f"√{len(seeds)}; with {len(seeds)} seeds t must exceed {_t_crit(len(seeds)):.1f} for p < 0.05 "
                     "(two-sided)."), ""]
             per_task = [r.label for r in runs if r.per_task]
@@ -965,8 +1282,9 @@ def render(zoo, done: list[dict], reference, seeds, args, pool_info, probe_note,
                         f"{len(setting.tasks)} bodies, one per task, so they are no single merged model):", ""]
                 out += paired_report(runs, res, "APL", per_task, header="APL − (one body per task)")
                 out += [""]
-        out += ["### Selected configurations (by few-shot loss)", ""]
-        out += [f"- {run.label}: {selected_line(run, res[run.label])}" for run in runs] + [""]
+        out += ["### Selected configurations (by few-shot loss; **[edge: …]** = on an edge of a grid axis)", ""]
+        out += [f"- {run.label}: {selected_line(run, res[run.label])}" for run in runs]
+        out += [f"- {label}: not run — {reason}" for label, reason in d.get("skipped", {}).items()] + [""]
         if d["ablation"]:
             out += [f"### APL ablation ({setting.name})", ""]
             abl_runs, abl = d["ablation_runs"], d["ablation"]
@@ -1008,6 +1326,27 @@ def render(zoo, done: list[dict], reference, seeds, args, pool_info, probe_note,
     return "\n".join(out) + "\n"
 
 
+def interfering_pair(zoo) -> tuple[list[str], str]:
+    """The LM zoo's pair of experts that hurt each other's text most, from the zoo's own build records (each
+    expert's perplexity on every task's held-out text next to the base's) — never from merges' probe results.
+
+    Interference of (a, b) = log(ppl_a(b) / ppl_base(b)) + log(ppl_b(a) / ppl_base(a)): how much fine-tuning on
+    one task made the other task's text less likely, both ways. Returns the pair and a markdown note."""
+    ppl = {t: zoo.task_record(t)["probe_perplexity"] for t in zoo.tasks}
+    cross = {a: {b: ppl[a]["expert"][b] / ppl[a]["base"][b] for b in zoo.tasks} for a in zoo.tasks}
+    pairs = [(a, b) for i, a in enumerate(zoo.tasks) for b in zoo.tasks[i + 1:]]
+    score = {(a, b): math.log(cross[a][b]) + math.log(cross[b][a]) for a, b in pairs}
+    chosen = max(pairs, key=lambda p: score[p])
+    lines = ["Pair setting chosen from the zoo's build records (expert perplexity / base perplexity on each task's "
+             "held-out text; row = expert, column = text; > 1: fine-tuning on the row's task hurt that text): the "
+             "pair maximising log(r_ab) + log(r_ba) is "
+             f"**{chosen[0]} + {chosen[1]}** ({score[chosen]:+.2f}; "
+             + ", ".join(f"{a}+{b} {score[(a, b)]:+.2f}" for a, b in sorted(pairs, key=lambda p: -score[p])) + ").",
+             "", "| expert \\ text | " + " | ".join(zoo.tasks) + " |", "|" + "---|" * (len(zoo.tasks) + 1)]
+    lines += ["| " + a + " | " + " | ".join(f"{cross[a][b]:.2f}" for b in zoo.tasks) + " |" for a in zoo.tasks]
+    return list(chosen), "\n".join(lines)
+
+
 def _t_crit(n: int) -> float:
     table = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
     return table.get(n, 2.0)
@@ -1017,7 +1356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", default="default")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, tiny grids, 100 probe examples")
-    parser.add_argument("--pair", default="sentiment,subjectivity", help="the two experts of the pair setting")
+    parser.add_argument("--pair", default=None,
+                        help="the two experts of the pair setting (default: sentiment,subjectivity on the classifier "
+                             "zoo; on an LM zoo the pair that interferes most in the zoo's build records)")
     parser.add_argument("--settings", default="all,pair", help="which settings to run: all, pair or both")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick 0,1)")
     parser.add_argument("--n-fewshot", type=int, default=32)
@@ -1033,6 +1374,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on the shared 2-core machine, under load 5-7, one thread ran "
                              "a few-shot forward 2× and per-example gradients 6-10× faster than two)")
+    parser.add_argument("--lm-spec", default=None,
+                        help="JSON of the tasks.yaml overrides an LM zoo was built with (build_lm_zoo's spec=; tests' "
+                             "tiny zoos), so its training split can be replayed for the few-shot pools")
     parser.add_argument("--out", default=None, help="markdown output (default: RESULTS-methods.md; quick: none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
@@ -1048,9 +1392,15 @@ def main(argv: list[str] | None = None) -> int:
     except MergeLabError as exc:
         print(f"{exc}\nBuild the demo zoo first: python -m merging zoo build --name {args.zoo}", file=sys.stderr)
         return 1
-    pair = [t.strip() for t in args.pair.split(",")]
+    lm = is_lm_zoo(zoo)
+    pair_note = ""
+    if args.pair is None and lm:
+        pair, pair_note = interfering_pair(zoo)
+        log(pair_note)
+    else:
+        pair = [t.strip() for t in (args.pair or "sentiment,subjectivity").split(",")]
     if len(pair) != 2 or any(t not in zoo.tasks for t in pair):
-        print(f"--pair needs two of the zoo's tasks ({', '.join(zoo.tasks)}), got {args.pair!r}", file=sys.stderr)
+        print(f"--pair needs two of the zoo's tasks ({', '.join(zoo.tasks)}), got {','.join(pair)!r}", file=sys.stderr)
         return 2
     wanted = [s.strip() for s in args.settings.split(",")]
     settings = [(s, list(zoo.tasks) if s == "all" else pair) for s in ("all", "pair") if s in wanted]
@@ -1059,20 +1409,41 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     probes, probe_note = probe_sets(zoo, args.n_probe)
-    all_probe_texts = {text for examples in probe_sets(zoo, 400)[0].values() for text, _ in examples}
-    pools, pool_info = fewshot_pools(zoo, args.pool, all_probe_texts)
-    log(f"zoo {zoo.name}: {', '.join(zoo.tasks)}; seeds {seeds}; probe {args.n_probe}/task; few-shot pools "
-        + ", ".join(f"{t} {i['pool']}" for t, i in pool_info.items()) + f"; {torch.get_num_threads()} threads")
+    all_probe_texts = {example_text(e) for examples in probe_sets(zoo, 400)[0].values() for e in examples}
+    try:
+        spec = None
+        if lm:
+            import json
+
+            from merging.zoo.lm_zoo import lm_zoo_spec
+
+            spec = lm_zoo_spec(zoo.name, json.loads(args.lm_spec) if args.lm_spec else None)
+        pools, pool_info = fewshot_pools(zoo, args.pool, all_probe_texts, lm_spec=spec)
+        draws = check_draws(pools, args.n_fewshot, seeds)
+    except MergeLabError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 2
+    if lm and args.n_probe > min(len(p) for p in probes.values()):
+        log(f"(LM zoo: probe {min(len(p) for p in probes.values())} held-out texts per task, all it holds out)")
+        args.n_probe = min(len(p) for p in probes.values())
+    header = pool_header(pool_info, draws, probes, args.n_fewshot, seeds)
+    log(f"zoo {zoo.name} ({zoo.kind}): {', '.join(zoo.tasks)}; seeds {seeds}; {torch.get_num_threads()} threads\n"
+        + header)
+    tokenizer = tokenizer_of(ExpertSet.load(zoo.base_path, {t: f"zoo:{zoo.name}/{t}" for t in pair}))
     t0 = time.perf_counter()
-    reference = Prober.for_zoo(zoo, probe_sets=probes, disk_cache=True).reference()
+    if lm:
+        every = ExpertSet.load(zoo.base_path, {t: f"zoo:{zoo.name}/{t}" for t in zoo.tasks})
+        reference = LMScorer(every, probes, tokenizer, list(zoo.tasks), Path(zoo.root) / "probe_cache").reference()
+    else:
+        reference = Prober.for_zoo(zoo, probe_sets=probes, disk_cache=True).reference()
     log(f"reference rows (base, experts; disk-cached by the prober): {time.perf_counter() - t0:.1f} s")
     log(reference.markdown())
-    tokenizer = tokenizer_of(ExpertSet.load(zoo.base_path, {t: f"zoo:{zoo.name}/{t}" for t in pair}))
     done = [run_setting(name, tasks, zoo, pools, probes, seeds, args, tokenizer, reference, log)
             for name, tasks in settings]
     total = time.perf_counter() - clock
     load = sampler.stop()
-    text = render(zoo, done, reference, seeds, args, pool_info, probe_note, load, total, started)
+    text = render(zoo, done, reference, seeds, args, pool_info, probe_note, load, total, started, header=header,
+                  pair_note=pair_note)
     print("\n" + text)
     out = Path(args.out) if args.out else (None if args.quick else RESULTS)
     if out is not None:

@@ -109,10 +109,53 @@ def _localize_stitch_kernel(job: TensorJob) -> torch.Tensor:
     return base + float(job.shared.get("lambda", 1.0)) * stitch(list(deltas.values()), masks)
 
 
-def _prepare_localize(expert_set, examples=None, tokenizer=None, **kwargs) -> dict:
-    """Every expert's mask (trained on its few-shot data, or by magnitude); the training loads only now."""
-    from ..apl.localize import prepare_localize
+class _Stateless(torch.nn.Module):
+    """A model called with other parameter values (``torch.func.functional_call``), so a loss is a function
+    of the state the mask training differentiates through."""
 
+    def __init__(self, model: torch.nn.Module, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.model, self.params = model, params
+
+    def forward(self, **kwargs):
+        from torch.func import functional_call
+
+        return functional_call(self.model, self.params, args=(), kwargs=kwargs)
+
+
+def _lm_mask_losses(expert_set, examples, tokenizer, max_length: int) -> dict:
+    """Per expert of a causal LM: ``fn(state, 0)`` = the pooled next-token loss of its whole few-shot batch at
+    body ``state`` (base tensor names). The mask training's default loss is a classifier's (a task head and
+    labels); passed as ``example_loss_fn`` with ``n_examples=1``, this is the same loss
+    :class:`~merging.apl.taskloss.CausalLMLoss` gives (one batched forward per step, as for a classifier)."""
+    from ..apl.taskloss import CausalLMLoss
+    from ..lm.model import encode_lm_examples, lm_mean_loss
+
+    fns = {}
+    for expert in expert_set.experts:
+        task = CausalLMLoss(expert_set, expert, encode_lm_examples(tokenizer, examples[expert], max_length))
+        key_of = {id(p): k for k, p in task.model.named_parameters(remove_duplicate=False)}
+        keys = {name: key_of[id(task.parameter(name))] for name in task.live}
+
+        def fn(state, _index, task=task, keys=keys):
+            return lm_mean_loss(_Stateless(task.model, {keys[n]: v for n, v in state.items() if n in keys}),
+                                task.batch)
+        fns[expert] = fn
+    return fns
+
+
+def _prepare_localize(expert_set, examples=None, tokenizer=None, **kwargs) -> dict:
+    """Every expert's mask (trained on its few-shot data, or by magnitude); the training loads only now.
+    Causal-LM few-shot text trains the mask on the LM loss (:func:`_lm_mask_losses`)."""
+    from ..apl.localize import prepare_localize
+    from ..apl.taskloss import MAX_LENGTH
+    from ..io.taskdata import is_lm_data
+
+    if examples and is_lm_data(examples) and "example_loss_fn" not in kwargs and tokenizer is not None \
+            and all(examples.get(e) for e in expert_set.experts):
+        kwargs = {**kwargs, "example_loss_fn": _lm_mask_losses(expert_set, examples, tokenizer,
+                                                               kwargs.get("max_length", MAX_LENGTH)),
+                  "n_examples": 1}
     return prepare_localize(expert_set, examples, tokenizer, **kwargs)
 
 
