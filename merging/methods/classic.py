@@ -56,6 +56,15 @@ def _normalize(default: bool) -> ParamSpec:
 class Pipeline:
     """One configuration of sparsify → consensus → weight → add."""
 
+    #: every step is IEEE arithmetic that keeps NaN/Inf (NaN × 0 and Inf × 0 are NaN; masks multiply, they
+    #: never select), so a broken input entry always shows in the output: the engine checks the output
+    #: only, and scans the inputs just to name the broken model (engine._nonfinite_reaches_output)
+    nonfinite_reaches_output = True
+    #: entry-wise arithmetic, exact selections and exact counts only — no float reduction whose rounding
+    #: follows torch's thread count — so the engine may merge several tensors at once on fewer threads
+    #: each and still write the same bytes (engine._in_order)
+    thread_count_invariant = True
+
     sparsify: str  # none | magnitude | random | breadcrumbs | della
     consensus: bool  # TIES sign election
     always_normalize: bool = False  # linear averaging divides by the summed weights, no parameter
