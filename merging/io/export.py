@@ -233,16 +233,18 @@ def export_recipe(recipe, out_dir: str | Path, *, expert_set: ExpertSet | None =
                   engine: MergeEngine | None = None, tasks: Iterable[str] | None = None,
                   dtype: str | None = None, shard_bytes: int = SHARD_BYTES,
                   importance_json: str | None = None, progress: Progress | None = None,
-                  settings: MergeSettings | None = None, force: bool = False) -> ExportReport:
+                  settings: MergeSettings | None = None, force: bool = False,
+                  workers: int | None = None) -> ExportReport:
     """Merge ``recipe`` and write it to ``out_dir`` atomically (see module docstring).
 
     ``settings`` lets a caller that already prepared the method's inputs (the app holds APL's
     calibration and the few-shot data) skip preparing them again from the recipe. ``force`` adds the
-    export to a non-empty folder that is not a previous export (never overwriting the user's files)."""
+    export to a non-empty folder that is not a previous export (never overwriting the user's files).
+    ``workers``: tensors merged at once by the engine made here (None: its default; same output)."""
     out_dir = Path(out_dir).resolve()
     _previous_files(out_dir, force)  # refuse a foreign folder before minutes of merging
     expert_set = expert_set or (engine.experts if engine else expert_set_from_recipe(recipe))
-    engine = engine or MergeEngine(expert_set, cache=False)
+    engine = engine or MergeEngine(expert_set, cache=False, workers=workers)
     settings = settings or settings_from_recipe(recipe, expert_set)
     dtype = dtype or recipe.dtype
     if dtype not in TORCH_DTYPES:
