@@ -116,6 +116,7 @@ class MergeEngine:
 
     def __init__(self, expert_set: ExpertSet, *, cache: bool = True, check_finite: bool = True,
                  workers: int | None = None):
+        keep_freed_memory()
         self.experts = expert_set
         self.use_cache = cache
         self.check_finite = check_finite
@@ -380,6 +381,34 @@ def _nonfinite_reaches_output(method: MethodSpec) -> bool:
     their own: the output's check, which runs anyway, finds a broken input, and only then are the inputs
     scanned to name the model — one read of every input fewer, the same errors."""
     return bool(getattr(method.kernel, "nonfinite_reaches_output", False))
+
+
+_ALLOCATOR_TUNED = False
+_KEEP_BELOW = 32 * 1024 * 1024  # glibc's largest mmap threshold: blocks up to it come from the heap
+_TRIM_ABOVE = 256 * 1024 * 1024  # free memory the heap keeps at its top before giving it back
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc's allocator to reuse freed tensor memory instead of returning it to the OS.
+
+    Why: by default glibc serves every block over ~128 KB-32 MB with a fresh mmap and unmaps it on free,
+    so each temporary a merge makes (a delta, a mask, |Δ|) is page-faulted in and zeroed again: on a
+    1.5M-entry tensor ``x.abs()`` cost 3.2 ms of CPU, 0.8 ms with the memory reused. Blocks up to 32 MB
+    now come from the heap, which keeps up to 256 MB free. Process-wide, once; a no-op off glibc."""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return
+    _ALLOCATOR_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    mallopt(m_mmap_threshold, _KEEP_BELOW)
+    mallopt(m_trim_threshold, _TRIM_ABOVE)
 
 
 def default_workers() -> int:

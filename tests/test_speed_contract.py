@@ -239,3 +239,17 @@ def test_della_ranks_equal_a_stable_sort():
     ranks.scatter_(1, order, torch.arange(29).expand_as(order))
     expected = (0.4 + 0.2 * (ranks.float() / 28 - 0.5)).clamp(1e-6, 1.0)
     assert torch.equal(probs, expected)
+
+
+@pytest.mark.parametrize("kind", ["tie-heavy", "fp16", "small random", "constant"])
+def test_pcbs_order_statistics_equal_a_sort(kind):
+    from merging.methods.pcb import quantile_clamp
+
+    row = _inputs()[kind].float()
+    x = torch.stack([row, row.flip(0) * 2, -row])
+    d = x.shape[1]
+    for lows, high in [([0.0001] * 3, 0.0001), ([0.1, 0.5, 0.9], 0.0), ([0.0, 0.3, 0.999], 0.25)]:
+        ordered = x.sort(dim=1).values  # the reference's clamp, by a full sort
+        low = ordered[torch.arange(3), torch.tensor([int(d * r) for r in lows])].unsqueeze(1)
+        top = ordered[:, max(int(d * (1 - high) - 1), 0)].unsqueeze(1)
+        assert torch.equal(quantile_clamp(x, lows, high), torch.maximum(torch.minimum(x, top), low))
