@@ -253,3 +253,14 @@ def test_pcbs_order_statistics_equal_a_sort(kind):
         low = ordered[torch.arange(3), torch.tensor([int(d * r) for r in lows])].unsqueeze(1)
         top = ordered[:, max(int(d * (1 - high) - 1), 0)].unsqueeze(1)
         assert torch.equal(quantile_clamp(x, lows, high), torch.maximum(torch.minimum(x, top), low))
+
+
+def test_the_selection_falls_back_where_nan_and_inf_sit():
+    """NaN sorts last in torch.kthvalue; the sample-based band must see it and give kthvalue's answer."""
+    for seed in range(2):
+        x = torch.randn(kernels._SELECT_MIN, generator=torch.Generator().manual_seed(seed))
+        x[5], x[9], x[11] = math.nan, math.inf, -math.inf
+        n = x.numel()
+        for j in (1, 2, 1000, n // 2, n - 2, n - 1, n):
+            got, want = kernels.kth_smallest(x, j), float(torch.kthvalue(x, j).values)
+            assert got == want or (math.isnan(got) and math.isnan(want)), (j, got, want)

@@ -179,12 +179,15 @@ def _kth_smallest_in_band(flat: torch.Tensor, j: int) -> float | None:
     lo = torch.kthvalue(sample, max(lo_index, 0) + 1).values  # the sample's order statistics around j/n
     hi = torch.kthvalue(sample, min(hi_index, _SELECT_SAMPLE - 1) + 1).values
     has_lo, has_hi = lo_index >= 0, hi_index < _SELECT_SAMPLE  # a missing side is unbounded
-    # two comparisons over everything: NaN fails both, so it is counted below and above and the three
-    # counts then add up to more than n
+    # two comparisons over everything where both sides are bounded: NaN fails both, so it is counted below
+    # and above and the three counts add up to more than n; one-sided, NaN is in no count (fewer than n)
     at_least = flat >= lo if has_lo else None
     at_most = flat <= hi if has_hi else None
-    below = n - int(at_least.count_nonzero()) if has_lo else 0
-    above = n - int(at_most.count_nonzero()) if has_hi else 0
+    if has_lo and has_hi:
+        below, above = n - int(at_least.count_nonzero()), n - int(at_most.count_nonzero())
+    else:
+        below = int((flat < lo).count_nonzero()) if has_lo else 0
+        above = int((flat > hi).count_nonzero()) if has_hi else 0
     inside = at_least.logical_and_(at_most) if has_lo and has_hi else (at_least if has_lo else at_most)
     del at_most
     band = flat[inside]
