@@ -264,3 +264,21 @@ def test_the_selection_falls_back_where_nan_and_inf_sit():
         for j in (1, 2, 1000, n // 2, n - 2, n - 1, n):
             got, want = kernels.kth_smallest(x, j), float(torch.kthvalue(x, j).values)
             assert got == want or (math.isnan(got) and math.isnan(want)), (j, got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method,params,weights", [
+    ("linear", {}, {"e1": {"weight": 0.3}}), ("task_arithmetic", {"lambda": 0.7}, {"e2": {"weight": -1.5}}),
+    ("task_arithmetic", {}, None), ("linear", {}, {e: {"weight": 0.0} for e in ("e0", "e1", "e2")})])
+def test_the_blocked_sum_equals_the_stacked_reference(monkeypatch, dtype, method, params, weights):
+    """Linear / task arithmetic run block by block in the cache; the stacked form (a [T, …] stack reduced in
+    expert order) is the reference they must equal bit for bit."""
+    from merging.methods import classic
+
+    monkeypatch.setattr(classic, "_BLOCK", 1000)  # many blocks, the last one short
+    expert_set = _expert_set(dtype=dtype)
+    settings = MergeSettings.build(expert_set, method, params, weights)
+    blocked = MergeEngine(expert_set, cache=False).merge(settings).tensors
+    monkeypatch.setattr(classic, "_IN_PLACE_MAX_EXPERTS", 0)
+    stacked = MergeEngine(expert_set, cache=False).merge(settings).tensors
+    assert all(torch.equal(blocked[n], stacked[n]) for n in blocked)
