@@ -41,7 +41,7 @@ METHODS = {
     "linear": {}, "task_arithmetic": {"lambda": 1.0}, "ties": {"drop_ratio": 0.7},
     "dare_linear": {"drop_ratio": 0.7}, "dare_ties": {"drop_ratio": 0.7},
     "breadcrumbs": {"drop_ratio": 0.7, "gamma": 0.01}, "della": {"drop_ratio": 0.7, "epsilon": 0.2},
-    "slerp": {"t": 0.3},
+    "slerp": {"t": 0.3}, "model_stock": {},
 }
 RANDOM_METHODS = {"dare_linear", "dare_ties", "della"}
 SEED = 0
