@@ -145,6 +145,8 @@ def compare(args, shapes_fn, config_fn, state_fn) -> dict:
         for _ in range(args.repeats):
             floor["merge-lab"].append(run_child([sys.executable, "-c", "import merging.io.export"], work)[0])
             floor["mergekit"].append(run_child([str(python), "-c", "import mergekit.scripts.run_yaml"], work)[0])
+            print(f"     import only: merge-lab {floor['merge-lab'][-1]:.2f}s, mergekit {floor['mergekit'][-1]:.2f}s",
+                  flush=True)
             for method in methods:
                 folder = configs[method]
                 for tool in ("merge-lab", "mergekit"):
@@ -156,6 +158,8 @@ def compare(args, shapes_fn, config_fn, state_fn) -> dict:
                     seconds, peak, _ = run_child(argv, folder)
                     times[(method, tool)].append(seconds)
                     rss[(method, tool)] = max(rss[(method, tool)], peak)
+                    print(f"     {method} {tool} {seconds:.2f}s peak RSS {peak / 1e9:.2f} GB "
+                          f"(1-min load {os.getloadavg()[0]:.1f})", flush=True)  # partial figures survive a cut-off run
         rows = []
         for method in methods:
             ours, theirs = (statistics.median(times[(method, t)]) for t in ("merge-lab", "mergekit"))
