@@ -385,7 +385,7 @@ def _nonfinite_reaches_output(method: MethodSpec) -> bool:
 
 _ALLOCATOR_TUNED = False
 _KEEP_BELOW = 32 * 1024 * 1024  # glibc's largest mmap threshold: blocks up to it come from the heap
-_TRIM_ABOVE = 256 * 1024 * 1024  # free memory the heap keeps at its top before giving it back
+_TRIM_ABOVE = 32 * 1024 * 1024  # free memory the heap keeps at its top before giving it back
 
 
 def keep_freed_memory() -> None:
@@ -394,7 +394,9 @@ def keep_freed_memory() -> None:
     Why: by default glibc serves every block over ~128 KB-32 MB with a fresh mmap and unmaps it on free,
     so each temporary a merge makes (a delta, a mask, |Δ|) is page-faulted in and zeroed again: on a
     1.5M-entry tensor ``x.abs()`` cost 3.2 ms of CPU, 0.8 ms with the memory reused. Blocks up to 32 MB
-    now come from the heap, which keeps up to 256 MB free. Process-wide, once; a no-op off glibc."""
+    now come from the heap, which keeps up to 32 MB free at its top (256 MB let the app's peak RSS grow
+    past its cache budget with two workers' arenas, tests/test_concurrency.py). Process-wide, once; a
+    no-op off glibc."""
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
         return
