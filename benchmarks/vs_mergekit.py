@@ -41,7 +41,7 @@ METHODS = {
     "linear": {}, "task_arithmetic": {"lambda": 1.0}, "ties": {"drop_ratio": 0.7},
     "dare_linear": {"drop_ratio": 0.7}, "dare_ties": {"drop_ratio": 0.7},
     "breadcrumbs": {"drop_ratio": 0.7, "gamma": 0.01}, "della": {"drop_ratio": 0.7, "epsilon": 0.2},
-    "slerp": {"t": 0.3},
+    "slerp": {"t": 0.3}, "model_stock": {},
 }
 RANDOM_METHODS = {"dare_linear", "dare_ties", "della"}
 SEED = 0
@@ -142,9 +142,12 @@ def compare(args, shapes_fn, config_fn, state_fn) -> dict:
         times = {(m, tool): [] for m in methods for tool in ("merge-lab", "mergekit")}
         rss = dict.fromkeys(times, 0)
         floor = {"merge-lab": [], "mergekit": []}
+        diffs: dict[str, tuple[float, float]] = {}  # outputs compared after the first round
         for _ in range(args.repeats):
             floor["merge-lab"].append(run_child([sys.executable, "-c", "import merging.io.export"], work)[0])
             floor["mergekit"].append(run_child([str(python), "-c", "import mergekit.scripts.run_yaml"], work)[0])
+            print(f"     import only: merge-lab {floor['merge-lab'][-1]:.2f}s, mergekit {floor['mergekit'][-1]:.2f}s",
+                  flush=True)
             for method in methods:
                 folder = configs[method]
                 for tool in ("merge-lab", "mergekit"):
@@ -156,11 +159,16 @@ def compare(args, shapes_fn, config_fn, state_fn) -> dict:
                     seconds, peak, _ = run_child(argv, folder)
                     times[(method, tool)].append(seconds)
                     rss[(method, tool)] = max(rss[(method, tool)], peak)
+                    print(f"     {method} {tool} {seconds:.2f}s peak RSS {peak / 1e9:.2f} GB "
+                          f"(1-min load {os.getloadavg()[0]:.1f})", flush=True)  # partial figures survive a cut-off run
+                if method not in diffs and method not in RANDOM_METHODS:
+                    diffs[method] = max_abs_difference(folder / "out-merge-lab", folder / "out-mergekit")
+                    print(f"     {method} max |Δ| weights {diffs[method][1]:.2e}, norms {diffs[method][0]:.2e}",
+                          flush=True)
         rows = []
         for method in methods:
             ours, theirs = (statistics.median(times[(method, t)]) for t in ("merge-lab", "mergekit"))
-            diff = None if method in RANDOM_METHODS else \
-                max_abs_difference(configs[method] / "out-merge-lab", configs[method] / "out-mergekit")
+            diff = diffs.get(method)
             rows.append(dict(method=method, merge_lab=ours, mergekit=theirs, ratio=theirs / ours,
                              rss_ours=rss[(method, "merge-lab")], rss_theirs=rss[(method, "mergekit")], diff=diff))
         floors = {tool: statistics.median(values) for tool, values in floor.items()}

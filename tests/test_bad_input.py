@@ -162,7 +162,8 @@ def test_failed_export_keeps_previous_export(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("merging.io.export.save_file", disk_full)
+    monkeypatch.setattr("merging.io.export.save_file", disk_full)  # the buffered shard writer
+    monkeypatch.setattr("merging.io.export._pwrite_all", disk_full)  # the planned one (export's default)
     recipe.parameters = {"lambda": 0.3}
     with pytest.raises(MergeLabError, match="disk is full"):
         export_recipe(recipe, tmp_path / "out")

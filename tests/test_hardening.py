@@ -216,7 +216,8 @@ def test_export_on_a_full_disk_keeps_the_previous_zip(app_zoo, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("merging.io.export.save_file", disk_full)
+    monkeypatch.setattr("merging.io.export.save_file", disk_full)  # the buffered shard writer
+    monkeypatch.setattr("merging.io.export._pwrite_all", disk_full)  # the planned one (export's default)
     with pytest.raises(gr.Error) as info:
         h.safe(wb.export)(session, dtype="float16")  # what the page shows
     assert "export failed: the server's disk is full. Earlier exports are untouched" in str(info.value)

@@ -24,7 +24,9 @@ COMMAND_MODULES = ("merging.cli.zoo", "merging.cli.importance")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    own = bool(argv) and argv[0] in BUILTIN_COMMANDS  # `merge` need not import the importance code to start
+    parser = build_parser(with_modules=not own)
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
@@ -42,13 +44,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+BUILTIN_COMMANDS = ("methods", "merge", "inspect")
+
+
+def build_parser(with_modules: bool = True) -> argparse.ArgumentParser:
+    """The command line; ``with_modules=False`` leaves out the sub-commands of :data:`COMMAND_MODULES` (a
+    built-in command's run does not pay for importing them)."""
     parser = argparse.ArgumentParser(prog="python -m merging", description="Merge Lab: merge fine-tuned experts.")
     sub = parser.add_subparsers(dest="command")
     _add_methods(sub)
     _add_merge(sub)
     _add_inspect(sub)
-    for module_name in COMMAND_MODULES:
+    for module_name in COMMAND_MODULES if with_modules else ():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -120,6 +127,9 @@ def _add_merge(sub) -> None:
                         help="for experts whose tokenizers differ (added tokens): whose vocabulary the merge uses — "
                              "base, union or an expert's name; embedding and LM-head rows are aligned by token "
                              "(default: the recipe's tokenizer; recorded in the exported recipe)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="tensors merged at once (default: one per torch thread, at most the cores); the output "
+                             "is the same whatever the count")
     parser.add_argument("--json", action="store_true")
 
 
@@ -177,7 +187,7 @@ def _run_merge(args) -> int:
 
     expert_set = expert_set_from_recipe(recipe, allow_pickle=args.allow_pickle)
     report = export_recipe(recipe, args.out, expert_set=expert_set, tasks=args.tasks, dtype=args.dtype,
-                           shard_bytes=args.shard_mb * 1000 * 1000, force=args.force)
+                           shard_bytes=args.shard_mb * 1000 * 1000, force=args.force, workers=args.workers)
     text = "\n".join([f"exported to {report.root}"] + [f"  {k}: {v}" for k, v in report.folders.items()]
                      + [f"warning: {w}" for w in report.warnings])
     _print(report.to_dict(), args.json, text)

@@ -34,6 +34,7 @@ from ..engine import MergeEngine, MergeSettings
 from ..errors import DISK_FULL, MergeLabError, is_disk_full
 from .access import check_file_inside
 from .experts import ExpertSet
+from .layout import ROLE_COPY, ROLE_MERGE
 from .mergekit_yaml import to_mergekit_yaml
 from .names import check_name, safe_join
 from .replay import expert_set_from_recipe, settings_from_recipe
@@ -58,26 +59,40 @@ class ExportReport:
 
 
 class ShardWriter:
-    """Collects tensors and writes safetensors shards of at most ``shard_bytes`` (with an index if > 1)."""
+    """Collects tensors and writes safetensors shards of at most ``shard_bytes`` (with an index if > 1).
 
-    def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES):
+    With a ``plan`` — every tensor's (name, shape, dtype) in the order they will be added, as an export
+    knows them before merging — each tensor is written into its shard file the moment it is added, at
+    the offset ``save_file`` would give it, and dropped: no shard is held in memory, and writing overlaps
+    the merge of the next tensors. The files are byte for byte what the buffered path (``save_file``)
+    writes. Without a plan (or with a dtype the plan does not know) tensors are buffered per shard."""
+
+    def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES,
+                 plan: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None):
         self.folder = folder
         self.shard_bytes = shard_bytes
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
+        self._plan = _StreamPlan(plan, shard_bytes) if plan and _plannable(plan) else None
+        self._open: _OpenShard | None = None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
+        self.total_bytes += size
+        if self._plan is not None:
+            self._write_planned(name, tensor)
+            return
         if self.pending and self.pending_bytes + size > self.shard_bytes:
             self._flush()
         self.pending[name] = tensor.contiguous()
         self.pending_bytes += size
-        self.total_bytes += size
 
     def close(self) -> list[Path]:
-        if self.pending or not self.shards:
+        if self._plan is not None:
+            self._plan.check_done()
+        elif self.pending or not self.shards:
             self._flush()
         count = len(self.shards)
         if count == 1:
@@ -106,21 +121,130 @@ class ShardWriter:
         self.shards.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
+    def _write_planned(self, name: str, tensor: torch.Tensor) -> None:
+        shard, offset = self._plan.place(name, tensor)
+        try:
+            if self._open is None:
+                path = self.folder / f".shard-{len(self.shards):05d}.safetensors"
+                self._open = _OpenShard(path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+                self.shards.append((path, list(shard.names)))
+                _pwrite_all(self._open.fd, shard.header, 0)
+            flat = tensor.contiguous().reshape(-1)
+            if flat.numel():
+                _pwrite_all(self._open.fd, flat.view(torch.uint8).numpy(), len(shard.header) + offset)
+            self._open.count += 1
+            done = self._open.count == len(shard.names)
+        except BaseException:
+            os.close(self._open.fd)
+            self._open = None
+            raise
+        if done:  # the shard's last tensor: the next add opens the next shard
+            os.close(self._open.fd)
+            self._open = None
+
+
+#: safetensors' dtype names, in the order ``save_file`` lays tensors out (larger alignment first, then by
+#: name): checked against save_file's own files by tests/test_speed_contract.py
+_SAFETENSORS_DTYPES = {torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.int32: "I32",
+                       torch.bfloat16: "BF16", torch.float16: "F16", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+_SAFETENSORS_ORDER = {name: rank for rank, name in enumerate(_SAFETENSORS_DTYPES.values())}
+
+
+def _plannable(plan) -> bool:
+    return all(dtype in _SAFETENSORS_DTYPES for _, _, dtype in plan)
+
+
+@dataclass
+class _PlannedShard:
+    index: int
+    names: list[str]
+    header: bytes  # 8-byte length + JSON header, as save_file writes it
+    offsets: dict[str, tuple[int, tuple[int, ...], torch.dtype]]  # name → (data offset, shape, dtype)
+
+
+@dataclass
+class _OpenShard:
+    path: Path
+    fd: int
+    count: int = 0  # tensors written into it so far
+
+
+class _StreamPlan:
+    """The shards a planned :class:`ShardWriter` writes: the buffered path's greedy split (a shard is closed
+    when the next tensor would take it over ``shard_bytes``), each shard's save_file header and offsets."""
+
+    def __init__(self, plan, shard_bytes: int):
+        groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            nbytes = math.prod(shape) * dtype.itemsize
+            if groups[-1] and size + nbytes > shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, tuple(shape), dtype))
+            size += nbytes
+        self.shards = [self._shard(index, group) for index, group in enumerate(groups)]
+        self.where = {name: shard for shard in self.shards for name in shard.names}
+        self.order = [name for name, _, _ in plan]
+        self.next = 0
+
+    @staticmethod
+    def _shard(index: int, group) -> _PlannedShard:
+        laid = sorted(group, key=lambda item: (_SAFETENSORS_ORDER[_SAFETENSORS_DTYPES[item[2]]], item[0]))
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offsets, offset = {}, 0
+        for name, shape, dtype in laid:
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offsets[name] = (offset, shape, dtype)
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)
+        return _PlannedShard(index, [name for name, _, _ in group], len(text).to_bytes(8, "little") + text, offsets)
+
+    def place(self, name: str, tensor: torch.Tensor) -> tuple[_PlannedShard, int]:
+        """The shard and data offset of the next tensor, which must be the plan's next one."""
+        expected = self.order[self.next] if self.next < len(self.order) else None
+        shard = self.where.get(name)
+        offset, shape, dtype = shard.offsets[name] if shard else (0, None, None)
+        if name != expected or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise MergeLabError(f"internal error: the export planned {expected!r} {shape} {dtype} next but got "
+                                f"{name!r} {tuple(tensor.shape)} {tensor.dtype} — a Merge Lab bug; please report it")
+        self.next += 1
+        return shard, offset
+
+    def check_done(self) -> None:
+        if self.next != len(self.order):
+            raise MergeLabError(f"internal error: the export wrote {self.next} of the {len(self.order)} tensors it "
+                                "planned — a Merge Lab bug; please report it")
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (os.pwrite may write less than asked)."""
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
 
 def export_recipe(recipe, out_dir: str | Path, *, expert_set: ExpertSet | None = None,
                   engine: MergeEngine | None = None, tasks: Iterable[str] | None = None,
                   dtype: str | None = None, shard_bytes: int = SHARD_BYTES,
                   importance_json: str | None = None, progress: Progress | None = None,
-                  settings: MergeSettings | None = None, force: bool = False) -> ExportReport:
+                  settings: MergeSettings | None = None, force: bool = False,
+                  workers: int | None = None) -> ExportReport:
     """Merge ``recipe`` and write it to ``out_dir`` atomically (see module docstring).
 
     ``settings`` lets a caller that already prepared the method's inputs (the app holds APL's
     calibration and the few-shot data) skip preparing them again from the recipe. ``force`` adds the
-    export to a non-empty folder that is not a previous export (never overwriting the user's files)."""
+    export to a non-empty folder that is not a previous export (never overwriting the user's files).
+    ``workers``: tensors merged at once by the engine made here (None: its default; same output)."""
     out_dir = Path(out_dir).resolve()
     _previous_files(out_dir, force)  # refuse a foreign folder before minutes of merging
     expert_set = expert_set or (engine.experts if engine else expert_set_from_recipe(recipe))
-    engine = engine or MergeEngine(expert_set, cache=False)
+    engine = engine or MergeEngine(expert_set, cache=False, workers=workers)
     settings = settings or settings_from_recipe(recipe, expert_set)
     dtype = dtype or recipe.dtype
     if dtype not in TORCH_DTYPES:
@@ -212,7 +336,8 @@ def _write(recipe, expert_set, engine, settings, targets, staging, dtype, shard_
         folder = safe_join(staging, check_name(folder_name, "task name")) if folder_name else staging
         folder.mkdir(parents=True, exist_ok=True)
         folders[folder_name or "merged"] = folder
-        writers[folder_name] = ShardWriter(folder, shard_bytes)
+        writers[folder_name] = ShardWriter(folder, shard_bytes,
+                                           plan=_export_plan(expert_set, targets[folder_name], torch_dtype))
     if settings.method.per_task_bodies:
         for step, (folder_name, expert) in enumerate(targets.items()):
             _write_bodies(expert_set, engine.iter_merged(settings, dtype=torch_dtype, task=expert),
@@ -249,6 +374,37 @@ def _write_bodies(expert_set, merged, writers, targets, torch_dtype, progress, s
         del value
         if progress and index % 8 == 0:
             progress(0.9 * (start + span * index / max(total, 1)), f"writing {name}")
+
+
+def _export_plan(expert_set: ExpertSet, expert: str | None,
+                 torch_dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]] | None:
+    """(name, shape, dtype) of every tensor a folder's writer will get, in order: the body as the engine
+    yields it (layout order; floats in the export dtype), then the expert's task head. None when a dtype
+    is not one torch names (the writer then buffers)."""
+    prefix = expert_set.experts[expert].prefix if expert else _headless_prefix(expert_set)
+    plan = []
+    try:
+        for name, info in expert_set.layout.tensors.items():
+            if info.role not in (ROLE_COPY, ROLE_MERGE):
+                continue
+            stored = _torch_dtype(expert_set.base.tensors[name].dtype)
+            plan.append((prefix + name, tuple(info.shape), torch_dtype if stored.is_floating_point else stored))
+        if expert:
+            source = expert_set.experts[expert].source
+            for head in expert_set.experts[expert].head_names:
+                stored = _torch_dtype(source.tensors[head].dtype)
+                plan.append((head, tuple(source.tensors[head].shape),
+                             torch_dtype if stored.is_floating_point else stored))
+    except (KeyError, TypeError):
+        return None
+    return plan
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name).replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(name)
+    return dtype
 
 
 def _headless_prefix(expert_set: ExpertSet) -> str:

@@ -29,6 +29,7 @@ from .base import MethodSpec, TensorJob, register
 
 _IN_PLACE_MAX_EXPERTS = 4  # above this, Pipeline reduces a stack of the deltas (the reference form)
 _EXACT_IN_FLOAT32 = (torch.float32, torch.float16, torch.bfloat16)  # subtracted from float32 without .float()
+_BLOCK = 1 << 18  # entries per block of Pipeline._plain: its few 1 MB buffers stay in the CPU cache
 
 WEIGHT = ParamSpec("weight", "float", 1.0, "Weight of the expert's delta (per expert, per layer).",
                    PER_LAYER, -5.0, 5.0)
@@ -56,6 +57,15 @@ def _normalize(default: bool) -> ParamSpec:
 class Pipeline:
     """One configuration of sparsify → consensus → weight → add."""
 
+    #: every step is IEEE arithmetic that keeps NaN/Inf (NaN × 0 and Inf × 0 are NaN; masks multiply, they
+    #: never select), so a broken input entry always shows in the output: the engine checks the output
+    #: only, and scans the inputs just to name the broken model (engine._nonfinite_reaches_output)
+    nonfinite_reaches_output = True
+    #: entry-wise arithmetic, exact selections and exact counts only — no float reduction whose rounding
+    #: follows torch's thread count — so the engine may merge several tensors at once on fewer threads
+    #: each and still write the same bytes (engine._in_order)
+    thread_count_invariant = True
+
     sparsify: str  # none | magnitude | random | breadcrumbs | della
     consensus: bool  # TIES sign election
     always_normalize: bool = False  # linear averaging divides by the summed weights, no parameter
@@ -63,6 +73,8 @@ class Pipeline:
     def __call__(self, job: TensorJob) -> torch.Tensor:
         if len(job.experts) > _IN_PLACE_MAX_EXPERTS:
             return self._stacked(job)
+        if self.sparsify == "none" and not (self.consensus and job.info.droppable):
+            return self._plain(job)
         # The same arithmetic as _stacked, expert by expert and in place: no [T, ...] stack, no copies of
         # float32 inputs. Both add the experts in order (kernels.ordered_sum), so results match _stacked
         # value for value at any expert count.
@@ -119,6 +131,39 @@ class Pipeline:
         if lam != 1.0:
             mixed.mul_(lam)
         return mixed.add_(base)
+
+    def _plain(self, job: TensorJob) -> torch.Tensor:
+        """Linear and task arithmetic: ``__call__``'s arithmetic entry for entry (Δ_t = x_t − base, weighted,
+        added in expert order, divided by the summed weights, times λ, plus the base), run block by block
+        so each block's deltas and sums stay in the CPU cache: one read of every input and one write of
+        the output, instead of a pass over memory per step."""
+        base = job.base.float()
+        flat_base = base.reshape(-1)
+        inputs = [(t if t.dtype in _EXACT_IN_FLOAT32 else t.float()).reshape(-1) for t in job.experts.values()]
+        weights = [float(job.params[e]["weight"]) for e in job.experts]
+        divisor = None
+        if self.always_normalize or job.shared.get("normalize", False):
+            summed = torch.tensor(weights).sum(0)  # as __call__ sums them: weight_t.sum(0)
+            divisor = summed.masked_fill_(summed.abs() < 1e-12, 1.0)
+        lam = float(job.shared.get("lambda", 1.0))
+        n = flat_base.numel()
+        out = torch.empty(n)
+        delta = kernels.scratch("delta", min(n, _BLOCK))
+        for start in range(0, n, _BLOCK):
+            stop = min(n, start + _BLOCK)
+            total, b = out[start:stop], flat_base[start:stop]
+            for index, (tensor, weight) in enumerate(zip(inputs, weights)):
+                step = torch.sub(tensor[start:stop], b, out=total if index == 0 else delta[:stop - start])
+                if weight != 1.0:
+                    step.mul_(weight)
+                if index:
+                    total.add_(step)
+            if divisor is not None:
+                total.div_(divisor)
+            if lam != 1.0:
+                total.mul_(lam)
+            total.add_(b)
+        return out.reshape(base.shape)
 
     def _stacked(self, job: TensorJob) -> torch.Tensor:
         """Reference form: stack the weighted deltas of all experts, then reduce over experts."""

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from ..params import PER_LAYER, ParamSpec
+from . import kernels
 from .base import MethodSpec, TensorJob, register
 from .classic import LAMBDA
 
@@ -48,10 +49,20 @@ def quantile_clamp(x: torch.Tensor, low_ratios: list[float], high_ratio: float) 
     """Row i of ``x`` [n, d] clipped to its order statistics at sorted positions int(d·low_ratios[i]) and
     int(d·(1 − high_ratio) − 1) (the reference's ``clamp``, with a low ratio per row)."""
     d = x.shape[1]
-    ordered = x.sort(dim=1).values
-    low = ordered[torch.arange(x.shape[0]), torch.tensor([int(d * r) for r in low_ratios])].unsqueeze(1)
-    high = ordered[:, max(int(d * (1 - high_ratio) - 1), 0)].unsqueeze(1)
+    at = max(int(d * (1 - high_ratio) - 1), 0)
+    low = torch.stack([order_statistic(row, int(d * r)) for row, r in zip(x, low_ratios)]).unsqueeze(1)
+    high = torch.stack([order_statistic(row, at) for row in x]).unsqueeze(1)
     return torch.maximum(torch.minimum(x, high), low)
+
+
+def order_statistic(row: torch.Tensor, position: int) -> torch.Tensor:
+    """``row.sort().values[position]`` (a 0-d tensor of ``row``'s dtype) without sorting the row: its min or
+    max at the ends, else the exact k-th smallest by selection (``kernels.kth_smallest``) — the same value."""
+    if position <= 0:
+        return row.min()
+    if position >= row.numel() - 1:
+        return row.max()
+    return torch.tensor(kernels.kth_smallest(row, position + 1), dtype=row.dtype)
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:
