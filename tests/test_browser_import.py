@@ -70,7 +70,7 @@ def test_pasted_recipe_and_uploaded_mergekit_config_fill_the_page_and_merge(fake
             for i, layer in enumerate(layers):  # the expert shown first is topic
                 assert _slider(page, "weight", i) == pytest.approx(0.4 if layer == "0" else 1.0)
                 assert _slider(page, "drop", i) == pytest.approx(0.2 if layer == "1" else 0.6)
-            assert page.get_by_label("Seed").input_value() == "7"
+            assert page.get_by_role("spinbutton", name="Seed", exact=True).input_value() == "7"
             recipe = _history_recipe(page, expect)
             assert recipe["method"] == "ties" and recipe["seed"] == 7
             assert recipe["parameters"] == {"drop_ratio": 0.6, "lambda": 0.9}
