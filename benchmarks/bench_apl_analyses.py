@@ -830,8 +830,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_only:
         Path(args.json_only).write_text(json.dumps(_jsonable(data), indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.json_only}")
-        return 0
-    return write(data, out_dir)
+    else:
+        write(data, out_dir)
+    return failed_exit(data)
+
+
+def failed_exit(data: dict) -> int:
+    """1 when an analysis failed (the others ran and were written, the failure named in the file), so a run
+    that measured nothing never looks like a success."""
+    failed = {a: why for part in data["meta"]["parts"] for a, why in part["failed"].items()}
+    for analysis, why in failed.items():
+        print(f"analysis {analysis} failed: {why}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def write(data: dict, out_dir: Path) -> int:

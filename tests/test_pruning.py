@@ -155,16 +155,34 @@ def test_bench_quick_writes_both_files(app_zoo, tmp_path):
 
     zoo, _ = app_zoo
     with one_thread():
-        assert bench_apl_analyses.main(["--zoo", zoo.name, "--quick", "--fractions", "0.5", "--drop-fractions", "0.9",
+        assert bench_apl_analyses.main(["--zoo", zoo.name, "--quick", "--n-fewshot", "8", "--fractions", "0.5", "--drop-fractions", "0.9",
                                         "--sizes", "4", "--taus", "2,inf", "--out-dir", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "RESULTS-apl-analyses.json").read_text())
     for key in ("zoo", "zoo_fingerprint", "commands", "pruning", "drop_range", "fewshot_size", "taus", "ablation",
                 "out_of_domain", "summary"):
         assert key in data, key
     assert data["zoo"] == zoo.name and len(data["pruning"]) == len(zoo.tasks)
+    assert not data["meta"]["parts"][0]["failed"]
     P.PruningCurve.from_json(data["pruning"][0])
     text = (tmp_path / "RESULTS-apl-analyses.md").read_text()
     for heading in ("## 1. Pruning one expert", "## 2. Merging across the drop range", "## 3. Few-shot size",
                     "## 4. τ1 and τ2", "## 5. Ablation", "## 6. Out of domain"):
         assert heading in text
     assert data["summary"] in text and data["summary"].count(". ") >= 1
+
+
+def test_bench_exits_non_zero_when_an_analysis_is_refused(app_zoo, tmp_path, capsys):
+    """The fake zoo's 16-example pools cannot give 2 seeds different draws of 16: every analysis is refused,
+    the file names why, and the run exits 1 — a run that measured nothing never looks like a success."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_apl_analyses
+
+    zoo, _ = app_zoo
+    assert bench_apl_analyses.main(["--zoo", zoo.name, "--quick", "--n-fewshot", "16", "--only", "1",
+                                    "--fractions", "0.5", "--out-dir", str(tmp_path)]) == 1
+    data = json.loads((tmp_path / "RESULTS-apl-analyses.json").read_text())
+    assert "takes the whole pool" in data["meta"]["parts"][0]["failed"]["1"]
+    assert "analysis 1 failed" in capsys.readouterr().err
