@@ -397,6 +397,9 @@ def write_results(args, sp: dict | None, st: dict | None) -> None:
 
 
 def main() -> None:
+    from merging.engine import keep_freed_memory
+
+    keep_freed_memory()  # as the CLI's merge does (merging/cli/main.py): the figures are the CLI's
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller models and fewer repeats")
     parser.add_argument("--repeats", type=int, default=None, help="rounds of the speed part (default 3, quick 2)")
