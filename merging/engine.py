@@ -395,7 +395,7 @@ def keep_freed_memory() -> None:
     1.5M-entry tensor ``x.abs()`` cost 3.2 ms of CPU, 0.8 ms with the memory reused. Blocks up to 32 MB
     now come from the heap, which keeps up to 32 MB free at its top (256 MB let the app's peak RSS grow
     past its cache budget with two workers' arenas, tests/test_concurrency.py). Process-wide, once; a
-    no-op off glibc. Called by one-shot merge processes only (the CLI's merge, the merge benchmarks): a
+    no-op off glibc. Called by one-shot processes only (``python -m merging``, the merge benchmarks): a
     long-lived server that holds a cache budget gives freed memory back instead."""
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:

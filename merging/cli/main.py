@@ -182,11 +182,9 @@ def _run_merge(args) -> int:
         return 0
     if not args.out:
         raise MergeLabError("merge needs --out DIR (or --format mergekit)", field="out")
-    from ..engine import keep_freed_memory
     from ..io.export import export_recipe
     from ..io.replay import expert_set_from_recipe
 
-    keep_freed_memory()  # a one-shot process: reuse freed tensor memory rather than fault in fresh pages
     expert_set = expert_set_from_recipe(recipe, allow_pickle=args.allow_pickle)
     report = export_recipe(recipe, args.out, expert_set=expert_set, tasks=args.tasks, dtype=args.dtype,
                            shard_bytes=args.shard_mb * 1000 * 1000, force=args.force, workers=args.workers)
