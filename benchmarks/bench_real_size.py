@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -43,6 +42,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_merge import machine  # noqa: E402  (one machine line for every benchmark)
 
 RESULTS = Path(__file__).with_name("RESULTS-real-size.md")
 SEED = 1234
@@ -269,20 +271,6 @@ def probe_summary(log: Path) -> str:
 
 
 # ---- report ----------------------------------------------------------------------------
-
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    return (f"{cpu}, {os.cpu_count()} cores visible (shared with other jobs), {mem:.0f} GiB RAM; "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
-
 
 def table(results: list[dict]) -> list[str]:
     lines = ["| step | wall (s) | CPU (s) | load | peak RssAnon (GB) | peak RssFile (GB) | ru_maxrss (GB) | ≤ 16 GB |",

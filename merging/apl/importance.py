@@ -521,13 +521,26 @@ def compute_importance(expert_set: ExpertSet, examples: Mapping[str, Sequence[Ex
     units = sample_units(layout, sample if mode == "exact" else None, seed) if "hidden" in levels else {}
     base = body_state(expert_set, "base")
     result = _empty_map(expert_set, mode, intervention, seed, levels, sample)
+
+    def points(expert: str):
+        own = body_state(expert_set, expert)
+        return (base, own) if intervention == "restore" else (own, base)
+
+    return _score_experts(expert_set, result, points, examples, tokenizer, loss_fn, device, max_length,
+                          fewshot_indices, mode, levels, units, progress)
+
+
+def _score_experts(expert_set: ExpertSet, result: ImportanceMap, points, examples, tokenizer, loss_fn, device,
+                   max_length, fewshot_indices, mode, levels, units, progress) -> ImportanceMap:
+    """Score every expert's partitions between the intervention's two points, ``points(expert)`` →
+    (start, target) states, and fill ``result``: one loop for importance at the base and at the merge."""
+    layout = expert_set.layout
     collected: dict[str, list] = {lv: [] for lv in levels if lv != "hidden"}
     unit_rows: dict[str, list[np.ndarray]] = {m: [] for m in units}
     for index, expert in enumerate(expert_set.experts):
         checkpoint()
         clock = time.perf_counter()
-        own = body_state(expert_set, expert)
-        start, target = (base, own) if intervention == "restore" else (own, base)
+        start, target = points(expert)
         task = _task_loss(expert_set, expert, examples, tokenizer, loss_fn, device, max_length, start)
         setup = time.perf_counter() - clock
         step = _expert_progress(progress, index, len(expert_set.experts), expert)
@@ -542,7 +555,7 @@ def compute_importance(expert_set: ExpertSet, examples: Mapping[str, Sequence[Ex
         n = len(examples[expert]) if examples is not None and expert in examples else 0
         result.fewshot[expert] = list(fewshot_indices[expert]) if fewshot_indices and expert in fewshot_indices \
             else list(range(n))
-        del task, own
+        del task, start, target
     result.signed = {lv: np.array(rows, dtype=float) for lv, rows in collected.items()}
     result.units = {m: np.stack(rows).astype(float) for m, rows in unit_rows.items()}
     return result
@@ -607,28 +620,12 @@ def compute_importance_at_merge(expert_set: ExpertSet, examples: Mapping[str, Se
     units = sample_units(layout, sample if mode == "exact" else None, seed) if "hidden" in levels else {}
     base, theta = body_state(expert_set, "base"), merge_point(expert_set, lam)
     result = _empty_map(expert_set, mode, MERGED_INTERVENTION, seed, levels, sample)
-    collected: dict[str, list] = {lv: [] for lv in levels if lv != "hidden"}
-    unit_rows: dict[str, list[np.ndarray]] = {m: [] for m in units}
-    for index, expert in enumerate(expert_set.experts):
-        checkpoint()
+    def points(expert: str):
         own = body_state(expert_set, expert)
-        target = {n: theta[n] - lam * (own[n] - base[n]) for n in theta}
-        task = _task_loss(expert_set, expert, examples, tokenizer, loss_fn, device, max_length, theta)
-        step = _expert_progress(progress, index, len(expert_set.experts), expert)
-        scores, vectors, timings, start_loss = score_expert(task, layout, theta, target, mode=mode,
-                                                            levels=levels, units=units, progress=step)
-        for lv in collected:
-            collected[lv].append([scores[lv][k] for k in result.partitions[lv]])
-        for module in unit_rows:
-            unit_rows[module].append(vectors[module])
-        result.timings[expert], result.start_loss[expert] = timings, start_loss
-        n = len(examples[expert]) if examples is not None and expert in examples else 0
-        result.fewshot[expert] = list(fewshot_indices[expert]) if fewshot_indices and expert in fewshot_indices \
-            else list(range(n))
-        del task, own, target
-    result.signed = {lv: np.array(rows, dtype=float) for lv, rows in collected.items()}
-    result.units = {m: np.stack(rows).astype(float) for m, rows in unit_rows.items()}
-    return result
+        return theta, {n: theta[n] - lam * (own[n] - base[n]) for n in theta}
+
+    return _score_experts(expert_set, result, points, examples, tokenizer, loss_fn, device, max_length,
+                          fewshot_indices, mode, levels, units, progress)
 
 
 def element_saliency(expert_set: ExpertSet, examples: Mapping[str, Sequence[Example]] | None, tokenizer, *,
