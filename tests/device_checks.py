@@ -10,7 +10,7 @@ that device make "device" tensors (really CPU ones, so values flow), and the led
 
 - an op that mixes a device tensor with a CPU tensor of one or more dimensions (CUDA refuses those; a
   0-dim CPU tensor is allowed, as CUDA allows it as a scalar),
-- a random draw into a device tensor from a generator not made on the device,
+- a random draw into a device tensor from a generator not made on the device, or the other way round,
 - ``.numpy()`` of a device tensor,
 
 and whether the kernel's output is a device tensor. A kernel that forgets ``device=`` somewhere makes a
@@ -132,6 +132,8 @@ class DeviceLedger(TorchFunctionMode):
         for generator in (x for x in leaves if isinstance(x, _REAL_GENERATOR)):
             if lands_on_device and id(generator) not in self._device_generators:
                 self.violations.append(f"{name}: a draw on the device from a CPU generator")
+            if not lands_on_device and id(generator) in self._device_generators:
+                self.violations.append(f"{name}: a draw on the CPU from the device's generator")
         result = func(*args, **kwargs)
         if to_host and isinstance(result, torch.Tensor) and self.on_device(result):
             result = result.view(result.shape)  # the CPU's .cpu() returns the tensor itself: a new one stands for the copy

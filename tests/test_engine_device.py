@@ -219,11 +219,15 @@ def _weights(folder):
 
 # ---- kernels make their helper tensors on their inputs' device ------------------------------------------
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "row-chunks"])
 @pytest.mark.parametrize("method, params, n", _params())
-def test_kernels_make_their_tensors_on_their_inputs_device(method, params, n):
+def test_kernels_make_their_tensors_on_their_inputs_device(method, params, n, chunked, monkeypatch):
     """Each job's kernel under the simulated device: no CPU tensor beside device inputs, no draw from a CPU
     generator into a device tensor, the output on the device — and the values of the merge unchanged (the
-    device-side branches, fresh scratch buffers and one RNG block at a time, equal the CPU's)."""
+    device-side branches, fresh scratch buffers and one RNG block at a time, equal the CPU's). Row chunks
+    reach the paths that draw part of an RNG block and cut per-tensor inputs to rows."""
+    if chunked:
+        monkeypatch.setattr(engine, "CHUNK_BYTES", 4 * 8 * 3)
     problems: list[str] = []
 
     def wrap(kernel):
@@ -317,11 +321,14 @@ def test_the_simulated_device_catches_what_cuda_would_refuse():
         "a CPU generator": lambda: torch.rand(12, generator=torch.Generator().manual_seed(0), out=x.new_empty(12)),
         "numpy of a device tensor": lambda: x.numpy(),
         "a CPU output": lambda: torch.zeros(3, 4),
+        "the device's generator drawing on the CPU": lambda: x + torch.rand(
+            3, 4, generator=torch.Generator(device=x.device)).to(x.device),
     }
     for label, body in cases.items():
         with DeviceLedger([x]) as ledger:
             out = body()
         assert ledger.violations or not ledger.on_device(out), label
+    assert ledger.violations == ["rand: a draw on the CPU from the device's generator"]  # the last case, by name
     with DeviceLedger([x]) as ledger:  # and these are fine
         out = x * torch.tensor(2.0) + torch.zeros(4, device=x.device)
         out = out * torch.rand(3, 4, generator=torch.Generator(device=x.device).manual_seed(0), device=x.device)

@@ -81,7 +81,7 @@ def _apl_drop(delta: torch.Tensor, expert: str, p: Mapping[str, Any], job: Tenso
         return kernels.dare(delta, drop_ratio, seed=job.seed, expert=expert, name=job.name, rescale=True,
                             numel=job.numel, start=job.start)
     mask = kernels.random_keep_mask(delta.shape, keep, seed=job.seed, expert=expert, name=job.name,
-                                    numel=job.numel, start=job.start)
+                                    numel=job.numel, start=job.start, device=delta.device)
     return delta * mask / keep.clamp_min(1e-12)
 
 

@@ -62,7 +62,7 @@ def uniforms(seed: int, expert: str, name: str, numel: int, start: int = 0, end:
         if lo == 0 and hi == block_len:  # the whole block: draw straight into the output
             torch.rand(block_len, generator=generator, out=target)
         else:
-            target.copy_(torch.rand(block_len, generator=generator)[lo:hi])
+            target.copy_(torch.rand(block_len, generator=generator, device=out.device)[lo:hi])
 
     blocks = range(first, last + 1)
     pool = _rng_pool() if len(blocks) > 1 and out.device.type == "cpu" else None  # a GPU draws a block at once
@@ -112,14 +112,17 @@ def _rng_pool() -> ThreadPoolExecutor | None:
 
 
 def random_keep_mask(shape: torch.Size | tuple, keep_rate: float | torch.Tensor, *, seed: int, expert: str,
-                     name: str, numel: int | None = None, start: int = 0) -> torch.Tensor:
-    """Boolean mask, True where U < keep_rate (``keep_rate`` may broadcast, e.g. per unit).
+                     name: str, numel: int | None = None, start: int = 0,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean mask, True where U < keep_rate (``keep_rate`` may broadcast, e.g. per unit), on ``device``
+    (default: ``keep_rate``'s device when it is a tensor, else the CPU).
 
     ``numel``/``start`` locate a row chunk inside the full tensor (defaults: the whole tensor).
     """
     size = math.prod(shape)
     total = size if numel is None else numel
-    device = keep_rate.device if torch.is_tensor(keep_rate) else None
+    if device is None and torch.is_tensor(keep_rate):
+        device = keep_rate.device
     u = uniforms(seed, expert, name, total, start, start + size, device=device).reshape(shape)
     return u < keep_rate
 
@@ -308,7 +311,8 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
 def della(delta: torch.Tensor, density: float, epsilon: float, *, seed: int, expert: str, name: str,
           numel: int | None = None, start: int = 0) -> torch.Tensor:
     probs = della_keep_probabilities(delta, density, epsilon)
-    mask = random_keep_mask(delta.shape, probs, seed=seed, expert=expert, name=name, numel=numel, start=start)
+    mask = random_keep_mask(delta.shape, probs, seed=seed, expert=expert, name=name, numel=numel, start=start,
+                            device=delta.device)
     return delta * mask / probs
 
 
