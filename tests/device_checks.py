@@ -161,6 +161,17 @@ def meta_job(job):
 _NEEDS_VALUES = ("meta tensor", "meta device", "data-dependent", "item() cannot be called", "not an accelerator")
 
 
+def values_reason(exc: BaseException) -> str:
+    """What a kernel that failed on meta needed: a seeded draw (meta has no generator), an op whose output
+    shape depends on values (nonzero, bincount), or a value read back (float(), int(), .item())."""
+    text = str(exc).lower()
+    if "not an accelerator" in text:
+        return "seeded-draw"
+    if isinstance(exc, NotImplementedError):
+        return "data-dependent-op"
+    return "reads-a-value"
+
+
 def needs_values(exc: BaseException) -> bool:
     """An error of running on meta because the kernel needs values (a selection, a draw, a float), not a
     device mix-up (which says "same device")."""

@@ -28,6 +28,7 @@ from device_checks import (
     meta_job,
     needs_values,
     settings_for,
+    values_reason,
     with_kernel,
 )
 
@@ -259,7 +260,7 @@ def _meta_outcome(method, params_items, n):
                 kernel(meta_job(job))
             except Exception as exc:  # noqa: BLE001  (classified: a device mix-up is not "needs values")
                 if needs_values(exc):
-                    reasons.append(type(exc).__name__)
+                    reasons.append(values_reason(exc))
             return kernel(job)
         return probe
 
