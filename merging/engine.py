@@ -5,6 +5,10 @@ methods that declare themselves row-separable; the others are merged whole) plus
 output. Each merged tensor is cached under a fingerprint of everything that determines it
 (method, the parameters resolved at its layer, seed, method inputs), so moving one
 per-layer slider re-merges only that layer and reuses the rest.
+
+Device (``MergeEngine(device=...)``): tensors are read on the CPU (safetensors, mmap), each job's inputs
+moved to the device, merged there by the method's kernel and moved back to the CPU before anything
+keeps or writes them (the cache, the shard writer): only the tensors in flight live on a GPU.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 
 from .cancel import cancellable, checkpoint, current_token
+from .devices import resolve_device
 from .errors import MergeLabError
 from .hashing import content_hash
 from .io.experts import ExpertSet
@@ -112,11 +117,23 @@ class MergeResult:
 
 
 class MergeEngine:
-    """Merges an :class:`ExpertSet`, caching merged tensors by fingerprint."""
+    """Merges an :class:`ExpertSet`, caching merged tensors by fingerprint.
+
+    ``device`` (``cpu`` by default; ``auto``, ``cuda``, ``cuda:N`` or a ``torch.device``, checked by the one
+    resolver, :func:`merging.devices.resolve_device`): where kernels run. Each job's inputs (the base's and
+    experts' tensor or row chunk, its per-tensor method inputs) are read on the CPU and moved there; the
+    merged tensor is converted to the export dtype there and moved back to the CPU. So on a GPU only the
+    tensors in flight occupy its memory — about ``workers + 1`` tensors (or 64 MB row chunks) at once,
+    each with its inputs and the kernel's temporaries — and the cache and the shard writer hold CPU
+    tensors. Scope thresholds (layer / model trim) stream their deltas through the device the same way.
+    Deterministic methods give the same result on any device within float rounding; a random drop draws
+    from a generator on the kernel's device, so a seed gives another (equally valid) mask on CUDA than on
+    the CPU."""
 
     def __init__(self, expert_set: ExpertSet, *, cache: bool = True, check_finite: bool = True,
-                 workers: int | None = None):
+                 workers: int | None = None, device: str | torch.device = "cpu"):
         self.experts = expert_set
+        self.device = torch.device(resolve_device(str(device)))
         self.use_cache = cache
         self.check_finite = check_finite
         self.workers = workers  # tensors merged at once (None: one per torch thread, see default_workers)
@@ -258,7 +275,7 @@ class MergeEngine:
         """Merge one tensor from its jobs, chunk by chunk into one output (no list of pieces plus a copy)."""
         out = None
         for rows, job in jobs:
-            piece = _to_dtype(self._run(settings, job), dtype)
+            piece = self._run(settings, job, dtype)
             if rows is None:
                 return piece
             if out is None:
@@ -271,17 +288,20 @@ class MergeEngine:
              task=None, stat=None) -> TensorJob:
         if self.check_finite and not _nonfinite_reaches_output(settings.method):
             self._check_finite(name, base, experts)
-        return TensorJob(name, info, base, experts, params, shared, settings.seed, numel, start, thresholds, extras,
+        device = self.device
+        return TensorJob(name, info, to_device(base, device), {e: to_device(t, device) for e, t in experts.items()},
+                         params, shared, settings.seed, numel, start, thresholds, _extras_to(extras, device),
                          task, stat, n_blocks=self.experts.layout.n_blocks)
 
-    def _run(self, settings, job: TensorJob) -> torch.Tensor:
+    def _run(self, settings, job: TensorJob, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The kernel on ``job`` (on the engine's device), checked finite, in ``dtype``, back on the CPU."""
         merged = settings.method.kernel(job)
         if not all_finite(merged):
             if self.check_finite and _nonfinite_reaches_output(settings.method):
                 self._check_finite(job.name, job.base, job.experts, recheck=True)  # a broken input, by name
             raise MergeLabError(f"merging '{job.name}' produced NaN or Inf: check the parameters "
                                 "(a weight sum of zero with normalize, or extreme λ)")
-        return merged
+        return to_host(_to_dtype(merged, dtype))
 
     # ---- a model-wide statistic (EMR's rescalers), one pre-pass per settings ------------------
     def _model_stat_for(self, settings: MergeSettings, resolver: ParamResolver) -> Any:
@@ -304,7 +324,7 @@ class MergeEngine:
                 thresholds = self._thresholds_for(name, info, settings, resolver, params)
                 extras = _tensor_extras(settings.extras, name)
                 for _, job in self._jobs(name, info, settings, params, shared, thresholds, extras):
-                    partials.append((name, declared.partial(job)))
+                    partials.append((name, _map_tensors(declared.partial(job), to_host)))  # kept on the CPU
             self._model_stats[key] = declared.total(partials, settings.shared)
         return self._model_stats[key]
 
@@ -361,17 +381,17 @@ class MergeEngine:
 
     def _delta_chunks(self, expert: str, names: list[str]) -> Iterator[torch.Tensor]:
         """Δ of ``expert`` for each tensor in ``names``, tensors over 64 MB in row chunks (bounded memory)."""
-        source = self.experts.experts[expert]
+        source, device = self.experts.experts[expert], self.device
         for n in names:
             info = self.experts.layout[n]
             if not _is_chunked(info):
-                yield self.experts.delta(expert, n)
+                yield to_device(source.get(n), device).float() - to_device(self.experts.base.get(n), device).float()
                 continue
             rows, chunk_rows = info.shape[0], _chunk_rows(info)
             for r0 in range(0, rows, chunk_rows):
                 r1 = min(rows, r0 + chunk_rows)
-                yield source.source.get_rows(source.body_key(n), r0, r1).float() - \
-                    self.experts.base.get_rows(n, r0, r1).float()
+                yield to_device(source.source.get_rows(source.body_key(n), r0, r1), device).float() - \
+                    to_device(self.experts.base.get_rows(n, r0, r1), device).float()
 
 
 def _nonfinite_reaches_output(method: MethodSpec) -> bool:
@@ -479,6 +499,35 @@ def _in_order(todo: list[tuple[str, TensorInfo]], one: Callable[[str, TensorInfo
             future.cancel()
         pool.shutdown(wait=True)
         torch.set_num_threads(threads)  # what the workers set may reach process-wide settings (MKL's)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` (itself when already there): the one way a job's inputs reach the kernels'
+    device. A plain blocking copy: correct first; reads from mmap are pageable memory, which a pinned
+    staging buffer would have to copy once more."""
+    return tensor.to(device)
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on the CPU, where the cache and the shard writer keep it (itself when already there). A
+    blocking copy, so the writer never reads a buffer a GPU is still filling."""
+    return tensor.to("cpu")
+
+
+def _extras_to(extras: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """A job's method inputs with every tensor in them (in dicts, lists, tuples) moved to ``device``."""
+    return {key: _map_tensors(value, lambda t: to_device(t, device)) for key, value in extras.items()}
+
+
+def _map_tensors(value: Any, move: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``move`` applied to every tensor in it (through dicts, lists and tuples)."""
+    if torch.is_tensor(value):
+        return move(value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, move) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, move) for v in value)
+    return value
 
 
 def _to_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -351,8 +351,11 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto",
-                        help="where models and batches run: auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    """``--device`` (auto, cpu, cuda, cuda:N): one option, one help text, one resolver (merging.devices) for
+    importance, probe and merge."""
+    from ..devices import AUTO_DEVICE, DEVICE_HELP
+
+    parser.add_argument("--device", default=AUTO_DEVICE, help=DEVICE_HELP)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -130,6 +130,12 @@ def _add_merge(sub) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="tensors merged at once (default: one per torch thread, at most the cores); the output "
                              "is the same whatever the count")
+    from ..devices import AUTO_DEVICE, DEVICE_HELP  # the option importance and probe take, the same help
+
+    parser.add_argument("--device", default=AUTO_DEVICE,
+                        help=DEVICE_HELP + "; the merge's kernels run there, tensor by tensor (a random drop's "
+                                           "masks differ between CUDA and the CPU for one seed; the exported "
+                                           "recipe records the device)")
     parser.add_argument("--json", action="store_true")
 
 
@@ -182,12 +188,15 @@ def _run_merge(args) -> int:
         return 0
     if not args.out:
         raise MergeLabError("merge needs --out DIR (or --format mergekit)", field="out")
+    from ..devices import resolve_device
     from ..io.export import export_recipe
     from ..io.replay import expert_set_from_recipe
 
+    device = resolve_device(args.device)  # a CUDA device asked for where none is visible fails here, in words
     expert_set = expert_set_from_recipe(recipe, allow_pickle=args.allow_pickle)
     report = export_recipe(recipe, args.out, expert_set=expert_set, tasks=args.tasks, dtype=args.dtype,
-                           shard_bytes=args.shard_mb * 1000 * 1000, force=args.force, workers=args.workers)
+                           shard_bytes=args.shard_mb * 1000 * 1000, force=args.force, workers=args.workers,
+                           device=device)
     text = "\n".join([f"exported to {report.root}"] + [f"  {k}: {v}" for k, v in report.folders.items()]
                      + [f"warning: {w}" for w in report.warnings])
     _print(report.to_dict(), args.json, text)

@@ -16,6 +16,7 @@ that the export would overwrite is refused by name.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -234,18 +235,22 @@ def export_recipe(recipe, out_dir: str | Path, *, expert_set: ExpertSet | None =
                   dtype: str | None = None, shard_bytes: int = SHARD_BYTES,
                   importance_json: str | None = None, progress: Progress | None = None,
                   settings: MergeSettings | None = None, force: bool = False,
-                  workers: int | None = None) -> ExportReport:
+                  workers: int | None = None, device: str | None = None) -> ExportReport:
     """Merge ``recipe`` and write it to ``out_dir`` atomically (see module docstring).
 
     ``settings`` lets a caller that already prepared the method's inputs (the app holds APL's
     calibration and the few-shot data) skip preparing them again from the recipe. ``force`` adds the
     export to a non-empty folder that is not a previous export (never overwriting the user's files).
-    ``workers``: tensors merged at once by the engine made here (None: its default; same output)."""
+    ``workers``: tensors merged at once by the engine made here (None: its default; same output).
+    ``device``: where that engine's kernels run (None: the CPU; see :class:`MergeEngine`). The written
+    recipes record it (``device: cuda``), and a randomised merge replayed on another device than the one
+    its recipe records gets a warning: the same seed draws other masks there."""
     out_dir = Path(out_dir).resolve()
     _previous_files(out_dir, force)  # refuse a foreign folder before minutes of merging
     expert_set = expert_set or (engine.experts if engine else expert_set_from_recipe(recipe))
-    engine = engine or MergeEngine(expert_set, cache=False, workers=workers)
+    engine = engine or MergeEngine(expert_set, cache=False, workers=workers, device=device or "cpu")
     settings = settings or settings_from_recipe(recipe, expert_set)
+    recipe, device_warning = _with_device_record(recipe, engine.device, settings)
     dtype = dtype or recipe.dtype
     if dtype not in TORCH_DTYPES:
         raise MergeLabError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}", field="dtype")
@@ -262,6 +267,7 @@ def export_recipe(recipe, out_dir: str | Path, *, expert_set: ExpertSet | None =
     try:
         report = _write(recipe, expert_set, engine, settings, targets, staging, dtype, shard_bytes,
                         importance_json, progress)
+        report.warnings += [device_warning] if device_warning else []
         _swap_into_place(staging, out_dir, force)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
@@ -274,6 +280,19 @@ def export_recipe(recipe, out_dir: str | Path, *, expert_set: ExpertSet | None =
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return _relocate(report, staging, out_dir)
+
+
+def _with_device_record(recipe, device: torch.device, settings: MergeSettings):
+    """(a copy of ``recipe`` recording ``device`` — absent for the CPU —, a warning or None): a randomised
+    merge whose recipe records another device than this one draws its masks from another generator."""
+    ran_on = None if device.type == "cpu" else device.type
+    warning = None
+    if recipe.device != ran_on and settings.method.is_randomised(settings.shared):
+        recorded = recipe.device or "cpu (no device recorded)"
+        warning = (f"merged on {ran_on or 'cpu'}, the recipe records {recorded}: {settings.method.pretty_name}'s "
+                   "random drop draws other masks from the same seed on each device (another generator) — an "
+                   "equally valid merge, not the same bytes; the exported recipe records this device")
+    return dataclasses.replace(recipe, device=ran_on), warning
 
 
 STALE_STAGING_SECONDS = 3600.0

@@ -37,7 +37,7 @@ from .names import check_name, derive_name
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16", "bfloat16")
 _TOP_KEYS = {"merge_lab", "method", "base", "experts", "parameters", "seed", "dtype", "importance",
-             "suggested", "notes", "few_shot", "calibrated", "configs_from", "tokenizer"}
+             "suggested", "notes", "few_shot", "calibrated", "configs_from", "tokenizer", "device"}
 CONFIGS_FROM_BASE = "base"
 _EXPERT_KEYS = {"name", "model", "parameters", "task"}
 
@@ -71,6 +71,9 @@ class Recipe:
     #: for experts whose vocabularies differ: whose vocabulary the merge uses (base, union or an expert's name;
     #: embedding and LM-head rows aligned by token, see io/vocab.py); None: the vocabularies must be one
     tokenizer: str | None = None
+    #: where the merge that wrote this recipe ran (a record, not an instruction): None is the CPU; "cuda" says
+    #: a random drop's masks came from CUDA's generator, so a CPU replay of the same seed draws other masks
+    device: str | None = None
     notes: str = ""
     source: Path | None = None  # the file it was read from (resolves relative model paths)
 
@@ -97,6 +100,8 @@ class Recipe:
             out["configs_from"] = self.configs_from
         if self.tokenizer is not None:
             out["tokenizer"] = self.tokenizer
+        if self.device is not None:
+            out["device"] = self.device
         return out
 
     def to_yaml(self) -> str:
@@ -197,7 +202,7 @@ def _parse(data: Any, source: Path | None) -> Recipe:
         suggested=_mapping(data, "suggested"), few_shot=_mapping(data, "few_shot"),
         calibrated=_calibrated(data.get("calibrated")),
         configs_from=data.get("configs_from", CONFIGS_FROM_BASE), tokenizer=data.get("tokenizer"),
-        notes=str(data.get("notes") or ""), source=source,
+        device=_device_record(data.get("device")), notes=str(data.get("notes") or ""), source=source,
     )
     recipe.validate()
     spec.check_expert_count(len(experts))
@@ -233,6 +238,16 @@ def _parse_experts(value: Any) -> list[ExpertRef]:
             raise MergeLabError(f"{where}.parameters must be a mapping", field=f"{where}.parameters")
         out.append(ExpertRef(name, model, dict(params)))
     return out
+
+
+def _device_record(value: Any) -> str | None:
+    """The recipe's ``device`` record: the device type a merge ran on (cpu or cuda); cpu is stored as absent."""
+    if value is None:
+        return None
+    if value not in ("cpu", "cuda"):
+        raise MergeLabError(f"device records where the merge ran: cpu or cuda, got {str(value)[:40]!r}",
+                            field="device")
+    return None if value == "cpu" else value
 
 
 def check_configs_from(value: Any, experts: list[str]) -> str:

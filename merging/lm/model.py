@@ -15,35 +15,13 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..devices import AUTO_DEVICE, resolve_device  # noqa: F401  (the one resolver; imported from here too)
 from ..errors import MergeLabError
 from ..io.layout import ROLE_MERGE, Layout
 from ..io.taskdata import LMExample
 
 IGNORE = -100
 LM_ARCHITECTURE_ENDINGS = ("ForCausalLM", "LMHeadModel")
-
-
-AUTO_DEVICE = "auto"
-
-
-def resolve_device(value: str | None = AUTO_DEVICE) -> str:
-    """The torch device importance, probes and their models run on: ``auto`` (or None) is CUDA when a CUDA
-    device is present, else the CPU; ``cpu``, ``cuda`` and ``cuda:N`` are taken as given once checked (a
-    CUDA device asked for where none is present is refused in words, not left to fail mid-run)."""
-    text = AUTO_DEVICE if value is None else str(value).strip().lower()
-    if text == AUTO_DEVICE:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cpu":
-        return text
-    if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise MergeLabError(f"device {value!r}: no CUDA device is available here (torch.cuda.is_available() is "
-                                "False): use --device cpu, or auto", field="device")
-        if ":" in text and int(text[5:]) >= torch.cuda.device_count():
-            raise MergeLabError(f"device {value!r}: only {torch.cuda.device_count()} CUDA device(s) here",
-                                field="device")
-        return text
-    raise MergeLabError(f"device must be auto, cpu, cuda or cuda:N, got {str(value)[:40]!r}", field="device")
 
 
 def is_causal_lm(config: Mapping | None) -> bool:

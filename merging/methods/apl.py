@@ -81,7 +81,7 @@ def _apl_drop(delta: torch.Tensor, expert: str, p: Mapping[str, Any], job: Tenso
         return kernels.dare(delta, drop_ratio, seed=job.seed, expert=expert, name=job.name, rescale=True,
                             numel=job.numel, start=job.start)
     mask = kernels.random_keep_mask(delta.shape, keep, seed=job.seed, expert=expert, name=job.name,
-                                    numel=job.numel, start=job.start)
+                                    numel=job.numel, start=job.start, device=delta.device)
     return delta * mask / keep.clamp_min(1e-12)
 
 
@@ -117,7 +117,7 @@ def locate_units(scores: torch.Tensor, keep_rate: float) -> torch.Tensor:
     if keep_rate > 0:
         k = max(k, 1)
     order = torch.sort(scores.double(), descending=True, stable=True).indices
-    mask = torch.zeros(n, dtype=torch.bool)
+    mask = torch.zeros(n, dtype=torch.bool, device=scores.device)
     mask[order[:k]] = True
     return mask
 
@@ -162,9 +162,9 @@ def _unit_keep(profile: torch.Tensor | None, layer_keep: float, job: TensorJob, 
                             "hidden level), or use within_layer='uniform'")
     from ..apl.calibration import unit_keep_rates  # measurement code loads when a merge needs it, not on import
 
-    keep = unit_keep_rates(profile.reshape(-1).double().numpy(), layer_keep,
+    keep = unit_keep_rates(profile.reshape(-1).double().cpu().numpy(), layer_keep,  # numpy: on the CPU
                            float(job.shared["tau1"]), float(job.shared["q_min"]))
-    keep_t = torch.from_numpy(np.asarray(keep, dtype=np.float32))
+    keep_t = torch.from_numpy(np.asarray(keep, dtype=np.float32)).to(job.base.device)
     axis = job.info.unit_axis
     if axis == 0:  # units are rows: a row chunk keeps its rows' rates (the profile came whole, row_axis=None)
         r0, r1 = job.row_range()

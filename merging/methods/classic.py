@@ -91,7 +91,8 @@ class Pipeline:
             if total is None or consensus:
                 delta = torch.sub(tensor, base)  # = tensor.float() - base (exact upcast)
             else:
-                scratch = kernels.scratch("delta", total.numel()).view(total.shape) if scratch is None else scratch
+                scratch = kernels.scratch("delta", total.numel(), base.device).view(total.shape) \
+                    if scratch is None else scratch
                 delta = torch.sub(tensor, base, out=scratch)
             if droppable:
                 delta = self.sparsify_delta(delta, expert, p, job, inplace=True)
@@ -106,7 +107,7 @@ class Pipeline:
                 total = delta if total is None else total.add_(delta)
             del delta
         del scratch
-        weight_t = torch.tensor(weights).reshape(-1, *([1] * total.dim()))
+        weight_t = torch.tensor(weights, device=base.device).reshape(-1, *([1] * total.dim()))
         normalize = self.always_normalize or job.shared.get("normalize", False)
         if consensus:
             sign = kernels.sign_of_sum(total, inplace=True)
@@ -143,12 +144,12 @@ class Pipeline:
         weights = [float(job.params[e]["weight"]) for e in job.experts]
         divisor = None
         if self.always_normalize or job.shared.get("normalize", False):
-            summed = torch.tensor(weights).sum(0)  # as __call__ sums them: weight_t.sum(0)
+            summed = torch.tensor(weights, device=base.device).sum(0)  # as __call__ sums them: weight_t.sum(0)
             divisor = summed.masked_fill_(summed.abs() < 1e-12, 1.0)
         lam = float(job.shared.get("lambda", 1.0))
         n = flat_base.numel()
-        out = torch.empty(n)
-        delta = kernels.scratch("delta", min(n, _BLOCK))
+        out = torch.empty(n, device=base.device)
+        delta = kernels.scratch("delta", min(n, _BLOCK), base.device)
         for start in range(0, n, _BLOCK):
             stop = min(n, start + _BLOCK)
             total, b = out[start:stop], flat_base[start:stop]
@@ -178,7 +179,7 @@ class Pipeline:
             weighted.append(delta * float(p["weight"]))
             weights.append(float(p["weight"]))
         stacked = torch.stack(weighted)
-        weight_t = torch.tensor(weights).reshape(-1, *([1] * (stacked.dim() - 1)))
+        weight_t = torch.tensor(weights, device=stacked.device).reshape(-1, *([1] * (stacked.dim() - 1)))
         if self.consensus and droppable:
             agree = kernels.agreement_mask(stacked, kernels.elect_sign(stacked))
             mixed = kernels.ordered_sum(stacked * agree)

@@ -67,7 +67,7 @@ def _multitask_vector(job: TensorJob, vectors: dict[str, torch.Tensor]) -> torch
 def consensus_mask(vectors: Mapping[str, torch.Tensor], multitask: torch.Tensor, lambdas: Mapping[str, float],
                    k: int) -> torch.Tensor:
     """1{Σ_t (|τ_t| > λ_t |τ_MTL − τ_t|) ≥ k}, as a boolean tensor."""
-    active = torch.zeros(multitask.shape, dtype=torch.int32)
+    active = torch.zeros(multitask.shape, dtype=torch.int32, device=multitask.device)
     for expert, vector in vectors.items():
         active += vector.abs() > lambdas[expert] * (multitask - vector).abs()
     return active >= k

@@ -6,6 +6,12 @@ merge, tensor order never matters, and DARE and APL share masks at equal rates. 
 uniforms come in fixed blocks of elements, each block with its own generator, so a
 tensor merged in row chunks draws exactly what it would draw whole (blocks being
 independent, a tensor's blocks are drawn in parallel threads).
+
+Devices: every helper makes its tensors on its inputs' device (the engine may hand a kernel CUDA
+tensors). A drop's generator lives on that device too, and CUDA's generator (Philox) is not CPU's
+(Mersenne Twister): the same seed draws a different, equally valid mask on a GPU than on the CPU, which
+is why a merge's recipe records its device. The sampling that only locates a k-th value (below) uses a
+CPU generator on every device: its draw changes how fast the exact value is found, never the value.
 """
 
 from __future__ import annotations
@@ -28,19 +34,27 @@ def _block_seed(seed: int, expert: str, name: str, block: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed``: random draws on a device need its own generator (a
+    CUDA draw from a CPU generator is an error), and their stream is that device's."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
 def uniforms(seed: int, expert: str, name: str, numel: int, start: int = 0, end: int | None = None,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-    """The uniforms U[start:end] of tensor ``name`` of ``expert`` (flat, float32; written to ``out`` if given)."""
+             out: torch.Tensor | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """The uniforms U[start:end] of tensor ``name`` of ``expert`` (flat, float32; written to ``out`` if given,
+    else made on ``device``, default the CPU), drawn by generators on that device."""
     end = numel if end is None else end
     if out is None:
-        out = torch.empty(max(end - start, 0))
+        out = torch.empty(max(end - start, 0), device=device)
     if end <= start:
         return out
     first, last = start // RNG_BLOCK, (end - 1) // RNG_BLOCK
 
     def draw(block: int) -> None:
-        generator = torch.Generator()
-        generator.manual_seed(_block_seed(seed, expert, name, block))
+        generator = seeded_generator(_block_seed(seed, expert, name, block), out.device)
         offset = block * RNG_BLOCK
         block_len = min(RNG_BLOCK, numel - offset)
         lo, hi = max(start - offset, 0), min(end - offset, block_len)
@@ -48,10 +62,10 @@ def uniforms(seed: int, expert: str, name: str, numel: int, start: int = 0, end:
         if lo == 0 and hi == block_len:  # the whole block: draw straight into the output
             torch.rand(block_len, generator=generator, out=target)
         else:
-            target.copy_(torch.rand(block_len, generator=generator)[lo:hi])
+            target.copy_(torch.rand(block_len, generator=generator, device=out.device)[lo:hi])
 
     blocks = range(first, last + 1)
-    pool = _rng_pool() if len(blocks) > 1 else None
+    pool = _rng_pool() if len(blocks) > 1 and out.device.type == "cpu" else None  # a GPU draws a block at once
     if pool is None:
         for block in blocks:
             draw(block)
@@ -65,12 +79,15 @@ SCRATCH_MAX = 1 << 24  # float32 entries (64 MB, the engine's row-chunk size) pe
 _SCRATCH = threading.local()
 
 
-def scratch(slot: str, numel: int) -> torch.Tensor:
-    """An uninitialised flat float32 buffer, reused between calls on this thread for the same ``slot``:
-    a fresh buffer of tens of MB costs more in page faults than the arithmetic done in it. Above
-    ``SCRATCH_MAX`` entries a fresh buffer. The caller must be done with it before asking again."""
-    if numel > SCRATCH_MAX:
-        return torch.empty(numel)
+def scratch(slot: str, numel: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """An uninitialised flat float32 buffer on ``device`` (default the CPU), reused between calls on this
+    thread for the same ``slot``: a fresh buffer of tens of MB costs more in page faults than the
+    arithmetic done in it. Above ``SCRATCH_MAX`` entries, and on a GPU (whose caching allocator already
+    reuses blocks, and whose memory should hold only the tensors in flight), a fresh buffer. The caller
+    must be done with it before asking again."""
+    device = torch.device("cpu" if device is None else device)
+    if numel > SCRATCH_MAX or device.type != "cpu":
+        return torch.empty(numel, device=device)
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     buffer = buffers.get(slot)
     if buffer is None or buffer.numel() < numel:
@@ -95,14 +112,18 @@ def _rng_pool() -> ThreadPoolExecutor | None:
 
 
 def random_keep_mask(shape: torch.Size | tuple, keep_rate: float | torch.Tensor, *, seed: int, expert: str,
-                     name: str, numel: int | None = None, start: int = 0) -> torch.Tensor:
-    """Boolean mask, True where U < keep_rate (``keep_rate`` may broadcast, e.g. per unit).
+                     name: str, numel: int | None = None, start: int = 0,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean mask, True where U < keep_rate (``keep_rate`` may broadcast, e.g. per unit), on ``device``
+    (default: ``keep_rate``'s device when it is a tensor, else the CPU).
 
     ``numel``/``start`` locate a row chunk inside the full tensor (defaults: the whole tensor).
     """
     size = math.prod(shape)
     total = size if numel is None else numel
-    u = uniforms(seed, expert, name, total, start, start + size).reshape(shape)
+    if device is None and torch.is_tensor(keep_rate):
+        device = keep_rate.device
+    u = uniforms(seed, expert, name, total, start, start + size, device=device).reshape(shape)
     return u < keep_rate
 
 
@@ -116,7 +137,8 @@ def dare(delta: torch.Tensor, drop_ratio: float | torch.Tensor, *, seed: int, ex
         return delta
     size = math.prod(delta.shape)
     total = size if numel is None else numel
-    u = uniforms(seed, expert, name, total, start, start + size, out=scratch("uniforms", size)).reshape(delta.shape)
+    u = uniforms(seed, expert, name, total, start, start + size,
+                 out=scratch("uniforms", size, delta.device)).reshape(delta.shape)
     if _broadcasts_into(tuple(keep.shape) if torch.is_tensor(keep) else (), tuple(u.shape)):
         # the keep mask as 1.0/0.0 written over the uniforms: multiplying by it is multiplying by
         # random_keep_mask's booleans, without torch first copying the booleans to floats
@@ -126,7 +148,7 @@ def dare(delta: torch.Tensor, drop_ratio: float | torch.Tensor, *, seed: int, ex
         mask = u < keep
     kept = delta.mul_(mask) if inplace and mask.shape == delta.shape else delta * mask
     if rescale:
-        keep_t = torch.as_tensor(keep, dtype=delta.dtype)
+        keep_t = torch.as_tensor(keep, dtype=delta.dtype, device=delta.device)
         kept.div_(keep_t.clamp_min(1e-12))
     return kept
 
@@ -168,8 +190,8 @@ def _kth_smallest_in_band(flat: torch.Tensor, j: int) -> float | None:
     band and selecting inside it: a few vectorised passes instead of a selection over every entry.
     None when the band misses (then the caller selects over everything) or ``flat`` holds NaN."""
     n = flat.numel()
-    generator = torch.Generator().manual_seed(0)
-    sample = flat[torch.randint(n, (_SELECT_SAMPLE,), generator=generator)]
+    generator = seeded_generator(0)  # on the CPU whatever the device: the same sample, the same passes
+    sample = flat[torch.randint(n, (_SELECT_SAMPLE,), generator=generator).to(flat.device)]
     q = j / n
     centre = q * _SELECT_SAMPLE
     spread = 6.0 * math.sqrt(_SELECT_SAMPLE * q * (1.0 - q)) + 8.0
@@ -279,7 +301,7 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     cols = matrix.shape[1]
     order = matrix.abs().argsort(dim=1, stable=True)  # tied magnitudes ranked by index: deterministic
     ranks = torch.empty_like(order)  # the inverse permutation of each row's order, i.e. argsort(order)
-    ranks.scatter_(1, order, torch.arange(cols).expand_as(order))
+    ranks.scatter_(1, order, torch.arange(cols, device=order.device).expand_as(order))
     ranks = ranks.float()
     spread = ranks / max(cols - 1, 1) - 0.5 if cols > 1 else torch.zeros_like(ranks)
     probs = (density + epsilon * spread).clamp(1e-6, 1.0)
@@ -289,7 +311,8 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
 def della(delta: torch.Tensor, density: float, epsilon: float, *, seed: int, expert: str, name: str,
           numel: int | None = None, start: int = 0) -> torch.Tensor:
     probs = della_keep_probabilities(delta, density, epsilon)
-    mask = random_keep_mask(delta.shape, probs, seed=seed, expert=expert, name=name, numel=numel, start=start)
+    mask = random_keep_mask(delta.shape, probs, seed=seed, expert=expert, name=name, numel=numel, start=start,
+                            device=delta.device)
     return delta * mask / probs
 
 
@@ -376,10 +399,11 @@ def streaming_topk(chunks: Callable[[], Iterable[torch.Tensor]], k: int, bins: i
     for index, chunk in enumerate(pieces()):
         total += chunk.numel()
         if chunk.numel():  # about one entry in _SAMPLE_EVERY, drawn with replacement (count rounded at random)
-            generator = torch.Generator().manual_seed(index)
+            generator = seeded_generator(index)  # CPU on any device: the sample only locates the cut
             whole, part = divmod(chunk.numel(), _SAMPLE_EVERY)
             count = whole + int(float(torch.rand(1, generator=generator)) * _SAMPLE_EVERY < part)
-            samples.append(chunk[torch.randint(chunk.numel(), (count,), generator=generator)].abs())
+            picks = torch.randint(chunk.numel(), (count,), generator=generator).to(chunk.device)
+            samples.append(chunk[picks].abs())
     n_inputs = (owner[-1] + 1) if owner else 0
     none = (0,) * n_inputs
     if k >= total:
@@ -399,10 +423,10 @@ def streaming_topk(chunks: Callable[[], Iterable[torch.Tensor]], k: int, bins: i
         return TopK(0.0, k, _tied_per_input(pieces, owner, n_inputs, 0.0))
     log_low, log_high = math.log(low), math.log(high) + 1e-6
     width = (log_high - log_low) / bins
-    counts = torch.zeros(bins + 1, dtype=torch.long)  # last slot: zeros
+    counts = torch.zeros(bins + 1, dtype=torch.long)  # last slot: zeros (on the CPU: 4097 counts, read there)
     for chunk in pieces():
         index = _log_bin(chunk, log_low, width, bins)
-        counts += torch.bincount(index, minlength=bins + 1)
+        counts += torch.bincount(index, minlength=bins + 1).cpu()
     # walk from the largest bin down until k values are covered (zeros sit in slot `bins`)
     order = list(range(bins - 1, -1, -1)) + [bins]
     above = 0
@@ -417,7 +441,7 @@ def streaming_topk(chunks: Callable[[], Iterable[torch.Tensor]], k: int, bins: i
         cut, ties = 0.0, need
     elif need >= inside.numel():  # the whole bin is kept: cut just below its smallest value
         smallest = inside.min().float()
-        return TopK(float(torch.nextafter(smallest, torch.tensor(-math.inf))), 0, none)
+        return TopK(float(torch.nextafter(smallest, smallest.new_tensor(-math.inf))), 0, none)
     else:
         cut = kth_largest_threshold(inside, need)
         ties = need - int((inside > cut).count_nonzero())

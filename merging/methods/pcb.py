@@ -62,7 +62,7 @@ def order_statistic(row: torch.Tensor, position: int) -> torch.Tensor:
         return row.min()
     if position >= row.numel() - 1:
         return row.max()
-    return torch.tensor(kernels.kth_smallest(row, position + 1), dtype=row.dtype)
+    return torch.tensor(kernels.kth_smallest(row, position + 1), dtype=row.dtype, device=row.device)
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:

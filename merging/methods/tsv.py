@@ -42,11 +42,12 @@ def tsv_merge(deltas: list[torch.Tensor]) -> torch.Tensor:
     m, n = deltas[0].shape
     k = min(m, n)
     rank = k // len(deltas)
+    device = deltas[0].device  # float32 as before, on the deltas' device
     if rank == 0:
-        return torch.zeros(m, n)
-    left = torch.zeros(m, k)
-    values = torch.zeros(k)
-    right = torch.zeros(k, n)
+        return torch.zeros(m, n, device=device)
+    left = torch.zeros(m, k, device=device)
+    values = torch.zeros(k, device=device)
+    right = torch.zeros(k, n, device=device)
     for index, delta in enumerate(deltas):
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         cols = slice(index * rank, (index + 1) * rank)

@@ -47,12 +47,14 @@ def models_for(session: Session, progress: Progress | None = None) -> Models:
     item = CACHE.get(key)
     if item is not None:
         return item
+    from ..devices import resolve_device
     from ..engine import MergeEngine
     from ..io.experts import ExpertSet
 
     (progress or no_progress)(0.05, "checking the experts against the base (homology check)")
     expert_set = ExpertSet.load(session.base_ref, dict(session.refs), tokenizer=session.tokenizer)
-    return CACHE.put(Models(key, expert_set, MergeEngine(expert_set), fingerprint=files_fingerprint(expert_set)))
+    engine = MergeEngine(expert_set, device=resolve_device())  # CUDA when present, as importance and probe
+    return CACHE.put(Models(key, expert_set, engine, fingerprint=files_fingerprint(expert_set)))
 
 
 def load_experts(session: Session, base_ref: str, refs: Mapping[str, str], zoo=None,

@@ -116,6 +116,7 @@ def settings_for(session: Session, snap: MergeInputs, progress: Progress | None 
     models = models_for(session)
     prepared_result = prepared(models, snap, progress)
     recipe = _recipe(session, snap, prepared_result)
+    recipe.device = None if models.engine.device.type == "cpu" else models.engine.device.type  # where it merges
     extras = dict((prepared_result or {}).get("extras") or {})
     settings = MergeSettings.build(models.expert_set, method_spec(snap.method), recipe.parameters,
                                    recipe.expert_params(), snap.seed, extras)

@@ -182,7 +182,7 @@ def drop_sweep(session: Session, ratios: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 
     done = 0
     from ..engine import MergeEngine
 
-    engine = MergeEngine(models.expert_set, cache=False)
+    engine = MergeEngine(models.expert_set, cache=False, device=models.engine.device)  # the page's merge device
     started = time.perf_counter()
     for method in methods:
         out[method] = []
