@@ -4,7 +4,7 @@ last layer, as the page's slider handler, Merge and Run probe do it), exact impo
 (the quick choice) and with modules, the restore/ablate comparison and the drop-ratio sweep — each next
 to the page's own estimate of it, made before the step from this machine's measured rate.
 
-    python benchmarks/bench_page_steps.py [--zoo NAME] [--only STEP ...] [--skip-modules] [--skip-sweep]
+    python benchmarks/bench_page_steps.py [--zoo NAME] [--only STEP ...] [--skip-modules] [--skip-sweep] [--threads N]
 
 Prints the load average with each figure: on a shared 2-core machine timings swing 4–20×.
 """
@@ -54,6 +54,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=None,
                         help="steps to time after the set-up (gradient, merge, first probe): slider, layers, "
                              "modules, compare, sweep")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: one core's figure; 2: what the page's server uses on a 2-vCPU Space)")
     args = parser.parse_args()
     import torch
 
@@ -61,7 +63,7 @@ def main() -> int:
     from merging.workbench import estimates as est
     from merging.zoo.zoo import open_zoo
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     shutil.rmtree(Path(tempfile.gettempdir()) / "merge-lab-probe", ignore_errors=True)  # a fresh machine: only the zoo's rows
     zoo = open_zoo(args.zoo)
     base, refs = wb.zoo_refs(zoo)

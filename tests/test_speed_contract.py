@@ -108,9 +108,11 @@ def test_the_cancel_token_reaches_the_workers():
 def test_a_broken_input_is_named_though_only_outputs_are_scanned(workers, model, value):
     name = "encoder.layer.2.output.dense.weight"  # late in layout order: the workers run ahead of it
     expert_set = _expert_set(poison=(model, name, value))
-    for method, params in [("ties", {}), ("dare_linear", {"drop_ratio": 0.9}), ("linear", {})]:
-        settings = MergeSettings.build(expert_set, method, params,
-                                       expert_params={"e2": {"weight": 0.0}})  # weight 0 does not hide NaN
+    zero_weight = {"e2": {"weight": 0.0}}  # weight 0 does not hide NaN
+    for method, params, expert_params in [("ties", {}, zero_weight), ("dare_linear", {"drop_ratio": 0.9}, zero_weight),
+                                          ("linear", {}, zero_weight), ("model_stock", {}, None),
+                                          ("model_stock", {"filter_wise": True}, None)]:
+        settings = MergeSettings.build(expert_set, method, params, expert_params=expert_params)
         with pytest.raises(MergeLabError, match=rf"model '{model}' has 1 NaN/Inf value\(s\) in tensor '{name}'"):
             MergeEngine(expert_set, cache=False, workers=workers).merge(settings)
 
@@ -230,6 +232,30 @@ def test_magnitude_masks_equal_a_sort(kind, density):
         assert cut == float(torch.kthvalue(values.abs().float().reshape(-1), n - k).values)
 
 
+
+@pytest.mark.parametrize("kind", list(_inputs()))
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.3, 0.7, 0.999, 1.0])
+def test_the_blocked_delta_cut_keeps_what_a_sort_keeps(monkeypatch, kind, density):
+    """kernels.delta_topk takes the top-k of |x − b| in cache-sized blocks without the delta: its cut and tie
+    quota keep exactly the sort oracle's entries (ties lowest index first), on the inputs above — through
+    the banded pass wherever the input spans more than one block (not only through its fallback)."""
+    monkeypatch.setattr(kernels, "_TOPK_BLOCK", 1 << 14)
+    banded = []
+    select = kernels._delta_band_select
+    monkeypatch.setattr(kernels, "_delta_band_select", lambda *a: banded.append(select(*a)) or banded[-1])
+    delta = _inputs()[kind].float()
+    base = torch.linspace(-1, 1, delta.numel())
+    tensor = base + delta
+    exact = tensor - base  # the float32 delta the kernels see
+    k = int(round(density * exact.numel()))
+    cut, ties = kernels.delta_topk(tensor, base, k)
+    kept = exact.abs() > cut
+    tied = (exact.abs() == cut).nonzero().reshape(-1)[:max(ties, 0)]
+    kept[tied] = True
+    assert torch.equal(kept, _oracle_mask(exact, k))
+    if 0 < k < exact.numel() and exact.numel() > kernels._TOPK_BLOCK and kind != "constant":
+        assert banded and banded[0] is not None  # the band held the cut
+
 def test_della_ranks_equal_a_stable_sort():
     generator = torch.Generator().manual_seed(2)
     delta = LEVELS[torch.randint(len(LEVELS), (37, 29), generator=generator)] * torch.randn(37, 29, generator=generator).sign()
@@ -282,3 +308,37 @@ def test_the_blocked_sum_equals_the_stacked_reference(monkeypatch, dtype, method
     monkeypatch.setattr(classic, "_IN_PLACE_MAX_EXPERTS", 0)
     stacked = MergeEngine(expert_set, cache=False).merge(settings).tensors
     assert all(torch.equal(blocked[n], stacked[n]) for n in blocked)
+
+
+DROPS = [("ties", {"drop_ratio": 0.6}, None), ("ties", {"drop_ratio": 0.6, "trim_scope": "layer"}, None),
+         ("ties", {"drop_ratio": 0.999, "normalize": False}, {"e1": {"weight": -1.5}}),
+         ("magnitude", {"drop_ratio": 0.4, "trim_scope": "model"}, None),
+         ("magnitude", {"drop_ratio": 0.7, "lambda": 1.3}, {"e0": {"weight": 0.3}}),
+         ("dare_linear", {"drop_ratio": 0.3}, None), ("dare_linear", {"drop_ratio": 0.9, "rescale": False}, None),
+         ("dare_ties", {"drop_ratio": 0.5}, {"e2": {"weight": 2.0}}), ("dare_ties", {"drop_ratio": 0.0}, None)]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "row-chunks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method,params,weights", DROPS, ids=lambda v: v if isinstance(v, str) else None)
+def test_the_blocked_drops_equal_the_stacked_reference(monkeypatch, chunked, dtype, method, params, weights):
+    """TIES, magnitude and DARE run block by block in the cache (Pipeline._blocked: their own magnitude cut
+    found in blocks, DARE's uniforms drawn span by span); the stacked form is the reference they must equal
+    bit for bit — with many blocks, RNG blocks shorter than a tensor, tie-heavy fp16/bf16 magnitudes,
+    row chunks starting inside an RNG block, and cuts handed over by the engine (layer / model scope)."""
+    from merging.methods import classic
+
+    monkeypatch.setattr(classic, "_BLOCK", 100)  # many blocks, the last one short
+    monkeypatch.setattr(kernels, "RNG_BLOCK", 256)  # uniforms spans shorter than a tensor, ends unaligned
+    monkeypatch.setattr(kernels, "_TOPK_BLOCK", 64)  # the magnitude cut's banded pass, not its fallback
+    monkeypatch.setattr(kernels, "_TOPK_SAMPLE", 128)
+    if chunked:
+        monkeypatch.setattr(engine, "CHUNK_BYTES", 4 * 32 * 7)  # 7 rows of a [*, 32] matrix: chunk starts unaligned
+    expert_set = _expert_set(dtype=dtype)
+    settings = MergeSettings.build(expert_set, method, params, weights)
+    blocked = MergeEngine(expert_set, cache=False).merge(settings).tensors
+    monkeypatch.setattr(classic, "_IN_PLACE_MAX_EXPERTS", 0)
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 64 * 1024 * 1024)
+    stacked = MergeEngine(expert_set, cache=False).merge(settings).tensors
+    differ = [n for n in blocked if not torch.equal(blocked[n], stacked[n])]
+    assert not differ, differ

@@ -41,12 +41,15 @@ FILTER_WISE = ParamSpec("filter_wise", "bool", False,
 
 def model_stock_ratio(deltas: list[torch.Tensor]) -> torch.Tensor:
     """t over the last axis of the deltas (each [..., n]): N cosθ / (1 + (N − 1) cosθ), cosθ the mean
-    pairwise cosine; 0 where the denominator vanishes. Shape [..., 1]."""
+    pairwise cosine; 0 where the denominator vanishes. Shape [..., 1]. Each delta's norm is taken once and
+    each pair's products go to one reused buffer (the same values as a fresh ``a * b``)."""
+    norms = [torch.norm(delta, dim=-1) for delta in deltas]
     cosines = []
     for index, a in enumerate(deltas):
-        for b in deltas[index + 1:]:
-            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=NORM_FLOOR)).clamp(-1, 1))
+        for other in range(index + 1, len(deltas)):
+            products = torch.mul(a, deltas[other], out=kernels.scratch("model-stock-products", a.numel(), a.device).view(a.shape))
+            pair_norm = norms[index] * norms[other]
+            cosines.append((products.sum(dim=-1) / pair_norm.clamp(min=NORM_FLOOR)).clamp(-1, 1))
     # the mean in pair order (not torch's mean over a stack, whose order of addition from 5 terms depends on
     # an entry's position in memory: a row chunk would not average like the same rows of the whole tensor)
     cos = (kernels.ordered_sum(torch.stack(cosines)) / len(cosines)).unsqueeze(-1)
@@ -65,18 +68,29 @@ def _as_rows(tensor: torch.Tensor, filter_wise: bool) -> torch.Tensor:
 
 
 def _model_stock_kernel(job: TensorJob) -> torch.Tensor:
-    """Θ = t · mean_t Θ_t + (1 − t) · Θ_base, t from the angle between the task vectors."""
+    """Θ = t · mean_t Θ_t + (1 − t) · Θ_base, t from the angle between the task vectors. The task vectors
+    and the experts' sum live in reused buffers (a fresh tensor of tens of MB costs more in page faults than
+    its arithmetic); the arithmetic is the formula's, step for step."""
     base = job.base.float()
     shape = base.shape
     filter_wise = bool(job.shared.get("filter_wise", False))
     w0 = _as_rows(base, filter_wise)
     weights = [_as_rows(tensor.float(), filter_wise) for tensor in job.experts.values()]
-    t = model_stock_ratio([w - w0 for w in weights])
-    total = weights[0].clone()
-    for w in weights[1:]:
-        total.add_(w)
-    average = total / len(weights)
-    return (t * average + (1 - t) * w0).reshape(shape)
+    deltas = [torch.sub(w, w0, out=kernels.scratch(f"model-stock-delta{index}", w0.numel(), w0.device).view(w0.shape))
+              for index, w in enumerate(weights)]
+    t = model_stock_ratio(deltas)
+    del deltas
+    average = torch.add(weights[0], weights[1], out=kernels.scratch("model-stock-delta0", w0.numel(), w0.device).view(w0.shape))
+    for w in weights[2:]:
+        average.add_(w)
+    average.div_(len(weights))
+    merged = (1 - t) * w0  # t · average + (1 − t) · Θ_base, added in either order: the same sum
+    return merged.add_(average.mul_(t)).reshape(shape)
+
+
+#: NaN or Inf in any input reaches the output (through a norm, a cosine and t, or the average), so the
+#: engine scans only the output and names a broken input from it (engine._nonfinite_reaches_output)
+_model_stock_kernel.nonfinite_reaches_output = True
 
 
 def _row_separable(shared: Mapping[str, Any]) -> bool:
