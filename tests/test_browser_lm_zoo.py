@@ -64,6 +64,8 @@ def test_switch_to_the_lm_zoo_then_layer_swap_from_importance(blocked_lm_zoo):
             expect(page.locator("#btn-guided")).to_be_disabled()
             release.set()
             expect(status).to_contain_text("ready: 2 experts (count, echo)", timeout=90_000)
+            # the switch's label counts the built zoo's own experts (the page was drawn before it was built)
+            expect(page.locator("#zoo-kind")).to_contain_text("language models (2 experts)", timeout=30_000)
             expect(page.get_by_label("Base model")).to_have_value(f"zoo:{wb.lm_zoo_name()}/base", timeout=30_000)
 
             button(page, "Load experts").click()
