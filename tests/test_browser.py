@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from browser import SHOTS, browser_or_skip, button, launch, load_and_compute
 
-pytestmark = pytest.mark.browser
+# Chromium + a served page: tens of seconds each, so part of the full run (CI) but not the fast inner loop
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def test_browser_flow(app_url, real_zoo):

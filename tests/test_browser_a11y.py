@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 from browser import SHOTS, axe_violations, browser_or_skip, button, launch, load_and_compute, overflow, settle
 
-pytestmark = pytest.mark.browser
+# Chromium + a served page: tens of seconds each, so part of the full run (CI) but not the fast inner loop
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 PANELS_JS = """(sel) => { const gd = document.querySelector(sel + ' .js-plotly-plot'); const L = gd._fullLayout;
   return Object.keys(L).filter(k => /^xaxis\\d*$/.test(k)).map(k => {

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from browser import ARGS, CHROMIUM, axe_violations, browser_or_skip, button, overflow, settle
 
-pytestmark = pytest.mark.browser
+# Chromium + a served page: tens of seconds each, so part of the full run (CI) but not the fast inner loop
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOTS = Path("/tmp/merge-lab-analyses")
 DARE_LABEL = "DARE (linear) · dare_linear"
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from browser import ARGS, CHROMIUM, browser_or_skip, button, table_values
 
-pytestmark = pytest.mark.browser
+# Chromium + a served page: tens of seconds each, so part of the full run (CI) but not the fast inner loop
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOTS = Path("/tmp/merge-lab-answers")
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 from browser import SHOTS, axe_violations, browser_or_skip, button, launch, settle
 
-pytestmark = pytest.mark.browser
+# Chromium + a served page: tens of seconds each, so part of the full run (CI) but not the fast inner loop
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 OPEN = "Import a recipe (Merge Lab recipe.yaml or a mergekit config) and merge it"
 

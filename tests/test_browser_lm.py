@@ -11,7 +11,8 @@ import pytest
 import tiny_models as tm
 from browser import ARGS, CHROMIUM, browser_or_skip, button
 
-pytestmark = pytest.mark.browser
+# Chromium + a served page: tens of seconds each, so part of the full run (CI) but not the fast inner loop
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOTS = Path("/tmp/merge-lab-lm")
 
 

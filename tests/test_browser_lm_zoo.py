@@ -15,7 +15,8 @@ import pytest
 import yaml
 from browser import browser_or_skip, button, launch, settle, table_values
 
-pytestmark = pytest.mark.browser
+# Chromium + a served page: tens of seconds each, so part of the full run (CI) but not the fast inner loop
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOTS = Path("/tmp/merge-lab-lm")
 
 

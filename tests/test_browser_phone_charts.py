@@ -53,7 +53,9 @@ def heatmap_url():
         demo.close()
 
 
-@pytest.mark.parametrize("width", [390, 1366])
+# the phone width stays in the fast inner loop: the one quick check that Chromium, playwright and a served page
+# still work (a few seconds); the desktop width runs with the other browser tests in the full run
+@pytest.mark.parametrize("width", [390, pytest.param(1366, marks=pytest.mark.slow)])
 def test_real_zoo_heatmaps_stack_on_a_phone_and_keep_every_layer(heatmap_url, width):
     browser_or_skip()
     from playwright.sync_api import sync_playwright

@@ -9,7 +9,8 @@ import threading
 import pytest
 from browser import SHOTS, browser_or_skip, button, launch
 
-pytestmark = pytest.mark.browser
+# Chromium + a served page: tens of seconds each, so part of the full run (CI) but not the fast inner loop
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 @pytest.fixture()
