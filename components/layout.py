@@ -565,18 +565,19 @@ def on_method(session, expert, method_value):
 
 def wire_startup(demo, page) -> None:
     """Show where the demo zoo stands when a page loads; while it builds (the server started that), refresh
-    the one progress line every two seconds and keep Guided first merge off until it is ready."""
+    the one progress line every two seconds and keep Guided first merge off until it is ready. A zoo that is
+    ready relabels the zoo switch: its labels count the built zoos' own experts."""
     intro, ex = page.intro, page.experts
-    outputs = [intro.zoo_md, ex.zoo_pick, ex.base_box, intro.guided_btn, intro.zoo_timer]
+    outputs = [intro.zoo_md, ex.zoo_pick, ex.base_box, intro.guided_btn, intro.zoo_timer, ex.zoo_kind]
 
     def show(status):
         if status.ready:
             base, _ = wb.zoo_refs(status.zoo)
             return (status.line, gr.update(choices=status.zoo.tasks, value=status.zoo.tasks), base,
-                    gr.update(interactive=True), gr.Timer(active=False))
+                    gr.update(interactive=True), gr.Timer(active=False), gr.update(choices=wb.demo_zoos()))
         building = status.state == "building"
         return (status.line, gr.update(), gr.update(),
-                gr.update(interactive=False), gr.Timer(active=building))
+                gr.update(interactive=False), gr.Timer(active=building), gr.update())
 
     @h.safe
     def startup(zoo_name=None):  # the zoo the switch names (the LM zoo is built when a tab first switches to it)

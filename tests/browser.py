@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -28,9 +29,28 @@ def browser_or_skip():
         pytest.skip(message)
 
 
-def launch(pw):
-    browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-    return browser, browser.new_page(viewport={"width": 1400, "height": 1000})
+@contextlib.contextmanager
+def browser_page(width: int = 1400, height: int = 1000, failure_shot: Path | None = None):
+    """A page of a fresh headless Chromium (skipped, or failed in CI, without one), ``width`` × ``height``.
+    When the block raises, the page as it was goes to ``failure_shot`` (full page) first, so a failure in CI
+    leaves a picture of what the test saw; the browser is closed whatever happens."""
+    browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            try:
+                yield page
+            except Exception:
+                if failure_shot is not None:
+                    failure_shot.parent.mkdir(parents=True, exist_ok=True)
+                    with contextlib.suppress(Exception):  # a page too broken to draw must not hide the failure
+                        page.screenshot(path=str(failure_shot), full_page=True)
+                raise
+        finally:
+            browser.close()
 
 
 def button(page, label: str):

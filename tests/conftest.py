@@ -151,3 +151,35 @@ def lm_zoo(merge_lab_cache):
     from merging.zoo.lm_zoo import build_lm_zoo
 
     return build_lm_zoo("lm-tiny", tasks=list(TINY_LM_TASKS), steps=20, seed=0, spec=TINY_LM_SPEC)
+
+
+@pytest.fixture()
+def blocked_zoo_build(monkeypatch):
+    """``block(build, reports=())``: the next demo-zoo builds (classifier or LM) report ``reports`` (fraction,
+    line pairs) as their progress, then wait until the returned event is set, then return ``build(zoo_name)`` — the page while a
+    zoo is still being built, with nothing trained. Builds are forgotten before and after; teardown releases."""
+    import threading
+
+    from merging.workbench import zoo_build
+
+    events: list[threading.Event] = []
+
+    def block(build, reports=()):
+        release = threading.Event()
+
+        def slowed_build(zoo_name, progress=None):
+            for fraction, line in reports:
+                progress(fraction, line)
+            if not release.wait(240):
+                raise RuntimeError("the test never released the zoo build")
+            return build(zoo_name)
+
+        monkeypatch.setattr(zoo_build, "BUILDER", slowed_build)
+        zoo_build.forget_zoo_builds()
+        events.append(release)
+        return release
+
+    yield block
+    for release in events:
+        release.set()
+    zoo_build.forget_zoo_builds()

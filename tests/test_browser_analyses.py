@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from browser import ARGS, CHROMIUM, axe_violations, browser_or_skip, button, overflow, settle
+from browser import axe_violations, browser_page, button, overflow, settle
 
-pytestmark = pytest.mark.browser
+# Chromium + a served page: tens of seconds each, so part of the full run (CI) but not the fast inner loop
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOTS = Path("/tmp/merge-lab-analyses")
 DARE_LABEL = "DARE (linear) · dare_linear"
 
@@ -26,49 +27,43 @@ def _pick(page, label: str, option: str) -> None:
 
 
 def test_seed_band_and_analyses(fake_app_url):
-    browser_or_skip()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     SHOTS.mkdir(exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1366, "height": 900})
-        try:
-            page.goto(fake_app_url)
-            expect(page.locator("#zoo-status")).to_contain_text("ready", timeout=60_000)
-            button(page, "Load experts").click()
-            expect(page.locator("#experts-table")).to_contain_text("few-shot", timeout=120_000)
-            settle(page)
-            expect(page.locator("#probe-findings")).to_contain_text("Not benchmarked on this zoo")
-            _pick(page, "Method", DARE_LABEL)
-            expect(page.locator("#band-eta")).to_contain_text("seeds 0, 1, 2", timeout=30_000)
-            button(page, "Run over 3 seeds").click()
-            expect(page.locator("#band-status")).to_contain_text("Over seeds 0, 1, 2", timeout=180_000)
-            settle(page)
-            headers = _headers(page, "band-table")
-            assert headers[:4] == ["task", "seed 0", "seed 1", "seed 2"] and "range" in headers, headers
-            expect(page.locator("#band-status")).to_contain_text("seed 0's")
-            expect(page.locator("#history-table")).to_contain_text("seeds 0, 1, 2 (kept: 0)")
-            expect(page.locator("#predict-uses")).to_contain_text("#1 dare_linear")
-            page.locator("#band-table").scroll_into_view_if_needed()
-            page.screenshot(path=str(SHOTS / "band-1366.png"))
+    with browser_page(1366, 900, failure_shot=SHOTS / "analyses-failure.png") as page:
+        page.goto(fake_app_url)
+        expect(page.locator("#zoo-status")).to_contain_text("ready", timeout=60_000)
+        button(page, "Load experts").click()
+        expect(page.locator("#experts-table")).to_contain_text("few-shot", timeout=120_000)
+        settle(page)
+        expect(page.locator("#probe-findings")).to_contain_text("Not benchmarked on this zoo")
+        _pick(page, "Method", DARE_LABEL)
+        expect(page.locator("#band-eta")).to_contain_text("seeds 0, 1, 2", timeout=30_000)
+        button(page, "Run over 3 seeds").click()
+        expect(page.locator("#band-status")).to_contain_text("Over seeds 0, 1, 2", timeout=180_000)
+        settle(page)
+        headers = _headers(page, "band-table")
+        assert headers[:4] == ["task", "seed 0", "seed 1", "seed 2"] and "range" in headers, headers
+        expect(page.locator("#band-status")).to_contain_text("seed 0's")
+        expect(page.locator("#history-table")).to_contain_text("seeds 0, 1, 2 (kept: 0)")
+        expect(page.locator("#predict-uses")).to_contain_text("#1 dare_linear")
+        page.locator("#band-table").scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "band-1366.png"))
 
-            page.get_by_text("Analyses · where APL helps").click()
-            expect(page.locator("#analyses-stored")).to_contain_text("bench_apl_analyses.py")
-            button(page, "Pruning curve (quick)").click()
-            expect(page.locator("#pruning-status")).to_contain_text("at p = 0.95", timeout=300_000)
-            settle(page)
-            page.locator("#pruning-status").scroll_into_view_if_needed()
-            page.screenshot(path=str(SHOTS / "pruning-1366.png"))
-            bad = axe_violations(page)
-            assert bad == [], bad
+        page.get_by_text("Analyses · where APL helps").click()
+        expect(page.locator("#analyses-stored")).to_contain_text("bench_apl_analyses.py")
+        button(page, "Pruning curve (quick)").click()
+        expect(page.locator("#pruning-status")).to_contain_text("at p = 0.95", timeout=300_000)
+        settle(page)
+        page.locator("#pruning-status").scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "pruning-1366.png"))
+        bad = axe_violations(page)
+        assert bad == [], bad
 
-            page.set_viewport_size({"width": 390, "height": 844})
-            settle(page)
-            wide = overflow(page)
-            assert wide["scroll"] <= wide["width"] and not wide["wider"], wide
-            for elem in ("band-table", "pruning-status"):
-                page.locator(f"#{elem}").scroll_into_view_if_needed()
-                page.screenshot(path=str(SHOTS / f"{elem}-390.png"))
-        finally:
-            browser.close()
+        page.set_viewport_size({"width": 390, "height": 844})
+        settle(page)
+        wide = overflow(page)
+        assert wide["scroll"] <= wide["width"] and not wide["wider"], wide
+        for elem in ("band-table", "pruning-status"):
+            page.locator(f"#{elem}").scroll_into_view_if_needed()
+            page.screenshot(path=str(SHOTS / f"{elem}-390.png"))

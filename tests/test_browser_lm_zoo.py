@@ -7,101 +7,78 @@ generation config. Screenshot at 1366 px in /tmp/merge-lab-lm/."""
 from __future__ import annotations
 
 import json
-import threading
 import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
-from browser import browser_or_skip, button, launch, settle, table_values
+from browser import browser_page, button, settle, table_values
 
-pytestmark = pytest.mark.browser
+# Chromium + a served page: tens of seconds each, so part of the full run (CI) but not the fast inner loop
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOTS = Path("/tmp/merge-lab-lm")
 
 
-@pytest.fixture()
-def blocked_lm_zoo(app_zoo, monkeypatch):
-    """(release event, cache): LM zoo builds wait until the test releases them, then write the fake LM zoo."""
+def test_switch_to_the_lm_zoo_then_layer_swap_from_importance(app_zoo, blocked_zoo_build):
     from fake_zoo import build_fake_lm_zoo
-
-    from merging.workbench import zoo_build
-
-    _, cache = app_zoo
-    release = threading.Event()
-
-    def slowed_build(zoo_name, progress=None):
-        if not release.wait(240):
-            raise RuntimeError("the test never released the LM zoo build")
-        return build_fake_lm_zoo(cache, name=zoo_name)
-
-    monkeypatch.setattr(zoo_build, "BUILDER", slowed_build)
-    zoo_build.forget_zoo_builds()
-    yield release, cache
-    release.set()
-    zoo_build.forget_zoo_builds()
-
-
-def test_switch_to_the_lm_zoo_then_layer_swap_from_importance(blocked_lm_zoo):
-    browser_or_skip()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
     from served_app import launched_app
 
     from merging import workbench as wb
     from merging.workbench import zoo_build
 
-    release, cache = blocked_lm_zoo
+    _, cache = app_zoo
+    release = blocked_zoo_build(lambda zoo_name: build_fake_lm_zoo(cache, name=zoo_name))
     SHOTS.mkdir(exist_ok=True)
-    with launched_app() as url, sync_playwright() as pw:
-        browser, page = launch(pw)
-        try:
-            page.goto(url)
-            status = page.locator("#zoo-status")
-            expect(status).to_contain_text("ready", timeout=60_000)
-            assert not [n for n in zoo_build._BUILDS if wb.is_lm_zoo_name(n)]  # never at start-up
-            page.locator("#zoo-kind label").filter(has_text="language models (").click()
-            expect(status).to_contain_text("Building the LM demo zoo", timeout=30_000)
-            expect(status).to_contain_text("running for", timeout=30_000)
-            expect(page.locator("#btn-guided")).to_be_disabled()
-            release.set()
-            expect(status).to_contain_text("ready: 2 experts (count, echo)", timeout=90_000)
-            expect(page.get_by_label("Base model")).to_have_value(f"zoo:{wb.lm_zoo_name()}/base", timeout=30_000)
+    with launched_app() as url, browser_page(failure_shot=SHOTS / "lm-zoo-failure.png") as page:
+        page.goto(url)
+        status = page.locator("#zoo-status")
+        expect(status).to_contain_text("ready", timeout=60_000)
+        assert not [n for n in zoo_build._BUILDS if wb.is_lm_zoo_name(n)]  # never at start-up
+        page.locator("#zoo-kind label").filter(has_text="language models (").click()
+        expect(status).to_contain_text("Building the LM demo zoo", timeout=30_000)
+        expect(status).to_contain_text("running for", timeout=30_000)
+        expect(page.locator("#btn-guided")).to_be_disabled()
+        release.set()
+        expect(status).to_contain_text("ready: 2 experts (count, echo)", timeout=90_000)
+        # the switch's label counts the built zoo's own experts (the page was drawn before it was built)
+        expect(page.locator("#zoo-kind")).to_contain_text("language models (2 experts)", timeout=30_000)
+        expect(page.get_by_label("Base model")).to_have_value(f"zoo:{wb.lm_zoo_name()}/base", timeout=30_000)
 
-            button(page, "Load experts").click()
-            expect(page.locator("#load-status")).to_contain_text("Loaded 2 experts", timeout=90_000)
-            panel = page.locator("#layer-swap-panel")
-            expect(panel).to_be_visible(timeout=30_000)
-            expect(page.locator("#try-prompt")).to_be_visible()
-            button(page, "Compute importance").click()
-            expect(page.locator("#heatmap .js-plotly-plot")).to_be_visible(timeout=120_000)
-            settle(page)
-            button(page, "Suggest from importance").click()
-            expect(page.locator("#layer-swap-status")).to_contain_text("Suggested from importance", timeout=60_000)
-            expect(page.locator("#layer-swap-table")).to_contain_text("head", timeout=30_000)
-            _, table = table_values(page, "layer-swap-table")
-            take = {row[0]: row[-1] for row in table}
-            assert set(take) == {"embeddings", "0", "1", "head"} and set(take.values()) <= {"count", "echo"}, table
+        button(page, "Load experts").click()
+        expect(page.locator("#load-status")).to_contain_text("Loaded 2 experts", timeout=90_000)
+        panel = page.locator("#layer-swap-panel")
+        expect(panel).to_be_visible(timeout=30_000)
+        expect(page.locator("#try-prompt")).to_be_visible()
+        button(page, "Compute importance").click()
+        expect(page.locator("#heatmap .js-plotly-plot")).to_be_visible(timeout=120_000)
+        settle(page)
+        button(page, "Suggest from importance").click()
+        expect(page.locator("#layer-swap-status")).to_contain_text("Suggested from importance", timeout=60_000)
+        expect(page.locator("#layer-swap-table")).to_contain_text("head", timeout=30_000)
+        _, table = table_values(page, "layer-swap-table")
+        take = {row[0]: row[-1] for row in table}
+        assert set(take) == {"embeddings", "0", "1", "head"} and set(take.values()) <= {"count", "echo"}, table
 
-            method = page.get_by_label("Method", exact=True)
-            method.click()
-            method.fill("Layer swapping")
-            page.get_by_role("option", name="Layer swapping").first.click()
-            settle(page)
-            button(page, "Merge").click()
-            expect(page.locator("#merge-status")).to_contain_text("layer_swap done", timeout=90_000)
+        method = page.get_by_label("Method", exact=True)
+        method.click()
+        method.fill("Layer swapping")
+        page.get_by_role("option", name="Layer swapping").first.click()
+        settle(page)
+        button(page, "Merge").click()
+        expect(page.locator("#merge-status")).to_contain_text("layer_swap done", timeout=90_000)
 
-            pick = page.locator("#configs-from input")
-            expect(pick).to_be_visible()
-            pick.click()
-            pick.fill("echo")
-            pick.press("Enter")
-            button(page, "Export").click()
-            expect(page.locator("#export-status")).to_contain_text("zip", timeout=90_000)
-            page.locator("#layer-swap-panel").scroll_into_view_if_needed()
-            page.screenshot(path=str(SHOTS / "lm-layer-swap.png"))
-            toasts = page.locator("[data-testid=toast-body]").all_inner_texts()
-            assert not [t for t in toasts if "went wrong" in t], toasts
-        finally:
-            browser.close()
+        pick = page.locator("#configs-from input")
+        expect(pick).to_be_visible()
+        pick.click()
+        pick.fill("echo")
+        pick.press("Enter")
+        button(page, "Export").click()
+        expect(page.locator("#export-status")).to_contain_text("zip", timeout=90_000)
+        page.locator("#layer-swap-panel").scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "lm-layer-swap.png"))
+        toasts = page.locator("[data-testid=toast-body]").all_inner_texts()
+        assert not [t for t in toasts if "went wrong" in t], toasts
     zips = sorted((cache / "exports").glob("*/*.zip"), key=lambda p: p.stat().st_mtime)
     with zipfile.ZipFile(zips[-1]) as archive:
         recipe = yaml.safe_load(archive.read("recipe.yaml"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from browser import SHOTS, browser_or_skip, launch
+from browser import SHOTS, browser_page
 from served_app import free_port
 
 pytestmark = pytest.mark.browser
@@ -53,38 +53,32 @@ def heatmap_url():
         demo.close()
 
 
-@pytest.mark.parametrize("width", [390, 1366])
+# the phone width stays in the fast inner loop: the one quick check that Chromium, playwright and a served page
+# still work (a few seconds); the desktop width runs with the other browser tests in the full run
+@pytest.mark.parametrize("width", [390, pytest.param(1366, marks=pytest.mark.slow)])
 def test_real_zoo_heatmaps_stack_on_a_phone_and_keep_every_layer(heatmap_url, width):
-    browser_or_skip()
-    from playwright.sync_api import sync_playwright
-
     SHOTS.mkdir(exist_ok=True)
-    with sync_playwright() as pw:
-        browser, page = launch(pw)
-        page.set_viewport_size({"width": width, "height": 900})
+    with browser_page(width, 900, failure_shot=SHOTS / f"heatmap-real-shape-{width}-failure.png") as page:
         errors: list[str] = []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        try:
-            page.goto(heatmap_url)
-            page.wait_for_selector("#heat .js-plotly-plot", timeout=60_000)
-            # drawn in the layout that fits: stacked panels span the width, side-by-side ones a quarter of it
-            want = "narrow" if width < 600 else "wide"
-            page.wait_for_function("(narrow) => { const gd = document.querySelector('#heat .js-plotly-plot');"
-                                   " const d = gd._fullLayout.xaxis.domain; return (d[1] - d[0] > 0.9) === narrow; }",
-                                   arg=want == "narrow", timeout=30_000)
-            page.wait_for_timeout(500)
-            state = page.evaluate(STATE_JS)
-            page.locator("#heat").screenshot(path=str(SHOTS / f"heatmap-real-shape-{width}.png"))
-            assert state["types"] == ["category"] * len(EXPERTS), state["types"]
-            for layer in LAYERS:  # each panel labels every layer, words and numbers alike
-                assert state["ticks"].count(layer) == (len(EXPERTS) if width < 600 else 1), (layer, state["ticks"])
-            panels = state["panels"]
-            if width < 600:
-                assert all(p["x"] == [0, 1] and p["width"] >= 150 and p["height"] >= 120 for p in panels), panels
-                tops = sorted(p["y"] for p in panels)
-                assert all(upper[0] >= lower[1] for lower, upper in zip(tops, tops[1:])), tops  # one under another
-            else:
-                assert all(p["width"] >= 150 for p in panels), panels
-            assert not [e for e in errors if "axis scaling" in e], errors
-        finally:
-            browser.close()
+        page.goto(heatmap_url)
+        page.wait_for_selector("#heat .js-plotly-plot", timeout=60_000)
+        # drawn in the layout that fits: stacked panels span the width, side-by-side ones a quarter of it
+        want = "narrow" if width < 600 else "wide"
+        page.wait_for_function("(narrow) => { const gd = document.querySelector('#heat .js-plotly-plot');"
+                               " const d = gd._fullLayout.xaxis.domain; return (d[1] - d[0] > 0.9) === narrow; }",
+                               arg=want == "narrow", timeout=30_000)
+        page.wait_for_timeout(500)
+        state = page.evaluate(STATE_JS)
+        page.locator("#heat").screenshot(path=str(SHOTS / f"heatmap-real-shape-{width}.png"))
+        assert state["types"] == ["category"] * len(EXPERTS), state["types"]
+        for layer in LAYERS:  # each panel labels every layer, words and numbers alike
+            assert state["ticks"].count(layer) == (len(EXPERTS) if width < 600 else 1), (layer, state["ticks"])
+        panels = state["panels"]
+        if width < 600:
+            assert all(p["x"] == [0, 1] and p["width"] >= 150 and p["height"] >= 120 for p in panels), panels
+            tops = sorted(p["y"] for p in panels)
+            assert all(upper[0] >= lower[1] for lower, upper in zip(tops, tops[1:])), tops  # one under another
+        else:
+            assert all(p["width"] >= 150 for p in panels), panels
+        assert not [e for e in errors if "axis scaling" in e], errors

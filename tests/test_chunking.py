@@ -8,6 +8,7 @@ declares itself not row-separable must still pass, because the engine then merge
 
 import math
 
+import apl_fixtures as fx
 import pytest
 import torch
 
@@ -31,6 +32,14 @@ SHAPES = {
     "encoder.layer.1.attn.c_attn.weight": (40, 96),  # GPT-2 Conv1D [in, out]: units along axis 1, 20 chunks
 }
 LEVELS = torch.tensor([1.0, 2.0, 3.0, 0.5]) / 16  # exact in fp16 and bf16: many entries share a magnitude
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: on these tiny tensors two MKL threads only spin (an SVD of a 64 × 32 matrix took 48 ms
+    on two loaded cores, 2 ms on one), and whole and chunked merges are compared within the same setting."""
+    with fx.one_thread():
+        yield
 
 
 def _tied_delta(shape, generator, zeros=True):

@@ -133,7 +133,7 @@ def test_queued_users_see_their_position(fake_app_url, app_zoo, monkeypatch):
     real_merge = wb.merge
 
     def slow_merge(*args, **kwargs):
-        time.sleep(2.0)
+        time.sleep(1.0)  # long enough that the later two jobs wait (polled every 50 ms), short enough to be quick
         return real_merge(*args, **kwargs)
 
     monkeypatch.setattr(wb, "merge", slow_merge)
@@ -296,6 +296,8 @@ def run_memory_probe(budget: int, selections: int, tmp: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a fresh interpreter builds ~29 MB models and merges nine times (≈ 25 s on a loaded machine);
+# test_cache_evicts_by_bytes keeps the cache's accounting in the fast inner loop
 def test_peak_rss_stays_within_the_cache_budget(tmp_path):
     """Eight selections of ~29 MB models, each loaded and merged, with a 64 MB cache budget: the cache estimate
     never exceeds the budget; RSS once the jobs are done grows by at most the budget (+ slack), and the peak

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import zipfile
+from pathlib import Path
 
 import apl_fixtures as fx
 import numpy as np
@@ -72,6 +73,24 @@ def test_the_lm_zoo_is_built_on_first_use_with_its_own_progress_line(merge_lab_c
     finally:
         release.set()
         zoo_build.forget_zoo_builds()
+
+
+def test_the_zoo_switch_counts_the_built_zoos_own_experts(lm_fake, app_zoo, monkeypatch):
+    """The switch's labels count each zoo's experts: a built zoo's own (the 2-expert fake LM zoo, the 2-task
+    fake classifier zoo), else those its build would make (tasks.yaml's LM zoo, read here with yaml)."""
+    from merging.zoo.tasks import default_task_names
+
+    zoo, _ = app_zoo
+    monkeypatch.setenv("MERGE_LAB_ZOO", zoo.name)
+    monkeypatch.setenv("MERGE_LAB_LM_ZOO", lm_fake.name)
+    assert wb.demo_zoos() == [(f"classifiers ({len(zoo.tasks)} tasks)", zoo.name),
+                              ("language models (2 experts)", lm_fake.name)]
+    monkeypatch.setenv("MERGE_LAB_ZOO", "not-built-yet")
+    monkeypatch.setenv("MERGE_LAB_LM_ZOO", "lm-never-built")  # not built: what its build makes (the lm spec)
+    described = yaml.safe_load((Path(wb.__file__).parents[1] / "zoo" / "tasks.yaml").read_text(encoding="utf-8"))
+    n_lm = len(described["lm_zoos"]["lm"]["experts"])
+    assert wb.demo_zoos() == [(f"classifiers ({len(default_task_names())} tasks)", "not-built-yet"),
+                              (f"language models ({n_lm} experts)", "lm-never-built")]
 
 
 def test_the_page_never_builds_a_zoo_named_by_a_typed_reference():

@@ -1,5 +1,6 @@
 """Fuzz the recipe parser: no input makes it raise anything but MergeLabError."""
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,12 +29,16 @@ def _parse(data):
         pass
 
 
+# the two 300-example sweeps of structured recipes (≈ 5 s of CPU) run in the full run; the YAML-text sweep
+# below keeps the parser's fuzzing in the fast inner loop
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(keys, values, max_size=6))
 def test_arbitrary_mappings(data):
     _parse(data)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(method=methods, experts=experts, parameters=st.one_of(params, values), seed=values, dtype=values)
 def test_plausible_recipes(method, experts, parameters, seed, dtype):

@@ -180,12 +180,18 @@ def is_lm_zoo_name(name: str) -> bool:
 
 
 def lm_zoo_tasks(name: str) -> list[str]:
-    """The experts an LM zoo is built with (its ``tasks.yaml`` entry), for the progress line and the switch."""
+    """The experts of LM zoo ``name``, for the progress line and the switch: the built zoo's own (a zoo built
+    by hand or by a test has its own experts), else those a build would make (its ``tasks.yaml`` entry)."""
+    from ..zoo.zoo import recorded_tasks
+
+    built = recorded_tasks(name)
+    if built is not None:
+        return built
     try:
         from ..zoo.lm_zoo import lm_zoo_spec
 
         return list(lm_zoo_spec(name)["experts"])
-    except Exception:  # noqa: BLE001 - a zoo tasks.yaml does not describe (a test's): its count is unknown
+    except Exception:  # noqa: BLE001 - an unreadable tasks.yaml: the count is unknown (said when it is built)
         return []
 
 
@@ -201,12 +207,14 @@ def ensure_lm_zoo(name: str, progress: Progress | None = None):
 
 def demo_zoos() -> list[tuple[str, str]]:
     """(label, zoo name) of the page's two demo zoos: the classifier zoo first (the default at start-up),
-    then the LM zoo, each label saying what its experts are."""
+    then the LM zoo, each label counting its experts (the built zoo's own, else those its build makes)."""
+    from ..zoo.zoo import recorded_tasks
+
     classifier = _zoo_name(None)
-    n_tasks = len(_default_tasks())
+    n_tasks = len(recorded_tasks(classifier) or _default_tasks())
     n_lm = len(lm_zoo_tasks(lm_zoo_name()))
     return [(f"classifiers ({n_tasks} tasks)" if n_tasks else "classifiers", classifier),
-            (f"language models ({n_lm} languages/domains)" if n_lm else "language models", lm_zoo_name())]
+            (f"language models ({n_lm} experts)" if n_lm else "language models", lm_zoo_name())]
 
 
 def _default_tasks() -> list[str]:

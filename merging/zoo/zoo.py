@@ -193,6 +193,17 @@ def _open_root(root: Path, name: str) -> Zoo:
     )
 
 
+def recorded_tasks(name: str) -> list[str] | None:
+    """The experts a built zoo's ``zoo.json`` lists, read without verifying them (what :func:`open_zoo` does, a
+    checksum per expert), for words that name the zoo; None if it is not built or its record is unreadable."""
+    try:
+        meta = json.loads((safe_join(zoos_root(), check_name(name, "zoo name")) / ZOO_FILE).read_text(encoding="utf-8"))
+        tasks = [str(t) for t in meta["tasks"]]
+    except (OSError, ValueError, KeyError, TypeError, MergeLabError):
+        return None
+    return tasks
+
+
 def open_zoo(name: str | None = None) -> Zoo:
     """Open a built zoo (default: ``MERGE_LAB_ZOO`` or ``default``), verifying every expert."""
     name = check_name(name or default_zoo_name(), "zoo name")  # zoo:NAME/… comes from users
