@@ -100,7 +100,14 @@ class Grids:
     lam_sparse: tuple[float, ...]  # methods that keep entries unscaled (TIES, magnitude)
 
 
-def grids(args) -> Grids:
+#: The LM zoo's λ grids (unless --lambdas / --sparse-lambdas say otherwise): bench_methods' LM run selected
+#: every λ-tuned row at the SMALL end of the classifier grids by few-shot loss (RESULTS-methods.md, LM
+#: section: λ 0.3-0.4 for DARE and task arithmetic, 0.7 for TIES and magnitude), so the grids reach lower.
+LM_LAMBDAS = (0.2, 0.3, 0.5, 0.7)
+LM_SPARSE_LAMBDAS = (0.4, 0.7, 1.0, 1.5)
+
+
+def grids(args, lm: bool = False) -> Grids:
     fractions = tuple(float(f) for f in args.fractions.split(",")) if args.fractions else \
         ((0.5, 0.9, 0.99) if args.quick else P.DEFAULT_FRACTIONS)
     drop = tuple(float(f) for f in args.drop_fractions.split(",")) if args.drop_fractions else \
@@ -109,9 +116,9 @@ def grids(args) -> Grids:
         ((0.5, 2.0, INF) if args.quick else (0.25, 0.5, 1.0, 2.0, 4.0, INF))
     sizes = tuple(int(n) for n in args.sizes.split(",")) if args.sizes else ((4, 16) if args.quick else (4, 8, 16, 32, 64))
     lam = tuple(float(v) for v in args.lambdas.split(",")) if args.lambdas else \
-        ((0.6, 1.0) if args.quick else (0.5, 0.7, 1.0, 1.3))
+        ((0.3, 0.6) if lm else (0.6, 1.0)) if args.quick else LM_LAMBDAS if lm else (0.5, 0.7, 1.0, 1.3)
     sparse = tuple(float(v) for v in args.sparse_lambdas.split(",")) if args.sparse_lambdas else \
-        ((1.0, 2.0) if args.quick else (1.0, 1.5, 2.0, 3.0))
+        ((0.7, 1.5) if lm else (1.0, 2.0)) if args.quick else LM_SPARSE_LAMBDAS if lm else (1.0, 1.5, 2.0, 3.0)
     return Grids(fractions, drop, sizes, taus, lam, sparse)
 
 
@@ -1066,8 +1073,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--taus", default="", help="analysis 4's temperature grid (default 0.25,0.5,1,2,4,inf)")
     parser.add_argument("--baselines", default=",".join(DROP_BASELINES),
                         help=f"analysis 2 and 6's baselines (of {', '.join(DROP_BASELINES)})")
-    parser.add_argument("--lambdas", default="", help="λ grid of rescaled methods (APL, DARE); default 0.5,0.7,1.0,1.3")
-    parser.add_argument("--sparse-lambdas", default="", help="λ grid of TIES and magnitude; default 1,1.5,2,3")
+    parser.add_argument("--lambdas", default="", help="λ grid of rescaled methods (APL, DARE); default 0.5,0.7,1.0,1.3 "
+                        "(LM zoo: 0.2,0.3,0.5,0.7)")
+    parser.add_argument("--sparse-lambdas", default="", help="λ grid of TIES and magnitude; default 1,1.5,2,3 (LM zoo: "
+                        "0.4,0.7,1,1.5)")
     parser.add_argument("--checkpoint", default=None, help="write the JSON so far there after each analysis")
     parser.add_argument("--tau-settings", default="all", help="settings analysis 4 runs on (all, pair or both)")
     parser.add_argument("--threads", type=int, default=1)
@@ -1149,7 +1158,7 @@ def run_all(args, command: str) -> dict:
     except MergeLabError as exc:
         raise SystemExit(f"refused: {exc}") from exc
     args.n_probe = inputs.n_probe  # an LM zoo holds out fewer texts than the classifier default asks for
-    g = grids(args)
+    g = grids(args, inputs.lm)
     ctx = Ctx(zoo, args, g, seeds, inputs.probes, inputs.pools, inputs.pool_info, inputs.probe_note, inputs.tokenizer,
               inputs.reference, setting_tasks, log, baselines=[b.strip() for b in args.baselines.split(",") if b.strip()],
               lm=inputs.lm)
