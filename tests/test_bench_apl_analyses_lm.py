@@ -163,3 +163,19 @@ def test_combine_renders_classifier_and_lm_parts_in_one_file(bench, lm_part, tmp
     assert bench.main(["--combine", str(tmp_path / "out" / "RESULTS-apl-analyses.json"), str(paths[1]),
                        "--out-dir", str(again)]) == 0
     assert (again / "RESULTS-apl-analyses.md").read_text().count(f"# LM zoo '{lm['zoo']}'") == 1
+
+
+def test_the_page_finds_the_lm_zoo_in_a_combined_file(tmp_path):
+    """A combined file holds the first zoo at the top level and the others under other_zoos: the page's
+    reader hands each zoo its own results and no other's."""
+    from types import SimpleNamespace
+
+    from merging.workbench import findings as fd
+
+    lm = {"zoo": "lm", "summary": "On the LM zoo …", "pruning": []}
+    (tmp_path / fd.ANALYSES_JSON).write_text(json.dumps({"zoo": "default", "summary": "classifier",
+                                                         "other_zoos": [lm]}))
+    assert fd.analyses_for(SimpleNamespace(name="lm"), tmp_path) == (lm, "")
+    assert fd.analyses_for(SimpleNamespace(name="default"), tmp_path)[0]["summary"] == "classifier"
+    data, why = fd.analyses_for(SimpleNamespace(name="other"), tmp_path)
+    assert data is None and "not this one ('other')" in why
