@@ -498,7 +498,8 @@ def analysis_out_of_domain(ctx: Ctx) -> dict:
                                   "expert": bm.reference_metric(ood_ref, task, task, metric),
                                   "base_in_domain": bm.reference_metric(ctx.reference, "base", task, metric),
                                   "expert_in_domain": bm.reference_metric(ctx.reference, task, task, metric)}
-    runs = [bm.run_of("task arithmetic", "task_arithmetic", [{}], [0.3, 0.5, 0.7, 1.0], deterministic=True),
+    ta_lambdas = list(ctx.grids.lam_rescaled) if ctx.lm else [0.3, 0.5, 0.7, 1.0]  # LM: λ optima lie lower
+    runs = [bm.run_of("task arithmetic", "task_arithmetic", [{}], ta_lambdas, deterministic=True),
             *drop_runs(0.8, ctx.grids, ctx.baselines)]
     for run in runs:
         label = f"{run.label} (p̄=0.8)" if run.method != "task_arithmetic" else run.label
