@@ -179,3 +179,15 @@ def test_the_page_finds_the_lm_zoo_in_a_combined_file(tmp_path):
     assert fd.analyses_for(SimpleNamespace(name="default"), tmp_path)[0]["summary"] == "classifier"
     data, why = fd.analyses_for(SimpleNamespace(name="other"), tmp_path)
     assert data is None and "not this one ('other')" in why
+
+
+def test_combine_refuses_parts_of_one_zoo_name_from_two_builds(bench):
+    from merging.errors import MergeLabError
+
+    def part(fingerprint):
+        return {"zoo": "lm", "zoo_fingerprint": fingerprint, "commands": [], "meta": {"parts": []}}
+
+    with pytest.raises(MergeLabError, match="different builds"):
+        bench.combine([part("a"), part("b")], "combine")
+    both = bench.combine([part("a"), {**part("x"), "zoo": "default"}], "combine")
+    assert both["zoo"] == "lm" and both["other_zoos"][0]["zoo"] == "default"
