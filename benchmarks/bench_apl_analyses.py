@@ -935,7 +935,8 @@ def summary(data: dict) -> str:
                  f"{what}, and no (expert, p) cell of {n_prune} separates "
                  "an importance-guided pruning strategy from both random and magnitude dropping.")
     spans = len(cells) - len(wins) - len(losses)
-    n_seeds = len((data.get("meta") or {}).get("seeds") or []) or "the"
+    meta = data.get("meta") or {}
+    n_seeds = len((meta.get("analysis_seeds") or {}).get("drop_range") or meta.get("seeds") or []) or "the"
     ties, below, n_cells = pruning_against_dare(data.get("pruning") or [], sense)
     within = "within 0.01 of DARE's perplexity ratio" if sense.lm else "within 1 point of DARE"
     worse = "is worse than" if sense.lm else "falls below"
@@ -978,7 +979,11 @@ def render_zoo(data: dict) -> str:
             out += ["Base perplexity on each task's probe texts: " + ", ".join(
                 f"{t} {v:.1f}" for t, v in meta["base_perplexity"].items()) + "."
                     + (f" {meta['pair_note'].splitlines()[0]}" if meta.get("pair_note") else ""), ""]
-    out += [f"Zoo '{data['zoo']}' (fingerprint {data.get('zoo_fingerprint')}); seeds {meta.get('seeds')}; probe "
+    per = {k: v for k, v in (meta.get("analysis_seeds") or {}).items() if data.get(k)}
+    mixed = len({json.dumps(v) for v in per.values()}) > 1
+    shown = ("per analysis (each from the part that measured it): " + ", ".join(
+        f"{k} {v}" for k, v in per.items())) if mixed else meta.get("seeds")
+    out += [f"Zoo '{data['zoo']}' (fingerprint {data.get('zoo_fingerprint')}); seeds {shown}; probe "
             f"{meta.get('n_probe')} examples per task; few-shot n = {meta.get('n_fewshot')} per task (analysis 3 varies "
             f"it) from pools of {meta.get('pools')}; {meta.get('data_note') or 'probe sets: the zoo split with its seed'}.",
             "", "Commands (exactly as run):", ""]
@@ -992,7 +997,8 @@ def render_zoo(data: dict) -> str:
     if data.get("pruning"):
         out += render_pruning(data["pruning"], sense, meta.get("base_perplexity"))
     if data.get("drop_range"):
-        out += render_drop_range(data["drop_range"], (meta.get("grids") or {}).get("lam_rescaled"), sense)
+        grid = ((meta.get("analysis_grids") or {}).get("drop_range") or meta.get("grids") or {}).get("lam_rescaled")
+        out += render_drop_range(data["drop_range"], grid, sense)
     out += render_fewshot(data.get("fewshot_size") or [], sense)
     out += render_taus(data.get("taus") or [], sense)
     out += render_ablation(data.get("ablation") or [], sense)
@@ -1046,12 +1052,18 @@ def _combine_zoo(parts: list[dict], command: str) -> dict:
     data: dict[str, Any] = {"zoo": parts[0]["zoo"], "zoo_fingerprint": parts[0].get("zoo_fingerprint"),
                             "commands": [], "meta": dict(parts[0].get("meta", {}))}
     data["meta"]["parts"] = []
+    seeds: dict[str, Any] = {}  # analysis → the seeds of the part it comes from (parts may differ)
+    grids_of: dict[str, Any] = {}  # analysis → that part's grids (its λ grid for the edge notes)
     for part in parts:
         data["commands"] += [c for c in part.get("commands", []) if c not in data["commands"]]
         data["meta"]["parts"] += part.get("meta", {}).get("parts", [])
         for key in ANALYSES.values():
             if part.get(key):
                 data[key] = part[key]
+                meta = part.get("meta", {})
+                seeds[key] = (meta.get("analysis_seeds") or {}).get(key, meta.get("seeds"))
+                grids_of[key] = (meta.get("analysis_grids") or {}).get(key, meta.get("grids"))
+    data["meta"]["analysis_seeds"], data["meta"]["analysis_grids"] = seeds, grids_of
     data["commands"].append(command)
     for key in ANALYSES.values():
         data.setdefault(key, [] if key != "out_of_domain" else {})
