@@ -718,12 +718,20 @@ def pruning_verdict(curves: list[dict], sense: Sense = Sense()) -> list[str]:
             f"(expert, p) cells: {listed} ({margin})." + against]
 
 
+def edge_count(rows: list[dict], grid: list[float] | None) -> tuple[int, int]:
+    """(selections at an end of the λ grid, selections) among the rows' selected configurations."""
+    if not grid or len(grid) < 2:
+        return 0, 0
+    lams = [float(label.split()[0][2:]) for r in rows for label in r["selected"].values() if label.startswith("λ=")]
+    return sum(1 for lam in lams if lam in (min(grid), max(grid))), len(lams)
+
+
 def edge_note(rows: list[dict], grid: list[float] | None) -> str:
     """How many of the rows' selected λ sit at an end of the λ grid (the optimum may lie beyond it)."""
     if not grid or len(grid) < 2:
         return ""
-    lams = [float(label.split()[0][2:]) for r in rows for label in r["selected"].values() if label.startswith("λ=")]
-    at_edge = sum(1 for lam in lams if lam in (min(grid), max(grid)))
+    at_edge, n = edge_count(rows, grid)
+    lams = range(n)
     return (f" {at_edge} of {len(lams)} selections sit at an end of the λ grid {{{', '.join(f'{v:g}' for v in grid)}}}"
             " (the few-shot-loss optimum may lie beyond it)." if lams else "")
 
@@ -953,6 +961,11 @@ def summary(data: dict) -> str:
         second = (f"It does not help detectably when merging: at {spans} of {len(cells)} (setting, p̄) cells the 95 % "
                   f"interval over {n_seeds} seeds spans zero and at none is APL ahead or behind with confidence"
                   f"{pruning_part}.")
+    grid = ((meta.get("analysis_grids") or {}).get("drop_range") or meta.get("grids") or {}).get("lam_rescaled")
+    at_edge, n = edge_count([r for r in data.get("drop_range") or [] if r["method"] in ("APL", "DARE linear")], grid)
+    if n and at_edge:  # the grid, not the method, may have decided there: said beside the verdict
+        second = second[:-1] + (f" (read the merging cells with the λ grid: {at_edge} of {n} APL and DARE "
+                                "selections sit at an end of it).")
     return first + " " + second
 
 
