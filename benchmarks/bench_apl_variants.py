@@ -44,7 +44,6 @@ import bench_methods as bm  # noqa: E402  (the protocol's helpers: settings, sel
 
 from merging.engine import MergeSettings  # noqa: E402
 from merging.errors import MergeLabError  # noqa: E402
-from merging.io.experts import ExpertSet  # noqa: E402
 from merging.io.taskdata import draw_fewshot  # noqa: E402
 from merging.methods import get_method  # noqa: E402
 from merging.zoo.probe import Prober  # noqa: E402
@@ -242,11 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     pair = [t.strip() for t in args.pair.split(",")]
     wanted = [s.strip() for s in args.settings.split(",")]
     settings = [(s, list(zoo.tasks) if s == "all" else pair) for s in ("all", "pair") if s in wanted]
-    probes, _ = bm.probe_sets(zoo, args.n_probe)
-    all_probe_texts = {text for examples in bm.probe_sets(zoo, 400)[0].values() for text, _ in examples}
-    pools, _ = bm.fewshot_pools(zoo, args.pool, all_probe_texts)
-    reference = Prober.for_zoo(zoo, probe_sets=probes, disk_cache=True).reference()
-    tokenizer = bm.tokenizer_of(ExpertSet.load(zoo.base_path, {t: f"zoo:{zoo.name}/{t}" for t in pair}))
+    inputs = bm.open_inputs(zoo, args.n_probe, args.pool, pair)
+    probes, pools, reference, tokenizer = inputs.probes, inputs.pools, inputs.reference, inputs.tokenizer
     done = []
     for name, tasks in settings:
         t0 = time.perf_counter()

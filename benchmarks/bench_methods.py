@@ -1347,6 +1347,84 @@ def interfering_pair(zoo) -> tuple[list[str], str]:
     return list(chosen), "\n".join(lines)
 
 
+# ---- a zoo's inputs, shared by every bench that runs this protocol -----------------------------
+
+@dataclass
+class ZooInputs:
+    """What a bench running this protocol reads from a zoo before its first merge, built one way for
+    bench_methods, bench_apl_variants and bench_apl_analyses: probe sets, few-shot pools, the tokenizer
+    and the reference rows (base and experts on the probe sets; an LM zoo's are perplexities)."""
+
+    lm: bool
+    probes: dict
+    probe_note: str
+    pools: dict
+    pool_info: dict
+    tokenizer: Any
+    reference: Any
+    n_probe: int  # probe examples per task in use: an LM zoo holds out fewer than the classifier default
+    draws: dict = field(default_factory=dict)  # check_draws' overlaps, when draws were checked
+    lm_spec: dict | None = None
+
+
+def choose_pair(zoo, pair: str | None) -> tuple[list[str], str]:
+    """(the pair setting's two tasks, a note on how they were chosen): ``pair`` ("a,b") if given; on an LM
+    zoo the pair that interferes most in its build records; else the classifier zoo's sentiment +
+    subjectivity. Refuses a pair that is not two of the zoo's tasks."""
+    if pair is None and is_lm_zoo(zoo):
+        return interfering_pair(zoo)
+    chosen = [t.strip() for t in (pair or "sentiment,subjectivity").split(",")]
+    if len(chosen) != 2 or any(t not in zoo.tasks for t in chosen):
+        raise MergeLabError(f"--pair needs two of the zoo's tasks ({', '.join(zoo.tasks)}), got {','.join(chosen)!r}",
+                            field="pair")
+    return chosen, ""
+
+
+def zoo_tokenizer(zoo, tasks: list[str]):
+    """The zoo base's tokenizer (every expert of a zoo shares it)."""
+    return tokenizer_of(ExpertSet.load(zoo.base_path, {t: f"zoo:{zoo.name}/{t}" for t in tasks}))
+
+
+def reference_rows(zoo, probes: dict, tokenizer):
+    """Base and expert rows on ``probes``, disk-cached by the prober: accuracy, or perplexity on an LM zoo."""
+    if is_lm_zoo(zoo):
+        every = ExpertSet.load(zoo.base_path, {t: f"zoo:{zoo.name}/{t}" for t in zoo.tasks})
+        return LMScorer(every, probes, tokenizer, list(zoo.tasks), Path(zoo.root) / "probe_cache").reference()
+    return Prober.for_zoo(zoo, probe_sets=probes, disk_cache=True).reference()
+
+
+def lm_spec_of(zoo, overrides_json: str | None) -> dict | None:
+    """An LM zoo's build settings (``tasks.yaml``, with a test's tiny-zoo overrides); None for a classifier zoo."""
+    if not is_lm_zoo(zoo):
+        return None
+    import json
+
+    from merging.zoo.lm_zoo import lm_zoo_spec
+
+    return lm_zoo_spec(zoo.name, json.loads(overrides_json) if overrides_json else None)
+
+
+def open_inputs(zoo, n_probe: int, pool: int, pair: list[str], *, lm_spec_json: str | None = None,
+                draws: tuple[int, list[int]] | None = None, log: Callable[[str], None] = print) -> ZooInputs:
+    """Probe sets, pools (checked for distinct draws when ``draws`` = (n_fewshot, seeds) is given, before
+    any model runs), tokenizer and reference rows of ``zoo``. Raises MergeLabError where the data refuses."""
+    lm = is_lm_zoo(zoo)
+    probes, probe_note = probe_sets(zoo, n_probe)
+    all_probe_texts = {example_text(e) for examples in probe_sets(zoo, 400)[0].values() for e in examples}
+    spec = lm_spec_of(zoo, lm_spec_json)
+    pools, pool_info = fewshot_pools(zoo, pool, all_probe_texts, lm_spec=spec)
+    overlaps = check_draws(pools, draws[0], draws[1]) if draws else {}
+    held = min(len(p) for p in probes.values())
+    if lm and n_probe > held:
+        log(f"(LM zoo: probe {held} held-out texts per task, all it holds out)")
+        n_probe = held
+    tokenizer = zoo_tokenizer(zoo, pair)
+    t0 = time.perf_counter()
+    reference = reference_rows(zoo, probes, tokenizer)
+    log(f"reference rows (base, experts; disk-cached by the prober): {time.perf_counter() - t0:.1f} s")
+    return ZooInputs(lm, probes, probe_note, pools, pool_info, tokenizer, reference, n_probe, overlaps, spec)
+
+
 def _t_crit(n: int) -> float:
     table = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}
     return table.get(n, 2.0)
@@ -1392,51 +1470,30 @@ def main(argv: list[str] | None = None) -> int:
     except MergeLabError as exc:
         print(f"{exc}\nBuild the demo zoo first: python -m merging zoo build --name {args.zoo}", file=sys.stderr)
         return 1
-    lm = is_lm_zoo(zoo)
-    pair_note = ""
-    if args.pair is None and lm:
-        pair, pair_note = interfering_pair(zoo)
-        log(pair_note)
-    else:
-        pair = [t.strip() for t in (args.pair or "sentiment,subjectivity").split(",")]
-    if len(pair) != 2 or any(t not in zoo.tasks for t in pair):
-        print(f"--pair needs two of the zoo's tasks ({', '.join(zoo.tasks)}), got {','.join(pair)!r}", file=sys.stderr)
+    try:
+        pair, pair_note = choose_pair(zoo, args.pair)
+    except MergeLabError as exc:
+        print(exc, file=sys.stderr)
         return 2
+    if pair_note:
+        log(pair_note)
     wanted = [s.strip() for s in args.settings.split(",")]
     settings = [(s, list(zoo.tasks) if s == "all" else pair) for s in ("all", "pair") if s in wanted]
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    probes, probe_note = probe_sets(zoo, args.n_probe)
-    all_probe_texts = {example_text(e) for examples in probe_sets(zoo, 400)[0].values() for e in examples}
     try:
-        spec = None
-        if lm:
-            import json
-
-            from merging.zoo.lm_zoo import lm_zoo_spec
-
-            spec = lm_zoo_spec(zoo.name, json.loads(args.lm_spec) if args.lm_spec else None)
-        pools, pool_info = fewshot_pools(zoo, args.pool, all_probe_texts, lm_spec=spec)
-        draws = check_draws(pools, args.n_fewshot, seeds)
+        inputs = open_inputs(zoo, args.n_probe, args.pool, pair, lm_spec_json=args.lm_spec,
+                             draws=(args.n_fewshot, seeds), log=log)
     except MergeLabError as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
-    if lm and args.n_probe > min(len(p) for p in probes.values()):
-        log(f"(LM zoo: probe {min(len(p) for p in probes.values())} held-out texts per task, all it holds out)")
-        args.n_probe = min(len(p) for p in probes.values())
-    header = pool_header(pool_info, draws, probes, args.n_fewshot, seeds)
+    probes, probe_note, pools, pool_info = inputs.probes, inputs.probe_note, inputs.pools, inputs.pool_info
+    tokenizer, reference, args.n_probe = inputs.tokenizer, inputs.reference, inputs.n_probe
+    header = pool_header(pool_info, inputs.draws, probes, args.n_fewshot, seeds)
     log(f"zoo {zoo.name} ({zoo.kind}): {', '.join(zoo.tasks)}; seeds {seeds}; {torch.get_num_threads()} threads\n"
         + header)
-    tokenizer = tokenizer_of(ExpertSet.load(zoo.base_path, {t: f"zoo:{zoo.name}/{t}" for t in pair}))
-    t0 = time.perf_counter()
-    if lm:
-        every = ExpertSet.load(zoo.base_path, {t: f"zoo:{zoo.name}/{t}" for t in zoo.tasks})
-        reference = LMScorer(every, probes, tokenizer, list(zoo.tasks), Path(zoo.root) / "probe_cache").reference()
-    else:
-        reference = Prober.for_zoo(zoo, probe_sets=probes, disk_cache=True).reference()
-    log(f"reference rows (base, experts; disk-cached by the prober): {time.perf_counter() - t0:.1f} s")
     log(reference.markdown())
     done = [run_setting(name, tasks, zoo, pools, probes, seeds, args, tokenizer, reference, log)
             for name, tasks in settings]

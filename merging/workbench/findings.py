@@ -284,7 +284,10 @@ def analyses_for(zoo, folder: Path | None = None) -> tuple[dict | None, str]:
     if name is None:
         return None, (f"The stored APL analyses are of the demo zoo '{data.get('zoo')}'; these experts are not a zoo, "
                       "so only the quick pruning curve below applies to them.")
-    if data.get("zoo") != name:
+    if data.get("zoo") != name:  # a file of several zoos (bench_apl_analyses --combine) holds the others here
+        other = next((z for z in data.get("other_zoos") or [] if isinstance(z, dict) and z.get("zoo") == name), None)
+        if other is not None:
+            return other, ""
         return None, (f"The stored APL analyses are of the zoo '{data.get('zoo')}', not this one ('{name}'): run "
                       f"{command} to measure them here.")
     return data, ""
