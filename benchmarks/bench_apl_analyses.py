@@ -996,8 +996,11 @@ def render_zoo(data: dict) -> str:
     mixed = len({json.dumps(v) for v in per.values()}) > 1
     shown = ("per analysis (each from the part that measured it): " + ", ".join(
         f"{k} {v}" for k, v in per.items())) if mixed else meta.get("seeds")
+    probes = {k: v for k, v in (meta.get("analysis_n_probe") or {}).items() if data.get(k)}
+    probe = (("per analysis: " + ", ".join(f"{k} {v}" for k, v in probes.items()))
+             if len(set(map(str, probes.values()))) > 1 else meta.get("n_probe"))
     out += [f"Zoo '{data['zoo']}' (fingerprint {data.get('zoo_fingerprint')}); seeds {shown}; probe "
-            f"{meta.get('n_probe')} examples per task; few-shot n = {meta.get('n_fewshot')} per task (analysis 3 varies "
+            f"{probe} examples per task; few-shot n = {meta.get('n_fewshot')} per task (analysis 3 varies "
             f"it) from pools of {meta.get('pools')}; {meta.get('data_note') or 'probe sets: the zoo split with its seed'}.",
             "", "Commands (exactly as run):", ""]
     out += [f"- `{c}`" for c in data.get("commands", [])] + [""]
@@ -1067,21 +1070,67 @@ def _combine_zoo(parts: list[dict], command: str) -> dict:
     data["meta"]["parts"] = []
     seeds: dict[str, Any] = {}  # analysis → the seeds of the part it comes from (parts may differ)
     grids_of: dict[str, Any] = {}  # analysis → that part's grids (its λ grid for the edge notes)
+    probes: dict[str, Any] = {}  # analysis → that part's probe examples per task
     for part in parts:
         data["commands"] += [c for c in part.get("commands", []) if c not in data["commands"]]
         data["meta"]["parts"] += part.get("meta", {}).get("parts", [])
         for key in ANALYSES.values():
             if part.get(key):
-                data[key] = part[key]
                 meta = part.get("meta", {})
-                seeds[key] = (meta.get("analysis_seeds") or {}).get(key, meta.get("seeds"))
-                grids_of[key] = (meta.get("analysis_grids") or {}).get(key, meta.get("grids"))
+                part_seeds = (meta.get("analysis_seeds") or {}).get(key, meta.get("seeds"))
+                part_probe = (meta.get("analysis_n_probe") or {}).get(key, meta.get("n_probe"))
+                part_grids = (meta.get("analysis_grids") or {}).get(key, meta.get("grids"))
+                if data.get(key) and (seeds.get(key), probes.get(key)) == (part_seeds, part_probe):
+                    # the same protocol on other grid points (a split run): the rows join
+                    data[key] = _joined_rows(key, data[key], part[key])
+                    part_grids = _joined_grids(grids_of.get(key), part_grids)
+                else:  # another protocol (a full run after a reduced one): the later part's rows replace
+                    data[key] = part[key]
+                seeds[key], probes[key], grids_of[key] = part_seeds, part_probe, part_grids
     data["meta"]["analysis_seeds"], data["meta"]["analysis_grids"] = seeds, grids_of
+    data["meta"]["analysis_n_probe"] = probes
     data["commands"].append(command)
     for key in ANALYSES.values():
         data.setdefault(key, [] if key != "out_of_domain" else {})
     data["summary"] = summary(data)
     return data
+
+
+#: what identifies a row of each analysis: a split run's parts join on it (a later part's row wins)
+ROW_IDENTITY = {"pruning": ("expert",), "drop_range": ("setting", "fraction", "method"),
+                "fewshot_size": ("setting", "n"), "taus": ("setting", "intervention", "vary", "value"),
+                "ablation": ("setting", "label")}
+
+
+def _joined_rows(key: str, earlier, later):
+    """Rows of one analysis measured by two parts with the same seeds and probe: joined by ROW_IDENTITY, in
+    setting order and (across the drop range) by p̄, as one run would have written them."""
+    identity = ROW_IDENTITY.get(key)
+    if identity is None or not isinstance(earlier, list):
+        return later
+    joined = {tuple(json.dumps(r.get(f)) for f in identity): r for r in earlier}
+    joined.update({tuple(json.dumps(r.get(f)) for f in identity): r for r in later})
+    rows = list(joined.values())
+    if key == "drop_range":
+        settings = list(dict.fromkeys(r["setting"] for r in rows))
+        rows.sort(key=lambda r: (settings.index(r["setting"]), r["fraction"]))
+    return rows
+
+
+def _joined_grids(earlier: dict | None, later: dict | None) -> dict | None:
+    """Two split parts' grids as one: each numeric grid the sorted union of both (their λ grids are the same)."""
+    if not earlier or not later:
+        return later or earlier
+    out = dict(later)
+    for name, values in earlier.items():
+        both = values + later[name] if isinstance(values, list) and isinstance(later.get(name), list) else None
+        if both and all(isinstance(v, (int, float)) or v == "inf" for v in both):
+            out[name] = sorted({json.dumps(v): v for v in both}.values(), key=_grid_point)
+    return out
+
+
+def _grid_point(value) -> float:
+    return math.inf if value == "inf" else float(value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -191,3 +191,29 @@ def test_combine_refuses_parts_of_one_zoo_name_from_two_builds(bench):
         bench.combine([part("a"), part("b")], "combine")
     both = bench.combine([part("a"), {**part("x"), "zoo": "default"}], "combine")
     assert both["zoo"] == "lm" and both["other_zoos"][0]["zoo"] == "default"
+
+
+def test_combine_joins_a_split_run_and_lets_another_protocol_replace(bench):
+    """Parts measuring one analysis with the same seeds and probe on other grid points (a run split by p̄)
+    join into one table, in setting order and by p̄; a part measured another way (a full run after a
+    reduced one) replaces the earlier rows instead of mixing seeds."""
+    def row(setting, fraction, method, value):
+        return {"setting": setting, "tasks": ["a"], "fraction": fraction, "method": method, "baseline": method != "APL",
+                "per_seed": {"0": value}, "per_task": {}, "selected": {}, "fewshot_loss": {}}
+
+    def part(rows, seeds, n_probe, fractions):
+        return {"zoo": "default", "zoo_fingerprint": "f", "commands": [],
+                "meta": {"seeds": seeds, "n_probe": n_probe, "parts": [], "grids": {"drop_fractions": fractions}},
+                "drop_range": rows}
+
+    high = part([row("all", 0.99, "APL", 1.0), row("pair", 0.99, "APL", 2.0)], [0, 1, 2], 400, [0.99])
+    low = part([row("all", 0.5, "APL", 3.0), row("pair", 0.5, "APL", 4.0), row("all", 0.9, "APL", 5.0)],
+               [0, 1, 2], 400, [0.5, 0.9])
+    joined = bench.combine([high, low], "combine")
+    assert [(r["setting"], r["fraction"]) for r in joined["drop_range"]] == [
+        ("all", 0.5), ("all", 0.9), ("all", 0.99), ("pair", 0.5), ("pair", 0.99)]
+    assert joined["meta"]["analysis_grids"]["drop_range"]["drop_fractions"] == [0.5, 0.9, 0.99]
+    reduced = part([row("all", 0.8, "APL", 9.0)], [0, 1], 100, [0.8])
+    replaced = bench.combine([reduced, high], "combine")
+    assert [(r["setting"], r["fraction"]) for r in replaced["drop_range"]] == [("all", 0.99), ("pair", 0.99)]
+    assert replaced["meta"]["analysis_n_probe"]["drop_range"] == 400
