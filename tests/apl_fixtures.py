@@ -87,3 +87,24 @@ def expert_set(n_experts: int = 2, scale: float = 0.05, seed: int = 0, frozen: t
         experts = {k: order(v) for k, v in experts.items()}
     return check_homology(ModelSource.from_state_dict("base", base, cfg),
                           {k: ModelSource.from_state_dict(k, v, cfg) for k, v in experts.items()})
+
+
+def regmean_extras(tensors, experts, generator: torch.Generator) -> dict:
+    """RegMean's inputs made up with the right shapes: per linear weight (2-D, not the embeddings) of
+    ``tensors`` (name → TensorInfo, in the order to draw them) a symmetric positive definite Gram matrix
+    [in, in] per expert, and the weight's input axis (Conv1D [in, out] / Linear [out, in])."""
+    from merging.methods import PerTensor
+    from merging.methods.regmean import REGMEAN_GRAMS, REGMEAN_INPUT_AXIS
+
+    grams, axes = {}, {}
+    for name, info in tensors.items():
+        if len(info.shape) != 2 or "embeddings" in name:
+            continue
+        axis = 0 if info.unit_axis == 1 else 1
+        size = info.shape[axis]
+        grams[name] = {}
+        for expert in experts:
+            x = torch.randn(3 * size, size, generator=generator)
+            grams[name][expert] = x.T @ x / (3 * size)
+        axes[name] = torch.tensor(axis)
+    return {REGMEAN_GRAMS: PerTensor(grams, row_axis=None), REGMEAN_INPUT_AXIS: PerTensor(axes, row_axis=None)}

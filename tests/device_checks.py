@@ -23,6 +23,7 @@ import dataclasses
 import threading
 
 import torch
+from apl_fixtures import regmean_extras
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
@@ -205,7 +206,6 @@ def fabricated_extras(method: str, experts, seed: int = 1) -> dict:
     """The inputs a data-aware method's ``prepare`` would give, made up with the right shapes."""
     from merging.apl.defaults import FISHER_EXTRAS, SALIENCY_EXTRAS, UNIT_EXTRAS
     from merging.methods.localize_stitch import MASKS_EXTRAS
-    from merging.methods.regmean import REGMEAN_GRAMS, REGMEAN_INPUT_AXIS
 
     generator = torch.Generator().manual_seed(seed)
     layout = experts.layout
@@ -221,17 +221,7 @@ def fabricated_extras(method: str, experts, seed: int = 1) -> dict:
                  for n, i in merged.items() if i.droppable and i.unit_axis is not None}
         return {UNIT_EXTRAS: PerTensor(units, row_axis=None), SALIENCY_EXTRAS: PerTensor(per_entry, row_axis=0)}
     if method == "regmean":
-        grams, axes = {}, {}
-        for name, info in merged.items():
-            if len(info.shape) == 2 and "embeddings" not in name:
-                axis = 0 if info.unit_axis == 1 else 1
-                size = info.shape[axis]
-                grams[name] = {}
-                for e in experts.experts:
-                    x = torch.randn(3 * size, size, generator=generator)
-                    grams[name][e] = x.T @ x / (3 * size)
-                axes[name] = torch.tensor(axis)
-        return {REGMEAN_GRAMS: PerTensor(grams, row_axis=None), REGMEAN_INPUT_AXIS: PerTensor(axes, row_axis=None)}
+        return regmean_extras(merged, experts.experts, generator)
     return {}
 
 

@@ -121,20 +121,7 @@ def _expert_params(spec, expert_set):
 
 def _regmean_extras(expert_set, generator):
     """Fabricated Gram matrices (symmetric positive definite, [in, in]) for the linear weights (not the embeddings)."""
-    from merging.methods.regmean import REGMEAN_GRAMS, REGMEAN_INPUT_AXIS
-
-    grams, axes = {}, {}
-    for name, info in expert_set.layout.tensors.items():
-        if len(info.shape) != 2 or "embeddings" in name:
-            continue
-        axis = 0 if info.unit_axis == 1 else 1  # Conv1D [in, out] / Linear [out, in]
-        size = info.shape[axis]
-        grams[name] = {}
-        for e in expert_set.experts:
-            x = torch.randn(3 * size, size, generator=generator)
-            grams[name][e] = x.T @ x / (3 * size)
-        axes[name] = torch.tensor(axis)
-    return {REGMEAN_GRAMS: PerTensor(grams, row_axis=None), REGMEAN_INPUT_AXIS: PerTensor(axes, row_axis=None)}
+    return fx.regmean_extras(expert_set.layout.tensors, expert_set.experts, generator)
 
 
 def _localize_stitch_extras(expert_set, generator):
