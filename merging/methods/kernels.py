@@ -184,6 +184,17 @@ _SELECT_SAMPLE = 1 << 16  # sample size for locating the k-th value
 _SELECT_MIN = 1 << 18  # below this many entries torch.kthvalue on everything is fast enough
 
 
+def _sample_band(sample: torch.Tensor, q: float) -> tuple[float, float]:
+    """The sample's order statistics six standard deviations either side of quantile ``q``: a band that holds
+    the population's q-quantile unless the sample is very unlucky. A side the sample cannot bound is ±inf."""
+    size = sample.numel()
+    spread = 6.0 * math.sqrt(size * q * (1.0 - q)) + 8.0
+    lo_index, hi_index = int(q * size - spread), int(q * size + spread)
+    lo = float(torch.kthvalue(sample, lo_index + 1).values) if lo_index >= 0 else -math.inf
+    hi = float(torch.kthvalue(sample, hi_index + 1).values) if hi_index < size else math.inf
+    return lo, hi
+
+
 def _kth_smallest_in_band(flat: torch.Tensor, j: int) -> float | None:
     """The j-th smallest (1-based) of ``flat`` — the value ``torch.kthvalue(flat, j)`` returns — found by
     locating a narrow band of values around it from a fixed random sample, counting what lies below the
@@ -192,15 +203,10 @@ def _kth_smallest_in_band(flat: torch.Tensor, j: int) -> float | None:
     n = flat.numel()
     generator = seeded_generator(0)  # on the CPU whatever the device: the same sample, the same passes
     sample = flat[torch.randint(n, (_SELECT_SAMPLE,), generator=generator).to(flat.device)]
-    q = j / n
-    centre = q * _SELECT_SAMPLE
-    spread = 6.0 * math.sqrt(_SELECT_SAMPLE * q * (1.0 - q)) + 8.0
-    lo_index, hi_index = int(centre - spread), int(centre + spread)
-    if lo_index < 0 and hi_index >= _SELECT_SAMPLE:
+    lo, hi = _sample_band(sample, j / n)
+    has_lo, has_hi = lo != -math.inf, hi != math.inf  # a missing side is unbounded
+    if not (has_lo or has_hi):
         return None
-    lo = torch.kthvalue(sample, max(lo_index, 0) + 1).values  # the sample's order statistics around j/n
-    hi = torch.kthvalue(sample, min(hi_index, _SELECT_SAMPLE - 1) + 1).values
-    has_lo, has_hi = lo_index >= 0, hi_index < _SELECT_SAMPLE  # a missing side is unbounded
     # two comparisons over everything where both sides are bounded: NaN fails both, so it is counted below
     # and above and the three counts add up to more than n; one-sided, NaN is in no count (fewer than n)
     at_least = flat >= lo if has_lo else None
@@ -531,14 +537,10 @@ def _delta_band_select(flat_x: torch.Tensor, flat_b: torch.Tensor, j: int) -> tu
     """The j-th smallest |x − b| and how many entries lie strictly above it, or None when the sampled band
     misses it."""
     n = flat_b.numel()
-    generator = torch.Generator().manual_seed(0)
-    index = torch.randint(n, (_TOPK_SAMPLE,), generator=generator).to(flat_b.device)  # the same sample anywhere
+    generator = seeded_generator(0)  # on the CPU whatever the device: the same sample, the same passes
+    index = torch.randint(n, (_TOPK_SAMPLE,), generator=generator).to(flat_b.device)
     sample = (flat_x[index].float() - flat_b[index].float()).abs_()
-    q = j / n
-    spread = 6.0 * math.sqrt(_TOPK_SAMPLE * q * (1.0 - q)) + 8.0
-    lo_index, hi_index = int(q * _TOPK_SAMPLE - spread), int(q * _TOPK_SAMPLE + spread)
-    lo = float(torch.kthvalue(sample, lo_index + 1).values) if lo_index >= 0 else -math.inf
-    hi = float(torch.kthvalue(sample, hi_index + 1).values) if hi_index < _TOPK_SAMPLE else math.inf
+    lo, hi = _sample_band(sample, j / n)
     magnitude = scratch("topk-delta", _TOPK_BLOCK, flat_b.device)
     at_least = torch.empty(_TOPK_BLOCK, dtype=torch.bool, device=flat_b.device)
     inside = torch.empty(_TOPK_BLOCK, dtype=torch.bool, device=flat_b.device)
