@@ -999,7 +999,7 @@ def render_zoo(data: dict) -> str:
     probes = {k: v for k, v in (meta.get("analysis_n_probe") or {}).items() if data.get(k)}
     probe = (("per analysis: " + ", ".join(f"{k} {v}" for k, v in probes.items()))
              if len(set(map(str, probes.values()))) > 1 else meta.get("n_probe"))
-    out += [f"Zoo '{data['zoo']}' (fingerprint {data.get('zoo_fingerprint')}); seeds {shown}; probe "
+    out += [f"Zoo '{data['zoo']}' ({_builds_line(data)}); seeds {shown}; probe "
             f"{probe} examples per task; few-shot n = {meta.get('n_fewshot')} per task (analysis 3 varies "
             f"it) from pools of {meta.get('pools')}; {meta.get('data_note') or 'probe sets: the zoo split with its seed'}.",
             "", "Commands (exactly as run):", ""]
@@ -1028,6 +1028,20 @@ def render_zoo(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _builds_line(data: dict) -> str:
+    """The zoo build(s) the results measured: one fingerprint, or (parts combined across builds) each
+    build's fingerprint with the analyses it measured."""
+    per = {k: v for k, v in ((data.get("meta") or {}).get("analysis_fingerprints") or {}).items() if data.get(k)}
+    if len(set(per.values())) <= 1:
+        return f"fingerprint {data.get('zoo_fingerprint')}"
+    by_build: dict[Any, list[str]] = {}
+    for key, build in per.items():
+        by_build.setdefault(build, []).append(key)
+    return ("two or more builds of the same recipe and seed, which differ in float rounding (built on different "
+            "machines); each analysis compares its methods within one build: " + "; ".join(
+                f"fingerprint {build} for {', '.join(keys)}" for build, keys in by_build.items()))
+
+
 def _jsonable(value):
     if isinstance(value, float) and math.isinf(value):
         return "inf"
@@ -1042,21 +1056,25 @@ def _zoo_key(part: dict) -> tuple:
     return part["zoo"], part.get("zoo_fingerprint")
 
 
-def combine(parts: list[dict], command: str) -> dict:
+def combine(parts: list[dict], command: str, across_builds: bool = False) -> dict:
     """Parts of split runs (each ``--json-only``, or an earlier combined file) as one result: the parts of
     each zoo merged (a later part's analysis replaces an earlier one's), the first zoo at the top level and
     every further zoo (e.g. the LM zoo's part) under ``other_zoos``, each with its own summary. A zoo
-    name seen with two fingerprints is refused: those parts come from different builds."""
+    name seen with two fingerprints is refused — those parts come from different builds — unless
+    ``across_builds``: a zoo rebuilt from the same recipe and seed on another machine differs in float
+    rounding, so its analyses may stand beside the first build's, each analysis from one build (its rows
+    never join rows of another build) and each build's fingerprint named with its analyses."""
     flat = []
     for part in parts:
         flat += [{k: v for k, v in part.items() if k != "other_zoos"}, *(part.get("other_zoos") or [])]
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[Any, list[dict]] = {}
     for part in flat:
         clash = [k for k in groups if k[0] == part["zoo"] and k != _zoo_key(part)]
-        if clash:
+        if clash and not across_builds:
             raise MergeLabError(f"parts of zoo '{part['zoo']}' come from different builds (fingerprints "
-                                f"{clash[0][1]} vs {part.get('zoo_fingerprint')}): combine parts of one build")
-        groups.setdefault(_zoo_key(part), []).append(part)
+                                f"{clash[0][1]} vs {part.get('zoo_fingerprint')}): combine parts of one build, "
+                                "or pass --across-builds to let each analysis come from its own build")
+        groups.setdefault(clash[0] if clash else _zoo_key(part), []).append(part)
     zoos = [_combine_zoo(group, command) for group in groups.values()]
     data = zoos[0]
     if len(zoos) > 1:
@@ -1071,6 +1089,7 @@ def _combine_zoo(parts: list[dict], command: str) -> dict:
     seeds: dict[str, Any] = {}  # analysis → the seeds of the part it comes from (parts may differ)
     grids_of: dict[str, Any] = {}  # analysis → that part's grids (its λ grid for the edge notes)
     probes: dict[str, Any] = {}  # analysis → that part's probe examples per task
+    builds: dict[str, Any] = {}  # analysis → the fingerprint of the zoo build that part measured
     for part in parts:
         data["commands"] += [c for c in part.get("commands", []) if c not in data["commands"]]
         data["meta"]["parts"] += part.get("meta", {}).get("parts", [])
@@ -1080,14 +1099,20 @@ def _combine_zoo(parts: list[dict], command: str) -> dict:
                 part_seeds = (meta.get("analysis_seeds") or {}).get(key, meta.get("seeds"))
                 part_probe = (meta.get("analysis_n_probe") or {}).get(key, meta.get("n_probe"))
                 part_grids = (meta.get("analysis_grids") or {}).get(key, meta.get("grids"))
-                if data.get(key) and (seeds.get(key), probes.get(key)) == (part_seeds, part_probe):
+                part_build = (meta.get("analysis_fingerprints") or {}).get(key, part.get("zoo_fingerprint"))
+                same_protocol = (seeds.get(key), probes.get(key), builds.get(key)) == (part_seeds, part_probe,
+                                                                                        part_build)
+                if data.get(key) and same_protocol:
                     # the same protocol on other grid points (a split run): the rows join
                     data[key] = _joined_rows(key, data[key], part[key])
                     part_grids = _joined_grids(grids_of.get(key), part_grids)
-                else:  # another protocol (a full run after a reduced one): the later part's rows replace
+                else:  # another protocol or build (a full run after a reduced one): the later rows replace
                     data[key] = part[key]
-                seeds[key], probes[key], grids_of[key] = part_seeds, part_probe, part_grids
+                seeds[key], probes[key], grids_of[key], builds[key] = part_seeds, part_probe, part_grids, part_build
     data["meta"]["analysis_seeds"], data["meta"]["analysis_grids"] = seeds, grids_of
+    data["meta"]["analysis_fingerprints"] = builds
+    if len(set(builds.values())) == 1:
+        data["zoo_fingerprint"] = next(iter(builds.values()))
     data["meta"]["analysis_n_probe"] = probes
     data["commands"].append(command)
     for key in ANALYSES.values():
@@ -1164,12 +1189,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=str(HERE), help="where RESULTS-apl-analyses.{md,json} go")
     parser.add_argument("--json-only", default=None, help="write this part's JSON there, no markdown (split runs)")
     parser.add_argument("--combine", nargs="+", default=None, help="render these parts' JSON together")
+    parser.add_argument("--across-builds", action="store_true",
+                        help="with --combine: let parts of two builds of one zoo stand together, each analysis "
+                             "from one build (a zoo rebuilt on another machine differs in float rounding)")
     parser.add_argument("--reduced", default="", help="a note on what this run reduced for time (written)")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "benchmarks/bench_apl_analyses.py", *(argv if argv is not None else sys.argv[1:])])
     out_dir = Path(args.out_dir)
     if args.combine:
-        data = combine([json.loads(Path(p).read_text(encoding="utf-8")) for p in args.combine], command)
+        data = combine([json.loads(Path(p).read_text(encoding="utf-8")) for p in args.combine], command,
+                       across_builds=args.across_builds)
         if args.reduced:
             data["meta"]["reduced"] = args.reduced
         return write(data, out_dir)

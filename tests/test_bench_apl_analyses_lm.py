@@ -193,6 +193,30 @@ def test_combine_refuses_parts_of_one_zoo_name_from_two_builds(bench):
     assert both["zoo"] == "lm" and both["other_zoos"][0]["zoo"] == "default"
 
 
+def test_combine_across_builds_keeps_each_analysis_from_one_build(bench):
+    """--across-builds lets a zoo rebuilt on another machine stand beside the first build: each analysis
+    comes from one build (a later build's rows replace, never join, the earlier build's rows at equal seeds
+    and probe) and the page's header names each build's fingerprint with its analyses."""
+    def row(fraction, value):
+        return {"setting": "all", "tasks": ["a"], "fraction": fraction, "method": "APL", "baseline": False,
+                "per_seed": {"0": value}, "per_task": {}, "selected": {}, "fewshot_loss": {}}
+
+    def part(fingerprint, **analyses):
+        return {"zoo": "default", "zoo_fingerprint": fingerprint, "commands": [],
+                "meta": {"seeds": [0], "n_probe": 400, "parts": [], "grids": {}}, **analyses}
+
+    old = part("old", drop_range=[row(0.5, 1.0), row(0.9, 2.0)], ablation=[{"setting": "all", "label": "x"}])
+    new = part("new", drop_range=[row(0.99, 3.0)])
+    both = bench.combine([old, new], "combine", across_builds=True)
+    assert [r["fraction"] for r in both["drop_range"]] == [0.99]
+    assert both["meta"]["analysis_fingerprints"] == {"drop_range": "new", "ablation": "old"}
+    header = bench._builds_line(both)
+    assert "fingerprint new for drop_range" in header and "fingerprint old for ablation" in header
+    same = bench.combine([old, part("old", drop_range=[row(0.99, 3.0)])], "combine")
+    assert [r["fraction"] for r in same["drop_range"]] == [0.5, 0.9, 0.99]
+    assert bench._builds_line(same) == "fingerprint old"
+
+
 def test_combine_joins_a_split_run_and_lets_another_protocol_replace(bench):
     """Parts measuring one analysis with the same seeds and probe on other grid points (a run split by p̄)
     join into one table, in setting order and by p̄; a part measured another way (a full run after a
