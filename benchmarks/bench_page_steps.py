@@ -38,11 +38,20 @@ def timed(label: str, estimate, fn):
 
 def slider_change(wb, session, layer: str, value: float):
     """What the page does for one per-layer drop-ratio slider moved on the first expert, then Merge, then
-    Run probe (components/layout.py: on_slider → set_cell, on_merge → merge, on_probe → run_probe)."""
-    expert = session.experts[0]
+    Run probe (components/layout.py: on_slider → set_cell, on_merge → merge, on_probe → run_probe); prints
+    when the probe's first look (its progress line) came, counted from the slider change."""
+    expert, start, seen = session.experts[0], time.perf_counter(), []
+
+    def progress(fraction, message):
+        if message.startswith("first look"):
+            seen.append(time.perf_counter() - start)
+
     wb.set_cell(session, expert, layer, wb.DROP, value, "apl")
     summary = wb.merge(session, "apl", {}, 0)
-    wb.run_probe(session)
+    merged = time.perf_counter() - start
+    wb.run_probe(session, progress=progress)
+    look = f"first look at {seen[0]:.2f} s" if seen else "no first-look line"
+    print(f"  merge {merged:.2f} s; {look}", flush=True)
     return summary
 
 

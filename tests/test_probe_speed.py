@@ -103,3 +103,53 @@ def test_sweep_scores_every_point_on_one_seeded_probe_subset(loaded, monkeypatch
     base, experts, _ = _inputs(session)
     row = Prober(base, experts, prober.sets).probe_body(body)
     assert out["dare_linear"][1] == pytest.approx(row.mean("accuracy"), abs=1e-9)
+
+
+def test_first_look_scores_its_subset_first_and_leaves_the_full_probe_unchanged(loaded, monkeypatch):
+    """The page's probe runs a seeded subset's texts first and reports them (the progress line) while the
+    rest run: the first look equals a prober built on that subset alone, it comes before the other texts'
+    forward, its change since the previous merge is the change on the same texts, and the full result is the
+    plain probe's."""
+    session, _ = loaded
+    monkeypatch.setattr(wb_probe, "FIRST_LOOK_ROWS", 10)
+    base, experts, sets = _inputs(session)
+    assert all(len(rows) > 10 for rows in sets.values())
+    _fresh_prober(session)
+    stages, lines = [], []
+    forward = _Body.stage_forward
+
+    def counting(self, stage, hidden, batch):
+        stages.append(stage)
+        return forward(self, stage, hidden, batch)
+
+    monkeypatch.setattr(_Body, "stage_forward", counting)
+    subsets = wb_probe.first_look_positions(sets)
+    oracle = Prober(base, experts, {t: [sets[t][i] for i in subsets[t]] for t in sets})
+
+    def merge_and_probe(value):
+        wb.set_cell(session, session.experts[0], session.layers[1], wb.DROP, value, "dare_linear")
+        wb.merge(session, "dare_linear", {})
+        stages.clear()
+        report = wb.run_probe(session, progress=lambda f, m: lines.append((m, len(stages))))
+        looks = [(m, n, len(stages)) for m, n in lines if m.startswith("first look")]
+        lines.clear()
+        return report, looks[-1], oracle.probe_body(wb.merged_tensors(session))
+
+    wb.merge(session, "dare_linear", {})
+    wb.run_probe(session)  # the reference rows and a first merge: what follows times only a slider's merge
+    session.first_looks.clear()
+    first, (line, done, total), expected = merge_and_probe(0.3)
+    prober = wb.models_for(session).prober
+    per_batch = total // len(prober.batches)
+    assert done == prober.n_first_look_batches * per_batch < total  # the subset ran first, alone
+    look = session.first_looks[session.merge_key]
+    for task, metrics in expected.metrics.items():
+        assert look[task] == pytest.approx(metrics, rel=1e-6, abs=1e-7)
+    assert f"mean accuracy {100 * expected.mean('accuracy'):.1f}" in line and "previous merge" not in line
+    full = Prober(base, experts, sets).probe_body(wb.merged_tensors(session))
+    for task, metrics in full.metrics.items():
+        assert first.row(session.last_label).metrics[task] == pytest.approx(metrics, rel=1e-6, abs=1e-7)
+
+    _, (line, _, _), moved = merge_and_probe(0.9)
+    change = 100 * (moved.mean("accuracy") - expected.mean("accuracy"))
+    assert f"{change:+.1f} points on the same texts since the previous merge" in line

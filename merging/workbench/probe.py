@@ -58,9 +58,47 @@ def prober_for(session: Session, models: Models):
             cache_dir = Path(tempfile.gettempdir()) / "merge-lab-probe" / "probe_cache"
             zoos = {root for root in map(zoo_root_of, experts.values()) if root is not None}
             models.prober = Prober(base, experts, sets, cache_dir=cache_dir,
-                                   read_dirs=sorted(map(zoo_reference_dir, zoos)))
+                                   read_dirs=sorted(map(zoo_reference_dir, zoos)), first_look=first_look_positions(sets))
             models.prober_key = key
     return models.prober, unavailable
+
+
+FIRST_LOOK_ROWS = 64  # probe examples per task the merged model is scored on first, shown while the rest run
+FIRST_LOOK_SEED = 0  # the seed of their draw: fixed, so every merge of a selection gets the same first look
+
+
+def first_look_positions(sets: dict[str, list]) -> dict[str, list[int]]:
+    """Each task's first-look examples: a seeded draw of :data:`FIRST_LOOK_ROWS` (none when the set is no
+    larger — then the full probe is as quick). A step of a slider changes the merge a little; the first look
+    tells, in a third of the probe's time, which way the merge moved on the same texts, before the full probe
+    says by how much."""
+    from ..io.taskdata import draw_fewshot
+
+    return {t: draw_fewshot(rows, FIRST_LOOK_ROWS, FIRST_LOOK_SEED)[1] for t, rows in sets.items()
+            if len(rows) > FIRST_LOOK_ROWS}
+
+
+def first_look_line(session: Session, metrics: dict[str, dict[str, float]]) -> str:
+    """The progress line of a first look: mean accuracy on the first-look texts and the change from the
+    session's previous merge probed on the same texts, if there is one."""
+    n = sum(1 for _ in metrics)
+    mean = 100 * sum(m["accuracy"] for m in metrics.values()) / max(n, 1)
+    line = (f"first look, {FIRST_LOOK_ROWS} examples per task (seed {FIRST_LOOK_SEED}): mean accuracy "
+            f"{mean:.1f}")
+    previous = _previous_first_look(session, metrics)
+    if previous is not None:
+        before = 100 * sum(previous[t]["accuracy"] for t in metrics) / max(n, 1)
+        line += f", {mean - before:+.1f} points on the same texts since the previous merge"
+    return line + "; the full probe is running"
+
+
+def _previous_first_look(session: Session, metrics: dict) -> dict | None:
+    """The first-look metrics of the newest earlier merge of this session measured on the same tasks."""
+    for item in reversed(session.history):
+        found = session.first_looks.get(item.get("key"))
+        if item.get("key") != session.merge_key and found is not None and set(found) == set(metrics):
+            return found
+    return None
 
 
 def reference_ready(session: Session) -> bool:
@@ -99,14 +137,18 @@ def run_probe(session: Session, progress: Progress | None = None):
     prober, unavailable = prober_for(session, models)
     progress(0.1, "base and experts (computed once, then cached)")
 
+    def first_look(row) -> None:
+        session.first_looks[session.merge_key] = row.metrics
+        progress(0.5, first_look_line(session, row.metrics))
+
     def probe_merge():
         result = merged_result(session)
         name = session.last_label or "merged"
         with models.lock:
-            progress(0.6, "the merged model")
+            progress(0.3, "the merged model")
             if result.task_bodies:  # one body per task (EMR): each task scored on its own body
                 return dict(prober.probe_task_bodies(result.task_bodies, name=name).metrics)
-            return dict(prober.probe_body(result.tensors, name=name).metrics)
+            return dict(prober.probe_body(result.tensors, name=name, on_first_look=first_look).metrics)
 
     clock = time.perf_counter()
     with models.lock:

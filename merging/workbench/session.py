@@ -80,6 +80,7 @@ class Session:
     merges: int = 0
     history: list[dict] = field(default_factory=list)
     reference: Any = None  # ProbeReport of base and experts
+    first_looks: dict[str, dict] = field(default_factory=dict)  # merge key → metrics on the probe's first look
     merge_key: str | None = None  # content hash of the last merge (its body lives in the shared cache)
     merge_inputs: MergeInputs | None = None  # what that merge was built from: Export and a rebuild read it
     comparison: Any = None  # the last "compare interventions and draws" result

@@ -219,12 +219,16 @@ class Prober:
     — so the app probes any selection of folders the same way. :meth:`for_zoo` builds one from a zoo.
     ``cache_dir`` (optional) stores base and expert rows as ``<content hash>.json``; ``read_dirs`` are
     looked in first, never written (a zoo's own rows, written when it was built: :func:`write_zoo_reference`).
+
+    ``first_look`` (optional): positions, per task, of a subset whose texts run first, so a caller of
+    :meth:`probe_body` can show a result on them (``on_first_look``) while the rest of the forward runs —
+    the same forward in another batch order, so the full result costs no more than without it.
     """
 
     def __init__(self, base_path: str | Path, experts: Mapping[str, str | Path],
                  probe_sets: Mapping[str, Sequence[Example]], tasks: Iterable[str] | None = None,
                  batch_size: int = 64, max_length: int = 32, cache_dir: str | Path | None = None,
-                 read_dirs: Iterable[str | Path] = ()):
+                 read_dirs: Iterable[str | Path] = (), first_look: Mapping[str, Sequence[int]] | None = None):
         from transformers import AutoTokenizer
 
         self.base_path = Path(base_path)
@@ -241,6 +245,7 @@ class Prober:
         self.body = _Body(self.base_path)
         self.heads = {t: self._load_head(t) for t in self.tasks}
         self.labels = {t: torch.tensor([y for _, y in self.sets[t]]) for t in self.tasks}
+        self.first_look = self._first_look_positions(first_look or {})
         self._tokenise()
         self._hidden: list[list[torch.Tensor]] | None = None  # per batch: inputs of every stage, of the loaded body
         self._reference: ProbeReport | None = None
@@ -275,26 +280,52 @@ class Prober:
             linear.bias.copy_(head["classifier.bias"])
         return linear.eval()
 
+    def _first_look_positions(self, first_look: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+        """Each task's first-look positions, checked: sorted, unique and inside its probe set."""
+        out = {}
+        for task, positions in first_look.items():
+            if task not in self.sets:
+                raise MergeLabError(f"first-look subset of {task!r}, which this prober does not probe")
+            chosen = sorted({int(i) for i in positions})
+            if chosen and not 0 <= chosen[0] <= chosen[-1] < len(self.sets[task]):
+                raise MergeLabError(f"first-look positions of {task!r} must lie in 0..{len(self.sets[task]) - 1}")
+            out[task] = chosen
+        return out
+
+    def _text_offsets(self) -> dict[str, int]:
+        offsets, offset = {}, 0
+        for t in self.tasks:
+            offsets[t], offset = offset, offset + len(self.sets[t])
+        return offsets
+
     def _tokenise(self) -> None:
-        """All tasks' texts in one list, sorted by length and batched with per-batch padding."""
+        """All tasks' texts in one list, sorted by length and batched with per-batch padding — the first-look
+        texts in batches of their own, which run first (``n_first_look_batches``)."""
         texts = [text for t in self.tasks for text, _ in self.sets[t]]
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-        order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
+        offsets = self._text_offsets()
+        first = {offsets[t] + i for t, positions in self.first_look.items() for i in positions}
+        rest = [i for i in range(len(texts)) if i not in first]
         self.batches, self.positions = [], []
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            feats = [{k: enc[k][i] for k in enc.keys()} for i in idx]
-            batch = dict(self.tokenizer.pad(feats, return_tensors="pt"))
-            self.batches.append(self.body.attach_mask(batch))
-            self.positions.append(torch.tensor(idx))
+        for group in (sorted(first), rest):
+            order = sorted(group, key=lambda i: len(enc["input_ids"][i]))
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                feats = [{k: enc[k][i] for k in enc.keys()} for i in idx]
+                batch = dict(self.tokenizer.pad(feats, return_tensors="pt"))
+                self.batches.append(self.body.attach_mask(batch))
+                self.positions.append(torch.tensor(idx))
+            if group is not rest:
+                self.n_first_look_batches = len(self.batches)
         self.n_texts = len(texts)
         self.n_tokens = int(sum(int(b["attention_mask"].sum()) for b in self.batches))
 
     # ----- forward
 
     @torch.no_grad()
-    def _pooled(self, start: int) -> torch.Tensor:
-        """Pooled outputs of the loaded body for every text, recomputing stages >= ``start``."""
+    def _pooled(self, start: int, after_first_look=None) -> torch.Tensor:
+        """Pooled outputs of the loaded body for every text, recomputing stages >= ``start``; calls
+        ``after_first_look(pooled)`` once the first-look batches are done (the other rows not yet set)."""
         last = self.body.n_layers + 1
         if self._hidden is None:
             start = 0
@@ -310,6 +341,8 @@ class Prober:
                     inputs.append(hidden)
             new_cache.append(inputs)
             pooled[self.positions[b]] = hidden
+            if after_first_look is not None and b + 1 == self.n_first_look_batches:
+                after_first_look(pooled)
         self._hidden = new_cache
         return pooled
 
@@ -323,18 +356,31 @@ class Prober:
                 offset += n
         return ProbeRow(name=name, metrics=metrics)
 
-    def _eval_body(self, name: str, body: dict[str, torch.Tensor], changed: set[int] | None = None) -> ProbeRow:
+    def _first_look_row(self, name: str, pooled: torch.Tensor) -> ProbeRow:
+        """The metrics of the first-look texts alone (tasks without a first-look subset left out)."""
+        offsets, metrics = self._text_offsets(), {}
+        with torch.no_grad():
+            for t, positions in self.first_look.items():
+                if positions:
+                    rows = torch.tensor(positions)
+                    metrics[t] = classification_metrics(self.heads[t](pooled[offsets[t] + rows]), self.labels[t][rows])
+        return ProbeRow(name=name, metrics=metrics)
+
+    def _eval_body(self, name: str, body: dict[str, torch.Tensor], changed: set[int] | None = None,
+                   on_first_look=None) -> ProbeRow:
+        after = None if on_first_look is None else (lambda pooled: on_first_look(self._first_look_row(name, pooled)))
         try:
             start = self.body.load(body, changed)
             if start > self.body.n_layers + 1 and self._last_pooled is not None:
                 return self._row(name, self._last_pooled)  # nothing changed: same outputs
-            self._last_pooled = self._pooled(start)
+            self._last_pooled = self._pooled(start, after)
         except BaseException:
             self._hidden = self._last_pooled = None  # weights and cache may disagree now: forget the cache
             raise
         return self._row(name, self._last_pooled)
 
     _last_pooled: torch.Tensor | None = None
+    n_first_look_batches = 0
 
     # ----- public
 
@@ -382,14 +428,17 @@ class Prober:
         report.rows.insert(0, base_row)
         return report
 
-    def probe_body(self, body: dict[str, torch.Tensor], name: str = "merged", changed_layers: Iterable | None = None) -> ProbeRow:
+    def probe_body(self, body: dict[str, torch.Tensor], name: str = "merged", changed_layers: Iterable | None = None,
+                   on_first_look=None) -> ProbeRow:
         """Evaluate a merged body (base naming) with every task's head.
 
         ``changed_layers`` (optional): layers that differ from the previously probed body,
         as ``"embeddings"``, block indices and ``"head"``/``"pooler"``; without it, tensors
         are compared exactly. Only layers from the first changed one are recomputed.
+        ``on_first_look`` (optional) gets the :class:`ProbeRow` of the first-look subset as soon as its
+        texts are through, before the rest run (not called when nothing changed: the result is at once).
         """
-        return self._eval_body(name, body, self._stages(changed_layers))
+        return self._eval_body(name, body, self._stages(changed_layers), on_first_look)
 
     def probe_task_bodies(self, bodies: Mapping[str, dict[str, torch.Tensor]], name: str = "merged") -> ProbeRow:
         """Evaluate a method of one body per task (EMR-Merging): task t scored on ``bodies[t]`` with t's head.
