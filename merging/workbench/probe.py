@@ -80,25 +80,26 @@ def first_look_positions(sets: dict[str, list]) -> dict[str, list[int]]:
 
 def first_look_line(session: Session, metrics: dict[str, dict[str, float]]) -> str:
     """The progress line of a first look: mean accuracy on the first-look texts and the change from the
-    session's previous merge probed on the same texts, if there is one."""
+    session's last probed merge on the same texts, where that probe had a first look too."""
     n = sum(1 for _ in metrics)
     mean = 100 * sum(m["accuracy"] for m in metrics.values()) / max(n, 1)
     line = (f"first look, {FIRST_LOOK_ROWS} examples per task (seed {FIRST_LOOK_SEED}): mean accuracy "
             f"{mean:.1f}")
-    previous = _previous_first_look(session, metrics)
-    if previous is not None:
+    label, previous = _last_probed_first_look(session)
+    if previous is not None and set(previous) == set(metrics):
         before = 100 * sum(previous[t]["accuracy"] for t in metrics) / max(n, 1)
-        line += f", {mean - before:+.1f} points on the same texts since the previous merge"
+        line += f", {mean - before:+.1f} points on the same texts since {label}"
     return line + "; the full probe is running"
 
 
-def _previous_first_look(session: Session, metrics: dict) -> dict | None:
-    """The first-look metrics of the newest earlier merge of this session measured on the same tasks."""
+def _last_probed_first_look(session: Session) -> tuple[str | None, dict | None]:
+    """(label, first-look metrics) of the newest earlier merge of this session that was probed; no metrics
+    where its probe had no first look (its result came from the cache), so nothing older stands in for it."""
     for item in reversed(session.history):
-        found = session.first_looks.get(item.get("key"))
-        if item.get("key") != session.merge_key and found is not None and set(found) == set(metrics):
-            return found
-    return None
+        key = item.get("key")
+        if key != session.merge_key and (item.get("metrics") or key in session.first_looks):
+            return item.get("label"), session.first_looks.get(key)
+    return None, None
 
 
 def reference_ready(session: Session) -> bool:
