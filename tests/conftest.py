@@ -9,6 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
+
+# Property tests draw their examples from a seed derived from each test's name (derandomize), so a run is
+# repeatable and a failure shows again on the next run and in CI; Hypothesis prints the failing example.
+hypothesis_settings.register_profile("merge-lab", derandomize=True, print_blob=True)
+hypothesis_settings.load_profile("merge-lab")
 
 TINY_TASKS = ("topic", "language")
 TINY_STEPS = 25
