@@ -923,17 +923,17 @@ def summary(data: dict) -> str:
         trails = "where the best baseline has the lower perplexity with APL − best baseline's 95 % interval above zero"
         unit = " (APL − best baseline in percentage points of the base's perplexity; negative = APL better)"
     else:
-        beats, trails, unit = ("APL beats the best baseline with a 95 % interval above zero",
+        beats, trails, unit = ("it beats the best baseline with a 95 % interval above zero",
                                "where the best baseline is ahead with the 95 % interval below zero", "")
     if wins or sep:
         parts = []
         if wins:
-            parts.append(f"merging, {beats} at {where(wins)} ({len(wins)} of {len(cells)} (setting, p̄) cells){unit}")
+            parts.append(f"when merging: {beats} at {where(wins)} ({len(wins)} of {len(cells)} (setting, p̄) cells){unit}")
         if sep:
-            parts.append(f"pruning one expert, an importance-guided strategy separates from both random and "
+            parts.append(f"when pruning one expert: an importance-guided strategy separates from both random and "
                          f"magnitude dropping in {len(sep)} of {n_prune} (expert, p) cells, at "
                          + ", ".join(f"{e} p={p:g}" for e, p, _s, _m in sep[:6]) + ("…" if len(sep) > 6 else ""))
-        first = "On our zoos APL helps where " + "; and ".join(parts) + "."
+        first = "On our zoos APL helps " + "; and ".join(parts) + "."
         if sense.lm:
             first = first.replace("On our zoos", "On the LM zoo", 1)
     else:
@@ -995,10 +995,10 @@ def render_zoo(data: dict) -> str:
     per = {k: v for k, v in (meta.get("analysis_seeds") or {}).items() if data.get(k)}
     mixed = len({json.dumps(v) for v in per.values()}) > 1
     shown = ("per analysis (each from the part that measured it): " + ", ".join(
-        f"{k} {v}" for k, v in per.items())) if mixed else meta.get("seeds")
+        f"{k} {v}" for k, v in per.items())) if mixed else next(iter(per.values()), meta.get("seeds"))
     probes = {k: v for k, v in (meta.get("analysis_n_probe") or {}).items() if data.get(k)}
     probe = (("per analysis: " + ", ".join(f"{k} {v}" for k, v in probes.items()))
-             if len(set(map(str, probes.values()))) > 1 else meta.get("n_probe"))
+             if len(set(map(str, probes.values()))) > 1 else next(iter(probes.values()), meta.get("n_probe")))
     out += [f"Zoo '{data['zoo']}' ({_builds_line(data)}); seeds {shown}; probe "
             f"{probe} examples per task; few-shot n = {meta.get('n_fewshot')} per task (analysis 3 varies "
             f"it) from pools of {meta.get('pools')}; {meta.get('data_note') or 'probe sets: the zoo split with its seed'}.",
@@ -1009,6 +1009,9 @@ def render_zoo(data: dict) -> str:
                    f"({', '.join(f'{k} {v:.1f} min' for k, v in part.get('per_analysis', {}).items())}); "
                    f"{part['load']}; {part['machine']}."
                    + (f" Failed: {part['failed']}." if part.get("failed") else ""))
+    if meta.get("superseded"):
+        out.append("- superseded (each analysis they measured was measured again by a run above): " + "; ".join(
+            f"`{r['command']}`" for r in meta["superseded"]))
     out.append("")
     if data.get("pruning"):
         out += render_pruning(data["pruning"], sense, meta.get("base_perplexity"))
@@ -1090,6 +1093,7 @@ def _combine_zoo(parts: list[dict], command: str) -> dict:
     grids_of: dict[str, Any] = {}  # analysis → that part's grids (its λ grid for the edge notes)
     probes: dict[str, Any] = {}  # analysis → that part's probe examples per task
     builds: dict[str, Any] = {}  # analysis → the fingerprint of the zoo build that part measured
+    sources: dict[str, list[dict]] = {}  # analysis → the run(s) (meta.parts entries) whose rows it shows
     for part in parts:
         data["commands"] += [c for c in part.get("commands", []) if c not in data["commands"]]
         data["meta"]["parts"] += part.get("meta", {}).get("parts", [])
@@ -1102,15 +1106,19 @@ def _combine_zoo(parts: list[dict], command: str) -> dict:
                 part_build = (meta.get("analysis_fingerprints") or {}).get(key, part.get("zoo_fingerprint"))
                 same_protocol = (seeds.get(key), probes.get(key), builds.get(key)) == (part_seeds, part_probe,
                                                                                         part_build)
+                source = _source_run(part, key)
                 if data.get(key) and same_protocol:
                     # the same protocol on other grid points (a split run): the rows join
                     data[key] = _joined_rows(key, data[key], part[key])
                     part_grids = _joined_grids(grids_of.get(key), part_grids)
+                    sources[key] = sources.get(key, []) + [source]
                 else:  # another protocol or build (a full run after a reduced one): the later rows replace
                     data[key] = part[key]
+                    sources[key] = [source]
                 seeds[key], probes[key], grids_of[key], builds[key] = part_seeds, part_probe, part_grids, part_build
     data["meta"]["analysis_seeds"], data["meta"]["analysis_grids"] = seeds, grids_of
     data["meta"]["analysis_fingerprints"] = builds
+    _keep_runs_shown(data, parts, sources)
     if len(set(builds.values())) == 1:
         data["zoo_fingerprint"] = next(iter(builds.values()))
     data["meta"]["analysis_n_probe"] = probes
@@ -1119,6 +1127,29 @@ def _combine_zoo(parts: list[dict], command: str) -> dict:
         data.setdefault(key, [] if key != "out_of_domain" else {})
     data["summary"] = summary(data)
     return data
+
+
+def _source_run(part: dict, key: str) -> dict | None:
+    """The run (an entry of the part's ``meta.parts``) whose rows of analysis ``key`` the part holds: the last
+    run that measured it, since within a part a later run's rows replaced an earlier one's."""
+    number = next(n for n, k in ANALYSES.items() if k == key)
+    runs = [r for r in part.get("meta", {}).get("parts", []) if number in r.get("analyses", [])]
+    return runs[-1] if runs else None
+
+
+def _keep_runs_shown(data: dict, parts: list[dict], sources: dict[str, list]) -> None:
+    """The file lists the runs whose rows it shows; a run every analysis of which a later run measured again
+    moves to ``superseded`` (named, not described as the source), and a reduction note stays only while a run
+    that was reduced (``--reduced``) still supplies rows."""
+    shown = [r for runs in sources.values() for r in runs if r is not None]
+    meta = data["meta"]
+    earlier = [r for p in parts for r in p.get("meta", {}).get("superseded", [])]  # named by a combined part
+    meta["superseded"] = earlier + [r for r in meta["parts"] if not any(r is s for s in shown)]
+    meta["parts"] = [r for r in meta["parts"] if any(r is s for s in shown)]
+    notes = [p.get("meta", {}).get("reduced") for p in parts
+             if any(r.get("reduced") or "--reduced" in r.get("command", "")
+                    for r in p.get("meta", {}).get("parts", []) if any(r is s for s in shown))]
+    meta["reduced"] = " ".join(dict.fromkeys(n for n in notes if n))
 
 
 #: what identifies a row of each analysis: a split run's parts join on it (a later part's row wins)

@@ -138,7 +138,7 @@ def test_lm_verdicts_read_lower_as_better(bench):
     assert hi < 0 and lm.ahead(lo, hi) and not lm.behind(lo, hi) and clf.behind(lo, hi)
     data = {"meta": {"metric": "perplexity / base perplexity", "seeds": [0, 1, 2]}, "drop_range": rows}
     text = bench.summary(data)
-    assert text.startswith("On the LM zoo APL helps where merging") and "below zero (APL lower perplexity)" in text
+    assert text.startswith("On the LM zoo APL helps when merging") and "below zero (APL lower perplexity)" in text
     table = "\n".join(bench.render_drop_range(rows, None, lm))
     assert "LOWEST mean" in table and "negative = APL lower perplexity = APL better" in table
     assert "| 0.8 | 0.800 ± 0.010 | 0.910 ± 0.010 | 1.223 ± 0.025 | DARE linear | -11.0 [" in table
@@ -201,18 +201,28 @@ def test_combine_across_builds_keeps_each_analysis_from_one_build(bench):
         return {"setting": "all", "tasks": ["a"], "fraction": fraction, "method": "APL", "baseline": False,
                 "per_seed": {"0": value}, "per_task": {}, "selected": {}, "fewshot_loss": {}}
 
-    def part(fingerprint, **analyses):
+    def part(fingerprint, command, reduced="", **analyses):
+        numbers = [n for n, k in bench.ANALYSES.items() if k in analyses]
         return {"zoo": "default", "zoo_fingerprint": fingerprint, "commands": [],
-                "meta": {"seeds": [0], "n_probe": 400, "parts": [], "grids": {}}, **analyses}
+                "meta": {"seeds": [0], "n_probe": 400, "grids": {}, "reduced": reduced,
+                         "parts": [{"command": command, "analyses": numbers}]}, **analyses}
 
-    old = part("old", drop_range=[row(0.5, 1.0), row(0.9, 2.0)], ablation=[{"setting": "all", "label": "x"}])
-    new = part("new", drop_range=[row(0.99, 3.0)])
-    both = bench.combine([old, new], "combine", across_builds=True)
+    old = part("old", "run --reduced 'fewer seeds'", "fewer seeds", drop_range=[row(0.5, 1.0), row(0.9, 2.0)])
+    ablation = part("old", "run ablation", ablation=[{"setting": "all", "label": "x"}])
+    new = part("new", "run full", drop_range=[row(0.99, 3.0)])
+    both = bench.combine([bench.combine([old, ablation], "c1"), new], "combine", across_builds=True)
     assert [r["fraction"] for r in both["drop_range"]] == [0.99]
+    # the reduced run supplies nothing now: named as superseded, its reduction note gone
+    assert [r["command"] for r in both["meta"]["parts"]] == ["run ablation", "run full"]
+    assert [r["command"] for r in both["meta"]["superseded"]] == ["run --reduced 'fewer seeds'"]
+    assert both["meta"]["reduced"] == ""
+    kept = bench.combine([old, ablation], "c1")
+    assert kept["meta"]["reduced"] == "fewer seeds" and not kept["meta"]["superseded"]
     assert both["meta"]["analysis_fingerprints"] == {"drop_range": "new", "ablation": "old"}
     header = bench._builds_line(both)
     assert "fingerprint new for drop_range" in header and "fingerprint old for ablation" in header
-    same = bench.combine([old, part("old", drop_range=[row(0.99, 3.0)])], "combine")
+    same = bench.combine([bench.combine([old, ablation], "c1"), part("old", "run more", drop_range=[row(0.99, 3.0)])],
+                         "combine")
     assert [r["fraction"] for r in same["drop_range"]] == [0.5, 0.9, 0.99]
     assert bench._builds_line(same) == "fingerprint old"
 
