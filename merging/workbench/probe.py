@@ -81,7 +81,7 @@ def first_look_positions(sets: dict[str, list]) -> dict[str, list[int]]:
 def first_look_line(session: Session, metrics: dict[str, dict[str, float]]) -> str:
     """The progress line of a first look: mean accuracy on the first-look texts and the change from the
     session's last probed merge on the same texts, where that probe had a first look too."""
-    n = sum(1 for _ in metrics)
+    n = len(metrics)
     mean = 100 * sum(m["accuracy"] for m in metrics.values()) / max(n, 1)
     line = (f"first look, {FIRST_LOOK_ROWS} examples per task (seed {FIRST_LOOK_SEED}): mean accuracy "
             f"{mean:.1f}")
