@@ -93,18 +93,25 @@ def regmean_extras(tensors, experts, generator: torch.Generator) -> dict:
     """RegMean's inputs made up with the right shapes: per linear weight (2-D, not the embeddings) of
     ``tensors`` (name → TensorInfo, in the order to draw them) a symmetric positive definite Gram matrix
     [in, in] per expert, and the weight's input axis (Conv1D [in, out] / Linear [out, in])."""
+    inputs = {}
+    for name, info in tensors.items():
+        if len(info.shape) == 2 and "embeddings" not in name:
+            axis = 0 if info.unit_axis == 1 else 1
+            inputs[name] = (info.shape[axis], axis)
+    return fabricated_regmean_extras(inputs, experts, generator, draws_per_unit=3)
+
+
+def fabricated_regmean_extras(inputs: dict, experts, generator: torch.Generator, draws_per_unit: int) -> dict:
+    """RegMean's extras for weights ``inputs`` (name → (input size, input axis), drawn in that order): per
+    expert the Gram matrix XᵀX / m of m = draws_per_unit · size standard-normal rows, positive definite."""
     from merging.methods import PerTensor
     from merging.methods.regmean import REGMEAN_GRAMS, REGMEAN_INPUT_AXIS
 
     grams, axes = {}, {}
-    for name, info in tensors.items():
-        if len(info.shape) != 2 or "embeddings" in name:
-            continue
-        axis = 0 if info.unit_axis == 1 else 1
-        size = info.shape[axis]
+    for name, (size, axis) in inputs.items():
         grams[name] = {}
         for expert in experts:
-            x = torch.randn(3 * size, size, generator=generator)
-            grams[name][expert] = x.T @ x / (3 * size)
+            x = torch.randn(draws_per_unit * size, size, generator=generator)
+            grams[name][expert] = x.T @ x / (draws_per_unit * size)
         axes[name] = torch.tensor(axis)
     return {REGMEAN_GRAMS: PerTensor(grams, row_axis=None), REGMEAN_INPUT_AXIS: PerTensor(axes, row_axis=None)}

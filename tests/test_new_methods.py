@@ -56,20 +56,10 @@ def _merge(models, method, seed=0, **params):
 
 
 def _fabricated_grams(base, experts, seed=0, axis=1):
-    from merging.methods import PerTensor
-    from merging.methods.regmean import REGMEAN_GRAMS, REGMEAN_INPUT_AXIS
+    from apl_fixtures import fabricated_regmean_extras
 
-    generator = torch.Generator().manual_seed(seed)
-    grams, axes = {}, {}
-    for name, tensor in base.items():
-        if tensor.dim() == 2:
-            size = tensor.shape[axis]
-            grams[name] = {}
-            for e in experts:
-                x = torch.randn(2 * size, size, generator=generator)
-                grams[name][e] = x.T @ x / (2 * size)
-            axes[name] = torch.tensor(axis)
-    return {REGMEAN_GRAMS: PerTensor(grams, row_axis=None), REGMEAN_INPUT_AXIS: PerTensor(axes, row_axis=None)}
+    inputs = {name: (tensor.shape[axis], axis) for name, tensor in base.items() if tensor.dim() == 2}
+    return fabricated_regmean_extras(inputs, experts, torch.Generator().manual_seed(seed), draws_per_unit=2)
 
 
 # ---------------------------------------------------------------- shared properties
