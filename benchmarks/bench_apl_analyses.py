@@ -1141,14 +1141,13 @@ def _keep_runs_shown(data: dict, parts: list[dict], sources: dict[str, list]) ->
     """The file lists the runs whose rows it shows; a run every analysis of which a later run measured again
     moves to ``superseded`` (named, not described as the source), and a reduction note stays only while a run
     that was reduced (``--reduced``) still supplies rows."""
-    shown = [r for runs in sources.values() for r in runs if r is not None]
+    shown = {id(r) for runs in sources.values() for r in runs if r is not None}
     meta = data["meta"]
     earlier = [r for p in parts for r in p.get("meta", {}).get("superseded", [])]  # named by a combined part
-    meta["superseded"] = earlier + [r for r in meta["parts"] if not any(r is s for s in shown)]
-    meta["parts"] = [r for r in meta["parts"] if any(r is s for s in shown)]
-    notes = [p.get("meta", {}).get("reduced") for p in parts
-             if any(r.get("reduced") or "--reduced" in r.get("command", "")
-                    for r in p.get("meta", {}).get("parts", []) if any(r is s for s in shown))]
+    meta["superseded"] = earlier + [r for r in meta["parts"] if id(r) not in shown]
+    meta["parts"] = [r for r in meta["parts"] if id(r) in shown]
+    notes = [p.get("meta", {}).get("reduced") for p in parts if any(
+        id(r) in shown and "--reduced" in r.get("command", "") for r in p.get("meta", {}).get("parts", []))]
     meta["reduced"] = " ".join(dict.fromkeys(n for n in notes if n))
 
 
