@@ -110,9 +110,16 @@ def stack_when_narrow(fig: go.Figure, panel_heights: Sequence[int], top: int = 4
                        f"{bar}.thickness": 8, f"{bar}.xpad": 4, f"{bar}.title.side": "top",
                        f"{bar}.tickfont.size": 10})
     narrow.update(narrow_extra or {})
+    return with_narrow_layout(fig, narrow)
+
+
+def with_narrow_layout(fig: go.Figure, narrow: Mapping[str, object]) -> go.Figure:
+    """Store ``narrow`` (plotly attribute paths → values) as the figure's phone layout and the figure's own
+    values at those paths as its wide one, in ``layout.meta.ml_layouts``: the page's script switches between
+    them by the chart's width."""
     current = fig.layout.to_plotly_json()
     wide = {path: _layout_value(current, path) for path in narrow}
-    fig.update_layout(meta={"ml_layouts": {"wide": wide, "narrow": narrow}})
+    fig.update_layout(meta={"ml_layouts": {"wide": wide, "narrow": dict(narrow)}})
     return fig
 
 
@@ -259,7 +266,11 @@ def layer_importance_figure(layers: Sequence[str], layer: Mapping[str, Sequence[
     fig.update_xaxes(title_text="layer", type="category")
     _style(fig, 380)
     fig.update_layout(legend=dict(orientation="h", yanchor="top", y=-0.25, x=0), margin=dict(t=20, b=110))
-    return fig
+    # on a phone the layer names stand upright (plotly's own slant ran "embeddings" into the legend) and the
+    # legend, a row per entry there (two per expert), gets its own room below them and the axis title
+    rows = 2 * len(layer)
+    return with_narrow_layout(fig, {"height": 480 + 24 * rows, "margin.b": 140 + 24 * rows, "xaxis.tickangle": -90,
+                                    "legend.y": -0.42})
 
 
 def fidelity_by_expert_text(intervention: str, table: Mapping[str, Mapping[str, float]]) -> str:

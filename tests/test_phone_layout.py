@@ -62,12 +62,30 @@ def test_heatmaps_stack_full_width_at_the_asked_heights(n):
 def test_the_wide_layout_is_the_figure_as_drawn():
     for fig in (fg.importance_heatmaps(_maps(3)),
                 fg.hidden_state_figure(np.arange(16.0), np.ones((3, 8)), ["0", "1", "2"], "m"),
-                fg.comparison_figure(["0", "1"], {"a": [1, 2]}, {"a": [2, 1]}, {"a": 0.5}, {})):
+                fg.comparison_figure(["0", "1"], {"a": [1, 2]}, {"a": [2, 1]}, {"a": 0.5}, {}),
+                _layer_figure(4)):
         layouts = fig.layout.meta["ml_layouts"]
         drawn = fig.layout.to_plotly_json()
         drawn.pop("meta")
         back = _apply(_apply(drawn, layouts["narrow"]), layouts["wide"])
         assert _pruned(back) == _pruned(drawn)
+
+
+def _layer_figure(n_experts: int):
+    layers = ["embeddings", "0", "1", "2", "3", "4", "5", "head"]
+    shares = {f"expert{i}": list(np.linspace(0.05, 0.2, len(layers))) for i in range(n_experts)}
+    return fg.layer_importance_figure(layers, shares, shares)
+
+
+def test_the_layer_chart_on_a_phone_keeps_its_legend_below_upright_layer_names():
+    """Narrow, the layer names stand upright and the legend (two entries per expert, a row each on a phone)
+    starts below the longest name and the axis title and ends inside the figure: nothing runs into anything."""
+    narrow = _layer_figure(4).layout.meta["ml_layouts"]["narrow"]
+    plot = narrow["height"] - 20 - narrow["margin.b"]  # margin.t 20, as drawn wide
+    name_and_title = 12 * 0.6 * len("embeddings") + 45  # upright 12-px label plus the axis title, in pixels
+    legend_top = -narrow["legend.y"] * plot
+    assert narrow["xaxis.tickangle"] == -90 and legend_top >= name_and_title
+    assert narrow["margin.b"] - legend_top >= 8 * 24  # eight legend rows of about 24 px
 
 
 def _pruned(value):
