@@ -8,6 +8,7 @@ import torch
 
 from merging.apl.importance import BlockReplay, compute_importance
 from merging.apl.taskloss import body_state, task_loss
+from merging.io.layout import unit_slice
 
 LEVELS = ["model", "layer", "module"]
 
@@ -58,6 +59,40 @@ def test_replayed_exact_scores_equal_full_forwards(tok, intervention):
         got = result.scores(expert, level, absolute=False)[key]
         assert got == pytest.approx(value, rel=1e-5, abs=1e-7), (expert, level, key)
     assert np.any(result.matrix("module") > 0)
+
+
+@torch.no_grad()
+def unit_oracle(expert_set, examples, tokenizer, expert, units):
+    """module → unit → L(base with that unit's rows/columns and bias entry switched to the expert) − L(base),
+    one full forward each."""
+    base, own = body_state(expert_set, "base"), body_state(expert_set, expert)
+    task = task_loss(expert_set, expert, examples, tokenizer, base, purpose="the oracle")
+    reference = float(task.loss())
+    layout, out = expert_set.layout, {}
+    for module, indices in units.items():
+        names = layout.unit_modules()[module]
+        for unit in indices:
+            for name in names:
+                where = unit_slice(layout[name], [unit])
+                task.live[name][where] = own[name][where]
+            out[(module, unit)] = float(task.loss()) - reference
+            for name in names:
+                task.live[name].copy_(base[name])
+    return out
+
+
+def test_replayed_hidden_unit_scores_equal_full_forwards(tok):
+    """Hidden-state units patch a slice of one module: the sub-modules before it replay too."""
+    expert_set = fx.expert_set(n_experts=1)
+    examples = _examples(expert_set)
+    expert = next(iter(expert_set.experts))
+    result = compute_importance(expert_set, examples, tok, mode="exact", level="hidden", sample=None)
+    units = {m: range(len(result.unit_scores(expert, m))) for m in result.units}
+    assert sum(len(v) for v in units.values()) > 100
+    want = unit_oracle(expert_set, examples, tok, expert, units)
+    for (module, unit), value in want.items():
+        got = float(result.unit_scores(expert, module, absolute=False)[unit])
+        assert got == pytest.approx(value, rel=1e-5, abs=1e-7), (module, unit)
 
 
 def test_blocks_below_a_patch_are_not_run(tok):
@@ -111,3 +146,100 @@ def test_replayed_lm_scores_equal_full_forwards(tmp_path, kind):
         assert got == pytest.approx(value, rel=1e-5, abs=1e-7), (expert, level, key)
     task = task_loss(expert_set, "t0", examples, tokenizer, body_state(expert_set, "base"), purpose="the test")
     assert BlockReplay(task, expert_set.layout).blocks is not None  # replayed, not a full run in disguise
+
+
+def _calls_during_patch(replay, task, own, start, names, watched):
+    """Which of ``watched`` (label → module) run while ``names`` are patched to ``own``; the replayed loss and
+    the full-forward loss of the same patch."""
+    calls = []
+    handles = [m.register_forward_hook(lambda *_, k=k: calls.append(k)) for k, m in watched.items()]
+    with torch.no_grad():
+        for name in names:
+            task.live[name].copy_(own[name])
+        replayed = replay.loss(names)
+        ran = set(calls)
+        full = float(task.loss())
+        for name in names:
+            task.live[name].copy_(start[name])
+    for handle in handles:
+        handle.remove()
+    return ran, replayed, full
+
+
+def test_sub_modules_finished_before_the_patch_are_not_run(tok):
+    """A patch of block 1's ``output.dense``: block 1's attention and intermediate projection replay (as block
+    0 does); the patched module and the norm after it run; the loss is the full forward's."""
+    expert_set = fx.expert_set()
+    examples = _examples(expert_set)
+    expert = next(iter(expert_set.experts))
+    base, own = body_state(expert_set, "base"), body_state(expert_set, expert)
+    task = task_loss(expert_set, expert, examples, tok, base, purpose="the test")
+    replay = BlockReplay(task, expert_set.layout)
+    with torch.no_grad():
+        replay.start_loss()
+    layer = replay.blocks[1]
+    watched = {"block0": replay.blocks[0], "attention": layer.attention, "intermediate": layer.intermediate,
+               "output.dense": layer.output.dense, "output.LayerNorm": layer.output.LayerNorm}
+    names = expert_set.layout.partitions("module")["encoder.layer.1.output.dense"]
+    ran, replayed, full = _calls_during_patch(replay, task, own, base, names, watched)
+    assert ran == {"output.dense", "output.LayerNorm"}
+    assert replayed == pytest.approx(full, rel=1e-6)
+    embeddings = expert_set.layout.partitions("module")["embeddings.word_embeddings"]
+    ran, replayed, full = _calls_during_patch(replay, task, own, base, embeddings, watched)
+    assert ran == set(watched)  # the embeddings run before block 0: nothing can replay
+    assert replayed == pytest.approx(full, rel=1e-6)
+
+
+def test_a_block_reading_a_sub_module_attribute_runs_whole(tok):
+    """Glue that reads an attribute of a replaced sub-module (which the stand-in lacks) falls back to running
+    the block whole, with the same loss, instead of failing the importance run."""
+    expert_set = fx.expert_set()
+    examples = _examples(expert_set)
+    expert = next(iter(expert_set.experts))
+    base, own = body_state(expert_set, "base"), body_state(expert_set, expert)
+    task = task_loss(expert_set, expert, examples, tok, base, purpose="the test")
+    replay = BlockReplay(task, expert_set.layout)
+    layer = replay.blocks[1]
+    layer.attention.marker = 1.0
+    plain_forward = layer.forward
+
+    def reading_forward(*args, **kwargs):
+        assert layer.attention.marker == 1.0
+        return plain_forward(*args, **kwargs)
+
+    layer.forward = reading_forward
+    with torch.no_grad():
+        replay.start_loss()
+    names = expert_set.layout.partitions("module")["encoder.layer.1.intermediate.dense"]
+    ran, replayed, full = _calls_during_patch(replay, task, own, base, names, {"attention": layer.attention})
+    assert ran == {"attention"} and replay.inner == {}
+    assert replayed == pytest.approx(full, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind, patched, replayed_modules", [
+    ("gpt2", "mlp.c_proj", ("ln_1", "attn", "ln_2", "mlp.c_fc")),
+    ("llama", "mlp.down_proj", ("input_layernorm", "self_attn", "mlp.gate_proj", "mlp.up_proj")),
+])
+def test_lm_blocks_replay_the_attention_below_an_mlp_patch(tmp_path, kind, patched, replayed_modules):
+    import tiny_models as tm
+
+    from merging.io.experts import ExpertSet
+    from merging.io.taskdata import LMExample
+
+    tokenizer = tm.lm_tokenizer()
+    base_dir = tm.save(tm.build_lm(kind), tmp_path / "base")
+    tokenizer.save_pretrained(str(base_dir))
+    expert_set = ExpertSet.load(base_dir, {"t0": tm.save(tm.perturbed(tm.build_lm(kind), seed=50), tmp_path / "t0")})
+    examples = {"t0": [LMExample("a b c", "d e f"), LMExample("c b", "a a d e")]}
+    base, own = body_state(expert_set, "base"), body_state(expert_set, "t0")
+    task = task_loss(expert_set, "t0", examples, tokenizer, base, purpose="the test")
+    replay = BlockReplay(task, expert_set.layout)
+    with torch.no_grad():
+        replay.start_loss()
+    block = replay.blocks[1]
+    watched = {path: block.get_submodule(path) for path in (*replayed_modules, patched)}
+    module = next(m for m in expert_set.layout.partitions("module") if m.endswith(f"1.{patched}"))
+    ran, replayed, full = _calls_during_patch(replay, task, own, base, expert_set.layout.partitions("module")[module],
+                                              watched)
+    assert ran == {patched}
+    assert replayed == pytest.approx(full, rel=1e-6)

@@ -32,6 +32,7 @@ from ..errors import MergeLabError
 from ..io.experts import ExpertSet
 from ..io.layout import MODULE_KINDS, ROLE_MERGE, Layout, unit_slice
 from ..io.taskdata import draw_fewshot  # noqa: F401  (re-exported: one few-shot draw)
+from .replay import BlockReplay
 from .taskloss import MAX_LENGTH, Example, FunctionLoss, StateLoss, TaskLoss, body_state, task_loss
 
 LEVELS = ("model", "layer", "module", "hidden")
@@ -221,76 +222,6 @@ def _column_order(label: str) -> tuple[int, str]:
 
 def _nonzero(start: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], names) -> bool:
     return any(not torch.equal(start[n], target[n]) for n in names)
-
-
-class BlockReplay:
-    """Blocks below a patched one are not run again: each replays the output it gave at the start point.
-
-    An exact intervention patches one partition and restores the start values after its forward, so every
-    block *below* the partition's first block sees the start weights and the same batch on every pass: its
-    output is the one recorded on the start point's own forward (a forward hook per block). For a patch in
-    block k, blocks 0…k−1 are swapped for that forward for stand-ins returning their recorded outputs; the
-    model's own forward still runs embeddings, masks and heads, so nothing depends on a family's private
-    block signature — only on its blocks being one ``ModuleList`` called in order (BERT's ``encoder.layer``,
-    GPT-2's ``h``, Llama's ``layers``: the classifier and causal-LM losses; the causal-LM probe finds them the
-    same way). The blocks from k on run the very same modules on the very same tensors as a full pass, so a
-    score is the full pass's. A loss without such a list (a plain function of a state dict) runs in full.
-    """
-
-    def __init__(self, task: TaskLoss, layout: Layout, max_bytes: int = 512 * 2**20):
-        from ..lm.probe import _block_list
-
-        self.task, self.layout, self.max_bytes = task, layout, max_bytes
-        self.blocks = None
-        model = getattr(task, "model", None)
-        if isinstance(model, torch.nn.Module) and layout.n_blocks:
-            paths = {id(p): n for n, p in model.named_parameters()}
-            self.blocks = _block_list(model, layout, lambda name: paths.get(id(task.parameter(name)), ""))
-        self.outputs: list = []  # block i's output at the start point, for i < len(outputs)
-
-    def first_block(self, names: Sequence[str]) -> int:
-        """Blocks a patch of ``names`` leaves untouched below it: 0 for embeddings, k for block k, all of them
-        for the head (final norm, pooler, an untied LM head)."""
-        lowest = self.layout.n_blocks
-        for name in names:
-            layer = self.layout[name].layer
-            lowest = min(lowest, int(layer) if layer.isdigit() else 0 if layer == "embeddings" else lowest)
-        return lowest
-
-    def start_loss(self) -> float:
-        """L(start), recording every block's output on the way (within ``max_bytes``)."""
-        if self.blocks is None:
-            return float(self.task.loss())
-        self.outputs, held = [], [0]
-
-        def recorder(index):
-            def record(_module, _inputs, output):
-                parts = output if isinstance(output, (tuple, list)) else (output,)
-                held[0] += sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
-                if index == len(self.outputs) and held[0] <= self.max_bytes:
-                    self.outputs.append(output)
-            return record
-
-        hooks = [block.register_forward_hook(recorder(i)) for i, block in enumerate(self.blocks)]
-        try:
-            return float(self.task.loss())
-        finally:
-            for hook in hooks:
-                hook.remove()
-
-    def loss(self, names: Sequence[str]) -> float:
-        """L with ``names`` patched (the caller patched them): blocks below the first patched one replay."""
-        from ..lm.probe import _Replay
-
-        skip = min(self.first_block(names), len(self.outputs)) if self.blocks is not None else 0
-        originals = [self.blocks[i] for i in range(skip)]
-        for i in range(skip):
-            self.blocks[i] = _Replay(self.outputs[i])
-        try:
-            return float(self.task.loss())
-        finally:
-            for i, block in enumerate(originals):
-                self.blocks[i] = block
 
 
 @torch.no_grad()
