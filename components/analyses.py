@@ -222,9 +222,7 @@ def stored_views(state, expert: str | None = None, table: str | None = None):
         return _no_stored(why)
     names = [k for k in STORED_TABLES if records_table(data.get(k)) is not None]
     text = str(data.get("summary") or "The stored analyses have no summary.")
-    commands = [c for c in data.get("commands") or [] if isinstance(c, str)]
-    if commands:
-        text += "\n\nMeasured with " + "; ".join(f"`{c}`" for c in commands) + "."
+    text += measured_line(data)
     try:
         curve = stored_curve(data, expert)
     except wb.MergeLabError as exc:
@@ -236,6 +234,24 @@ def stored_views(state, expert: str | None = None, table: str | None = None):
     return (text, gr.update(value=fig, visible=fig is not None), twin,
             gr.update(choices=names, value=pick, visible=bool(names)),
             gr.update(value=records_table(data.get(pick)) if pick else None, visible=bool(pick)))
+
+
+def measured_line(data: dict) -> str:
+    """How the stored analyses were measured, in words: the runs' own commands name scratch files of the machine
+    that ran them (checkpoints, parts being combined), which a reader of the page cannot open, so the page counts
+    the runs whose rows it shows (a combined file's parts) and points to the results file in the repository that
+    lists each with its machine and load."""
+    commands = [c for c in data.get("commands") or [] if isinstance(c, str)]
+    parts = (data.get("meta") or {}).get("parts") if isinstance(data.get("meta"), dict) else None
+    runs = list(parts) if parts else [c for c in commands if "--combine" not in c]  # parts: the runs shown
+    if not runs:
+        return ""
+    combined = any("--combine" in c for c in commands)
+    how = f"{len(runs)} run{'s' if len(runs) != 1 else ''} of `benchmarks/bench_apl_analyses.py`"
+    if combined:
+        how += ", joined with its `--combine`"
+    return (f"\n\nMeasured by {how}; `benchmarks/RESULTS-apl-analyses.md` lists each run's command, machine "
+            "and load.")
 
 
 def _no_stored(text: str) -> tuple:

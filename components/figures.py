@@ -665,9 +665,19 @@ def pruning_figure(curve, expert_colour: str | None = None) -> go.Figure:
     better = "higher is better" if curve.higher_is_better else "lower is better"
     fig.update_xaxes(title_text="p, share of the expert's change dropped",
                      tickvals=[place[p] for p in fractions], ticktext=[f"{p:g}" for p in fractions])
-    fig.update_yaxes(title_text=f"{curve.task} {curve.metric} ({better})",
-                     range=[0, 1] if curve.metric == "accuracy" else None)
+    if _perplexity_like(curve):  # one strategy's blow-up (a ratio of millions) would flatten every other line
+        fig.update_yaxes(title_text=f"{curve.task} {curve.metric} ({better}; log)", type="log")
+    else:
+        fig.update_yaxes(title_text=f"{curve.task} {curve.metric} ({better})",
+                         range=[0, 1] if curve.metric == "accuracy" else None)
     return _legend_below_when_narrow(_style(fig, 380), plot=280, legend_rows=len(ids) + 2)
+
+
+def _perplexity_like(curve) -> bool:
+    """A lower-is-better score that is a ratio (perplexity / the base's): read on a log axis, where a doubling
+    looks the same at every height, as long as every plotted value is positive."""
+    values = [curve.base_score, curve.expert_score, *(pt.score for pt in curve.points)]
+    return not curve.higher_is_better and all(v is not None and v > 0 for v in values)
 
 
 def _kept_axis(p: float) -> float:

@@ -2,7 +2,8 @@
 builds the LM zoo on first use (the fake LM zoo behind an event the test sets, so nothing trains) with the one
 progress line and Guided first merge off, then loads its experts; layer swapping is suggested from APL's layer
 importance beside it, merged, and the choice reaches the exported recipe together with the chosen expert's
-generation config. Screenshot at 1366 px in /tmp/merge-lab-lm/."""
+generation config; the Analyses section shows the LM zoo's stored analyses. Screenshots at 1366 px in
+/tmp/merge-lab-lm/."""
 
 from __future__ import annotations
 
@@ -77,6 +78,19 @@ def test_switch_to_the_lm_zoo_then_layer_swap_from_importance(app_zoo, blocked_z
         expect(page.locator("#export-status")).to_contain_text("zip", timeout=90_000)
         page.locator("#layer-swap-panel").scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "lm-layer-swap.png"))
+
+        # the Analyses section shows the LM zoo's stored analyses (perplexity), not the classifier zoo's, and
+        # says how they were measured without the scratch paths of the machine that ran them
+        page.get_by_text("Analyses · where APL helps").click()
+        stored = page.locator("#analyses-stored")
+        expect(stored).to_contain_text("On the LM zoo APL helps when merging", timeout=30_000)
+        expect(stored).to_contain_text("perplexity")
+        expect(stored).to_contain_text("Measured by 2 runs of benchmarks/bench_apl_analyses.py")
+        assert "/work/" not in stored.inner_text() and "/tmp/" not in stored.inner_text()
+        expect(page.locator("#analyses-table-pick")).to_be_visible()
+        expect(page.locator("#analyses-table")).to_contain_text("per_task_perplexity")  # an LM-only column
+        stored.scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "lm-analyses.png"), full_page=True)
         toasts = page.locator("[data-testid=toast-body]").all_inner_texts()
         assert not [t for t in toasts if "went wrong" in t], toasts
     zips = sorted((cache / "exports").glob("*/*.zip"), key=lambda p: p.stat().st_mtime)

@@ -96,3 +96,33 @@ def test_stored_views_show_the_file_or_hide_the_empty_parts(tmp_path, monkeypatc
     assert text == record["summary"] and plot["visible"] is True
     assert twin == fg.pruning_summary(_curve())
     assert pick["choices"] == ["taus"] and table["value"] == {"headers": ["tau1", "mean"], "data": [[2, 0.61]]}
+
+
+def test_the_page_names_the_analyses_runs_without_the_machine_s_scratch_paths():
+    """The stored commands carry scratch files of the machine that ran them (checkpoints, parts to combine): the
+    page counts the runs and points to the results file in the repository instead of printing those paths."""
+    data = {"commands": ["python benchmarks/bench_apl_analyses.py --only 1 --checkpoint /work/aa/ck.json",
+                         "python benchmarks/bench_apl_analyses.py --only 2 --json-only /tmp/p2.json",
+                         "python benchmarks/bench_apl_analyses.py --combine /work/aa/p1.json /tmp/p2.json"]}
+    line = an.measured_line(data)
+    assert "/work/" not in line and "/tmp/" not in line
+    assert "2 runs of `benchmarks/bench_apl_analyses.py`, joined with its `--combine`" in line
+    assert "`benchmarks/RESULTS-apl-analyses.md`" in line
+    assert an.measured_line({"commands": ["python benchmarks/bench_apl_analyses.py"]}).startswith(
+        "\n\nMeasured by 1 run of `benchmarks/bench_apl_analyses.py`;")
+    assert an.measured_line({}) == ""
+    parts = {**data, "meta": {"parts": [{"command": data["commands"][1]}]}}  # a combined file: its shown runs
+    assert "Measured by 1 run of `benchmarks/bench_apl_analyses.py`, joined with its `--combine`" in an.measured_line(parts)
+
+
+def test_a_perplexity_curve_is_drawn_on_a_log_axis():
+    """An LM expert's perplexity ratio: APL locate's blow-up at p = 0.99 (millions) must not flatten the other
+    lines (as it did on the stored LM curve), so a lower-is-better ratio gets a log axis; accuracy stays 0–1."""
+    points = (CurvePoint("dare", 0.5, 0, 0.6), CurvePoint("dare", 0.99, 0, 1.3),
+              CurvePoint("apl_locate", 0.5, 0, 0.7), CurvePoint("apl_locate", 0.99, 0, 4.2e7))
+    curve = PruningCurve("de", "de", "perplexity / base perplexity", False, base_score=1.0, expert_score=0.51,
+                         fractions=(0.5, 0.99), seeds=(0,), points=points)
+    axis = fg.pruning_figure(curve).layout.yaxis
+    assert axis.type == "log" and axis.title.text.endswith("(lower is better; log)")
+    accuracy = fg.pruning_figure(_curve()).layout.yaxis
+    assert accuracy.type != "log" and tuple(accuracy.range) == (0, 1)
