@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from mergekit_reference import mergekit_yaml
 
 from merging import MergeEngine, MergeSettings
 from merging.errors import MergeLabError
@@ -219,21 +220,6 @@ def test_cli_writes_the_mergekit_yaml(tmp_path, models, capsys):
 
 # ---- the real mergekit (slow: mergekit runs in its own interpreter) ------------------------------
 
-MERGEKIT_PYTHONS = ("/work/venvs/mergekit/bin/python",
-                    str(Path.home() / ".cache/merge-lab-ci/mergekit-0.1.5-torch-2.13.0/bin/python"))
-
-
-def _mergekit_yaml_script() -> Path:
-    import os
-
-    configured = os.environ.get("MERGE_LAB_MERGEKIT_PYTHON")
-    for python in ([configured] if configured else []) + list(MERGEKIT_PYTHONS):
-        script = Path(python).parent / "mergekit-yaml"
-        if script.is_file():
-            return script
-    pytest.skip("mergekit reference not installed: set MERGE_LAB_MERGEKIT_PYTHON to a python with mergekit 0.1.5")
-
-
 @pytest.fixture(scope="module")
 def llama_folders(tmp_path_factory):
     """A tiny 8-block Llama base and two perturbed experts, saved as transformers writes them."""
@@ -272,7 +258,7 @@ def test_mergekit_merges_what_merge_lab_merges(llama_folders, parameters, tmp_pa
     from merging.io.recipe import load_recipe
     from merging.io.replay import merge_recipe
 
-    script = _mergekit_yaml_script()
+    script = mergekit_yaml()
     recipe_path = llama_folders / f"recipe-{tmp_path.name}.yaml"
     recipe_path.write_text(_recipe(parameters).to_yaml())
     config = recipe_path.with_suffix(".mergekit.yml")

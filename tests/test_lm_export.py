@@ -301,18 +301,12 @@ def test_mergekit_aligns_the_same_rows(added_family, choice, tmp_path):
     import os
     import subprocess
 
+    from mergekit_reference import mergekit_yaml
     from safetensors.torch import load_file
 
     from merging.io.replay import merge_recipe
 
-    script = None
-    for python in filter(None, [os.environ.get("MERGE_LAB_MERGEKIT_PYTHON"), "/work/venvs/mergekit/bin/python",
-                                str(Path.home() / ".cache/merge-lab-ci/mergekit-0.1.5-torch-2.13.0/bin/python")]):
-        if (Path(python).parent / "mergekit-yaml").is_file():
-            script = Path(python).parent / "mergekit-yaml"
-            break
-    if script is None:
-        pytest.skip("mergekit reference not installed: set MERGE_LAB_MERGEKIT_PYTHON to a python with mergekit 0.1.5")
+    script = mergekit_yaml()
     recipe = _recipe(added_family, tokenizer=choice)
     config = recipe.with_suffix(".mergekit.yml")
     assert main(["merge", str(recipe), "--format", "mergekit", "--out", str(config)]) == 0

@@ -2,14 +2,12 @@
 compared with Merge Lab's own merge of the same recipe; and hand-written mergekit configs run by mergekit
 and imported (``from_mergekit_yaml``) by Merge Lab.
 
-mergekit is a reference, never a dependency: it lives in its own virtual environment, found through
-``MERGE_LAB_MERGEKIT_PYTHON`` (a python with mergekit 0.1.5) or ``/work/venvs/mergekit/bin/python``;
-without either the test is skipped. Make one with
-``python -m venv V && V/bin/pip install torch==2.13.0 && V/bin/pip install mergekit==0.1.5``.
+mergekit is a reference, never a dependency: it lives in its own virtual environment, found as
+``tests/mergekit_reference.py`` says; without it the test is skipped.
 
 Deterministic methods must agree to fp32 rounding on every tensor, with one stated exception: for
 TIES, Merge Lab merges norm tensors without sign election (norms are never sparsified nor elected,
-DESIGN.md) while mergekit elects signs on every tensor; those norm tensors are checked against
+docs/ARCHITECTURE.md) while mergekit elects signs on every tensor; those norm tensors are checked against
 mergekit's rule computed here instead.
 """
 
@@ -24,6 +22,7 @@ import pytest
 import tiny_models as tm
 import torch
 import yaml
+from mergekit_reference import mergekit_python
 from safetensors.torch import load_file
 
 from merging.cli.main import main
@@ -35,18 +34,7 @@ from merging.params import ParamResolver
 # runs mergekit itself in another interpreter (about 30 s): part of the full run, not the fast inner loop
 pytestmark = pytest.mark.slow
 
-DEFAULT_PYTHON = Path("/work/venvs/mergekit/bin/python")
 FP32_TOL = 2e-6  # a few ulps of weights of magnitude ~1 (different summation order / fused ops)
-
-
-def _mergekit_python() -> Path:
-    configured = os.environ.get("MERGE_LAB_MERGEKIT_PYTHON")
-    python = Path(configured) if configured else DEFAULT_PYTHON
-    if not python.is_file():
-        how = (f"MERGE_LAB_MERGEKIT_PYTHON={configured} does not exist" if configured else
-               f"set MERGE_LAB_MERGEKIT_PYTHON to a python with mergekit 0.1.5 (default {DEFAULT_PYTHON} absent)")
-        pytest.skip(f"mergekit reference not installed: {how}")
-    return python
 
 
 # Importing mergekit takes ~7 s and a merge of these tiny models ~0.3 s, so each model folder gets one
@@ -107,7 +95,7 @@ class MergekitYaml:
 
 @pytest.fixture(scope="module")
 def mergekit_cli(tmp_path_factory):
-    runner = MergekitYaml(_mergekit_python(), tmp_path_factory.mktemp("mergekit-logs"))
+    runner = MergekitYaml(mergekit_python(), tmp_path_factory.mktemp("mergekit-logs"))
     yield runner
     runner.close()
 
