@@ -61,6 +61,37 @@ def test_replayed_exact_scores_equal_full_forwards(tok, intervention):
     assert np.any(result.matrix("module") > 0)
 
 
+def test_a_module_between_blocks_replays_only_the_blocks_before_it(tok):
+    """DeBERTa-v2 runs ``encoder.conv`` after block 0 (the layout files it under the head): a patch of it must
+    rerun blocks 1…, not replay every block as a head patch does (which scored it exactly 0)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from merging.io.experts import check_homology
+    from merging.io.sources import ModelSource
+
+    config = AutoConfig.for_model(
+        "deberta-v2", vocab_size=64, num_labels=3, pad_token_id=0, hidden_size=16, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=32, max_position_embeddings=40, relative_attention=True,
+        position_biased_input=False, norm_rel_ebd="layer_norm", conv_kernel_size=3, type_vocab_size=2,
+        pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_buckets=8)
+    torch.manual_seed(0)
+    full = AutoModelForSequenceClassification.from_config(config).state_dict()
+    generator = torch.Generator().manual_seed(5)
+    expert = {k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+              for k, v in full.items()}
+    body = {k.removeprefix("deberta."): v for k, v in full.items() if k.startswith("deberta.")}
+    expert_set = check_homology(ModelSource.from_state_dict("base", body, config.to_dict()),
+                                {"t": ModelSource.from_state_dict("t", expert, config.to_dict())})
+    assert any(name.startswith("encoder.conv.") for name in expert_set.layout.partitions("module")["encoder.conv.conv"])
+    examples = {"t": fx.examples(8, seed=3)}
+    result = compute_importance(expert_set, examples, tok, mode="exact", level=LEVELS)
+    want = oracle(expert_set, examples, tok, "restore")
+    for (expert_name, level, key), value in want.items():
+        got = result.scores(expert_name, level, absolute=False)[key]
+        assert got == pytest.approx(value, rel=1e-5, abs=1e-7), (level, key)
+    assert want[("t", "module", "encoder.conv.conv")] != 0.0
+
+
 @torch.no_grad()
 def unit_oracle(expert_set, examples, tokenizer, expert, units):
     """module → unit → L(base with that unit's rows/columns and bias entry switched to the expert) − L(base),
@@ -243,3 +274,26 @@ def test_lm_blocks_replay_the_attention_below_an_mlp_patch(tmp_path, kind, patch
                                               watched)
     assert ran == {patched}
     assert replayed == pytest.approx(full, rel=1e-6)
+
+
+def test_over_the_byte_budget_a_block_runs_whole(tok):
+    """A block whose sub-module outputs pass ``inner_bytes`` keeps no record (freed as soon as it overflows), so its
+    patches rerun it whole; a budget that holds one block's record keeps block 0's and drops block 1's."""
+    expert_set = fx.expert_set()
+    examples = _examples(expert_set)
+    expert = next(iter(expert_set.experts))
+    base, own = body_state(expert_set, "base"), body_state(expert_set, expert)
+    task = task_loss(expert_set, expert, examples, tok, base, purpose="the test")
+    roomy = BlockReplay(task, expert_set.layout)
+    with torch.no_grad():
+        roomy.start_loss()
+    one_block = roomy.inner[0].nbytes
+    for budget, kept in ((1, set()), (one_block, {0})):
+        replay = BlockReplay(task, expert_set.layout, inner_bytes=budget)
+        with torch.no_grad():
+            replay.start_loss()
+        assert set(replay.inner) == kept and len(replay.outputs) == 2
+        layer = replay.blocks[1]
+        names = expert_set.layout.partitions("module")["encoder.layer.1.output.dense"]
+        ran, replayed, full = _calls_during_patch(replay, task, own, base, names, {"attention": layer.attention})
+        assert ran == {"attention"} and replayed == pytest.approx(full, rel=1e-6)

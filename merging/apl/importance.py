@@ -293,10 +293,11 @@ def _switch_unit(task: TaskLoss, layout: Layout, names: Sequence[str], unit: int
     slices = {n: unit_slice(layout[n], [unit]) for n in names}
     for name, where in slices.items():
         task.live[name][where] = target[name][where]
-    value = replay.loss(names) if replay is not None else float(task.loss())
-    for name, where in slices.items():
-        task.live[name][where] = start[name][where]
-    return value
+    try:
+        return replay.loss(names) if replay is not None else float(task.loss())
+    finally:  # a Stop or an error must not leave the unit patched in the live model
+        for name, where in slices.items():
+            task.live[name][where] = start[name][where]
 
 
 @dataclass
