@@ -28,6 +28,14 @@ def _examples(expert_set, n=10):
     return {t: fx.examples(n, seed=3 + i) for i, t in enumerate(expert_set.experts)}
 
 
+def _bert_task(tok):
+    """The tiny BERT set, its first expert's loss at the base, and the base's and that expert's bodies."""
+    expert_set = fx.expert_set()
+    expert = next(iter(expert_set.experts))
+    base, own = body_state(expert_set, "base"), body_state(expert_set, expert)
+    return expert_set, task_loss(expert_set, expert, _examples(expert_set), tok, base, purpose="the test"), base, own
+
+
 @torch.no_grad()
 def oracle(expert_set, examples, tokenizer, intervention, levels=LEVELS):
     """(expert, level, partition) → L(start with the partition switched to target) − L(start): one full forward
@@ -127,11 +135,7 @@ def test_replayed_hidden_unit_scores_equal_full_forwards(tok):
 
 
 def test_blocks_below_a_patch_are_not_run(tok):
-    expert_set = fx.expert_set()
-    examples = _examples(expert_set)
-    expert = next(iter(expert_set.experts))
-    base, own = body_state(expert_set, "base"), body_state(expert_set, expert)
-    task = task_loss(expert_set, expert, examples, tok, base, purpose="the test")
+    expert_set, task, base, own = _bert_task(tok)
     replay = BlockReplay(task, expert_set.layout)
     assert replay.blocks is not None and len(replay.blocks) == 2
     calls = []
@@ -200,11 +204,7 @@ def _calls_during_patch(replay, task, own, start, names, watched):
 def test_sub_modules_finished_before_the_patch_are_not_run(tok):
     """A patch of block 1's ``output.dense``: block 1's attention and intermediate projection replay (as block
     0 does); the patched module and the norm after it run; the loss is the full forward's."""
-    expert_set = fx.expert_set()
-    examples = _examples(expert_set)
-    expert = next(iter(expert_set.experts))
-    base, own = body_state(expert_set, "base"), body_state(expert_set, expert)
-    task = task_loss(expert_set, expert, examples, tok, base, purpose="the test")
+    expert_set, task, base, own = _bert_task(tok)
     replay = BlockReplay(task, expert_set.layout)
     with torch.no_grad():
         replay.start_loss()
@@ -224,11 +224,7 @@ def test_sub_modules_finished_before_the_patch_are_not_run(tok):
 def test_a_block_reading_a_sub_module_attribute_runs_whole(tok):
     """Glue that reads an attribute of a replaced sub-module (which the stand-in lacks) falls back to running
     the block whole, with the same loss, instead of failing the importance run."""
-    expert_set = fx.expert_set()
-    examples = _examples(expert_set)
-    expert = next(iter(expert_set.experts))
-    base, own = body_state(expert_set, "base"), body_state(expert_set, expert)
-    task = task_loss(expert_set, expert, examples, tok, base, purpose="the test")
+    expert_set, task, base, own = _bert_task(tok)
     replay = BlockReplay(task, expert_set.layout)
     layer = replay.blocks[1]
     layer.attention.marker = 1.0
@@ -279,11 +275,7 @@ def test_lm_blocks_replay_the_attention_below_an_mlp_patch(tmp_path, kind, patch
 def test_over_the_byte_budget_a_block_runs_whole(tok):
     """A block whose sub-module outputs pass ``inner_bytes`` keeps no record (freed as soon as it overflows), so its
     patches rerun it whole; a budget that holds one block's record keeps block 0's and drops block 1's."""
-    expert_set = fx.expert_set()
-    examples = _examples(expert_set)
-    expert = next(iter(expert_set.experts))
-    base, own = body_state(expert_set, "base"), body_state(expert_set, expert)
-    task = task_loss(expert_set, expert, examples, tok, base, purpose="the test")
+    expert_set, task, base, own = _bert_task(tok)
     roomy = BlockReplay(task, expert_set.layout)
     with torch.no_grad():
         roomy.start_loss()
