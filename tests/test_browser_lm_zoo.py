@@ -89,6 +89,9 @@ def test_switch_to_the_lm_zoo_then_layer_swap_from_importance(app_zoo, blocked_z
         assert "/work/" not in stored.inner_text() and "/tmp/" not in stored.inner_text()
         expect(page.locator("#analyses-table-pick")).to_be_visible()
         expect(page.locator("#analyses-table")).to_contain_text("per_task_perplexity")  # an LM-only column
+        settle(page)  # includes: every chart as wide as its box (the curve was drawn while the section was closed)
+        curve = page.locator("#analyses .js-plotly-plot").first
+        assert curve.evaluate("gd => Math.abs(gd._fullLayout.width - gd.offsetWidth)") <= 2
         stored.scroll_into_view_if_needed()
         page.screenshot(path=str(SHOTS / "lm-analyses.png"), full_page=True)
         toasts = page.locator("[data-testid=toast-body]").all_inner_texts()
