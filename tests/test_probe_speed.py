@@ -1,6 +1,8 @@
 """The page's probe after the zoo is built: reference rows read from the zoo (written once at build), and a
 merge after one per-layer slider change re-merging that layer only and re-running the probe from it."""
 
+import re
+
 import pytest
 import torch
 
@@ -154,3 +156,25 @@ def test_first_look_scores_its_subset_first_and_leaves_the_full_probe_unchanged(
     _, (line, _, _), moved = merge_and_probe(0.9)
     change = 100 * (moved.mean("accuracy") - expected.mean("accuracy"))
     assert f"{change:+.1f} points on the same texts since {label}" in line
+
+
+@pytest.mark.parametrize("kind, settings, said", [
+    ("deberta-v2", dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                        conv_kernel_size=3, relative_attention=True), "encoder parts outside its blocks (rel_embeddings, conv)"),
+    ("gpt2", dict(n_embd=16, n_layer=2, n_head=2), "no embeddings + encoder.layer blocks"),
+])
+def test_the_classifier_probe_refuses_an_encoder_it_cannot_stage(tmp_path, kind, settings, said):
+    """The probe calls embeddings, each encoder.layer block and the pooler itself: DeBERTa-v2's conv after block 0
+    (and its relative embeddings) would be skipped, every score silently wrong, so such a base is refused in words;
+    a BERT base is run."""
+    from transformers import AutoConfig, AutoModel
+
+    from merging.errors import MergeLabError
+
+    AutoModel.from_config(AutoConfig.for_model(kind, vocab_size=64, **settings)).save_pretrained(tmp_path / kind)
+    with pytest.raises(MergeLabError, match=re.escape(said)) as refused:
+        _Body(tmp_path / kind)
+    assert f"this base ({kind})" in str(refused.value) and "Importance, merging and export work" in str(refused.value)
+    bert = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    AutoModel.from_config(AutoConfig.for_model("bert", vocab_size=64, **bert)).save_pretrained(tmp_path / "bert")
+    assert _Body(tmp_path / "bert").n_layers == 2

@@ -131,6 +131,29 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def _check_staged_encoder(model) -> None:
+    """Refuse, in words, an encoder this probe cannot run stage by stage: it calls ``embeddings``, each of
+    ``encoder.layer`` and ``pooler`` itself, so anything else the encoder holds (DeBERTa-v2's ``conv`` after
+    block 0, its relative embeddings) would be skipped and every score silently wrong."""
+    encoder = getattr(model, "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    problems = []
+    if getattr(model, "embeddings", None) is None or not isinstance(layers, torch.nn.ModuleList):
+        problems.append("no embeddings + encoder.layer blocks")
+    else:
+        extra = [n for n, m in encoder.named_children() if n != "layer" and any(True for _ in m.parameters())]
+        if extra:
+            problems.append(f"encoder parts outside its blocks ({', '.join(extra)})")
+    if getattr(model, "pooler", None) is None:
+        problems.append("no pooler")
+    if problems:
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise MergeLabError(
+            f"The classifier probe runs BERT-style encoders (embeddings, encoder.layer, pooler) stage by stage; "
+            f"this base ({kind}) has {'; '.join(problems)}, so it cannot probe these experts. Importance, merging "
+            "and export work as before: evaluate the exported merge with your own script.", field="probe")
+
+
 class _Body:
     """A base-architecture body that can load bodies in place and run layer by layer.
 
@@ -143,6 +166,7 @@ class _Body:
         from transformers import AutoModel
 
         self.model = AutoModel.from_pretrained(str(base_path)).eval()
+        _check_staged_encoder(self.model)
         self.prefix = self.model.base_model_prefix
         self.n_layers = len(self.model.encoder.layer)
         self.params = dict(self.model.state_dict())
