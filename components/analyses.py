@@ -242,7 +242,8 @@ def measured_line(data: dict) -> str:
     the runs whose rows it shows (a combined file's parts) and points to the results file in the repository that
     lists each with its machine and load."""
     commands = [c for c in data.get("commands") or [] if isinstance(c, str)]
-    parts = (data.get("meta") or {}).get("parts") if isinstance(data.get("meta"), dict) else None
+    meta = data.get("meta")
+    parts = meta.get("parts") if isinstance(meta, dict) else None
     runs = list(parts) if parts else [c for c in commands if "--combine" not in c]  # parts: the runs shown
     if not runs:
         return ""

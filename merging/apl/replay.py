@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..io.layout import Layout
+from ..lm.probe import _block_list, _nbytes, _Replay
 from .taskloss import TaskLoss
 
 BLOCK_BYTES = 512 * 2**20  # block outputs held for replay
@@ -74,18 +75,11 @@ def _parent_paths(path: str) -> set[str]:
     return {".".join(parts[:i]) for i in range(1, len(parts))}
 
 
-def _nbytes(output) -> int:
-    parts = output if isinstance(output, (tuple, list)) else (output,)
-    return sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
-
-
 class BlockReplay:
     """Replays what a patch cannot change (the module docstring says what and why): build it on the task,
     call :meth:`start_loss` at the start point, then :meth:`loss` once per patched partition."""
 
     def __init__(self, task: TaskLoss, layout: Layout, max_bytes: int = BLOCK_BYTES, inner_bytes: int = INNER_BYTES):
-        from ..lm.probe import _block_list
-
         self.task, self.layout, self.max_bytes, self.inner_bytes = task, layout, max_bytes, inner_bytes
         self.blocks = None
         model = getattr(task, "model", None)
@@ -175,8 +169,6 @@ class BlockReplay:
     def loss(self, names: Sequence[str]) -> float:
         """L with ``names`` patched (the caller patched them): what finished before the first of them was used
         returns its start-point output."""
-        from ..lm.probe import _Replay
-
         if self.blocks is None:
             return float(self.task.loss())
         first = self.first_use(names)
@@ -198,8 +190,6 @@ class BlockReplay:
     def _inner_swaps(self, index: int, first: int) -> list[Swap]:
         """Stand-ins for block ``index``'s sub-modules that finished before step ``first``; none when the block
         has no complete record (past the last block, or over the byte budget)."""
-        from ..lm.probe import _Replay
-
         record = self.inner.get(index)
         if record is None or index >= len(self.blocks):
             return []
