@@ -191,3 +191,35 @@ def test_threshold_with_tie_quota_keeps_the_first_tied_entries():
     assert mask.tolist() == [[True, True, True], [False, False, False]]
     factor = kernels.magnitude_keep_factor(delta, 0.5, threshold=1.0, ties=3)
     assert factor.tolist() == [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]
+
+
+def _python_order(row: list[float], descending: bool) -> list[int]:
+    """The oracle: columns by |value| (largest first if descending), tied magnitudes lowest column first."""
+    return sorted(range(len(row)), key=lambda j: (-abs(row[j]) if descending else abs(row[j]), j))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("descending", [False, True])
+def test_row_magnitude_order_is_a_stable_sort_of_magnitudes(dtype, descending):
+    """The packed-key sort (float32/16, bfloat16 on the CPU) and torch's argsort (float64) order each row by
+    |value| with ties by column, including ±0, subnormals, infinities and runs of tied magnitudes."""
+    generator = torch.Generator().manual_seed(5)
+    matrix = (torch.randn(9, 41, generator=generator) * 1e-2).to(dtype)
+    matrix[0, :20] = 0.0
+    matrix[0, 20:] = -0.0
+    matrix[1] = torch.tensor([0.5, -0.5] * 20 + [0.25]).to(dtype)  # one magnitude, signs alternating
+    matrix[2, ::4] = float("inf")
+    matrix[2, 1::4] = -float("inf")
+    matrix[3, :10] = torch.finfo(dtype).tiny / 4  # subnormal
+    matrix[3, 10:20] = -torch.finfo(dtype).tiny / 4
+    got = kernels.row_magnitude_order(matrix, descending=descending)
+    rows = matrix.double().tolist()
+    assert got.tolist() == [_python_order(row, descending) for row in rows]
+
+
+def test_row_magnitude_order_of_a_strided_view_equals_that_of_a_copy():
+    matrix = torch.randn(30, 24)
+    view = matrix.T[:, ::2]  # not contiguous
+    assert torch.equal(kernels.row_magnitude_order(view), kernels.row_magnitude_order(view.contiguous()))
+    assert kernels.row_magnitude_order(torch.empty(0, 5)).shape == (0, 5)
+    assert kernels.row_magnitude_order(torch.empty(3, 0)).shape == (3, 0)

@@ -179,8 +179,9 @@ def unit_magnitude_mask(delta: torch.Tensor, keep: torch.Tensor, unit_axis: int)
     moved = delta.movedim(unit_axis, 0)
     rows = moved.reshape(moved.shape[0], -1)
     k = torch.round(keep.reshape(-1).double() * rows.shape[1]).long()
-    rank = (-rows.abs()).argsort(dim=1, stable=True).argsort(dim=1)
-    mask = rank < k.unsqueeze(1)
+    order = kernels.row_magnitude_order(rows, descending=True)  # ties: the lower index is kept first
+    within = torch.arange(rows.shape[1], device=rows.device) < k.to(rows.device).unsqueeze(1)
+    mask = torch.empty(rows.shape, dtype=torch.bool, device=rows.device).scatter_(1, order, within)
     return mask.reshape(moved.shape).movedim(0, unit_axis)
 
 
