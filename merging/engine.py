@@ -235,7 +235,7 @@ class MergeEngine:
         shared = resolver.for_layer(None, info.layer)
         thresholds = self._thresholds_for(name, info, settings, resolver, params)
         extras = _tensor_extras(settings.extras, name)
-        key = _fingerprint(settings, name, params, shared, thresholds, extras, task, stat)
+        key = _fingerprint(settings, name, params, shared, thresholds, extras, task, stat) if self.use_cache else None
         cached = self._cache.get((name, task))
         if self.use_cache and cached is not None and cached[0] == key:
             return _to_dtype(cached[1], dtype), False

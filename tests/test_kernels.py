@@ -223,3 +223,58 @@ def test_row_magnitude_order_of_a_strided_view_equals_that_of_a_copy():
     assert torch.equal(kernels.row_magnitude_order(view), kernels.row_magnitude_order(view.contiguous()))
     assert kernels.row_magnitude_order(torch.empty(0, 5)).shape == (0, 5)
     assert kernels.row_magnitude_order(torch.empty(3, 0)).shape == (3, 0)
+
+
+def test_replace_tiny_divisors_equals_the_masked_fill():
+    """Below 1e-12 in magnitude → 1; everything else, NaN and ±inf included, unchanged (bit for bit)."""
+    values = [0.0, -0.0, 1e-13, -1e-13, 1e-12, -1e-12, 9.99e-13, 2.0, -3.5, 1e-30, float("nan"),
+              float("inf"), -float("inf"), 1e38, 0.5]
+    for divisor in (torch.tensor(values), torch.tensor(values).reshape(3, 5).T, torch.tensor(values[2])):
+        expected = divisor.clone().masked_fill_(divisor.abs() < 1e-12, 1.0)
+        got = kernels.replace_tiny_divisors_(divisor.clone())
+        assert torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
+        assert torch.equal(got.signbit(), expected.signbit())
+
+
+def test_sign_of_sum_counts_zero_as_plus_one():
+    """The elected sign: ±1 by the sum's sign, a zero sum (±0) +1 — the masked fill it replaced, NaN included
+    (torch's sign of NaN is 0 on the CPU)."""
+    summed = torch.tensor([3.0, -2.0, 0.0, -0.0, 1e-40, -1e-40, float("nan"), float("inf"), -float("inf")])
+    expected = torch.sign(summed).masked_fill_(torch.sign(summed) == 0, 1.0)
+    got = kernels.sign_of_sum(summed)
+    assert got[:6].tolist() == [1.0, -1.0, 1.0, 1.0, 1.0, -1.0] and got[7:].tolist() == [1.0, -1.0]
+    assert torch.equal(got, expected)
+    assert torch.equal(kernels.sign_of_sum(summed.clone(), inplace=True), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_numpy_band_pass_equals_torch_s(dtype):
+    """The CPU's numpy pass and the torch pass (a GPU's) count and gather the same band, in the same order."""
+    generator = torch.Generator().manual_seed(3)
+    n = kernels._TOPK_BLOCK * 2 + 1234  # three blocks, the last partial
+    base = torch.randn(n, generator=generator)
+    tensor = (base + torch.randn(n, generator=generator) * 1e-2).to(dtype)
+    tensor[::97] = base[::97].to(dtype)  # zero deltas (where the base is exact in dtype)
+    tensor[5] = float("nan")
+    for lo, hi in [(0.004, 0.006), (-math.inf, 0.001), (0.02, math.inf), (0.0, 0.0)]:
+        below_np, band_np = kernels._delta_band_pass_numpy(tensor, base, lo, hi)
+        below_t, band_t = kernels._delta_band_pass_torch(tensor, base, lo, hi)
+        magnitude = (tensor.float() - base).abs()
+        assert below_np == below_t == int((~(magnitude >= lo)).sum())  # NaN counts below
+        assert torch.equal(band_np, band_t) and torch.equal(band_t, magnitude[(magnitude >= lo) & (magnitude <= hi)])
+
+
+def test_the_numpy_band_counts_equal_torch_s():
+    """streaming_topk's band pass counts and gathers the same on the CPU's numpy path as on torch's."""
+    generator = torch.Generator().manual_seed(4)
+    piece = torch.randn(100_003, generator=generator) * 1e-2
+    piece[::11] = 0.0
+    piece[1::13] = 0.005
+    piece[2::17] = -0.005
+    piece[7] = float("nan")
+    for lo, hi in [(0.004, 0.006), (0.005, 0.005), (0.0, 0.001), (-math.inf, 0.003), (0.01, math.inf)]:
+        by_numpy, by_torch = kernels._band_counts_numpy(piece, lo, hi), kernels._band_counts_torch(piece, lo, hi)
+        assert by_numpy[:4] == by_torch[:4] and torch.equal(by_numpy[4], by_torch[4])
+        magnitude = piece.abs()
+        assert by_numpy[2] == int((magnitude == lo).sum()) and by_numpy[4].numel() == int(((magnitude > lo) & (magnitude < hi)).sum())
