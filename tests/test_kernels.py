@@ -278,3 +278,20 @@ def test_the_numpy_band_counts_equal_torch_s():
         assert by_numpy[:4] == by_torch[:4] and torch.equal(by_numpy[4], by_torch[4])
         magnitude = piece.abs()
         assert by_numpy[2] == int((magnitude == lo).sum()) and by_numpy[4].numel() == int(((magnitude > lo) & (magnitude < hi)).sum())
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "nan"])
+def test_kth_smallest_equals_torch_kthvalue(kind):
+    """The band selection (numpy's counts on the CPU) returns torch.kthvalue's value at every rank tried,
+    where values tie, where most are zero, and where NaN forces the fallback."""
+    generator = torch.Generator().manual_seed(6)
+    values = torch.randn(300_001, generator=generator)
+    if kind == "ties":
+        values = (values * 4).round() / 4
+    elif kind == "zeros":
+        values[:280_000] = 0.0
+    elif kind == "nan":
+        values[123] = float("nan")
+    for j in (1, 17, 150_000, 280_000, 280_001, 299_999, 300_001):
+        got, expected = kernels.kth_smallest(values, j), float(torch.kthvalue(values, j).values)
+        assert got == expected or (math.isnan(got) and math.isnan(expected)), j

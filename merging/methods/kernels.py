@@ -234,6 +234,8 @@ def _kth_smallest_in_band(flat: torch.Tensor, j: int) -> float | None:
     has_lo, has_hi = lo != -math.inf, hi != math.inf  # a missing side is unbounded
     if not (has_lo or has_hi):
         return None
+    if flat.device.type == "cpu" and flat.dtype == torch.float32:
+        return _kth_in_counted_band(_value_band_counts(flat.numpy(), lo, hi), lo, hi, n, j)
     # two comparisons over everything where both sides are bounded: NaN fails both, so it is counted below
     # and above and the three counts add up to more than n; one-sided, NaN is in no count (fewer than n)
     at_least = flat >= lo if has_lo else None
@@ -252,6 +254,23 @@ def _kth_smallest_in_band(flat: torch.Tensor, j: int) -> float | None:
     if not below < j <= below + band.numel():
         return None
     return _kth_of(band, j - below)
+
+
+def _kth_in_counted_band(counts: tuple[int, int, int, int, torch.Tensor], lo: float, hi: float, n: int,
+                         j: int) -> float | None:
+    """The j-th smallest of ``n`` values from their band counts (:func:`_value_band_counts`), or None when the
+    band misses it or some value is NaN (in no count)."""
+    below, above, at_lo, at_hi, between = counts
+    if below + at_lo + between.numel() + at_hi + above != n:
+        return None
+    rank = j - below  # within the band [lo, hi]
+    if not 0 < rank <= at_lo + between.numel() + at_hi:
+        return None
+    if rank <= at_lo:
+        return lo
+    if rank > at_lo + between.numel():
+        return hi
+    return _kth_of(between, rank - at_lo)
 
 
 def magnitude_mask(delta: torch.Tensor, density: float, threshold: float | None = None,
@@ -595,14 +614,27 @@ def _band_counts_torch(piece: torch.Tensor, lo: float, hi: float) -> tuple[int, 
 def _band_counts_numpy(piece: torch.Tensor, lo: float, hi: float) -> tuple[int, int, int, int, torch.Tensor]:
     """:func:`_band_counts_torch` for a float32 piece on the CPU, by numpy (see
     :func:`_delta_band_pass_numpy` for why)."""
-    magnitude = torch.abs(piece.reshape(-1), out=scratch("band-magnitude", piece.numel())).numpy()
-    mask, other = np.empty(magnitude.size, dtype=bool), np.empty(magnitude.size, dtype=bool)
-    below = int(np.count_nonzero(np.less(magnitude, lo, out=mask)))
-    above = int(np.count_nonzero(np.greater(magnitude, hi, out=mask)))
-    at_lo = int(np.count_nonzero(np.equal(magnitude, lo, out=mask)))
-    at_hi = int(np.count_nonzero(np.equal(magnitude, hi, out=mask))) if hi > lo else 0
-    inside = np.logical_and(np.greater(magnitude, lo, out=mask), np.less(magnitude, hi, out=other), out=mask)
-    return below, above, at_lo, at_hi, torch.from_numpy(magnitude[inside])
+    return _value_band_counts(torch.abs(piece.reshape(-1), out=scratch("band-magnitude", piece.numel())).numpy(),
+                              lo, hi)
+
+
+def _value_band_counts(magnitude: np.ndarray, lo: float, hi: float) -> tuple[int, int, int, int, torch.Tensor]:
+    """Of flat float32 ``magnitude``: how many are < lo, > hi, == lo, == hi (0 unless hi > lo), and a copy
+    of those in (lo, hi), in flat order. NaN is in none of them. Block by block, so that the masks stay in
+    the CPU cache."""
+    size = min(magnitude.size, _TOPK_BLOCK)
+    mask, other = np.empty(size, dtype=bool), np.empty(size, dtype=bool)
+    below = above = at_lo = at_hi = 0
+    between = []
+    for start in range(0, magnitude.size, _TOPK_BLOCK):
+        block = magnitude[start:start + _TOPK_BLOCK]
+        m, o = mask[:block.size], other[:block.size]
+        below += int(np.count_nonzero(np.less(block, lo, out=m)))
+        above += int(np.count_nonzero(np.greater(block, hi, out=m)))
+        at_lo += int(np.count_nonzero(np.equal(block, lo, out=m)))
+        at_hi += int(np.count_nonzero(np.equal(block, hi, out=m))) if hi > lo else 0
+        between.append(block[np.logical_and(np.greater(block, lo, out=m), np.less(block, hi, out=o), out=m)])
+    return below, above, at_lo, at_hi, torch.from_numpy(np.concatenate(between) if between else magnitude[:0].copy())
 
 
 def delta_topk(tensor: torch.Tensor, base: torch.Tensor, k: int) -> tuple[float, int]:
