@@ -66,8 +66,10 @@ from merging.methods.regmean import REGMEAN_GRAMS, REGMEAN_INPUT_AXIS  # noqa: E
 
 RESULTS = Path(__file__).with_name("RESULTS-merge.md")
 SEED = 1234
-# issue targets: method → (reference, max ratio)
-TARGETS = {"task_arithmetic": ("bandwidth", 2.0), "ties": ("bandwidth", 6.0), "dare_linear": ("rng", 1.5)}
+# issue targets: method → (reference, max ratio). DELLA's "≤ 10×" is read against the RNG pass, as DELLA
+# draws one uniform per entry as DARE does (the RNG pass alone is 6-8× the bandwidth pass on these machines)
+TARGETS = {"task_arithmetic": ("bandwidth", 2.0), "ties": ("bandwidth", 6.0), "magnitude": ("bandwidth", 6.0),
+           "dare_linear": ("rng", 1.5), "della": ("rng", 10.0)}
 RSS_TARGET_GB = 1.5
 
 
