@@ -203,7 +203,7 @@ def _sorted_values(values: torch.Tensor):
     """``values`` sorted ascending (NaN last): by numpy on the CPU, whose sort of a 16k-entry sample takes
     85 µs where torch's takes 1.2 ms and one torch.kthvalue 0.25 ms; by torch on a GPU."""
     if values.device.type == "cpu" and values.dtype == torch.float32:
-        return np.sort(values.numpy())
+        return np.sort(values.detach().numpy())
     return values.sort().values.cpu()
 
 
@@ -211,7 +211,7 @@ def _kth_of(values: torch.Tensor, j: int) -> float:
     """``torch.kthvalue(values, j)``'s value (1-based; ``values`` flat and free of NaN), by numpy's
     introselect on the CPU (a 5k-entry band: 12 µs, against 52 µs)."""
     if values.device.type == "cpu" and values.dtype == torch.float32:
-        return float(np.partition(values.numpy(), j - 1)[j - 1])
+        return float(np.partition(values.detach().numpy(), j - 1)[j - 1])
     return float(torch.kthvalue(values, j).values)
 
 
@@ -235,7 +235,7 @@ def _kth_smallest_in_band(flat: torch.Tensor, j: int) -> float | None:
     if not (has_lo or has_hi):
         return None
     if flat.device.type == "cpu" and flat.dtype == torch.float32:
-        return _kth_in_counted_band(_value_band_counts(flat.numpy(), lo, hi), lo, hi, n, j)
+        return _kth_in_counted_band(_value_band_counts(flat.detach().numpy(), lo, hi), lo, hi, n, j)
     # two comparisons over everything where both sides are bounded: NaN fails both, so it is counted below
     # and above and the three counts add up to more than n; one-sided, NaN is in no count (fewer than n)
     at_least = flat >= lo if has_lo else None
@@ -355,7 +355,7 @@ def row_magnitude_order(matrix: torch.Tensor, descending: bool = False) -> torch
     rows, cols = matrix.shape
     if not _packs_row_keys(matrix):
         return matrix.abs().argsort(dim=1, descending=descending, stable=True)
-    magnitude_bits = matrix.float().view(torch.int32).bitwise_and(0x7FFFFFFF)
+    magnitude_bits = matrix.detach().float().view(torch.int32).bitwise_and(0x7FFFFFFF)
     if descending:  # a larger magnitude gets a smaller key; ties stay by column index
         magnitude_bits.neg_().add_(0x7FFFFFFF)
     halves = torch.empty(rows, cols, 2, dtype=torch.int32)  # little-endian int64: low word, then high word
@@ -614,7 +614,7 @@ def _band_counts_torch(piece: torch.Tensor, lo: float, hi: float) -> tuple[int, 
 def _band_counts_numpy(piece: torch.Tensor, lo: float, hi: float) -> tuple[int, int, int, int, torch.Tensor]:
     """:func:`_band_counts_torch` for a float32 piece on the CPU, by numpy (see
     :func:`_delta_band_pass_numpy` for why)."""
-    return _value_band_counts(torch.abs(piece.reshape(-1), out=scratch("band-magnitude", piece.numel())).numpy(),
+    return _value_band_counts(torch.abs(piece.detach().reshape(-1), out=scratch("band-magnitude", piece.numel())).numpy(),
                               lo, hi)
 
 
@@ -687,7 +687,8 @@ def _delta_blocks(flat_x: torch.Tensor, flat_b: torch.Tensor) -> Iterator[torch.
     magnitude = scratch("topk-delta", min(n, _TOPK_BLOCK), flat_b.device)
     for start in range(0, n, _TOPK_BLOCK):
         stop = min(n, start + _TOPK_BLOCK)
-        yield torch.sub(flat_x[start:stop], flat_b[start:stop].float(), out=magnitude[:stop - start]).abs_()
+        yield torch.sub(flat_x[start:stop].detach(), flat_b[start:stop].detach().float(),
+                        out=magnitude[:stop - start]).abs_()
 
 
 def _delta_band_pass_torch(flat_x, flat_b, lo: float, hi: float) -> tuple[int, torch.Tensor]:
