@@ -28,7 +28,10 @@ def content_hash(*parts: Any) -> str:
 def _feed(digest, value: Any) -> None:
     if torch.is_tensor(value):
         digest.update(str((tuple(value.shape), str(value.dtype))).encode())
-        digest.update(value.detach().contiguous().cpu().numpy().tobytes())
+        flat = value.detach().contiguous().cpu().reshape(-1)
+        if flat.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the same bytes as 16-bit integers
+            flat = flat.view(torch.int16)
+        digest.update(flat.numpy().tobytes())
     elif isinstance(value, np.ndarray):
         digest.update(str((value.shape, str(value.dtype))).encode())
         digest.update(np.ascontiguousarray(value).tobytes())

@@ -161,6 +161,16 @@ def test_unit_magnitude_mask_counts_per_unit():
     assert columns.sum(0).tolist() == [1, 5, 10, 3]
 
 
+def test_unit_magnitude_mask_broadcasts_one_rate_and_keeps_nan_last():
+    """One rate for every unit keeps that share of each; a NaN score ranks below every magnitude (the order of
+    a stable argsort of −|Δ|), so it is dropped first."""
+    delta = torch.randn(3, 6)
+    mask = unit_magnitude_mask(delta, torch.tensor([0.5]), 0)
+    assert mask.sum(1).tolist() == [3, 3, 3]
+    scores = torch.tensor([[float("nan"), 1.0, 2.0, 3.0]])
+    assert unit_magnitude_mask(scores, torch.tensor([0.5]), 0).tolist() == [[False, False, True, True]]
+
+
 def test_hidden_without_profiles_is_a_clear_error(setup):
     expert_set, _ = setup
     with pytest.raises(MergeLabError, match="within_layer"):

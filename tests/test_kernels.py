@@ -295,3 +295,48 @@ def test_kth_smallest_equals_torch_kthvalue(kind):
     for j in (1, 17, 150_000, 280_000, 280_001, 299_999, 300_001):
         got, expected = kernels.kth_smallest(values, j), float(torch.kthvalue(values, j).values)
         assert got == expected or (math.isnan(got) and math.isnan(expected)), j
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_row_magnitude_order_puts_nan_last_in_column_order(descending):
+    """NaN — any payload — goes after every magnitude in both directions, NaNs among themselves by column, as
+    torch's stable argsort of |x| (ascending) and of −|x| (descending) put them."""
+    row = torch.tensor([[float("nan"), 1.0, 0.0, float("inf"), 2.0, float("nan"), -0.0]])
+    row.view(torch.int32)[0, 5] = 0x7FC00001  # another NaN payload, larger bits than column 0's
+    row.view(torch.int32)[0, 0] = -0x00400000  # a negative NaN (sign bit set)
+    reference = (-row.abs() if descending else row.abs()).argsort(dim=1, stable=True)
+    assert torch.equal(kernels.row_magnitude_order(row, descending), reference)
+    assert kernels.row_magnitude_order(row, descending)[0, -2:].tolist() == [0, 5]
+
+
+def test_kernels_keep_their_dtype_under_a_float64_default():
+    """Scratch buffers are float32 whatever torch's default dtype, so DELLA and a layer-scope TIES cut run."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        delta = torch.randn(60, 50, dtype=torch.float32)
+        probs = kernels.della_keep_probabilities(delta, 0.5, 0.2)
+        assert probs.dtype == torch.float32
+        assert kernels.scratch("test-dtype", 10).dtype == torch.float32
+        top = kernels.streaming_topk(lambda: iter([delta]), 300)
+        assert int((delta.abs() > top.cut).sum()) + top.ties == 300
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_sign_and_divisor_fix_ups_keep_other_dtypes():
+    wide = torch.tensor([9.99999999e-13, 1e-12, 0.0, -3.0], dtype=torch.float64)
+    assert kernels.replace_tiny_divisors_(wide.clone()).tolist() == [1.0, 1e-12, 1.0, -3.0]
+    assert kernels.sign_of_sum(torch.tensor([0, -3, 2])).tolist() == [1, -1, 1]
+    half = torch.tensor([0.0, -2.0], dtype=torch.float16)
+    assert kernels.sign_of_sum(half).tolist() == [1.0, -1.0]
+
+
+def test_kth_smallest_picks_torch_s_zero():
+    """Where the k-th value is zero, its sign is the one torch.kthvalue returns (PCB clamps by signed values)."""
+    values = torch.zeros(2**18 + 3)
+    values[::2] = -0.0
+    values[:10] = torch.arange(1.0, 11.0)
+    for j in (1, 2, 1000, 2**18 - 7):
+        got, expected = kernels.kth_smallest(values, j), torch.kthvalue(values, j).values
+        assert got == float(expected) and math.copysign(1, got) == math.copysign(1, float(expected)), j

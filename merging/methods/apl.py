@@ -181,7 +181,7 @@ def unit_magnitude_mask(delta: torch.Tensor, keep: torch.Tensor, unit_axis: int)
     k = torch.round(keep.reshape(-1).double() * rows.shape[1]).long()
     order = kernels.row_magnitude_order(rows, descending=True)  # ties: the lower index is kept first
     within = torch.arange(rows.shape[1], device=rows.device) < k.to(rows.device).unsqueeze(1)
-    mask = torch.empty(rows.shape, dtype=torch.bool, device=rows.device).scatter_(1, order, within)
+    mask = torch.empty(rows.shape, dtype=torch.bool, device=rows.device).scatter_(1, order, within.expand_as(order))
     return mask.reshape(moved.shape).movedim(0, unit_axis)
 
 

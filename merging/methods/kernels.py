@@ -90,11 +90,11 @@ def scratch(slot: str, numel: int, device: torch.device | str | None = None) -> 
     must be done with it before asking again."""
     device = torch.device("cpu" if device is None else device)
     if numel > SCRATCH_MAX or device.type != "cpu":
-        return torch.empty(numel, device=device)
+        return torch.empty(numel, dtype=torch.float32, device=device)
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     buffer = buffers.get(slot)
     if buffer is None or buffer.numel() < numel:
-        buffer = buffers[slot] = torch.empty(numel)
+        buffer = buffers[slot] = torch.empty(numel, dtype=torch.float32)
     return buffer[:numel]
 
 
@@ -237,7 +237,10 @@ def _kth_smallest_in_band(flat: torch.Tensor, j: int) -> float | None:
     if not (has_lo or has_hi):
         return None
     if flat.device.type == "cpu" and flat.dtype == torch.float32:
-        return _kth_in_counted_band(_value_band_counts(flat.detach().numpy(), lo, hi), lo, hi, n, j)
+        value = _kth_in_counted_band(_value_band_counts(flat.detach().numpy(), lo, hi), lo, hi, n, j)
+        if value is None or value != 0.0 or not bool(torch.signbit(flat).any()):
+            return value  # a miss, a non-zero, or a zero where there is no -0.0 (magnitudes)
+        return float(torch.kthvalue(flat, j).values)  # +0.0 or -0.0: the one torch.kthvalue picks
     # two comparisons over everything where both sides are bounded: NaN fails both, so it is counted below
     # and above and the three counts add up to more than n; one-sided, NaN is in no count (fewer than n)
     at_least = flat >= lo if has_lo else None
@@ -347,25 +350,32 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
 
 def row_magnitude_order(matrix: torch.Tensor, descending: bool = False) -> torch.Tensor:
     """Per row of a 2-D tensor, its column indices sorted by |value|, tied magnitudes by column index (lowest
-    first in both directions): ``matrix.abs().argsort(dim=1, descending=descending, stable=True)``.
+    first), NaN last in both directions: ``matrix.abs().argsort(dim=1, stable=True)``, or
+    ``(-matrix.abs()).argsort(dim=1, stable=True)`` when ``descending``.
 
     On the CPU, a float32, float16 or bfloat16 row is ranked by sorting one int64 key per entry: the
-    magnitude's float32 bit pattern (ordered like the magnitude, as it is non-negative) above the column index.
-    The keys are distinct, so any sort returns the stable order, and numpy sorts them with SIMD, releasing the
-    GIL, about 4x faster than torch's stable float argsort (``benchmarks/bench_merge.py``, DELLA). NaN counts
-    as the largest magnitude, as in torch's sort."""
+    magnitude's float32 bit pattern (ordered like the magnitude, as it is non-negative; every NaN made one
+    value above infinity) above the column index. The keys are distinct, so any sort returns the stable order,
+    and numpy sorts them with SIMD, releasing the GIL, about 4x faster than torch's stable float argsort
+    (``benchmarks/bench_merge.py``, DELLA)."""
     rows, cols = matrix.shape
     if not _packs_row_keys(matrix):
-        return matrix.abs().argsort(dim=1, descending=descending, stable=True)
+        magnitude = matrix.abs()
+        return (-magnitude if descending else magnitude).argsort(dim=1, stable=True)
     magnitude_bits = matrix.detach().float().view(torch.int32).bitwise_and(0x7FFFFFFF)
-    if descending:  # a larger magnitude gets a smaller key; ties stay by column index
-        magnitude_bits.neg_().add_(0x7FFFFFFF)
+    magnitude_bits.clamp_(max=_NAN_KEY)  # every NaN payload one key, so NaNs keep their column order
+    if descending:  # a larger magnitude gets a smaller key; NaN (-1 here) the largest, 0x7FFFFFFF
+        magnitude_bits.neg_().add_(_INF_BITS).bitwise_and_(0x7FFFFFFF)
     halves = torch.empty(rows, cols, 2, dtype=torch.int32)  # little-endian int64: low word, then high word
     halves[..., 0] = torch.arange(cols, dtype=torch.int32)
     halves[..., 1] = magnitude_bits
     keys = halves.view(torch.int64).reshape(rows, cols)
     keys.numpy().sort(axis=1)  # in place, off the GIL
     return keys.bitwise_and_(0xFFFFFFFF)  # the column index, in the low word
+
+
+_INF_BITS = 0x7F800000  # float32 +inf; a magnitude's bits above it are NaN
+_NAN_KEY = _INF_BITS + 1
 
 
 def _packs_row_keys(matrix: torch.Tensor) -> bool:
@@ -387,7 +397,7 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     spread = ranks / max(cols - 1, 1) - 0.5 if cols > 1 else torch.zeros_like(ranks)
     rank_probs = (density + epsilon * spread).clamp(1e-6, 1.0)
     order = row_magnitude_order(matrix)
-    probs = torch.empty(matrix.shape, device=matrix.device)
+    probs = torch.empty(matrix.shape, dtype=rank_probs.dtype, device=matrix.device)
     probs.scatter_(1, order, rank_probs.expand_as(order))
     return probs.reshape(delta.shape)
 
@@ -421,8 +431,10 @@ def sign_of_sum(summed: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """:func:`elect_sign` from the already summed deltas: sign per entry, zeros counted as +1
     (``inplace=True`` overwrites ``summed``)."""
     sign = summed.sign_() if inplace else torch.sign(summed)
+    if sign.dtype != torch.float32 or sign.dim() == 0:
+        return sign.masked_fill_(sign == 0, 1)
     # + 1.0 where the sign is 0: masked_fill_(sign == 0, 1.0) by float arithmetic, as a comparison written
-    # into floats takes a fifth of the time of one written into booleans (and NaN stays NaN either way)
+    # into floats takes a fifth of the time of one written into booleans
     zero = torch.eq(sign, 0, out=scratch("sign-zero", sign.numel(), sign.device).view(sign.shape))
     return sign.add_(zero)
 
@@ -434,7 +446,7 @@ def replace_tiny_divisors_(divisor: torch.Tensor) -> torch.Tensor:
     """``divisor`` with every entry of magnitude below :data:`TINY_DIVISOR` set to 1, in place: what
     ``masked_fill_(divisor.abs() < TINY_DIVISOR, 1.0)`` does (NaN and ±inf kept), by float arithmetic —
     d · [|d| ≥ tiny] + [|d| < tiny] — which is several times faster on the CPU than a boolean mask."""
-    if divisor.dim() == 0:
+    if divisor.dim() == 0 or divisor.dtype != torch.float32:
         return divisor.masked_fill_(divisor.abs() < TINY_DIVISOR, 1.0)
     fine = torch.abs(divisor, out=scratch("divisor-fine", divisor.numel(), divisor.device).view(divisor.shape))
     fine.ge_(TINY_DIVISOR)  # 1.0 where |d| ≥ tiny; 0.0 where tiny, and where NaN (NaN · 0 stays NaN)
