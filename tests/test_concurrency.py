@@ -64,6 +64,7 @@ def _expected(zoo, cfg) -> tuple[list, dict]:
     return rows[-1], session.history[-1]["recipe"]
 
 
+@pytest.mark.slow  # waits on the served app's queue (3-6 s)
 def test_four_concurrent_sessions_get_their_own_results(fake_app_url, app_zoo, tmp_path):
     from gradio_client import Client
 
@@ -122,6 +123,7 @@ def test_four_concurrent_sessions_get_their_own_results(fake_app_url, app_zoo, t
     print(f"\n4 concurrent sessions: {elapsed:.1f} s; fresh request afterwards {time.perf_counter() - t1:.2f} s")
 
 
+@pytest.mark.slow  # waits on the served app's queue (3-6 s)
 def test_queued_users_see_their_position(fake_app_url, app_zoo, monkeypatch):
     """Heavy events share one concurrency slot; a waiting client is told its rank in the queue (the page shows
     it as 'queue: k/n' because show_progress stays on for heavy events)."""

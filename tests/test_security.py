@@ -441,6 +441,7 @@ def _wait_for(predicate, timeout=20.0):
     return False
 
 
+@pytest.mark.slow  # waits on the served app's queue (3-6 s)
 def test_api_cancel_stops_the_computation_and_the_server_returns_to_idle(fake_app_url, app_zoo, slow_merge):  # noqa: F811
     import threading
     import time
@@ -776,6 +777,7 @@ def test_messages_about_model_folders_do_not_show_server_paths(tmp_path):
     assert str(tmp_path) not in str(info.value)
 
 
+@pytest.mark.slow  # waits on the served app's queue (3-6 s)
 def test_api_a_tab_repeating_a_queued_job_gets_only_the_newest_computed(fake_app_url, app_zoo, slow_merge):  # noqa: F811
     from gradio_client import Client
 
