@@ -199,10 +199,16 @@ def _sample_band(sample: torch.Tensor, q: float) -> tuple[float, float]:
     return lo, hi
 
 
+def _numpy_float32(values: torch.Tensor) -> bool:
+    """Whether ``values`` takes the numpy path: float32 on the CPU (numpy holds no bfloat16, and a GPU keeps
+    torch's)."""
+    return values.device.type == "cpu" and values.dtype == torch.float32
+
+
 def _sorted_values(values: torch.Tensor):
     """``values`` sorted ascending (NaN last): by numpy on the CPU, whose sort of a 16k-entry sample takes
     85 µs where torch's takes 1.2 ms and one torch.kthvalue 0.25 ms; by torch on a GPU."""
-    if values.device.type == "cpu" and values.dtype == torch.float32:
+    if _numpy_float32(values):
         return np.sort(values.detach().numpy())
     return values.sort().values.cpu()
 
@@ -210,7 +216,7 @@ def _sorted_values(values: torch.Tensor):
 def _kth_of(values: torch.Tensor, j: int) -> float:
     """``torch.kthvalue(values, j)``'s value (1-based; ``values`` flat and free of NaN), by numpy's
     introselect on the CPU (a 5k-entry band: 12 µs, against 52 µs)."""
-    if values.device.type == "cpu" and values.dtype == torch.float32:
+    if _numpy_float32(values):
         return float(np.partition(values.detach().numpy(), j - 1)[j - 1])
     return float(torch.kthvalue(values, j).values)
 
@@ -235,7 +241,7 @@ def _kth_smallest_in_band(flat: torch.Tensor, j: int) -> float | None:
     has_lo, has_hi = lo != -math.inf, hi != math.inf  # a missing side is unbounded
     if not (has_lo or has_hi):
         return None
-    if flat.device.type == "cpu" and flat.dtype == torch.float32:
+    if _numpy_float32(flat):
         value = _kth_in_counted_band(_value_band_counts(flat.detach().numpy(), lo, hi), lo, hi, n, j)
         if value is None or value != 0.0 or not bool(torch.signbit(flat).any()):
             return value  # a miss, a non-zero, or a zero where there is no -0.0 (magnitudes)
@@ -586,7 +592,7 @@ def _band_topk(pieces, owner: list[int], n_inputs: int, sample: torch.Tensor, to
     below = above = 0
     at_lo, at_hi, between = [], [], []  # per piece: count == lo, count == hi (if hi > lo), values in (lo, hi)
     for piece in pieces():
-        counts = _band_counts_numpy(piece, lo, hi) if _numpy_counts(piece) else _band_counts_torch(piece, lo, hi)
+        counts = _band_counts_numpy(piece, lo, hi) if _numpy_float32(piece) else _band_counts_torch(piece, lo, hi)
         below += counts[0]
         above += counts[1]
         at_lo.append(counts[2])
@@ -609,10 +615,6 @@ def _band_topk(pieces, owner: list[int], n_inputs: int, sample: torch.Tensor, to
     for piece, count in zip(owner, tied):
         per_input[piece] += count
     return TopK(cut, k - kept_above, tuple(per_input))
-
-
-def _numpy_counts(piece: torch.Tensor) -> bool:
-    return piece.device.type == "cpu" and piece.dtype == torch.float32
 
 
 def _band_counts_torch(piece: torch.Tensor, lo: float, hi: float) -> tuple[int, int, int, int, torch.Tensor]:
