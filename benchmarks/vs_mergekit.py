@@ -15,7 +15,9 @@ round by round, ``python -m merging merge recipe.yaml --out A`` and mergekit's o
 entry point on the config into ``B``, each in a fresh process, timing the wall clock and reading the
 child's peak RSS (``ru_maxrss`` from ``wait4``, which counts mmapped inputs too). Interpreter start-up
 and imports are part of both tools' time, as a user sees it; a separate "import only" row measures that
-floor for each. Deterministic methods' outputs are compared tensor by tensor (max |Δ|); for the random
+floor for each (and for torch alone), and a "read + add + write" row the plainest torch script for a merge of
+these folders (start, read every tensor of the K + 1 models, one add pass, write the sum), against which each
+method's "÷ plain" is taken. Deterministic methods' outputs are compared tensor by tensor (max |Δ|); for the random
 ones (DARE, DELLA) the masks differ by design (Merge Lab draws one generator per seed, expert and tensor),
 so only the run is checked.
 """
@@ -46,6 +48,23 @@ METHODS = {
 RANDOM_METHODS = {"dare_linear", "dare_ties", "della"}
 SEED = 0
 _MERGEKIT_MAIN = "import sys; from mergekit.scripts.run_yaml import main; sys.argv[0] = 'mergekit-yaml'; main()"
+#: the plainest torch tool for a merge of these folders: start, import torch and safetensors, read every tensor
+#: of the K + 1 models, add them (one pass, one thread) and write the sum — what a merge costs with no merge
+#: logic at all; "÷ plain" in the table is each method's time over this one's.
+_READ_ADD_WRITE = """
+import sys
+from safetensors import safe_open
+from safetensors.torch import save_file
+*folders, out = sys.argv[1:]
+files = [safe_open(folder + '/model.safetensors', 'pt') for folder in folders]
+merged = {}
+for name in files[0].keys():
+    total = files[0].get_tensor(name)
+    for other in files[1:]:
+        total += other.get_tensor(name)
+    merged[name] = total
+save_file(merged, out)
+"""
 
 
 def write_models(root: Path, dims: dict, shapes_fn, config_fn, state_fn) -> list[Path]:
@@ -141,13 +160,17 @@ def compare(args, shapes_fn, config_fn, state_fn) -> dict:
             configs[method] = folder
         times = {(m, tool): [] for m in methods for tool in ("merge-lab", "mergekit")}
         rss = dict.fromkeys(times, 0)
-        floor = {"merge-lab": [], "mergekit": []}
+        floor = {"merge-lab": [], "mergekit": [], "torch": [], "read-add-write": []}
         diffs: dict[str, tuple[float, float]] = {}  # outputs compared after the first round
         for _ in range(args.repeats):
             floor["merge-lab"].append(run_child([sys.executable, "-c", "import merging.io.export"], work)[0])
             floor["mergekit"].append(run_child([str(python), "-c", "import mergekit.scripts.run_yaml"], work)[0])
-            print(f"     import only: merge-lab {floor['merge-lab'][-1]:.2f}s, mergekit {floor['mergekit'][-1]:.2f}s",
-                  flush=True)
+            floor["torch"].append(run_child([sys.executable, "-c", "import torch"], work)[0])
+            floor["read-add-write"].append(run_child(
+                [sys.executable, "-c", _READ_ADD_WRITE, *map(str, folders), str(work / "floor.safetensors")], work)[0])
+            print(f"     import only: merge-lab {floor['merge-lab'][-1]:.2f}s, mergekit {floor['mergekit'][-1]:.2f}s, "
+                  f"torch alone {floor['torch'][-1]:.2f}s; read + add + write (base + 3) "
+                  f"{floor['read-add-write'][-1]:.2f}s", flush=True)
             for method in methods:
                 folder = configs[method]
                 for tool in ("merge-lab", "mergekit"):
@@ -174,11 +197,16 @@ def compare(args, shapes_fn, config_fn, state_fn) -> dict:
         floors = {tool: statistics.median(values) for tool, values in floor.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"   import only: merge-lab {floors['merge-lab']:.1f} s, mergekit {floors['mergekit']:.1f} s")
+    print(f"   import only: merge-lab {floors['merge-lab']:.2f} s, mergekit {floors['mergekit']:.2f} s, "
+          f"torch alone {floors['torch']:.2f} s")
+    print(f"   plain torch script (start, import torch, read base + 3, add, write): {floors['read-add-write']:.2f} s")
     print(f"   {'method':16s} {'mergekit s':>10s} {'merge-lab s':>11s} {'mergekit ÷ ours':>15s} "
+          f"{'mk past import':>14s} {'ours past import':>16s} {'ours ÷ plain':>12s} "
           f"{'RSS mk GB':>9s} {'RSS ours GB':>11s}  max |Δ| (weights; norms)")
     for r in rows:
         diff = "random masks (not compared)" if r["diff"] is None else f"{r['diff'][1]:.2e}; {r['diff'][0]:.2e}"
         print(f"   {r['method']:16s} {r['mergekit']:10.2f} {r['merge_lab']:11.2f} {r['ratio']:15.2f} "
+              f"{r['mergekit'] - floors['mergekit']:14.2f} {r['merge_lab'] - floors['merge-lab']:16.2f} "
+              f"{r['merge_lab'] / floors['read-add-write']:12.2f} "
               f"{r['rss_theirs'] / 1e9:9.2f} {r['rss_ours'] / 1e9:11.2f}  {diff}")
     return {"rows": rows, "floors": floors, "params": size / 4, "repeats": args.repeats}
