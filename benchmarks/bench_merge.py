@@ -18,6 +18,9 @@ weight of that width (the solve costs the same as with measured Grams). A data-a
 such synthetic inputs here (APL: its calibration table; later ones) is skipped with a printed line.
 
 - ``bandwidth``: base + Σ experts, tensor by tensor, float32 (a pure memory pass);
+- ``bandwidth-kept``: the same, keeping every sum as a merge keeps its outputs (each written into fresh
+  pages, whose first touch costs about as much as the pass itself here) — for context, no target is read
+  against it;
 - ``rng``: only the uniforms DARE draws (``kernels.uniforms`` for every tensor of every expert);
 - ``torch.rand`` (for context): the same count of uniforms from one global generator.
 
@@ -147,6 +150,18 @@ def bandwidth_pass(base: dict, experts: list[dict]) -> None:
             out.add_(expert[name])
 
 
+def kept_bandwidth_pass(base: dict, experts: list[dict]) -> int:
+    """The bandwidth pass keeping every sum, as a merge keeps its outputs: each lands in fresh pages (the plain
+    pass reuses the memory its previous sum freed), which is the part of a merge's time no kernel removes."""
+    kept = {}
+    for name, tensor in base.items():
+        out = tensor + experts[0][name]
+        for expert in experts[1:]:
+            out.add_(expert[name])
+        kept[name] = out
+    return len(kept)
+
+
 def rng_pass(shapes: dict, expert_names: list[str]) -> None:
     for expert in expert_names:
         for name, shape in shapes.items():
@@ -222,6 +237,7 @@ def speed(args) -> dict:
         del result
 
     jobs = {"bandwidth": lambda: bandwidth_pass(base, expert_list),
+            "bandwidth-kept": lambda: kept_bandwidth_pass(base, expert_list),
             "rng": lambda: rng_pass(shapes, list(experts)),
             "torch.rand": lambda: raw_rand_pass(shapes, list(experts))}
     jobs.update({m: (lambda m=m: run_method(m)) for m in methods})
@@ -373,7 +389,8 @@ def write_results(args, sp: dict | None, st: dict | None) -> None:
         lines += [f"## Speed: base + 3 experts, {sp['params'] / 1e6:.1f}M-parameter BERT-like model, float32, in memory",
                   "", f"`MergeEngine(cache=False).merge`, method defaults, seed {SEED}; median of up to "
                   f"{sp['repeats']} runs (very slow methods: 2). References: **bandwidth** = base + Σ experts "
-                  "tensor by tensor; **rng** = `kernels.uniforms` for every tensor of every expert (what DARE draws); "
+                  "tensor by tensor; **bandwidth-kept** = the same keeping every sum, as a merge keeps its outputs "
+                  "(context only); **rng** = `kernels.uniforms` for every tensor of every expert (what DARE draws); "
                   "**torch.rand** = the same count of uniforms from the global generator (context only).", "",
                   "| job | median s | min–max s | runs | ÷ bandwidth | ÷ rng | target | met |",
                   "|---|---:|---:|---:|---:|---:|---|---|"]
@@ -398,6 +415,28 @@ def write_results(args, sp: dict | None, st: dict | None) -> None:
     print(f"\nwrote {RESULTS}")
 
 
+def warm_memory(gigabytes: float) -> None:
+    """Touch and hand back ``gigabytes`` of fresh anonymous memory, a GB at a time, printing each GB's rate.
+
+    On a virtual machine the first touch of a guest page the host has not backed yet costs far more than the
+    touch of a recycled one (here about 1 GB/s against 10 GB/s), so the time of every merge output, which
+    lands in fresh pages, depends on which pages the kernel hands out. Touching them once first (the pages go
+    back to the kernel, which hands them out again to this process and its children) measures the merge
+    instead of the host; a long-running machine is in that state already."""
+    import mmap
+
+    import numpy as np
+
+    rates = []
+    for _ in range(max(1, round(gigabytes))):
+        region = mmap.mmap(-1, 1 << 30)
+        start = time.perf_counter()
+        np.frombuffer(region, dtype=np.uint8).fill(1)
+        rates.append((1 << 30) / 1e9 / (time.perf_counter() - start))
+        region.close()
+    print(f"warmed {len(rates)} GB of fresh memory: first touch at {', '.join(f'{r:.1f}' for r in rates)} GB/s")
+
+
 def main() -> None:
     from merging.engine import keep_freed_memory
 
@@ -416,6 +455,9 @@ def main() -> None:
     parser.add_argument("--vs-mergekit", metavar="PYTHON",
                         help="also run mergekit 0.1.5 from this python (another venv) on the same inputs, disk to "
                              "disk, and print times, ratios, peak RSS and output differences (see vs_mergekit.py)")
+    parser.add_argument("--warm-memory", type=float, default=0, metavar="GB",
+                        help="first touch this much fresh memory and hand it back, so outputs land in pages the "
+                             "host already backs (see warm_memory; worth it on a virtual machine)")
     parser.add_argument("--stream-child", nargs=2, metavar=("DIR", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stream_child:
@@ -426,6 +468,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.load = [os.getloadavg()[0]]
     print(machine(), f"; load average {args.load[0]:.1f}")
+    if args.warm_memory:
+        warm_memory(args.warm_memory)
     sp = None if args.skip_speed else speed(args)
     st = None if args.skip_stream else stream(args)
     if args.vs_mergekit:
