@@ -415,28 +415,6 @@ def write_results(args, sp: dict | None, st: dict | None) -> None:
     print(f"\nwrote {RESULTS}")
 
 
-def warm_memory(gigabytes: float) -> None:
-    """Touch and hand back ``gigabytes`` of fresh anonymous memory, a GB at a time, printing each GB's rate.
-
-    On a virtual machine the first touch of a guest page the host has not backed yet costs far more than the
-    touch of a recycled one (here about 1 GB/s against 10 GB/s), so the time of every merge output, which
-    lands in fresh pages, depends on which pages the kernel hands out. Touching them once first (the pages go
-    back to the kernel, which hands them out again to this process and its children) measures the merge
-    instead of the host; a long-running machine is in that state already."""
-    import mmap
-
-    import numpy as np
-
-    rates = []
-    for _ in range(max(1, round(gigabytes))):
-        region = mmap.mmap(-1, 1 << 30)
-        start = time.perf_counter()
-        np.frombuffer(region, dtype=np.uint8).fill(1)
-        rates.append((1 << 30) / 1e9 / (time.perf_counter() - start))
-        region.close()
-    print(f"warmed {len(rates)} GB of fresh memory: first touch at {', '.join(f'{r:.1f}' for r in rates)} GB/s")
-
-
 def main() -> None:
     from merging.engine import keep_freed_memory
 
@@ -455,9 +433,6 @@ def main() -> None:
     parser.add_argument("--vs-mergekit", metavar="PYTHON",
                         help="also run mergekit 0.1.5 from this python (another venv) on the same inputs, disk to "
                              "disk, and print times, ratios, peak RSS and output differences (see vs_mergekit.py)")
-    parser.add_argument("--warm-memory", type=float, default=0, metavar="GB",
-                        help="first touch this much fresh memory and hand it back, so outputs land in pages the "
-                             "host already backs (see warm_memory; worth it on a virtual machine)")
     parser.add_argument("--stream-child", nargs=2, metavar=("DIR", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stream_child:
@@ -468,8 +443,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.load = [os.getloadavg()[0]]
     print(machine(), f"; load average {args.load[0]:.1f}")
-    if args.warm_memory:
-        warm_memory(args.warm_memory)
     sp = None if args.skip_speed else speed(args)
     st = None if args.skip_stream else stream(args)
     if args.vs_mergekit:
