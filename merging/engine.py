@@ -443,10 +443,12 @@ def _use_huge_pages() -> None:
     fault per 4 KB page; with 2 MB pages those faults cost less than half (440 MB: 0.07 → 0.03 s). Merging
     a 125M-parameter model from disk (base + 3, three interleaved runs): SLERP 2.66 → 2.18 s, TIES 3.76 →
     3.46 s, Model Stock 3.10 → 2.89 s, DARE-TIES 3.63 → 3.55 s; linear and task arithmetic, which reuse
-    their buffers, unchanged (benchmarks/RESULTS-merge.md). torch reads its switch once, at its first CPU allocation, so the switch
-    is set for one allocation and then removed: this process keeps huge pages, the processes it starts do
-    not. A user's own setting of the variable wins (``THP_MEM_ALLOC_ENABLE=0`` turns it off); after torch
-    has allocated, this changes nothing. The kernel may refuse (transparent huge pages set to ``never``)."""
+    their buffers, unchanged (benchmarks/RESULTS-merge.md).
+
+    torch reads its switch once, at its first CPU allocation, so the switch is set for one allocation and
+    then removed: this process keeps huge pages, the processes it starts do not. A user's own setting of the
+    variable wins (``THP_MEM_ALLOC_ENABLE=0`` turns it off); after torch has allocated, this changes nothing.
+    The kernel may refuse (transparent huge pages set to ``never``)."""
     if _HUGE_PAGES_SWITCH in os.environ:
         return
     os.environ[_HUGE_PAGES_SWITCH] = "1"

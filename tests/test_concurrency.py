@@ -303,9 +303,12 @@ def run_memory_probe(budget: int, selections: int, tmp: Path) -> dict:
 def test_peak_rss_stays_within_the_cache_budget(tmp_path):
     """Eight selections of ~29 MB models, each loaded and merged, with a 64 MB cache budget: the cache estimate
     never exceeds the budget; RSS once the jobs are done grows by at most the budget (+ slack), and the peak
-    by at most the budget plus one job's working set (about five models' worth: the weight scan, the
-    task-vector statistics and the merge each stream a model or two). Unbounded, the cache alone reaches
-    ~235 MB here (see the report in benchmarks/bench_app.py)."""
+    by at most the budget plus one job's working set (up to six models' worth: the weight scan, the
+    task-vector statistics and the merge each stream a model or two, and the RSS sampled includes what the
+    worker threads' heaps have freed but not yet returned). Measured peak growth: 208–234 MB in twenty runs
+    on a quiet machine, 255 MB once in a CI run (over a five-model bound). Unbounded, the cache alone
+    reaches ~235 MB here (see the report in benchmarks/bench_app.py) and the peak grows by ~348 MB, so the
+    bound (~277 MB) still fails a cache that ignores its budget; the settled bound fails it by twice."""
     budget = 64 * 1024**2
     figures = run_memory_probe(budget, 8, tmp_path)
     grow, settled = figures["peak"] - figures["warm"], figures["final"] - figures["warm"]
@@ -316,4 +319,4 @@ def test_peak_rss_stays_within_the_cache_budget(tmp_path):
     assert max(figures["cache_bytes"]) <= budget
     assert figures["evictions"] >= 6
     assert settled <= budget + 32 * 1024**2, figures
-    assert grow <= budget + 5 * model + 32 * 1024**2, figures
+    assert grow <= budget + 6 * model + 32 * 1024**2, figures
