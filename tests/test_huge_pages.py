@@ -17,8 +17,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
+THP_SETTING = THP_MODE.read_text() if THP_MODE.exists() else "[never]"
+# "madvise": huge pages only where a process asks (torch does when its switch is on), so the switch shows;
+# "always": every large block gets them anyway, so only the environment side of a check can be seen
+ONLY_WHEN_ASKED = "[madvise]" in THP_SETTING
+
 pytestmark = pytest.mark.skipif(
-    not THP_MODE.exists() or "[never]" in THP_MODE.read_text(),
+    "[never]" in THP_SETTING,
     reason="this kernel gives no transparent huge pages (/sys/kernel/mm/transparent_hugepage/enabled)")
 
 # the CLI's entry module, run with no command (it prints its usage and exits), then one large allocation
@@ -45,12 +50,13 @@ def _run(extra_env: dict[str, str]) -> dict:
 
 
 def test_the_cli_entry_puts_large_tensors_in_huge_pages_without_passing_the_switch_on():
-    result = _run({})
+    result = _run({})  # with "always" the first assertion holds whatever the entry does; the second still tells
     assert result["huge_kb"] >= 2048, "a 64 MB tensor got no huge page: the switch was set after torch's first allocation"
     assert result["switch"] is None, "the switch stayed in the environment, so child processes would inherit it"
 
 
 def test_a_users_own_setting_wins():
     result = _run({"THP_MEM_ALLOC_ENABLE": "0"})
-    assert result["huge_kb"] == 0
     assert result["switch"] == "0"
+    if ONLY_WHEN_ASKED:  # with "always" the kernel gives huge pages whatever torch asks
+        assert result["huge_kb"] == 0
