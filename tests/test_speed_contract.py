@@ -315,7 +315,9 @@ DROPS = [("ties", {"drop_ratio": 0.6}, None), ("ties", {"drop_ratio": 0.6, "trim
          ("magnitude", {"drop_ratio": 0.4, "trim_scope": "model"}, None),
          ("magnitude", {"drop_ratio": 0.7, "lambda": 1.3}, {"e0": {"weight": 0.3}}),
          ("dare_linear", {"drop_ratio": 0.3}, None), ("dare_linear", {"drop_ratio": 0.9, "rescale": False}, None),
-         ("dare_ties", {"drop_ratio": 0.5}, {"e2": {"weight": 2.0}}), ("dare_ties", {"drop_ratio": 0.0}, None)]
+         ("dare_ties", {"drop_ratio": 0.5}, {"e2": {"weight": 2.0}}), ("dare_ties", {"drop_ratio": 0.0}, None),
+         ("della", {"drop_ratio": 0.6, "epsilon": 0.3}, None),
+         ("della", {"drop_ratio": 0.2, "epsilon": 0.0, "normalize": False}, {"e1": {"weight": -0.7}})]
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "row-chunks"])
@@ -342,3 +344,37 @@ def test_the_blocked_drops_equal_the_stacked_reference(monkeypatch, chunked, dty
     stacked = MergeEngine(expert_set, cache=False).merge(settings).tensors
     differ = [n for n in blocked if not torch.equal(blocked[n], stacked[n])]
     assert not differ, differ
+
+
+@pytest.mark.parametrize("block", [16, 33], ids=["rows-longer-than-a-block", "odd-block"])
+def test_blocked_della_with_rows_longer_than_a_block_equals_the_stacked_reference(monkeypatch, block):
+    """DELLA's blocks are whole rows (its ranks are a row's): where a row is longer than a block, a block is
+    that one row; the uniforms of row blocks that end inside RNG blocks still equal the whole draw."""
+    from merging.methods import classic
+
+    monkeypatch.setattr(classic, "_BLOCK", block)
+    monkeypatch.setattr(kernels, "RNG_BLOCK", 100)  # RNG blocks that no row block lines up with
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 4 * 32 * 7)
+    expert_set = _expert_set(n_experts=2)
+    settings = MergeSettings.build(expert_set, "della", {"drop_ratio": 0.5, "epsilon": 0.4}, None)
+    blocked = MergeEngine(expert_set, cache=False).merge(settings).tensors
+    monkeypatch.setattr(classic, "_IN_PLACE_MAX_EXPERTS", 0)
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 64 * 1024 * 1024)
+    stacked = MergeEngine(expert_set, cache=False).merge(settings).tensors
+    differ = [n for n in blocked if not torch.equal(blocked[n], stacked[n])]
+    assert not differ, differ
+
+
+def test_a_uniform_stream_reads_the_tensors_uniforms_drawing_each_rng_block_once(monkeypatch):
+    monkeypatch.setattr(kernels, "RNG_BLOCK", 64)
+    numel = 1000
+    whole = kernels.uniforms(7, "e0", "w", numel)
+    drawn = []
+    draw = kernels._draw_block
+    monkeypatch.setattr(kernels, "_draw_block", lambda *a, **k: drawn.append(a[4]) or draw(*a, **k))
+    stream = kernels.UniformStream(7, "e0", "w", numel)
+    cuts = [0, 5, 64, 70, 70, 200, 333, 334, 640, 704, 999, 1000]
+    for start, stop in zip(cuts, cuts[1:]):
+        got = stream.read(start, stop, out=torch.empty(stop - start))
+        assert torch.equal(got, whole[start:stop]), (start, stop)
+    assert sorted(drawn) == list(range(math.ceil(numel / 64)))

@@ -19,6 +19,7 @@ tie-quota protocol (for the outliers removed) for a method rarely run on such te
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -170,12 +171,14 @@ class Pipeline:
         return out.reshape(base.shape)
 
     def _blocked(self, job: TensorJob) -> torch.Tensor:
-        """Magnitude (TIES, magnitude pruning) and random (DARE, DARE-TIES) drops, ``__call__``'s arithmetic
-        entry for entry, run block by block so every step of a block — delta, keep mask, weight, sign
-        election, agreeing sum, divisor — works on buffers that stay in the CPU cache: the inputs are read
-        once (plus one blocked pass per expert for a magnitude cut the engine did not hand over) and the
-        output written once, instead of a pass over memory per step. Random drops go span by span, each
-        span one RNG block of :func:`kernels.uniforms`, so its uniforms are drawn straight into a buffer."""
+        """Magnitude (TIES, magnitude pruning), random (DARE, DARE-TIES) and DELLA drops, ``__call__``'s
+        arithmetic entry for entry, run block by block so every step of a block — delta, keep mask, weight,
+        sign election, agreeing sum, divisor — works on buffers that stay in the CPU cache: the inputs are
+        read once (plus one blocked pass per expert for a magnitude cut the engine did not hand over) and the
+        output written once, instead of a pass over memory per step, and a job's working memory is a few
+        blocks, not a few copies of its tensor. Random drops go span by span, each span one RNG block of
+        :func:`kernels.uniforms`, so its uniforms are drawn straight into a buffer; DELLA's blocks are whole
+        rows (its ranks are a row's), its uniforms read from a :class:`kernels.UniformStream`."""
         base = job.base.float().reshape(-1)
         n = base.numel()
         inputs = [(t if t.dtype in _EXACT_IN_FLOAT32 else t.float()).reshape(-1) for t in job.experts.values()]
@@ -187,6 +190,8 @@ class Pipeline:
         lam = float(job.shared.get("lambda", 1.0))
         out = torch.empty(n, device=base.device)
         block = _block_for(base, n)
+        if self.sparsify == "della":  # DELLA ranks within rows: a block holds whole rows
+            block = _whole_rows(block, job.base.shape)
         span = kernels.RNG_BLOCK if self.sparsify == "random" else block
         first_span = span - job.start % span if self.sparsify == "random" else span  # spans on RNG blocks
         starts = [0, *range(min(n, first_span), n, span)]
@@ -395,7 +400,15 @@ def _block_for(base: torch.Tensor, n: int) -> int:
     whole tensor."""
     return _BLOCK if base.device.type == "cpu" else max(n, 1)
 
-_BLOCKED_SPARSIFY = ("magnitude", "random")  # the drops Pipeline._blocked runs block by block
+def _whole_rows(block: int, shape: torch.Size) -> int:
+    """``block`` entries rounded down to whole rows of a tensor of ``shape`` (at least one row): a row is what
+    DELLA ranks, everything after axis 0, or the whole of a 1-D tensor."""
+    numel = math.prod(shape)
+    row = numel // shape[0] if len(shape) > 1 and shape[0] else numel
+    return max(row, block // row * row) if row else max(block, 1)
+
+
+_BLOCKED_SPARSIFY = ("magnitude", "random", "della")  # the drops Pipeline._blocked runs block by block
 
 
 class _MagnitudeDrop:
@@ -454,5 +467,31 @@ class _RandomDrop:
             delta.div_(self.divisor)
 
 
+class _DellaDrop:
+    """DELLA's MagPrune (:func:`kernels.della`) on a block of whole rows: each row's keep probabilities from its
+    magnitude ranks, kept where the entry's uniform falls under them, the kept divided by them."""
+
+    def __init__(self, job: TensorJob, index: int, expert: str, tensor: torch.Tensor, base: torch.Tensor):
+        p = job.params[expert]
+        self.density, self.epsilon = 1.0 - float(p["drop_ratio"]), float(p["epsilon"])
+        self.row = _whole_rows(1, job.base.shape)
+        self.offset, self.slot = job.start, f"block-uniforms{index}"
+        self.stream = kernels.UniformStream(job.seed, expert, job.name, job.numel, base.device)
+
+    def begin(self, start: int, stop: int) -> None:
+        pass
+
+    def apply(self, delta: torch.Tensor, start: int) -> None:
+        size = delta.numel()
+        probs = kernels.della_keep_probabilities(delta.view(size // self.row, self.row), self.density, self.epsilon)
+        u = self.stream.read(self.offset + start, self.offset + start + size,
+                             out=kernels.scratch(self.slot, size, delta.device))
+        keep = u.view_as(probs).lt_(probs)  # 1.0 / 0.0, as kernels.della's boolean mask multiplies
+        delta.mul_(keep.view(-1)).div_(probs.view(-1))
+
+
+_DROPS = {"magnitude": _MagnitudeDrop, "random": _RandomDrop, "della": _DellaDrop}
+
+
 def _drop_for(sparsify: str, job: TensorJob, index: int, expert: str, tensor: torch.Tensor, base: torch.Tensor):
-    return (_MagnitudeDrop if sparsify == "magnitude" else _RandomDrop)(job, index, expert, tensor, base)
+    return _DROPS[sparsify](job, index, expert, tensor, base)

@@ -54,28 +54,70 @@ def uniforms(seed: int, expert: str, name: str, numel: int, start: int = 0, end:
         out = torch.empty(max(end - start, 0), device=device)
     if end <= start:
         return out
-    first, last = start // RNG_BLOCK, (end - 1) // RNG_BLOCK
 
-    def draw(block: int) -> None:
-        generator = seeded_generator(_block_seed(seed, expert, name, block), out.device)
-        offset = block * RNG_BLOCK
-        block_len = min(RNG_BLOCK, numel - offset)
-        lo, hi = max(start - offset, 0), min(end - offset, block_len)
-        target = out[offset + lo - start:offset + hi - start]
-        if lo == 0 and hi == block_len:  # the whole block: draw straight into the output
-            torch.rand(block_len, generator=generator, out=target)
+    def draw(span: tuple[int, int, int, int]) -> None:
+        block, lo, hi, length = span
+        target = out[block * RNG_BLOCK + lo - start:block * RNG_BLOCK + hi - start]
+        if lo == 0 and hi == length:  # the whole block: draw straight into the output
+            _draw_block(seed, expert, name, numel, block, target)
         else:
-            target.copy_(torch.rand(block_len, generator=generator, device=out.device)[lo:hi])
+            target.copy_(_draw_block(seed, expert, name, numel, block, device=out.device)[lo:hi])
 
-    blocks = range(first, last + 1)
-    pool = _rng_pool() if len(blocks) > 1 and out.device.type == "cpu" else None  # a GPU draws a block at once
+    spans = list(_rng_spans(numel, start, end))
+    pool = _rng_pool() if len(spans) > 1 and out.device.type == "cpu" else None  # a GPU draws a block at once
     if pool is None:
-        for block in blocks:
-            draw(block)
+        for span in spans:
+            draw(span)
     else:  # each block has its own generator, so blocks can be drawn concurrently (torch releases the GIL)
-        for _ in pool.map(draw, blocks):
+        for _ in pool.map(draw, spans):
             pass
     return out
+
+
+def _rng_spans(numel: int, start: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
+    """(block, lo, hi, length) for each RNG block that U[start:stop] of a ``numel``-entry tensor touches: its
+    entries lo:hi of the block's ``length``."""
+    for block in range(start // RNG_BLOCK, (stop - 1) // RNG_BLOCK + 1) if stop > start else ():
+        offset = block * RNG_BLOCK
+        length = min(RNG_BLOCK, numel - offset)
+        yield block, max(start - offset, 0), min(stop - offset, length), length
+
+
+def _draw_block(seed: int, expert: str, name: str, numel: int, block: int, out: torch.Tensor | None = None,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """RNG block ``block`` of tensor ``name`` of ``expert`` whole (its own generator's first draws), into ``out``
+    if given."""
+    length = min(RNG_BLOCK, numel - block * RNG_BLOCK)
+    where = out.device if out is not None else (device or "cpu")
+    generator = seeded_generator(_block_seed(seed, expert, name, block), where)
+    if out is not None:
+        return torch.rand(length, generator=generator, out=out)
+    return torch.rand(length, generator=generator, device=where)
+
+
+class UniformStream:
+    """The uniforms of one tensor of one expert (:func:`uniforms`' values), read range after ascending range.
+
+    A kernel that works block by block on blocks that are not RNG blocks (DELLA: whole rows) would, through
+    :func:`uniforms`, draw an RNG block once for every block that ends inside it; the stream keeps the last
+    RNG block it drew, so each is drawn once however the ranges fall."""
+
+    def __init__(self, seed: int, expert: str, name: str, numel: int, device: torch.device | str = "cpu"):
+        self.key, self.numel, self.device = (seed, expert, name), numel, torch.device(device)
+        self.kept_block, self.kept = -1, None  # the RNG block whose rest a later range may read
+
+    def read(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """U[start:stop] into ``out`` (``stop − start`` float32 entries); ``start`` at or past the last read's stop."""
+        for block, lo, hi, length in _rng_spans(self.numel, start, stop):
+            target = out[block * RNG_BLOCK + lo - start:block * RNG_BLOCK + hi - start]
+            if lo == 0 and hi == length:  # the whole block: straight into the output, nothing left to keep
+                _draw_block(*self.key, self.numel, block, target)
+                continue
+            if block != self.kept_block:
+                self.kept = _draw_block(*self.key, self.numel, block, device=self.device)
+                self.kept_block = block
+            target.copy_(self.kept[lo:hi])
+        return out
 
 
 SCRATCH_MAX = 1 << 24  # float32 entries (64 MB, the engine's row-chunk size) per scratch slot and thread
