@@ -371,10 +371,28 @@ def test_a_uniform_stream_reads_the_tensors_uniforms_drawing_each_rng_block_once
     whole = kernels.uniforms(7, "e0", "w", numel)
     drawn = []
     draw = kernels._draw_block
-    monkeypatch.setattr(kernels, "_draw_block", lambda *a, **k: drawn.append(a[4]) or draw(*a, **k))
-    stream = kernels.UniformStream(7, "e0", "w", numel)
+
+    def spy(seed, expert, name, numel, block, *args, **kwargs):
+        drawn.append(block)
+        return draw(seed, expert, name, numel, block, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_draw_block", spy)
+    stream = kernels.UniformStream(7, "e0", "w", numel, slot="test-stream")
     cuts = [0, 5, 64, 70, 70, 200, 333, 334, 640, 704, 999, 1000]
     for start, stop in zip(cuts, cuts[1:]):
         got = stream.read(start, stop, out=torch.empty(stop - start))
         assert torch.equal(got, whole[start:stop]), (start, stop)
     assert sorted(drawn) == list(range(math.ceil(numel / 64)))
+
+
+@pytest.mark.parametrize("n_experts", [2, 5], ids=["blocked", "stacked"])
+def test_della_merges_a_tensor_without_rows(n_experts):
+    """A (0, k) weight has nothing to rank: DELLA merges it (its rows were once found by reshape(0, -1),
+    which raised) on the blocked path and the stacked one alike."""
+    base = {"layer.0.weight": torch.zeros(0, 4), "layer.0.dense.weight": torch.randn(3, 4)}
+    experts = {f"e{i}": {n: t + 0.1 * (i + 1) for n, t in base.items()} for i in range(n_experts)}
+    expert_set = check_homology(ModelSource.from_state_dict("base", base),
+                                {n: ModelSource.from_state_dict(n, s) for n, s in experts.items()})
+    settings = MergeSettings.build(expert_set, "della", {"drop_ratio": 0.5}, None)
+    merged = MergeEngine(expert_set, cache=False).merge(settings).tensors
+    assert merged["layer.0.weight"].shape == (0, 4)

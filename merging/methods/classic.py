@@ -19,7 +19,6 @@ tie-quota protocol (for the outliers removed) for a method rarely run on such te
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -176,7 +175,7 @@ class Pipeline:
         sign election, agreeing sum, divisor — works on buffers that stay in the CPU cache: the inputs are
         read once (plus one blocked pass per expert for a magnitude cut the engine did not hand over) and the
         output written once, instead of a pass over memory per step, and a job's working memory is a few
-        blocks, not a few copies of its tensor. Random drops go span by span, each span one RNG block of
+        blocks (DELLA: plus one RNG block per expert), not a few copies of its tensor. Random drops go span by span, each span one RNG block of
         :func:`kernels.uniforms`, so its uniforms are drawn straight into a buffer; DELLA's blocks are whole
         rows (its ranks are a row's), its uniforms read from a :class:`kernels.UniformStream`."""
         base = job.base.float().reshape(-1)
@@ -401,10 +400,9 @@ def _block_for(base: torch.Tensor, n: int) -> int:
     return _BLOCK if base.device.type == "cpu" else max(n, 1)
 
 def _whole_rows(block: int, shape: torch.Size) -> int:
-    """``block`` entries rounded down to whole rows of a tensor of ``shape`` (at least one row): a row is what
-    DELLA ranks, everything after axis 0, or the whole of a 1-D tensor."""
-    numel = math.prod(shape)
-    row = numel // shape[0] if len(shape) > 1 and shape[0] else numel
+    """``block`` entries rounded down to whole rows of what DELLA ranks a tensor of ``shape`` as
+    (:func:`kernels.della_rows`), at least one row; with empty rows (no entries to merge), ``block``."""
+    row = kernels.della_rows(shape)[1]
     return max(row, block // row * row) if row else max(block, 1)
 
 
@@ -474,9 +472,9 @@ class _DellaDrop:
     def __init__(self, job: TensorJob, index: int, expert: str, tensor: torch.Tensor, base: torch.Tensor):
         p = job.params[expert]
         self.density, self.epsilon = 1.0 - float(p["drop_ratio"]), float(p["epsilon"])
-        self.row = _whole_rows(1, job.base.shape)
+        self.row = kernels.della_rows(job.base.shape)[1]
         self.offset, self.slot = job.start, f"block-uniforms{index}"
-        self.stream = kernels.UniformStream(job.seed, expert, job.name, job.numel, base.device)
+        self.stream = kernels.UniformStream(job.seed, expert, job.name, job.numel, slot=f"rng-block{index}")
 
     def begin(self, start: int, stop: int) -> None:
         pass

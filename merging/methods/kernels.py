@@ -96,25 +96,26 @@ def _draw_block(seed: int, expert: str, name: str, numel: int, block: int, out: 
 
 
 class UniformStream:
-    """The uniforms of one tensor of one expert (:func:`uniforms`' values), read range after ascending range.
+    """The uniforms of one tensor of one expert (:func:`uniforms`' values), read range by range.
 
     A kernel that works block by block on blocks that are not RNG blocks (DELLA: whole rows) would, through
     :func:`uniforms`, draw an RNG block once for every block that ends inside it; the stream keeps the last
-    RNG block it drew, so each is drawn once however the ranges fall."""
+    RNG block it drew part of (in the scratch buffer ``slot``), so with ranges read in ascending order each
+    RNG block is drawn once. Any order reads the right values; it only draws more."""
 
-    def __init__(self, seed: int, expert: str, name: str, numel: int, device: torch.device | str = "cpu"):
-        self.key, self.numel, self.device = (seed, expert, name), numel, torch.device(device)
+    def __init__(self, seed: int, expert: str, name: str, numel: int, slot: str):
+        self.key, self.numel, self.slot = (seed, expert, name), numel, slot
         self.kept_block, self.kept = -1, None  # the RNG block whose rest a later range may read
 
     def read(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        """U[start:stop] into ``out`` (``stop − start`` float32 entries); ``start`` at or past the last read's stop."""
+        """U[start:stop] into ``out`` (``stop − start`` float32 entries), drawn on ``out``'s device."""
         for block, lo, hi, length in _rng_spans(self.numel, start, stop):
             target = out[block * RNG_BLOCK + lo - start:block * RNG_BLOCK + hi - start]
             if lo == 0 and hi == length:  # the whole block: straight into the output, nothing left to keep
                 _draw_block(*self.key, self.numel, block, target)
                 continue
-            if block != self.kept_block:
-                self.kept = _draw_block(*self.key, self.numel, block, device=self.device)
+            if block != self.kept_block or self.kept.device != out.device:
+                self.kept = _draw_block(*self.key, self.numel, block, scratch(self.slot, length, out.device))
                 self.kept_block = block
             target.copy_(self.kept[lo:hi])
         return out
@@ -430,6 +431,12 @@ def _packs_row_keys(matrix: torch.Tensor) -> bool:
             and 0 < matrix.shape[1] < (1 << 31) and sys.byteorder == "little")
 
 
+def della_rows(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, row length) of the matrix DELLA ranks a tensor of ``shape`` as: axis 0 by everything after it,
+    a 1-D or 0-dim tensor one row. (Spelled out, not ``reshape(shape[0], -1)``, which fails with no rows.)"""
+    return (shape[0], math.prod(shape[1:])) if len(shape) > 1 else (1, math.prod(shape))
+
+
 def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's MagPrune (Deep et al. 2024): per row, keep probability rises linearly with magnitude rank
     from density − ε/2 (smallest) to density + ε/2 (largest), clipped to (0, 1].
@@ -438,7 +445,7 @@ def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float
     probabilities its rows get in the whole tensor: DELLA merges in row chunks unchanged. Tied magnitudes
     rank by position. The probability of each rank is computed once per row length and scattered to the
     entries holding that rank."""
-    matrix = delta.reshape(delta.shape[0], -1) if delta.dim() > 1 else delta.reshape(1, -1)
+    matrix = delta.reshape(della_rows(delta.shape))
     cols = matrix.shape[1]
     ranks = torch.arange(cols, device=matrix.device).float()
     spread = ranks / max(cols - 1, 1) - 0.5 if cols > 1 else torch.zeros_like(ranks)
