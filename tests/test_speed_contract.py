@@ -320,6 +320,19 @@ DROPS = [("ties", {"drop_ratio": 0.6}, None), ("ties", {"drop_ratio": 0.6, "trim
          ("della", {"drop_ratio": 0.2, "epsilon": 0.0, "normalize": False}, {"e1": {"weight": -0.7}})]
 
 
+def _assert_blocked_equals_stacked(monkeypatch, expert_set, settings):
+    """The merge under the caller's patches (blocks, RNG blocks, row chunks) against the stacked reference
+    form merged whole: equal tensor for tensor."""
+    from merging.methods import classic
+
+    blocked = MergeEngine(expert_set, cache=False).merge(settings).tensors
+    monkeypatch.setattr(classic, "_IN_PLACE_MAX_EXPERTS", 0)
+    monkeypatch.setattr(engine, "CHUNK_BYTES", 64 * 1024 * 1024)
+    stacked = MergeEngine(expert_set, cache=False).merge(settings).tensors
+    differ = [n for n in blocked if not torch.equal(blocked[n], stacked[n])]
+    assert not differ, differ
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "row-chunks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("method,params,weights", DROPS, ids=lambda v: v if isinstance(v, str) else None)
@@ -338,12 +351,7 @@ def test_the_blocked_drops_equal_the_stacked_reference(monkeypatch, chunked, dty
         monkeypatch.setattr(engine, "CHUNK_BYTES", 4 * 32 * 7)  # 7 rows of a [*, 32] matrix: chunk starts unaligned
     expert_set = _expert_set(dtype=dtype)
     settings = MergeSettings.build(expert_set, method, params, weights)
-    blocked = MergeEngine(expert_set, cache=False).merge(settings).tensors
-    monkeypatch.setattr(classic, "_IN_PLACE_MAX_EXPERTS", 0)
-    monkeypatch.setattr(engine, "CHUNK_BYTES", 64 * 1024 * 1024)
-    stacked = MergeEngine(expert_set, cache=False).merge(settings).tensors
-    differ = [n for n in blocked if not torch.equal(blocked[n], stacked[n])]
-    assert not differ, differ
+    _assert_blocked_equals_stacked(monkeypatch, expert_set, settings)
 
 
 @pytest.mark.parametrize("block", [16, 33], ids=["rows-longer-than-a-block", "odd-block"])
@@ -357,12 +365,7 @@ def test_blocked_della_with_rows_longer_than_a_block_equals_the_stacked_referenc
     monkeypatch.setattr(engine, "CHUNK_BYTES", 4 * 32 * 7)
     expert_set = _expert_set(n_experts=2)
     settings = MergeSettings.build(expert_set, "della", {"drop_ratio": 0.5, "epsilon": 0.4}, None)
-    blocked = MergeEngine(expert_set, cache=False).merge(settings).tensors
-    monkeypatch.setattr(classic, "_IN_PLACE_MAX_EXPERTS", 0)
-    monkeypatch.setattr(engine, "CHUNK_BYTES", 64 * 1024 * 1024)
-    stacked = MergeEngine(expert_set, cache=False).merge(settings).tensors
-    differ = [n for n in blocked if not torch.equal(blocked[n], stacked[n])]
-    assert not differ, differ
+    _assert_blocked_equals_stacked(monkeypatch, expert_set, settings)
 
 
 def test_a_uniform_stream_reads_the_tensors_uniforms_drawing_each_rng_block_once(monkeypatch):
