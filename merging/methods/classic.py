@@ -175,9 +175,10 @@ class Pipeline:
         sign election, agreeing sum, divisor — works on buffers that stay in the CPU cache: the inputs are
         read once (plus one blocked pass per expert for a magnitude cut the engine did not hand over) and the
         output written once, instead of a pass over memory per step, and a job's working memory is a few
-        blocks (DELLA: plus one RNG block per expert), not a few copies of its tensor. Random drops go span by span, each span one RNG block of
-        :func:`kernels.uniforms`, so its uniforms are drawn straight into a buffer; DELLA's blocks are whole
-        rows (its ranks are a row's), its uniforms read from a :class:`kernels.UniformStream`."""
+        blocks (DELLA: plus one RNG block per expert), not a few copies of its tensor. Random drops go span
+        by span, each span one RNG block of :func:`kernels.uniforms`, so its uniforms are drawn straight into
+        a buffer; DELLA's blocks are whole rows (its ranks are a row's), its uniforms read from a
+        :class:`kernels.UniformStream`."""
         base = job.base.float().reshape(-1)
         n = base.numel()
         inputs = [(t if t.dtype in _EXACT_IN_FLOAT32 else t.float()).reshape(-1) for t in job.experts.values()]
